@@ -1,0 +1,54 @@
+"""Attention entropy per head (metrics.md section 1).
+
+- ``entropy``: mean over query positions q >= 1 of every prompt of
+  H_q = -sum_k A[q,k] ln A[q,k] (nats; 0 ln 0 = 0). Position 0 always has H = 0 and is left out.
+- ``entropy_norm``: mean of H_q / ln(n_visible(q)) over the same queries, in [0, 1]; n_visible
+  is the number of keys the query may attend to, which is q + 1 under a plain causal mask (the
+  Active-Dormant Attention Heads code divides by ln of the visible keys; with a sliding window
+  that is the window, not q + 1).
+
+Means are pooled over all (prompt, query) pairs, so long prompts weigh more; ``n`` is the number
+of query positions averaged.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from probes.base import Probe
+from workbench.patterns import PatternChunk
+
+
+def _mean(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """total / n, NaN where nothing was averaged (e.g. only one-token prompts)."""
+    return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
+
+
+class EntropyProbe(Probe):
+    name = "entropy"
+    metrics = ("entropy", "entropy_norm")
+    description = "mean attention entropy per query (nats) and entropy / ln(visible keys)"
+
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+        h = chunk.row_entropy.double()  # [batch, head, chunk]
+        use = (chunk.query_valid & (chunk.query_pos >= 1)).unsqueeze(1)
+        use_norm = use & (chunk.n_visible >= 2).unsqueeze(1)
+        log_vis = chunk.n_visible.clamp_min(2).double().log().unsqueeze(1)
+        L, H = self.n_layers, self.n_heads
+        self.acc("sum", L, H)[chunk.layer] += (h * use).sum((0, 2))
+        self.acc("n", L, H)[chunk.layer] += use.sum((0, 2))
+        self.acc("sum_norm", L, H)[chunk.layer] += (h / log_vis * use_norm).sum((0, 2))
+        self.acc("n_norm", L, H)[chunk.layer] += use_norm.sum((0, 2))
+
+    def results(self) -> pd.DataFrame:
+        t = self.total
+        n, n_norm = t["n"], t["n_norm"]
+        return pd.concat(
+            [
+                self.rows("entropy", _mean(t["sum"], n), n),
+                self.rows("entropy_norm", _mean(t["sum_norm"], n_norm), n_norm),
+            ],
+            ignore_index=True,
+        )

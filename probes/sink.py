@@ -1,0 +1,49 @@
+"""Attention sink mass per head (metrics.md section 2; Gu et al., sail-sg/Attention-Sink).
+
+For one prompt of T tokens, the importance of key k is alpha_k = (1/(T-k)) sum_{q>=k} A[q,k],
+the mean attention k receives from the queries that can see it (their code:
+``(A / arange(T, 0, -1)).sum(dim=-2)``). For the first token, alpha_0 = (1/T) sum_q A[q,0],
+including q = 0 where A[0,0] = 1.
+
+- ``sink_mass``: alpha_0 averaged over prompts.
+- ``sink_rate``: fraction of prompts with alpha_0 > epsilon (default 0.3); averaging it over
+  layers and heads gives the paper's Sink_1^epsilon.
+
+``n`` is the number of prompts. "First token" is the prompt's first real token, wherever
+padding put it.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from probes.base import Probe
+from workbench.patterns import BatchInfo, PatternChunk
+
+
+class SinkProbe(Probe):
+    name = "sink"
+    metrics = ("sink_mass", "sink_rate")
+    description = "mean attention on the first token (alpha_0) and share of prompts with alpha_0 > epsilon"
+
+    def __init__(self, epsilon: float = 0.3) -> None:
+        super().__init__(epsilon=float(epsilon))
+        self.epsilon = float(epsilon)
+
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+        a0 = chunk.key_probs(chunk.batch.first_index).double()  # [batch, head, chunk]
+        col = (a0 * chunk.query_valid.unsqueeze(1)).sum(-1)  # [batch, head]
+        self.acc("col0", chunk.batch.size, self.n_layers, self.n_heads)[:, chunk.layer] += col
+
+    def end_batch(self, batch: BatchInfo) -> None:
+        alpha0 = self._batch.pop("col0") / batch.lengths.double().view(-1, 1, 1)  # [batch, L, H]
+        self._batch["mass"] = alpha0.sum(0)
+        self._batch["hits"] = (alpha0 > self.epsilon).double().sum(0)
+        self._batch["n"] = self._batch["mass"].new_full(alpha0.shape[1:], float(batch.size))
+        super().end_batch(batch)
+
+    def results(self) -> pd.DataFrame:
+        t = self.total
+        return pd.concat(
+            [self.rows("sink_mass", t["mass"] / t["n"], t["n"]), self.rows("sink_rate", t["hits"] / t["n"], t["n"])],
+            ignore_index=True,
+        )

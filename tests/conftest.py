@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models built from configs (fast), and the real SmolLM2 (marked)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    from workbench.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(root / arch, arch, seed=1) for arch in ("llama", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    from workbench.models import load_model
+
+    return {arch: load_model(str(path), device="cpu") for arch, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from workbench.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")

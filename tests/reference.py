@@ -1,0 +1,59 @@
+"""Slow, obviously-correct re-computations of every metric, straight from the definitions.
+
+One prompt at a time, unpadded, through a *separate* plain transformers model loaded with
+``attn_implementation="eager"`` and ``output_attentions=True``; metrics computed with Python
+loops over positions from the returned ``[head, query, key]`` patterns, in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def eager_model(source: str):
+    return AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def patterns(model, ids: list[int]) -> list[torch.Tensor]:
+    """Per layer, the ``[head, query, key]`` attention of one unpadded prompt (float64)."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_attentions=True, use_cache=False)
+    return [a[0].double() for a in out.attentions]
+
+
+def entropy_reference(all_patterns: list[list[torch.Tensor]]) -> tuple[dict, dict, int]:
+    """entropy[(l,h)], entropy_norm[(l,h)] and n: means of H_q and H_q/ln(q+1) over q >= 1."""
+    sums, sums_norm, n = {}, {}, 0
+    for pats in all_patterns:
+        T = pats[0].shape[-1]
+        n += T - 1
+        for layer, A in enumerate(pats):
+            for head in range(A.shape[0]):
+                for q in range(1, T):
+                    h = 0.0
+                    for k in range(q + 1):
+                        a = float(A[head, q, k])
+                        if a > 0:
+                            h -= a * math.log(a)
+                    sums[(layer, head)] = sums.get((layer, head), 0.0) + h
+                    sums_norm[(layer, head)] = sums_norm.get((layer, head), 0.0) + h / math.log(q + 1)
+    return {k: v / n for k, v in sums.items()}, {k: v / n for k, v in sums_norm.items()}, n
+
+
+def sink_reference(all_patterns: list[list[torch.Tensor]], epsilon: float = 0.3) -> tuple[dict, dict, int]:
+    """sink_mass and sink_rate: alpha_0 = (1/T) sum_q A[q, 0], mean over prompts / share > eps."""
+    mass, hits = {}, {}
+    for pats in all_patterns:
+        T = pats[0].shape[-1]
+        for layer, A in enumerate(pats):
+            # the paper's formula: (A / arange(T, 0, -1)).sum(dim=-2), first key
+            alpha = (A / torch.arange(T, 0, -1, dtype=A.dtype)).sum(dim=-2)[:, 0]
+            for head in range(A.shape[0]):
+                direct = sum(float(A[head, q, 0]) for q in range(T)) / T
+                assert abs(direct - float(alpha[head])) < 1e-9
+                mass[(layer, head)] = mass.get((layer, head), 0.0) + direct
+                hits[(layer, head)] = hits.get((layer, head), 0) + (direct > epsilon)
+    n = len(all_patterns)
+    return {k: v / n for k, v in mass.items()}, {k: v / n for k, v in hits.items()}, n

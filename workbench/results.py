@@ -1,0 +1,115 @@
+"""The one tidy results table, and writing it to Parquet atomically.
+
+Every probe's output is long format: one row per (model, dataset, probe, metric, layer, head)
+with the value and ``n``, the number of items averaged. Parquet files carry the run's metadata
+(model, dataset, versions, seed, config) under the ``workbench`` key of the file's key-value
+metadata, as JSON.
+
+Writes go to a temporary file in the destination folder, are flushed to disk and renamed into
+place, so a crash or Ctrl-C never leaves a partial file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workbench.errors import WorkbenchError
+
+COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
+META_KEY = b"workbench"
+SCHEMA_VERSION = 1
+
+
+def tidy(df: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:
+    """Add run identity columns and fix column order and dtypes."""
+    out = df.copy()
+    out["model"] = model
+    out["dataset"] = dataset
+    out = out[COLUMNS]
+    return out.astype({"layer": "int64", "head": "int64", "value": "float64", "n": "int64"})
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("attention-head-workbench", "torch", "transformers", "transformer-lens", "pandas", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_metadata(**fields: Any) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        **fields,
+    }
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any model runs) when ``path`` cannot be written."""
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise WorkbenchError(f"output {path} is a directory", "give a file name ending in .parquet")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WorkbenchError(f"cannot write to {path}: {exc.strerror or exc}", "choose a writable --out path") from None
+    return path
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``df`` with ``metadata`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = check_writable(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[META_KEY] = json.dumps(metadata, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a results file and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"results file {path} does not exist", "check the path")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise WorkbenchError(f"{path} is not a readable Parquet file: {exc}", "re-run the probe that wrote it") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    return table.to_pandas(), (json.loads(raw) if raw else {})
+
+
+def top_heads(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The ``k`` highest-valued heads for each (probe, metric)."""
+    ranked = df.dropna(subset=["value"]).sort_values("value", ascending=False)
+    return ranked.groupby(["probe", "metric"], sort=False).head(k).sort_values(["probe", "metric", "value"], ascending=[True, True, False])
