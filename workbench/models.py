@@ -15,7 +15,7 @@ Names resolve in this order:
 
 Nothing here installs packages at run time: TransformerLens 4.3 pip-installs torchvision when
 a multimodal processor fails to load, which can replace torch with a multi-GB CUDA build; we
-disable that hook at import.
+disable that hook before every boot.
 """
 from __future__ import annotations
 
@@ -58,8 +58,6 @@ def _no_runtime_installs() -> None:
 
     helpers._ensure_torchvision = _ensure_torchvision
 
-
-_no_runtime_installs()
 
 
 @dataclass
@@ -149,15 +147,43 @@ def resolve_source(name: str) -> tuple[str, str]:
     return name, "hub"
 
 
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached right now, or None if it may be.
+
+    A DNS lookup of the configured endpoint's host: it answers at once either way, whereas
+    letting transformers find out costs five retries with back-off (~50 s) per file.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:
+        host = "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc.strerror or exc}"
+    return None
+
+
 def _from_pretrained(loader: Any, source: str, kind: str, what: str, **kwargs: Any) -> Any:
+    offline = hub_unreachable_reason() if kind == "hub" else None
+    if offline:
+        kwargs["local_files_only"] = True  # the local hub cache can still serve it
     try:
         return loader.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors ...
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if kind == "hub":
+            why = f"the hub is unreachable ({offline}) and it is not in the local hub cache" if offline else f"the Hugging Face hub could not provide its {what} ({type(exc).__name__}: {cause})"
             raise WorkbenchError(
-                f"unknown model {source!r}: not a known name or local folder, and the Hugging "
-                f"Face hub could not provide its {what} ({type(exc).__name__}: {cause})",
+                f"unknown model {source!r}: not a known name or local folder, and {why}",
                 f"check the id and your network (HF_HUB_OFFLINE, HF_TOKEN), pass a local folder, "
                 f"or use one of {', '.join(KNOWN_MODELS)}",
             ) from exc
@@ -183,18 +209,26 @@ def load_model(
     Returns:
         A :class:`LoadedModel` with ``.bridge`` and ``.tokenizer``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kind = resolve_source(name)
-    tokenizer = _from_pretrained(AutoTokenizer, source, kind, "tokenizer")
-    hf = _from_pretrained(
-        AutoModelForCausalLM, source, kind, "weights", dtype=dt, attn_implementation="eager"
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a CLI and in logs
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, source, kind, "tokenizer")
+        hf = _from_pretrained(
+            AutoModelForCausalLM, source, kind, "weights", dtype=dt, attn_implementation="eager"
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     hf = hf.to(dev).eval()
     from transformer_lens.model_bridge import TransformerBridge
 
+    _no_runtime_installs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(

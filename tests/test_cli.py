@@ -1,0 +1,154 @@
+"""The command line: a good run, and one clear message + non-zero exit for every bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from workbench.cli import main
+from workbench.results import read_parquet
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_probe_run_writes_tidy_parquet_with_metadata(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "sub" / "res.parquet"
+    rc, stdout, err = run_cli(capsys, "probe", "entropy,sink", "--model", str(tiny_dirs["llama"]), "--n-prompts", "5",
+                              "--param", "sink.epsilon=0.2", "--seed", "3", "--out", str(out))
+    assert rc == 0, err
+    df, meta = read_parquet(out)
+    assert list(df.columns) == ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
+    assert set(df.metric) == {"entropy", "entropy_norm", "sink_mass", "sink_rate"}
+    assert len(df) == 4 * 3 * 4 and df.value.notna().all()
+    assert (df[df.probe == "sink"].n == 5).all()
+    assert meta["dataset"]["name"] == "prose" and meta["dataset"]["seed"] == 3 and meta["dataset"]["n_prompts"] == 5
+    assert meta["model"]["n_layers"] == 3 and "torch" in meta["versions"]
+    assert {"name": "sink", "epsilon": 0.2} in meta["probes"]
+    assert "top 5 heads per metric" in stdout and "sink_mass" in stdout
+    assert [p.name for p in out.parent.iterdir()] == ["res.parquet"], "no temp files left behind"
+
+
+def test_token_prompts_are_used_exactly_and_bos_is_explicit(tiny_dirs, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "tokens": [5, 6, 7, 8]}, {"id": "b", "text": "the king said"}])
+    out = tmp_path / "r.parquet"
+    assert run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))[0] == 0
+    df, meta = read_parquet(out)
+    assert df[df.metric == "entropy"].n.iloc[0] == (4 - 1) + (3 - 1)
+    assert meta["dataset"]["prepend_bos"] is False
+    assert run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--prepend-bos", "--out", str(out))[0] == 0
+    df, meta = read_parquet(out)
+    assert df[df.metric == "entropy"].n.iloc[0] == 4 + 3, "BOS prepended once to each prompt"
+    assert meta["dataset"]["prepend_bos"] is True
+
+
+BAD_PROMPTS = {
+    "malformed": (['{"id": "a", "text": "ok"}', "{not json"], "p.jsonl:2: not valid JSON"),
+    "no_text": ([{"id": "a"}], "exactly one of 'text' or 'tokens'"),
+    "empty_prompt": ([{"id": "a", "text": ""}], "is empty"),
+    "too_long": ([{"id": "long", "tokens": [5] * 300}], "longer than the model's context of 256"),
+    "out_of_vocab": ([{"id": "a", "tokens": [5, 99999]}], "outside the vocabulary"),
+    "negative_token": ([{"id": "a", "tokens": [-1, 5]}], "outside the vocabulary"),
+    "empty_file": ([], "has no prompts"),
+    "duplicate_id": ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "duplicate prompt id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROMPTS))
+def test_bad_prompts_fail_cleanly(tiny_dirs, tmp_path, capsys, case):
+    rows, message = BAD_PROMPTS[case]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "r.parquet"
+    rc, _, err = run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))
+    assert rc == 2
+    assert message in err and err.startswith("error:") and "fix:" in err
+    assert "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [prompts]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["probe", "entropy", "--model", "no-such-model!", "--out", "{tmp}/r.parquet"], "unknown model"),
+        (["probe", "entropy", "--model", "{tmp}", "--out", "{tmp}/r.parquet"], "no config.json"),
+        (["probe", "entropy,bogus", "--model", "tiny-llama", "--out", "{tmp}/r.parquet"], "unknown probe 'bogus'"),
+        (["probe", "entropy", "--prompts", "{tmp}/missing.jsonl", "--out", "{tmp}/r.parquet"], "does not exist"),
+        (["probe", "entropy", "--dataset", "nope", "--out", "{tmp}/r.parquet"], "unknown dataset 'nope'"),
+        (["probe", "entropy", "--out", "/proc/no/r.parquet"], "cannot write to /proc/no/r.parquet"),
+        (["probe", "entropy", "--out", "{tmp}/r.csv"], "should end in .parquet"),
+        (["probe", "entropy", "--n-prompts", "0", "--out", "{tmp}/r.parquet"], "--n-prompts must be at least 1"),
+        (["probe", "entropy", "--batch-size", "zero", "--out", "{tmp}/r.parquet"], "--batch-size must be"),
+        (["probe", "sink", "--param", "sink.bogus=1", "--model", "tiny-llama", "--out", "{tmp}/r.parquet"], "bad parameters for probe 'sink'"),
+        (["probe", "sink", "--param", "entropy.x=1", "--out", "{tmp}/r.parquet"], "not in this run"),
+        (["probe", "entropy", "--dtype", "float8", "--out", "{tmp}/r.parquet"], "unknown dtype"),
+    ],
+)
+def test_bad_arguments_fail_cleanly(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions; use a path under a file instead
+            target = tmp_path / "afile"
+            target.write_text("x")
+            out = target / "r.parquet"
+        else:
+            out = locked / "r.parquet"
+        rc, _, err = run_cli(capsys, "probe", "entropy", "--model", "tiny-llama", "--out", str(out))
+        assert rc == 2 and "cannot write to" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_failed_write_leaves_no_file(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """A crash while writing leaves neither the final file nor a temp file."""
+    import workbench.results as results
+
+    def boom(table, f, **kw):
+        f.write(b"PAR1 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.pq, "write_table", boom)
+    out = tmp_path / "r.parquet"
+    rc, _, err = run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--n-prompts", "2", "--out", str(out))
+    assert rc != 0 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_exit_code_and_listing(tmp_path):
+    exe = Path(sys.executable).parent / "workbench"
+    res = subprocess.run([str(exe), "probe", "nope", "--out", str(tmp_path / "r.parquet")], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown probe 'nope'" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([str(exe), "probes"], capture_output=True, text=True)
+    assert res.returncode == 0 and "entropy_norm" in res.stdout and "sink_rate" in res.stdout
+
+
+def test_dataset_export_round_trips(tiny_dirs, tmp_path, capsys):
+    path = tmp_path / "prose.jsonl"
+    assert run_cli(capsys, "dataset", "prose", "--n-prompts", "3", "--out", str(path))[0] == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["text"] and r["id"] for r in rows)
+    out = tmp_path / "r.parquet"
+    assert run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--prompts", str(path), "--out", str(out))[0] == 0
+    assert pq.read_table(out).num_rows == 2 * 3 * 4

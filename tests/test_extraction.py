@@ -1,0 +1,127 @@
+"""The extraction engine: batching, bounded memory, OOM back-off, and leaving the bridge intact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probes import get_probe
+from probes.base import Probe
+from tests.test_metrics import lookup, random_prompts
+from workbench.errors import WorkbenchError
+from workbench.extraction import plan_batches, run_probes
+from workbench.patterns import collate
+
+
+class ChunkSpy(Probe):
+    """Records which layer each chunk came from and how many scores it held."""
+
+    name, metrics = "spy", ()
+
+    def setup(self, *a, **k):
+        super().setup(*a, **k)
+        self.events = []
+
+    def on_pattern_chunk(self, chunk):
+        self.events.append((chunk.layer, chunk.probs.numel(), chunk.q_start, chunk.q_end))
+
+    def results(self):
+        import pandas as pd
+
+        return pd.DataFrame(columns=["metric", "layer", "head", "value", "n"])
+
+
+def test_chunks_respect_the_memory_budget_and_come_layer_by_layer(tiny_models):
+    model = tiny_models["llama"]
+    spy = ChunkSpy()
+    budget = 4 * model.n_heads * 60  # a few query rows at a time for 60-token prompts
+    run_probes(model, random_prompts(model.vocab_size, [60, 50, 40, 30]), [spy], batch_size=2, chunk_elements=budget, progress=False)
+    assert max(n for _, n, _, _ in spy.events) <= budget
+    layers = [layer for layer, *_ in spy.events]
+    assert sorted(set(layers)) == list(range(model.n_layers))
+    # within a batch, a layer's chunks finish before the next layer starts: only one layer live
+    changes = sum(1 for a, b in zip(layers, layers[1:]) if a != b)
+    assert changes == 2 * model.n_layers - 1
+    assert len(spy.events) > 2 * model.n_layers, "several chunks per layer"
+
+
+def test_plan_batches():
+    assert plan_batches([5, 10, 3, 8], 2, 0) == [[1, 3], [0, 2]]
+    auto = plan_batches([100, 10, 50, 40, 60], "auto", 150)
+    assert auto == [[0], [4, 2], [3, 1]]
+    with pytest.raises(WorkbenchError):
+        plan_batches([1], 0, 10)
+
+
+def test_collate_right_and_left_padding():
+    b = collate([[5, 6, 7], [8]], pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b.positions.tolist() == [[0, 1, 2], [0, -1, -1]]
+    left = collate([[5, 6, 7], [8]], pad_id=0, padding_side="left")
+    assert left.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left.positions.tolist() == [[0, 1, 2], [-1, -1, 0]] and left.first_index.tolist() == [0, 2]
+
+
+def test_oom_backoff_splits_batches_and_counts_nothing_twice(tiny_models):
+    """GPU out-of-memory, simulated: batches above 1 prompt fail mid-forward; the engine halves
+    them, and the probes' numbers equal an unbatched run."""
+    model = tiny_models["llama"]
+    prompts = random_prompts(model.vocab_size, [20, 11, 31, 7, 16], seed=4)
+    reference, _ = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False)
+    base = model.hf_model.base_model
+
+    def flaky_forward(batch):
+        base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False)
+        if batch.size > 1:  # fail after the probes already saw every layer of this batch
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    table, stats = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=4, progress=False, forward=flaky_forward)
+    assert stats.n_oom_splits >= 2 and stats.n_batches == len(prompts)
+    for metric in ("entropy", "entropy_norm", "sink_mass", "sink_rate"):
+        got, ref = lookup(table, metric), lookup(reference, metric)
+        assert all(abs(got[k][0] - ref[k][0]) < 1e-6 and got[k][1] == ref[k][1] for k in ref)
+
+
+def test_oom_on_a_single_prompt_is_a_clear_error(tiny_models):
+    model = tiny_models["llama"]
+
+    def always_oom(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(WorkbenchError, match="out of memory on a single prompt"):
+        run_probes(model, random_prompts(model.vocab_size, [5, 6]), [get_probe("sink")], forward=always_oom, progress=False)
+
+
+def test_bridge_is_restored_after_runs_and_failures(tiny_models):
+    model = tiny_models["llama"]
+    hf = model.hf_model
+    attn_before = type(hf.model.layers[0].original_component.self_attn)
+    impl_before = hf.config._attn_implementation
+    run_probes(model, random_prompts(model.vocab_size, [8]), [get_probe("entropy")], progress=False)
+
+    def crash(batch):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        run_probes(model, random_prompts(model.vocab_size, [8]), [get_probe("entropy")], forward=crash, progress=False)
+    assert type(hf.model.layers[0].original_component.self_attn) is attn_before
+    assert hf.config._attn_implementation == impl_before
+    # TransformerLens' own hooks still work afterwards
+    _, cache = model.bridge.run_with_cache(torch.tensor([[5, 6, 7, 8]]), names_filter=lambda n: n.endswith("hook_pattern"))
+    assert cache["blocks.0.attn.hook_pattern"].shape == (1, 4, 4, 4)
+
+
+def test_lower_precision_runs_and_stays_close(tiny_dirs):
+    from workbench.models import load_model
+
+    prompts = random_prompts(512, [12, 30, 7], seed=9)
+    full, _ = run_probes(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False)
+    half, _ = run_probes(load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, [get_probe("entropy")], progress=False)
+    a, b = lookup(full, "entropy_norm"), lookup(half, "entropy_norm")
+    assert max(abs(a[k][0] - b[k][0]) for k in a) < 0.05
+
+
+def test_empty_inputs_are_rejected(tiny_models):
+    with pytest.raises(WorkbenchError, match="no prompts"):
+        run_probes(tiny_models["llama"], [], [get_probe("entropy")], progress=False)
+    with pytest.raises(WorkbenchError, match="no probes"):
+        run_probes(tiny_models["llama"], random_prompts(512, [3]), [], progress=False)
