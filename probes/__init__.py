@@ -9,10 +9,12 @@ from typing import Any
 
 from probes.base import Probe
 from probes.entropy import EntropyProbe
+from probes.induction import InductionProbe
 from probes.sink import SinkProbe
+from probes.streaming import StreamingProbe
 from workbench.errors import WorkbenchError
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe)}
 
 
 def get_probe(name: str, **params: Any) -> Probe:

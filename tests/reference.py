@@ -57,3 +57,41 @@ def sink_reference(all_patterns: list[list[torch.Tensor]], epsilon: float = 0.3)
                 hits[(layer, head)] = hits.get((layer, head), 0) + (direct > epsilon)
     n = len(all_patterns)
     return {k: v / n for k, v in mass.items()}, {k: v / n for k, v in hits.items()}, n
+
+
+def induction_reference(all_patterns, all_ids, metas) -> dict[str, tuple[dict, int]]:
+    """prev_token / duplicate / induction / echo by direct loops over query positions."""
+    sums = {m: {} for m in ("prev_token", "duplicate", "induction", "echo")}
+    counts = {m: 0 for m in sums}
+    for pats, ids, meta in zip(all_patterns, all_ids, metas):
+        T, n, off = len(ids), meta.get("period", 0), meta.get("offset", 0)
+        for q in range(T):
+            targets = {}
+            if q >= 1:
+                targets["prev_token"] = [q - 1]
+            if n and q - off >= n:
+                targets["duplicate"] = [q - n]
+                targets["induction"] = [q - n + 1]
+            earlier = [k for k in range(q) if ids[k] == ids[q]]
+            if earlier:
+                targets["echo"] = earlier
+            for metric, ks in targets.items():
+                counts[metric] += 1
+                for layer, A in enumerate(pats):
+                    for head in range(A.shape[0]):
+                        key = (layer, head)
+                        sums[metric][key] = sums[metric].get(key, 0.0) + sum(float(A[head, q, k]) for k in ks)
+    return {m: ({k: v / counts[m] for k, v in sums[m].items()}, counts[m]) for m in sums}
+
+
+def streaming_reference(all_patterns, sink: int = 4, recent: int = 64) -> tuple[dict, int]:
+    sums, n = {}, 0
+    for pats in all_patterns:
+        T = pats[0].shape[-1]
+        for q in range(sink + recent, T):
+            n += 1
+            keys = [k for k in range(q + 1) if k < sink or q - k < recent]
+            for layer, A in enumerate(pats):
+                for head in range(A.shape[0]):
+                    sums[(layer, head)] = sums.get((layer, head), 0.0) + sum(float(A[head, q, k]) for k in keys)
+    return {k: v / n for k, v in sums.items()}, n

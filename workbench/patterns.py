@@ -106,6 +106,7 @@ class PatternChunk:
         self.batch = batch
         self._u = shifted_scores  # scores minus the row max; masked entries ~ -1e30
         self.n_visible = n_visible
+        self._qo = query_offset
         pos = batch.positions[:, query_offset + q_start : query_offset + q_end]
         self.query_pos: Int[Tensor, "batch chunk"] = pos
         self.query_valid: Bool[Tensor, "batch chunk"] = (pos >= 0) & (n_visible > 0)
@@ -140,6 +141,31 @@ class PatternChunk:
         b, h, c, _ = self._u.shape
         idx = key_index.clamp(max=self.n_keys - 1).view(b, 1, 1, 1).expand(b, h, c, 1)
         return self._exp.gather(-1, idx).squeeze(-1) / self._z
+
+    def probs_at(self, key_index: Int[Tensor, "batch chunk"]) -> Float[Tensor, "batch head chunk"]:
+        """A[q, key_index[b, q]] per query (0 where the index is negative or not visible)."""
+        b, h, c, _ = self._u.shape
+        ok = (key_index >= 0) & (key_index < self.n_keys)
+        idx = key_index.clamp(0, self.n_keys - 1).view(b, 1, c, 1).expand(b, h, c, 1)
+        return self._exp.gather(-1, idx).squeeze(-1) / self._z * ok.unsqueeze(1)
+
+    def mass_on(self, keys: Bool[Tensor, "batch chunk key"]) -> Float[Tensor, "batch head chunk"]:
+        """sum_k A[q, k] over the keys selected per query (any of the chunk's keys)."""
+        sel = keys[..., : self.n_keys].to(self._exp.dtype).unsqueeze(1)
+        return (self._exp * sel).sum(-1) / self._z
+
+    @property
+    def key_positions(self) -> Int[Tensor, "batch key"]:
+        """In-prompt position of each key of the chunk (-1 on padding)."""
+        return self.batch.positions[:, : self.n_keys]
+
+    @property
+    def key_tokens(self) -> Int[Tensor, "batch key"]:
+        return self.batch.input_ids[:, : self.n_keys]
+
+    @property
+    def query_tokens(self) -> Int[Tensor, "batch chunk"]:
+        return self.batch.input_ids[:, self._qo + self.q_start : self._qo + self.q_end]
 
 
 def _chunk_allowed(call: AttentionCall, q0: int, q1: int, n_keys: int) -> tuple[Tensor | None, int]:

@@ -1,0 +1,71 @@
+"""Previous-token, duplicate-token, induction and echo scores per head (metrics.md sections 3-4).
+
+On a sequence of random tokens repeated with period n (dataset ``repeated-random``; metadata
+``period`` and ``offset``, the index of the first random token), for queries at in-prompt
+position q:
+
+- ``prev_token``: mean of A[q, q-1] over q >= 1.
+- ``duplicate``: mean of A[q, q-n] over queries in the repeats (q - offset >= n).
+- ``induction``: mean of A[q, q-n+1] over the same queries.
+- ``echo`` (RazorAttention): mean over queries whose token occurred before of the attention on
+  those earlier occurrences, sum_{k<q, tok[k]=tok[q]} A[q, k]. It needs no period, so it is
+  defined on any text; on repeated-random it equals ``duplicate``.
+
+Deviation from TransformerLens' ``detect_head`` "mul" measure, sum(A * P) / sum(A): that
+divides by the attention of *every* query row, including the first copy where the detection
+pattern P is empty, so a perfect induction head scores n/(2n) = 0.5 on two copies. We average
+over the queries where P is defined, as metrics.md states ("mean attention from position q in
+the second half"), so a perfect head scores 1; TL's number is ours times the share of rows
+with a target. Prompts without a ``period`` count only towards ``prev_token`` and ``echo``.
+``n`` is the number of queries averaged.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from probes.base import Probe
+from workbench.patterns import BatchInfo, PatternChunk
+
+
+class InductionProbe(Probe):
+    name = "induction"
+    metrics = ("prev_token", "duplicate", "induction", "echo")
+    description = "attention to the previous token, the earlier copy (duplicate), the token after it (induction), earlier same tokens (echo)"
+
+    def begin_batch(self, batch: BatchInfo) -> None:
+        super().begin_batch(batch)
+        metas = batch.metas or [{} for _ in range(batch.size)]
+        dev = batch.input_ids.device
+        self._period = torch.tensor([int(m.get("period", 0) or 0) for m in metas], device=dev).view(-1, 1)
+        self._offset = torch.tensor([int(m.get("offset", 0) or 0) for m in metas], device=dev).view(-1, 1)
+
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+        L, H = self.n_layers, self.n_heads
+        qpos, valid = chunk.query_pos, chunk.query_valid
+        first = chunk.batch.first_index.view(-1, 1)
+        none = torch.full_like(qpos, -1)
+
+        def add(metric: str, score: torch.Tensor, use: torch.Tensor) -> None:
+            self.acc(metric, L, H)[chunk.layer] += (score.double() * use.unsqueeze(1)).sum((0, 2))
+            self.acc(metric + "/n", L, H)[chunk.layer] += use.sum()
+
+        has_prev = valid & (qpos >= 1)
+        add("prev_token", chunk.probs_at(torch.where(has_prev, first + qpos - 1, none)), has_prev)
+        rep = valid & (self._period > 0) & (qpos - self._offset >= self._period)
+        add("duplicate", chunk.probs_at(torch.where(rep, first + qpos - self._period, none)), rep)
+        add("induction", chunk.probs_at(torch.where(rep, first + qpos - self._period + 1, none)), rep)
+        kpos = chunk.key_positions
+        same = (chunk.key_tokens.unsqueeze(1) == chunk.query_tokens.unsqueeze(2)) & (kpos.unsqueeze(1) >= 0) & (kpos.unsqueeze(1) < qpos.unsqueeze(2))
+        has_echo = valid & same.any(-1)
+        add("echo", chunk.mass_on(same), has_echo)
+
+    def results(self) -> pd.DataFrame:
+        frames = []
+        for metric in self.metrics:
+            total, n = self.total[metric], self.total[metric + "/n"]
+            value = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
+            frames.append(self.rows(metric, value, n))
+        return pd.concat(frames, ignore_index=True)

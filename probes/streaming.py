@@ -1,0 +1,47 @@
+"""Streaming score per head: the share of attention on the sink tokens plus a recent window.
+
+DuoAttention splits heads into *streaming* heads, whose attention concentrates on the first few
+(sink) tokens and a window of recent tokens, and *retrieval* heads, which need the full
+context. For query position q the streaming mass is
+
+    S_q = sum_{k < sink} A[q,k] + sum_{q - recent < k <= q} A[q,k]
+
+(default 4 sink tokens, 64 recent, the current token included). ``streaming`` is the mean of
+S_q over queries that can see more than the sink and the window (q >= sink + recent); earlier
+queries would score 1 whatever the head does, so they are left out. Near 1: the head could use a
+streaming (sink + window) KV cache; low: it reads the middle of the context. ``n`` = queries.
+Positions are in-prompt positions (padding and left-padding offsets removed).
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from probes.base import Probe
+from workbench.patterns import PatternChunk
+
+
+class StreamingProbe(Probe):
+    name = "streaming"
+    metrics = ("streaming",)
+    description = "share of attention on the first `sink` tokens plus the last `recent` tokens (DuoAttention)"
+
+    def __init__(self, sink: int = 4, recent: int = 64) -> None:
+        super().__init__(sink=int(sink), recent=int(recent))
+        self.sink, self.recent = int(sink), int(recent)
+
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+        qpos = chunk.query_pos.unsqueeze(2)
+        kpos = chunk.key_positions.unsqueeze(1)
+        window = (kpos >= 0) & ((kpos < self.sink) | (kpos > qpos - self.recent))
+        use = chunk.query_valid & (chunk.query_pos >= self.sink + self.recent)
+        mass = chunk.mass_on(window).double()
+        L, H = self.n_layers, self.n_heads
+        self.acc("sum", L, H)[chunk.layer] += (mass * use.unsqueeze(1)).sum((0, 2))
+        self.acc("n", L, H)[chunk.layer] += use.sum()
+
+    def results(self) -> pd.DataFrame:
+        t, n = self.total["sum"], self.total["n"]
+        return self.rows("streaming", torch.where(n > 0, t / n.clamp_min(1), torch.full_like(t, math.nan)), n)

@@ -1,0 +1,100 @@
+"""``niah``: needle-in-a-haystack prompts for the retrieval-head score (Wu et al.).
+
+A haystack of the shipped prose corpus, a needle sentence carrying a random fact the model
+cannot guess, inserted at a sentence boundary at ``depth`` (0 = start, 1 = end) of a context of
+``context_len`` tokens, then the question. Prompts are built from token pieces, so the needle's
+exact token span is known (no fuzzy search as in the paper's code, whose ``find_needle_idx``
+matches 90% token-set overlap). Fields (in ``meta``): ``needle_span`` and ``answer_span``
+([start, end) token indices), ``answer`` (the text the model must produce: the paper's
+``real_needle``), ``question``, ``depth``, ``context_len``.
+
+The default needle follows the paper's structure with a random answer:
+"The secret passphrase for the {place} is {w1} {w2} {number}."
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.prompts import Prompt
+
+from .prose import load_documents
+
+DESCRIPTION = "needle-in-a-haystack over the prose corpus: grid of context length x depth, for the retrieval score"
+PLACES = ["old lighthouse", "blue door", "northern gate", "river house", "clock tower", "stone bridge", "green library", "harbor office"]
+WORDS = ["amber", "falcon", "velvet", "cactus", "marble", "orchid", "pepper", "saffron", "tundra", "walnut", "zephyr", "copper", "lantern", "meadow"]
+NEEDLE = "\nThe secret passphrase for the {place} is {answer}.\n"
+QUESTION = "\nBased on the content of the book, what is the secret passphrase for the {place}?\nAnswer: The secret passphrase for the {place} is"
+
+
+def _haystack_ids(tokenizer: Any, n: int, rng: random.Random) -> list[int]:
+    docs = load_documents()
+    ids: list[int] = []
+    start = rng.randrange(len(docs))
+    i = start
+    while len(ids) < n:
+        ids += tokenizer(docs[i % len(docs)]["text"] + "\n", add_special_tokens=False)["input_ids"]
+        i += 1
+    return ids[:n]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, context_len: int | list[int] = 1024,
+         depths: float | list[float] | None = None, needle: str = NEEDLE, question: str = QUESTION,
+         n_ctx: int | None = None) -> list[Prompt]:
+    """A grid of ``context_len`` x ``depths``, cycled until ``n_prompts`` (default: the grid once)."""
+    if tokenizer is None:
+        raise WorkbenchError("niah needs the model's tokenizer", "pass tokenizer= or --model")
+    lengths = [int(x) for x in (context_len if isinstance(context_len, (list, tuple)) else [context_len])]
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0] if depths is None else (list(depths) if isinstance(depths, (list, tuple)) else [depths])
+    for d in depths:
+        if not 0.0 <= float(d) <= 1.0:
+            raise WorkbenchError(f"depth {d} is outside [0, 1]", "give depths as fractions, e.g. 0,0.5,1")
+    if "{answer}" not in needle or "{place}" not in needle:
+        raise WorkbenchError("the needle wording needs {place} and {answer} placeholders", "e.g. 'The code for the {place} is {answer}.'")
+    grid = [(L, float(d)) for L in lengths for d in depths]
+    n_prompts = len(grid) if n_prompts is None else n_prompts
+    rng = random.Random(seed)
+    period_ids = set(_encode(tokenizer, ".")) | set(_encode(tokenizer, ".\n"))
+    prompts = []
+    for i in range(n_prompts):
+        L, depth = grid[i % len(grid)]
+        place = rng.choice(PLACES)
+        answer = f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000, 10000)}"
+        head, tail = needle.split("{answer}")
+        pre_ids = _encode(tokenizer, head.format(place=place))
+        ans_ids = _encode(tokenizer, " " + answer if not head.endswith(" ") else answer)
+        post_ids = _encode(tokenizer, tail.format(place=place))
+        needle_ids = pre_ids + ans_ids + post_ids
+        q_ids = _encode(tokenizer, question.format(place=place))
+        n_hay = L - len(needle_ids) - len(q_ids)
+        if n_hay < 1:
+            raise WorkbenchError(
+                f"context length {L} is too short for the needle and question ({len(needle_ids) + len(q_ids)} tokens)",
+                "use a longer --context-len",
+            )
+        if n_ctx is not None and L > n_ctx:
+            raise WorkbenchError(f"context length {L} exceeds the model's context of {n_ctx}", "use a shorter --context-len")
+        hay = _haystack_ids(tokenizer, n_hay, rng)
+        cut = int(round(n_hay * depth))
+        if 0 < cut < n_hay:  # back up to a sentence end, as the paper's code does
+            j = cut
+            while j > 0 and hay[j - 1] not in period_ids:
+                j -= 1
+            cut = j if j > 0 else cut
+        tokens = hay[:cut] + needle_ids + hay[cut:] + q_ids
+        s = cut
+        meta = {
+            "needle_span": [s, s + len(needle_ids)],
+            "answer_span": [s + len(pre_ids), s + len(pre_ids) + len(ans_ids)],
+            "answer": answer,
+            "question": question.format(place=place),
+            "depth": depth,
+            "context_len": L,
+        }
+        prompts.append(Prompt(id=f"niah-{seed}-{i:04d}-L{L}-d{depth:g}", tokens=tokens, meta=meta))
+    return prompts

@@ -1,0 +1,42 @@
+"""``repeated-random``: random token sequences repeated (TransformerLens head_detector, RazorAttention).
+
+Each prompt is ``repeats`` copies of ``period`` random token ids drawn without replacement from
+the vocabulary minus the special tokens, so within a period no token repeats (the only earlier
+occurrence of a token is its copy one period back). Metadata: ``period`` and ``offset`` (index
+of the first random token; 1 when ``prepend_bos``).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.prompts import Prompt
+
+DESCRIPTION = "random token sequences repeated (period n, default 2 copies): induction / duplicate / previous-token / echo heads"
+
+
+def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, period: int = 50, repeats: int = 2,
+         prepend_bos: bool = False, vocab_size: int | None = None) -> list[Prompt]:
+    if tokenizer is None and vocab_size is None:
+        raise WorkbenchError("repeated-random needs the model's tokenizer (to know the vocabulary)", "pass tokenizer= or --model")
+    if period < 2 or repeats < 2:
+        raise WorkbenchError(f"need period >= 2 and repeats >= 2, got {period}, {repeats}", "e.g. period=50, repeats=2")
+    n_prompts = 16 if n_prompts is None else n_prompts
+    size = vocab_size or len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if hasattr(tokenizer, "get_added_vocab"):
+        special |= set(tokenizer.get_added_vocab().values())
+    pool = [t for t in range(size) if t not in special]
+    if len(pool) < period:
+        raise WorkbenchError(f"period {period} exceeds the {len(pool)} ordinary tokens", "use a smaller period")
+    rng = random.Random(seed)
+    bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
+    if prepend_bos and bos is None:
+        raise WorkbenchError("prepend_bos was asked for but the tokenizer has no BOS token", "drop prepend_bos")
+    prompts = []
+    for i in range(n_prompts):
+        seq = rng.sample(pool, period)
+        tokens = ([bos] if bos is not None else []) + seq * repeats
+        prompts.append(Prompt(id=f"rep-{seed}-{i:04d}", tokens=tokens, meta={"period": period, "offset": 1 if bos is not None else 0}))
+    return prompts
