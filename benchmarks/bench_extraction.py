@@ -102,12 +102,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only 4 x 512")
+    ap.add_argument("--shape", help="only this BATCHxTOKENS, e.g. 1x4096")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.tokens, args.repeats)))
         return
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shape:
+        b, t = args.shape.lower().split("x")
+        shapes = [(int(b), int(t))]
     print(f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'time/(a)':>9} {'mem/(a)':>8}")
     for batch, tokens in shapes:
         base = None

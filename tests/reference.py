@@ -95,3 +95,31 @@ def streaming_reference(all_patterns, sink: int = 4, recent: int = 64) -> tuple[
                 for head in range(A.shape[0]):
                     sums[(layer, head)] = sums.get((layer, head), 0.0) + sum(float(A[head, q, k]) for k in keys)
     return {k: v / n for k, v in sums.items()}, n
+
+
+def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50):
+    """The paper's loop, one prompt, no padding: prefill all but the last token, then feed tokens
+    one at a time with output_attentions and score top-1 keys. Returns (scores[l][h], output ids)."""
+    from transformers import DynamicCache
+
+    s, e = span
+    n_layers = model.config.num_hidden_layers
+    scores = [[0.0] * model.config.num_attention_heads for _ in range(n_layers)]
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True)
+        cache, inp, output = out.past_key_values, prompt[:, -1], []
+        for _ in range(max_new_tokens):
+            out = model(input_ids=inp.view(1, 1), past_key_values=cache, use_cache=True, output_attentions=True)
+            cache = out.past_key_values
+            inp = out.logits[0, -1].argmax()
+            output.append(int(inp))
+            for layer in range(n_layers):
+                for head in range(len(scores[layer])):
+                    j = int(out.attentions[layer][0, head, -1].argmax())
+                    if s <= j < e and j < len(ids) and ids[j] == int(inp):
+                        scores[layer][head] += 1 / (e - s)
+            if int(inp) in stop_ids:
+                break
+    return scores, output

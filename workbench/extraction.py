@@ -14,6 +14,7 @@ accumulators discarded so nothing is double-counted.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -96,11 +97,14 @@ def run_probes(
     chunk_elements: int | None = None,
     max_batch_tokens: int | None = None,
     forward: Callable[[BatchInfo], None] | None = None,
+    interventions: Sequence[object] = (),
 ) -> tuple[pd.DataFrame, RunStats]:
     """Run ``probes`` over ``prompts`` on ``model`` (a :class:`~workbench.models.LoadedModel`).
 
     Returns the tidy per-head table (columns ``probe, metric, layer, head, value, n``) and run
     statistics. ``forward`` replaces the model call (tests use it to simulate out-of-memory).
+    ``interventions`` (e.g. :class:`~workbench.interventions.HeadAblation`) edit head outputs
+    during the run; probes see each layer's queries and keys as the edited model computes them.
     """
     if not prompts:
         raise WorkbenchError("no prompts to run", "give a non-empty prompt set")
@@ -134,7 +138,12 @@ def run_probes(
 
         bar = tqdm(total=stats.n_tokens, unit="tok", desc="probes", leave=False)
     try:
-        with torch.no_grad(), native_attention(model.hf_model), observe(runner):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(native_attention(model.hf_model))
+            stack.enter_context(observe(runner))
+            for iv in interventions:
+                stack.enter_context(observe(iv))
             while queue:
                 idx = queue.pop(0)
                 batch = collate(

@@ -9,7 +9,8 @@ matches 90% token-set overlap). Fields (in ``meta``): ``needle_span`` and ``answ
 ``real_needle``), ``question``, ``depth``, ``context_len``.
 
 The default needle follows the paper's structure with a random answer:
-"The secret passphrase for the {place} is {w1} {w2} {number}."
+"The secret passphrase for the {place} is {number}." (a 5-digit number; ``answer_digits=0``
+gives "{word} {word} {number}" instead, which SmolLM2-135M recalls only partly).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, context_len: int | list[int] = 1024,
          depths: float | list[float] | None = None, needle: str = NEEDLE, question: str = QUESTION,
-         n_ctx: int | None = None) -> list[Prompt]:
+         n_ctx: int | None = None, answer_digits: int = 5) -> list[Prompt]:
     """A grid of ``context_len`` x ``depths``, cycled until ``n_prompts`` (default: the grid once)."""
     if tokenizer is None:
         raise WorkbenchError("niah needs the model's tokenizer", "pass tokenizer= or --model")
@@ -64,7 +65,7 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
     for i in range(n_prompts):
         L, depth = grid[i % len(grid)]
         place = rng.choice(PLACES)
-        answer = f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000, 10000)}"
+        answer = str(rng.randrange(10 ** (answer_digits - 1), 10**answer_digits)) if answer_digits else f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000, 10000)}"
         head, tail = needle.split("{answer}")
         pre_ids = _encode(tokenizer, head.format(place=place))
         ans_ids = _encode(tokenizer, " " + answer if not head.endswith(" ") else answer)
