@@ -10,11 +10,12 @@ from typing import Any
 from probes.base import Probe
 from probes.entropy import EntropyProbe
 from probes.induction import InductionProbe
+from probes.retrieval import RetrievalProbe
 from probes.sink import SinkProbe
 from probes.streaming import StreamingProbe
 from workbench.errors import WorkbenchError
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe, RetrievalProbe)}
 
 
 def get_probe(name: str, **params: Any) -> Probe:

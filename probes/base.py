@@ -37,6 +37,7 @@ class Probe:
     metrics: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     needs_patterns: ClassVar[bool] = True
+    generates: ClassVar[bool] = False  # True: the probe drives its own decoding via run()
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = params

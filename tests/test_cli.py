@@ -152,3 +152,33 @@ def test_dataset_export_round_trips(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "r.parquet"
     assert run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--prompts", str(path), "--out", str(out))[0] == 0
     assert pq.read_table(out).num_rows == 2 * 3 * 4
+
+
+def test_retrieval_cli_errors(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "r.parquet"
+    rc, _, err = run_cli(capsys, "probe", "retrieval", "--dataset", "niah", "--depths", "0,1.5", "--out", str(out))
+    assert rc == 2 and "depth 1.5 is outside [0, 1]" in err
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "no needle here"}])
+    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))
+    assert rc == 2 and "needs niah prompts" in err
+    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--dataset", "niah", "--context-len", "20", "--out", str(out))
+    assert rc == 2 and "too short" in err
+    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--dataset", "niah", "--context-len", "999", "--out", str(out))
+    assert rc == 2 and "exceeds the model's context of 256" in err
+    assert not out.exists()
+
+
+def test_retrieval_and_induction_from_the_cli(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "r.parquet"
+    rc, stdout, err = run_cli(capsys, "probe", "retrieval,sink", "--model", str(tiny_dirs["llama"]), "--dataset", "niah",
+                              "--context-len", "120", "--depths", "0.5", "--n-prompts", "2", "--param", "retrieval.max_new_tokens=3", "--out", str(out))
+    assert rc == 0, err
+    df, meta = read_parquet(out)
+    assert set(df.probe) == {"retrieval", "sink"}
+    assert meta["summaries"]["retrieval"]["n_prompts"] == 2 and "prompts counted" in stdout
+    niah = tmp_path / "niah.jsonl"
+    assert run_cli(capsys, "dataset", "niah", "--model", str(tiny_dirs["llama"]), "--context-len", "100", "--n-prompts", "2", "--out", str(niah))[0] == 0
+    rows = [json.loads(line) for line in niah.read_text().splitlines()]
+    assert all("answer_span" in r and "tokens" in r for r in rows)
+    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(niah), "--param", "retrieval.max_new_tokens=2", "--out", str(out))
+    assert rc == 0, err

@@ -45,12 +45,72 @@ def _batch_size(raw: str) -> int | str:
     return value
 
 
+def _float_list(raw: str | None, flag: str) -> list[float] | None:
+    if raw is None:
+        return None
+    try:
+        return [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise WorkbenchError(f"{flag} takes comma-separated numbers, got {raw!r}", f"e.g. {flag} 0,0.5,1") from None
+
+
+def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Dataset options given on the command line, validated before any model loads."""
+    opts: dict[str, Any] = {}
+    lengths = _float_list(getattr(args, "context_len", None), "--context-len")
+    if lengths is not None:
+        opts["context_len"] = [int(x) for x in lengths]
+    depths = _float_list(getattr(args, "depths", None), "--depths")
+    if depths is not None:
+        bad = [d for d in depths if not 0.0 <= d <= 1.0]
+        if bad:
+            raise WorkbenchError(f"depth {bad[0]:g} is outside [0, 1]", "give depths as fractions of the context, e.g. --depths 0,0.5,1")
+        opts["depths"] = depths
+    if getattr(args, "period", None) is not None:
+        opts["period"] = args.period
+    return opts
+
+
+def load_prompts(args: argparse.Namespace, model=None):
+    """Prompts from --prompts or --dataset (token-space datasets need the loaded model)."""
+    from workbench.datasets import NEEDS_TOKENIZER, make_dataset
+    from workbench.prompts import read_prompts
+
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+        return (prompts[: args.n_prompts] if args.n_prompts else prompts), os.path.basename(args.prompts)
+    name = args.dataset or "prose"
+    opts = dataset_options(args)
+    if name in NEEDS_TOKENIZER:
+        if model is None:
+            return None, name
+        opts["tokenizer"] = model.tokenizer
+        if name == "niah":
+            opts["n_ctx"] = model.n_ctx
+    return make_dataset(name, n_prompts=args.n_prompts, seed=args.seed, **opts), name
+
+
+def make_interventions(args: argparse.Namespace, model) -> list:
+    from workbench.interventions import HeadAblation, head_means, parse_heads
+
+    if not getattr(args, "ablate", None):
+        return []
+    heads = parse_heads(args.ablate, model.n_layers, model.n_heads)
+    means = None
+    if args.ablation == "mean":
+        from workbench.datasets import make_dataset
+        from workbench.prompts import tokenize_prompts
+
+        ref = tokenize_prompts(make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size)
+        means = head_means(model, ref)
+    return [HeadAblation(heads, args.ablation, means)]
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from probes import get_probe, parse_probe_list
-    from workbench.datasets import make_dataset
-    from workbench.extraction import run_probes
+    from workbench.extraction import RunStats, run_probes
     from workbench.models import load_model
-    from workbench.prompts import read_prompts, tokenize_prompts
+    from workbench.prompts import tokenize_prompts
     from workbench.results import check_writable, run_metadata, tidy, top_heads, write_parquet
 
     names = parse_probe_list(args.probes)
@@ -64,31 +124,48 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"--n-prompts must be at least 1, got {args.n_prompts}", "ask for 1 or more prompts")
     if args.prompts and args.dataset:
         raise WorkbenchError("give --prompts or --dataset, not both", "drop one of them")
-    if args.prompts:
-        prompts = read_prompts(args.prompts)
-        if args.n_prompts is not None:
-            prompts = prompts[: args.n_prompts]
-        dataset = os.path.basename(args.prompts)
-    else:
-        dataset = args.dataset or "prose"
-        prompts = make_dataset(dataset, n_prompts=args.n_prompts, seed=args.seed)
+    if args.ablation not in ("zero", "mean", "first"):
+        raise WorkbenchError(f"unknown ablation {args.ablation!r}", "use --ablation zero, mean or first")
+    prompts, dataset = load_prompts(args)  # files and text datasets are checked before loading
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if prompts is None:
+        prompts, dataset = load_prompts(args, model)
     tokenized = tokenize_prompts(prompts, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=args.prepend_bos)
+    interventions = make_interventions(args, model)
     t_load = time.perf_counter() - t0
-    table, stats = run_probes(model, tokenized, probes, batch_size=batch_size, progress=None if args.progress else False)
-    table = tidy(table, model=args.model, dataset=dataset)
+    forward_probes = [p for p in probes if not p.generates]
+    frames, stats, extra = [], RunStats(n_prompts=len(tokenized), n_tokens=sum(len(p) for p in tokenized)), {}
+    if forward_probes:
+        table, stats = run_probes(model, tokenized, forward_probes, batch_size=batch_size, progress=None if args.progress else False, interventions=interventions)
+        frames.append(table)
+    for p in probes:
+        if p.generates:
+            df = p.run(model, tokenized, batch_size=batch_size, interventions=interventions)
+            df.insert(0, "probe", p.name)
+            frames.append(df)
+            extra[p.name] = p.summary()
+    import pandas as pd
+
+    table = tidy(pd.concat(frames, ignore_index=True), model=args.model, dataset=dataset)
     meta = run_metadata(
         model=model.describe(),
         dataset={"name": dataset, "n_prompts": len(tokenized), "n_tokens": stats.n_tokens, "seed": args.seed,
-                 "prepend_bos": bool(args.prepend_bos), "tokenization": "token ids as given" if args.prompts and prompts[0].tokens is not None else "tokenizer defaults" + (" + BOS" if args.prepend_bos else "")},
+                 "options": {k: v for k, v in dataset_options(args).items()},
+                 "prepend_bos": bool(args.prepend_bos), "tokenization": "token ids as given" if prompts[0].tokens is not None else "tokenizer defaults" + (" + BOS" if args.prepend_bos else "")},
         probes=[p.config() for p in probes],
-        config={"batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")},
+        config={"batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                "ablate": args.ablate, "ablation": args.ablation if args.ablate else None},
+        summaries=extra,
         command=sys.argv,
     )
     write_parquet(table, args.out, meta)
     t_run = time.perf_counter() - t0 - t_load
     _print_top(top_heads(table, args.top), args, stats, t_load, t_run)
+    for name, summ in extra.items():
+        share = (table[(table.probe == name)].value > 0.1).mean()
+        print(f"{name}: {summ['n_counted']}/{summ['n_prompts']} prompts counted (answered correctly: {summ['accuracy']:.0%}); "
+              f"{share:.1%} of heads score above 0.1")
     return 0
 
 
@@ -127,14 +204,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dataset(args: argparse.Namespace) -> int:
-    from workbench.datasets import make_dataset
-    from workbench.prompts import write_prompts
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from workbench.datasets import DATASETS
 
-    prompts = make_dataset(args.name, n_prompts=args.n_prompts, seed=args.seed)
+    for name, (_, desc) in DATASETS.items():
+        print(f"{name:16s} {desc}")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from workbench.prompts import write_prompts
     from workbench.results import check_writable
 
+    args.prompts, args.dataset = None, args.name
     check_writable(args.out)
+    prompts, _ = load_prompts(args)
+    if prompts is None:
+        from workbench.models import load_model
+
+        prompts, _ = load_prompts(args, load_model(args.model))
     write_prompts(prompts, args.out)
     print(f"{len(prompts)} prompts -> {args.out}")
     return 0
@@ -155,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to text prompts")
+    p.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
+    p.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--period", type=int, help="repeated-random: length of the repeated block (default 50)")
+    p.add_argument("--ablate", help="heads to ablate during the run, LAYER.HEAD comma list, e.g. 12.3,14.0")
+    p.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
     p.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
     p.add_argument("--top", type=int, default=5, help="heads to print per metric")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -163,11 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("probes", help="list probes and their metrics").set_defaults(func=cmd_probes)
     sub.add_parser("models", help="list known models and what is installed").set_defaults(func=cmd_models)
+    sub.add_parser("datasets", help="list shipped and generated datasets").set_defaults(func=cmd_datasets)
 
     d = sub.add_parser("dataset", help="write a shipped or generated dataset as prompts JSONL")
     d.add_argument("name")
     d.add_argument("--n-prompts", type=int)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model", default="smollm2-135m", help="token-space datasets (niah, repeated-random) use its tokenizer")
+    d.add_argument("--context-len")
+    d.add_argument("--depths")
+    d.add_argument("--period", type=int)
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_dataset)
     return parser
