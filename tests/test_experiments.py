@@ -1,0 +1,20 @@
+"""The retrieval-ablation experiment's bookkeeping, on a tiny model (the real run is in the README)."""
+from __future__ import annotations
+
+from tests.test_retrieval import copy_prompts
+from workbench.experiments import retrieval_ablation
+
+
+def test_retrieval_ablation_conditions(tiny_models):
+    model = tiny_models["llama"]
+    detect, evaluate = copy_prompts(model, [20, 15], seed=1), copy_prompts(model, [18, 12], seed=2)
+    scores, table = retrieval_ablation(model, detect, evaluate, ks=(2, 3), draws=2, max_new_tokens=3, log=lambda *_: None)
+    assert list(table.condition) == ["none", "top", "random", "random", "top", "random", "random"]
+    assert all(len(h.split(",")) == k for h, k in zip(table.heads, table.k) if k)
+    top3 = table[(table.condition == "top") & (table.k == 3)].heads.iloc[0].split(",")
+    ranked = scores.sort_values("value", ascending=False)
+    best = f"{int(ranked.layer.iloc[0])}.{int(ranked['head'].iloc[0])}"
+    assert best in top3 or scores.value.isna().all()
+    for r in table[table.condition == "random"].itertuples():
+        assert not set(r.heads.split(",")) & set(top3 if r.k == 3 else top3[:2])
+    assert ((table.value >= 0) & (table.value <= 1)).all() and (table.n == 2).all()
