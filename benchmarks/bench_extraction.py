@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only 4 x 512")
     ap.add_argument("--shape", help="only this BATCHxTOKENS, e.g. 1x4096")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all methods (the machine drifts)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.tokens, args.repeats)))
@@ -112,25 +113,35 @@ def main() -> None:
     if args.shape:
         b, t = args.shape.lower().split("x")
         shapes = [(int(b), int(t))]
+    methods = args.methods.split(",")
+    if methods[0] != "hf_sdpa":
+        methods = ["hf_sdpa"] + [m for m in methods if m != "hf_sdpa"]
+    print(f"rounds: {args.rounds} (methods alternate within a round; ratios are per round, then the median)")
     print(f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'time/(a)':>9} {'mem/(a)':>8}")
     for batch, tokens in shapes:
-        base = None
-        for method in args.methods.split(","):
-            repeats = args.repeats if tokens <= 1024 else 1
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", method, "--batch", str(batch), "--tokens", str(tokens), "--repeats", str(repeats)],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                why = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1:]
-                print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}")
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for _ in range(args.rounds):
+            for method in methods:
+                repeats = args.repeats if tokens <= 1024 else 1
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", method, "--batch", str(batch), "--tokens", str(tokens), "--repeats", str(repeats)],
+                    capture_output=True, text=True,
+                )
+                if proc.returncode != 0:
+                    why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}", flush=True)
+                    continue
+                runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        base = runs["hf_sdpa"]
+        for method in methods:
+            rs = runs[method]
+            if not rs or not base:
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            if method == "hf_sdpa":
-                base = r
-            tr = f"{r['seconds'] / base['seconds']:.2f}x" if base else "-"
-            mr = f"{r['peak_gb'] / base['peak_gb']:.2f}x" if base else "-"
-            print(f"{batch:>6} x {tokens:<6} {method:>10} {r['seconds']:8.2f} {r['peak_gb']:8.2f} {tr:>9} {mr:>8}", flush=True)
+            t = statistics.median(r["seconds"] for r in rs)
+            mem = max(r["peak_gb"] for r in rs)
+            tr = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rs, base))
+            mr = mem / max(b["peak_gb"] for b in base)
+            print(f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:8.2f}x {mr:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

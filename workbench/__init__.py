@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from workbench.errors import WorkbenchError  # noqa: E402
 
-__all__ = ["WorkbenchError", "load_model", "run_probes", "__version__"]
+__all__ = ["WorkbenchError", "load_model", "load_results", "run_probes", "__version__"]
 
 
 def __getattr__(name: str):
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from workbench.extraction import run_probes
 
         return run_probes
+    if name == "load_results":
+        from workbench.results import load_results
+
+        return load_results
     raise AttributeError(name)

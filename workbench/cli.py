@@ -222,6 +222,45 @@ def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench.results import load_results, top_heads
+    from workbench.sweeps import run_sweep
+
+    summary = run_sweep(args.config, args.out, progress=args.progress)
+    table = load_results(args.out)
+    print(f"{summary['units']} units: {summary['ran']} run now, {summary['skipped']} already done -> {summary['parts']}")
+    top = top_heads(table, args.top)
+    print(top[["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]].to_string(index=False))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from workbench.results import query
+
+    runs = args.runs
+    if not runs:
+        from pathlib import Path
+
+        root = Path("runs")
+        runs = sorted(str(d) for d in root.iterdir() if (d / "parts").is_dir()) if root.is_dir() else []
+        if not runs:
+            raise WorkbenchError("no run folders given and none under ./runs", "pass --runs runs/NAME ...")
+    df = query(args.sql, runs)
+    with pd.option_context("display.max_rows", args.max_rows, "display.width", 200):
+        print(df.to_string(index=False) if len(df) <= args.max_rows else df)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.report import write_report
+
+    out = write_report(args.run, args.out, title=args.title)
+    print(f"report -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
     from probes import PROBES
 
@@ -291,6 +330,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     sub.add_parser("probes", help="list probes and their metrics").set_defaults(func=cmd_probes)
+
+    sw = sub.add_parser("sweep", help="run a models x datasets x probes grid from a TOML file (resumable)")
+    sw.add_argument("config", help="TOML file: models = [...], probes = [...], [datasets.NAME] tables")
+    sw.add_argument("--out", required=True, help="run folder (parts/*.parquet); re-running resumes")
+    sw.add_argument("--top", type=int, default=3)
+    sw.add_argument("--no-progress", dest="progress", action="store_false")
+    sw.set_defaults(func=cmd_sweep)
+
+    q = sub.add_parser("query", help="SQL over run results with DuckDB (view `results`)")
+    q.add_argument("sql")
+    q.add_argument("--runs", nargs="*", help="run folders (default: every sweep folder under ./runs)")
+    q.add_argument("--max-rows", type=int, default=50)
+    q.set_defaults(func=cmd_query)
+
+    rp = sub.add_parser("report", help="self-contained interactive HTML report of a run")
+    rp.add_argument("run", help="run folder (or a results .parquet)")
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--title")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("retrieval-ablation", help="needle accuracy with top-k retrieval heads vs k random heads ablated")
     r.add_argument("--model", default="smollm2-135m")

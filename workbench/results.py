@@ -113,3 +113,55 @@ def top_heads(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     """The ``k`` highest-valued heads for each (probe, metric)."""
     ranked = df.dropna(subset=["value"]).sort_values("value", ascending=False)
     return ranked.groupby(["probe", "metric"], sort=False).head(k).sort_values(["probe", "metric", "value"], ascending=[True, True, False])
+
+
+def part_files(run_dir: str | Path) -> list[Path]:
+    """The Parquet parts of a sweep run folder (or a single results file)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return [run_dir]
+    if not run_dir.is_dir():
+        raise WorkbenchError(f"run folder {run_dir} does not exist", "give the --out folder of a `workbench sweep`")
+    files = sorted((run_dir / "parts").glob("*.parquet")) if (run_dir / "parts").is_dir() else sorted(run_dir.glob("*.parquet"))
+    if not files:
+        raise WorkbenchError(f"{run_dir} holds no results (no parts/*.parquet)", "run `workbench sweep CONFIG --out` into it first")
+    return files
+
+
+def load_results(run_dir: str | Path, with_metadata: bool = False):
+    """All parts of a run as one tidy DataFrame (and, optionally, each part's metadata).
+
+    Parts written by an incompatible version (missing columns, other schema version) are
+    refused with a message naming the file.
+    """
+    frames, metas = [], []
+    for f in part_files(run_dir):
+        df, meta = read_parquet(f)
+        missing = [c for c in COLUMNS if c not in df.columns]
+        version = meta.get("schema_version")
+        if missing or (version is not None and version != SCHEMA_VERSION):
+            raise WorkbenchError(
+                f"{f} was written by an incompatible workbench version (schema {version}, missing columns {missing or 'none'})",
+                "re-run the sweep into a new folder with this version",
+            )
+        frames.append(df)
+        metas.append({"file": str(f), **meta})
+    table = pd.concat(frames, ignore_index=True)
+    return (table, metas) if with_metadata else table
+
+
+def query(sql: str, runs: list[str | Path]):
+    """Run SQL over the results of one or more runs with DuckDB; the view is called ``results``
+    and has a ``run`` column (the run folder)."""
+    import duckdb
+
+    files = [(str(Path(r)), str(f)) for r in runs for f in part_files(r)]
+    con = duckdb.connect()
+    union = " UNION ALL ".join(
+        f"SELECT *, '{run.replace(chr(39), chr(39) * 2)}' AS run FROM read_parquet('{f.replace(chr(39), chr(39) * 2)}')" for run, f in files
+    )
+    con.execute(f"CREATE VIEW results AS {union}")
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as exc:
+        raise WorkbenchError(f"query failed: {str(exc).splitlines()[0]}", "the view is `results` with columns " + ", ".join(COLUMNS + ["run"])) from None

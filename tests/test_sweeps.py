@@ -1,0 +1,119 @@
+"""Sweeps: the minimal config, crash-resume equivalence, queries and config errors."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.results import load_results, query
+from workbench.sweeps import load_config, run_sweep
+
+MINIMAL = """models = ["{model}"]
+probes = ["entropy", "sink"]
+[datasets.prose]
+n_prompts = 4
+"""
+
+GRID = """models = ["{model}"]
+probes = ["entropy", "sink", "induction"]
+[datasets.prose]
+n_prompts = 96
+[datasets.repeated-random]
+n_prompts = 48
+period = 20
+[datasets.prose2]
+path = "p.jsonl"
+"""
+
+
+def sorted_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["model", "dataset", "probe", "metric", "layer", "head"]).reset_index(drop=True)
+
+
+def test_minimal_config_and_rerun_skips(tiny_dirs, tmp_path, capsys):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(MINIMAL.format(model=tiny_dirs["llama"]))
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    first = load_results(tmp_path / "run")
+    assert set(first.probe) == {"entropy", "sink"} and (first[first.probe == "sink"].n == 4).all()
+    assert len(list((tmp_path / "run" / "parts").glob("*.parquet"))) == 2
+    out = capsys.readouterr().out
+    assert "2 run now, 0 already done" in out
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "0 run now, 2 already done" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(sorted_rows(first), sorted_rows(load_results(tmp_path / "run")))
+
+
+def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_rows(tiny_dirs, tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto them"}\n{"id": "b", "tokens": [5, 6, 7, 5, 6, 7]}\n')
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(GRID.format(model=tiny_dirs["llama"]))
+    clean = tmp_path / "clean"
+    run_sweep(cfg, clean, progress=False, log=lambda *_: None)
+    total = len(list((clean / "parts").glob("*.parquet")))
+    assert total == 9
+
+    crashed = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "workbench", "sweep", str(cfg), "--out", str(crashed), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((crashed / "parts").glob("*.parquet")):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((crashed / "parts").glob("*.parquet")))
+    assert 0 < done < total, f"kill landed after {done} of {total} parts"
+    assert main(["sweep", str(cfg), "--out", str(crashed), "--no-progress"]) == 0
+    assert sorted(p.name for p in (crashed / "parts").iterdir()) == sorted(p.name for p in (clean / "parts").iterdir())
+    pd.testing.assert_frame_equal(sorted_rows(load_results(crashed)), sorted_rows(load_results(clean)))
+
+
+def test_query_across_runs(tiny_dirs, tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(MINIMAL.format(model=tiny_dirs["llama"]))
+    run_sweep(cfg, tmp_path / "a", progress=False)
+    run_sweep(cfg, tmp_path / "b", progress=False)
+    df = query("select run, metric, count(*) as n from results group by all order by run, metric", [tmp_path / "a", tmp_path / "b"])
+    assert len(df) == 8 and set(df.n) == {12}
+    with pytest.raises(WorkbenchError, match="query failed"):
+        query("select nope from results", [tmp_path / "a"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models = [", "not valid TOML"),
+        ('models = ["m"]\nprobes = ["entropy"]\nfrobnicate = 1\n[datasets.prose]\n', "unknown key(s) 'frobnicate'"),
+        ('models = ["m"]\nprobes = ["nope"]\n[datasets.prose]\n', "unknown probe 'nope'"),
+        ('models = ["m"]\nprobes = ["entropy"]\n[datasets.nope]\n', "unknown dataset 'nope'"),
+        ('models = ["m"]\nprobes = ["entropy"]\n', "missing 'datasets'"),
+        ('models = []\nprobes = ["entropy"]\n[datasets.prose]\n', "'models' must be a non-empty list"),
+        ('models = ["m"]\nprobes = ["entropy"]\n[datasets.x]\npath = "missing.jsonl"\n', "does not exist"),
+    ],
+)
+def test_bad_configs(tmp_path, capsys, text, message):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(text)
+    rc = main(["sweep", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_empty_and_incompatible_run_folders(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "holds no results" in capsys.readouterr().err
+    old = tmp_path / "old" / "parts"
+    old.mkdir(parents=True)
+    pd.DataFrame({"model": ["m"], "score": [1.0]}).to_parquet(old / "x.parquet")
+    assert main(["report", str(tmp_path / "old"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "incompatible workbench version" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
