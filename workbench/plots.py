@@ -42,6 +42,7 @@ def head_heatmap(table: pd.DataFrame, metric: str, model: str | None = None, dat
         )
     )
     fig.update_layout(title=title or f"{metric} per head", xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed", height=max(300, 18 * len(grid) + 120))
+    fig.update_xaxes(dtick=1)
     return fig
 
 

@@ -88,9 +88,15 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
                 page.table(msub.drop(columns=["layer", "head"]))
                 continue
             page.h(3, metric)
-            for model in sorted(msub.model.unique()):
-                page.figure(plots.head_heatmap(msub, metric, model=model, title=f"{metric} per head ({model})"))
-            page.figure(plots.layer_curve(msub, metric))
+            msub = msub.dropna(subset=["value"])
+            if msub.empty:
+                page.p(f"no values for {metric} (n = 0 for every head): this metric needs other prompts "
+                       "(e.g. duplicate and induction need repeated-random's period)")
+                continue
+            for (model, dataset), _ in msub.groupby(["model", "dataset"]):
+                page.figure(plots.head_heatmap(msub, metric, model=model, dataset=dataset, title=f"{metric} per head ({model}, {dataset})"))
+            curve = msub.assign(series=msub.model + " / " + msub.dataset)
+            page.figure(plots.layer_curve(curve, metric, color="series"))
         page.h(3, "Top heads")
         page.table(top_heads(sub, 10)[["model", "dataset", "metric", "layer", "head", "value", "n"]])
     page.h(2, "Example prompts")
@@ -104,6 +110,8 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             ids = pr.get("ids") or [""] * len(pr.get("tokens", []))
             toks = "".join(f'<span class="tok" title="id {html.escape(str(i))}">{html.escape(str(t))}</span>' for t, i in zip(pr.get("tokens", []), ids))
             page.parts.append(f"<div>tokens: {toks}</div>")
+    # how long the page took to render every figure, readable by tests and benchmarks
+    page.parts.append('<script>document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now())));</script>')
     body = "\n".join(page.parts)
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title or run_dir.name)}</title>"
