@@ -123,3 +123,81 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
             if int(inp) in stop_ids:
                 break
     return scores, output
+
+
+def serial_path_patching(source, pairs, senders, receivers=None):
+    """Path patching the plain way: a plain HF Llama, one sender at a time, explicit runs with
+    forward hooks on o_proj (head outputs) and q/k/v_proj (receiver inputs). Returns the mean
+    patched logit difference per sender and the clean / corrupted means."""
+    model = eager_model(source)
+    cfg = model.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // H
+    layers = model.model.layers
+
+    def run(ids, z_edit=None, record_z=None, qkv_edit=None, record_qkv=None):
+        hooks = []
+        for l, layer in enumerate(layers):
+            attn = layer.self_attn
+
+            def pre(m, args, l=l):
+                z = args[0]
+                if record_z is not None:
+                    record_z[l] = z.detach().clone()
+                if z_edit is not None:
+                    z = z_edit(l, z)
+                return (z,)
+
+            hooks.append(attn.o_proj.register_forward_pre_hook(pre))
+            for which in ("q", "k", "v"):
+                proj = getattr(attn, f"{which}_proj")
+
+                def post(m, a, out, l=l, which=which):
+                    if record_qkv is not None:
+                        record_qkv[(l, which)] = out.detach().clone()
+                    if qkv_edit is not None:
+                        return qkv_edit(l, which, out)
+                    return out
+
+                hooks.append(proj.register_forward_hook(post))
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits
+
+    results = {s: [] for s in senders}
+    ld_c, ld_x = [], []
+    for p in pairs:
+        zc, zx = {}, {}
+        lc = run(p.clean, record_z=zc)
+        lx = run(p.corrupted, record_z=zx)
+        ld_c.append(float(lc[p.correct] - lc[p.incorrect]))
+        ld_x.append(float(lx[p.correct] - lx[p.incorrect]))
+        for s in senders:
+            def freeze(l, z, s=s):
+                z = zc[l].clone()
+                if l == s[0]:
+                    z[..., s[1] * d : (s[1] + 1) * d] = zx[l][..., s[1] * d : (s[1] + 1) * d]
+                return z
+
+            if not receivers:
+                lp = run(p.clean, z_edit=freeze)
+            else:
+                rec = {}
+                run(p.clean, z_edit=freeze, record_qkv=rec)
+
+                def patch(l, which, out):
+                    for rl, rh, rw in receivers:
+                        if rl == l and rw == which:
+                            idx = rh if which == "q" else rh // (H // Hkv)
+                            out = out.clone()
+                            out[..., idx * d : (idx + 1) * d] = rec[(l, which)][..., idx * d : (idx + 1) * d]
+                    return out
+
+                lp = run(p.clean, qkv_edit=patch)
+            results[s].append(float(lp[p.correct] - lp[p.incorrect]))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {s: mean(v) for s, v in results.items()}, mean(ld_c), mean(ld_x)

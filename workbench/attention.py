@@ -11,7 +11,8 @@ attention implementation, ``"workbench"``, which
    active observers (probes), which reduce what they need chunk by chunk over query positions
    (:mod:`workbench.patterns`) so memory stays linear in sequence length,
 3. lets observers edit the per-head output ``z`` (``[batch, query, head, d_head]``, before
-   ``W_O``) for interventions.
+   ``W_O``) for interventions, and the queries / keys / values before the kernel (path
+   patching into receiver heads).
 
 :func:`native_attention` swaps the bridge's attention components back to the original HF
 modules for the duration of a run; every other bridge hook (residual stream, MLP, ...) still
@@ -57,6 +58,8 @@ class HeadObserver(Protocol):
     def on_attention(self, call: AttentionCall) -> None: ...
 
     def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor: ...
+
+    def edit_qkv(self, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 _state = threading.local()
@@ -126,6 +129,11 @@ def workbench_attention_forward(
         is_causal=causal and attention_mask is None and query.shape[2] > 1,
         softcap=softcap,
     )
+    for obs in list(_observers()):
+        edit_qkv = getattr(obs, "edit_qkv", None)
+        if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
+            call.query, call.key, call.value = edit_qkv(call)
+    query, key, value = call.query, call.key, call.value
     if softcap is not None:
         z = _eager_output(call)
     else:

@@ -1,0 +1,118 @@
+"""Patching: batched equals the plain serial way; identities that must hold exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuits.patching import _VariantZPatcher, activation_patching, attribution_patching, baseline, logit_diff, path_patching
+from circuits.tasks import Pair, make_pair, make_task, read_pairs
+from tests.reference import serial_path_patching
+from workbench.errors import WorkbenchError
+
+
+def tiny_pairs(model, n=4, seed=0):
+    """Random token pairs differing at two positions (lengths vary across pairs)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        L = rng.randint(8, 14)
+        clean = [rng.randrange(4, model.vocab_size) for _ in range(L)]
+        corrupted = list(clean)
+        for pos in rng.sample(range(L - 1), 2):
+            corrupted[pos] = rng.randrange(4, model.vocab_size)
+        a, b = rng.sample(range(4, model.vocab_size), 2)
+        pairs.append(Pair(f"t{i}", clean, corrupted, a, b))
+    return pairs
+
+
+
+
+@pytest.mark.parametrize("receivers", [None, [(2, 1, "q")], [(2, 3, "k"), (2, 3, "v")]])
+def test_batched_path_patching_equals_serial(tiny_models, receivers):
+    model = tiny_models["llama"]
+    pairs = tiny_pairs(model)
+    senders = [(0, 0), (0, 3), (1, 1), (1, 2)]
+    got = path_patching(model, pairs, senders=senders, receivers=receivers, max_rows=8)  # 2 senders per chunk
+    want, ld_clean, ld_corrupted = serial_path_patching(model.source, pairs, senders, receivers)
+    for r in got.itertuples():
+        assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
+        assert abs(r.value - (want[(r.layer, r.head)] - ld_clean) / (ld_clean - ld_corrupted)) < 1e-3 * max(1, abs(r.value))
+    assert got.ld.std() > 1e-3, "senders must differ in effect for the test to mean anything"
+
+
+def test_clean_equals_corrupted_gives_zero_effect(tiny_models):
+    model = tiny_models["llama"]
+    pairs = [Pair(p.id, p.clean, list(p.clean), p.correct, p.incorrect) for p in tiny_pairs(model)]
+    base = baseline(model, pairs)
+    assert torch.allclose(base.ld_clean, base.ld_corrupted)
+    m = model.n_layers * model.n_heads
+    masks = {l: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for l in range(model.n_layers)}
+    ld = logit_diff(model, base.pb.clean, base.pb, 1, [_VariantZPatcher(base, 1, masks, freeze=True)])
+    assert (ld - base.ld_clean).abs().max() < 1e-5
+    assert m > 0
+
+
+def test_patching_all_heads_and_embeddings_reproduces_corrupted(tiny_models):
+    model = tiny_models["llama"]
+    base = baseline(model, tiny_pairs(model, seed=3))
+    masks = {l: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for l in range(model.n_layers)}
+    corrupted_embeds = model.hf_model.get_input_embeddings()(base.pb.corrupted.input_ids)
+    h = model.hf_model.get_input_embeddings().register_forward_hook(lambda mod, a, out: corrupted_embeds)
+    try:
+        ld = logit_diff(model, base.pb.clean, base.pb, 1, [_VariantZPatcher(base, 1, masks, freeze=False)])
+    finally:
+        h.remove()
+    assert (ld - base.ld_corrupted).abs().max() < 1e-4
+    # the layer-0 residual input is the embeddings: patching it alone gives exactly -1
+    res = activation_patching(model, base, component="resid_pre")
+    assert abs(res[res.layer == 0].value.iloc[0] + 1) < 1e-4
+
+
+def test_activation_patching_per_position_sums_and_cis(tiny_models):
+    model = tiny_models["gpt2"]
+    pairs = tiny_pairs(model, seed=5)
+    base = baseline(model, pairs)
+    allpos = activation_patching(model, base, heads=[(1, 2), (2, 0)], n_boot=200)
+    assert {"ci_low", "ci_high"} <= set(allpos.columns)
+    assert ((allpos.ci_low <= allpos.value + 1e-9) & (allpos.value <= allpos.ci_high + 1e-9)).all()
+    per = activation_patching(model, base, heads=[(1, 2)], per_position=True)
+    assert len(per) == base.pb.clean.input_ids.shape[1]
+    for comp in ("attn_out", "mlp_out"):
+        out = activation_patching(model, base, component=comp)
+        assert len(out) == model.n_layers and out.value.notna().all()
+
+
+def test_attribution_patching_tracks_exact_patching(tiny_models):
+    from scipy.stats import spearmanr
+
+    model = tiny_models["llama"]
+    base = baseline(model, tiny_pairs(model, n=6, seed=7))
+    exact = activation_patching(model, base)
+    attr = attribution_patching(model, base)
+    merged = exact.merge(attr, on=["layer", "head"], suffixes=("_exact", "_attr"))
+    rho = spearmanr(merged.value_exact, merged.value_attr).statistic
+    assert rho > 0.5, rho
+    assert all(p.requires_grad for p in model.hf_model.parameters())
+
+
+def test_bad_patching_input(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    pairs = tiny_pairs(model)
+    with pytest.raises(WorkbenchError, match="does not precede"):
+        path_patching(model, pairs, senders=[(2, 0)], receivers=[(1, 0, "q")])
+    with pytest.raises(WorkbenchError, match="no prompt pairs"):
+        baseline(model, [])
+    tok = model.tokenizer
+    with pytest.raises(WorkbenchError, match="positions must align"):
+        make_pair(tok, "x", "the king said", "the king said unto them", " king", " said")
+    with pytest.raises(WorkbenchError, match="not one"):
+        make_pair(tok, "x", "the king said", "the lord said", " king said", " said")
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"id": "a", "clean": "the king said", "corrupted": "the lord said", "correct": " king", "incorrect": " lord"}) + "\n")
+    assert len(read_pairs(f, tok)) == 1
+    with pytest.raises(WorkbenchError, match="unknown task"):
+        make_task("nope", tok)
