@@ -116,3 +116,63 @@ def test_bad_patching_input(tiny_models, tmp_path):
     assert len(read_pairs(f, tok)) == 1
     with pytest.raises(WorkbenchError, match="unknown task"):
         make_task("nope", tok)
+
+
+def test_discovery_faithfulness_and_overlap(tiny_models):
+    from circuits.discovery import discover_circuit, faithfulness, label_roles, overlap
+
+    model = tiny_models["llama"]
+    base = baseline(model, tiny_pairs(model, n=4, seed=11))
+    circ = discover_circuit(model, base, threshold=0.2, max_rounds=2, max_receivers=2)
+    assert len(circ.nodes) > 0 and set(circ.edges.receiver) >= {"logits"}
+    direct = path_patching(model, base)
+    strong = {(int(r.layer), int(r.head)) for r in direct.itertuples() if abs(r.value) > 0.2}
+    assert strong <= set(circ.heads)
+    for e in circ.edges.itertuples():
+        assert e.sender_layer < e.receiver_layer
+    everything = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    full = faithfulness(model, base, everything)
+    assert abs(full["faithfulness"] - 1) < 1e-6, "keeping every head keeps the clean LD"
+    part = faithfulness(model, base, circ.heads)
+    assert part["n_heads"] == len(circ.heads) and part["ld_clean"] == full["ld_clean"]
+    roles = label_roles(circ, None, task="ioi")
+    assert set(roles.role) <= {"name mover", "negative name mover", "S-inhibition", "name mover, S-inhibition", "negative name mover, S-inhibition", "other"}
+    ov = overlap([(1, 1), (2, 3), (0, 0)], [(2, 3), (0, 0), (1, 2), (1, 3)])
+    assert ov["jaccard"] == 2 / 5 and ov["recall_a_in_b"] == 2 / 3 and ov["recall_b_in_a"] == 0.5
+
+
+def test_patch_cli(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.results import read_parquet
+
+    out = tmp_path / "p.parquet"
+    assert main(["patch", "attribution", "--model", "tiny-llama", "--n-prompts", "4", "--out", str(out)]) == 0
+    df, meta = read_parquet(out)
+    assert {"layer", "head", "value", "exact"} <= set(df.columns) and "spearman_vs_exact" in meta["summary"]
+    assert main(["patch", "path", "--model", "tiny-llama", "--n-prompts", "3", "--receivers", "2.1.q", "--out", str(out)]) == 0
+    df, _ = read_parquet(out)
+    assert df.layer.max() < 2
+    rc = main(["patch", "path", "--model", "tiny-llama", "--receivers", "9.1", "--out", str(out)])
+    assert rc == 2 and "not a head of this model" in capsys.readouterr().err
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"clean": "the king said", "corrupted": "the king said unto them", "correct": " king", "incorrect": " said"}\n')
+    rc = main(["patch", "activation", "--model", "tiny-llama", "--pairs", str(bad), "--out", str(out)])
+    assert rc == 2 and "positions must align" in capsys.readouterr().err
+    bad.write_text("")
+    rc = main(["patch", "activation", "--model", "tiny-llama", "--pairs", str(bad), "--out", str(out)])
+    assert rc == 2 and "is empty" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_smollm2_ioi_and_path_patching_equals_serial(smollm2):
+    pairs = make_task("ioi", smollm2.tokenizer, n=3, seed=1)
+    senders = [(23, 3), (20, 0), (9, 4)]
+    got = path_patching(smollm2, pairs, senders=senders)
+    want, ld_clean, _ = serial_path_patching(smollm2.source, pairs, senders)
+    for r in got.itertuples():
+        assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
+    assert ld_clean > 2, "SmolLM2 solves IOI"
+    got = path_patching(smollm2, pairs, senders=[(9, 4), (12, 1)], receivers=[(23, 3, "q")])
+    want, _, _ = serial_path_patching(smollm2.source, pairs, [(9, 4), (12, 1)], [(23, 3, "q")])
+    for r in got.itertuples():
+        assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
