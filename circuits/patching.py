@@ -135,16 +135,22 @@ def baseline(model, pairs: Sequence[Pair]) -> Baseline:
 
 
 class _VariantZPatcher:
-    """z edits for m stacked variants: mask[layer] is [m, T or 1, H]; True = take corrupted z."""
+    """z edits for m stacked variants: mask[layer] is [m, T or 1, H]; True = take corrupted z.
+
+    Before the variants fork (layers run on the un-repeated batch, see :func:`_fork_at`) the
+    run is the clean run, so z passes through unchanged."""
 
     def __init__(self, base: Baseline, m: int, masks: dict[int, Tensor], freeze: bool) -> None:
         self.base, self.m, self.masks, self.freeze = base, m, masks, freeze
 
+    def replaces_z(self, call: AttentionCall) -> bool:
+        return self.freeze and call.query.shape[0] == self.m * self.base.pb.size
+
     def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
         mask = self.masks.get(call.layer)
-        if mask is None and not self.freeze:
-            return z
         b = self.base.pb.size
+        if (mask is None and not self.freeze) or z.shape[0] != self.m * b:
+            return z
         zz = z.view(self.m, b, *z.shape[1:])
         clean = self.base.z_clean[call.layer].unsqueeze(0)
         src = clean.expand_as(zz) if self.freeze else zz
@@ -168,6 +174,34 @@ class _QKVPatcher:
         for which, idx, value in todo:
             {"q": q, "k": k, "v": v}[which][:, idx] = value
         return q, k, v
+
+
+@contextlib.contextmanager
+def _fork_at(model, layer: int, m: int, b: int):
+    """Run layers before ``layer`` once on the ``b`` clean rows, then repeat every batch-shaped
+    input of the later blocks ``m`` times: the variants are identical to the clean run until
+    their first edit, so the shared prefix is computed once (a large saving when senders sit
+    in late layers)."""
+    if m == 1 or layer <= 0:
+        yield False
+        return
+
+    def grow(x):
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b:
+            return x.repeat(m, *([1] * (x.dim() - 1)))
+        if isinstance(x, tuple):
+            return tuple(grow(v) for v in x)
+        return x
+
+    def pre(mod, args, kwargs):
+        return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+    handles = [blk.register_forward_pre_hook(pre, with_kwargs=True) for blk in _blocks(model)[layer:]]
+    try:
+        yield True
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -324,6 +358,8 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
                              "receivers must be in later layers than all senders")
     b, T = base.pb.size, base.pb.clean.input_ids.shape[1]
     group = model.n_heads // model.n_kv_heads
+    order = sorted(range(len(senders)), key=lambda i: senders[i])  # chunks of nearby layers fork late
+    senders = [senders[i] for i in order]
     per_chunk = max(1, max_rows // b)
     lds = []
     for sl in _chunks(len(senders), per_chunk):
@@ -332,21 +368,26 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
         masks: dict[int, Tensor] = {}
         for i, (l, h) in enumerate(chunk):
             masks.setdefault(l, torch.zeros(m, 1, model.n_heads, dtype=torch.bool, device=model.device))[i, 0, h] = True
-        batch = _repeat(base.pb.clean, m)
         frozen = _VariantZPatcher(base, m, masks, freeze=True)
-        if not recv:
-            lds.append(logit_diff(model, batch, base.pb, m, [frozen]))
-            continue
-        rec = ZRecorder(qkv_layers={l for l, _, _ in recv})
-        logit_diff(model, batch, base.pb, m, [rec, frozen])
+        with _fork_at(model, min(l for l, _ in chunk), m, b) as forked:
+            batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
+            if not recv:
+                lds.append(logit_diff(model, batch, base.pb, m, [frozen]))
+                continue
+            rec = ZRecorder(qkv_layers={l for l, _, _ in recv})
+            logit_diff(model, batch, base.pb, m, [rec, frozen])
         patches: dict[int, list] = {}
         for l, h, which in recv:
             q, k, v = rec.qkv[l]
             idx = h if which == "q" else h // group
             src = {"q": q, "k": k, "v": v}[which][:, idx]
             patches.setdefault(l, []).append((which, idx, src))
-        lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches)]))
+        with _fork_at(model, first_recv, m, b) as forked:
+            batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
+            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches)]))
     ld = torch.cat(lds).view(len(senders), b)
+    ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
+    senders = [senders[order.index(i)] for i in range(len(order))]
     eff, lo, hi = _effects(base, ld, n_boot)
     out = pd.DataFrame({"layer": [s[0] for s in senders], "head": [s[1] for s in senders], "value": eff,
                         "ld": ld.double().mean(1).cpu().numpy(),

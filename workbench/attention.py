@@ -134,7 +134,10 @@ def workbench_attention_forward(
         if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
             call.query, call.key, call.value = edit_qkv(call)
     query, key, value = call.query, call.key, call.value
-    if softcap is not None:
+    if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in _observers()):
+        # an observer overwrites every head's output (path patching freezes them all): skip the kernel
+        z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+    elif softcap is not None:
         z = _eager_output(call)
     else:
         z, _ = sdpa_attention_forward(
