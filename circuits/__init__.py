@@ -1,4 +1,2 @@
-"""Circuits: activation, path and attribution patching and circuit discovery (issue 4).
-
-Nothing is implemented here yet; the package exists so the distribution's layout is fixed.
-"""
+"""Circuits: clean/corrupted tasks (``tasks``), activation / path / attribution patching
+(``patching``) and circuit discovery, faithfulness and overlap (``discovery``)."""
