@@ -158,7 +158,9 @@ def _decode_batch(model, batch_prompts, rec, key, max_new_tokens, stops, pad, de
     cache = DynamicCache()
     inp = seq
     for step in range(max_new_tokens):
-        out = model.hf_model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: only the last position goes through the LM head (the prefill would
+        # otherwise build [batch, context, vocab] logits nobody reads)
+        out = model.hf_model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         y = out.logits[:, -1].argmax(-1)  # [b]
         for layer in range(L):

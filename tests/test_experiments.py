@@ -18,3 +18,16 @@ def test_retrieval_ablation_conditions(tiny_models):
     for r in table[table.condition == "random"].itertuples():
         assert not set(r.heads.split(",")) & set(top3 if r.k == 3 else top3[:2])
     assert ((table.value >= 0) & (table.value <= 1)).all() and (table.n == 2).all()
+
+
+def test_retrieval_ablation_cli_writes_both_tables(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.results import read_parquet
+
+    out = tmp_path / "ra.parquet"
+    assert main(["retrieval-ablation", "--model", "tiny-llama", "--n-prompts", "2", "--context-len", "100", "--k", "2", "--draws", "1", "--out", str(out)]) == 0
+    acc, _ = read_parquet(out)
+    scores, _ = read_parquet(tmp_path / "ra.scores.parquet")
+    assert set(acc.condition) == {"none", "top", "random"} and len(scores) == 3 * 4
+    assert main(["retrieval-ablation", "--model", "tiny-llama", "--k", "999", "--out", str(out)]) == 2
+    assert "exceeds the model's 12 heads" in capsys.readouterr().err

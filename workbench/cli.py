@@ -216,9 +216,11 @@ def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
     meta = run_metadata(model=model.describe(), dataset={"name": "niah", "n_prompts": args.n_prompts, "seed": args.seed, "options": opts},
                         config={"k": ks, "draws": args.draws, "ablation": args.ablation}, command=sys.argv)
     write_parquet(table, args.out, meta)
+    scores_out = str(args.out).removesuffix(".parquet") + ".scores.parquet"
+    write_parquet(scores.assign(model=args.model, dataset="niah")[COLUMNS], scores_out, meta)
     summary = table.groupby(["condition", "k"]).value.mean().reset_index()
     print(summary.to_string(index=False))
-    print(f"-> {args.out}")
+    print(f"-> {args.out} (retrieval scores per head: {scores_out})")
     return 0
 
 
