@@ -4,7 +4,7 @@
 logits, and heads whose normalised effect exceeds ``threshold`` in absolute value become nodes.
 Each round, the strongest new nodes (at most ``max_receivers``) become receivers: every head in
 an earlier layer is path-patched into their queries, keys and values together, and senders over
-the threshold join the circuit with an edge ``sender -> receiver``. The result is a graph
+``inner_threshold`` join the circuit with an edge ``sender -> receiver``. The result is a graph
 (nodes = heads, edges = paths with their effects).
 
 :func:`faithfulness`: the share of the clean logit difference kept when every head *outside* the
@@ -44,7 +44,10 @@ class Circuit:
 
 
 def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float = 0.05, max_rounds: int = 3,
-                     max_receivers: int = 6, max_rows: int = 512, log=lambda *a: None) -> Circuit:
+                     max_receivers: int = 6, max_rows: int = 512, log=lambda *a: None, inner_threshold: float | None = None) -> Circuit:
+    """``threshold`` applies to paths into the logits; ``inner_threshold`` (default threshold / 2)
+    to paths into a receiver head's q/k/v, which carry only part of that head's effect."""
+    inner = threshold / 2 if inner_threshold is None else inner_threshold
     base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
     nodes: dict[Head, dict] = {}
     edges: list[dict] = []
@@ -65,7 +68,7 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
                 continue
             res = path_patching(model, base, receivers=[(l, h, w) for w in ("q", "k", "v")], max_rows=max_rows)
             for r in res.itertuples():
-                if abs(r.value) > threshold:
+                if abs(r.value) > inner:
                     edges.append({"sender_layer": r.layer, "sender_head": r.head, "receiver_layer": l, "receiver_head": h,
                                   "receiver": f"{l}.{h}", "effect": r.value})
                     if (r.layer, r.head) not in nodes:
@@ -77,7 +80,7 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
         frontier = new
     node_df = pd.DataFrame(list(nodes.values()), columns=["layer", "head", "effect", "round"])
     edge_df = pd.DataFrame(edges, columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "receiver", "effect"])
-    info = {"threshold": threshold, "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())}
+    info = {"threshold": threshold, "inner_threshold": inner, "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())}
     return Circuit(node_df.sort_values(["layer", "head"]).reset_index(drop=True), edge_df, info)
 
 
@@ -124,8 +127,8 @@ def label_roles(circuit: Circuit, pattern_scores: pd.DataFrame | None = None, ta
                 tags.append("name mover" if direct[key] < 0 else "negative name mover")
             else:
                 tags.append("direct (lowers LD when patched)" if direct[key] < 0 else "direct (raises LD when patched)")
-        if key in feeds:
-            tags.append("S-inhibition" if task == "ioi" else "feeds a logit head")
+        if key in feeds:  # writes into a logit head's q/k/v; IOI calls the indirect ones S-inhibition
+            tags.append("S-inhibition" if task == "ioi" and key not in direct else "feeds a logit head")
         sc = scores.get(key, {})
         for metric, name in (("induction", "induction"), ("duplicate", "duplicate-token"), ("prev_token", "previous-token")):
             if sc.get(metric, 0) > cutoff:

@@ -136,7 +136,8 @@ def test_discovery_faithfulness_and_overlap(tiny_models):
     part = faithfulness(model, base, circ.heads)
     assert part["n_heads"] == len(circ.heads) and part["ld_clean"] == full["ld_clean"]
     roles = label_roles(circ, None, task="ioi")
-    assert set(roles.role) <= {"name mover", "negative name mover", "S-inhibition", "name mover, S-inhibition", "negative name mover, S-inhibition", "other"}
+    assert set(roles.role) <= {"name mover", "negative name mover", "S-inhibition", "name mover, feeds a logit head",
+                               "negative name mover, feeds a logit head", "other"}
     ov = overlap([(1, 1), (2, 3), (0, 0)], [(2, 3), (0, 0), (1, 2), (1, 3)])
     assert ov["jaccard"] == 2 / 5 and ov["recall_a_in_b"] == 2 / 3 and ov["recall_b_in_a"] == 0.5
 

@@ -359,7 +359,8 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         pairs = make_task(t, model.tokenizer, n=args.n_prompts, seed=args.seed)
         base = baseline(model, pairs)
         print(f"{t}: LD clean {float(base.ld_clean.mean()):.3f}, corrupted {float(base.ld_corrupted.mean()):.3f} ({len(pairs)} pairs)")
-        circ = discover_circuit(model, base, threshold=args.threshold, max_rounds=args.rounds, max_receivers=args.max_receivers, log=print)
+        circ = discover_circuit(model, base, threshold=args.threshold, max_rounds=args.rounds, max_receivers=args.max_receivers, log=print,
+                                inner_threshold=args.inner_threshold)
         circ.nodes = label_roles(circ, patterns, task=t)
         circ.info["faithfulness"] = faithfulness(model, base, circ.heads)
         heads_by_task[t] = circ.heads
@@ -474,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--n-prompts", type=int, default=16)
     ci.add_argument("--seed", type=int, default=0)
     ci.add_argument("--threshold", type=float, default=0.05, help="|normalised effect| for a head to join")
+    ci.add_argument("--inner-threshold", type=float, help="|effect| for paths into a receiver's q/k/v (default threshold / 2)")
     ci.add_argument("--rounds", type=int, default=3)
     ci.add_argument("--max-receivers", type=int, default=6)
     ci.add_argument("--device", default="auto")
