@@ -177,3 +177,13 @@ def test_smollm2_ioi_and_path_patching_equals_serial(smollm2):
     want, _, _ = serial_path_patching(smollm2.source, pairs, [(9, 4), (12, 1)], [(23, 3, "q")])
     for r in got.itertuples():
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
+
+
+def test_task_export_round_trips(tiny_models, tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "ioi.jsonl"
+    assert main(["task", "ioi", "--model", "tiny-llama", "--n-prompts", "5", "--seed", "2", "--out", str(out)]) == 0
+    back = read_pairs(out, tiny_models["llama"].tokenizer)
+    orig = make_task("ioi", tiny_models["llama"].tokenizer, n=5, seed=2)
+    assert [(p.clean, p.corrupted, p.correct, p.incorrect) for p in back] == [(p.clean, p.corrupted, p.correct, p.incorrect) for p in orig]

@@ -381,6 +381,18 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_task(args: argparse.Namespace) -> int:
+    from circuits.tasks import make_task, write_pairs
+    from workbench.models import load_model
+    from workbench.results import check_writable
+
+    check_writable(args.out)
+    pairs = make_task(args.name, load_model(args.model).tokenizer, n=args.n_prompts, seed=args.seed)
+    write_pairs(pairs, args.out)
+    print(f"{len(pairs)} pairs -> {args.out} (use with --pairs)")
+    return 0
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
     from probes import PROBES
 
@@ -468,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--top", type=int, default=10)
     pa.add_argument("--out", required=True)
     pa.set_defaults(func=cmd_patch)
+
+    tk = sub.add_parser("task", help="write a patching task's clean/corrupted pairs as JSONL (read back with --pairs)")
+    tk.add_argument("name", help="ioi or colored-objects")
+    tk.add_argument("--model", default="smollm2-135m", help="its tokenizer decides which names/colours are single tokens")
+    tk.add_argument("--n-prompts", type=int, default=16)
+    tk.add_argument("--seed", type=int, default=0)
+    tk.add_argument("--out", required=True)
+    tk.set_defaults(func=cmd_task)
 
     ci = sub.add_parser("circuit", help="discover a circuit by iterative path patching; faithfulness; overlap of two tasks")
     ci.add_argument("--model", default="smollm2-135m")
