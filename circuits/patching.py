@@ -25,7 +25,7 @@ their own edit.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -119,6 +119,7 @@ class Baseline:
     ld_corrupted: Tensor
     z_clean: dict[int, Tensor]
     z_corrupted: dict[int, Tensor]
+    corrupted_components: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # filled on first use
 
     @property
     def denominator(self) -> float:
@@ -277,10 +278,9 @@ def _blocks(model) -> list:
 def _component_patch(model, base: Baseline, component: str, chunk: list[tuple[int, int, int]]):
     """Torch hooks that replace a layer's residual input, attention output or MLP output, per
     variant, with the corrupted run's (recorded first, with the same hooks in record mode)."""
-    key = ("corrupted", component)
-    if key not in base.__dict__:
-        base.__dict__[key] = _record_components(model, base, component)
-    corrupted = base.__dict__[key]
+    if component not in base.corrupted_components:
+        base.corrupted_components[component] = _record_components(model, base, component)
+    corrupted = base.corrupted_components[component]
     m, b = len(chunk), base.pb.size
     handles = []
     for layer in {u[0] for u in chunk}:

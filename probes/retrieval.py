@@ -23,6 +23,7 @@ row per head. Prompts that finished keep decoding in the batch but are no longer
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -97,8 +98,6 @@ def generate_and_score(
     require_correct: bool = True,
 ) -> list[RetrievalOutcome]:
     """Greedy-decode every prompt (batched, KV cache) and score each head's copying."""
-    from transformers import DynamicCache
-
     key = {"answer": "answer_span", "needle": "needle_span"}.get(span)
     if key is None:
         raise WorkbenchError(f"unknown span {span!r}", "use span=answer (the paper's default) or span=needle")
@@ -120,18 +119,16 @@ def generate_and_score(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outcomes: dict[int, RetrievalOutcome] = {}
     rec = _TopKeyRecorder(model.n_layers)
-    with torch.no_grad(), native_attention(model.hf_model), observe(rec):
-        stack = [observe(iv) for iv in interventions]
-        for cm in stack:
-            cm.__enter__()
-        try:
-            for j in range(0, len(order), batch_size):
-                idx = order[j : j + batch_size]
-                for i, res in zip(idx, _decode_batch(model, [prompts[i] for i in idx], rec, key, max_new_tokens, stops, pad, dev)):
-                    outcomes[i] = res
-        finally:
-            for cm in reversed(stack):
-                cm.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(native_attention(model.hf_model))
+        stack.enter_context(observe(rec))
+        for iv in interventions:
+            stack.enter_context(observe(iv))
+        for j in range(0, len(order), batch_size):
+            idx = order[j : j + batch_size]
+            for i, res in zip(idx, _decode_batch(model, [prompts[i] for i in idx], rec, key, max_new_tokens, stops, pad, dev)):
+                outcomes[i] = res
     results = []
     for i, p in enumerate(prompts):
         res = outcomes[i]
