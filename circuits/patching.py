@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.tasks import Pair
-from workbench.attention import AttentionCall, native_attention, observe
+from workbench.attention import AttentionCall, hooked_run
 from workbench.errors import WorkbenchError
 from workbench.extraction import base_network
 from workbench.patterns import BatchInfo, collate
@@ -80,12 +80,7 @@ def _repeat(batch: BatchInfo, m: int) -> BatchInfo:
 
 def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, "rows"]:
     """LD at each prompt's last position; only the last positions go through the unembedding."""
-    ctx = contextlib.ExitStack()
-    with ctx:
-        ctx.enter_context(torch.enable_grad() if grad else torch.no_grad())
-        ctx.enter_context(native_attention(model.hf_model))
-        for obs in observers:
-            ctx.enter_context(observe(obs))
+    with hooked_run(model.hf_model, *observers, grad=grad):
         hidden = base_network(model.hf_model)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False
         ).last_hidden_state

@@ -23,7 +23,6 @@ row per head. Prompts that finished keep decoding in the batch but are no longer
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor
 
 from probes.base import Probe
-from workbench.attention import AttentionCall, native_attention, observe
+from workbench.attention import AttentionCall, hooked_run
 from workbench.errors import WorkbenchError
 from workbench.patterns import collate
 from workbench.prompts import TokenizedPrompt
@@ -119,12 +118,7 @@ def generate_and_score(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outcomes: dict[int, RetrievalOutcome] = {}
     rec = _TopKeyRecorder(model.n_layers)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(native_attention(model.hf_model))
-        stack.enter_context(observe(rec))
-        for iv in interventions:
-            stack.enter_context(observe(iv))
+    with hooked_run(model.hf_model, rec, *interventions):
         for j in range(0, len(order), batch_size):
             idx = order[j : j + batch_size]
             for i, res in zip(idx, _decode_batch(model, [prompts[i] for i in idx], rec, key, max_new_tokens, stops, pad, dev)):

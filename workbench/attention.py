@@ -72,14 +72,15 @@ def _observers() -> list:
 
 
 @contextlib.contextmanager
-def observe(observer: Any) -> Iterator[Any]:
-    """Make ``observer`` see every ``"workbench"`` attention call inside the block."""
+def observe(*observers: Any) -> Iterator[Any]:
+    """Make the observers see every ``"workbench"`` attention call inside the block, in order."""
     stack = _observers()
-    stack.append(observer)
+    stack.extend(observers)
     try:
-        yield observer
+        yield observers[0] if len(observers) == 1 else observers
     finally:
-        stack.remove(observer)
+        for obs in observers:
+            stack.remove(obs)
 
 
 def _eager_output(call: AttentionCall) -> Tensor:
@@ -205,3 +206,10 @@ def native_attention(hf_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             cfg._attn_implementation = impl
         for parent, cname, child in reversed(swaps):
             setattr(parent, cname, child)
+
+
+@contextlib.contextmanager
+def hooked_run(hf_model: torch.nn.Module, *observers: Any, grad: bool = False) -> Iterator[torch.nn.Module]:
+    """The one way a run is set up: grad mode, native attention, then the observers."""
+    with (torch.enable_grad() if grad else torch.no_grad()), native_attention(hf_model), observe(*observers):
+        yield hf_model

@@ -14,7 +14,6 @@ accumulators discarded so nothing is double-counted.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 
 from probes.base import Probe
-from workbench.attention import AttentionCall, native_attention, observe
+from workbench.attention import AttentionCall, hooked_run
 from workbench.errors import WorkbenchError
 from workbench.patterns import BatchInfo, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt
@@ -138,12 +137,7 @@ def run_probes(
 
         bar = tqdm(total=stats.n_tokens, unit="tok", desc="probes", leave=False)
     try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(native_attention(model.hf_model))
-            stack.enter_context(observe(runner))
-            for iv in interventions:
-                stack.enter_context(observe(iv))
+        with hooked_run(model.hf_model, runner, *interventions):
             while queue:
                 idx = queue.pop(0)
                 batch = collate(

@@ -107,7 +107,7 @@ class _MeanRecorder:
 
 def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head d_head"]:
     """Each head's mean output z over every real token of ``prompts`` (for mean ablation)."""
-    from workbench.attention import native_attention, observe
+    from workbench.attention import hooked_run
     from workbench.extraction import base_network
     from workbench.patterns import collate
 
@@ -115,7 +115,7 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
     rec = _MeanRecorder(model.n_layers, model.n_heads, d_head, model.device)
     pad = model.tokenizer.pad_token_id or 0
     base = base_network(model.hf_model)
-    with torch.no_grad(), native_attention(model.hf_model), observe(rec):
+    with hooked_run(model.hf_model, rec):
         for i in range(0, len(prompts), batch_size):
             batch = collate([p.ids for p in prompts[i : i + batch_size]], pad, model.device)
             rec.valid = batch.valid
