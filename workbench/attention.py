@@ -130,12 +130,13 @@ def workbench_attention_forward(
         is_causal=causal and attention_mask is None and query.shape[2] > 1,
         softcap=softcap,
     )
-    for obs in list(_observers()):
+    observers = list(_observers()) if call.layer >= 0 else []  # only decoder layers are heads we index
+    for obs in observers:
         edit_qkv = getattr(obs, "edit_qkv", None)
         if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
             call.query, call.key, call.value = edit_qkv(call)
     query, key, value = call.query, call.key, call.value
-    if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in _observers()):
+    if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in observers):
         # an observer overwrites every head's output (path patching freezes them all): skip the kernel
         z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
     elif softcap is not None:
@@ -144,7 +145,7 @@ def workbench_attention_forward(
         z, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    for obs in list(_observers()):
+    for obs in observers:
         hook = getattr(obs, "on_attention", None)
         if hook is not None:
             hook(call)
@@ -164,18 +165,28 @@ def register() -> None:
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:
+    """The configs whose attention implementation decides the *language model's* layers.
+
+    A VLM's vision tower keeps its own implementation: its layers are not the decoder's heads
+    (probes index layers by the decoder's ``layer_idx``), and observers must not see them.
+    """
     from transformers import PretrainedConfig
 
+    top = getattr(model, "config", None)
+    vision = {id(getattr(top, "vision_config", None))} if top is not None else set()
     seen: dict[int, Any] = {}
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
-        if isinstance(cfg, PretrainedConfig):
+        if isinstance(cfg, PretrainedConfig) and id(cfg) not in vision:
+            if getattr(cfg, "vision_config", None) is not None:
+                vision.add(id(cfg.vision_config))
+                text = cfg.get_text_config()
+                seen.setdefault(id(text), text)
+                if text is not cfg:
+                    seen.setdefault(id(cfg), cfg)
+                continue
             seen.setdefault(id(cfg), cfg)
-            for sub in ("text_config", "vision_config"):
-                subcfg = getattr(cfg, sub, None)
-                if isinstance(subcfg, PretrainedConfig):
-                    seen.setdefault(id(subcfg), subcfg)
-    return list(seen.values())
+    return [cfg for key, cfg in seen.items() if key not in vision]
 
 
 @contextlib.contextmanager
@@ -190,7 +201,8 @@ def native_attention(hf_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     register()
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     configs = _configs(hf_model)
-    previous = [(cfg, cfg._attn_implementation) for cfg in configs]
+    # set on each config itself: the property setter would recurse into a VLM's vision config
+    previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     try:
         for parent in list(hf_model.modules()):
             for cname, child in list(parent.named_children()):
@@ -199,11 +211,11 @@ def native_attention(hf_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
                     swaps.append((parent, cname, child))
                     setattr(parent, cname, original)
         for cfg in configs:
-            cfg._attn_implementation = ATTN_IMPL
+            cfg._attn_implementation_internal = ATTN_IMPL
         yield hf_model
     finally:
         for cfg, impl in previous:
-            cfg._attn_implementation = impl
+            cfg._attn_implementation_internal = impl
         for parent, cname, child in reversed(swaps):
             setattr(parent, cname, child)
 

@@ -13,6 +13,14 @@ Names resolve in this order:
 3. a Hugging Face hub id, fetched by transformers (works where the hub is reachable; fails
    with a message naming the cause where it is not).
 
+Vision-language models (any config with a ``vision_config``: LLaVA, LLaVA-NeXT, Gemma 3, ...)
+load with ``AutoModelForImageTextToText`` and the model's own ``AutoProcessor``, always with the
+PIL image backend (``backend="pil"``): transformers would otherwise pick the torchvision backend
+when torchvision happens to be installed, so the same folder would give slightly different
+pixels on different machines, and the path a user takes with a hub id would not be the tested
+one. torchvision is therefore not needed (TransformerLens only requires it for Qwen2.5-VL /
+Qwen3-VL / GLM-4V, whose processors have no PIL backend).
+
 Nothing here installs packages at run time: TransformerLens 4.3 pip-installs torchvision when
 a multimodal processor fails to load, which can replace torch with a multi-GB CUDA build; we
 disable that hook before every boot.
@@ -32,11 +40,13 @@ from workbench import embedded
 from workbench.device import resolve_device, resolve_dtype
 from workbench.errors import WorkbenchError
 
-TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-llava": "llava", "tiny-gemma3": "gemma3"}
 KNOWN_MODELS: dict[str, str] = {
     embedded.EMBEDDED_NAME: f"SmolLM2-135M-Instruct (embedded default; from the {embedded.WHEEL} wheel)",
     "tiny-llama": "random tiny Llama with GQA (3 layers, 4 heads, 2 KV heads), for tests",
     "tiny-gpt2": "random tiny GPT-2 (3 layers, 4 heads), for tests",
+    "tiny-llava": "random tiny LLaVA (CLIP tower + tiny Llama) with a real LlavaProcessor, for tests",
+    "tiny-gemma3": "random tiny Gemma 3 multimodal (SigLIP tower) with a real Gemma3Processor, for tests",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -71,6 +81,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    processor: Any = None  # the model's own AutoProcessor, for vision-language models
+
+    @property
+    def is_multimodal(self) -> bool:
+        """True for vision-language models (they take images through :attr:`processor`)."""
+        return self.processor is not None
 
     @property
     def hf_model(self) -> Any:
@@ -107,6 +123,7 @@ class LoadedModel:
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,
             "n_ctx": self.n_ctx,
+            "multimodal": self.is_multimodal,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             **self.info,
@@ -212,15 +229,21 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kind = resolve_source(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a CLI and in logs
+    processor = None
     try:
+        config = _from_pretrained(AutoConfig, source, kind, "config")
+        multimodal = getattr(config, "vision_config", None) is not None
         tokenizer = _from_pretrained(AutoTokenizer, source, kind, "tokenizer")
+        if multimodal:
+            processor = _from_pretrained(AutoProcessor, source, kind, "processor", backend="pil")
         hf = _from_pretrained(
-            AutoModelForCausalLM, source, kind, "weights", dtype=dt, attn_implementation="eager"
+            AutoModelForImageTextToText if multimodal else AutoModelForCausalLM,
+            source, kind, "weights", dtype=dt, attn_implementation="eager",
         )
     finally:
         if bars:
@@ -235,10 +258,14 @@ def load_model(
             source, hf_model=hf, tokenizer=copy.deepcopy(tokenizer), device=dev, dtype=dt
         )
     bridge.eval()
+    if processor is not None:
+        bridge.processor = processor  # TL loads its own with the default (machine-dependent) backend
     info = {"kind": kind}
     if kind == "embedded":
         info["hf_id"] = embedded.HF_ID
-    return LoadedModel(name=name, source=source, bridge=bridge, tokenizer=tokenizer, device=dev, dtype=dt, info=info)
+    return LoadedModel(
+        name=name, source=source, bridge=bridge, tokenizer=tokenizer, device=dev, dtype=dt, info=info, processor=processor
+    )
 
 
 def list_models() -> list[dict]:

@@ -1,0 +1,261 @@
+"""Head-output divergence between two conditions: the engine behind ``vhd`` and ``context``.
+
+For an item with a condition (image, context passage) and its counterfactual, the divergence of
+head (layer, head) at generation step t is
+
+    D[t, l, h] = || z[l, h](y_t | y_<t, condition, text) - z[l, h](y_t | y_<t, text) ||_2
+
+where z is the head's output (after attention, before W_O) at the position that predicts y_t,
+and y_1..y_T are the tokens the model generates greedily *with* the condition (He et al. 2025,
+VHD). Instead of decoding twice with a KV cache, we decode once (with the condition) and then run
+*one* teacher-forced forward per condition over prompt + y_<T: the position predicting y_t is
+``len(prompt) - 1 + t`` in both, so all steps of all items come out of two batched forwards.
+
+Batches are left-padded (the steps of every row then sit in the last columns, so only those
+columns' logits are computed) with explicit ``position_ids`` from the attention mask, so a
+padded row computes what it computes alone. Head outputs are captured inside the attention hook
+(:mod:`workbench.attention`) at those columns only; nothing of size ``[query, key]`` is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from workbench.attention import AttentionCall, hooked_run
+from workbench.conditions import TOKEN_ALIGNED, Condition
+
+
+@dataclass
+class HeadOutputs:
+    """What one condition's forward gives at the T generation steps of one item."""
+
+    z: Float[Tensor, "step layer head d_head"]
+    condition_attention: Float[Tensor, "step layer head"]  # attention mass on the condition's tokens
+    top_token: Int[Tensor, "step"]  # the greedy next token at each step
+
+
+def collate(
+    rows: Sequence[Condition], suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[dict[str, Tensor], Bool[Tensor, "batch pos"]]:
+    """Left-pad ``rows[i] + suffixes[i]`` into model inputs (with ``position_ids``) and the
+    condition-token mask of the batch."""
+    lengths = [len(r) + len(s) for r, s in zip(rows, suffixes)]
+    width = max(lengths)
+    b = len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    cond = torch.zeros((b, width), dtype=torch.bool)
+    aligned: dict[str, Tensor] = {}
+    stacked: dict[str, list[Tensor]] = {}
+    for i, (row, suf) in enumerate(zip(rows, suffixes)):
+        start = width - lengths[i]
+        full = list(row.input_ids) + list(suf)
+        ids[i, start:] = torch.tensor(full, dtype=torch.long)
+        mask[i, start:] = 1
+        if row.condition_mask:
+            cond[i, start : start + len(row)] = torch.tensor(row.condition_mask, dtype=torch.bool)
+        for key, val in row.extras.items():
+            if key in TOKEN_ALIGNED:
+                if key not in aligned:
+                    aligned[key] = torch.zeros((b, width), dtype=val.dtype)
+                aligned[key][i, start : start + len(row)] = val
+            else:
+                stacked.setdefault(key, []).append(val)
+    inputs: dict[str, Tensor] = {"input_ids": ids, "attention_mask": mask, **aligned}
+    for key, vals in stacked.items():
+        inputs[key] = torch.cat(vals, dim=0)
+    inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {k: v.to(device) for k, v in inputs.items()}, cond.to(device)
+
+
+def _uses_own_positions(hf_model: Any) -> bool:
+    """Multimodal RoPE families (Qwen-VL) compute their own 3-D positions; never pass ours."""
+    return any(hasattr(m, "get_rope_index") for m in (hf_model, getattr(hf_model, "model", None)) if m is not None)
+
+
+class _CaptureSteps:
+    """Observer: every head's z at the last ``n_steps`` columns, and its attention mass on the
+    condition's tokens there (the attention rows of those queries only)."""
+
+    def __init__(self, n_layers: int, n_steps: int, condition_keys: Bool[Tensor, "batch key"]) -> None:
+        self.n_steps = n_steps
+        self.condition_keys = condition_keys
+        self.z: list[Tensor | None] = [None] * n_layers
+        self.attn: list[Tensor | None] = [None] * n_layers
+
+    def _rows(self, call: AttentionCall) -> Float[Tensor, "batch head step key"]:
+        q = call.query[:, :, -self.n_steps :].float()
+        k = call.key.float()
+        g = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(g, dim=1)
+        s = (q @ k.transpose(-1, -2)) * call.scaling
+        if call.softcap is not None:
+            s = call.softcap * torch.tanh(s / call.softcap)
+        n_q, n_k = call.query.shape[2], k.shape[2]
+        if call.mask is not None:
+            m = call.mask[..., -self.n_steps :, :]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        elif call.is_causal:
+            qpos = torch.arange(n_q - self.n_steps, n_q, device=s.device) + (n_k - n_q)
+            s = s.masked_fill(torch.arange(n_k, device=s.device)[None, :] > qpos[:, None], float("-inf"))
+        return torch.softmax(s, dim=-1).nan_to_num(0.0)
+
+    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+        self.z[call.layer] = z[:, -self.n_steps :].detach().float()
+        probs = self._rows(call)
+        keys = self.condition_keys[:, : probs.shape[-1]].float()
+        self.attn[call.layer] = torch.einsum("bhtk,bk->bth", probs, keys)
+        return z
+
+
+def head_outputs(
+    model: Any,
+    rows: Sequence[Condition],
+    suffixes: Sequence[Sequence[int]],
+    n_steps: Sequence[int],
+    batch_size: int = 8,
+    observers: Iterable[Any] = (),
+) -> list[HeadOutputs]:
+    """Teacher-forced forward of ``rows[i] + suffixes[i]``; head outputs at the last
+    ``n_steps[i]`` positions of each row (the positions that predict the generated tokens)."""
+    hf = model.hf_model
+    pad = _pad_id(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]) + len(suffixes[i]))
+    out: list[HeadOutputs | None] = [None] * len(rows)
+    own_positions = _uses_own_positions(hf)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        inputs, cond = collate([rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device)
+        if own_positions:
+            inputs.pop("position_ids")
+        t_max = max(n_steps[i] for i in idx)
+        cap = _CaptureSteps(model.n_layers, t_max, cond)
+        with hooked_run(hf, *observers, cap):
+            logits = hf(**inputs, logits_to_keep=t_max, use_cache=False).logits
+        z = torch.stack(cap.z, dim=2)  # [batch, step, layer, head, d_head]
+        attn = torch.stack(cap.attn, dim=2)  # [batch, step, layer, head]
+        top = logits.argmax(-1)
+        for j, i in enumerate(idx):
+            t = n_steps[i]
+            out[i] = HeadOutputs(
+                z[j, t_max - t :].cpu(), attn[j, t_max - t :].double().cpu(), top[j, t_max - t :].cpu()
+            )
+    return out  # type: ignore[return-value]
+
+
+def _pad_id(model: Any) -> int:
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def greedy_continuations(
+    model: Any,
+    rows: Sequence[Condition],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    observers: Iterable[Any] = (),
+) -> list[list[int]]:
+    """Greedy decoding (KV cache, batched, left-padded) of each row; tokens up to and including
+    the first end-of-sequence token."""
+    hf = model.hf_model
+    pad = _pad_id(model)
+    eos = _eos_ids(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[list[int]] = [[] for _ in rows]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        inputs, _ = collate([rows[i] for i in idx], [[] for _ in idx], pad, model.device)
+        inputs.pop("position_ids")  # generate() derives positions from the attention mask
+        width = inputs["input_ids"].shape[1]
+        with hooked_run(hf, *observers):
+            seq = hf.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                eos_token_id=sorted(eos) or None, temperature=None, top_p=None, top_k=None,
+            )
+        for j, i in enumerate(idx):
+            toks = seq[j, width:].tolist()
+            cut = next((n + 1 for n, t in enumerate(toks) if t in eos), len(toks))
+            out[i] = toks[:cut]
+    return out
+
+
+def _eos_ids(model: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model.hf_model, "generation_config", None), model.tokenizer):
+        val = getattr(src, "eos_token_id", None)
+        if isinstance(val, int):
+            ids.add(val)
+        elif isinstance(val, (list, tuple)):
+            ids.update(int(v) for v in val)
+    return ids
+
+
+@dataclass
+class Divergence:
+    """Per item: the steps' tokens and the per-head divergence and attention at each step."""
+
+    id: str
+    tokens: list[int]  # y_1..y_T (generated with the condition)
+    divergence: Float[Tensor, "step layer head"]
+    condition_attention: Float[Tensor, "step layer head"]
+    base_attention: Float[Tensor, "step layer head"]
+    cond_z: Float[Tensor, "step layer head d_head"] | None = None  # kept only with keep_z=True
+    base_z: Float[Tensor, "step layer head d_head"] | None = None
+
+
+def divergence(
+    model: Any,
+    pairs: Sequence[Any],
+    steps: str = "first",
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    observers: Iterable[Any] = (),
+    keep_z: bool = False,
+) -> list[Divergence]:
+    """Per-head output divergence between each pair's condition and counterfactual.
+
+    Args:
+        model: a :class:`~workbench.models.LoadedModel`.
+        pairs: :class:`~workbench.conditions.ConditionPair` s.
+        steps: ``"first"`` (the position that generates the first token; no decoding needed) or
+            ``"all"`` (every token of the greedy answer with the condition, up to
+            ``max_new_tokens`` and the first end-of-sequence token).
+        observers: extra attention observers active in every forward (e.g. head scaling).
+        keep_z: also return the head outputs themselves (``[step, layer, head, d_head]`` per
+            item and condition; off by default, the distances are what is reduced).
+    """
+    if steps not in ("first", "all"):
+        raise ValueError(f"steps must be 'first' or 'all', got {steps!r}")
+    observers = list(observers)
+    conds = [p.cond for p in pairs]
+    bases = [p.base for p in pairs]
+    if steps == "all":
+        gen = greedy_continuations(model, conds, max_new_tokens, batch_size, observers)
+        gen = [g if g else [_pad_id(model)] for g in gen]
+        suffixes = [g[:-1] for g in gen]
+        n_steps = [len(g) for g in gen]
+    else:
+        suffixes = [[] for _ in pairs]
+        n_steps = [1] * len(pairs)
+    with_c = head_outputs(model, conds, suffixes, n_steps, batch_size, observers)
+    without = head_outputs(model, bases, suffixes, n_steps, batch_size, observers)
+    out = []
+    for i, (p, a, b, n) in enumerate(zip(pairs, with_c, without, n_steps)):
+        tokens = gen[i] if steps == "all" else a.top_token.tolist()
+        out.append(
+            Divergence(
+                id=p.id,
+                tokens=list(tokens)[:n],
+                divergence=(a.z.double() - b.z.double()).norm(dim=-1),
+                condition_attention=a.condition_attention,
+                base_attention=b.condition_attention,
+                cond_z=a.z if keep_z else None,
+                base_z=b.z if keep_z else None,
+            )
+        )
+    return out
