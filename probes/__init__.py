@@ -8,14 +8,16 @@ from __future__ import annotations
 from typing import Any
 
 from probes.base import Probe
+from probes.context import ContextProbe
 from probes.entropy import EntropyProbe
 from probes.induction import InductionProbe
 from probes.retrieval import RetrievalProbe
 from probes.sink import SinkProbe
 from probes.streaming import StreamingProbe
+from probes.vhd import VHDProbe
 from workbench.errors import WorkbenchError
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe, RetrievalProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe, RetrievalProbe, VHDProbe, ContextProbe)}
 
 
 def get_probe(name: str, **params: Any) -> Probe:

@@ -201,3 +201,71 @@ def serial_path_patching(source, pairs, senders, receivers=None):
             results[s].append(float(lp[p.correct] - lp[p.incorrect]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {s: mean(v) for s, v in results.items()}, mean(ld_c), mean(ld_x)
+
+
+# -- head-output divergence (VHD / context) ----------------------------------------------------
+def _o_proj_modules(hf):
+    """Each decoder layer's output projection in a plain HF model (Llama / Gemma families)."""
+    layers = hf.get_decoder().layers
+    return [layer.self_attn.o_proj for layer in layers]
+
+
+def reference_head_z(hf, inputs: dict, positions: list[int]):
+    """z of every head at ``positions`` of a single unpadded input, from the o_proj input of a
+    plain HF forward: ``[len(positions), layer, head, d_head]``."""
+    import torch
+
+    cfg = hf.config.get_text_config()
+    n_heads = cfg.num_attention_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    got = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: got.__setitem__(i, args[0][0, positions].detach()))
+               for i, m in enumerate(_o_proj_modules(hf))]
+    try:
+        with torch.no_grad():
+            out = hf(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    z = torch.stack([got[i] for i in range(len(got))], dim=1)  # [pos, layer, head*d]
+    return z.view(len(positions), len(got), n_heads, d_head).double(), out
+
+
+def reference_vhd(hf, processor, text: str, image, counter_image=None, max_new_tokens: int = 1):
+    """VHD the slow way: greedy generation with the image (batch 1, plain HF), then two plain
+    forwards over prompt + y_<T, with and without the image; L2 per head per step."""
+    import torch
+
+    placeholder = processor.image_token
+    cond = processor(text=[text], images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        seq = hf.generate(**cond, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=1)
+    gen = seq[0, cond["input_ids"].shape[1]:].tolist()
+    eos = hf.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    cut = next((n + 1 for n, t in enumerate(gen) if t in eos), len(gen))
+    gen = gen[:cut]
+    if counter_image is not None:
+        base = processor(text=[text], images=[[counter_image]], return_tensors="pt")
+    else:
+        base = processor(text=[text.replace(placeholder, "")], return_tensors="pt")
+    zs = []
+    for enc in (cond, base):
+        ids = torch.cat([enc["input_ids"], torch.tensor([gen[:-1]], dtype=torch.long)], dim=1)
+        inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        if "token_type_ids" in inputs:
+            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros(1, len(gen) - 1, dtype=torch.long)], 1)
+        n = enc["input_ids"].shape[1]
+        z, _ = reference_head_z(hf, {"input_ids": ids, **inputs}, list(range(n - 1, n - 1 + len(gen))))
+        zs.append(z)
+    return gen, (zs[0] - zs[1]).norm(dim=-1)
+
+
+def reference_condition_attention(hf, inputs: dict, position: int, condition_ids: set[int]):
+    """Attention mass on the condition's tokens at ``position``, from eager output_attentions."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(**inputs, output_attentions=True)
+    keys = torch.tensor([t in condition_ids for t in inputs["input_ids"][0].tolist()], dtype=torch.double)
+    return torch.stack([a[0, :, position].double() @ keys for a in out.attentions])  # [layer, head]

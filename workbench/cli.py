@@ -126,6 +126,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise WorkbenchError("give --prompts or --dataset, not both", "drop one of them")
     if args.ablation not in ("zero", "mean", "first"):
         raise WorkbenchError(f"unknown ablation {args.ablation!r}", "use --ablation zero, mean or first")
+    if any(getattr(p, "takes_items", False) for p in probes):
+        return _probe_items(args, probes, batch_size)
+    if args.images:
+        raise WorkbenchError("--images is for the vhd probe", "run `workbench probe vhd --images ...` on a vision-language model")
     prompts, dataset = load_prompts(args)  # files and text datasets are checked before loading
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -169,6 +173,76 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_items(args: argparse.Namespace):
+    """Items for the item probes (vhd, context): --images [--text], --prompts or --dataset.
+
+    Returns ``(items, dataset name, root folder for relative image paths)``.
+    """
+    from pathlib import Path
+
+    from workbench.datasets import make_dataset
+    from workbench.prompts import Prompt
+
+    if args.images:
+        path = Path(args.images)
+        if not path.exists():
+            raise WorkbenchError(f"--images {path} does not exist", "give an image file or a folder of images")
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        if not files:
+            raise WorkbenchError(f"no image files in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
+        if not args.text:
+            raise WorkbenchError("--images needs --text", "e.g. --text 'USER: <image>\nDescribe the image. ASSISTANT:'")
+        items = [Prompt(f.stem, text=args.text, meta={"image": str(f.resolve())}) for f in files]
+        return items[: args.n_prompts] if args.n_prompts else items, path.name, None
+    if args.prompts:
+        prompts, name = load_prompts(args)
+        return prompts, name, Path(args.prompts).resolve().parent
+    if not args.dataset:
+        raise WorkbenchError("the vhd and context probes need items", "give --images DIR --text ..., --prompts items.jsonl, or --dataset shapes|counterfact")
+    return make_dataset(args.dataset, n_prompts=args.n_prompts, seed=args.seed), args.dataset, None
+
+
+def _probe_items(args: argparse.Namespace, probes: list, batch_size) -> int:
+    """``workbench probe vhd|context``: probes that read (image | context, text) items."""
+    import pandas as pd
+
+    from workbench.models import load_model
+    from workbench.results import run_metadata, tidy, top_heads, write_parquet
+
+    if any(not getattr(p, "takes_items", False) for p in probes):
+        raise WorkbenchError("vhd and context read items, not prompts: they cannot share a run with other probes", "run them on their own")
+    if args.ablate:
+        raise WorkbenchError("--ablate is not supported with vhd / context", "use `workbench reinforce` for head interventions")
+    items, dataset, root = load_items(args)
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    t_load = time.perf_counter() - t0
+    bs = 8 if batch_size == "auto" else int(batch_size)
+    frames, extra = [], {}
+    for p in probes:
+        df = p.run_items(model, items, root=root, batch_size=bs)
+        df.insert(0, "probe", p.name)
+        frames.append(df)
+        extra[p.name] = p.summary()
+    table = tidy(pd.concat(frames, ignore_index=True), model=args.model, dataset=dataset)
+    meta = run_metadata(
+        model=model.describe(), dataset={"name": dataset, "n_items": len(items), "seed": args.seed},
+        probes=[p.config() for p in probes], config={"batch_size": bs, "device": str(model.device)},
+        summaries=extra, command=sys.argv,
+    )
+    write_parquet(table, args.out, meta)
+    _print_top(top_heads(table[table["layer"] >= 0], args.top), args, None, t_load, time.perf_counter() - t0 - t_load)
+    print(f"{len(items)} items")
+    for name, summ in extra.items():
+        if name == "context" and summ.get("n_with_targets"):
+            print(f"context: follows the context on {summ['follows_context']:.0%}, memory on {summ['follows_memory']:.0%} "
+                  f"of {summ['n_with_targets']} items")
+    return 0
+
+
 def _print_top(top, args, stats, t_load: float, t_run: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -180,6 +254,9 @@ def _print_top(top, args, stats, t_load: float, t_run: float) -> None:
     for row in top.itertuples():
         table.add_row(row.probe, row.metric, f"{row.layer}.{row.head}", f"{row.value:.4f}", str(row.n))
     console.print(table)
+    if stats is None:
+        console.print(f"load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}")
+        return
     console.print(
         f"{stats.n_prompts} prompts, {stats.n_tokens} tokens, {stats.n_batches} batches; "
         f"load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}"
@@ -393,6 +470,75 @@ def cmd_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_ranges(raw: str, flag: str) -> list[int]:
+    out: list[int] = []
+    try:
+        for part in (x.strip() for x in raw.split(",") if x.strip()):
+            lo, dash, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise WorkbenchError(f"{flag} takes layer numbers and ranges, got {raw!r}", f"e.g. {flag} 2,17-29") from None
+    return out
+
+
+def cmd_reinforce(args: argparse.Namespace) -> int:
+    """VHR: scale the outputs of vision-aware (or context) heads and compare the answers."""
+    import pandas as pd
+
+    from probes import get_probe
+    from workbench.conditions import check_lengths, context_pair, image_pair
+    from workbench.experiments import reinforce
+    from workbench.interventions import default_vhr_layers, parse_heads, vhr_heads
+    from workbench.models import load_model
+    from workbench.results import check_writable, read_parquet, run_metadata, tidy, write_parquet
+
+    if not str(args.out).endswith(".parquet"):
+        raise WorkbenchError(f"--out {args.out} should end in .parquet", "e.g. --out vhr.parquet")
+    check_writable(args.out)
+    if args.positions not in ("first", "all"):
+        raise WorkbenchError(f"--positions must be first or all, got {args.positions!r}", "use --positions first")
+    if args.max_new_tokens < 1:
+        raise WorkbenchError("--max-new-tokens must be at least 1", "e.g. --max-new-tokens 16")
+    layers = _int_ranges(args.layers, "--layers") if args.layers else None
+    scores = read_parquet(args.vhd)[0] if args.vhd else None
+    items, dataset, root = load_items(args)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if layers is not None:
+        bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is out of range (0-{model.n_layers - 1})", "pick layers of this model")
+    probe_name = "vhd" if model.is_multimodal else "context"
+    pairs = [image_pair(model, it, root) if model.is_multimodal else context_pair(model, it) for it in items]
+    check_lengths(pairs, model.n_ctx, args.max_new_tokens)
+    if args.heads:
+        heads = parse_heads(args.heads, model.n_layers, model.n_heads)
+        source = "--heads"
+    else:
+        if scores is None:
+            scores = get_probe(probe_name).run_items(model, items, root=root, batch_size=args.batch_size)
+            source = f"{probe_name} on the same items"
+        else:
+            source = str(args.vhd)
+        metric, att = ("vhd", "image_attention") if probe_name == "vhd" else ("context_divergence", "context_attention")
+        heads = vhr_heads(scores, layers if layers is not None else default_vhr_layers(model.n_layers), metric, att)
+        if not heads:
+            raise WorkbenchError("no head is above its layer's median divergence in the chosen layers", "choose other --layers or give --heads")
+    rows, answers = reinforce(model, pairs, heads, args.alpha, args.positions, args.max_new_tokens, args.batch_size)
+    table = tidy(rows, model=args.model, dataset=dataset)
+    meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_items": len(items)},
+                        config={"alpha": args.alpha, "positions": args.positions, "heads": [f"{l}.{h}" for l, h in heads],
+                                "heads_from": source, "max_new_tokens": args.max_new_tokens},
+                        answers=answers, command=sys.argv)
+    write_parquet(table, args.out, meta)
+    changed = sum(a["changed"] for a in answers)
+    print(f"reinforced {len(heads)} heads x {args.alpha:g} ({args.positions} position) from {source}")
+    for a in answers[: args.show]:
+        mark = "*" if a["changed"] else " "
+        print(f"{mark} {a['item']}: {a['baseline']!r} -> {a['reinforced']!r}")
+    print(f"{changed}/{len(answers)} answers changed -> {args.out}")
+    return 0
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
     from probes import PROBES
 
@@ -450,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to text prompts")
+    p.add_argument("--images", help="vhd: an image file or a folder of images, each run with --text")
+    p.add_argument("--text", help="vhd with --images: the prompt, with the model's image placeholder (e.g. <image>)")
     p.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
     p.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--period", type=int, help="repeated-random: length of the repeated block (default 50)")
@@ -462,6 +610,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     sub.add_parser("probes", help="list probes and their metrics").set_defaults(func=cmd_probes)
+
+    vr = sub.add_parser("reinforce", help="VHR: scale vision-aware (or context) heads by alpha and compare greedy answers")
+    vr.add_argument("--model", default="smollm2-135m")
+    vr.add_argument("--images", help="an image file or a folder of images, each run with --text")
+    vr.add_argument("--text", help="with --images: the prompt, with the model's image placeholder")
+    vr.add_argument("--prompts", help="items JSONL: {id, text, image} (VLM) or {id, text, context} (text model)")
+    vr.add_argument("--dataset", help="shapes (VLM) or counterfact (text model)")
+    vr.add_argument("--n-prompts", type=int)
+    vr.add_argument("--seed", type=int, default=0)
+    vr.add_argument("--vhd", help="a vhd/context probe table to pick heads from (default: run the probe on the same items)")
+    vr.add_argument("--heads", help="reinforce exactly these heads, LAYER.HEAD comma list")
+    vr.add_argument("--layers", help="layers to pick heads in, e.g. 2,17-29 (default: VHR's layer 2 + the last 14/32)")
+    vr.add_argument("--alpha", type=float, default=2.0)
+    vr.add_argument("--positions", default="first", help="first (the position of the first generated token) or all")
+    vr.add_argument("--max-new-tokens", type=int, default=16)
+    vr.add_argument("--batch-size", type=int, default=8)
+    vr.add_argument("--show", type=int, default=10, help="answers to print")
+    vr.add_argument("--device", default="auto")
+    vr.add_argument("--dtype", default="float32")
+    vr.add_argument("--out", required=True, help="output .parquet (answer_changed per item; answers in the metadata)")
+    vr.set_defaults(func=cmd_reinforce)
 
     pa = sub.add_parser("patch", help="activation, path or attribution patching per head on a clean/corrupted task")
     pa.add_argument("kind", choices=["activation", "path", "attribution"])

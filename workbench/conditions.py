@@ -14,7 +14,8 @@ Items are ordinary prompts-JSONL lines (:mod:`workbench.prompts`) with extra fie
   processed by the same processor, so the text tokens and their positions are exactly what the
   model sees for a text-only prompt ("positions handled as the model does"). With
   ``counter_image`` the counterfactual is that image instead of no image (the image replaced by
-  itself gives zero divergence). Image paths are relative to the JSONL file.
+  itself gives zero divergence). Image paths are relative to the JSONL file. ``<image>`` is
+  accepted as a generic placeholder for every family.
 - context: ``{"id", "text", "context"}`` plus optionally ``"target_context"`` and
   ``"target_memory"`` (the answer the passage implies and the one the model knows). The
   conditioned prompt is ``context + separator + text``; the counterfactual is ``text`` alone.
@@ -32,6 +33,7 @@ from workbench.prompts import Prompt
 
 # Per-token model inputs besides input_ids: padded with 0 and extended over generated tokens.
 TOKEN_ALIGNED = ("token_type_ids", "mm_token_type_ids")
+GENERIC_PLACEHOLDER = "<image>"
 
 
 @dataclass
@@ -118,9 +120,12 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
     if not item.text:
         raise WorkbenchError(f"item {item.id!r} has no text", "give each item a 'text' with the image placeholder")
     placeholder = image_placeholder(model.processor)
-    if item.text.count(placeholder) != 1:
+    text = item.text
+    if placeholder not in text and GENERIC_PLACEHOLDER in text:
+        text = text.replace(GENERIC_PLACEHOLDER, placeholder)  # the generic placeholder works for every family
+    if text.count(placeholder) != 1:
         raise WorkbenchError(
-            f"item {item.id!r}: its text has {item.text.count(placeholder)} {placeholder!r} placeholders; "
+            f"item {item.id!r}: its text has {text.count(placeholder)} {placeholder!r} placeholders; "
             f"{model.name} needs exactly one where the image goes",
             f"write the text like 'USER: {placeholder}\\nWhat is in the image? ASSISTANT:'",
         )
@@ -128,11 +133,11 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
         raise WorkbenchError(f"item {item.id!r} has no 'image' field", "add \"image\": \"path/to/file.png\" to each line")
     root = Path(root) if root is not None else Path(".")
     image = load_image(root / str(item.meta["image"]))
-    cond = _process(model, item.text, image)
+    cond = _process(model, text, image)
     if item.meta.get("counter_image"):
-        base = _process(model, item.text, load_image(root / str(item.meta["counter_image"])))
+        base = _process(model, text, load_image(root / str(item.meta["counter_image"])))
     else:
-        base = _process(model, item.text.replace(placeholder, ""), None)
+        base = _process(model, text.replace(placeholder, ""), None)
     return ConditionPair(item.id, cond, base, dict(item.meta))
 
 

@@ -36,6 +36,8 @@ class HeadOutputs:
     z: Float[Tensor, "step layer head d_head"]
     condition_attention: Float[Tensor, "step layer head"]  # attention mass on the condition's tokens
     top_token: Int[Tensor, "step"]  # the greedy next token at each step
+    resid: Float[Tensor, "step d_model"] | None = None  # input of the final norm (keep_resid=True)
+    modules: list | None = None  # each layer's attention module (for its output projection)
 
 
 def collate(
@@ -86,6 +88,7 @@ class _CaptureSteps:
         self.condition_keys = condition_keys
         self.z: list[Tensor | None] = [None] * n_layers
         self.attn: list[Tensor | None] = [None] * n_layers
+        self.modules: list[Any] = [None] * n_layers
 
     def _rows(self, call: AttentionCall) -> Float[Tensor, "batch head step key"]:
         q = call.query[:, :, -self.n_steps :].float()
@@ -106,6 +109,7 @@ class _CaptureSteps:
 
     def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
         self.z[call.layer] = z[:, -self.n_steps :].detach().float()
+        self.modules[call.layer] = call.module
         probs = self._rows(call)
         keys = self.condition_keys[:, : probs.shape[-1]].float()
         self.attn[call.layer] = torch.einsum("bhtk,bk->bth", probs, keys)
@@ -119,9 +123,11 @@ def head_outputs(
     n_steps: Sequence[int],
     batch_size: int = 8,
     observers: Iterable[Any] = (),
+    keep_resid: bool = False,
 ) -> list[HeadOutputs]:
     """Teacher-forced forward of ``rows[i] + suffixes[i]``; head outputs at the last
-    ``n_steps[i]`` positions of each row (the positions that predict the generated tokens)."""
+    ``n_steps[i]`` positions of each row (the positions that predict the generated tokens), and
+    with ``keep_resid`` the residual stream entering the final norm there."""
     hf = model.hf_model
     pad = _pad_id(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]) + len(suffixes[i]))
@@ -134,17 +140,62 @@ def head_outputs(
             inputs.pop("position_ids")
         t_max = max(n_steps[i] for i in idx)
         cap = _CaptureSteps(model.n_layers, t_max, cond)
-        with hooked_run(hf, *observers, cap):
-            logits = hf(**inputs, logits_to_keep=t_max, use_cache=False).logits
+        resid: list[Tensor] = []
+        handle = (
+            final_norm(hf).register_forward_pre_hook(lambda mod, args: resid.append(args[0][:, -t_max:].detach().float()))
+            if keep_resid
+            else None
+        )
+        try:
+            with hooked_run(hf, *observers, cap):
+                logits = hf(**inputs, logits_to_keep=t_max, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
         z = torch.stack(cap.z, dim=2)  # [batch, step, layer, head, d_head]
         attn = torch.stack(cap.attn, dim=2)  # [batch, step, layer, head]
         top = logits.argmax(-1)
         for j, i in enumerate(idx):
             t = n_steps[i]
             out[i] = HeadOutputs(
-                z[j, t_max - t :].cpu(), attn[j, t_max - t :].double().cpu(), top[j, t_max - t :].cpu()
+                z[j, t_max - t :].cpu(), attn[j, t_max - t :].double().cpu(), top[j, t_max - t :].cpu(),
+                resid[0][j, t_max - t :].cpu() if resid else None, list(cap.modules),
             )
     return out  # type: ignore[return-value]
+
+
+def final_norm(hf_model: Any) -> torch.nn.Module:
+    """The norm applied to the residual stream before the unembedding."""
+    decoder = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        mod = getattr(decoder, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return getattr(mod, "original_component", None) or mod
+    raise ValueError(f"cannot find the final norm of {type(hf_model).__name__}")
+
+
+def output_projection(attention_module: Any) -> torch.nn.Module:
+    """The W_O of an HF attention module (o_proj, c_proj, out_proj or dense)."""
+    for name in ("o_proj", "c_proj", "out_proj", "dense"):
+        mod = getattr(attention_module, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return getattr(mod, "original_component", None) or mod
+    raise ValueError(f"cannot find the output projection of {type(attention_module).__name__}")
+
+
+def head_contributions(
+    attention_module: Any, z: Float[Tensor, "head d_head"]
+) -> Float[Tensor, "head d_model"]:
+    """Each head's write to the residual stream, z_h W_O[h] (bias excluded)."""
+    proj = output_projection(attention_module)
+    h, d = z.shape
+    w = next(proj.parameters())
+    blocks = torch.zeros(h + 1, h * d, dtype=w.dtype, device=w.device)
+    for i in range(h):
+        blocks[i, i * d : (i + 1) * d] = z[i].to(w.dtype)
+    with torch.no_grad():
+        out = proj(blocks)
+    return (out[:h] - out[h]).float()
 
 
 def _pad_id(model: Any) -> int:
@@ -206,6 +257,8 @@ class Divergence:
     base_attention: Float[Tensor, "step layer head"]
     cond_z: Float[Tensor, "step layer head d_head"] | None = None  # kept only with keep_z=True
     base_z: Float[Tensor, "step layer head d_head"] | None = None
+    cond_resid: Float[Tensor, "step d_model"] | None = None  # kept only with keep_resid=True
+    modules: list | None = None
 
 
 def divergence(
@@ -216,6 +269,7 @@ def divergence(
     batch_size: int = 8,
     observers: Iterable[Any] = (),
     keep_z: bool = False,
+    keep_resid: bool = False,
 ) -> list[Divergence]:
     """Per-head output divergence between each pair's condition and counterfactual.
 
@@ -242,7 +296,7 @@ def divergence(
     else:
         suffixes = [[] for _ in pairs]
         n_steps = [1] * len(pairs)
-    with_c = head_outputs(model, conds, suffixes, n_steps, batch_size, observers)
+    with_c = head_outputs(model, conds, suffixes, n_steps, batch_size, observers, keep_resid=keep_resid)
     without = head_outputs(model, bases, suffixes, n_steps, batch_size, observers)
     out = []
     for i, (p, a, b, n) in enumerate(zip(pairs, with_c, without, n_steps)):
@@ -256,6 +310,8 @@ def divergence(
                 base_attention=b.condition_attention,
                 cond_z=a.z if keep_z else None,
                 base_z=b.z if keep_z else None,
+                cond_resid=a.resid,
+                modules=a.modules if keep_resid else None,
             )
         )
     return out

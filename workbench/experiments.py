@@ -64,3 +64,33 @@ def retrieval_ablation(model, detect: Sequence[TokenizedPrompt], evaluate: Seque
     table["layer"] = -1
     table["head"] = -1
     return scores, table
+
+
+def reinforce(
+    model,
+    pairs: Sequence,
+    heads: Sequence[tuple[int, int]],
+    alpha: float = 2.0,
+    positions: str = "first",
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Greedy answers to each item (with its condition) without and with ``heads`` scaled by
+    ``alpha`` (VHR): does reinforcing vision-aware heads change what the model says?
+
+    Returns tidy rows (``metric = answer_changed``, ``layer = head = -1``, one per item, the
+    reinforced answer in ``token``) and the answers themselves.
+    """
+    from workbench.divergence import greedy_continuations
+    from workbench.interventions import HeadScaling
+
+    conds = [p.cond for p in pairs]
+    base = greedy_continuations(model, conds, max_new_tokens, batch_size)
+    scaled = greedy_continuations(model, conds, max_new_tokens, batch_size, [HeadScaling(heads, alpha, positions)])
+    tok = model.tokenizer
+    answers, rows = [], []
+    for p, a, b in zip(pairs, base, scaled):
+        answers.append({"item": p.id, "baseline": tok.decode(a), "reinforced": tok.decode(b), "changed": a != b})
+        rows.append({"probe": "vhr", "metric": "answer_changed", "layer": -1, "head": -1, "value": float(a != b), "n": 1,
+                     "item": p.id, "step": 0, "token": tok.decode(b)})
+    return pd.DataFrame(rows), answers

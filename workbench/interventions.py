@@ -121,3 +121,75 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
             rec.valid = batch.valid
             base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False)
     return (rec.sum / max(rec.count, 1)).float()
+
+
+class HeadScaling:
+    """Scale the output z of chosen heads by ``alpha`` (VHR-style head reinforcement).
+
+    ``positions="first"`` (VHR, He et al. 2025: "at the first generated token"): only the query
+    position that generates the first token, i.e. the last prompt position of the prefill (a
+    forward whose queries cover all its keys); decoding steps are left alone.
+    ``positions="all"``: every query position of every forward.
+    """
+
+    def __init__(self, heads: Sequence[tuple[int, int]], alpha: float = 2.0, positions: str = "first") -> None:
+        if positions not in ("first", "all"):
+            raise WorkbenchError(f"unknown positions {positions!r}", "use 'first' or 'all'")
+        self.alpha = float(alpha)
+        self.positions = positions
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            self.by_layer.setdefault(layer, []).append(head)
+
+    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+        heads = self.by_layer.get(call.layer)
+        if not heads:
+            return z
+        prefill = call.query.shape[2] == call.key.shape[2]
+        if self.positions == "first" and not prefill:
+            return z
+        z = z.clone()
+        idx = torch.tensor(heads, device=z.device)
+        if self.positions == "first":
+            z[:, -1, idx] = z[:, -1, idx] * self.alpha
+        else:
+            z[:, :, idx] = z[:, :, idx] * self.alpha
+        return z
+
+
+def default_vhr_layers(n_layers: int) -> list[int]:
+    """VHR's layers for LLaVA-1.5 (32 layers: layer 2 and the last 14), scaled to ``n_layers``."""
+    n_last = max(1, round(n_layers * 14 / 32))
+    return sorted({min(2, n_layers - 1), *range(n_layers - n_last, n_layers)})
+
+
+def vhr_heads(
+    table, layers: Sequence[int] | None = None, metric: str = "vhd", attention_metric: str = "image_attention",
+    set_aside: bool = True,
+) -> list[tuple[int, int]]:
+    """The heads VHR reinforces, from a probe table with per-head ``vhd`` (and ``image_attention``).
+
+    In each chosen layer: heads whose VHD is above the layer's median. With ``set_aside``,
+    heads whose VHD *and* text attention (1 - image attention) are both above mean + std (over
+    the chosen layers' heads) are left out, as in the paper.
+    """
+    import pandas as pd
+
+    df = table[(table["metric"] == metric) & (table["layer"] >= 0)]
+    if df.empty:
+        raise WorkbenchError(f"the table has no per-head {metric!r} rows", "run the vhd (or context) probe first and pass its table")
+    n_layers = int(df["layer"].max()) + 1
+    layers = list(layers) if layers is not None else default_vhr_layers(n_layers)
+    df = df[df["layer"].isin(layers)].groupby(["layer", "head"], as_index=False)["value"].mean()
+    att = table[(table["metric"] == attention_metric) & (table["layer"] >= 0)]
+    if set_aside and not att.empty:
+        att = att.groupby(["layer", "head"], as_index=False)["value"].mean().rename(columns={"value": "att"})
+        df = df.merge(att, on=["layer", "head"], how="left")
+        text = 1.0 - df["att"]
+        aside = (df["value"] > df["value"].mean() + df["value"].std()) & (text > text.mean() + text.std())
+    else:
+        aside = pd.Series(False, index=df.index)
+    med = df.groupby("layer")["value"].transform("median")
+    keep = df[(df["value"] > med) & ~aside]
+    return [(int(r.layer), int(r.head)) for r in keep.itertuples()]

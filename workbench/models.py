@@ -67,6 +67,13 @@ def _no_runtime_installs() -> None:
             return False
 
     helpers._ensure_torchvision = _ensure_torchvision
+    try:
+        from transformer_lens.model_bridge.sources.transformers import source as tl_source
+    except ImportError:  # pragma: no cover - other TL layouts
+        return
+    # We load the VLM processor ourselves (PIL backend, offline-aware, see load_model) and set
+    # bridge.processor; TL's own attempt would ask the hub again with five retries per file.
+    tl_source.load_modality_processor = lambda *args, **kwargs: None
 
 
 

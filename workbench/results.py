@@ -25,6 +25,9 @@ import pyarrow.parquet as pq
 from workbench.errors import WorkbenchError
 
 COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
+# Optional keys of per-item rows (e.g. T-VHD per generated token: layer = head = -1, one row per
+# (item, step), the step's token text in ``token``); absent (NA) on per-head rows.
+ITEM_COLUMNS = ["item", "step", "token"]
 META_KEY = b"workbench"
 SCHEMA_VERSION = 1
 
@@ -34,8 +37,11 @@ def tidy(df: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:
     out = df.copy()
     out["model"] = model
     out["dataset"] = dataset
-    out = out[COLUMNS]
-    return out.astype({"layer": "int64", "head": "int64", "value": "float64", "n": "int64"})
+    extra = [c for c in ITEM_COLUMNS if c in out.columns]
+    out = out[COLUMNS + extra]
+    types = {"layer": "int64", "head": "int64", "value": "float64", "n": "int64"}
+    types.update({c: t for c, t in (("item", "string"), ("step", "Int64"), ("token", "string")) if c in extra})
+    return out.astype(types)
 
 
 def versions() -> dict[str, str]:

@@ -131,7 +131,7 @@ def tiny_vlm(arch: str, vocab_size: int = 512, n_ctx: int = 256):
         text = Gemma3TextConfig(
             vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=n_ctx,
-            sliding_window=8, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1,
+            sliding_window=12, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1,
         )
         vision = SiglipVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8

@@ -10,12 +10,14 @@ from typing import Any, Callable
 from workbench.errors import WorkbenchError
 from workbench.prompts import Prompt
 
-from . import niah, prose, repeated
+from . import counterfact, niah, prose, repeated, shapes
 
 DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
     "prose": (prose.make, prose.DESCRIPTION),
     "repeated-random": (repeated.make, repeated.DESCRIPTION),
     "niah": (niah.make, niah.DESCRIPTION),
+    "shapes": (shapes.make, shapes.DESCRIPTION),
+    "counterfact": (counterfact.make, counterfact.DESCRIPTION),
 }
 NEEDS_TOKENIZER = {"repeated-random", "niah"}
 
