@@ -33,6 +33,10 @@ def test_vhd_from_a_folder_of_images_writes_head_and_token_rows(image_dir, tmp_p
     tv = df[df.metric == "t_vhd"]
     assert len(tv) == 9 and set(tv["item"]) == {"0", "1", "2"} and tv["token"].notna().all()
     assert meta["model"]["multimodal"] is True and "3 items" in stdout
+    from workbench.report import build_report
+
+    page = build_report(out)
+    assert "t_vhd per generated token" in page and "vhd per head" in page
 
 
 def test_reinforce_changes_answers_and_records_them(image_dir, tmp_path, capsys):

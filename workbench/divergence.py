@@ -41,10 +41,11 @@ class HeadOutputs:
 
 
 def collate(
-    rows: Sequence[Condition], suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+    rows: Sequence[Condition], suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, Tensor], Bool[Tensor, "batch pos"]]:
     """Left-pad ``rows[i] + suffixes[i]`` into model inputs (with ``position_ids``) and the
-    condition-token mask of the batch."""
+    condition-token mask of the batch; floating inputs (pixel values) cast to ``dtype``."""
     lengths = [len(r) + len(s) for r, s in zip(rows, suffixes)]
     width = max(lengths)
     b = len(rows)
@@ -71,7 +72,8 @@ def collate(
     for key, vals in stacked.items():
         inputs[key] = torch.cat(vals, dim=0)
     inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
-    return {k: v.to(device) for k, v in inputs.items()}, cond.to(device)
+    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in inputs.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in cast.items()}, cond.to(device)
 
 
 def _uses_own_positions(hf_model: Any) -> bool:
@@ -135,7 +137,7 @@ def head_outputs(
     own_positions = _uses_own_positions(hf)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        inputs, cond = collate([rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device)
+        inputs, cond = collate([rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device, model.dtype)
         if own_positions:
             inputs.pop("position_ids")
         t_max = max(n_steps[i] for i in idx)
@@ -220,7 +222,7 @@ def greedy_continuations(
     out: list[list[int]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        inputs, _ = collate([rows[i] for i in idx], [[] for _ in idx], pad, model.device)
+        inputs, _ = collate([rows[i] for i in idx], [[] for _ in idx], pad, model.device, model.dtype)
         inputs.pop("position_ids")  # generate() derives positions from the attention mask
         width = inputs["input_ids"].shape[1]
         with hooked_run(hf, *observers):

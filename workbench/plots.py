@@ -104,3 +104,19 @@ def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, title: str = "circui
                                  text=[f"{l}.{h}" for l, h in zip(sel.layer, sel["head"])], textposition="top center"))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed")
     return fig
+
+
+def token_curve(table: pd.DataFrame, metric: str = "t_vhd", title: str | None = None) -> go.Figure:
+    """A per-token metric (e.g. T-VHD) along each item's generated answer; hover shows the token.
+
+    Low T-VHD marks tokens produced with little regard to the image (the paper's hallucination
+    signal).
+    """
+    df = table[(table["metric"] == metric)].dropna(subset=["value"])
+    if df.empty or "step" not in df.columns:
+        raise WorkbenchError(f"no per-token rows for {metric!r}", "run the vhd probe (steps=all) to get t_vhd rows")
+    df = df.assign(step=df["step"].astype(int), item=df["item"].astype(str), token=df["token"].fillna("").astype(str))
+    fig = px.line(df.sort_values(["item", "step"]), x="step", y="value", color="item", markers=True,
+                  hover_data={"token": True, "item": True, "step": True, "value": ":.4f"},
+                  title=title or f"{metric} per generated token", labels={"value": metric, "step": "generated token"})
+    return fig

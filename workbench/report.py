@@ -85,7 +85,11 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
         for metric in sorted(sub.metric.unique()):
             msub = sub[sub.metric == metric]
             if msub.layer.min() < 0:  # not a per-head metric
-                page.table(msub.drop(columns=["layer", "head"]))
+                if "step" in msub.columns and msub["step"].notna().any() and msub["step"].nunique() > 1:
+                    page.h(3, metric)
+                    page.figure(plots.token_curve(msub, metric))
+                else:
+                    page.table(msub.drop(columns=["layer", "head"]).dropna(axis=1, how="all"))
                 continue
             page.h(3, metric)
             msub = msub.dropna(subset=["value"])
@@ -98,7 +102,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             curve = msub.assign(series=msub.model + " / " + msub.dataset)
             page.figure(plots.layer_curve(curve, metric, color="series"))
         page.h(3, "Top heads")
-        page.table(top_heads(sub, 10)[["model", "dataset", "metric", "layer", "head", "value", "n"]])
+        page.table(top_heads(sub[sub.layer >= 0], 10)[["model", "dataset", "metric", "layer", "head", "value", "n"]])
     page.h(2, "Example prompts")
     shown = 0
     for m in metas:

@@ -12,8 +12,9 @@ The facts were kept because SmolLM2-135M answers all of them right without the p
 (greedy first token with the default ``qa`` template; tests/test_counterfact.py checks it), and
 each pair of answers differs in its first SmolLM2 token. ``template="cloze"`` drops the question
 line ("The capital of France is"); the bare cloze is much weaker on SmolLM2-135M (about 60% right
-without the passage: it often continues with " the" or " fact"). Other tokenizers may merge the two first tokens (a word-level tokenizer maps
-unknown names to the same ``[UNK]``): drop those items before running the probe.
+without the passage: it often continues with " the" or " fact"). Other tokenizers may merge the
+two first tokens (a word-level tokenizer maps unknown names to the same ``[UNK]``): drop those
+items before running the probe (notebooks/05_context_divergence.ipynb does).
 
 Fields (in ``meta``): ``context``, ``target_context``, ``target_memory`` (with the leading
 space), ``relation``, ``subject``. Item ids name the fact, so they do not depend on the seed.
