@@ -39,6 +39,7 @@ bench: $(STAMP) browser
 	$(BIN)/python benchmarks/bench_extraction.py
 	$(BIN)/python benchmarks/bench_retrieval.py
 	$(BIN)/python benchmarks/bench_report.py
+	$(BIN)/python benchmarks/bench_divergence.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
