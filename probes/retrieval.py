@@ -20,6 +20,11 @@ we take the top-1 key of the prefill's last query, which is the same attention r
 Batching: prompts are left-padded and decoded together with a KV cache; the prefill computes
 only the last query's scores per layer (no pattern is materialised), each decoding step one
 row per head. Prompts that finished keep decoding in the batch but are no longer scored.
+
+``prefill="auto"`` runs the prefill as one padded batch on GPUs, but prompt by prompt on CPUs
+(then merges the caches, left-padded, for batched decoding): with padding, SDPA needs a mask
+and leaves PyTorch's fused causal CPU kernel for the generic path, which made 8 x 1000-token
+prefills 1.2x slower batched than one at a time on our 2-core machines.
 """
 from __future__ import annotations
 
@@ -95,8 +100,14 @@ def generate_and_score(
     stop_at_newline: bool = True,
     interventions: Sequence[object] = (),
     require_correct: bool = True,
+    prefill: str = "auto",
 ) -> list[RetrievalOutcome]:
-    """Greedy-decode every prompt (batched, KV cache) and score each head's copying."""
+    """Greedy-decode every prompt (batched, KV cache) and score each head's copying.
+
+    ``prefill``: ``"batched"`` (one padded forward), ``"separate"`` (one unpadded forward per
+    prompt, caches merged) or ``"auto"`` (separate on CPU, batched elsewhere)."""
+    if prefill not in ("auto", "batched", "separate"):
+        raise WorkbenchError(f"unknown prefill {prefill!r}", "use auto, batched or separate")
     key = {"answer": "answer_span", "needle": "needle_span"}.get(span)
     if key is None:
         raise WorkbenchError(f"unknown span {span!r}", "use span=answer (the paper's default) or span=needle")
@@ -115,13 +126,14 @@ def generate_and_score(
         stops.add(int(tok.eos_token_id))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     dev = model.device
+    separate = prefill == "separate" or (prefill == "auto" and dev.type == "cpu")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outcomes: dict[int, RetrievalOutcome] = {}
     rec = _TopKeyRecorder(model.n_layers)
     with hooked_run(model.hf_model, rec, *interventions):
         for j in range(0, len(order), batch_size):
             idx = order[j : j + batch_size]
-            for i, res in zip(idx, _decode_batch(model, [prompts[i] for i in idx], rec, key, max_new_tokens, stops, pad, dev)):
+            for i, res in zip(idx, _decode_batch(model, [prompts[i] for i in idx], rec, key, max_new_tokens, stops, pad, dev, separate)):
                 outcomes[i] = res
     results = []
     for i, p in enumerate(prompts):
@@ -132,7 +144,35 @@ def generate_and_score(
     return results
 
 
-def _decode_batch(model, batch_prompts, rec, key, max_new_tokens, stops, pad, dev) -> list[RetrievalOutcome]:
+def _separate_prefill(model, batch, rec) -> tuple[Any, Tensor]:
+    """Prefill each prompt alone (no padding, no mask), then merge the KV caches left-padded to
+    the batch width; top keys are shifted into padded coordinates. Returns (cache, last logits)."""
+    from transformers import DynamicCache
+
+    b, width = batch.input_ids.shape
+    caches, logits = [], []
+    tops: list[list[Tensor]] = [[] for _ in rec.top]
+    for r in range(b):
+        first = int(batch.first_index[r])
+        out = model.hf_model(input_ids=batch.input_ids[r : r + 1, first:], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1])
+        for layer, top in enumerate(rec.top):
+            tops[layer].append(top + first)
+    merged = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        ks, vs = [], []
+        for c in caches:
+            k, v = c.layers[layer].keys, c.layers[layer].values
+            pad = width - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        merged.update(torch.cat(ks), torch.cat(vs), layer)
+    rec.top = [torch.cat(t) for t in tops]
+    return merged, torch.cat(logits)
+
+
+def _decode_batch(model, batch_prompts, rec, key, max_new_tokens, stops, pad, dev, separate=False) -> list[RetrievalOutcome]:
     from transformers import DynamicCache
 
     batch = collate([p.ids for p in batch_prompts], pad, dev, padding_side="left")
@@ -151,9 +191,12 @@ def _decode_batch(model, batch_prompts, rec, key, max_new_tokens, stops, pad, de
     for step in range(max_new_tokens):
         # logits_to_keep=1: only the last position goes through the LM head (the prefill would
         # otherwise build [batch, context, vocab] logits nobody reads)
-        out = model.hf_model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        y = out.logits[:, -1].argmax(-1)  # [b]
+        if step == 0 and separate and b > 1:
+            cache, last = _separate_prefill(model, batch, rec)
+        else:
+            out = model.hf_model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, last = out.past_key_values, out.logits[:, -1]
+        y = last.argmax(-1)  # [b]
         for layer in range(L):
             top = rec.top[layer]  # [b, h]
             tok_at = seq.gather(1, top)

@@ -41,11 +41,12 @@ def stop_ids(tok):
     return ids
 
 
+@pytest.mark.parametrize("prefill", ["batched", "separate"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_scores_equal_the_paper_loop(tiny_models, arch):
+def test_batched_scores_equal_the_paper_loop(tiny_models, arch, prefill):
     model = tiny_models[arch]
     prompts = copy_prompts(model, [25, 9, 17, 30], seed=1)
-    res = generate_and_score(model, prompts, max_new_tokens=12, batch_size=3, require_correct=False)
+    res = generate_and_score(model, prompts, max_new_tokens=12, batch_size=3, require_correct=False, prefill=prefill)
     ref_model = eager_model(model.source)
     total = 0.0
     for p, r in zip(prompts, res):
