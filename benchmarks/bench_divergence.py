@@ -32,17 +32,21 @@ def _z_hooks(hf, store):
             for i, layer in enumerate(layers)]
 
 
+def _greedy(hf, ids, max_new_tokens, pad, eos):
+    """Batch-1 greedy answer with the condition, up to and including EOS."""
+    ids = torch.tensor([ids])
+    seq = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    gen = seq[0, ids.shape[1]:].tolist()
+    return gen[: next((n + 1 for n, t in enumerate(gen) if t == eos), len(gen))]
+
+
 def plain_loop(hf, pairs, max_new_tokens, pad, eos):
     out = []
     cfg = hf.config.get_text_config()
     n_heads = cfg.num_attention_heads
     for p in pairs:
-        ids = torch.tensor([p.cond.input_ids])
-        seq = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, pad_token_id=pad, eos_token_id=eos)
-        gen = seq[0, ids.shape[1]:].tolist()
-        cut = next((n + 1 for n, t in enumerate(gen) if t == eos), len(gen))
-        gen = gen[:cut]
+        gen = _greedy(hf, p.cond.input_ids, max_new_tokens, pad, eos)
         zs = []
         for row in (p.cond.input_ids, p.base.input_ids):
             store = {}
@@ -63,12 +67,7 @@ def tl_loop(model, pairs, max_new_tokens, pad, eos):
     bridge, hf = model.bridge, model.hf_model
     out = []
     for p in pairs:
-        ids = torch.tensor([p.cond.input_ids])
-        seq = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, pad_token_id=pad, eos_token_id=eos)
-        gen = seq[0, ids.shape[1]:].tolist()
-        cut = next((n + 1 for n, t in enumerate(gen) if t == eos), len(gen))
-        gen = gen[:cut]
+        gen = _greedy(hf, p.cond.input_ids, max_new_tokens, pad, eos)
         zs = []
         for row in (p.cond.input_ids, p.base.input_ids):
             _, cache = bridge.run_with_cache(torch.tensor([row + gen[:-1]]), names_filter=lambda n: n.endswith("attn.hook_z"))

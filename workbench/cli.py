@@ -581,20 +581,28 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = "known name (see `workbench models`), local HF folder or hub id (default smollm2-135m)"
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and --dtype, the same for every command that runs a model."""
+    parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="What does each attention head do? Per-head metrics in one tidy table.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("probe", help="run probes over a prompt set and write a Parquet table")
     p.add_argument("probes", help="comma list of probes, e.g. entropy,sink (see `workbench probes`)")
-    p.add_argument("--model", default="smollm2-135m", help="known name, local HF folder or hub id (default smollm2-135m)")
+    _model_args(p)
     p.add_argument("--prompts", help="JSONL file: one {id, text|tokens} object per line")
     p.add_argument("--dataset", help="shipped dataset name (default prose)")
     p.add_argument("--n-prompts", type=int, help="how many prompts (dataset size, or the first N of --prompts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", default="auto", help="prompts per forward pass, or auto (a token budget)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to text prompts")
     p.add_argument("--images", help="vhd: an image file or a folder of images, each run with --text")
     p.add_argument("--text", help="vhd with --images: the prompt, with the model's image placeholder (e.g. <image>)")
@@ -612,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("probes", help="list probes and their metrics").set_defaults(func=cmd_probes)
 
     vr = sub.add_parser("reinforce", help="VHR: scale vision-aware (or context) heads by alpha and compare greedy answers")
-    vr.add_argument("--model", default="smollm2-135m")
+    _model_args(vr)
     vr.add_argument("--images", help="an image file or a folder of images, each run with --text")
     vr.add_argument("--text", help="with --images: the prompt, with the model's image placeholder")
     vr.add_argument("--prompts", help="items JSONL: {id, text, image} (VLM) or {id, text, context} (text model)")
@@ -627,14 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--max-new-tokens", type=int, default=16)
     vr.add_argument("--batch-size", type=int, default=8)
     vr.add_argument("--show", type=int, default=10, help="answers to print")
-    vr.add_argument("--device", default="auto")
-    vr.add_argument("--dtype", default="float32")
     vr.add_argument("--out", required=True, help="output .parquet (answer_changed per item; answers in the metadata)")
     vr.set_defaults(func=cmd_reinforce)
 
     pa = sub.add_parser("patch", help="activation, path or attribution patching per head on a clean/corrupted task")
     pa.add_argument("kind", choices=["activation", "path", "attribution"])
-    pa.add_argument("--model", default="smollm2-135m")
+    _model_args(pa)
     pa.add_argument("--task", default="ioi", help="ioi or colored-objects")
     pa.add_argument("--pairs", help="your own pairs: JSONL with clean, corrupted, correct, incorrect")
     pa.add_argument("--n-prompts", type=int, help="pairs to use (default 16)")
@@ -644,8 +650,6 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--per-position", action="store_true")
     pa.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples over prompts for 95%% CIs")
     pa.add_argument("--max-rows", type=int, default=512, help="rows per stacked forward (memory budget)")
-    pa.add_argument("--device", default="auto")
-    pa.add_argument("--dtype", default="float32")
     pa.add_argument("--top", type=int, default=10)
     pa.add_argument("--out", required=True)
     pa.set_defaults(func=cmd_patch)
@@ -659,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     tk.set_defaults(func=cmd_task)
 
     ci = sub.add_parser("circuit", help="discover a circuit by iterative path patching; faithfulness; overlap of two tasks")
-    ci.add_argument("--model", default="smollm2-135m")
+    _model_args(ci)
     ci.add_argument("--task", default="ioi", help="one task, or two (comma) to also get their overlap")
     ci.add_argument("--n-prompts", type=int, default=16)
     ci.add_argument("--seed", type=int, default=0)
@@ -667,8 +671,6 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--inner-threshold", type=float, help="|effect| for paths into a receiver's q/k/v (default threshold / 2)")
     ci.add_argument("--rounds", type=int, default=3)
     ci.add_argument("--max-receivers", type=int, default=6)
-    ci.add_argument("--device", default="auto")
-    ci.add_argument("--dtype", default="float32")
     ci.add_argument("--out", required=True, help="folder: TASK/circuit.json, nodes.parquet, edges.parquet")
     ci.set_defaults(func=cmd_circuit)
 
@@ -692,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("retrieval-ablation", help="needle accuracy with top-k retrieval heads vs k random heads ablated")
-    r.add_argument("--model", default="smollm2-135m")
+    _model_args(r)
     r.add_argument("--n-prompts", type=int, default=20, help="niah prompts for detection, and as many (other seed) for evaluation")
     r.add_argument("--context-len", default="1000,2000")
     r.add_argument("--depths")
@@ -701,8 +703,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ablation", default="zero", choices=["zero", "first"])
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch-size", default="4")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--dtype", default="float32")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_retrieval_ablation)
     sub.add_parser("models", help="list known models and what is installed").set_defaults(func=cmd_models)
