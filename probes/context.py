@@ -20,7 +20,11 @@ probe also reports *which way* each head pushes, in the run with the context:
   1 when the greedy first token is the first token of that target.
 
 Only the first answer token is scored by default (``steps="first"``); the targets are compared
-by their first token.
+by their first token, and items whose two targets share it under this tokenizer are left out of
+the direct effects and ``follows_*`` (listed in the summary), not of the divergence.
+
+``context_attention`` counts the passage's first token; in a model that prepends no BOS (SmolLM2)
+that token is also the attention sink, so sink heads score high there without reading the passage.
 """
 from __future__ import annotations
 
@@ -82,6 +86,7 @@ class ContextProbe(Probe):
         self.outcomes: list[Divergence] = []
         self.effects: list[torch.Tensor] = []
         self.follows: list[dict] = []
+        self.ambiguous: list[str] = []  # items whose two targets share their first token (not scored)
         self._tokenizer: Any = None
 
     def run_items(
@@ -96,21 +101,22 @@ class ContextProbe(Probe):
             model, pairs, steps=self.params["steps"], max_new_tokens=self.params["max_new_tokens"],
             batch_size=batch_size, observers=interventions, keep_z=True, keep_resid=True,
         )
-        self.effects, self.follows = [], []
+        self.effects, self.follows, self.ambiguous = [], [], []
         for item, out in zip(items, self.outcomes):
             ctx, mem = item.meta.get("target_context"), item.meta.get("target_memory")
             if not (isinstance(ctx, str) and isinstance(mem, str)):
                 continue
             a, b = first_token(model.tokenizer, ctx), first_token(model.tokenizer, mem)
-            if a == b:
-                raise WorkbenchError(f"item {item.id!r}: both targets start with the same token", "give targets that differ in their first token")
+            if a == b:  # this tokenizer cannot tell the answers apart by their first token
+                self.ambiguous.append(item.id)
+                continue
             self.effects.append(direct_effects(model, out, a, b))
             self.follows.append({"item": out.id, "context": float(out.tokens[0] == a), "memory": float(out.tokens[0] == b)})
             out.cond_z = out.base_z = None  # reduced: keep only the distances
         return self.results()
 
     def results(self) -> pd.DataFrame:
-        frames = divergence_rows(self, self.outcomes, "context_divergence", "context_attention", self._tokenizer)
+        frames = divergence_rows(self, self.outcomes, "context_divergence", "context_attention")
         if self.effects:
             frames.append(self.rows("context_direct_effect", torch.stack(self.effects).mean(0), len(self.effects)))
         rows = []
@@ -127,6 +133,7 @@ class ContextProbe(Probe):
         return {
             "n_items": len(self.outcomes),
             "n_with_targets": n,
+            "skipped_same_first_token": list(self.ambiguous),
             "follows_context": sum(f["context"] for f in self.follows) / n if n else None,
             "follows_memory": sum(f["memory"] for f in self.follows) / n if n else None,
             "answers": {o.id: self._tokenizer.decode(o.tokens) for o in self.outcomes} if self._tokenizer else {},

@@ -42,9 +42,7 @@ def t_vhd(div: torch.Tensor, top_k: int) -> torch.Tensor:
     return div.topk(k, dim=-1).values.sum(-1).sum(-1)
 
 
-def divergence_rows(
-    probe: Probe, outcomes: Sequence[Divergence], metric: str, attention_metric: str, tokenizer: Any
-) -> list[pd.DataFrame]:
+def divergence_rows(probe: Probe, outcomes: Sequence[Divergence], metric: str, attention_metric: str) -> list[pd.DataFrame]:
     """Per-head means over every (item, step), and the attention mass on the condition."""
     n = sum(o.divergence.shape[0] for o in outcomes)
     if n == 0:
@@ -90,7 +88,7 @@ class VHDProbe(Probe):
         return self.results()
 
     def results(self) -> pd.DataFrame:
-        frames = divergence_rows(self, self.outcomes, "vhd", "image_attention", self._tokenizer)
+        frames = divergence_rows(self, self.outcomes, "vhd", "image_attention")
         rows = []
         for o in self.outcomes:
             for step, value in enumerate(t_vhd(o.divergence, self.params["top_k"]).tolist()):

@@ -81,3 +81,12 @@ def test_context_batched_equals_one_at_a_time(tiny_models):
         alone.run_items(model, [item], batch_size=1)
         assert alone.outcomes[0].tokens == out.tokens
         assert torch.allclose(alone.outcomes[0].divergence, out.divergence, atol=1e-5)
+
+
+def test_items_whose_targets_share_a_first_token_are_listed_not_scored(tiny_models):
+    same = Prompt("z", text="and he said", meta={"context": "the lord", "target_context": " Zorblax", "target_memory": " Quuxian"})
+    probe = get_probe("context")
+    df = probe.run_items(tiny_models["llama"], [ITEMS[0], same])  # both unknown words -> [UNK]
+    assert probe.summary()["skipped_same_first_token"] == ["z"]
+    assert (df[df.metric == "context_direct_effect"].n == 1).all()
+    assert (df[df.metric == "context_divergence"].n == 2).all()

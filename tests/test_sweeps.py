@@ -117,3 +117,20 @@ def test_empty_and_incompatible_run_folders(tiny_dirs, tmp_path, capsys):
     assert main(["report", str(tmp_path / "old"), "--out", str(tmp_path / "r.html")]) == 2
     assert "incompatible workbench version" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_sweep_runs_item_probes_on_their_datasets(tmp_path):
+    """vhd on generated images for a VLM and context on counterfact items for a text model, in one
+    sweep; the per-token rows keep their item / step / token columns."""
+    cfg = tmp_path / "vlm.toml"
+    cfg.write_text('models = ["tiny-llava"]\nprobes = ["vhd"]\n[datasets.shapes]\nn_prompts = 3\n'
+                   '[probe_params.vhd]\nsteps = "all"\nmax_new_tokens = 2\n')
+    run_sweep(cfg, tmp_path / "run", progress=False)
+    df = load_results(tmp_path / "run")
+    assert set(df.metric) == {"vhd", "image_attention", "t_vhd"}
+    assert len(df[df.metric == "t_vhd"]) == 6 and df[df.metric == "t_vhd"]["item"].notna().all()
+    cfg2 = tmp_path / "ctx.toml"
+    cfg2.write_text('models = ["tiny-llama"]\nprobes = ["context"]\n[datasets.counterfact]\nn_prompts = 4\n')
+    run_sweep(cfg2, tmp_path / "run2", progress=False)
+    df2 = load_results(tmp_path / "run2")
+    assert {"context_divergence", "context_attention"} <= set(df2.metric)

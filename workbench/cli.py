@@ -240,6 +240,9 @@ def _probe_items(args: argparse.Namespace, probes: list, batch_size) -> int:
         if name == "context" and summ.get("n_with_targets"):
             print(f"context: follows the context on {summ['follows_context']:.0%}, memory on {summ['follows_memory']:.0%} "
                   f"of {summ['n_with_targets']} items")
+        if summ.get("skipped_same_first_token"):
+            print(f"context: {len(summ['skipped_same_first_token'])} items not scored for direct effects "
+                  "(their two targets start with the same token for this tokenizer)")
     return 0
 
 

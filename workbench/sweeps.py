@@ -182,8 +182,11 @@ def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = Tru
                 if dataset in NEEDS_TOKENIZER:
                     opts["tokenizer"] = model.tokenizer
                 prompts = make_dataset(dataset, n_prompts=n_prompts, seed=cfg.seed, **opts)
-            tokenized = tokenize_prompts(prompts, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=cfg.prepend_bos)
             probes = {u.probe: get_probe(u.probe, **cfg.probe_params.get(u.probe, {})) for u in group}
+            items_only = all(getattr(p, "takes_items", False) for p in probes.values())
+            tokenized = [] if items_only else tokenize_prompts(
+                prompts, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=cfg.prepend_bos
+            )
             forward = [p for p in probes.values() if not p.generates]
             frames: dict[str, pd.DataFrame] = {}
             if forward:
@@ -191,12 +194,18 @@ def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = Tru
                 for name, df in table.groupby("probe", sort=False):
                     frames[name] = df
             for p in probes.values():
-                if p.generates:
+                if getattr(p, "takes_items", False):  # vhd / context read the raw items (image or context + text)
+                    root = Path(opts["path"]).resolve().parent if "path" in opts else None
+                    bs = cfg.batch_size if isinstance(cfg.batch_size, int) else 8
+                    df = p.run_items(model, prompts, root=root, batch_size=bs)
+                    df.insert(0, "probe", p.name)
+                    frames[p.name] = df
+                elif p.generates:
                     df = p.run(model, tokenized, batch_size=cfg.batch_size)
                     df.insert(0, "probe", p.name)
                     frames[p.name] = df
             for u in group:
-                meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_prompts": len(tokenized), "seed": cfg.seed,
+                meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_prompts": len(prompts), "seed": cfg.seed,
                                     "options": cfg.datasets[dataset]}, probes=[probes[u.probe].config()],
                                     config={"sweep": str(config_path), "unit": u.key, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
                                     prompts=[{"id": p.id, "tokens": model.tokenizer.convert_ids_to_tokens(p.ids[:64]), "ids": p.ids[:64],
