@@ -197,3 +197,32 @@ def test_vlm_loads_by_hub_id_from_the_hub_cache(vlm_dirs, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["hub", "CLIPImageProcessorPil", "12"]
+
+
+def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items):
+    """GPU out-of-memory, simulated: any forward over more than one item fails inside the
+    attention hook; the engine halves batches down to single items and the numbers equal a
+    batch-1 run."""
+    from workbench.conditions import image_pair
+    from workbench.divergence import divergence
+
+    class OOMAboveOne:
+        def on_attention(self, call):
+            if call.query.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = vlms["llava"]
+    pairs = [image_pair(model, it) for it in items]
+    got = divergence(model, pairs, steps="all", max_new_tokens=3, batch_size=4, observers=[OOMAboveOne()])
+    ref = divergence(model, pairs, steps="all", max_new_tokens=3, batch_size=1)
+    for a, b in zip(got, ref):
+        assert a.tokens == b.tokens and torch.allclose(a.divergence, b.divergence, atol=1e-6)
+
+    class AlwaysOOM:
+        def on_attention(self, call):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="out of memory on a single item"):
+        divergence(model, pairs[:2], batch_size=2, observers=[AlwaysOOM()])

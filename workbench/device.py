@@ -48,3 +48,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise WorkbenchError(
             f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16"
         ) from None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA (or other device) out-of-memory errors."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from workbench.attention import AttentionCall, hooked_run
 from workbench.conditions import TOKEN_ALIGNED, Condition
+from workbench.errors import WorkbenchError
+from workbench.device import is_oom
 
 
 @dataclass
@@ -135,8 +137,8 @@ def head_outputs(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]) + len(suffixes[i]))
     out: list[HeadOutputs | None] = [None] * len(rows)
     own_positions = _uses_own_positions(hf)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+
+    def run(idx: list[int]) -> None:
         inputs, cond = collate([rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device, model.dtype)
         if own_positions:
             inputs.pop("position_ids")
@@ -163,7 +165,31 @@ def head_outputs(
                 z[j, t_max - t :].cpu(), attn[j, t_max - t :].double().cpu(), top[j, t_max - t :].cpu(),
                 resid[0][j, t_max - t :].cpu() if resid else None, list(cap.modules),
             )
+
+    in_batches(order, batch_size, model.device, run, lambda i: len(rows[i]) + len(suffixes[i]))
     return out  # type: ignore[return-value]
+
+
+def in_batches(order: list[int], batch_size: int, device: torch.device, run: Any, length: Any = len) -> None:
+    """Call ``run(batch)`` on consecutive batches of ``order``; a batch that runs out of device
+    memory is split in halves and retried (``run`` must only record results once it succeeded)."""
+    queue = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    while queue:
+        idx = queue.pop(0)
+        try:
+            run(idx)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                raise WorkbenchError(
+                    f"out of memory on a single item of {length(idx[0])} tokens",
+                    "use --dtype bfloat16, fewer --max-new-tokens, or shorter items",
+                ) from exc
+            half = len(idx) // 2
+            queue[:0] = [idx[:half], idx[half:]]
 
 
 def final_norm(hf_model: Any) -> torch.nn.Module:
@@ -220,8 +246,8 @@ def greedy_continuations(
     eos = _eos_ids(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+
+    def run(idx: list[int]) -> None:
         inputs, _ = collate([rows[i] for i in idx], [[] for _ in idx], pad, model.device, model.dtype)
         inputs.pop("position_ids")  # generate() derives positions from the attention mask
         width = inputs["input_ids"].shape[1]
@@ -234,6 +260,8 @@ def greedy_continuations(
             toks = seq[j, width:].tolist()
             cut = next((n + 1 for n, t in enumerate(toks) if t in eos), len(toks))
             out[i] = toks[:cut]
+
+    in_batches(order, batch_size, model.device, run, lambda i: len(rows[i]))
     return out
 
 

@@ -23,19 +23,13 @@ import torch
 
 from probes.base import Probe
 from workbench.attention import AttentionCall, hooked_run
+from workbench.device import is_oom
 from workbench.errors import WorkbenchError
 from workbench.patterns import BatchInfo, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA (or other device) out-of-memory errors."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 class ProbeRunner:
