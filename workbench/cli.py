@@ -234,7 +234,7 @@ def _probe_items(args: argparse.Namespace, probes: list, batch_size) -> int:
         summaries=extra, command=sys.argv,
     )
     write_parquet(table, args.out, meta)
-    _print_top(top_heads(table[table["layer"] >= 0], args.top), args, None, t_load, time.perf_counter() - t0 - t_load)
+    _print_top(top_heads(table, args.top), args, None, t_load, time.perf_counter() - t0 - t_load)
     print(f"{len(items)} items")
     for name, summ in extra.items():
         if name == "context" and summ.get("n_with_targets"):

@@ -102,7 +102,7 @@ def build_report(run_dir: str | Path, title: str | None = None) -> str:
             curve = msub.assign(series=msub.model + " / " + msub.dataset)
             page.figure(plots.layer_curve(curve, metric, color="series"))
         page.h(3, "Top heads")
-        page.table(top_heads(sub[sub.layer >= 0], 10)[["model", "dataset", "metric", "layer", "head", "value", "n"]])
+        page.table(top_heads(sub, 10)[["model", "dataset", "metric", "layer", "head", "value", "n"]])
     page.h(2, "Example prompts")
     shown = 0
     for m in metas:

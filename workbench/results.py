@@ -116,8 +116,8 @@ def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def top_heads(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
-    """The ``k`` highest-valued heads for each (probe, metric)."""
-    ranked = df.dropna(subset=["value"]).sort_values("value", ascending=False)
+    """The ``k`` highest-valued heads for each (probe, metric); per-item rows (layer -1) are not heads."""
+    ranked = df[df["layer"] >= 0].dropna(subset=["value"]).sort_values("value", ascending=False)
     return ranked.groupby(["probe", "metric"], sort=False).head(k).sort_values(["probe", "metric", "value"], ascending=[True, True, False])
 
 
