@@ -2,7 +2,7 @@
 paper's code does it (nightdessert/Retrieval_Head: eager attention, ``output_attentions=True``
 at every decoding step, one prompt at a time), on the same niah prompts, in the same process.
 
-    python benchmarks/bench_retrieval.py [--n-prompts 8] [--context-len 1000] [--batch-size 8]
+    python benchmarks/bench_retrieval.py [--n-prompts 8] [--context-len 1000] [--batch-size 8] [--shared-haystack]
 
 Prints prompts per second for both and their ratio, and checks the per-head scores agree.
 """
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--shared-haystack", action="store_true",
+                    help="the paper's grid: one haystack, needles at n evenly spaced depths (prefixes shared)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -64,7 +66,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     wb = load_model("smollm2-135m", device="cpu")
     prompts = tokenize_prompts(
-        make_dataset("niah", n_prompts=args.n_prompts, seed=5, tokenizer=wb.tokenizer, context_len=args.context_len),
+        make_dataset("niah", n_prompts=args.n_prompts, seed=5, tokenizer=wb.tokenizer, context_len=args.context_len,
+                     **({"shared_haystack": True, "depths": [i / max(1, args.n_prompts - 1) for i in range(args.n_prompts)]}
+                        if args.shared_haystack else {})),
         wb.tokenizer, wb.n_ctx, wb.vocab_size,
     )
     eager = AutoModelForCausalLM.from_pretrained(wb.source, attn_implementation="eager").eval()
@@ -79,7 +83,8 @@ def main() -> None:
     t_ours = time.perf_counter() - t0
     diff = max(float((r.scores - s).abs().max()) for r, s in zip(ours, ref))
     n = len(prompts)
-    print(f"{n} niah prompts x {args.context_len} tokens, up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU")
+    kind = "one shared haystack, evenly spaced depths" if args.shared_haystack else "a haystack per prompt"
+    print(f"{n} niah prompts x {args.context_len} tokens ({kind}), up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU")
     print(f"paper-style loop (batch 1, eager, output_attentions): {n / t_ref:.3f} prompts/s ({t_ref:.1f} s)")
     print(f"workbench (batch {args.batch_size}, SDPA + last-row scores): {n / t_ours:.3f} prompts/s ({t_ours:.1f} s)")
     print(f"speed-up: {t_ref / t_ours:.2f}x; max abs score difference {diff:.2e}")

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -144,21 +145,71 @@ def generate_and_score(
     return results
 
 
+MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth copying a cache for
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = np.asarray(a[:n]) != np.asarray(b[:n])
+    return int(diff.argmax()) if diff.any() else n
+
+
+def _prefix_tree(rows: Sequence[Sequence[int]]) -> list[tuple[int, int | None, int]]:
+    """An order to prefill ``rows`` in, each with the already-prefilled row whose prefix it
+    reuses and the shared length: ``(row, parent or None, shared)``.
+
+    Prim's maximum spanning tree over shared-prefix lengths, so the tokens computed are as few
+    as prefix reuse allows (on one haystack with needles at depths c_1 >= ... >= c_n, the sum of
+    c_2..c_n is saved). A row always recomputes at least its last token.
+    """
+    n = len(rows)
+    share = [[0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            share[i][j] = share[j][i] = _common_prefix(rows[i], rows[j], min(len(rows[i]), len(rows[j])) - 1)
+    order = [(0, None, 0)]
+    done = {0}
+    best = {j: (share[0][j], 0) for j in range(1, n)}
+    while best:
+        j = max(best, key=lambda k: best[k][0])
+        s, parent = best.pop(j)
+        order.append((j, parent, s) if s >= MIN_SHARED_PREFIX else (j, None, 0))
+        done.add(j)
+        for k in best:
+            if share[j][k] > best[k][0]:
+                best[k] = (share[j][k], j)
+    return order
+
+
 def _separate_prefill(model, batch, rec) -> tuple[Any, Tensor]:
     """Prefill each prompt alone (no padding, no mask), then merge the KV caches left-padded to
-    the batch width; top keys are shifted into padded coordinates. Returns (cache, last logits)."""
+    the batch width; top keys are shifted into padded coordinates. Returns (cache, last logits).
+
+    Where a prompt shares a prefix with one prefilled before it (niah prompts on one haystack, as
+    in the paper's grid, share everything before the earlier needle), that prefix's KV cache is
+    reused instead of recomputed (order and reuse from :func:`_prefix_tree`)."""
     from transformers import DynamicCache
 
     b, width = batch.input_ids.shape
-    caches, logits = [], []
-    tops: list[list[Tensor]] = [[] for _ in rec.top]
-    for r in range(b):
-        first = int(batch.first_index[r])
-        out = model.hf_model(input_ids=batch.input_ids[r : r + 1, first:], past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        caches.append(out.past_key_values)
-        logits.append(out.logits[:, -1])
+    caches: list[Any] = [None] * b
+    logits: list[Tensor | None] = [None] * b
+    tops: list[list[Tensor | None]] = [[None] * b for _ in rec.top]
+    rows = [batch.input_ids[r, int(batch.first_index[r]) :].tolist() for r in range(b)]
+    for r, parent, shared in _prefix_tree(rows):
+        ids, first = rows[r], int(batch.first_index[r])
+        cache = DynamicCache()
+        if parent is not None:  # the KV of the shared prefix is the same computation: reuse it
+            for layer, kv in enumerate(caches[parent].layers):
+                cache.update(kv.keys[..., :shared, :], kv.values[..., :shared, :], layer)
+        out = model.hf_model(
+            input_ids=torch.tensor([ids[shared:]], device=batch.input_ids.device), past_key_values=cache, use_cache=True,
+            position_ids=torch.arange(shared, len(ids), device=batch.input_ids.device)[None], logits_to_keep=1,
+        )
+        caches[r], logits[r] = out.past_key_values, out.logits[:, -1]
         for layer, top in enumerate(rec.top):
-            tops[layer].append(top + first)
+            tops[layer][r] = top + first
     merged = DynamicCache()
     for layer in range(len(caches[0].layers)):
         ks, vs = [], []

@@ -108,3 +108,43 @@ def test_smollm2_retrieval_matches_reference_and_retrieves(smollm2):
         assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
     assert sum(r.counted for r in res) >= 2, [r.response for r in res]
     assert max(float(r.scores.max()) for r in res) > 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models, arch):
+    """CPU prefill reuses the KV cache of a shared prefix (niah on one haystack); the scores and
+    answers equal the paper loop's, prompt by prompt."""
+    from probes import retrieval
+
+    model = tiny_models[arch]
+    base = copy_prompts(model, [60, 52, 45], seed=3)
+    prefix = base[0].ids[:40]
+    prompts = [base[0]] + [TokenizedPrompt(p.id, prefix + p.ids[40:] if len(p.ids) > 40 else prefix + p.ids, p.meta) for p in base[1:]]
+    prompts = [TokenizedPrompt(p.id, p.ids, {**p.meta, "answer_span": [1, len(p.ids) - 1]}) for p in prompts]
+    calls = []
+    original = retrieval._common_prefix
+    retrieval._common_prefix = lambda a, b, limit: calls.append(original(a, b, limit)) or calls[-1]
+    try:
+        res = generate_and_score(model, prompts, max_new_tokens=10, batch_size=3, require_correct=False, prefill="separate")
+    finally:
+        retrieval._common_prefix = original
+    assert max(calls) >= 40  # the prefix was shared
+    ref_model = eager_model(model.source)
+    for p, r in zip(prompts, res):
+        ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 10)
+        assert r.n_steps == len(out)
+        assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
+
+
+def test_niah_shared_haystack_prompts_share_the_prefix_before_the_needle(tiny_models, tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.prompts import read_prompts
+
+    out = tmp_path / "n.jsonl"
+    assert main(["dataset", "niah", "--model", "tiny-llama", "--context-len", "120", "--depths", "0.2,0.9",
+                 "--shared-haystack", "--out", str(out)]) == 0
+    a, b = read_prompts(out)
+    cut = a.meta["needle_span"][0]
+    assert cut > 0 and a.tokens[:cut] == b.tokens[:cut]
+    default = make_dataset("niah", n_prompts=2, tokenizer=tiny_models["llama"].tokenizer, context_len=120, depths=[0.2, 0.9])
+    assert default[0].tokens[:cut] != default[1].tokens[:cut]  # default: a haystack per prompt

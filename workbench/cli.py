@@ -68,6 +68,8 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["depths"] = depths
     if getattr(args, "period", None) is not None:
         opts["period"] = args.period
+    if getattr(args, "shared_haystack", False):
+        opts["shared_haystack"] = True
     return opts
 
 
@@ -612,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
     p.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--period", type=int, help="repeated-random: length of the repeated block (default 50)")
+    p.add_argument("--shared-haystack", action="store_true", help="niah: one haystack for every prompt (the paper's grid)")
     p.add_argument("--ablate", help="heads to ablate during the run, LAYER.HEAD comma list, e.g. 12.3,14.0")
     p.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
     p.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
@@ -719,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--context-len")
     d.add_argument("--depths")
     d.add_argument("--period", type=int)
+    d.add_argument("--shared-haystack", action="store_true", help="niah: one haystack for every prompt")
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_dataset)
     return parser

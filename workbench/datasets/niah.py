@@ -46,8 +46,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, context_len: int | list[int] = 1024,
          depths: float | list[float] | None = None, needle: str = NEEDLE, question: str = QUESTION,
-         n_ctx: int | None = None, answer_digits: int = 5) -> list[Prompt]:
-    """A grid of ``context_len`` x ``depths``, cycled until ``n_prompts`` (default: the grid once)."""
+         n_ctx: int | None = None, answer_digits: int = 5, shared_haystack: bool = False) -> list[Prompt]:
+    """A grid of ``context_len`` x ``depths``, cycled until ``n_prompts`` (default: the grid once).
+
+    ``shared_haystack=True`` builds every prompt on the same haystack text (as the paper does:
+    one book, needles at varying depths and lengths), so prompts share the prefix before their
+    needle; the retrieval probe then prefills that prefix once. Default: a haystack drawn per prompt.
+    """
     if tokenizer is None:
         raise WorkbenchError("niah needs the model's tokenizer", "pass tokenizer= or --model")
     lengths = [int(x) for x in (context_len if isinstance(context_len, (list, tuple)) else [context_len])]
@@ -60,6 +65,7 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
     grid = [(L, float(d)) for L in lengths for d in depths]
     n_prompts = len(grid) if n_prompts is None else n_prompts
     rng = random.Random(seed)
+    hay_seed = f"haystack-{seed}"  # its own stream: the default prompts do not change
     period_ids = set(_encode(tokenizer, ".")) | set(_encode(tokenizer, ".\n"))
     prompts = []
     for i in range(n_prompts):
@@ -80,7 +86,7 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
             )
         if n_ctx is not None and L > n_ctx:
             raise WorkbenchError(f"context length {L} exceeds the model's context of {n_ctx}", "use a shorter --context-len")
-        hay = _haystack_ids(tokenizer, n_hay, rng)
+        hay = _haystack_ids(tokenizer, n_hay, random.Random(hay_seed) if shared_haystack else rng)
         cut = int(round(n_hay * depth))
         if 0 < cut < n_hay:  # back up to a sentence end, as the paper's code does
             j = cut
