@@ -15,7 +15,8 @@ probe also reports *which way* each head pushes, in the run with the context:
   head follows the context; negative: it follows memory (PH3's context and memory heads, "Cutting
   Off the Head Ends the Conflict", found there by path patching; the direct effect is the
   one-forward version of the heads-to-logits paths).
-- ``context_attention`` (layer, head): attention mass on the passage at the answer position.
+- ``context_attention`` (layer, head): attention mass on the passage at the answer position
+  (its tokens after position 0, see below).
 - per item (``layer = head = -1``, ``item`` column): ``follows_context`` / ``follows_memory``,
   1 when the greedy first token is the first token of that target.
 
@@ -23,8 +24,8 @@ Only the first answer token is scored by default (``steps="first"``); the target
 by their first token, and items whose two targets share it under this tokenizer are left out of
 the direct effects and ``follows_*`` (listed in the summary), not of the divergence.
 
-``context_attention`` counts the passage's first token; in a model that prepends no BOS (SmolLM2)
-that token is also the attention sink, so sink heads score high there without reading the passage.
+``context_attention`` leaves out position 0: in a model that prepends no BOS (SmolLM2) that is the
+passage's first token, where sink heads put nearly all their weight without reading anything.
 """
 from __future__ import annotations
 

@@ -90,3 +90,18 @@ def test_items_whose_targets_share_a_first_token_are_listed_not_scored(tiny_mode
     assert probe.summary()["skipped_same_first_token"] == ["z"]
     assert (df[df.metric == "context_direct_effect"].n == 1).all()
     assert (df[df.metric == "context_divergence"].n == 2).all()
+
+
+@torch.no_grad()
+def test_context_attention_is_the_eager_mass_on_the_passage_after_position_0(tiny_models, plain_llama):
+    hf, tok = plain_llama
+    probe = get_probe("context")
+    df = probe.run_items(tiny_models["llama"], ITEMS, batch_size=3)
+    ref = []
+    for item in ITEMS:
+        n_prefix = len(tok(item.meta["context"] + "\n")["input_ids"])
+        enc = tok(item.meta["context"] + "\n" + item.text, return_tensors="pt")
+        att = hf(**enc, output_attentions=True).attentions
+        ref.append(torch.stack([a[0, :, -1, 1:n_prefix].sum(-1) for a in att]).double())
+    got = df[df.metric == "context_attention"].pivot(index="layer", columns="head", values="value").to_numpy()
+    assert got == pytest.approx(torch.stack(ref).mean(0).numpy(), abs=1e-4)

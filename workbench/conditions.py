@@ -154,8 +154,11 @@ def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
     cond_ids = list(tok(prefix + item.text)["input_ids"])
     base_ids = list(tok(item.text)["input_ids"])
     n_prefix = len(tok(prefix)["input_ids"])
-    # the context span: tokens before the text (exact when the tokenizer splits at the separator)
-    mask = [i < n_prefix for i in range(len(cond_ids))]
+    # the context span: tokens before the text (exact when the tokenizer splits at the separator).
+    # Position 0 is left out: it is where attention sinks put their weight whatever the token
+    # (a BOS, or, in models that prepend none such as SmolLM2, the passage's first word), so
+    # counting it would credit sink heads with reading the passage.
+    mask = [0 < i < n_prefix for i in range(len(cond_ids))]
     return ConditionPair(item.id, Condition(cond_ids, {}, mask), Condition(base_ids, {}, [False] * len(base_ids)), dict(item.meta))
 
 
