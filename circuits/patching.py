@@ -39,6 +39,7 @@ from workbench.attention import AttentionCall, hooked_run
 from workbench.errors import WorkbenchError
 from workbench.extraction import base_network
 from workbench.patterns import BatchInfo, collate
+from workbench.prompts import pad_token_id
 
 Head = tuple[int, int]
 COMPONENTS = ("z", "resid_pre", "attn_out", "mlp_out")
@@ -65,7 +66,7 @@ def pair_batch(model, pairs: Sequence[Pair]) -> PairBatch:
             raise WorkbenchError(f"pair {p.id!r}: clean and corrupted differ in length", "positions must align")
         if len(p.clean) > model.n_ctx:
             raise WorkbenchError(f"pair {p.id!r} is longer than the model's context", "shorten it")
-    pad = model.tokenizer.pad_token_id or 0
+    pad = pad_token_id(model.tokenizer)
     dev = model.device
     clean = collate([p.clean for p in pairs], pad, dev)
     corrupted = collate([p.corrupted for p in pairs], pad, dev)

@@ -41,7 +41,7 @@ from probes.base import Probe
 from workbench.attention import AttentionCall, hooked_run
 from workbench.errors import WorkbenchError
 from workbench.patterns import collate
-from workbench.prompts import TokenizedPrompt
+from workbench.prompts import TokenizedPrompt, pad_token_id
 
 
 def rouge1_recall(reference: str, response: str) -> float:
@@ -125,7 +125,7 @@ def generate_and_score(
     stops = newline_token_ids(tok) if stop_at_newline else set()
     if tok.eos_token_id is not None:
         stops.add(int(tok.eos_token_id))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     dev = model.device
     separate = prefill == "separate" or (prefill == "auto" and dev.type == "cpu")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

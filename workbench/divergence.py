@@ -28,6 +28,7 @@ from torch import Tensor
 from workbench.attention import AttentionCall, hooked_run
 from workbench.conditions import TOKEN_ALIGNED, Condition
 from workbench.errors import WorkbenchError
+from workbench.prompts import pad_token_id
 from workbench.device import is_oom
 
 
@@ -133,7 +134,7 @@ def head_outputs(
     ``n_steps[i]`` positions of each row (the positions that predict the generated tokens), and
     with ``keep_resid`` the residual stream entering the final norm there."""
     hf = model.hf_model
-    pad = _pad_id(model)
+    pad = pad_token_id(model.tokenizer)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]) + len(suffixes[i]))
     out: list[HeadOutputs | None] = [None] * len(rows)
     own_positions = _uses_own_positions(hf)
@@ -226,12 +227,6 @@ def head_contributions(
     return (out[:h] - out[h]).float()
 
 
-def _pad_id(model: Any) -> int:
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 def greedy_continuations(
     model: Any,
     rows: Sequence[Condition],
@@ -242,7 +237,7 @@ def greedy_continuations(
     """Greedy decoding (KV cache, batched, left-padded) of each row; tokens up to and including
     the first end-of-sequence token."""
     hf = model.hf_model
-    pad = _pad_id(model)
+    pad = pad_token_id(model.tokenizer)
     eos = _eos_ids(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
@@ -315,12 +310,13 @@ def divergence(
     """
     if steps not in ("first", "all"):
         raise ValueError(f"steps must be 'first' or 'all', got {steps!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     observers = list(observers)
     conds = [p.cond for p in pairs]
     bases = [p.base for p in pairs]
     if steps == "all":
         gen = greedy_continuations(model, conds, max_new_tokens, batch_size, observers)
-        gen = [g if g else [_pad_id(model)] for g in gen]
         suffixes = [g[:-1] for g in gen]
         n_steps = [len(g) for g in gen]
     else:

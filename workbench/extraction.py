@@ -26,7 +26,7 @@ from workbench.attention import AttentionCall, hooked_run
 from workbench.device import is_oom
 from workbench.errors import WorkbenchError
 from workbench.patterns import BatchInfo, collate, iter_pattern_chunks
-from workbench.prompts import TokenizedPrompt
+from workbench.prompts import TokenizedPrompt, pad_token_id
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
@@ -109,9 +109,7 @@ def run_probes(
     for p in probes:
         p.setup(model.n_layers, model.n_heads, device)
     runner = ProbeRunner(probes, chunk_elements)
-    pad_id = model.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     base = base_network(model.hf_model)
 
     def model_forward(batch: BatchInfo) -> None:

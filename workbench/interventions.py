@@ -110,10 +110,11 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
     from workbench.attention import hooked_run
     from workbench.extraction import base_network
     from workbench.patterns import collate
+    from workbench.prompts import pad_token_id
 
     d_head = int(model.bridge.cfg.d_head)
     rec = _MeanRecorder(model.n_layers, model.n_heads, d_head, model.device)
-    pad = model.tokenizer.pad_token_id or 0
+    pad = pad_token_id(model.tokenizer)
     base = base_network(model.hf_model)
     with hooked_run(model.hf_model, rec):
         for i in range(0, len(prompts), batch_size):

@@ -48,6 +48,15 @@ class TokenizedPrompt:
         return len(self.ids)
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else EOS, else 0 (padded positions
+    are always masked, so only its being a valid id matters)."""
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Parse a prompts JSONL file; raise :class:`WorkbenchError` naming the first bad line."""
     path = Path(path)
