@@ -3,8 +3,11 @@
 ``auto`` picks CUDA when a GPU is visible, else the CPU. Dtypes are named as on the CLI
 (``float32``, ``bfloat16``, ``float16``); head statistics are always reduced in float32
 whatever the model's dtype, so lower precision only affects the forward pass itself.
+Out-of-memory back-off (:func:`run_halving_on_oom`) is shared by every batched engine.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -55,3 +58,32 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_halving_on_oom(
+    batches: list[list[int]],
+    run: Callable[[list[int]], None],
+    device: torch.device | str,
+    too_big: Callable[[int], WorkbenchError],
+    on_split: Callable[[], None] | None = None,
+) -> None:
+    """Call ``run(batch)`` for each batch of item indices, in order. A batch that runs out of
+    device memory is split in halves that are run in its place; a single item that does raises
+    ``too_big(item)``. ``run`` must record results only once it succeeded (a failed batch is
+    retried), and clean up after itself if it fails."""
+    queue = [list(b) for b in batches]
+    while queue:
+        idx = queue.pop(0)
+        try:
+            run(idx)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                raise too_big(idx[0]) from exc
+            half = len(idx) // 2
+            queue[:0] = [idx[:half], idx[half:]]
+            if on_split is not None:
+                on_split()

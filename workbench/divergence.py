@@ -29,7 +29,7 @@ from workbench.attention import AttentionCall, hooked_run
 from workbench.conditions import TOKEN_ALIGNED, Condition
 from workbench.errors import WorkbenchError
 from workbench.prompts import pad_token_id
-from workbench.device import is_oom
+from workbench.device import run_halving_on_oom
 
 
 @dataclass
@@ -167,30 +167,19 @@ def head_outputs(
                 resid[0][j, t_max - t :].cpu() if resid else None, list(cap.modules),
             )
 
-    in_batches(order, batch_size, model.device, run, lambda i: len(rows[i]) + len(suffixes[i]))
+    run_halving_on_oom(_batches(order, batch_size), run, model.device, lambda i: _too_big(len(rows[i]) + len(suffixes[i])))
     return out  # type: ignore[return-value]
 
 
-def in_batches(order: list[int], batch_size: int, device: torch.device, run: Any, length: Any = len) -> None:
-    """Call ``run(batch)`` on consecutive batches of ``order``; a batch that runs out of device
-    memory is split in halves and retried (``run`` must only record results once it succeeded)."""
-    queue = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    while queue:
-        idx = queue.pop(0)
-        try:
-            run(idx)
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-            if len(idx) == 1:
-                raise WorkbenchError(
-                    f"out of memory on a single item of {length(idx[0])} tokens",
-                    "use --dtype bfloat16, fewer --max-new-tokens, or shorter items",
-                ) from exc
-            half = len(idx) // 2
-            queue[:0] = [idx[:half], idx[half:]]
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _too_big(n_tokens: int) -> WorkbenchError:
+    return WorkbenchError(
+        f"out of memory on a single item of {n_tokens} tokens",
+        "use --dtype bfloat16, fewer --max-new-tokens, or shorter items",
+    )
 
 
 def final_norm(hf_model: Any) -> torch.nn.Module:
@@ -256,7 +245,7 @@ def greedy_continuations(
             cut = next((n + 1 for n, t in enumerate(toks) if t in eos), len(toks))
             out[i] = toks[:cut]
 
-    in_batches(order, batch_size, model.device, run, lambda i: len(rows[i]))
+    run_halving_on_oom(_batches(order, batch_size), run, model.device, lambda i: _too_big(len(rows[i])))
     return out
 
 

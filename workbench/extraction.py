@@ -23,7 +23,7 @@ import torch
 
 from probes.base import Probe
 from workbench.attention import AttentionCall, hooked_run
-from workbench.device import is_oom
+from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
 from workbench.patterns import BatchInfo, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
@@ -121,50 +121,48 @@ def run_probes(
         )
 
     forward = forward or model_forward
-    queue = plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens)
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stats.n_tokens, unit="tok", desc="probes", leave=False)
+
+    def run(idx: list[int]) -> None:
+        batch = collate(
+            [prompts[i].ids for i in idx], pad_id, device,
+            prompt_ids=[prompts[i].id for i in idx], metas=[prompts[i].meta for i in idx],
+        )
+        runner.batch = batch
+        for p in probes:
+            p.begin_batch(batch)
+        try:
+            forward(batch)
+        except Exception:  # nothing of a failed batch is counted (it may be retried in halves)
+            for p in probes:
+                p.abort_batch()
+            raise
+        for p in probes:
+            p.end_batch(batch)
+        stats.n_batches += 1
+        if bar is not None:
+            bar.update(int(batch.lengths.sum()))
+
+    def count_split() -> None:
+        stats.n_oom_splits += 1
+
+    def too_big(i: int) -> WorkbenchError:
+        return WorkbenchError(
+            f"out of memory on a single prompt of {len(prompts[i])} tokens",
+            "use --dtype bfloat16, a smaller chunk budget, or shorter prompts",
+        )
+
     try:
         with hooked_run(model.hf_model, runner, *interventions):
-            while queue:
-                idx = queue.pop(0)
-                batch = collate(
-                    [prompts[i].ids for i in idx],
-                    pad_id,
-                    device,
-                    prompt_ids=[prompts[i].id for i in idx],
-                    metas=[prompts[i].meta for i in idx],
-                )
-                runner.batch = batch
-                for p in probes:
-                    p.begin_batch(batch)
-                try:
-                    forward(batch)
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    for p in probes:
-                        p.abort_batch()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if len(idx) == 1:
-                        raise WorkbenchError(
-                            f"out of memory on a single prompt of {len(prompts[idx[0]])} tokens",
-                            "use --dtype bfloat16, a smaller chunk budget, or shorter prompts",
-                        ) from exc
-                    half = len(idx) // 2
-                    queue[:0] = [idx[:half], idx[half:]]
-                    stats.n_oom_splits += 1
-                    continue
-                for p in probes:
-                    p.end_batch(batch)
-                stats.n_batches += 1
-                if bar is not None:
-                    bar.update(int(batch.lengths.sum()))
+            run_halving_on_oom(
+                plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens), run, device, too_big,
+                on_split=count_split,
+            )
     finally:
         runner.batch = None
         if bar is not None:
