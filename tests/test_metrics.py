@@ -85,3 +85,54 @@ def test_smollm2_matches_reference(smollm2):
     tok = tokenize_prompts(prompts, smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
     assert len({len(p) for p in tok}) == 3, "want mixed lengths in one batch"
     check_against_reference(smollm2, tok, 3)
+
+
+def test_softcapped_attention_falls_back_to_eager_and_matches_hf(tmp_path):
+    """Gemma 2 soft-caps attention logits, which SDPA cannot do: the hook computes those layers
+    from :func:`workbench.attention.attention_probs`; logits equal HF's eager forward, on a padded
+    batch, and ``attention_probs`` of the last rows equals the last rows of the full pattern."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from workbench.attention import AttentionCall, attention_probs, hooked_run
+    from workbench.models import load_model
+    from workbench.tiny import _tiny_tokenizer
+
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_logit_softcapping=5.0,
+                       sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8.0)
+    model.save_pretrained(tmp_path)
+    _tiny_tokenizer(512).save_pretrained(tmp_path)
+    ours = load_model(str(tmp_path), device="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(4, 512, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second row
+    seen = []
+
+    class Spy:
+        def on_attention(self, call):
+            seen.append(call.softcap)
+            full = attention_probs(call)
+            assert torch.allclose(attention_probs(call, 3), full[:, :, -3:], atol=1e-6)
+
+    with torch.no_grad(), hooked_run(ours.hf_model, Spy()):
+        got = ours.hf_model(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    assert seen == [5.0, 5.0]
+    assert torch.allclose(got[0], want[0], atol=1e-4)
+    assert torch.allclose(got[1, 4:], want[1, 4:], atol=1e-4)
+
+    # no mask tensor: causal, queries aligned to the last keys
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    call = AttentionCall(layer=0, module=None, query=q, key=k, value=k, mask=None, scaling=0.25, is_causal=True, softcap=5.0)
+    s = 5.0 * torch.tanh((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25 / 5.0)
+    s = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    assert torch.allclose(attention_probs(call), torch.softmax(s, -1), atol=1e-6)

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from workbench.attention import AttentionCall, hooked_run
+from workbench.attention import AttentionCall, attention_probs, hooked_run
 from workbench.conditions import TOKEN_ALIGNED, Condition
 from workbench.errors import WorkbenchError
 from workbench.prompts import pad_token_id
@@ -95,27 +95,10 @@ class _CaptureSteps:
         self.attn: list[Tensor | None] = [None] * n_layers
         self.modules: list[Any] = [None] * n_layers
 
-    def _rows(self, call: AttentionCall) -> Float[Tensor, "batch head step key"]:
-        q = call.query[:, :, -self.n_steps :].float()
-        k = call.key.float()
-        g = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(g, dim=1)
-        s = (q @ k.transpose(-1, -2)) * call.scaling
-        if call.softcap is not None:
-            s = call.softcap * torch.tanh(s / call.softcap)
-        n_q, n_k = call.query.shape[2], k.shape[2]
-        if call.mask is not None:
-            m = call.mask[..., -self.n_steps :, :]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-        elif call.is_causal:
-            qpos = torch.arange(n_q - self.n_steps, n_q, device=s.device) + (n_k - n_q)
-            s = s.masked_fill(torch.arange(n_k, device=s.device)[None, :] > qpos[:, None], float("-inf"))
-        return torch.softmax(s, dim=-1).nan_to_num(0.0)
-
     def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
         self.z[call.layer] = z[:, -self.n_steps :].detach().float()
         self.modules[call.layer] = call.module
-        probs = self._rows(call)
+        probs = attention_probs(call, self.n_steps)
         keys = self.condition_keys[:, : probs.shape[-1]].float()
         self.attn[call.layer] = torch.einsum("bhtk,bk->bth", probs, keys)
         return z
