@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from circuits.patching import Baseline, baseline, logit_diff, path_patching
 from circuits.tasks import Pair

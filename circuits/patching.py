@@ -352,7 +352,7 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     if late:
         raise WorkbenchError(f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
                              "receivers must be in later layers than all senders")
-    b, T = base.pb.size, base.pb.clean.input_ids.shape[1]
+    b = base.pb.size
     group = model.n_heads // model.n_kv_heads
     order = sorted(range(len(senders)), key=lambda i: senders[i])  # chunks of nearby layers fork late
     senders = [senders[i] for i in order]

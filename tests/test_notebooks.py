@@ -1,7 +1,6 @@
 """Every notebook runs end to end (stored without outputs), on a tiny model and on SmolLM2."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.results import load_results, query
-from workbench.sweeps import load_config, run_sweep
+from workbench.sweeps import run_sweep
 
 MINIMAL = """models = ["{model}"]
 probes = ["entropy", "sink"]

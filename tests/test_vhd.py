@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from probes import get_probe
-from tests.reference import reference_condition_attention, reference_head_z, reference_vhd
+from tests.reference import reference_condition_attention, reference_vhd
 from workbench.conditions import load_image
 from workbench.datasets import make_dataset
 from workbench.prompts import Prompt

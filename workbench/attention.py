@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 ATTN_IMPL = "workbench"

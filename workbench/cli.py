@@ -488,7 +488,6 @@ def _int_ranges(raw: str, flag: str) -> list[int]:
 
 def cmd_reinforce(args: argparse.Namespace) -> int:
     """VHR: scale the outputs of vision-aware (or context) heads and compare the answers."""
-    import pandas as pd
 
     from probes import get_probe
     from workbench.conditions import check_lengths, context_pair, image_pair
