@@ -69,6 +69,13 @@ def test_context_divergence_and_direct_effects_match_plain_recomputation(tiny_mo
     assert abs(got).max() > 1e-3
     follows = df[df.metric == "follows_context"]
     assert list(follows["item"]) == ["a", "b", "c"] and set(follows.value) <= {0.0, 1.0}
+    for metric, target in (("follows_context", "target_context"), ("follows_memory", "target_memory")):
+        got = df[df.metric == metric].set_index("item")["value"]
+        for item in ITEMS:  # the greedy first token of a plain forward with the passage
+            enc = tok(item.meta["context"] + "\n" + item.text, return_tensors="pt")
+            top = int(hf(**enc).logits[0, -1].argmax())
+            want = tok(item.meta[target], add_special_tokens=False)["input_ids"][0]
+            assert got[item.id] == float(top == want)
 
 
 def test_context_batched_equals_one_at_a_time(tiny_models):
