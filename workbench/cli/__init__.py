@@ -1,0 +1,65 @@
+"""The ``workbench`` command line, one module per command group.
+
+==========================  ==================================================================
+module                      commands
+==========================  ==================================================================
+``cli.probe``               ``probe``, ``probes``, ``models``, ``datasets``, ``dataset``
+``cli.circuits``            ``patch``, ``task``, ``circuit``
+``cli.runs``                ``sweep``, ``query``, ``report``
+``cli.reinforce``           ``reinforce``
+``cli.retrieval_ablation``  ``retrieval-ablation``
+==========================  ==================================================================
+
+Each module registers its own subcommands and flags next to its handlers (``register(sub)``);
+shared argument groups live in :mod:`workbench.cli.common`. Bad input never produces a
+traceback: every :class:`~workbench.errors.WorkbenchError` becomes one ``error:`` line (plus a
+``fix:`` line) on stderr and exit status 2. Inputs are validated before the model is loaded
+where possible, and results are written atomically, so a failed run leaves no file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs
+from workbench.errors import WorkbenchError
+
+COMMAND_GROUPS = (probe, circuits, runs, reinforce, retrieval_ablation)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="What does each attention head do? Per-head metrics in one tidy table.",
+        epilog="`workbench COMMAND --help` shows each command's flags and an example.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WorkbenchError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no results written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for more
+        if os.environ.get("WORKBENCH_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("  fix: please report it; set WORKBENCH_DEBUG=1 for the traceback", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "main"]

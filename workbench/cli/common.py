@@ -1,0 +1,220 @@
+"""Argument groups and value parsers shared by every command group, defined once.
+
+Each command module (``workbench/cli/<group>.py``) registers its own subcommands and flags
+next to its handlers, and takes the common pieces from here: the model flags, the input
+flags (prompts file / dataset / items), batch size, probe parameters and the output path.
+Parsers here raise :class:`~workbench.errors.WorkbenchError` so a bad value becomes one
+``error:`` line naming the fix, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Sequence
+
+from workbench.errors import WorkbenchError
+
+MODEL_HELP = "known name (see `workbench models`), local HF folder or hub id (default smollm2-135m)"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, summary: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand with a one-line purpose (shown by ``workbench --help``) and an example."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description or summary[:1].upper() + summary[1:] + ".",
+        epilog="example:\n  " + example.strip().replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and --dtype, the same for every command that runs a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def add_dataset_options(group: argparse._ArgumentGroup) -> None:
+    """Options of the generated datasets (niah, repeated-random)."""
+    group.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
+    group.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
+    group.add_argument("--period", type=int, help="repeated-random: length of the repeated block (default 50)")
+    group.add_argument("--shared-haystack", action="store_true", help="niah: one haystack for every prompt (the paper's grid)")
+
+
+def add_input_args(parser: argparse.ArgumentParser, items: bool = False) -> None:
+    """--prompts / --dataset / --n-prompts / --seed (+ dataset options; + --images/--text)."""
+    group = parser.add_argument_group("inputs")
+    group.add_argument("--prompts", help="JSONL file: one {id, text|tokens} object per line (items: + image or context)")
+    group.add_argument("--dataset", help="shipped or generated dataset (see `workbench datasets`; default prose)")
+    group.add_argument("--n-prompts", type=int, help="how many prompts (dataset size, or the first N of --prompts)")
+    group.add_argument("--seed", type=int, default=0)
+    if items:
+        group.add_argument("--images", help="an image file or a folder of images, each run with --text (vision-language models)")
+        group.add_argument("--text", help="with --images: the prompt, with the image placeholder (e.g. <image>)")
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--batch-size", default=default, help="items per forward pass, or auto (a token budget per batch)")
+
+
+def parse_batch_size(raw: str | int) -> int | str:
+    if raw == "auto":
+        return raw
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"--batch-size must be a whole number or auto, got {raw!r}", "e.g. --batch-size 8") from None
+    if value < 1:
+        raise WorkbenchError(f"--batch-size must be at least 1, got {value}", "e.g. --batch-size 8")
+    return value
+
+
+def float_list(raw: str | None, flag: str) -> list[float] | None:
+    if raw is None:
+        return None
+    try:
+        return [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise WorkbenchError(f"{flag} takes comma-separated numbers, got {raw!r}", f"e.g. {flag} 0,0.5,1") from None
+
+
+def int_ranges(raw: str, flag: str) -> list[int]:
+    """``"2,17-29"`` -> ``[2, 17, 18, ..., 29]``."""
+    out: list[int] = []
+    try:
+        for part in (x.strip() for x in raw.split(",") if x.strip()):
+            lo, dash, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    except ValueError:
+        raise WorkbenchError(f"{flag} takes layer numbers and ranges, got {raw!r}", f"e.g. {flag} 2,17-29") from None
+    return out
+
+
+def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--param sink.epsilon=0.2`` (repeatable) -> ``{"sink": {"epsilon": 0.2}}``."""
+    params: dict[str, dict[str, Any]] = {n: {} for n in probe_names}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        probe, dot, pname = key.partition(".")
+        if not sep or not dot or not pname:
+            raise WorkbenchError(f"bad --param {item!r}", "write --param PROBE.NAME=VALUE, e.g. sink.epsilon=0.2")
+        if probe not in params:
+            raise WorkbenchError(f"--param {item!r} names probe {probe!r}, which is not in this run", f"probes in this run: {', '.join(probe_names)}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        params[probe][pname] = value
+    return params
+
+
+def check_parquet_out(path: str) -> None:
+    from workbench.results import check_writable
+
+    if not str(path).endswith(".parquet"):
+        raise WorkbenchError(f"--out {path} should end in .parquet", "e.g. --out results.parquet")
+    check_writable(path)
+
+
+def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Dataset options given on the command line, validated before any model loads."""
+    opts: dict[str, Any] = {}
+    lengths = float_list(getattr(args, "context_len", None), "--context-len")
+    if lengths is not None:
+        opts["context_len"] = [int(x) for x in lengths]
+    depths = float_list(getattr(args, "depths", None), "--depths")
+    if depths is not None:
+        bad = [d for d in depths if not 0.0 <= d <= 1.0]
+        if bad:
+            raise WorkbenchError(f"depth {bad[0]:g} is outside [0, 1]", "give depths as fractions of the context, e.g. --depths 0,0.5,1")
+        opts["depths"] = depths
+    if getattr(args, "period", None) is not None:
+        opts["period"] = args.period
+    if getattr(args, "shared_haystack", False):
+        opts["shared_haystack"] = True
+    return opts
+
+
+def load_prompts(args: argparse.Namespace, model=None):
+    """Prompts from --prompts or --dataset (token-space datasets need the loaded model)."""
+    from workbench.datasets import NEEDS_TOKENIZER, make_dataset
+    from workbench.prompts import read_prompts
+
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+        return (prompts[: args.n_prompts] if args.n_prompts else prompts), os.path.basename(args.prompts)
+    name = args.dataset or "prose"
+    opts = dataset_options(args)
+    if name in NEEDS_TOKENIZER:
+        if model is None:
+            return None, name
+        opts["tokenizer"] = model.tokenizer
+        if name == "niah":
+            opts["n_ctx"] = model.n_ctx
+    return make_dataset(name, n_prompts=args.n_prompts, seed=args.seed, **opts), name
+
+
+def load_items(args: argparse.Namespace):
+    """Items for the item probes (vhd, context): --images [--text], --prompts or --dataset.
+
+    Returns ``(items, dataset name, root folder for relative image paths)``.
+    """
+    from pathlib import Path
+
+    from workbench.datasets import make_dataset
+    from workbench.prompts import Prompt
+
+    if getattr(args, "images", None):
+        path = Path(args.images)
+        if not path.exists():
+            raise WorkbenchError(f"--images {path} does not exist", "give an image file or a folder of images")
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        if not files:
+            raise WorkbenchError(f"no image files in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
+        if not args.text:
+            raise WorkbenchError("--images needs --text", "e.g. --text 'USER: <image>\nDescribe the image. ASSISTANT:'")
+        items = [Prompt(f.stem, text=args.text, meta={"image": str(f.resolve())}) for f in files]
+        return items[: args.n_prompts] if args.n_prompts else items, path.name, None
+    if args.prompts:
+        prompts, name = load_prompts(args)
+        return prompts, name, Path(args.prompts).resolve().parent
+    if not args.dataset:
+        raise WorkbenchError("the vhd and context probes need items", "give --images DIR --text ..., --prompts items.jsonl, or --dataset shapes|counterfact")
+    return make_dataset(args.dataset, n_prompts=args.n_prompts, seed=args.seed), args.dataset, None
+
+
+def make_interventions(args: argparse.Namespace, model) -> list:
+    """``--ablate L.H,... --ablation zero|mean|first`` as head-ablation observers."""
+    from workbench.interventions import HeadAblation, head_means, parse_heads
+
+    if not getattr(args, "ablate", None):
+        return []
+    heads = parse_heads(args.ablate, model.n_layers, model.n_heads)
+    means = None
+    if args.ablation == "mean":
+        from workbench.datasets import make_dataset
+        from workbench.prompts import tokenize_prompts
+
+        ref = tokenize_prompts(make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size)
+        means = head_means(model, ref)
+    return [HeadAblation(heads, args.ablation, means)]
+
+
+def print_top(top, model_name: str, k: int, footer: str) -> None:
+    """The top heads per metric as a table, then one line of run facts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"top {k} heads per metric ({model_name})")
+    for col in ("probe", "metric", "layer.head", "value", "n"):
+        table.add_column(col, justify="right" if col in ("value", "n") else "left")
+    for row in top.itertuples():
+        table.add_row(row.probe, row.metric, f"{row.layer}.{row.head}", f"{row.value:.4f}", str(row.n))
+    console.print(table)
+    console.print(footer)

@@ -1,0 +1,81 @@
+"""``workbench reinforce``: VHR head reinforcement, and how the greedy answers change."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_items
+from workbench.errors import WorkbenchError
+
+
+def cmd_reinforce(args: argparse.Namespace) -> int:
+    """VHR: scale the outputs of vision-aware (or context) heads and compare the answers."""
+
+    from probes import get_probe
+    from workbench.conditions import check_lengths, context_pair, image_pair
+    from workbench.experiments import reinforce
+    from workbench.interventions import default_vhr_layers, parse_heads, vhr_heads
+    from workbench.models import load_model
+    from workbench.results import read_parquet, run_metadata, tidy, write_parquet
+
+    check_parquet_out(args.out)
+    if args.positions not in ("first", "all"):
+        raise WorkbenchError(f"--positions must be first or all, got {args.positions!r}", "use --positions first")
+    if args.max_new_tokens < 1:
+        raise WorkbenchError("--max-new-tokens must be at least 1", "e.g. --max-new-tokens 16")
+    layers = int_ranges(args.layers, "--layers") if args.layers else None
+    scores = read_parquet(args.vhd)[0] if args.vhd else None
+    items, dataset, root = load_items(args)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if layers is not None:
+        bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is out of range (0-{model.n_layers - 1})", "pick layers of this model")
+    probe_name = "vhd" if model.is_multimodal else "context"
+    pairs = [image_pair(model, it, root) if model.is_multimodal else context_pair(model, it) for it in items]
+    check_lengths(pairs, model.n_ctx, args.max_new_tokens)
+    if args.heads:
+        heads = parse_heads(args.heads, model.n_layers, model.n_heads)
+        source = "--heads"
+    else:
+        if scores is None:
+            scores = get_probe(probe_name).run_items(model, items, root=root, batch_size=args.batch_size)
+            source = f"{probe_name} on the same items"
+        else:
+            source = str(args.vhd)
+        metric, att = ("vhd", "image_attention") if probe_name == "vhd" else ("context_divergence", "context_attention")
+        heads = vhr_heads(scores, layers if layers is not None else default_vhr_layers(model.n_layers), metric, att)
+        if not heads:
+            raise WorkbenchError("no head is above its layer's median divergence in the chosen layers", "choose other --layers or give --heads")
+    rows, answers = reinforce(model, pairs, heads, args.alpha, args.positions, args.max_new_tokens, args.batch_size)
+    table = tidy(rows, model=args.model, dataset=dataset)
+    meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_items": len(items)},
+                        config={"alpha": args.alpha, "positions": args.positions, "heads": [f"{l}.{h}" for l, h in heads],
+                                "heads_from": source, "max_new_tokens": args.max_new_tokens},
+                        answers=answers, command=sys.argv)
+    write_parquet(table, args.out, meta)
+    changed = sum(a["changed"] for a in answers)
+    print(f"reinforced {len(heads)} heads x {args.alpha:g} ({args.positions} position) from {source}")
+    for a in answers[: args.show]:
+        mark = "*" if a["changed"] else " "
+        print(f"{mark} {a['item']}: {a['baseline']!r} -> {a['reinforced']!r}")
+    print(f"{changed}/{len(answers)} answers changed -> {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    vr = add_command(sub, "reinforce", "VHR: scale vision-aware (or context) heads by alpha and compare greedy answers",
+                     "workbench reinforce --dataset counterfact --alpha 2 --out vhr.parquet\n"
+                     "workbench reinforce --model ./my-llava --prompts items.jsonl --vhd vhd.parquet --out vhr.parquet")
+    add_model_args(vr)
+    add_input_args(vr, items=True)
+    vr.add_argument("--vhd", help="a vhd/context probe table to pick heads from (default: run the probe on the same items)")
+    vr.add_argument("--heads", help="reinforce exactly these heads, LAYER.HEAD comma list")
+    vr.add_argument("--layers", help="layers to pick heads in, e.g. 2,17-29 (default: VHR's layer 2 + the last 14/32)")
+    vr.add_argument("--alpha", type=float, default=2.0)
+    vr.add_argument("--positions", default="first", help="first (the position of the first generated token) or all")
+    vr.add_argument("--max-new-tokens", type=int, default=16)
+    vr.add_argument("--batch-size", type=int, default=8)
+    vr.add_argument("--show", type=int, default=10, help="answers to print")
+    vr.add_argument("--out", required=True, help="output .parquet (answer_changed per item; answers in the metadata)")
+    vr.set_defaults(func=cmd_reinforce)
