@@ -1,62 +1,126 @@
-"""The probe protocol: what a new head metric implements, in one file.
+"""The probe protocol: every kind of probe a head metric can be, declared in one file.
 
-A probe declares its ``name``, the ``metrics`` it reports and its parameters, then reduces
-:class:`~workbench.patterns.PatternChunk` s as each layer fires. Reductions go into *batch*
-accumulators (:meth:`Probe.acc`) which the engine commits with :meth:`end_batch` only when the
-whole batch succeeded; if a batch fails (say, CUDA out of memory, retried in halves) it calls
-:meth:`abort_batch` and nothing is double-counted. :meth:`results` turns the totals into tidy
-rows ``(metric, layer, head, value, n)``.
+A probe declares its ``name``, the ``metrics`` it reports, a one-line ``description``, its
+parameters as a typed schema (``Params``, validated on construction: ``Literal`` choices,
+ranges, no NaN) and its ``kind``. The runner (:func:`workbench.runner.run_probes`) reads the
+kind and gives each probe what it asked for; every probe ends with one
+:class:`~workbench.results.ProbeResult` (its table with the ``probe`` column, a summary, the
+lines to print).
 
-Minimal example (mean attention to the previous token)::
+=================  =========================================================  ================
+kind               what the probe does                                        it receives
+=================  =========================================================  ================
+``PatternProbe``   reduces attention-pattern chunks as each layer fires,       tokenized prompts,
+                   inside one forward shared by every pattern probe of a run  via the engine
+``TokenProbe``     drives its own forwards or decoding over tokens            tokenized prompts
+                   (e.g. retrieval: greedy decoding with a KV cache)
+``ItemProbe``      reads raw items: image + text, context + text (vhd,        the items as given
+                   context), building its own model inputs
+=================  =========================================================  ================
 
-    class PrevToken(Probe):
+A new probe is one module plus one entry point in its package's ``pyproject.toml``
+(``[project.entry-points."workbench.probes"] name = "module:Class"``); nothing that dispatches
+on names needs an edit. Minimal pattern probe (mean attention to the previous token)::
+
+    class PrevToken(PatternProbe):
         name, metrics = "prev", ("prev_token",)
+        description = "mean attention to the previous token"
 
         def on_pattern_chunk(self, chunk):
-            ...  # chunk.probs, chunk.query_valid, chunk.layer
-            self.acc("sum", self.n_layers, self.n_heads)[chunk.layer] += ...
+            use = chunk.query_valid & (chunk.query_pos >= 1)
+            a = chunk.probs_at(torch.where(use, chunk.batch.first_index[:, None] + chunk.query_pos - 1, -1))
+            self.acc("sum", self.n_layers, self.n_heads)[chunk.layer] += (a * use[:, None]).sum((0, 2))
+            self.acc("n", self.n_layers, self.n_heads)[chunk.layer] += use.sum()
 
         def results(self):
             return self.rows("prev_token", self.total["sum"] / self.total["n"], self.total["n"])
+
+Metric definitions: ``docs/metrics.md``.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
+from workbench.params import Options, options_dict, validate_options
 from workbench.patterns import BatchInfo, PatternChunk
+from workbench.results import ProbeResult, head_rows
+
+if TYPE_CHECKING:
+    from workbench.models import LoadedModel
+    from workbench.prompts import Prompt, TokenizedPrompt
+    from workbench.runner import RunContext
 
 
-class Probe:
-    """Base class for per-head metrics computed inside the forward pass."""
+class NoParams(Options):
+    """A probe without parameters."""
+
+
+class Probe(ABC):
+    """What every probe declares, whatever its kind."""
 
     name: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
-    needs_patterns: ClassVar[bool] = True
-    generates: ClassVar[bool] = False  # True: the probe drives its own decoding via run()
+    kind: ClassVar[Literal["pattern", "tokens", "items"]]
+    Params: ClassVar[type[Options]] = NoParams
+    # Bumped when a change to the probe changes its numbers: sweeps key their parts on it.
+    version: ClassVar[int] = 1
 
     def __init__(self, **params: Any) -> None:
-        self.params: dict[str, Any] = params
+        self.options = validate_options(self.Params, params, self.name)
+        self.params: dict[str, Any] = options_dict(self.options)
+
+    def config(self) -> dict[str, Any]:
+        """Parameters recorded in the result file's metadata."""
+        return {"name": self.name, **self.params}
+
+    def rows(self, metric: str, value: Float[Tensor, "layer head"], n: Tensor | int) -> pd.DataFrame:
+        """Tidy rows for one ``[layer, head]`` metric tensor."""
+        return head_rows(metric, value, n)
+
+    def finish(self, table: pd.DataFrame, summary: dict[str, Any] | None = None, lines: Sequence[str] = ()) -> ProbeResult:
+        """The probe's result: ``table`` with the ``probe`` column in front."""
+        table = table.copy()
+        table.insert(0, "probe", self.name)
+        return ProbeResult(self.name, table, dict(summary or {}), list(lines))
+
+
+class PatternProbe(Probe):
+    """Reduces :class:`~workbench.patterns.PatternChunk` s inside the shared forward.
+
+    Reductions go into *batch* accumulators (:meth:`acc`) which the engine commits with
+    :meth:`end_batch` only when the whole batch succeeded; if a batch fails (say, out of device
+    memory, retried in halves) it calls :meth:`abort_batch` and nothing is double-counted.
+    :meth:`results` turns the totals into tidy rows ``(metric, layer, head, value, n)``.
+    """
+
+    kind: ClassVar[Literal["pattern"]] = "pattern"
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.n_layers = 0
         self.n_heads = 0
         self.device = torch.device("cpu")
         self.total: dict[str, Tensor] = {}
         self._batch: dict[str, Tensor] = {}
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def setup(self, n_layers: int, n_heads: int, device: torch.device) -> None:
+    # -- lifecycle, called by the extraction engine -------------------------------------------
+    def setup(self, n_layers: int, n_heads: int, device: torch.device | str) -> None:
         self.n_layers, self.n_heads, self.device = n_layers, n_heads, torch.device(device)
         self.total, self._batch = {}, {}
 
     def begin_batch(self, batch: BatchInfo) -> None:
         self._batch = {}
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+        """Reduce one chunk of one layer's attention pattern into batch accumulators."""
 
     def end_batch(self, batch: BatchInfo) -> None:
         """Commit the batch accumulators into the totals."""
@@ -70,8 +134,18 @@ class Probe:
     def abort_batch(self) -> None:
         self._batch = {}
 
-    def results(self) -> pd.DataFrame:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def results(self) -> pd.DataFrame:
+        """Tidy rows ``metric, layer, head, value, n`` from the totals."""
+
+    def summarize(self, table: pd.DataFrame) -> tuple[dict[str, Any], list[str]]:
+        """Summary facts and lines to print about this probe's table (none by default)."""
+        return {}, []
+
+    def result(self) -> ProbeResult:
+        table = self.results()
+        summary, lines = self.summarize(table)
+        return self.finish(table, summary, lines)
 
     # -- helpers -----------------------------------------------------------------------------
     def acc(self, key: str, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -81,21 +155,44 @@ class Probe:
             self._batch[key] = torch.zeros(shape, dtype=dtype, device=self.device)
         return self._batch[key]
 
-    def rows(self, metric: str, value: Tensor, n: Tensor | int) -> pd.DataFrame:
-        """Tidy rows for one ``[layer, head]`` metric tensor."""
-        value = value.detach().double().cpu()
-        n_t = torch.as_tensor(n).expand_as(value).cpu() if not isinstance(n, int) else torch.full(value.shape, n)
-        layer, head = torch.meshgrid(torch.arange(value.shape[0]), torch.arange(value.shape[1]), indexing="ij")
-        return pd.DataFrame(
-            {
-                "metric": metric,
-                "layer": layer.flatten().numpy(),
-                "head": head.flatten().numpy(),
-                "value": value.flatten().numpy(),
-                "n": n_t.flatten().numpy().astype("int64"),
-            }
-        )
 
-    def config(self) -> dict[str, Any]:
-        """Parameters recorded in the result file's metadata."""
-        return {"name": self.name, **self.params}
+class TokenProbe(Probe):
+    """Drives its own forwards or decoding over tokenized prompts (e.g. retrieval)."""
+
+    kind: ClassVar[Literal["tokens"]] = "tokens"
+
+    @abstractmethod
+    def run(self, model: LoadedModel, prompts: Sequence[TokenizedPrompt], ctx: RunContext) -> ProbeResult:
+        """Compute the probe's metrics over ``prompts``; batching, interventions and progress
+        come from ``ctx``."""
+
+
+class ItemProbe(Probe):
+    """Reads raw items (image + text, context + text) and builds its own model inputs."""
+
+    kind: ClassVar[Literal["items"]] = "items"
+
+    @abstractmethod
+    def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
+        """Compute the probe's metrics over ``items``; relative file paths in items start at
+        ``ctx.root``."""
+
+
+class DivergenceProbe(ItemProbe):
+    """An item probe whose per-head divergence between a condition and its counterfactual
+    picks the heads VHR reinforces (``workbench reinforce``)."""
+
+    divergence_metric: ClassVar[str]
+    attention_metric: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, model: LoadedModel) -> bool:
+        """Whether this probe's condition applies to ``model`` (images need a VLM)."""
+
+    @abstractmethod
+    def pairs(self, model: LoadedModel, items: Sequence[Prompt], root: Any = None) -> list[Any]:
+        """Each item as a :class:`~workbench.conditions.ConditionPair` (with / without)."""
+
+
+__all__ = ["DivergenceProbe", "ItemProbe", "NoParams", "PatternProbe", "Probe", "TokenProbe"]

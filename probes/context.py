@@ -29,20 +29,30 @@ passage's first token, where sink heads put nearly all their weight without read
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float
+from pydantic import Field
+from torch import Tensor
 
-from probes.base import Probe
+from probes.base import DivergenceProbe
 from probes.vhd import divergence_rows
-from workbench.conditions import check_lengths, context_pair
+from workbench.conditions import ConditionPair, check_lengths, context_pair
+from workbench.context import RunContext
 from workbench.divergence import Divergence, divergence, final_norm, head_contributions
 from workbench.errors import WorkbenchError
+from workbench.params import Options
 from workbench.prompts import Prompt
+from workbench.results import ProbeResult
+
+if TYPE_CHECKING:
+    from workbench.models import LoadedModel
 
 
 def first_token(tokenizer: Any, text: str) -> int:
+    """The first token id of ``text`` (no special tokens); an empty target is an error."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise WorkbenchError(f"target {text!r} tokenizes to nothing", "give a non-empty target (with its leading space)")
@@ -51,8 +61,8 @@ def first_token(tokenizer: Any, text: str) -> int:
 
 @torch.no_grad()
 def direct_effects(
-    model: Any, outcome: Divergence, target_a: int, target_b: int
-) -> torch.Tensor:
+    model: LoadedModel, outcome: Divergence, target_a: int, target_b: int
+) -> Float[Tensor, "layer head"]:
     """``[layer, head]``: logit-difference (a - b) minus the same with one head's write removed,
     at the first step of the conditioned run."""
     hf = model.hf_model
@@ -70,72 +80,64 @@ def direct_effects(
     return (logits[0] - logits[1:]).view(len(outcome.modules), -1).double().cpu()
 
 
-class ContextProbe(Probe):
+class ContextProbe(DivergenceProbe):
     """Context-aware divergence and context-vs-memory direct effects on context items."""
 
     name = "context"
     metrics = ("context_divergence", "context_attention", "context_direct_effect", "follows_context", "follows_memory")
     description = "context-aware head divergence |z(with passage) - z(without)|; heads that follow context vs memory"
-    needs_patterns = False
-    generates = True
-    takes_items = True
+    divergence_metric = "context_divergence"
+    attention_metric = "context_attention"
 
-    def __init__(self, steps: str = "first", max_new_tokens: int = 8, separator: str = "\n") -> None:
-        if steps not in ("first", "all"):
-            raise WorkbenchError(f"context.steps must be 'first' or 'all', got {steps!r}", "use --param context.steps=all")
-        super().__init__(steps=steps, max_new_tokens=int(max_new_tokens), separator=separator)
-        self.outcomes: list[Divergence] = []
-        self.effects: list[torch.Tensor] = []
-        self.follows: list[dict] = []
-        self.ambiguous: list[str] = []  # items whose two targets share their first token (not scored)
-        self._tokenizer: Any = None
+    class Params(Options):
+        steps: Literal["first", "all"] = Field("first", description="first: the first answer token; all: every answer token")
+        max_new_tokens: int = Field(8, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
+        separator: str = Field("\n", description="text placed between the passage and the question")
 
-    def run_items(
-        self, model: Any, items: Sequence[Prompt], root: Any = None, batch_size: int = 8,
-        interventions: Sequence[object] = (),
-    ) -> pd.DataFrame:
-        pairs = [context_pair(model, it, self.params["separator"]) for it in items]
-        check_lengths(pairs, model.n_ctx, self.params["max_new_tokens"] if self.params["steps"] == "all" else 0)
-        self.setup(model.n_layers, model.n_heads, model.device)
-        self._tokenizer = model.tokenizer
-        self.outcomes = divergence(
-            model, pairs, steps=self.params["steps"], max_new_tokens=self.params["max_new_tokens"],
-            batch_size=batch_size, observers=interventions, keep_z=True, keep_resid=True,
-        )
-        self.effects, self.follows, self.ambiguous = [], [], []
-        for item, out in zip(items, self.outcomes):
-            ctx, mem = item.meta.get("target_context"), item.meta.get("target_memory")
-            if not (isinstance(ctx, str) and isinstance(mem, str)):
+    @classmethod
+    def accepts(cls, model: LoadedModel) -> bool:
+        return not model.is_multimodal
+
+    def pairs(self, model: LoadedModel, items: Sequence[Prompt], root: Any = None) -> list[ConditionPair]:
+        return [context_pair(model, it, self.options.separator) for it in items]
+
+    def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
+        p = self.options
+        pairs = self.pairs(model, items, ctx.root)
+        check_lengths(pairs, model.n_ctx, p.max_new_tokens if p.steps == "all" else 0)
+        outcomes = divergence(model, pairs, steps=p.steps, max_new_tokens=p.max_new_tokens, ctx=ctx, keep_z=True, keep_resid=True)
+        self.outcomes = outcomes  # per item: tokens and per-step divergences, for inspection
+        effects, follows, ambiguous = [], [], []
+        for item, out in zip(items, outcomes):
+            ctx_t, mem_t = item.meta.get("target_context"), item.meta.get("target_memory")
+            if not (isinstance(ctx_t, str) and isinstance(mem_t, str)):
                 continue
-            a, b = first_token(model.tokenizer, ctx), first_token(model.tokenizer, mem)
+            a, b = first_token(model.tokenizer, ctx_t), first_token(model.tokenizer, mem_t)
             if a == b:  # this tokenizer cannot tell the answers apart by their first token
-                self.ambiguous.append(item.id)
+                ambiguous.append(item.id)
                 continue
-            self.effects.append(direct_effects(model, out, a, b))
-            self.follows.append({"item": out.id, "context": float(out.tokens[0] == a), "memory": float(out.tokens[0] == b)})
+            effects.append(direct_effects(model, out, a, b))
+            follows.append({"item": out.id, "context": float(out.tokens[0] == a), "memory": float(out.tokens[0] == b)})
             out.cond_z = out.base_z = None  # reduced: keep only the distances
-        return self.results()
-
-    def results(self) -> pd.DataFrame:
-        frames = divergence_rows(self, self.outcomes, "context_divergence", "context_attention")
-        if self.effects:
-            frames.append(self.rows("context_direct_effect", torch.stack(self.effects).mean(0), len(self.effects)))
-        rows = []
-        for f in self.follows:
-            for metric in ("context", "memory"):
-                rows.append({"metric": f"follows_{metric}", "layer": -1, "head": -1, "value": f[metric], "n": 1,
-                             "item": f["item"], "step": 0, "token": None})
+        frames = divergence_rows(self, model, outcomes, "context_divergence", "context_attention")
+        if effects:
+            frames.append(self.rows("context_direct_effect", torch.stack(effects).mean(0), len(effects)))
+        rows = [{"metric": f"follows_{m}", "layer": -1, "head": -1, "value": f[m], "n": 1, "item": f["item"], "step": 0, "token": None}
+                for f in follows for m in ("context", "memory")]
         if rows:
             frames.append(pd.DataFrame(rows))
-        return pd.concat(frames, ignore_index=True)
-
-    def summary(self) -> dict:
-        n = len(self.follows)
-        return {
-            "n_items": len(self.outcomes),
+        n = len(follows)
+        summary = {
+            "n_items": len(outcomes),
             "n_with_targets": n,
-            "skipped_same_first_token": list(self.ambiguous),
-            "follows_context": sum(f["context"] for f in self.follows) / n if n else None,
-            "follows_memory": sum(f["memory"] for f in self.follows) / n if n else None,
-            "answers": {o.id: self._tokenizer.decode(o.tokens) for o in self.outcomes} if self._tokenizer else {},
+            "skipped_same_first_token": ambiguous,
+            "follows_context": sum(f["context"] for f in follows) / n if n else None,
+            "follows_memory": sum(f["memory"] for f in follows) / n if n else None,
+            "answers": {o.id: model.tokenizer.decode(o.tokens) for o in outcomes},
         }
+        lines = [f"context: {len(outcomes)} items"]
+        if n:
+            lines.append(f"context: follows the context on {summary['follows_context']:.0%}, memory on {summary['follows_memory']:.0%} of {n} items")
+        if ambiguous:
+            lines.append(f"context: {len(ambiguous)} items not scored for direct effects (their two targets start with the same token for this tokenizer)")
+        return self.finish(pd.concat(frames, ignore_index=True), summary, lines)

@@ -1,4 +1,4 @@
-"""Attention entropy per head (metrics.md section 1).
+"""Attention entropy per head (definitions: docs/metrics.md#entropy).
 
 - ``entropy``: mean over query positions q >= 1 of every prompt of
   H_q = -sum_k A[q,k] ln A[q,k] (nats; 0 ln 0 = 0). Position 0 always has H = 0 and is left out.
@@ -17,7 +17,7 @@ import math
 import pandas as pd
 import torch
 
-from probes.base import Probe
+from probes.base import PatternProbe
 from workbench.patterns import PatternChunk
 
 
@@ -26,7 +26,7 @@ def _mean(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
 
 
-class EntropyProbe(Probe):
+class EntropyProbe(PatternProbe):
     name = "entropy"
     metrics = ("entropy", "entropy_norm")
     description = "mean attention entropy per query (nats) and entropy / ln(visible keys)"

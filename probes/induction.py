@@ -1,4 +1,4 @@
-"""Previous-token, duplicate-token, induction and echo scores per head (metrics.md sections 3-4).
+"""Previous-token, duplicate-token, induction and echo scores per head (docs/metrics.md#induction).
 
 On a sequence of random tokens repeated with period n (dataset ``repeated-random``; metadata
 ``period`` and ``offset``, the index of the first random token), for queries at in-prompt
@@ -14,7 +14,7 @@ position q:
 Deviation from TransformerLens' ``detect_head`` "mul" measure, sum(A * P) / sum(A): that
 divides by the attention of *every* query row, including the first copy where the detection
 pattern P is empty, so a perfect induction head scores n/(2n) = 0.5 on two copies. We average
-over the queries where P is defined, as metrics.md states ("mean attention from position q in
+over the queries where P is defined, as the head-detector definition states ("mean attention from position q in
 the second half"), so a perfect head scores 1; TL's number is ours times the share of rows
 with a target. Prompts without a ``period`` count only towards ``prev_token`` and ``echo``.
 ``n`` is the number of queries averaged.
@@ -26,11 +26,11 @@ import math
 import pandas as pd
 import torch
 
-from probes.base import Probe
+from probes.base import PatternProbe
 from workbench.patterns import BatchInfo, PatternChunk
 
 
-class InductionProbe(Probe):
+class InductionProbe(PatternProbe):
     name = "induction"
     metrics = ("prev_token", "duplicate", "induction", "echo")
     description = "attention to the previous token, the earlier copy (duplicate), the token after it (induction), earlier same tokens (echo)"

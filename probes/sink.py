@@ -1,4 +1,4 @@
-"""Attention sink mass per head (metrics.md section 2; Gu et al., sail-sg/Attention-Sink).
+"""Attention sink mass per head (Gu et al., sail-sg/Attention-Sink; definitions: docs/metrics.md#sink_mass).
 
 For one prompt of T tokens, the importance of key k is alpha_k = (1/(T-k)) sum_{q>=k} A[q,k],
 the mean attention k receives from the queries that can see it (their code:
@@ -15,19 +15,24 @@ padding put it.
 from __future__ import annotations
 
 import pandas as pd
+from pydantic import Field
 
-from probes.base import Probe
+from probes.base import PatternProbe
+from workbench.params import Options
 from workbench.patterns import BatchInfo, PatternChunk
 
 
-class SinkProbe(Probe):
+class SinkProbe(PatternProbe):
     name = "sink"
     metrics = ("sink_mass", "sink_rate")
     description = "mean attention on the first token (alpha_0) and share of prompts with alpha_0 > epsilon"
 
-    def __init__(self, epsilon: float = 0.3) -> None:
-        super().__init__(epsilon=float(epsilon))
-        self.epsilon = float(epsilon)
+    class Params(Options):
+        epsilon: float = Field(0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]")
+
+    @property
+    def epsilon(self) -> float:
+        return self.options.epsilon
 
     def on_pattern_chunk(self, chunk: PatternChunk) -> None:
         a0 = chunk.key_probs(chunk.batch.first_index).double()  # [batch, head, chunk]

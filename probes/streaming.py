@@ -1,4 +1,5 @@
-"""Streaming score per head: the share of attention on the sink tokens plus a recent window.
+"""Streaming score per head: the share of attention on the sink tokens plus a recent window
+(definitions: docs/metrics.md#streaming).
 
 DuoAttention splits heads into *streaming* heads, whose attention concentrates on the first few
 (sink) tokens and a window of recent tokens, and *retrieval* heads, which need the full
@@ -18,19 +19,25 @@ import math
 
 import pandas as pd
 import torch
+from pydantic import Field
 
-from probes.base import Probe
+from probes.base import PatternProbe
+from workbench.params import Options
 from workbench.patterns import PatternChunk
 
 
-class StreamingProbe(Probe):
+class StreamingProbe(PatternProbe):
     name = "streaming"
     metrics = ("streaming",)
     description = "share of attention on the first `sink` tokens plus the last `recent` tokens (DuoAttention)"
 
-    def __init__(self, sink: int = 4, recent: int = 64) -> None:
-        super().__init__(sink=int(sink), recent=int(recent))
-        self.sink, self.recent = int(sink), int(recent)
+    class Params(Options):
+        sink: int = Field(4, ge=0, description="number of initial (sink) tokens, a whole number >= 0")
+        recent: int = Field(64, ge=1, description="size of the recent window, a whole number >= 1 (the current token included)")
+
+    def __init__(self, **params: int) -> None:
+        super().__init__(**params)
+        self.sink, self.recent = self.options.sink, self.options.recent
 
     def on_pattern_chunk(self, chunk: PatternChunk) -> None:
         qpos = chunk.query_pos.unsqueeze(2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from probes import get_probe
+from workbench.runner import run_probes
 from tests.reference import reference_head_z
 from workbench.prompts import Prompt
 
@@ -32,7 +33,7 @@ def _rmsnorm(norm, x):
 def test_context_divergence_and_direct_effects_match_plain_recomputation(tiny_models, plain_llama):
     hf, tok = plain_llama
     probe = get_probe("context")
-    df = probe.run_items(tiny_models["llama"], ITEMS, batch_size=3)
+    df = run_probes(tiny_models["llama"], ITEMS, [probe], batch_size=3).table
     div_ref, eff_ref = [], []
     for item in ITEMS:
         cond = tok(item.meta["context"] + "\n" + item.text, return_tensors="pt")
@@ -82,10 +83,10 @@ def test_context_batched_equals_one_at_a_time(tiny_models):
     """Batching mixed lengths gives the one-at-a-time values."""
     model = tiny_models["llama"]
     together = get_probe("context", steps="all", max_new_tokens=3)
-    together.run_items(model, ITEMS, batch_size=3)
+    run_probes(model, ITEMS, [together], batch_size=3).table
     for item, out in zip(ITEMS, together.outcomes):
         alone = get_probe("context", steps="all", max_new_tokens=3)
-        alone.run_items(model, [item], batch_size=1)
+        run_probes(model, [item], [alone], batch_size=1).table
         assert alone.outcomes[0].tokens == out.tokens
         assert torch.allclose(alone.outcomes[0].divergence, out.divergence, atol=1e-5)
 
@@ -93,8 +94,10 @@ def test_context_batched_equals_one_at_a_time(tiny_models):
 def test_items_whose_targets_share_a_first_token_are_listed_not_scored(tiny_models):
     same = Prompt("z", text="and he said", meta={"context": "the lord", "target_context": " Zorblax", "target_memory": " Quuxian"})
     probe = get_probe("context")
-    df = probe.run_items(tiny_models["llama"], [ITEMS[0], same])  # both unknown words -> [UNK]
-    assert probe.summary()["skipped_same_first_token"] == ["z"]
+    res = run_probes(tiny_models["llama"], [ITEMS[0], same], [probe])  # both unknown words -> [UNK]
+    df = res.table
+    assert res.results["context"].summary["skipped_same_first_token"] == ["z"]
+    assert any("1 items not scored" in line for line in res.lines())
     assert (df[df.metric == "context_direct_effect"].n == 1).all()
     assert (df[df.metric == "context_divergence"].n == 2).all()
 
@@ -103,7 +106,7 @@ def test_items_whose_targets_share_a_first_token_are_listed_not_scored(tiny_mode
 def test_context_attention_is_the_eager_mass_on_the_passage_after_position_0(tiny_models, plain_llama):
     hf, tok = plain_llama
     probe = get_probe("context")
-    df = probe.run_items(tiny_models["llama"], ITEMS, batch_size=3)
+    df = run_probes(tiny_models["llama"], ITEMS, [probe], batch_size=3).table
     ref = []
     for item in ITEMS:
         n_prefix = len(tok(item.meta["context"] + "\n")["input_ids"])

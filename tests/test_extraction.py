@@ -5,17 +5,18 @@ import pytest
 import torch
 
 from probes import get_probe
-from probes.base import Probe
+from probes.base import PatternProbe
 from tests.test_metrics import lookup, random_prompts
 from workbench.errors import WorkbenchError
-from workbench.extraction import plan_batches, run_probes
+from workbench.batching import plan_batches
+from workbench.runner import run_probes
 from workbench.patterns import collate
 
 
-class ChunkSpy(Probe):
+class ChunkSpy(PatternProbe):
     """Records which layer each chunk came from and how many scores it held."""
 
-    name, metrics = "spy", ()
+    name, metrics, description = "spy", ("spy",), "records chunks"
 
     def setup(self, *a, **k):
         super().setup(*a, **k)
@@ -66,7 +67,7 @@ def test_oom_backoff_splits_batches_and_counts_nothing_twice(tiny_models):
     them, and the probes' numbers equal an unbatched run."""
     model = tiny_models["llama"]
     prompts = random_prompts(model.vocab_size, [20, 11, 31, 7, 16], seed=4)
-    reference, _ = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False)
+    reference = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False).table
     base = model.hf_model.base_model
 
     def flaky_forward(batch):
@@ -74,7 +75,9 @@ def test_oom_backoff_splits_batches_and_counts_nothing_twice(tiny_models):
         if batch.size > 1:  # fail after the probes already saw every layer of this batch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    table, stats = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=4, progress=False, forward=flaky_forward)
+    _res = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=4, progress=False, forward=flaky_forward)
+
+    table, stats = _res.table, _res.stats
     assert stats.n_oom_splits >= 2 and stats.n_batches == len(prompts)
     for metric in ("entropy", "entropy_norm", "sink_mass", "sink_rate"):
         got, ref = lookup(table, metric), lookup(reference, metric)
@@ -114,8 +117,8 @@ def test_lower_precision_runs_and_stays_close(tiny_dirs):
     from workbench.models import load_model
 
     prompts = random_prompts(512, [12, 30, 7], seed=9)
-    full, _ = run_probes(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False)
-    half, _ = run_probes(load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, [get_probe("entropy")], progress=False)
+    full = run_probes(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False).table
+    half = run_probes(load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, [get_probe("entropy")], progress=False).table
     a, b = lookup(full, "entropy_norm"), lookup(half, "entropy_norm")
     assert max(abs(a[k][0] - b[k][0]) for k in a) < 0.05
 

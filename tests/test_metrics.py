@@ -7,7 +7,7 @@ import pytest
 
 from probes import get_probe
 from tests.reference import eager_model, entropy_reference, patterns, sink_reference
-from workbench.extraction import run_probes
+from workbench.runner import run_probes
 from workbench.prompts import TokenizedPrompt
 
 TOL = 1e-4
@@ -24,7 +24,7 @@ def lookup(table, metric):
 
 
 def check_against_reference(model, prompts, batch_size, epsilon=0.3, **kw):
-    table, _ = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink", epsilon=epsilon)], batch_size=batch_size, progress=False, **kw)
+    table = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink", epsilon=epsilon)], batch_size=batch_size, progress=False, **kw).table
     ref_model = eager_model(model.source)
     pats = [patterns(ref_model, p.ids) for p in prompts]
     ent, ent_norm, n_q = entropy_reference(pats)
@@ -66,10 +66,10 @@ def test_prompt_values_do_not_depend_on_batch(tiny_models):
     model = tiny_models["llama"]
     target = random_prompts(model.vocab_size, [9], seed=11)
     others = random_prompts(model.vocab_size, [40, 25], seed=12)
-    alone, _ = run_probes(model, target, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False)
+    alone = run_probes(model, target, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False).table
     # the others are run too, so isolate the target by running it with and without them
-    both, _ = run_probes(model, target + others, [get_probe("entropy"), get_probe("sink")], batch_size=3, progress=False)
-    only_others, _ = run_probes(model, others, [get_probe("entropy"), get_probe("sink")], batch_size=2, progress=False)
+    both = run_probes(model, target + others, [get_probe("entropy"), get_probe("sink")], batch_size=3, progress=False).table
+    only_others = run_probes(model, others, [get_probe("entropy"), get_probe("sink")], batch_size=2, progress=False).table
     for metric in ("sink_mass",):  # per-prompt mean: both = (target + 2 * others) / 3
         a, b, o = lookup(alone, metric), lookup(both, metric), lookup(only_others, metric)
         for k in a:
@@ -89,12 +89,13 @@ def test_smollm2_matches_reference(smollm2):
 
 def test_softcapped_attention_falls_back_to_eager_and_matches_hf(tmp_path):
     """Gemma 2 soft-caps attention logits, which SDPA cannot do: the hook computes those layers
-    from :func:`workbench.attention.attention_probs`; logits equal HF's eager forward, on a padded
+    from :func:`workbench.masking.attention_probs`; logits equal HF's eager forward, on a padded
     batch, and ``attention_probs`` of the last rows equals the last rows of the full pattern."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from workbench.attention import AttentionCall, attention_probs, hooked_run
+    from workbench.attention import AttentionCall, hooked_run
+    from workbench.masking import attention_probs
     from workbench.models import load_model
     from workbench.tiny import _tiny_tokenizer
 

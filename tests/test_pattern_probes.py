@@ -10,7 +10,7 @@ from tests.reference import eager_model, induction_reference, patterns, streamin
 from tests.test_metrics import TOL, lookup
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
-from workbench.extraction import run_probes
+from workbench.runner import run_probes
 from workbench.prompts import TokenizedPrompt, tokenize_prompts
 
 
@@ -36,14 +36,14 @@ def test_induction_scores_match_reference(tiny_models, arch):
     model = tiny_models[arch]
     prompts = mixed_prompts(model)
     assert len({len(p) for p in prompts}) > 2
-    table, _ = run_probes(model, prompts, [get_probe("induction")], batch_size=4, progress=False)
+    table = run_probes(model, prompts, [get_probe("induction")], batch_size=4, progress=False).table
     pats = [patterns(eager_model(model.source), p.ids) for p in prompts]
     ref = induction_reference(pats, [p.ids for p in prompts], [p.meta for p in prompts])
     for metric, (values, n) in ref.items():
         compare(table, metric, values, n)
     # on two copies of random tokens, echo equals duplicate (no token repeats within a period)
     rep_only = [p for p in prompts if p.meta.get("period") == 9]
-    t2, _ = run_probes(model, rep_only, [get_probe("induction")], batch_size=2, progress=False)
+    t2 = run_probes(model, rep_only, [get_probe("induction")], batch_size=2, progress=False).table
     d, e = lookup(t2, "duplicate"), lookup(t2, "echo")
     assert all(abs(d[k][0] - e[k][0]) < 1e-6 for k in d)
 
@@ -53,7 +53,7 @@ def test_streaming_matches_reference(tiny_models, arch):
     model = tiny_models[arch]
     rng = random.Random(2)
     prompts = [TokenizedPrompt(f"p{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate([40, 13, 29, 8])]
-    table, _ = run_probes(model, prompts, [get_probe("streaming", sink=2, recent=5)], batch_size=3, progress=False, chunk_elements=300)
+    table = run_probes(model, prompts, [get_probe("streaming", sink=2, recent=5)], batch_size=3, progress=False, chunk_elements=300).table
     pats = [patterns(eager_model(model.source), p.ids) for p in prompts]
     values, n = streaming_reference(pats, sink=2, recent=5)
     compare(table, "streaming", values, n)
@@ -73,6 +73,6 @@ def test_repeated_random_excludes_special_tokens(tiny_models):
 def test_smollm2_has_induction_heads(smollm2):
     prompts = make_dataset("repeated-random", n_prompts=4, seed=0, tokenizer=smollm2.tokenizer, period=50)
     tok = tokenize_prompts(prompts, smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
-    table, _ = run_probes(smollm2, tok, [get_probe("induction")], progress=False)
+    table = run_probes(smollm2, tok, [get_probe("induction")], progress=False).table
     ind = table[table.metric == "induction"].value
     assert ind.max() > 0.5, "real models have induction heads"

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from probes.retrieval import RetrievalProbe, generate_and_score, newline_token_ids, rouge1_recall
+from workbench.context import RunContext
+from workbench.runner import run_probes
 from tests.reference import eager_model, retrieval_reference
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
@@ -46,7 +48,7 @@ def stop_ids(tok):
 def test_batched_scores_equal_the_paper_loop(tiny_models, arch, prefill):
     model = tiny_models[arch]
     prompts = copy_prompts(model, [25, 9, 17, 30], seed=1)
-    res = generate_and_score(model, prompts, max_new_tokens=12, batch_size=3, require_correct=False, prefill=prefill)
+    res = generate_and_score(model, prompts, max_new_tokens=12, require_correct=False, prefill=prefill, ctx=RunContext(batch_size=3))
     ref_model = eager_model(model.source)
     total = 0.0
     for p, r in zip(prompts, res):
@@ -61,10 +63,9 @@ def test_batched_scores_equal_the_paper_loop(tiny_models, arch, prefill):
 def test_probe_counts_only_correct_prompts(tiny_models):
     model = tiny_models["llama"]
     prompts = copy_prompts(model, [20, 12], seed=2)
-    probe = RetrievalProbe(max_new_tokens=5)
-    table = probe.run(model, prompts)
+    table = run_probes(model, prompts, [RetrievalProbe(max_new_tokens=5)]).table
     assert (table.n == 0).all() and table.value.isna().all(), "answer 'x' is never produced: nothing counts"
-    table = RetrievalProbe(max_new_tokens=5, require_correct=False).run(model, prompts)
+    table = run_probes(model, prompts, [RetrievalProbe(max_new_tokens=5, require_correct=False)]).table
     assert (table.n == 2).all()
 
 
@@ -100,7 +101,7 @@ def test_niah_spans_point_at_the_answer(tiny_models):
 def test_smollm2_retrieval_matches_reference_and_retrieves(smollm2):
     prompts = make_dataset("niah", n_prompts=3, tokenizer=smollm2.tokenizer, context_len=[300, 420], depths=[0.3, 0.7], seed=1)
     tok = tokenize_prompts(prompts, smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
-    res = generate_and_score(smollm2, tok, batch_size=3, max_new_tokens=20)
+    res = generate_and_score(smollm2, tok, max_new_tokens=20, ctx=RunContext(batch_size=3))
     ref_model = eager_model(smollm2.source)
     for p, r in zip(tok, res):
         ref, out = retrieval_reference(ref_model, smollm2.tokenizer, p.ids, p.meta["answer_span"], stop_ids(smollm2.tokenizer), 20)
@@ -114,7 +115,7 @@ def test_smollm2_retrieval_matches_reference_and_retrieves(smollm2):
 def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models, arch):
     """CPU prefill reuses the KV cache of a shared prefix (niah on one haystack); the scores and
     answers equal the paper loop's, prompt by prompt."""
-    from probes import retrieval
+    from workbench import decoding
 
     model = tiny_models[arch]
     base = copy_prompts(model, [60, 52, 45], seed=3)
@@ -122,12 +123,12 @@ def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models
     prompts = [base[0]] + [TokenizedPrompt(p.id, prefix + p.ids[40:] if len(p.ids) > 40 else prefix + p.ids, p.meta) for p in base[1:]]
     prompts = [TokenizedPrompt(p.id, p.ids, {**p.meta, "answer_span": [1, len(p.ids) - 1]}) for p in prompts]
     calls = []
-    original = retrieval._common_prefix
-    retrieval._common_prefix = lambda a, b, limit: calls.append(original(a, b, limit)) or calls[-1]
+    original = decoding._common_prefix
+    decoding._common_prefix = lambda a, b, limit: calls.append(original(a, b, limit)) or calls[-1]
     try:
-        res = generate_and_score(model, prompts, max_new_tokens=10, batch_size=3, require_correct=False, prefill="separate")
+        res = generate_and_score(model, prompts, max_new_tokens=10, require_correct=False, prefill="separate", ctx=RunContext(batch_size=3))
     finally:
-        retrieval._common_prefix = original
+        decoding._common_prefix = original
     assert max(calls) >= 40  # the prefix was shared
     ref_model = eager_model(model.source)
     for p, r in zip(prompts, res):

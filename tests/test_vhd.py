@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from probes import get_probe
+from workbench.runner import run_probes
 from tests.reference import reference_condition_attention, reference_vhd
 from workbench.conditions import load_image
 from workbench.datasets import make_dataset
@@ -62,7 +63,7 @@ def _text(model, text: str) -> str:
 def test_vhd_equals_two_plain_forwards(arch, steps, vlms, plain, items):
     model, (hf, processor) = vlms[arch], plain[arch]
     probe = get_probe("vhd", steps=steps, max_new_tokens=3, top_k=2)
-    df = probe.run_items(model, items, batch_size=3)  # mixed lengths in one batch
+    df = run_probes(model, items, [probe], batch_size=3).table  # mixed lengths in one batch
     divs, atts = [], []
     for item, out in zip(items, probe.outcomes):
         gen, ref = reference_vhd(hf, processor, _text(model, item.text), load_image(item.meta["image"]),
@@ -94,13 +95,13 @@ def test_image_replaced_by_itself_gives_zero_and_batching_changes_nothing(arch, 
     model = vlms[arch]
     same = [Prompt(i.id, text=i.text, meta={**i.meta, "counter_image": i.meta["image"]}) for i in items]
     probe = get_probe("vhd", steps="all", max_new_tokens=3)
-    df = probe.run_items(model, same, batch_size=4)
+    df = run_probes(model, same, [probe], batch_size=4).table
     assert df[df.metric.isin(["vhd", "t_vhd"])].value.abs().max() < 1e-6
     batched = get_probe("vhd", steps="all", max_new_tokens=3)
-    batched.run_items(model, items, batch_size=4)
+    run_probes(model, items, [batched], batch_size=4).table
     for item in items:
         single = get_probe("vhd", steps="all", max_new_tokens=3)
-        single.run_items(model, [item], batch_size=1)
+        run_probes(model, [item], [single], batch_size=1).table
         a, b = single.outcomes[0], next(o for o in batched.outcomes if o.id == item.id)
         assert a.tokens == b.tokens
         assert torch.allclose(a.divergence, b.divergence, atol=1e-5)
@@ -188,8 +189,9 @@ def test_vlm_loads_by_hub_id_from_the_hub_cache(vlm_dirs, tmp_path):
         from workbench.models import load_model
         from workbench.prompts import Prompt
         from probes import get_probe
+        from workbench.runner import run_probes
         m = load_model("llava-hf/tiny-llava", device="cpu")
-        df = get_probe("vhd").run_items(m, [Prompt("a", text="USER: <image> what ASSISTANT:", meta={{"image": {str(img)!r}}})])
+        df = run_probes(m, [Prompt("a", text="USER: <image> what ASSISTANT:", meta={{"image": {str(img)!r}}})], [get_probe("vhd")]).table
         print(m.info["kind"], type(m.processor.image_processor).__name__, int((df.metric == "vhd").sum()))
         """
     )
@@ -204,6 +206,7 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items)
     attention hook; the engine halves batches down to single items and the numbers equal a
     batch-1 run."""
     from workbench.conditions import image_pair
+    from workbench.context import RunContext
     from workbench.divergence import divergence
 
     class OOMAboveOne:
@@ -213,8 +216,8 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items)
 
     model = vlms["llava"]
     pairs = [image_pair(model, it) for it in items]
-    got = divergence(model, pairs, steps="all", max_new_tokens=3, batch_size=4, observers=[OOMAboveOne()])
-    ref = divergence(model, pairs, steps="all", max_new_tokens=3, batch_size=1)
+    got = divergence(model, pairs, steps="all", max_new_tokens=3, ctx=RunContext(batch_size=4), observers=[OOMAboveOne()])
+    ref = divergence(model, pairs, steps="all", max_new_tokens=3, ctx=RunContext(batch_size=1))
     for a, b in zip(got, ref):
         assert a.tokens == b.tokens and torch.allclose(a.divergence, b.divergence, atol=1e-6)
 
@@ -225,4 +228,4 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items)
     from workbench.errors import WorkbenchError
 
     with pytest.raises(WorkbenchError, match="out of memory on a single item"):
-        divergence(model, pairs[:2], batch_size=2, observers=[AlwaysOOM()])
+        divergence(model, pairs[:2], ctx=RunContext(batch_size=2), observers=[AlwaysOOM()])

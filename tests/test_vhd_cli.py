@@ -83,8 +83,9 @@ def test_bad_vhd_input_gives_one_clear_message(case, message, image_dir, tmp_pat
     assert not out.exists()
 
 
-def test_vhd_cannot_share_a_run_and_needs_items(tmp_path, capsys):
+def test_text_probes_refuse_image_items_and_vhd_needs_images(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "probe", "vhd,entropy", "--model", "tiny-llava", "--dataset", "shapes", "--out", str(tmp_path / "o.parquet"))
-    assert rc == 2 and "cannot share a run" in err
-    rc, _, err = run_cli(capsys, "probe", "vhd", "--model", "tiny-llava", "--out", str(tmp_path / "o.parquet"))
-    assert rc == 2 and "need items" in err
+    assert rc == 2 and "carry images" in err and "fix:" in err
+    rc, _, err = run_cli(capsys, "probe", "vhd", "--model", "tiny-llava", "--out", str(tmp_path / "o.parquet"))  # prose: no images
+    assert rc == 2 and "placeholder" in err
+    assert not (tmp_path / "o.parquet").exists()

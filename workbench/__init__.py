@@ -2,13 +2,15 @@
 
 The data path, top to bottom::
 
-    model = load_model("smollm2-135m")                   # workbench.models
-    prompts = tokenize_prompts(make_dataset("prose"), ...)  # workbench.prompts / datasets
-    table, stats = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")])
-    write_parquet(tidy(table, ...), "out.parquet", meta)  # workbench.results
+    model = load_model("smollm2-135m")                        # workbench.models
+    prompts = make_dataset("prose", n_prompts=32)              # workbench.datasets / prompts
+    result = run_probes(model, prompts, [get_probe("entropy"), get_probe("retrieval")])  # workbench.runner
+    write_parquet(tidy(result.table, ...), "out.parquet", meta)  # workbench.results
 
-Probes (``probes/``) reduce attention inside the forward pass, chunk by chunk
-(``workbench.patterns``), through one attention-function hook (``workbench.attention``).
+Probes (``probes/``, registered as entry points, :mod:`workbench.registry`) follow one protocol
+(``probes/base.py``). Pattern probes reduce attention inside the forward pass, chunk by chunk
+(``workbench.patterns``), through one attention-function hook (``workbench.attention``); the
+runner fuses them into one forward and runs the others (decoding, item probes) beside them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 
 from workbench.errors import WorkbenchError  # noqa: E402
 
-__all__ = ["WorkbenchError", "load_model", "load_results", "run_probes", "__version__"]
+__all__ = ["WorkbenchError", "get_probe", "load_model", "load_results", "run_probes", "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,9 +28,13 @@ def __getattr__(name: str):
 
         return load_model
     if name == "run_probes":
-        from workbench.extraction import run_probes
+        from workbench.runner import run_probes
 
         return run_probes
+    if name == "get_probe":
+        from workbench.registry import get_probe
+
+        return get_probe
     if name == "load_results":
         from workbench.results import load_results
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
 from jaxtyping import Float
@@ -52,16 +52,6 @@ class AttentionCall:
         return self.query.shape[1]
 
 
-class HeadObserver(Protocol):
-    """What an observer implements; both methods are optional."""
-
-    def on_attention(self, call: AttentionCall) -> None: ...
-
-    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor: ...
-
-    def edit_qkv(self, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]: ...
-
-
 _state = threading.local()
 
 
@@ -83,29 +73,10 @@ def observe(*observers: Any) -> Iterator[Any]:
             stack.remove(obs)
 
 
-def attention_probs(call: AttentionCall, n_last: int | None = None) -> Float[Tensor, "batch head query key"]:
-    """The layer's attention weights, in float32, for its last ``n_last`` queries (all by
-    default): scaling, soft-capping, the mask (boolean or additive; with none, causal with the
-    queries aligned to the last keys), grouped KV heads. Rows that see no key are all zero."""
-    n_q = call.query.shape[2]
-    n_last = n_q if n_last is None else n_last
-    q = call.query[:, :, n_q - n_last :].float()
-    k = call.key.float().repeat_interleave(q.shape[1] // call.key.shape[1], dim=1)
-    s = (q @ k.transpose(-1, -2)) * call.scaling
-    if call.softcap is not None:
-        s = call.softcap * torch.tanh(s / call.softcap)
-    n_k = k.shape[2]
-    if call.mask is not None:
-        m = call.mask[..., n_q - n_last :, :]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    elif call.is_causal:
-        query_pos = torch.arange(n_q - n_last, n_q, device=s.device) + (n_k - n_q)
-        s = s.masked_fill(torch.arange(n_k, device=s.device)[None, :] > query_pos[:, None], float("-inf"))
-    return torch.softmax(s, dim=-1).nan_to_num(0.0)
-
-
 def _eager_output(call: AttentionCall) -> Tensor:
     """Plain attention output for the cases SDPA cannot do (logit soft-capping)."""
+    from workbench.masking import attention_probs
+
     v = call.value.repeat_interleave(call.query.shape[1] // call.value.shape[1], dim=1)
     p = attention_probs(call).to(v.dtype)
     return (p @ v).transpose(1, 2).contiguous()

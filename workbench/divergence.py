@@ -25,11 +25,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from workbench.attention import AttentionCall, attention_probs, hooked_run
+from workbench.attention import AttentionCall, hooked_run
 from workbench.conditions import TOKEN_ALIGNED, Condition
+from workbench.context import RunContext
 from workbench.errors import WorkbenchError
-from workbench.prompts import pad_token_id
+from workbench.masking import attention_probs
 from workbench.device import run_halving_on_oom
+from workbench.prompts import pad_token_id
 
 
 @dataclass
@@ -38,7 +40,7 @@ class HeadOutputs:
 
     z: Float[Tensor, "step layer head d_head"]
     condition_attention: Float[Tensor, "step layer head"]  # attention mass on the condition's tokens
-    top_token: Int[Tensor, "step"]  # the greedy next token at each step
+    top_token: Int[Tensor, " step"]  # the greedy next token at each step
     resid: Float[Tensor, "step d_model"] | None = None  # input of the final norm (keep_resid=True)
     modules: list | None = None  # each layer's attention module (for its output projection)
 
@@ -109,7 +111,7 @@ def head_outputs(
     rows: Sequence[Condition],
     suffixes: Sequence[Sequence[int]],
     n_steps: Sequence[int],
-    batch_size: int = 8,
+    ctx: RunContext | None = None,
     observers: Iterable[Any] = (),
     keep_resid: bool = False,
 ) -> list[HeadOutputs]:
@@ -117,8 +119,9 @@ def head_outputs(
     ``n_steps[i]`` positions of each row (the positions that predict the generated tokens), and
     with ``keep_resid`` the residual stream entering the final norm there."""
     hf = model.hf_model
+    ctx = ctx or RunContext()
+    observers = [*ctx.interventions, *observers]
     pad = pad_token_id(model.tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]) + len(suffixes[i]))
     out: list[HeadOutputs | None] = [None] * len(rows)
     own_positions = _uses_own_positions(hf)
 
@@ -150,12 +153,9 @@ def head_outputs(
                 resid[0][j, t_max - t :].cpu() if resid else None, list(cap.modules),
             )
 
-    run_halving_on_oom(_batches(order, batch_size), run, model.device, lambda i: _too_big(len(rows[i]) + len(suffixes[i])))
+    batches = ctx.plan([len(r) + len(s) for r, s in zip(rows, suffixes)], model.device)
+    run_halving_on_oom(batches, run, model.device, lambda i: _too_big(len(rows[i]) + len(suffixes[i])))
     return out  # type: ignore[return-value]
-
-
-def _batches(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _too_big(n_tokens: int) -> WorkbenchError:
@@ -203,15 +203,16 @@ def greedy_continuations(
     model: Any,
     rows: Sequence[Condition],
     max_new_tokens: int,
-    batch_size: int = 8,
+    ctx: RunContext | None = None,
     observers: Iterable[Any] = (),
 ) -> list[list[int]]:
     """Greedy decoding (KV cache, batched, left-padded) of each row; tokens up to and including
     the first end-of-sequence token."""
     hf = model.hf_model
+    ctx = ctx or RunContext()
+    observers = [*ctx.interventions, *observers]
     pad = pad_token_id(model.tokenizer)
     eos = _eos_ids(model)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
 
     def run(idx: list[int]) -> None:
@@ -228,7 +229,8 @@ def greedy_continuations(
             cut = next((n + 1 for n, t in enumerate(toks) if t in eos), len(toks))
             out[i] = toks[:cut]
 
-    run_halving_on_oom(_batches(order, batch_size), run, model.device, lambda i: _too_big(len(rows[i])))
+    batches = ctx.plan([len(r) + max_new_tokens for r in rows], model.device)
+    run_halving_on_oom(batches, run, model.device, lambda i: _too_big(len(rows[i])))
     return out
 
 
@@ -251,7 +253,6 @@ class Divergence:
     tokens: list[int]  # y_1..y_T (generated with the condition)
     divergence: Float[Tensor, "step layer head"]
     condition_attention: Float[Tensor, "step layer head"]
-    base_attention: Float[Tensor, "step layer head"]
     cond_z: Float[Tensor, "step layer head d_head"] | None = None  # kept only with keep_z=True
     base_z: Float[Tensor, "step layer head d_head"] | None = None
     cond_resid: Float[Tensor, "step d_model"] | None = None  # kept only with keep_resid=True
@@ -263,7 +264,7 @@ def divergence(
     pairs: Sequence[Any],
     steps: str = "first",
     max_new_tokens: int = 16,
-    batch_size: int = 8,
+    ctx: RunContext | None = None,
     observers: Iterable[Any] = (),
     keep_z: bool = False,
     keep_resid: bool = False,
@@ -276,7 +277,8 @@ def divergence(
         steps: ``"first"`` (the position that generates the first token; no decoding needed) or
             ``"all"`` (every token of the greedy answer with the condition, up to
             ``max_new_tokens`` and the first end-of-sequence token).
-        observers: extra attention observers active in every forward (e.g. head scaling).
+        ctx: batching (``auto``: a padded-token budget) and interventions active in every forward.
+        observers: further attention observers active in every forward (e.g. head scaling).
         keep_z: also return the head outputs themselves (``[step, layer, head, d_head]`` per
             item and condition; off by default, the distances are what is reduced).
     """
@@ -288,14 +290,14 @@ def divergence(
     conds = [p.cond for p in pairs]
     bases = [p.base for p in pairs]
     if steps == "all":
-        gen = greedy_continuations(model, conds, max_new_tokens, batch_size, observers)
+        gen = greedy_continuations(model, conds, max_new_tokens, ctx, observers)
         suffixes = [g[:-1] for g in gen]
         n_steps = [len(g) for g in gen]
     else:
         suffixes = [[] for _ in pairs]
         n_steps = [1] * len(pairs)
-    with_c = head_outputs(model, conds, suffixes, n_steps, batch_size, observers, keep_resid=keep_resid)
-    without = head_outputs(model, bases, suffixes, n_steps, batch_size, observers)
+    with_c = head_outputs(model, conds, suffixes, n_steps, ctx, observers, keep_resid=keep_resid)
+    without = head_outputs(model, bases, suffixes, n_steps, ctx, observers)
     out = []
     for i, (p, a, b, n) in enumerate(zip(pairs, with_c, without, n_steps)):
         tokens = gen[i] if steps == "all" else a.top_token.tolist()
@@ -305,7 +307,6 @@ def divergence(
                 tokens=list(tokens)[:n],
                 divergence=(a.z.double() - b.z.double()).norm(dim=-1),
                 condition_attention=a.condition_attention,
-                base_attention=b.condition_attention,
                 cond_z=a.z if keep_z else None,
                 base_z=b.z if keep_z else None,
                 cond_resid=a.resid,

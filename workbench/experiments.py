@@ -14,29 +14,35 @@ columns ``condition`` (none / top / random), ``k``, ``draw`` and ``heads`` (the 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
-from probes.retrieval import RetrievalProbe, generate_and_score
+from workbench.batching import BatchSize
 from workbench.interventions import HeadAblation
 from workbench.prompts import TokenizedPrompt
+from workbench.registry import get_probe
+from workbench.runner import run_probes
+
+if TYPE_CHECKING:
+    from workbench.models import LoadedModel
 
 
-def needle_accuracy(model, prompts: Sequence[TokenizedPrompt], heads: Sequence[tuple[int, int]], mode: str = "zero",
-                    batch_size: int = 4, max_new_tokens: int = 20) -> float:
+def needle_accuracy(model: LoadedModel, prompts: Sequence[TokenizedPrompt], heads: Sequence[tuple[int, int]], mode: str = "zero",
+                    batch_size: BatchSize = "auto", max_new_tokens: int = 20) -> float:
+    """Share of prompts answered (ROUGE-1 recall > 0.5) with ``heads`` ablated."""
     interventions = [HeadAblation(list(heads), mode)] if heads else []
-    res = generate_and_score(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, interventions=interventions, require_correct=False)
-    return sum(r.recall > 0.5 for r in res) / len(res)
+    probe = get_probe("retrieval", max_new_tokens=max_new_tokens, require_correct=False)
+    result = run_probes(model, prompts, [probe], batch_size=batch_size, interventions=interventions, progress=False)
+    return float(result.results["retrieval"].summary["accuracy"])
 
 
-def retrieval_ablation(model, detect: Sequence[TokenizedPrompt], evaluate: Sequence[TokenizedPrompt], ks: Sequence[int] = (5, 10, 20),
-                       draws: int = 3, threshold: float = 0.1, mode: str = "zero", seed: int = 0, batch_size: int = 4,
+def retrieval_ablation(model: LoadedModel, detect: Sequence[TokenizedPrompt], evaluate: Sequence[TokenizedPrompt], ks: Sequence[int] = (5, 10, 20),
+                       draws: int = 3, threshold: float = 0.1, mode: str = "zero", seed: int = 0, batch_size: BatchSize = "auto",
                        max_new_tokens: int = 20, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Returns (retrieval scores per head, needle accuracy per condition)."""
-    probe = RetrievalProbe(max_new_tokens=max_new_tokens)
-    scores = probe.run(model, detect, batch_size=batch_size)
-    scores.insert(0, "probe", "retrieval")
+    detection = run_probes(model, detect, [get_probe("retrieval", max_new_tokens=max_new_tokens)], batch_size=batch_size, progress=False)
+    scores = detection.table
     ranked = scores.fillna({"value": -1.0}).sort_values("value", ascending=False)
     order = [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
     value = {(int(r.layer), int(r.head)): float(r.value) for r in ranked.itertuples()}
@@ -49,7 +55,7 @@ def retrieval_ablation(model, detect: Sequence[TokenizedPrompt], evaluate: Seque
                      "value": acc, "n": len(evaluate)})
         log(f"  {condition:6s} k={k:<3d} draw={draw}: needle accuracy {acc:.0%}")
 
-    log(f"detection: {probe.summary()['n_counted']}/{len(detect)} prompts answered; "
+    log(f"detection: {detection.results['retrieval'].summary['n_counted']}/{len(detect)} prompts answered; "
         f"{sum(v > threshold for v in value.values())} heads score above {threshold}")
     record("none", 0, 0, [])
     for k in ks:
@@ -67,13 +73,13 @@ def retrieval_ablation(model, detect: Sequence[TokenizedPrompt], evaluate: Seque
 
 
 def reinforce(
-    model,
+    model: LoadedModel,
     pairs: Sequence,
     heads: Sequence[tuple[int, int]],
     alpha: float = 2.0,
     positions: str = "first",
     max_new_tokens: int = 16,
-    batch_size: int = 8,
+    batch_size: BatchSize = "auto",
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Greedy answers to each item (with its condition) without and with ``heads`` scaled by
     ``alpha`` (VHR): does reinforcing vision-aware heads change what the model says?
@@ -81,12 +87,14 @@ def reinforce(
     Returns tidy rows (``metric = answer_changed``, ``layer = head = -1``, one per item, the
     reinforced answer in ``token``) and the answers themselves.
     """
+    from workbench.context import RunContext
     from workbench.divergence import greedy_continuations
     from workbench.interventions import HeadScaling
 
     conds = [p.cond for p in pairs]
-    base = greedy_continuations(model, conds, max_new_tokens, batch_size)
-    scaled = greedy_continuations(model, conds, max_new_tokens, batch_size, [HeadScaling(heads, alpha, positions)])
+    ctx = RunContext(batch_size=batch_size)
+    base = greedy_continuations(model, conds, max_new_tokens, ctx)
+    scaled = greedy_continuations(model, conds, max_new_tokens, ctx, [HeadScaling(heads, alpha, positions)])
     tok = model.tokenizer
     answers, rows = [], []
     for p, a, b in zip(pairs, base, scaled):

@@ -1,70 +1,64 @@
-"""Batched extraction: prompts -> padded batches -> one forward each -> probes reduce in hooks.
+"""The pattern engine: prompts -> padded batches -> one forward each -> pattern probes reduce in hooks.
 
-``run_probes(model, prompts, probes)`` is the data path's middle: it sorts prompts by length
-(so batches carry little padding), pads them on the right with an attention mask and explicit
-position ids (a prompt's numbers do not depend on its batch or its padding), and runs the
-model's base network once per batch under :func:`workbench.attention.native_attention`. The
-language-model head is skipped: no probe here needs logits, and on SmolLM2 it is a fifth of
-the forward's work.
+:func:`run_pattern_probes` is the data path's middle for every pattern probe of a run: it sorts
+prompts by length (so batches carry little padding), pads them on the right with an attention
+mask and explicit position ids (a prompt's numbers do not depend on its batch or its padding),
+and runs the model's base network once per batch under :func:`workbench.attention.hooked_run`.
+The language-model head is skipped: no pattern probe needs logits, and on SmolLM2 it is a
+fifth of the forward's work.
 
-Every probe of the run shares that one forward, and each layer's pattern chunks are computed
-once and shared by all pattern probes. Batch size is fixed or ``"auto"`` (a token budget per
-batch); on CUDA an out-of-memory batch is split in half and retried, the probes' batch
-accumulators discarded so nothing is double-counted.
+Every pattern probe of the run shares that one forward, and each layer's pattern chunks are
+computed once and shared by all of them. On CUDA an out-of-memory batch is split in half and
+retried, the probes' batch accumulators discarded so nothing is double-counted. Use
+:func:`workbench.runner.run_probes` to run probes of any kind; this module is its engine for
+pattern probes.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
-import pandas as pd
 import torch
 
-from probes.base import Probe
 from workbench.attention import AttentionCall, hooked_run
+from workbench.context import RunContext
 from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
-from workbench.patterns import BatchInfo, collate, iter_pattern_chunks
+from workbench.patterns import BatchInfo, PatternChunk, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
-DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}
 
 
-class ProbeRunner:
-    """The observer: turns each attention call into pattern chunks for the probes."""
+class PatternReducer(Protocol):
+    """What the engine needs of a pattern probe (declared in full in ``probes/base.py``)."""
 
-    def __init__(self, probes: Sequence[Probe], chunk_elements: int) -> None:
+    def setup(self, n_layers: int, n_heads: int, device: torch.device) -> None: ...
+
+    def begin_batch(self, batch: BatchInfo) -> None: ...
+
+    def on_pattern_chunk(self, chunk: PatternChunk) -> None: ...
+
+    def end_batch(self, batch: BatchInfo) -> None: ...
+
+    def abort_batch(self) -> None: ...
+
+
+class ChunkFeeder:
+    """The attention observer: turns each attention call into pattern chunks for the probes."""
+
+    def __init__(self, probes: Sequence[PatternReducer], chunk_elements: int) -> None:
         self.probes = list(probes)
-        self.pattern_probes = [p for p in self.probes if p.needs_patterns]
         self.chunk_elements = chunk_elements
         self.batch: BatchInfo | None = None
 
     def on_attention(self, call: AttentionCall) -> None:
-        if not self.pattern_probes or self.batch is None:
+        if not self.probes or self.batch is None:
             return
         with torch.no_grad():
             for chunk in iter_pattern_chunks(call, self.batch, self.chunk_elements):
-                for probe in self.pattern_probes:
+                for probe in self.probes:
                     probe.on_pattern_chunk(chunk)
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int | str, max_tokens: int) -> list[list[int]]:
-    """Group prompt indices, longest first; ``"auto"`` fills batches up to ``max_tokens`` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    if batch_size == "auto":
-        for i in order:
-            if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        return batches
-    bs = int(batch_size)
-    if bs < 1:
-        raise WorkbenchError(f"batch size must be at least 1, got {bs}", "use --batch-size N or auto")
-    return [order[j : j + bs] for j in range(0, len(order), bs)]
 
 
 def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
@@ -81,34 +75,28 @@ class RunStats:
     n_oom_splits: int = 0
 
 
-def run_probes(
+def run_pattern_probes(
     model,
     prompts: Sequence[TokenizedPrompt],
-    probes: Sequence[Probe],
-    batch_size: int | str = "auto",
-    progress: bool | None = None,
-    chunk_elements: int | None = None,
-    max_batch_tokens: int | None = None,
+    probes: Sequence[PatternReducer],
+    ctx: RunContext | None = None,
     forward: Callable[[BatchInfo], None] | None = None,
-    interventions: Sequence[object] = (),
-) -> tuple[pd.DataFrame, RunStats]:
-    """Run ``probes`` over ``prompts`` on ``model`` (a :class:`~workbench.models.LoadedModel`).
+) -> RunStats:
+    """Run the pattern probes over ``prompts`` on ``model`` (a :class:`~workbench.models.LoadedModel`)
+    in one forward per batch; the probes hold the totals (``probe.results()``).
 
-    Returns the tidy per-head table (columns ``probe, metric, layer, head, value, n``) and run
-    statistics. ``forward`` replaces the model call (tests use it to simulate out-of-memory).
-    ``interventions`` (e.g. :class:`~workbench.interventions.HeadAblation`) edit head outputs
-    during the run; probes see each layer's queries and keys as the edited model computes them.
+    ``forward`` replaces the model call (tests use it to simulate out-of-memory). Interventions
+    in ``ctx`` (e.g. :class:`~workbench.interventions.HeadAblation`) edit head outputs during the
+    run; probes see each layer's queries and keys as the edited model computes them.
     """
+    ctx = ctx or RunContext()
     if not prompts:
         raise WorkbenchError("no prompts to run", "give a non-empty prompt set")
-    if not probes:
-        raise WorkbenchError("no probes to run", "name at least one probe")
     device = model.device
-    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 22)
-    max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS.get(device.type, 2048)
+    chunk_elements = ctx.chunk_elements or DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 22)
     for p in probes:
         p.setup(model.n_layers, model.n_heads, device)
-    runner = ProbeRunner(probes, chunk_elements)
+    feeder = ChunkFeeder(probes, chunk_elements)
     pad_id = pad_token_id(model.tokenizer)
     base = base_network(model.hf_model)
 
@@ -123,7 +111,7 @@ def run_probes(
     forward = forward or model_forward
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
     bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
+    if ctx.show_progress():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stats.n_tokens, unit="tok", desc="probes", leave=False)
@@ -133,7 +121,7 @@ def run_probes(
             [prompts[i].ids for i in idx], pad_id, device,
             prompt_ids=[prompts[i].id for i in idx], metas=[prompts[i].meta for i in idx],
         )
-        runner.batch = batch
+        feeder.batch = batch
         for p in probes:
             p.begin_batch(batch)
         try:
@@ -158,18 +146,10 @@ def run_probes(
         )
 
     try:
-        with hooked_run(model.hf_model, runner, *interventions):
-            run_halving_on_oom(
-                plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens), run, device, too_big,
-                on_split=count_split,
-            )
+        with hooked_run(model.hf_model, feeder, *ctx.interventions):
+            run_halving_on_oom(ctx.plan([len(p) for p in prompts], device), run, device, too_big, on_split=count_split)
     finally:
-        runner.batch = None
+        feeder.batch = None
         if bar is not None:
             bar.close()
-    frames = []
-    for p in probes:
-        df = p.results()
-        df.insert(0, "probe", p.name)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True), stats
+    return stats

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from workbench.attention import AttentionCall
 from workbench.errors import WorkbenchError
+from workbench.masking import first_visible_key
 
 MODES = ("zero", "mean", "first")
 
@@ -74,21 +75,11 @@ class HeadAblation:
         elif self.mode == "mean":
             z[:, :, idx] = self.means[call.layer, idx].to(z.dtype)
         else:  # first: attention all on the first visible key of each prompt
-            first = _first_key(call)
+            first = first_visible_key(call)
             group = call.query.shape[1] // call.key.shape[1]
             v = call.value[torch.arange(z.shape[0], device=z.device), :, first]  # [batch, kv_head, d]
             z[:, :, idx] = v[:, idx // group].unsqueeze(1).to(z.dtype)
         return z
-
-
-def _first_key(call: AttentionCall) -> Tensor:
-    """Index of each prompt's first visible key (left padding moves it)."""
-    b = call.query.shape[0]
-    if call.mask is None:
-        return torch.zeros(b, dtype=torch.long, device=call.query.device)
-    row = call.mask[:, 0, -1, :]
-    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return allowed.int().argmax(-1).expand(b)
 
 
 class _MeanRecorder:

@@ -3,8 +3,8 @@
 A probe never sees a whole ``[batch, head, query, key]`` pattern. For each layer, the extraction
 engine walks the query positions in chunks sized to a memory budget (``chunk_elements``
 scores at a time), and for each chunk computes the scores from the layer's own queries and keys
-exactly as the model did (scaling, soft-capping, causal / padding / sliding-window mask, grouped
-KV heads), softmax-normalises them in float32 and hands a :class:`PatternChunk` to every probe.
+exactly as the model did (:mod:`workbench.masking`: scaling, soft-capping, causal / padding /
+sliding-window mask, grouped KV heads), softmax-normalises them in float32 and hands a :class:`PatternChunk` to every probe.
 Keys beyond the chunk's last visible key are never computed, which halves the work under a
 causal mask. Peak extra memory is ``O(chunk_elements)``, linear in sequence length.
 
@@ -23,9 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-
-_NEG = -1e30  # finite "minus infinity": exp() gives exactly 0 and 0 * _NEG stays finite
-
+from workbench.masking import NEG, attention_scores
 
 @dataclass
 class BatchInfo:
@@ -35,8 +33,8 @@ class BatchInfo:
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     positions: Int[Tensor, "batch pos"]  # position within the prompt, -1 on padding
-    lengths: Int[Tensor, "batch"]
-    first_index: Int[Tensor, "batch"]  # index of each prompt's first real token
+    lengths: Int[Tensor, " batch"]
+    first_index: Int[Tensor, " batch"]  # index of each prompt's first real token
     metas: list[dict] | None = None
 
     @property
@@ -104,7 +102,7 @@ class PatternChunk:
         self.q_start = q_start
         self.q_end = q_end
         self.batch = batch
-        self._u = shifted_scores  # scores minus the row max; masked entries ~ -1e30
+        self._u = shifted_scores  # scores minus the row max; masked entries ~ NEG
         self.n_visible = n_visible
         self._qo = query_offset
         pos = batch.positions[:, query_offset + q_start : query_offset + q_end]
@@ -136,7 +134,7 @@ class PatternChunk:
         dot = (e.unsqueeze(-2) @ u.unsqueeze(-1)).squeeze(-1).squeeze(-1)
         return (torch.log(z) - dot / z).clamp_min(0.0)
 
-    def key_probs(self, key_index: Int[Tensor, "batch"]) -> Float[Tensor, "batch head chunk"]:
+    def key_probs(self, key_index: Int[Tensor, " batch"]) -> Float[Tensor, "batch head chunk"]:
         """A[q, key_index[b]] for every head and query of the chunk."""
         b, h, c, _ = self._u.shape
         idx = key_index.clamp(max=self.n_keys - 1).view(b, 1, 1, 1).expand(b, h, c, 1)
@@ -168,47 +166,19 @@ class PatternChunk:
         return self.batch.input_ids[:, self._qo + self.q_start : self._qo + self.q_end]
 
 
-def _chunk_allowed(call: AttentionCall, q0: int, q1: int, n_keys: int) -> tuple[Tensor | None, int]:
-    """Boolean mask of the chunk (``None`` = plain causal) and how many keys it needs."""
-    if call.mask is None:
-        if call.is_causal:
-            return None, min(q1, n_keys)
-        return torch.ones(1, 1, q1 - q0, n_keys, dtype=torch.bool, device=call.query.device), n_keys
-    m = call.mask[..., q0:q1, :]
-    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-    cols = allowed.any(dim=0).any(dim=0).any(dim=0).nonzero()
-    k_end = int(cols.max()) + 1 if cols.numel() else 1
-    return allowed[..., :k_end], k_end
-
-
 def iter_pattern_chunks(
     call: AttentionCall, batch: BatchInfo, chunk_elements: int = 1 << 22
 ) -> Iterator[PatternChunk]:
-    """Yield the layer's attention pattern in chunks of query rows (float32, exact masking)."""
-    q, k = call.query, call.key
-    b, h, n_q, d = q.shape
-    n_kv, n_keys = k.shape[1], k.shape[2]
-    g = h // n_kv
-    qs = (q.float() * call.scaling).view(b, n_kv, g, n_q, d)
-    kt = k.float().transpose(-1, -2).unsqueeze(2)  # [b, kv, 1, d, key]
+    """Yield the layer's attention pattern in chunks of query rows (float32, exact masking,
+    :func:`workbench.masking.attention_scores`)."""
+    b, h, n_q, _ = call.query.shape
+    n_keys = call.key.shape[2]
     rows = max(1, chunk_elements // max(1, b * h * n_keys))
     # Queries index into batch.positions: with a KV cache the queries are the last n_q tokens.
     query_offset = batch.positions.shape[1] - n_q
     for q0 in range(0, n_q, rows):
         q1 = min(n_q, q0 + rows)
-        c = q1 - q0
-        allowed, k_end = _chunk_allowed(call, q0, q1, n_keys)
-        s = torch.matmul(qs[:, :, :, q0:q1], kt[..., :k_end]).view(b, h, c, k_end)
-        if call.softcap is not None:
-            s = call.softcap * torch.tanh(s / call.softcap)
-        if allowed is None:  # causal without a mask tensor: only the diagonal block needs masking
-            tri = torch.ones(c, c, dtype=torch.bool, device=s.device).triu_(1)
-            s[..., q0:q1].masked_fill_(tri, _NEG)
-            n_visible = torch.arange(q0 + 1, q1 + 1, device=s.device).clamp(max=k_end).expand(b, c)
-        else:
-            if call.mask is not None and call.mask.dtype != torch.bool:
-                s = s + call.mask[..., q0:q1, :k_end].float().clamp_min(_NEG)
-            s.masked_fill_(~allowed, _NEG)
-            n_visible = allowed[:, 0].sum(-1).expand(b, c)
+        s, vis = attention_scores(call, q0, q1, fill=NEG)
+        n_visible = vis.n_visible(b, s.device)
         s.sub_(s.amax(-1, keepdim=True))
         yield PatternChunk(call.layer, q0, q1, batch, s, n_visible, query_offset=query_offset)

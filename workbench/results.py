@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,41 @@ COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
 ITEM_COLUMNS = ["item", "step", "token"]
 META_KEY = b"workbench"
 SCHEMA_VERSION = 1
+
+
+@dataclass
+class ProbeResult:
+    """What every probe returns, whatever its kind.
+
+    ``table``: the probe's rows (``probe, metric, layer, head, value, n`` and, for per-item rows,
+    ``item, step, token``); ``summary``: JSON-able facts recorded in the result file's metadata
+    (accuracy, answers, skipped items, ...); ``lines``: what the CLI prints about the run, one
+    sentence each, formatted by the probe itself.
+    """
+
+    probe: str
+    table: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+
+def head_rows(metric: str, value: Any, n: Any) -> pd.DataFrame:
+    """Tidy rows ``metric, layer, head, value, n`` for one ``[layer, head]`` tensor of values
+    (``n``: a tensor of the same shape or one count for every head)."""
+    import torch
+
+    value = torch.as_tensor(value).detach().double().cpu()
+    n_t = torch.as_tensor(n).expand_as(value).cpu()
+    layer, head = torch.meshgrid(torch.arange(value.shape[0]), torch.arange(value.shape[1]), indexing="ij")
+    return pd.DataFrame(
+        {
+            "metric": metric,
+            "layer": layer.flatten().numpy(),
+            "head": head.flatten().numpy(),
+            "value": value.flatten().numpy(),
+            "n": n_t.flatten().numpy().astype("int64"),
+        }
+    )
 
 
 def tidy(df: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:

@@ -89,8 +89,10 @@ class SweepConfig:
 
 def load_config(path: str | Path) -> SweepConfig:
     """Parse and validate a sweep TOML; every problem names the key and the fix."""
-    from probes import PROBES
     from workbench.datasets import DATASETS
+    from workbench.registry import probe_classes
+
+    PROBES = probe_classes()
 
     path = Path(path)
     if not path.is_file():
@@ -140,16 +142,27 @@ def load_config(path: str | Path) -> SweepConfig:
                        raw.get("device", "auto"), raw.get("dtype", "float32"), int(raw.get("seed", 0)), bool(raw.get("prepend_bos", False)), raw)
 
 
+def example_prompts(model, prompts, prepend_bos: bool, n: int = 3, width: int = 64) -> list[dict]:
+    """The first prompts' first tokens, for reports (nothing if they cannot be tokenized)."""
+    from workbench.prompts import tokenize_prompts
+
+    try:
+        tokenized = tokenize_prompts(list(prompts[:n]), model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=prepend_bos)
+    except Exception:
+        return []
+    tok = model.tokenizer
+    return [{"id": p.id, "tokens": tok.convert_ids_to_tokens(p.ids[:width]), "ids": p.ids[:width], "text": tok.decode(p.ids[:width])} for p in tokenized]
+
+
 def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Run every unit that has no part yet; returns a summary."""
-    import pandas as pd
 
-    from probes import get_probe
     from workbench.datasets import NEEDS_TOKENIZER, make_dataset
-    from workbench.extraction import run_probes
     from workbench.models import load_model
-    from workbench.prompts import read_prompts, tokenize_prompts
+    from workbench.prompts import read_prompts
+    from workbench.registry import get_probe
     from workbench.results import check_writable, run_metadata, tidy, write_parquet
+    from workbench.runner import run_probes
 
     cfg = load_config(config_path)
     out = Path(out_dir)
@@ -182,35 +195,17 @@ def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = Tru
                 if dataset in NEEDS_TOKENIZER:
                     opts["tokenizer"] = model.tokenizer
                 prompts = make_dataset(dataset, n_prompts=n_prompts, seed=cfg.seed, **opts)
-            probes = {u.probe: get_probe(u.probe, **cfg.probe_params.get(u.probe, {})) for u in group}
-            items_only = all(getattr(p, "takes_items", False) for p in probes.values())
-            tokenized = [] if items_only else tokenize_prompts(
-                prompts, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=cfg.prepend_bos
-            )
-            forward = [p for p in probes.values() if not p.generates]
-            frames: dict[str, pd.DataFrame] = {}
-            if forward:
-                table, _ = run_probes(model, tokenized, forward, batch_size=cfg.batch_size, progress=progress)
-                for name, df in table.groupby("probe", sort=False):
-                    frames[name] = df
-            for p in probes.values():
-                if getattr(p, "takes_items", False):  # vhd / context read the raw items (image or context + text)
-                    root = Path(opts["path"]).resolve().parent if "path" in opts else None
-                    bs = cfg.batch_size if isinstance(cfg.batch_size, int) else 8
-                    df = p.run_items(model, prompts, root=root, batch_size=bs)
-                    df.insert(0, "probe", p.name)
-                    frames[p.name] = df
-                elif p.generates:
-                    df = p.run(model, tokenized, batch_size=cfg.batch_size)
-                    df.insert(0, "probe", p.name)
-                    frames[p.name] = df
+            probes = [get_probe(u.probe, **cfg.probe_params.get(u.probe, {})) for u in group]
+            root = Path(opts["path"]).resolve().parent if "path" in opts else None
+            result = run_probes(model, prompts, probes, batch_size=cfg.batch_size, prepend_bos=cfg.prepend_bos,
+                                root=root, progress=progress)
+            shown = example_prompts(model, prompts, cfg.prepend_bos)
             for u in group:
                 meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_prompts": len(prompts), "seed": cfg.seed,
-                                    "options": cfg.datasets[dataset]}, probes=[probes[u.probe].config()],
+                                    "options": cfg.datasets[dataset]}, probes=[probes[group.index(u)].config()],
                                     config={"sweep": str(config_path), "unit": u.key, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
-                                    prompts=[{"id": p.id, "tokens": model.tokenizer.convert_ids_to_tokens(p.ids[:64]), "ids": p.ids[:64],
-                                             "text": model.tokenizer.decode(p.ids[:64])} for p in tokenized[:3]])
-                write_parquet(tidy(frames[u.probe], model=model_name, dataset=dataset), parts / u.filename, meta)
+                                    summary=result.results[u.probe].summary, prompts=shown)
+                write_parquet(tidy(result.results[u.probe].table, model=model_name, dataset=dataset), parts / u.filename, meta)
                 summary["ran"] += 1
                 if overall is not None:
                     overall.update(1)

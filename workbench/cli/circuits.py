@@ -83,12 +83,12 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from circuits.discovery import discover_circuit, faithfulness, label_roles, overlap
     from circuits.patching import baseline
     from circuits.tasks import make_task
-    from probes import get_probe
     from workbench.datasets import make_dataset
-    from workbench.extraction import run_probes
     from workbench.models import load_model
     from workbench.prompts import tokenize_prompts
+    from workbench.registry import get_probe
     from workbench.results import run_metadata, write_parquet
+    from workbench.runner import run_probes
 
     out = Path(args.out)
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
@@ -98,7 +98,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rep = tokenize_prompts(make_dataset("repeated-random", n_prompts=8, tokenizer=model.tokenizer, period=min(50, model.n_ctx // 2 - 1)),
                            model.tokenizer, model.n_ctx, model.vocab_size)
-    patterns, _ = run_probes(model, rep, [get_probe("induction")], progress=False)
+    patterns = run_probes(model, rep, [get_probe("induction")], progress=False).table
     heads_by_task = {}
     for t in tasks:
         pairs = make_task(t, model.tokenizer, n=args.n_prompts, seed=args.seed)

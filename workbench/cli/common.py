@@ -9,11 +9,11 @@ Parsers here raise :class:`~workbench.errors.WorkbenchError` so a bad value beco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Sequence
 
 from workbench.errors import WorkbenchError
+from workbench.params import parse_cli_value
 
 MODEL_HELP = "known name (see `workbench models`), local HF folder or hub id (default smollm2-135m)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -105,11 +105,7 @@ def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, 
             raise WorkbenchError(f"bad --param {item!r}", "write --param PROBE.NAME=VALUE, e.g. sink.epsilon=0.2")
         if probe not in params:
             raise WorkbenchError(f"--param {item!r} names probe {probe!r}, which is not in this run", f"probes in this run: {', '.join(probe_names)}")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        params[probe][pname] = value
+        params[probe][pname] = parse_cli_value(raw)
     return params
 
 
@@ -140,52 +136,43 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def load_prompts(args: argparse.Namespace, model=None):
-    """Prompts from --prompts or --dataset (token-space datasets need the loaded model)."""
-    from workbench.datasets import NEEDS_TOKENIZER, make_dataset
-    from workbench.prompts import read_prompts
+def load_inputs(args: argparse.Namespace, model=None):
+    """Prompts or items from ``--images [--text]``, ``--prompts`` or ``--dataset`` (default prose).
 
-    if args.prompts:
-        prompts = read_prompts(args.prompts)
-        return (prompts[: args.n_prompts] if args.n_prompts else prompts), os.path.basename(args.prompts)
-    name = args.dataset or "prose"
-    opts = dataset_options(args)
-    if name in NEEDS_TOKENIZER:
-        if model is None:
-            return None, name
-        opts["tokenizer"] = model.tokenizer
-        if name == "niah":
-            opts["n_ctx"] = model.n_ctx
-    return make_dataset(name, n_prompts=args.n_prompts, seed=args.seed, **opts), name
-
-
-def load_items(args: argparse.Namespace):
-    """Items for the item probes (vhd, context): --images [--text], --prompts or --dataset.
-
-    Returns ``(items, dataset name, root folder for relative image paths)``.
+    Returns ``(prompts, dataset name, root folder for relative paths in items)``; ``prompts`` is
+    None for a token-space dataset (niah, repeated-random) until the model's tokenizer is given.
     """
     from pathlib import Path
 
-    from workbench.datasets import make_dataset
-    from workbench.prompts import Prompt
+    from workbench.datasets import NEEDS_TOKENIZER, make_dataset
+    from workbench.prompts import Prompt, read_prompts
 
-    if getattr(args, "images", None):
-        path = Path(args.images)
+    images = getattr(args, "images", None)
+    if sum(bool(x) for x in (images, args.prompts, args.dataset)) > 1:
+        raise WorkbenchError("give one of --images, --prompts or --dataset", "drop the others")
+    if images:
+        path = Path(images)
         if not path.exists():
             raise WorkbenchError(f"--images {path} does not exist", "give an image file or a folder of images")
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
         if not files:
             raise WorkbenchError(f"no image files in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
-        if not args.text:
+        if not getattr(args, "text", None):
             raise WorkbenchError("--images needs --text", "e.g. --text 'USER: <image>\nDescribe the image. ASSISTANT:'")
         items = [Prompt(f.stem, text=args.text, meta={"image": str(f.resolve())}) for f in files]
         return items[: args.n_prompts] if args.n_prompts else items, path.name, None
     if args.prompts:
-        prompts, name = load_prompts(args)
-        return prompts, name, Path(args.prompts).resolve().parent
-    if not args.dataset:
-        raise WorkbenchError("the vhd and context probes need items", "give --images DIR --text ..., --prompts items.jsonl, or --dataset shapes|counterfact")
-    return make_dataset(args.dataset, n_prompts=args.n_prompts, seed=args.seed), args.dataset, None
+        prompts = read_prompts(args.prompts)
+        return (prompts[: args.n_prompts] if args.n_prompts else prompts), os.path.basename(args.prompts), Path(args.prompts).resolve().parent
+    name = args.dataset or "prose"
+    opts = dataset_options(args)
+    if name in NEEDS_TOKENIZER:
+        if model is None:
+            return None, name, None
+        opts["tokenizer"] = model.tokenizer
+        if name == "niah":
+            opts["n_ctx"] = model.n_ctx
+    return make_dataset(name, n_prompts=args.n_prompts, seed=args.seed, **opts), name, None
 
 
 def make_interventions(args: argparse.Namespace, model) -> list:

@@ -4,50 +4,62 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_items
+from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_inputs, parse_batch_size
 from workbench.errors import WorkbenchError
+
+
+def divergence_probe_for(model):
+    """The registered divergence probe whose condition fits ``model`` (images for a VLM, a
+    context passage for a text model): any item probe declaring ``divergence_metric``."""
+    from workbench.registry import probe_classes
+
+    fits = [cls for cls in probe_classes().values() if getattr(cls, "divergence_metric", None) and cls.accepts(model)]
+    if not fits:
+        raise WorkbenchError(f"no divergence probe accepts {model.name}", "give the heads to reinforce with --heads")
+    return fits[0]()
 
 
 def cmd_reinforce(args: argparse.Namespace) -> int:
     """VHR: scale the outputs of vision-aware (or context) heads and compare the answers."""
-
-    from probes import get_probe
-    from workbench.conditions import check_lengths, context_pair, image_pair
+    from workbench.conditions import check_lengths
     from workbench.experiments import reinforce
     from workbench.interventions import default_vhr_layers, parse_heads, vhr_heads
     from workbench.models import load_model
     from workbench.results import read_parquet, run_metadata, tidy, write_parquet
+    from workbench.runner import run_probes
 
     check_parquet_out(args.out)
     if args.positions not in ("first", "all"):
         raise WorkbenchError(f"--positions must be first or all, got {args.positions!r}", "use --positions first")
     if args.max_new_tokens < 1:
         raise WorkbenchError("--max-new-tokens must be at least 1", "e.g. --max-new-tokens 16")
+    batch_size = parse_batch_size(args.batch_size)
     layers = int_ranges(args.layers, "--layers") if args.layers else None
     scores = read_parquet(args.vhd)[0] if args.vhd else None
-    items, dataset, root = load_items(args)
+    items, dataset, root = load_inputs(args)
+    if items is None:
+        raise WorkbenchError(f"--dataset {args.dataset} has no items to reinforce", "use items with a context or an image (e.g. --dataset counterfact)")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if layers is not None:
         bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
         if bad:
             raise WorkbenchError(f"layer {bad[0]} is out of range (0-{model.n_layers - 1})", "pick layers of this model")
-    probe_name = "vhd" if model.is_multimodal else "context"
-    pairs = [image_pair(model, it, root) if model.is_multimodal else context_pair(model, it) for it in items]
+    probe = divergence_probe_for(model)
+    pairs = probe.pairs(model, items, root)
     check_lengths(pairs, model.n_ctx, args.max_new_tokens)
     if args.heads:
         heads = parse_heads(args.heads, model.n_layers, model.n_heads)
         source = "--heads"
     else:
         if scores is None:
-            scores = get_probe(probe_name).run_items(model, items, root=root, batch_size=args.batch_size)
-            source = f"{probe_name} on the same items"
+            scores = run_probes(model, items, [probe], batch_size=batch_size, root=root, progress=False).table
+            source = f"{probe.name} on the same items"
         else:
             source = str(args.vhd)
-        metric, att = ("vhd", "image_attention") if probe_name == "vhd" else ("context_divergence", "context_attention")
-        heads = vhr_heads(scores, layers if layers is not None else default_vhr_layers(model.n_layers), metric, att)
+        heads = vhr_heads(scores, layers if layers is not None else default_vhr_layers(model.n_layers), probe.divergence_metric, probe.attention_metric)
         if not heads:
             raise WorkbenchError("no head is above its layer's median divergence in the chosen layers", "choose other --layers or give --heads")
-    rows, answers = reinforce(model, pairs, heads, args.alpha, args.positions, args.max_new_tokens, args.batch_size)
+    rows, answers = reinforce(model, pairs, heads, args.alpha, args.positions, args.max_new_tokens, batch_size)
     table = tidy(rows, model=args.model, dataset=dataset)
     meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_items": len(items)},
                         config={"alpha": args.alpha, "positions": args.positions, "heads": [f"{l}.{h}" for l, h in heads],
@@ -75,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vr.add_argument("--alpha", type=float, default=2.0)
     vr.add_argument("--positions", default="first", help="first (the position of the first generated token) or all")
     vr.add_argument("--max-new-tokens", type=int, default=16)
-    vr.add_argument("--batch-size", type=int, default=8)
+    vr.add_argument("--batch-size", default="auto", help="items per forward, or auto (a token budget)")
     vr.add_argument("--show", type=int, default=10, help="answers to print")
     vr.add_argument("--out", required=True, help="output .parquet (answer_changed per item; answers in the metadata)")
     vr.set_defaults(func=cmd_reinforce)

@@ -1,0 +1,126 @@
+"""Which probes exist: everything registered under the ``workbench.probes`` entry-point group.
+
+The built-in probes register exactly as a third-party package would, in ``pyproject.toml``::
+
+    [project.entry-points."workbench.probes"]
+    entropy = "probes.entropy:EntropyProbe"
+
+so a probe defined in another installed package appears in ``workbench probes``, runs in
+``workbench probe``, sweeps and reports, with no edit to this repository. Nothing in
+``workbench/`` imports ``probes`` by name: the core only relies on the protocol declared in
+``probes/base.py`` (a probe's ``name``, ``metrics``, ``kind`` and the methods of its kind).
+
+A plugin that fails to import does not break the others: its error is kept and raised, with
+the plugin named, only when that probe is asked for.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+from functools import lru_cache
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+GROUP = "workbench.probes"
+KINDS = ("pattern", "tokens", "items")
+_REQUIRED = {"pattern": ("on_pattern_chunk", "results"), "tokens": ("run",), "items": ("run",)}
+
+
+class _Broken:
+    """A registered probe that could not be loaded, with the reason."""
+
+    def __init__(self, name: str, where: str, reason: str) -> None:
+        self.name, self.where, self.reason = name, where, reason
+
+
+def _check(name: str, cls: Any, where: str) -> str | None:
+    """Why ``cls`` does not answer the probe protocol, or None."""
+    if not isinstance(cls, type):
+        return f"{where} is not a class"
+    if getattr(cls, "name", None) != name:
+        return f"{where} declares name {getattr(cls, 'name', None)!r}, but is registered as {name!r}"
+    kind = getattr(cls, "kind", None)
+    if kind not in KINDS:
+        return f"{where} has kind {kind!r}; a probe's kind is one of {', '.join(KINDS)} (subclass a class of probes/base.py)"
+    metrics = getattr(cls, "metrics", None)
+    if not isinstance(metrics, tuple) or not metrics or not all(isinstance(m, str) for m in metrics):
+        return f"{where} declares no metrics (a tuple of names)"
+    missing = [m for m in _REQUIRED[kind] if not callable(getattr(cls, m, None))]
+    if missing:
+        return f"{where} ({kind} probe) lacks {', '.join(missing)}"
+    if getattr(cls, "__abstractmethods__", None):
+        return f"{where} leaves abstract methods unimplemented: {', '.join(sorted(cls.__abstractmethods__))}"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _load() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    dists: dict[str, str] = {}
+    for ep in md.entry_points(group=GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
+        where = f"{ep.value} (from {dist})"
+        if ep.name in found:  # the same distribution may be visible twice (e.g. an editable install's metadata)
+            if dists[ep.name] != dist:
+                found[ep.name] = _Broken(ep.name, where, f"probe {ep.name!r} is registered twice: by {dists[ep.name]} and by {dist}")
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not take the others down
+            found[ep.name], dists[ep.name] = _Broken(ep.name, where, f"{type(exc).__name__}: {exc}"), dist
+            continue
+        problem = _check(ep.name, cls, where)
+        found[ep.name], dists[ep.name] = (_Broken(ep.name, where, problem) if problem else cls), dist
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] not in _BUILTIN_ORDER, _BUILTIN_ORDER.get(kv[0], 0), kv[0])))
+
+
+# the order `workbench probes` lists the built-ins in (pattern probes first); plugins follow by name
+_BUILTIN_ORDER = {n: i for i, n in enumerate(["entropy", "sink", "induction", "streaming", "retrieval", "vhd", "context"])}
+
+
+def refresh() -> None:
+    """Forget the loaded registry (after installing a plugin into a running interpreter)."""
+    _load.cache_clear()
+
+
+def probe_classes() -> dict[str, type]:
+    """Every loadable registered probe class by name."""
+    found = _load()
+    if not found:
+        raise WorkbenchError(
+            f"no probes are registered under the {GROUP!r} entry points",
+            "install the workbench package (pip install -e . from the repository, or `make install`)",
+        )
+    return {n: c for n, c in found.items() if not isinstance(c, _Broken)}
+
+
+def broken_probes() -> dict[str, str]:
+    """Registered probes that could not be loaded, with the reason."""
+    return {n: f"{c.where}: {c.reason}" for n, c in _load().items() if isinstance(c, _Broken)}
+
+
+def probe_class(name: str) -> type:
+    found = _load()
+    entry = found.get(name)
+    if isinstance(entry, _Broken):
+        raise WorkbenchError(f"probe {name!r} is registered but cannot be loaded: {entry.where}: {entry.reason}",
+                             "fix or reinstall the package that provides it")
+    if entry is None:
+        names = ", ".join(probe_classes())
+        raise WorkbenchError(f"unknown probe {name!r}", f"choose from: {names} (see `workbench probes`)")
+    return entry
+
+
+def get_probe(name: str, **params: Any) -> Any:
+    """A probe instance by name, its parameters validated by the probe's own schema."""
+    return probe_class(name)(**params)
+
+
+def parse_probe_list(spec: str) -> list[str]:
+    """``"entropy,sink"`` -> ``["entropy", "sink"]``, validated, duplicates removed."""
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise WorkbenchError("no probe given", f"name one or more of: {', '.join(probe_classes())}")
+    for n in names:
+        probe_class(n)
+    return list(dict.fromkeys(names))
