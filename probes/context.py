@@ -26,6 +26,7 @@ the direct effects and ``follows_*`` (listed in the summary), not of the diverge
 
 ``context_attention`` leaves out position 0: in a model that prepends no BOS (SmolLM2) that is the
 passage's first token, where sink heads put nearly all their weight without reading anything.
+Definitions: docs/metrics.md#context_divergence.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 - ``entropy``: mean over query positions q >= 1 of every prompt of
   H_q = -sum_k A[q,k] ln A[q,k] (nats; 0 ln 0 = 0). Position 0 always has H = 0 and is left out.
 - ``entropy_norm``: mean of H_q / ln(n_visible(q)) over the same queries, in [0, 1]; n_visible
-  is the number of keys the query may attend to, which is q + 1 under a plain causal mask (the
-  Active-Dormant Attention Heads code divides by ln of the visible keys; with a sliding window
-  that is the window, not q + 1).
+  is the number of keys the query may attend to: q + 1 under a plain causal mask (as the
+  Active-Dormant Attention Heads code, which divides by ln(q + 1) from the row index), min(q + 1, W)
+  in a sliding-window layer, so the value stays in [0, 1] there.
 
 Means are pooled over all (prompt, query) pairs, so long prompts weigh more; ``n`` is the number
 of query positions averaged.

@@ -51,7 +51,7 @@ def test_token_prompts_are_used_exactly_and_bos_is_explicit(tiny_dirs, tmp_path,
     assert meta["dataset"]["prepend_bos"] is False
     assert run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--prepend-bos", "--out", str(out))[0] == 0
     df, meta = read_parquet(out)
-    assert df[df.metric == "entropy"].n.iloc[0] == 4 + 3, "BOS prepended once to each prompt"
+    assert df[df.metric == "entropy"].n.iloc[0] == (4 - 1) + 3, "BOS prepended once to the text prompt, token ids kept as given"
     assert meta["dataset"]["prepend_bos"] is True
 
 

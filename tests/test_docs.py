@@ -13,17 +13,10 @@ _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 
 
 def probe_metrics() -> dict[str, tuple[str, ...]]:
-    """Each probe's name -> the metrics it reports (the one place that knows where probes live)."""
-    from probes.context import ContextProbe
-    from probes.entropy import EntropyProbe
-    from probes.induction import InductionProbe
-    from probes.retrieval import RetrievalProbe
-    from probes.sink import SinkProbe
-    from probes.streaming import StreamingProbe
-    from probes.vhd import VHDProbe
+    """Each registered probe's name -> the metrics it reports."""
+    from workbench.registry import probe_classes
 
-    classes = (EntropyProbe, SinkProbe, InductionProbe, StreamingProbe, RetrievalProbe, VHDProbe, ContextProbe)
-    return {cls.name: tuple(cls.metrics) for cls in classes}
+    return {name: tuple(cls.metrics) for name, cls in probe_classes().items()}
 
 
 def headings(markdown: str) -> list[str]:

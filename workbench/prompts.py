@@ -1,8 +1,9 @@
 """Prompts: reading the JSONL format, validating, tokenizing.
 
 A prompts file has one JSON object per line with an ``id`` and either ``text`` or ``tokens``
-(a list of token ids used exactly as given, nothing prepended). ``text`` is tokenized with the
-tokenizer's own defaults; ``prepend_bos=True`` adds BOS explicitly (once, never twice). Any
+(a list of token ids used exactly as given, nothing prepended, even with ``prepend_bos``: their
+metadata, such as niah's answer span, indexes those exact tokens). ``text`` is tokenized with the
+tokenizer's own defaults; ``prepend_bos=True`` adds BOS to text explicitly (once, never twice). Any
 other fields are kept in ``Prompt.meta`` (datasets put spans and answers there).
 
 Every problem is reported with the file, line and prompt id, before any model runs.
@@ -136,7 +137,7 @@ def tokenize_prompts(
             ids = list(p.tokens)
         else:
             ids = list(tokenizer(p.text)["input_ids"])
-        if prepend_bos and (not ids or ids[0] != bos):
+        if prepend_bos and p.tokens is None and (not ids or ids[0] != bos):  # token ids are used exactly as given
             ids = [bos] + ids
         if not ids:
             raise WorkbenchError(f"prompt {p.id!r} is empty (0 tokens)", "remove it or give it some text")
