@@ -187,3 +187,31 @@ def test_retrieval_and_induction_from_the_cli(tiny_dirs, tmp_path, capsys):
     assert all("answer_span" in r and "tokens" in r for r in rows)
     rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(niah), "--param", "retrieval.max_new_tokens=2", "--out", str(out))
     assert rc == 0, err
+
+
+def test_help_lists_every_command_and_each_has_an_example(capsys):
+    from workbench.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for name, cmd in sub.choices.items():
+        assert name in top, f"`workbench --help` does not list {name}"
+        assert cmd.description and cmd.epilog and cmd.epilog.startswith("example:\n  workbench "), name
+        help_line = next(a.help for a in sub._choices_actions if a.dest == name)
+        assert help_line and len(help_line) < 100, name
+    assert {"probe", "probes", "models", "datasets", "dataset", "patch", "task", "circuit", "sweep", "query", "report",
+            "reinforce", "retrieval-ablation"} <= set(sub.choices)
+
+
+def test_a_closed_pipe_is_not_an_internal_error(tmp_path):
+    """`workbench probes | head -1`: the reader is gone before we write; no error, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run([sys.executable, "-m", "workbench", "probes"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
