@@ -24,6 +24,9 @@ def paper_loop(model, tokenizer, prompts, stops, max_new_tokens):
     """One prompt at a time, attentions of every layer returned at every step (their method)."""
     from transformers import DynamicCache
 
+    from workbench.decoding import _cache_kwarg
+
+    KV = _cache_kwarg(model)
     out_scores = []
     for p in prompts:
         ids = torch.tensor([p.ids])
@@ -31,11 +34,11 @@ def paper_loop(model, tokenizer, prompts, stops, max_new_tokens):
         L, H = model.config.num_hidden_layers, model.config.num_attention_heads
         score = torch.zeros(L, H, dtype=torch.float64)
         with torch.no_grad():
-            out = model(input_ids=ids[:, :-1], past_key_values=DynamicCache(), use_cache=True)
-            cache, inp = out.past_key_values, ids[0, -1]
+            out = model(input_ids=ids[:, :-1], **{KV: DynamicCache()}, use_cache=True)
+            cache, inp = out[KV], ids[0, -1]
             for _ in range(max_new_tokens):
-                out = model(input_ids=inp.view(1, 1), past_key_values=cache, use_cache=True, output_attentions=True)
-                cache = out.past_key_values
+                out = model(input_ids=inp.view(1, 1), **{KV: cache}, use_cache=True, output_attentions=True)
+                cache = out[KV]
                 inp = out.logits[0, -1].argmax()
                 for layer in range(L):
                     top = out.attentions[layer][0, :, -1].topk(1).indices[:, 0]

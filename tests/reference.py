@@ -11,6 +11,8 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
+from workbench.decoding import _cache_kwarg
+
 
 def eager_model(source: str):
     return AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32).eval()
@@ -106,13 +108,14 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
     n_layers = model.config.num_hidden_layers
     scores = [[0.0] * model.config.num_attention_heads for _ in range(n_layers)]
     prompt = torch.tensor([ids])
+    KV = _cache_kwarg(model)  # the KV-cache argument's name in this transformers
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True)
-        cache, inp, output = out.past_key_values, prompt[:, -1], []
+        out = model(input_ids=prompt[:, :-1], **{KV: cache}, use_cache=True)
+        cache, inp, output = out[KV], prompt[:, -1], []
         for _ in range(max_new_tokens):
-            out = model(input_ids=inp.view(1, 1), past_key_values=cache, use_cache=True, output_attentions=True)
-            cache = out.past_key_values
+            out = model(input_ids=inp.view(1, 1), **{KV: cache}, use_cache=True, output_attentions=True)
+            cache = out[KV]
             inp = out.logits[0, -1].argmax()
             output.append(int(inp))
             for layer in range(n_layers):

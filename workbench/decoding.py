@@ -59,6 +59,24 @@ class DecodeState:
 StepCallback = Callable[[DecodeState, Int[Tensor, " batch"], Bool[Tensor, " batch"]], None]
 
 
+def _cache_kwarg(hf_model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` is
+    deprecated); older 5.x releases only know ``past_key_values``."""
+    import inspect
+
+    try:
+        return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _forward(model: LoadedModel, cache: Any, **inputs: Any) -> tuple[Any, Tensor]:
+    """One forward with a KV cache; returns (the updated cache, last-position logits)."""
+    out = model.hf_model(**inputs, **{_cache_kwarg(model.hf_model): cache}, use_cache=True, logits_to_keep=1)
+    new = out["cache"] if "cache" in out else out.past_key_values
+    return new, out.logits[:, -1]
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     n = min(len(a), len(b), limit)
     if n <= 0:
@@ -111,11 +129,8 @@ def _separate_prefill(model: LoadedModel, batch: BatchInfo, state: DecodeState) 
                     cache.update(kv.keys[..., :shared, :], kv.values[..., :shared, :], layer)
             state.rows = torch.tensor([r], device=dev)
             state.key_offset = torch.zeros(1, dtype=torch.long, device=dev)
-            out = model.hf_model(
-                input_ids=torch.tensor([ids[shared:]], device=dev), past_key_values=cache, use_cache=True,
-                position_ids=torch.arange(shared, len(ids), device=dev)[None], logits_to_keep=1,
-            )
-            caches[r], logits[r] = out.past_key_values, out.logits[:, -1]
+            caches[r], logits[r] = _forward(model, cache, input_ids=torch.tensor([ids[shared:]], device=dev),
+                                            position_ids=torch.arange(shared, len(ids), device=dev)[None])
     finally:
         state.rows, state.key_offset = None, batch.first_index
     merged = DynamicCache()
@@ -154,8 +169,7 @@ def _decode_batch(
         if step == 0 and separate and b > 1:
             cache, last = _separate_prefill(model, batch, state)
         else:
-            out = model.hf_model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, last = out.past_key_values, out.logits[:, -1]
+            cache, last = _forward(model, cache, input_ids=inp, attention_mask=mask, position_ids=pos)
         y = last.argmax(-1)  # [b]
         if on_step is not None:
             on_step(state, y, active)
