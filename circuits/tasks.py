@@ -145,7 +145,9 @@ def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
     return pairs
 
 
-def write_pairs(pairs: list[Pair], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps({"id": p.id, **{k: p.meta[k] for k in ("clean", "corrupted", "correct", "incorrect")}}) + "\n")
+def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
+    """Write pairs as JSONL (the format :func:`read_pairs` accepts), atomically."""
+    from workbench.fileio import atomic_write_text
+
+    keys = ("clean", "corrupted", "correct", "incorrect")
+    return atomic_write_text(path, "".join(json.dumps({"id": p.id, **{k: p.meta[k] for k in keys}}) + "\n" for p in pairs))

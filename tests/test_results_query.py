@@ -175,6 +175,7 @@ def test_read_only_mode_refuses_file_access(run, tmp_path, sql):
 
 def test_read_only_mode_hides_python_variables(run):
     """DuckDB's Python replacement scans would read any DataFrame in the caller's frames by name."""
-    secret_frame = pd.DataFrame({"password": ["hunter2"]})  # noqa: F841 (the point: it is in scope)
+    secret_frame = pd.DataFrame({"password": ["hunter2"]})  # the point: it is in scope
     with pytest.raises(WorkbenchError, match="query failed"):
         query("select * from secret_frame", [run], read_only=True)
+    assert len(secret_frame) == 1

@@ -109,12 +109,14 @@ def _prompt_from_obj(obj: Any, where: str) -> Prompt:
 
 
 def write_prompts(prompts: Iterable[Prompt], path: str | Path) -> Path:
-    """Write prompts as JSONL (the format :func:`read_prompts` accepts)."""
-    path = Path(path)
-    with open(path, "w", encoding="utf-8") as f:
+    """Write prompts as JSONL (the format :func:`read_prompts` accepts), atomically."""
+    from workbench.fileio import atomic_write
+
+    def write(f) -> None:
         for p in prompts:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    return path
+            f.write((json.dumps(p.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+
+    return atomic_write(path, write)
 
 
 def tokenize_prompts(

@@ -6,7 +6,8 @@ with the value and ``n``, the number of items averaged. Parquet files carry the 
 metadata, as JSON.
 
 Writes go to a temporary file in the destination folder, are flushed to disk and renamed into
-place, so a crash or Ctrl-C never leaves a partial file under the final name.
+place (:mod:`workbench.fileio`), so a crash or Ctrl-C never leaves a partial file under the final
+name; the file gets the mode a normal new file gets.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import WorkbenchError
+from workbench.fileio import atomic_write
 
 COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
 # Optional keys of per-item rows (e.g. T-VHD per generated token: layer = head = -1, one row per
@@ -82,24 +84,13 @@ def check_writable(path: str | Path) -> Path:
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write ``df`` with ``metadata`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``df`` with ``metadata`` to ``path`` atomically (:func:`workbench.fileio.atomic_write`)."""
     path = check_writable(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
