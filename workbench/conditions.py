@@ -60,17 +60,40 @@ class ConditionPair:
 
 # -- images -----------------------------------------------------------------------------------
 def load_image(path: str | Path) -> Any:
-    """Open an image file as RGB, or fail with the path and the reason."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file as RGB, or fail with the path and the reason.
+
+    PIL's decompression-bomb guard applies from its warning level on: an image whose header
+    declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before any pixel is
+    decoded (PIL only warns up to twice that and would decode it). The limit itself is left as
+    the user set it. Truncated or corrupt image data is refused too.
+    """
+    import re
+    import struct
+    import warnings
+    import zlib
+
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"image {path} does not exist", "check the item's image path (relative to the JSONL file)")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot read image {path}: {exc}", "give a PNG/JPEG/... file that PIL can open") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise WorkbenchError(
+            f"image {path} is too large: {size.group(1) + ' pixels' if size else 'its size'}, over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            "(PIL's guard against decompression bombs)",
+            "downscale the image (the model's processor resizes it anyway), e.g. to 1024 x 1024",
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
+        raise WorkbenchError(
+            f"cannot read image {path}: {exc}",
+            "give a PNG/JPEG/... file that PIL can open (re-export it if it is truncated or corrupt)",
+        ) from None
 
 
 def image_placeholder(processor: Any) -> str:
