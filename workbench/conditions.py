@@ -133,6 +133,20 @@ def _process(model: Any, text: str, image: Any | None) -> Condition:
     return Condition(ids, extras, [t in special for t in ids])
 
 
+def _refuse_far_too_long(tokenizer: Any, item_id: str, text: str, n_ctx: int) -> None:
+    """The context-length error before tokenizing a huge text (see :mod:`workbench.token_bounds`)."""
+    from workbench.prompts import CHEAP_CHECK_CHARS
+    from workbench.token_bounds import min_tokens
+
+    if len(text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx):
+        at_least = min_tokens(tokenizer, text, n_ctx)
+        if at_least > n_ctx:
+            raise WorkbenchError(
+                f"item {item_id!r} has at least {at_least} tokens, longer than the model's context of {n_ctx}",
+                "shorten the text or context, or generate fewer tokens",
+            )
+
+
 def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionPair:
     """The item with its image and without it (or with ``counter_image`` instead)."""
     if not model.is_multimodal:
@@ -154,6 +168,7 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
         )
     if "image" not in item.meta:
         raise WorkbenchError(f"item {item.id!r} has no 'image' field", "add \"image\": \"path/to/file.png\" to each line")
+    _refuse_far_too_long(model.processor.tokenizer, item.id, text, model.n_ctx)
     root = Path(root) if root is not None else Path(".")
     image = load_image(root / str(item.meta["image"]))
     cond = _process(model, text, image)
@@ -174,6 +189,7 @@ def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
         raise WorkbenchError(f"item {item.id!r} has no 'context' passage", "add \"context\": \"...\" to each line")
     tok = model.tokenizer
     prefix = context + separator
+    _refuse_far_too_long(tok, item.id, prefix + item.text, model.n_ctx)
     cond_ids = list(tok(prefix + item.text)["input_ids"])
     base_ids = list(tok(item.text)["input_ids"])
     n_prefix = len(tok(prefix)["input_ids"])

@@ -119,6 +119,9 @@ def write_prompts(prompts: Iterable[Prompt], path: str | Path) -> Path:
     return atomic_write(path, write)
 
 
+CHEAP_CHECK_CHARS = 200_000  # texts longer than this (and 8 x the context) get a lower bound first
+
+
 def tokenize_prompts(
     prompts: list[Prompt],
     tokenizer: Any,
@@ -126,27 +129,37 @@ def tokenize_prompts(
     vocab_size: int,
     prepend_bos: bool = False,
 ) -> list[TokenizedPrompt]:
-    """Tokenize and validate: non-empty, within the context, ids inside the vocabulary."""
+    """Tokenize and validate: non-empty, within the context, ids inside the vocabulary.
+
+    Far-too-long prompts are refused before they are tokenized or copied: a token list by its
+    length, a text by a cheap lower bound on its token count (:func:`workbench.token_bounds.min_tokens`),
+    with the same context-length error a normal too-long prompt gets.
+    """
+    from workbench.token_bounds import min_tokens
+
     if not prompts:
         raise WorkbenchError("no prompts to run", "give a non-empty --prompts file or --dataset")
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     if prepend_bos and bos is None:
         raise WorkbenchError("--prepend-bos was given but the tokenizer has no BOS token", "drop --prepend-bos")
     out: list[TokenizedPrompt] = []
     for p in prompts:
         if p.tokens is not None:
+            if len(p.tokens) > n_ctx:
+                raise _too_long(p.id, len(p.tokens), n_ctx)
             ids = list(p.tokens)
         else:
+            # only for texts costly to tokenize; shorter ones get the exact count
+            at_least = min_tokens(tokenizer, p.text, n_ctx) if len(p.text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx) else 0
+            if at_least > n_ctx:
+                raise _too_long(p.id, at_least, n_ctx, lower_bound=True)
             ids = list(tokenizer(p.text)["input_ids"])
         if prepend_bos and (not ids or ids[0] != bos):
             ids = [bos] + ids
         if not ids:
             raise WorkbenchError(f"prompt {p.id!r} is empty (0 tokens)", "remove it or give it some text")
         if len(ids) > n_ctx:
-            raise WorkbenchError(
-                f"prompt {p.id!r} has {len(ids)} tokens, longer than the model's context of {n_ctx}",
-                "shorten or split the prompt, or use a model with a longer context",
-            )
+            raise _too_long(p.id, len(ids), n_ctx)
         bad = [t for t in ids if t < 0 or t >= vocab_size]
         if bad:
             raise WorkbenchError(
@@ -155,3 +168,11 @@ def tokenize_prompts(
             )
         out.append(TokenizedPrompt(p.id, ids, dict(p.meta)))
     return out
+
+
+def _too_long(pid: str, n_tokens: int, n_ctx: int, lower_bound: bool = False) -> WorkbenchError:
+    """The context-length error, for an exact count or a lower bound on it."""
+    return WorkbenchError(
+        f"prompt {pid!r} has {'at least ' if lower_bound else ''}{n_tokens} tokens, longer than the model's context of {n_ctx}",
+        "shorten or split the prompt, or use a model with a longer context",
+    )
