@@ -179,3 +179,13 @@ def test_read_only_mode_hides_python_variables(run):
     with pytest.raises(WorkbenchError, match="query failed"):
         query("select * from secret_frame", [run], read_only=True)
     assert len(secret_frame) == 1
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_an_unreadable_part_is_a_workbench_error(tmp_path, read_only):
+    run = make_run(tmp_path / "run", ("a", "b"))
+    part = run / "parts" / "b.parquet"
+    part.write_bytes(part.read_bytes()[:-30])  # truncated: no footer
+    with pytest.raises(WorkbenchError, match="cannot load the results of") as err:
+        query(README_QUERY, [run], read_only=read_only)
+    assert "b.parquet" in err.value.message and "\n" not in err.value.message
