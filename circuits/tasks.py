@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.prompts import json_kind, read_lines
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
          "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
@@ -160,39 +161,18 @@ PAIR_FIELDS = ("clean", "corrupted", "correct", "incorrect")
 PAIR_FORMAT = '{"id": "p1", "clean": "...", "corrupted": "...", "correct": " A", "incorrect": " B"}'
 
 
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _decode_lines(path: Path) -> list[str]:
-    """The file's lines as text; not UTF-8 fails naming the first bad line (a BOM is allowed)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        lineno = raw.count(b"\n", 0, exc.start) + 1
-        raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x})",
-                             "save the pairs file as UTF-8 JSON lines") from None
-
-
 def _pair_from_line(obj: Any, lineno: int, tokenizer) -> Pair:
     if not isinstance(obj, dict):
-        raise WorkbenchError(f"expected a JSON object, got {_json_kind(obj)}", f"one pair per line: {PAIR_FORMAT}")
+        raise WorkbenchError(f"expected a JSON object, got {json_kind(obj)}", f"one pair per line: {PAIR_FORMAT}")
     missing = [k for k in PAIR_FIELDS if k not in obj]
     if missing:
         raise WorkbenchError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}", f"give every pair {PAIR_FORMAT}")
     pid = obj.get("id", lineno)
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-        raise WorkbenchError(f"'id' must be a string or an integer, got {_json_kind(pid)}", 'e.g. "id": "p1"')
+        raise WorkbenchError(f"'id' must be a string or an integer, got {json_kind(pid)}", 'e.g. "id": "p1"')
     for k in PAIR_FIELDS:
         if not isinstance(obj[k], str):
-            raise WorkbenchError(f"'{k}' must be a string, got {_json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."')
+            raise WorkbenchError(f"'{k}' must be a string, got {json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."')
         if not obj[k].strip():
             raise WorkbenchError(f"'{k}' is empty", "give clean and corrupted prompts and two single-token answers (with their leading space)")
     return make_pair(tokenizer, str(pid), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"])
@@ -205,7 +185,7 @@ def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
         raise WorkbenchError(f"pairs file {path} does not exist", "check the path")
     pairs: list[Pair] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(_decode_lines(path), 1):
+    for lineno, line in enumerate(read_lines(path, "pairs"), 1):
         if not line.strip():
             continue
         try:

@@ -252,3 +252,36 @@ def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     assert max(spy.lengths, default=0) < 1_000_000
     ok = context_pair(model, Prompt("ok", text="what did the king say?", meta={"context": "the king said unto them"}))
     assert len(ok.cond) > len(ok.base)
+
+
+# -- prompts files: the same input classes as pairs files ------------------------------------------
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"id": [1], "text": "x"}', "'id' must be a string or an integer, got a list"),
+        ('{"id": true, "text": "x"}', "'id' must be a string or an integer, got a boolean"),
+        ('{"id": null, "text": "x"}', "'id' must be a string or an integer, got null"),
+        ('{"id": "a", "text": 5}', "'text' of prompt 'a' must be a string"),
+        ("[1, 2]", "expected a JSON object, got list"),
+    ],
+)
+def test_bad_prompt_lines_name_file_and_line(tmp_path, line, message):
+    from workbench.prompts import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(WorkbenchError, match=rf"{f}:2: ") as err:
+        read_prompts(f)
+    assert message in err.value.message
+
+
+def test_prompts_file_not_utf8_names_the_line_and_a_bom_is_fine(tmp_path):
+    from workbench.prompts import read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(WorkbenchError, match=rf"{f}:2: not UTF-8") as err:
+        read_prompts(f)
+    assert "UTF-8" in err.value.fix
+    f.write_bytes(b'\xef\xbb\xbf{"id": 7, "text": "ok"}\n')
+    assert [p.id for p in read_prompts(f)] == ["7"]

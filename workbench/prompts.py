@@ -57,15 +57,37 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is allowed); not UTF-8 fails naming
+    the first bad line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read {what} file {path}: {exc.strerror or exc}", "check the path and its permissions") from None
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x})", f"save the {what} file as UTF-8 JSON lines") from None
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value is called in messages: "a list", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Parse a prompts JSONL file; raise :class:`WorkbenchError` naming the first bad line."""
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"prompts file {path} does not exist", "check the path given to --prompts")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"cannot read prompts file {path}: {exc}", "it must be UTF-8 JSON lines") from exc
+    lines = read_lines(path, "prompts")
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for lineno, line in enumerate(lines, 1):
@@ -90,6 +112,8 @@ def _prompt_from_obj(obj: Any, where: str) -> Prompt:
         raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}", 'use {"id": ..., "text": ...}')
     if "id" not in obj:
         raise WorkbenchError(f"{where}: missing field 'id'", "every prompt needs an id")
+    if isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
+        raise WorkbenchError(f"{where}: 'id' must be a string or an integer, got {json_kind(obj['id'])}", 'e.g. "id": "p1"')
     pid = str(obj["id"])
     has_text, has_tokens = "text" in obj, "tokens" in obj
     if has_text == has_tokens:
