@@ -25,6 +25,7 @@ their own edit.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -34,9 +35,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.tasks import Pair
+from circuits.tasks import Pair, check_pair
 from workbench.attention import AttentionCall, hooked_run
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, WorkbenchWarning
 from workbench.extraction import base_network
 from workbench.patterns import BatchInfo, collate
 from workbench.prompts import pad_token_id
@@ -62,8 +63,7 @@ def pair_batch(model, pairs: Sequence[Pair]) -> PairBatch:
     if not pairs:
         raise WorkbenchError("no prompt pairs", "give a non-empty task or pairs file")
     for p in pairs:
-        if len(p.clean) != len(p.corrupted):
-            raise WorkbenchError(f"pair {p.id!r}: clean and corrupted differ in length", "positions must align")
+        check_pair(p)  # before any forward: one degenerate pair would silently dilute the mean
         if len(p.clean) > model.n_ctx:
             raise WorkbenchError(f"pair {p.id!r} is longer than the model's context", "shorten it")
     pad = pad_token_id(model.tokenizer)
@@ -128,7 +128,23 @@ def baseline(model, pairs: Sequence[Pair]) -> Baseline:
     rc, rx = ZRecorder(), ZRecorder()
     ld_c = logit_diff(model, pb.clean, pb, observers=[rc])
     ld_x = logit_diff(model, pb.corrupted, pb, observers=[rx])
+    warn_if_flat(ld_c, ld_x)
     return Baseline(pb, ld_c, ld_x, rc.z, rx.z)
+
+
+def warn_if_flat(ld_clean: Tensor, ld_corrupted: Tensor, rel: float = 1e-3) -> None:
+    """Warn (:class:`WorkbenchWarning`) when the mean clean and corrupted logit differences are
+    nearly equal, |LD_clean - LD_corrupted| < rel * max(1, |LD_clean|, |LD_corrupted|): the
+    normalised effects divide by that difference and mean nothing (NaN below 1e-9)."""
+    c, x = float(ld_clean.double().mean()), float(ld_corrupted.double().mean())
+    if abs(c - x) < rel * max(1.0, abs(c), abs(x)):
+        warnings.warn(
+            f"the mean logit differences of the clean ({c:.4g}) and corrupted ({x:.4g}) prompts are nearly equal, "
+            "so normalised effects (divided by their difference) are meaningless; the ld column is still valid. "
+            "Use pairs whose corruption changes the model's preference",
+            WorkbenchWarning,
+            stacklevel=3,
+        )
 
 
 class _VariantZPatcher:
@@ -215,8 +231,12 @@ def _effects(base: Baseline, ld: Tensor, n_boot: int, seed: int = 0) -> tuple[np
         return eff, nan, nan
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(c), size=(n_boot, len(c)))
-    boots = (p[:, idx].mean(-1) - c[idx].mean(-1)) / (c[idx].mean(-1) - x[idx].mean(-1))  # [m, n_boot]
-    return eff, np.nanpercentile(boots, 2.5, axis=1), np.nanpercentile(boots, 97.5, axis=1)
+    # resamples whose denominator is 0 give inf / NaN and, when all are, nanpercentile warns:
+    # the CI is then NaN by design (baseline() already warned), not a numpy warning on the terminal
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boots = (p[:, idx].mean(-1) - c[idx].mean(-1)) / (c[idx].mean(-1) - x[idx].mean(-1))  # [m, n_boot]
+        return eff, np.nanpercentile(boots, 2.5, axis=1), np.nanpercentile(boots, 97.5, axis=1)
 
 
 def _rows_per_variant(base: Baseline) -> int:

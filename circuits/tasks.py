@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.prompts import json_kind, read_lines
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
          "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
@@ -54,16 +55,48 @@ class Pair:
 
 
 def _single(tokenizer, word: str) -> int | None:
+    """The one token ``word`` is, or None (several tokens, none, or the unknown token: every
+    out-of-vocabulary word would be the same answer)."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return ids[0] if len(ids) == 1 and (unk is None or ids[0] != unk) else None
 
 
 def _answer_id(tokenizer, text: str, what: str, pid: str) -> int:
     tid = _single(tokenizer, text)
     if tid is None:
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n == 1:
+            raise WorkbenchError(f"pair {pid!r}: the {what} answer {text!r} is not in the tokenizer's vocabulary (it becomes the unknown token)",
+                                 "use answers that are single tokens of this model's vocabulary")
         raise WorkbenchError(f"pair {pid!r}: the {what} answer {text!r} is {n} tokens, not one", "use answers that are single tokens (mind the leading space)")
     return tid
+
+
+def check_pair(p: Pair) -> None:
+    """Reject a pair whose logit difference cannot measure anything: the same answer token twice
+    (LD is 0 on both prompts) or the same tokens clean and corrupted (LD_clean = LD_corrupted).
+    Either would be NaN alone and, among good pairs, silently dilute the mean effect."""
+    if not p.clean or not p.corrupted:
+        raise WorkbenchError(f"pair {p.id!r} has an empty prompt", "give clean and corrupted text")
+    if len(p.clean) != len(p.corrupted):
+        raise WorkbenchError(
+            f"pair {p.id!r}: clean has {len(p.clean)} tokens and corrupted {len(p.corrupted)}; positions must align",
+            "make the corrupted prompt the same number of tokens (swap single-token words)",
+        )
+    texts = p.meta
+    if p.correct == p.incorrect:
+        answers = f" ({texts['correct']!r} and {texts['incorrect']!r})" if "correct" in texts and "incorrect" in texts else ""
+        raise WorkbenchError(
+            f"pair {p.id!r}: the correct and incorrect answers{answers} are the same token (id {p.correct}), so the logit difference is always 0",
+            "give two answers that are different tokens for this model",
+        )
+    if list(p.clean) == list(p.corrupted):
+        prompts = f" ({texts['clean']!r} and {texts['corrupted']!r})" if "clean" in texts and "corrupted" in texts else ""
+        raise WorkbenchError(
+            f"pair {p.id!r}: the clean and corrupted prompts{prompts} are the same tokens, so patching cannot change anything",
+            "corrupt the prompt with a word the tokenizer knows (a different token)",
+        )
 
 
 def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, incorrect: str, meta: dict | None = None) -> Pair:
@@ -71,13 +104,10 @@ def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, inc
     x = tokenizer(corrupted, add_special_tokens=False)["input_ids"]
     if not c or not x:
         raise WorkbenchError(f"pair {pid!r} has an empty prompt", "give clean and corrupted text")
-    if len(c) != len(x):
-        raise WorkbenchError(
-            f"pair {pid!r}: clean has {len(c)} tokens and corrupted {len(x)}; positions must align",
-            "make the corrupted prompt the same number of tokens (swap single-token words)",
-        )
-    return Pair(pid, c, x, _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
+    pair = Pair(pid, list(c), list(x), _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
                 {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect, **(meta or {})})
+    check_pair(pair)
+    return pair
 
 
 def ioi(tokenizer, n: int = 32, seed: int = 0, templates: list[str] | None = None) -> list[Pair]:
@@ -102,6 +132,9 @@ def colored_objects(tokenizer, n: int = 32, seed: int = 0) -> list[Pair]:
     rng = random.Random(seed)
     colors = [c for c in COLORS if _single(tokenizer, " " + c) is not None]
     things = [t for t in THINGS if _single(tokenizer, " " + t) is not None]
+    if len(colors) < 3 or len(things) < 3:
+        raise WorkbenchError(f"fewer than 3 colours or objects are single tokens for this tokenizer ({len(colors)} colours, {len(things)} objects)",
+                             "bring your own pairs (--pairs FILE.jsonl)")
     pairs = []
     for i in range(n):
         cs, os_ = rng.sample(colors, 3), rng.sample(things, 3)
@@ -124,28 +157,57 @@ def make_task(name: str, tokenizer, n: int = 32, seed: int = 0) -> list[Pair]:
     return TASKS[name](tokenizer, n=n, seed=seed)
 
 
+PAIR_FIELDS = ("clean", "corrupted", "correct", "incorrect")
+PAIR_FORMAT = '{"id": "p1", "clean": "...", "corrupted": "...", "correct": " A", "incorrect": " B"}'
+
+
+def _pair_from_line(obj: Any, lineno: int, tokenizer) -> Pair:
+    if not isinstance(obj, dict):
+        raise WorkbenchError(f"expected a JSON object, got {json_kind(obj)}", f"one pair per line: {PAIR_FORMAT}")
+    missing = [k for k in PAIR_FIELDS if k not in obj]
+    if missing:
+        raise WorkbenchError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}", f"give every pair {PAIR_FORMAT}")
+    pid = obj.get("id", lineno)
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise WorkbenchError(f"'id' must be a string or an integer, got {json_kind(pid)}", 'e.g. "id": "p1"')
+    for k in PAIR_FIELDS:
+        if not isinstance(obj[k], str):
+            raise WorkbenchError(f"'{k}' must be a string, got {json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."')
+        if not obj[k].strip():
+            raise WorkbenchError(f"'{k}' is empty", "give clean and corrupted prompts and two single-token answers (with their leading space)")
+    return make_pair(tokenizer, str(pid), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"])
+
+
 def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
+    """Parse a pairs JSONL file; every problem is one WorkbenchError naming ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"pairs file {path} does not exist", "check the path")
-    pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    pairs: list[Pair] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(read_lines(path, "pairs"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkbenchError(f"{path}:{lineno}: not valid JSON ({exc.msg})", "one JSON object per line") from None
-        missing = [k for k in ("clean", "corrupted", "correct", "incorrect") if k not in obj]
-        if missing:
-            raise WorkbenchError(f"{path}:{lineno}: missing {', '.join(missing)}", 'give {"id", "clean", "corrupted", "correct", "incorrect"}')
-        pairs.append(make_pair(tokenizer, str(obj.get("id", lineno)), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"]))
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise WorkbenchError(f"not valid JSON ({exc.msg})", f"one JSON object per line: {PAIR_FORMAT}") from None
+            pair = _pair_from_line(obj, lineno, tokenizer)
+            if pair.id in seen:
+                raise WorkbenchError(f"duplicate pair id {pair.id!r}", "give every pair its own id")
+        except WorkbenchError as exc:
+            raise WorkbenchError(f"{path}:{lineno}: {exc.message}", exc.fix) from None
+        seen.add(pair.id)
+        pairs.append(pair)
     if not pairs:
         raise WorkbenchError(f"pairs file {path} is empty", "add one pair per line")
     return pairs
 
 
-def write_pairs(pairs: list[Pair], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps({"id": p.id, **{k: p.meta[k] for k in ("clean", "corrupted", "correct", "incorrect")}}) + "\n")
+def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
+    """Write pairs as JSONL (the format :func:`read_pairs` accepts), atomically."""
+    from workbench.fileio import atomic_write_text
+
+    keys = ("clean", "corrupted", "correct", "incorrect")
+    return atomic_write_text(path, "".join(json.dumps({"id": p.id, **{k: p.meta[k] for k in keys}}) + "\n" for p in pairs))

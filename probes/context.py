@@ -44,7 +44,7 @@ from workbench.conditions import ConditionPair, check_lengths, context_pair
 from workbench.context import RunContext
 from workbench.divergence import Divergence, divergence, final_norm, head_contributions
 from workbench.errors import WorkbenchError
-from workbench.params import Options
+from workbench.params import Int, Options
 from workbench.prompts import Prompt
 from workbench.results import ProbeResult
 
@@ -92,7 +92,7 @@ class ContextProbe(DivergenceProbe):
 
     class Params(Options):
         steps: Literal["first", "all"] = Field("first", description="first: the first answer token; all: every answer token")
-        max_new_tokens: int = Field(8, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
+        max_new_tokens: Int = Field(8, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
         separator: str = Field("\n", description="text placed between the passage and the question")
 
     @classmethod

@@ -41,7 +41,7 @@ from workbench.context import RunContext
 from workbench.decoding import DecodeState, Prefill, greedy_decode
 from workbench.errors import WorkbenchError
 from workbench.masking import attention_scores
-from workbench.params import Options
+from workbench import params as opt
 from workbench.prompts import TokenizedPrompt
 from workbench.results import ProbeResult
 
@@ -172,8 +172,8 @@ class RetrievalProbe(TokenProbe):
     metrics = ("retrieval",)
     description = "Wu et al. retrieval score on niah prompts: copy-paste attention during greedy decoding"
 
-    class Params(Options):
-        max_new_tokens: int = Field(50, ge=1, le=4096, description="greedy tokens to decode at most (the paper: ~50)")
+    class Params(opt.Options):
+        max_new_tokens: opt.Int = Field(50, ge=1, le=4096, description="greedy tokens to decode at most (the paper: ~50)")
         span: Literal["answer", "needle"] = Field("answer", description="answer (the paper's real_needle) or the whole needle sentence")
         stop_at_newline: bool = Field(True, description="stop after the first token containing a newline (as the paper)")
         require_correct: bool = Field(True, description="count only prompts answered with ROUGE-1 recall > 0.5")

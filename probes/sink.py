@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import Field
 
 from probes.base import PatternProbe
-from workbench.params import Options
+from workbench.params import Float, Options
 from workbench.patterns import BatchInfo, PatternChunk
 
 
@@ -28,7 +28,7 @@ class SinkProbe(PatternProbe):
     description = "mean attention on the first token (alpha_0) and share of prompts with alpha_0 > epsilon"
 
     class Params(Options):
-        epsilon: float = Field(0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]")
+        epsilon: Float = Field(0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]")
 
     @property
     def epsilon(self) -> float:

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from probes.base import PatternProbe
-from workbench.params import Options
+from workbench.params import Int, Options
 from workbench.patterns import PatternChunk
 
 
@@ -32,8 +32,8 @@ class StreamingProbe(PatternProbe):
     description = "share of attention on the first `sink` tokens plus the last `recent` tokens (DuoAttention)"
 
     class Params(Options):
-        sink: int = Field(4, ge=0, description="number of initial (sink) tokens, a whole number >= 0")
-        recent: int = Field(64, ge=1, description="size of the recent window, a whole number >= 1 (the current token included)")
+        sink: Int = Field(4, ge=0, description="number of initial (sink) tokens, a whole number >= 0")
+        recent: Int = Field(64, ge=1, description="size of the recent window, a whole number >= 1 (the current token included)")
 
     def __init__(self, **params: int) -> None:
         super().__init__(**params)

@@ -35,7 +35,7 @@ from probes.base import DivergenceProbe, Probe
 from workbench.conditions import ConditionPair, check_lengths, image_pair
 from workbench.context import RunContext
 from workbench.divergence import Divergence, divergence
-from workbench.params import Options
+from workbench.params import Int, Options
 from workbench.prompts import Prompt
 from workbench.results import ProbeResult
 
@@ -71,8 +71,8 @@ class VHDProbe(DivergenceProbe):
 
     class Params(Options):
         steps: Literal["first", "all"] = Field("first", description="first: the first generated token (the paper); all: every answer token")
-        max_new_tokens: int = Field(16, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
-        top_k: int = Field(5, ge=1, description="T-VHD: sum of each layer's top-k head divergences")
+        max_new_tokens: Int = Field(16, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
+        top_k: Int = Field(5, ge=1, description="T-VHD: sum of each layer's top-k head divergences")
 
     @classmethod
     def accepts(cls, model: LoadedModel) -> bool:

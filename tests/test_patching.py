@@ -1,6 +1,7 @@
 """Patching: batched equals the plain serial way; identities that must hold exactly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -45,15 +46,16 @@ def test_batched_path_patching_equals_serial(tiny_models, receivers):
 
 
 def test_clean_equals_corrupted_gives_zero_effect(tiny_models):
+    """Freezing every head to the "corrupted" z changes nothing when that z is the clean one
+    (a pair whose prompts are the same tokens is rejected, so the corrupted run is replaced)."""
     model = tiny_models["llama"]
-    pairs = [Pair(p.id, p.clean, list(p.clean), p.correct, p.incorrect) for p in tiny_pairs(model)]
-    base = baseline(model, pairs)
-    assert torch.allclose(base.ld_clean, base.ld_corrupted)
-    m = model.n_layers * model.n_heads
+    base = baseline(model, tiny_pairs(model))
+    same = dataclasses.replace(base, z_corrupted=base.z_clean)
     masks = {l: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for l in range(model.n_layers)}
-    ld = logit_diff(model, base.pb.clean, base.pb, 1, [_VariantZPatcher(base, 1, masks, freeze=True)])
+    ld = logit_diff(model, same.pb.clean, same.pb, 1, [_VariantZPatcher(same, 1, masks, freeze=True)])
     assert (ld - base.ld_clean).abs().max() < 1e-5
-    assert m > 0
+    moved = logit_diff(model, base.pb.clean, base.pb, 1, [_VariantZPatcher(base, 1, masks, freeze=True)])
+    assert (moved - base.ld_clean).abs().max() > 1e-3, "the real corrupted z must change the answer"
 
 
 def test_patching_all_heads_and_embeddings_reproduces_corrupted(tiny_models):
@@ -110,9 +112,9 @@ def test_bad_patching_input(tiny_models, tmp_path):
     with pytest.raises(WorkbenchError, match="positions must align"):
         make_pair(tok, "x", "the king said", "the king said unto them", " king", " said")
     with pytest.raises(WorkbenchError, match="not one"):
-        make_pair(tok, "x", "the king said", "the lord said", " king said", " said")
+        make_pair(tok, "x", "the king said", "the man said", " king said", " said")
     f = tmp_path / "pairs.jsonl"
-    f.write_text(json.dumps({"id": "a", "clean": "the king said", "corrupted": "the lord said", "correct": " king", "incorrect": " lord"}) + "\n")
+    f.write_text(json.dumps({"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"}) + "\n")
     assert len(read_pairs(f, tok)) == 1
     with pytest.raises(WorkbenchError, match="unknown task"):
         make_task("nope", tok)
@@ -142,18 +144,31 @@ def test_discovery_faithfulness_and_overlap(tiny_models):
     assert ov["jaccard"] == 2 / 5 and ov["recall_a_in_b"] == 2 / 3 and ov["recall_b_in_a"] == 0.5
 
 
+# pairs in the tiny word-level vocabulary (its IOI names and colours are mostly [UNK])
+TINY_PAIRS = [
+    {"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"},
+    {"id": "b", "clean": "the old man said", "corrupted": "the good man said", "correct": " old", "incorrect": " good"},
+    {"id": "c", "clean": "the great day", "corrupted": "the old day", "correct": " great", "incorrect": " old"},
+    {"id": "d", "clean": "a dead man", "corrupted": "a good man", "correct": " dead", "incorrect": " good"},
+]
+
+
 def test_patch_cli(tmp_path, capsys):
     from workbench.cli import main
     from workbench.results import read_parquet
 
     out = tmp_path / "p.parquet"
-    assert main(["patch", "attribution", "--model", "tiny-llama", "--n-prompts", "4", "--out", str(out)]) == 0
+    pairs = tmp_path / "tiny_pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in TINY_PAIRS))
+    assert main(["patch", "attribution", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(out)]) == 0
     df, meta = read_parquet(out)
     assert {"layer", "head", "value", "exact"} <= set(df.columns) and "spearman_vs_exact" in meta["summary"]
-    assert main(["patch", "path", "--model", "tiny-llama", "--n-prompts", "3", "--receivers", "2.1.q", "--out", str(out)]) == 0
+    assert main(["patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--n-prompts", "3", "--receivers", "2.1.q", "--out", str(out)]) == 0
     df, _ = read_parquet(out)
     assert df.layer.max() < 2
-    rc = main(["patch", "path", "--model", "tiny-llama", "--receivers", "9.1", "--out", str(out)])
+    rc = main(["patch", "activation", "--model", "tiny-llama", "--task", "ioi", "--out", str(out)])
+    assert rc == 2 and "fewer than 3 names" in capsys.readouterr().err
+    rc = main(["patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--receivers", "9.1", "--out", str(out)])
     assert rc == 2 and "not a head of this model" in capsys.readouterr().err
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"clean": "the king said", "corrupted": "the king said unto them", "correct": " king", "incorrect": " said"}\n')
@@ -179,11 +194,18 @@ def test_smollm2_ioi_and_path_patching_equals_serial(smollm2):
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
 
 
-def test_task_export_round_trips(tiny_models, tmp_path, capsys):
-    from workbench.cli import main
+@pytest.mark.smollm2
+def test_task_export_round_trips(tmp_path, capsys):
+    from transformers import AutoTokenizer
 
+    from workbench.cli import main
+    from workbench.embedded import ensure_embedded
+
+    tok = AutoTokenizer.from_pretrained(ensure_embedded(quiet=True))
     out = tmp_path / "ioi.jsonl"
-    assert main(["task", "ioi", "--model", "tiny-llama", "--n-prompts", "5", "--seed", "2", "--out", str(out)]) == 0
-    back = read_pairs(out, tiny_models["llama"].tokenizer)
-    orig = make_task("ioi", tiny_models["llama"].tokenizer, n=5, seed=2)
+    assert main(["task", "ioi", "--model", "smollm2-135m", "--n-prompts", "5", "--seed", "2", "--out", str(out)]) == 0
+    back = read_pairs(out, tok)
+    orig = make_task("ioi", tok, n=5, seed=2)
     assert [(p.clean, p.corrupted, p.correct, p.incorrect) for p in back] == [(p.clean, p.corrupted, p.correct, p.incorrect) for p in orig]
+    assert main(["task", "ioi", "--model", "tiny-llama", "--out", str(tmp_path / "tiny.jsonl")]) == 2
+    assert "fewer than 3 names" in capsys.readouterr().err and not (tmp_path / "tiny.jsonl").exists()

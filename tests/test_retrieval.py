@@ -78,7 +78,7 @@ def test_bad_retrieval_input(tiny_models):
     model = tiny_models["llama"]
     with pytest.raises(WorkbenchError, match="needs niah prompts"):
         generate_and_score(model, [TokenizedPrompt("p", [5, 6, 7])])
-    with pytest.raises(WorkbenchError, match="depth 1.5 is outside"):
+    with pytest.raises(WorkbenchError, match=r"niah.depths\[0\]: must be <= 1, got 1.5"):
         make_dataset("niah", tokenizer=model.tokenizer, context_len=200, depths=[1.5])
     with pytest.raises(WorkbenchError, match="too short"):
         make_dataset("niah", tokenizer=model.tokenizer, context_len=10)

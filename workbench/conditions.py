@@ -60,17 +60,40 @@ class ConditionPair:
 
 # -- images -----------------------------------------------------------------------------------
 def load_image(path: str | Path) -> Any:
-    """Open an image file as RGB, or fail with the path and the reason."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file as RGB, or fail with the path and the reason.
+
+    PIL's decompression-bomb guard applies from its warning level on: an image whose header
+    declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before any pixel is
+    decoded (PIL only warns up to twice that and would decode it). The limit itself is left as
+    the user set it. Truncated or corrupt image data is refused too.
+    """
+    import re
+    import struct
+    import warnings
+    import zlib
+
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"image {path} does not exist", "check the item's image path (relative to the JSONL file)")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot read image {path}: {exc}", "give a PNG/JPEG/... file that PIL can open") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise WorkbenchError(
+            f"image {path} is too large: {size.group(1) + ' pixels' if size else 'its size'}, over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            "(PIL's guard against decompression bombs)",
+            "downscale the image (the model's processor resizes it anyway), e.g. to 1024 x 1024",
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
+        raise WorkbenchError(
+            f"cannot read image {path}: {exc}",
+            "give a PNG/JPEG/... file that PIL can open (re-export it if it is truncated or corrupt)",
+        ) from None
 
 
 def image_placeholder(processor: Any) -> str:
@@ -110,6 +133,20 @@ def _process(model: Any, text: str, image: Any | None) -> Condition:
     return Condition(ids, extras, [t in special for t in ids])
 
 
+def _refuse_far_too_long(tokenizer: Any, item_id: str, text: str, n_ctx: int) -> None:
+    """The context-length error before tokenizing a huge text (see :mod:`workbench.token_bounds`)."""
+    from workbench.prompts import CHEAP_CHECK_CHARS
+    from workbench.token_bounds import min_tokens
+
+    if len(text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx):
+        at_least = min_tokens(tokenizer, text, n_ctx)
+        if at_least > n_ctx:
+            raise WorkbenchError(
+                f"item {item_id!r} has at least {at_least} tokens, longer than the model's context of {n_ctx}",
+                "shorten the text or context, or generate fewer tokens",
+            )
+
+
 def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionPair:
     """The item with its image and without it (or with ``counter_image`` instead)."""
     if not model.is_multimodal:
@@ -131,6 +168,7 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
         )
     if "image" not in item.meta:
         raise WorkbenchError(f"item {item.id!r} has no 'image' field", "add \"image\": \"path/to/file.png\" to each line")
+    _refuse_far_too_long(model.processor.tokenizer, item.id, text, model.n_ctx)
     root = Path(root) if root is not None else Path(".")
     image = load_image(root / str(item.meta["image"]))
     cond = _process(model, text, image)
@@ -151,6 +189,7 @@ def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
         raise WorkbenchError(f"item {item.id!r} has no 'context' passage", "add \"context\": \"...\" to each line")
     tok = model.tokenizer
     prefix = context + separator
+    _refuse_far_too_long(tok, item.id, prefix + item.text, model.n_ctx)
     cond_ids = list(tok(prefix + item.text)["input_ids"])
     base_ids = list(tok(item.text)["input_ids"])
     n_prefix = len(tok(prefix)["input_ids"])

@@ -14,3 +14,10 @@ class WorkbenchError(Exception):
         self.message = message
         self.fix = fix
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+
+class WorkbenchWarning(UserWarning):
+    """A result that is computed but may mean little (e.g. a normalising denominator near zero).
+
+    Raised with :func:`warnings.warn`; the CLI prints each as one ``warning:`` line. Python
+    users can filter or escalate them by this category."""

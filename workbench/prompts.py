@@ -58,15 +58,37 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is allowed); not UTF-8 fails naming
+    the first bad line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read {what} file {path}: {exc.strerror or exc}", "check the path and its permissions") from None
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x})", f"save the {what} file as UTF-8 JSON lines") from None
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value is called in messages: "a list", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Parse a prompts JSONL file; raise :class:`WorkbenchError` naming the first bad line."""
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"prompts file {path} does not exist", "check the path given to --prompts")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"cannot read prompts file {path}: {exc}", "it must be UTF-8 JSON lines") from exc
+    lines = read_lines(path, "prompts")
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for lineno, line in enumerate(lines, 1):
@@ -91,6 +113,8 @@ def _prompt_from_obj(obj: Any, where: str) -> Prompt:
         raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}", 'use {"id": ..., "text": ...}')
     if "id" not in obj:
         raise WorkbenchError(f"{where}: missing field 'id'", "every prompt needs an id")
+    if isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
+        raise WorkbenchError(f"{where}: 'id' must be a string or an integer, got {json_kind(obj['id'])}", 'e.g. "id": "p1"')
     pid = str(obj["id"])
     has_text, has_tokens = "text" in obj, "tokens" in obj
     if has_text == has_tokens:
@@ -110,12 +134,17 @@ def _prompt_from_obj(obj: Any, where: str) -> Prompt:
 
 
 def write_prompts(prompts: Iterable[Prompt], path: str | Path) -> Path:
-    """Write prompts as JSONL (the format :func:`read_prompts` accepts)."""
-    path = Path(path)
-    with open(path, "w", encoding="utf-8") as f:
+    """Write prompts as JSONL (the format :func:`read_prompts` accepts), atomically."""
+    from workbench.fileio import atomic_write
+
+    def write(f) -> None:
         for p in prompts:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    return path
+            f.write((json.dumps(p.to_json(), ensure_ascii=False) + "\n").encode("utf-8"))
+
+    return atomic_write(path, write)
+
+
+CHEAP_CHECK_CHARS = 200_000  # texts longer than this (and 8 x the context) get a lower bound first
 
 
 def tokenize_prompts(
@@ -125,27 +154,37 @@ def tokenize_prompts(
     vocab_size: int,
     prepend_bos: bool = False,
 ) -> list[TokenizedPrompt]:
-    """Tokenize and validate: non-empty, within the context, ids inside the vocabulary."""
+    """Tokenize and validate: non-empty, within the context, ids inside the vocabulary.
+
+    Far-too-long prompts are refused before they are tokenized or copied: a token list by its
+    length, a text by a cheap lower bound on its token count (:func:`workbench.token_bounds.min_tokens`),
+    with the same context-length error a normal too-long prompt gets.
+    """
+    from workbench.token_bounds import min_tokens
+
     if not prompts:
         raise WorkbenchError("no prompts to run", "give a non-empty --prompts file or --dataset")
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     if prepend_bos and bos is None:
         raise WorkbenchError("--prepend-bos was given but the tokenizer has no BOS token", "drop --prepend-bos")
     out: list[TokenizedPrompt] = []
     for p in prompts:
         if p.tokens is not None:
+            if len(p.tokens) > n_ctx:
+                raise _too_long(p.id, len(p.tokens), n_ctx)
             ids = list(p.tokens)
         else:
+            # only for texts costly to tokenize; shorter ones get the exact count
+            at_least = min_tokens(tokenizer, p.text, n_ctx) if len(p.text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx) else 0
+            if at_least > n_ctx:
+                raise _too_long(p.id, at_least, n_ctx, lower_bound=True)
             ids = list(tokenizer(p.text)["input_ids"])
         if prepend_bos and p.tokens is None and (not ids or ids[0] != bos):  # token ids are used exactly as given
             ids = [bos] + ids
         if not ids:
             raise WorkbenchError(f"prompt {p.id!r} is empty (0 tokens)", "remove it or give it some text")
         if len(ids) > n_ctx:
-            raise WorkbenchError(
-                f"prompt {p.id!r} has {len(ids)} tokens, longer than the model's context of {n_ctx}",
-                "shorten or split the prompt, or use a model with a longer context",
-            )
+            raise _too_long(p.id, len(ids), n_ctx)
         bad = [t for t in ids if t < 0 or t >= vocab_size]
         if bad:
             raise WorkbenchError(
@@ -154,3 +193,11 @@ def tokenize_prompts(
             )
         out.append(TokenizedPrompt(p.id, ids, dict(p.meta)))
     return out
+
+
+def _too_long(pid: str, n_tokens: int, n_ctx: int, lower_bound: bool = False) -> WorkbenchError:
+    """The context-length error, for an exact count or a lower bound on it."""
+    return WorkbenchError(
+        f"prompt {pid!r} has {'at least ' if lower_bound else ''}{n_tokens} tokens, longer than the model's context of {n_ctx}",
+        "shorten or split the prompt, or use a model with a longer context",
+    )

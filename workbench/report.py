@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from plotly.offline import get_plotlyjs
 
 from workbench import plots
 from workbench.errors import WorkbenchError
+from workbench.fileio import atomic_write_text
 from workbench.results import load_results, top_heads
 
 
@@ -129,10 +128,6 @@ def write_report(run_dir: str | Path, out: str | Path, title: str | None = None)
     text = build_report(run_dir, title)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     except OSError as exc:
         raise WorkbenchError(f"cannot write to {out}: {exc.strerror or exc}", "choose a writable --out path") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, text)

@@ -6,7 +6,8 @@ with the value and ``n``, the number of items averaged. Parquet files carry the 
 metadata, as JSON.
 
 Writes go to a temporary file in the destination folder, are flushed to disk and renamed into
-place, so a crash or Ctrl-C never leaves a partial file under the final name.
+place (:mod:`workbench.fileio`), so a crash or Ctrl-C never leaves a partial file under the final
+name; the file gets the mode a normal new file gets.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import WorkbenchError
+from workbench.fileio import atomic_write
 
 COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
 # Optional keys of per-item rows (e.g. T-VHD per generated token: layer = head = -1, one row per
@@ -118,24 +120,13 @@ def check_writable(path: str | Path) -> Path:
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write ``df`` with ``metadata`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``df`` with ``metadata`` to ``path`` atomically (:func:`workbench.fileio.atomic_write`)."""
     path = check_writable(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -170,6 +161,46 @@ def part_files(run_dir: str | Path) -> list[Path]:
     return files
 
 
+def _nullable(dtype) -> Any:
+    """The dtype an optional column gets when some parts lack it: missing values as <NA>
+    without changing the type (an int column stays integer, not float)."""
+    kind = getattr(dtype, "kind", None)
+    if kind in ("i", "u"):
+        return "Int64"
+    if kind == "b":
+        return "boolean"
+    if kind in ("O", "U", "T") or str(dtype) in ("str", "string"):
+        return "string"
+    return dtype  # float (NaN), datetimes (NaT) and extension dtypes hold missing values already
+
+
+OPTIONAL_TYPES = {"item": "string", "step": "Int64", "token": "string"}
+
+
+def union_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate result tables with different column sets (item-probe parts carry item / step /
+    token, patching outputs component / position / ld / ...): COLUMNS first, then every other
+    column in the order first seen, each with one dtype whatever the order of the parts."""
+    extra: dict[str, Any] = {}
+    for df in frames:
+        for c in df.columns:
+            if c not in COLUMNS and c not in extra:
+                extra[c] = OPTIONAL_TYPES.get(c, _nullable(df[c].dtype))
+    aligned = []
+    for df in frames:
+        df = df.copy()
+        for c, dtype in extra.items():
+            if c not in df.columns:
+                df[c] = pd.Series(index=df.index, dtype=dtype)  # all missing, of the right type
+            else:
+                try:
+                    df[c] = df[c].astype(dtype)
+                except (TypeError, ValueError):  # the same name with other types: keep as written
+                    pass
+        aligned.append(df[COLUMNS + list(extra)])
+    return pd.concat(aligned, ignore_index=True)
+
+
 def load_results(run_dir: str | Path, with_metadata: bool = False):
     """All parts of a run as one tidy DataFrame (and, optionally, each part's metadata).
 
@@ -188,22 +219,79 @@ def load_results(run_dir: str | Path, with_metadata: bool = False):
             )
         frames.append(df)
         metas.append({"file": str(f), **meta})
-    table = pd.concat(frames, ignore_index=True)
+    table = union_frames(frames)
     return (table, metas) if with_metadata else table
 
 
-def query(sql: str, runs: list[str | Path]):
-    """Run SQL over the results of one or more runs with DuckDB; the view is called ``results``
-    and has a ``run`` column (the run folder)."""
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _results_sql(runs: list[str | Path]) -> str:
+    """One ``read_parquet([...], union_by_name = true)`` per run (parts may have different
+    columns), stacked by column name, each with the run folder in a ``run`` column."""
+    selects = []
+    for run in runs:
+        files = ", ".join(_sql_string(str(f)) for f in part_files(run))
+        selects.append(f"SELECT *, {_sql_string(str(Path(run)))} AS run FROM read_parquet([{files}], union_by_name = true)")
+    return " UNION ALL BY NAME ".join(selects)
+
+
+# Applied, in this order, before untrusted SQL runs: no file or network access, no extension
+# installed or loaded (autoloading would read the extension folder), no Python variable read
+# by name, and then the configuration is locked so the SQL cannot set any of them back.
+READ_ONLY_SETTINGS = (
+    "SET enable_external_access = false",
+    "SET allow_community_extensions = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET lock_configuration = true",
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataFrame:
+    """Run SQL over the results of one or more runs with DuckDB.
+
+    The table is called ``results``: every part of every run in ``runs``, columns united by name
+    (absent ones are NULL), plus a ``run`` column (the run folder).
+
+    By default the SQL runs with the user's rights: DuckDB can read and write any file the user
+    can (``COPY ... TO``, ``read_csv``, ``ATTACH``, extensions). ``read_only=True`` is for SQL
+    from someone else: the runs' rows are first copied into an in-memory table, then external
+    access is disabled and the configuration locked (:data:`READ_ONLY_SETTINGS`), so the SQL
+    can read only ``results`` and cannot touch files, the network or extensions.
+    """
     import duckdb
 
-    files = [(str(Path(r)), str(f)) for r in runs for f in part_files(r)]
-    con = duckdb.connect()
-    union = " UNION ALL ".join(
-        f"SELECT *, '{run.replace(chr(39), chr(39) * 2)}' AS run FROM read_parquet('{f.replace(chr(39), chr(39) * 2)}')" for run, f in files
-    )
-    con.execute(f"CREATE VIEW results AS {union}")
+    if not runs:
+        raise WorkbenchError("no runs to query", "give one or more run folders with --runs")
+    fix = "write one SQL statement over the table `results`, e.g. \"select probe, metric, layer, head, value from results limit 10\""
+    if not sql.strip():
+        raise WorkbenchError("no SQL statement given (the query is empty)", fix)
+    table = _results_sql(runs)
+    con = duckdb.connect(config={"python_enable_replacements": False})  # never read Python variables by name
     try:
-        return con.execute(sql).df()
-    except duckdb.Error as exc:
-        raise WorkbenchError(f"query failed: {str(exc).splitlines()[0]}", "the view is `results` with columns " + ", ".join(COLUMNS + ["run"])) from None
+        try:
+            if read_only:
+                con.execute(f"CREATE TABLE results AS {table}")
+                for setting in READ_ONLY_SETTINGS:
+                    con.execute(setting)
+            else:
+                con.execute(f"CREATE VIEW results AS {table}")
+        except duckdb.Error as exc:
+            raise WorkbenchError(f"cannot load the results of {', '.join(map(str, runs))}: {_one_line(exc)}",
+                                 "re-run the sweep that wrote them") from None
+        try:
+            result = con.execute(sql)
+            if result is None:  # only comments
+                raise WorkbenchError("no SQL statement given (the query holds only comments)", fix)
+            return result.df()
+        except duckdb.Error as exc:
+            columns = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE results)").fetchall()]
+            raise WorkbenchError(f"query failed: {_one_line(exc)}", "the table is `results` with columns " + ", ".join(columns)) from None
+    finally:
+        con.close()

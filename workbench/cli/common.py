@@ -97,6 +97,8 @@ def int_ranges(raw: str, flag: str) -> list[int]:
 
 def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``--param sink.epsilon=0.2`` (repeatable) -> ``{"sink": {"epsilon": 0.2}}``."""
+    from workbench.registry import probe_class
+
     params: dict[str, dict[str, Any]] = {n: {} for n in probe_names}
     for item in items or []:
         key, sep, raw = item.partition("=")
@@ -105,7 +107,7 @@ def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, 
             raise WorkbenchError(f"bad --param {item!r}", "write --param PROBE.NAME=VALUE, e.g. sink.epsilon=0.2")
         if probe not in params:
             raise WorkbenchError(f"--param {item!r} names probe {probe!r}, which is not in this run", f"probes in this run: {', '.join(probe_names)}")
-        params[probe][pname] = parse_cli_value(raw)
+        params[probe][pname] = parse_cli_value(raw, probe_class(probe).Params, pname)
     return params
 
 

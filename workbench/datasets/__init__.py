@@ -1,16 +1,21 @@
 """Shipped and generated prompt sets, by name.
 
-Each dataset is a function ``make(n_prompts, seed, **options) -> list[Prompt]``; the output can
-be written as a prompts JSONL file and read back with ``--prompts``.
+Each dataset is a function ``make(n_prompts, seed, **options) -> list[Prompt]`` with an option
+schema (``Options``, :mod:`workbench.params`) next to it; the output can be written as a prompts
+JSONL file and read back with ``--prompts``.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from workbench.errors import WorkbenchError
+from workbench.params import validate_options
 from workbench.prompts import Prompt
 
 from . import counterfact, niah, prose, repeated, shapes
+from .options import MAX_PROMPTS
 
 DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
     "prose": (prose.make, prose.DESCRIPTION),
@@ -20,20 +25,32 @@ DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
     "counterfact": (counterfact.make, counterfact.DESCRIPTION),
 }
 NEEDS_TOKENIZER = {"repeated-random", "niah"}
+# The option schema of each dataset (one field per make() parameter, the tokenizer aside).
+OPTIONS: dict[str, type[BaseModel]] = {
+    "prose": prose.Options,
+    "repeated-random": repeated.Options,
+    "niah": niah.Options,
+    "shapes": shapes.Options,
+    "counterfact": counterfact.Options,
+}
 
 
 def make_dataset(name: str, n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, **options) -> list[Prompt]:
-    """Build the named dataset; unknown names and options fail with the valid choices.
+    """Build the named dataset; unknown names and options, values of the wrong type or out of
+    range, and absurd sizes fail (one WorkbenchError naming the option) before any work.
 
     ``repeated-random`` and ``niah`` are built in token space and need the model's tokenizer.
     """
     if name not in DATASETS:
         raise WorkbenchError(f"unknown dataset {name!r}", f"choose from: {', '.join(DATASETS)}")
-    if n_prompts is not None and n_prompts < 1:
-        raise WorkbenchError(f"--n-prompts must be at least 1, got {n_prompts}", "ask for 1 or more prompts")
+    if isinstance(n_prompts, int) and not isinstance(n_prompts, bool):
+        if n_prompts < 1:
+            raise WorkbenchError(f"--n-prompts must be at least 1, got {n_prompts}", "ask for 1 or more prompts")
+        if n_prompts > MAX_PROMPTS:
+            raise WorkbenchError(f"--n-prompts must be at most {MAX_PROMPTS}, got {n_prompts}",
+                                 f"ask for at most {MAX_PROMPTS} prompts (n_prompts in a sweep config), or split the work into several runs")
+    opts = validate_options(OPTIONS[name], {"n_prompts": n_prompts, "seed": seed, **options}, name, noun="option")
+    kwargs = opts.model_dump(exclude_unset=True)
     if name in NEEDS_TOKENIZER:
-        options["tokenizer"] = tokenizer
-    try:
-        return DATASETS[name][0](n_prompts=n_prompts, seed=seed, **options)
-    except TypeError as exc:
-        raise WorkbenchError(f"bad option for dataset {name!r}: {exc}", "see `workbench datasets`") from None
+        kwargs["tokenizer"] = tokenizer
+    return DATASETS[name][0](**kwargs)

@@ -24,8 +24,14 @@ from __future__ import annotations
 import random
 import re
 
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
 from workbench.errors import WorkbenchError
 from workbench.prompts import Prompt
+
+from .options import DatasetOptions, check_template
 
 DESCRIPTION = "knowledge conflicts: a fact question after a passage asserting a false answer (for the context probe)"
 
@@ -95,6 +101,20 @@ def _upper_first(s: str) -> str:
 
 def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+Relation = Literal["capital", "language", "continent", "city"]
+
+
+class Options(DatasetOptions):
+    template: Literal["qa", "cloze"] = "qa"
+    context: str = CONTEXT
+    relations: Relation | Annotated[list[Relation], Field(min_length=1)] | None = None
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, text: str) -> str:
+        return check_template(text, required=("statement", "answer"))
 
 
 def make(n_prompts: int | None = None, seed: int = 0, template: str = "qa", context: str = CONTEXT,

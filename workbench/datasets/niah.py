@@ -17,9 +17,15 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
 from workbench.errors import WorkbenchError
+from workbench.params import Float, Int
 from workbench.prompts import Prompt
 
+from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions, check_template
 from .prose import load_documents
 
 DESCRIPTION = "needle-in-a-haystack over the prose corpus: grid of context length x depth, for the retrieval score"
@@ -27,6 +33,39 @@ PLACES = ["old lighthouse", "blue door", "northern gate", "river house", "clock 
 WORDS = ["amber", "falcon", "velvet", "cactus", "marble", "orchid", "pepper", "saffron", "tundra", "walnut", "zephyr", "copper", "lantern", "meadow"]
 NEEDLE = "\nThe secret passphrase for the {place} is {answer}.\n"
 QUESTION = "\nBased on the content of the book, what is the secret passphrase for the {place}?\nAnswer: The secret passphrase for the {place} is"
+
+
+Length = Annotated[Int, Field(ge=1, le=MAX_TOKENS)]
+Depth = Annotated[Float, Field(ge=0, le=1)]
+
+
+class Options(DatasetOptions):
+    context_len: Length | Annotated[list[Length], Field(min_length=1)] = 1024
+    depths: Depth | Annotated[list[Depth], Field(min_length=1)] | None = None
+    needle: str = NEEDLE
+    question: str = QUESTION
+    n_ctx: Int | None = Field(None, ge=1)
+    answer_digits: Int = Field(5, ge=0, le=18)
+    shared_haystack: bool = False
+
+    @field_validator("needle")
+    @classmethod
+    def _needle(cls, text: str) -> str:
+        return check_template(text, required=("place", "answer"), once=("answer",))
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, text: str) -> str:
+        return check_template(text, required=(), allowed=("place",))
+
+    @model_validator(mode="after")
+    def _size(self) -> "Options":
+        lengths = self.context_len if isinstance(self.context_len, list) else [self.context_len]
+        n_depths = len(self.depths) if isinstance(self.depths, list) else 1 if self.depths is not None else 5
+        total = max(lengths) * (self.n_prompts or len(lengths) * n_depths)
+        if total > MAX_TOTAL_TOKENS:
+            raise ValueError(f"the prompts would be up to {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts")
+        return self
 
 
 def _haystack_ids(tokenizer: Any, n: int, rng: random.Random) -> list[int]:

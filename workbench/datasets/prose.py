@@ -14,8 +14,13 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from workbench.errors import WorkbenchError
+from workbench.params import Int
 from workbench.prompts import Prompt
+
+from .options import DatasetOptions
 
 DESCRIPTION = "passages of public-domain English prose (King James Bible, The Devil's Dictionary)"
 _SENT = re.compile(r"(?<=[.!?;:])\s+")
@@ -36,6 +41,17 @@ def load_documents() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+class Options(DatasetOptions):
+    min_words: Int = Field(40, ge=1)
+    max_words: Int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Options":
+        if self.min_words > self.max_words:
+            raise ValueError(f"need min_words <= max_words, got {self.min_words} and {self.max_words}")
+        return self
+
+
 def make(n_prompts: int | None = None, seed: int = 0, min_words: int = 40, max_words: int = 200) -> list[Prompt]:
     """``n_prompts`` passages (default 16) of ``min_words``..``max_words`` words, reproducible by seed."""
     n_prompts = 16 if n_prompts is None else n_prompts
@@ -43,6 +59,10 @@ def make(n_prompts: int | None = None, seed: int = 0, min_words: int = 40, max_w
         raise WorkbenchError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}", "fix the dataset options")
     rng = random.Random(seed)
     docs = [d for d in load_documents() if len(d["text"].split()) >= min_words]
+    if not docs:
+        longest = max(len(d["text"].split()) for d in load_documents())
+        raise WorkbenchError(f"prose.min_words: no document has {min_words} words (the longest has {longest})",
+                             f"use min_words of at most {longest}")
     prompts = []
     for i in range(n_prompts):
         doc = rng.choice(docs)

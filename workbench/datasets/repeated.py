@@ -10,10 +10,32 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from workbench.errors import WorkbenchError
+from workbench.params import Int
 from workbench.prompts import Prompt
 
+from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions
+
 DESCRIPTION = "random token sequences repeated (period n, default 2 copies): induction / duplicate / previous-token / echo heads"
+
+
+class Options(DatasetOptions):
+    period: Int = Field(50, ge=2)
+    repeats: Int = Field(2, ge=2)
+    prepend_bos: bool = False
+    vocab_size: Int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _size(self) -> "Options":
+        length = self.period * self.repeats
+        if length > MAX_TOKENS:
+            raise ValueError(f"each prompt would be {length} tokens (period x repeats), more than {MAX_TOKENS}")
+        total = length * (self.n_prompts or 16)
+        if total > MAX_TOTAL_TOKENS:
+            raise ValueError(f"the prompts would be {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts")
+        return self
 
 
 def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, period: int = 50, repeats: int = 2,

@@ -12,7 +12,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import Field
+
+from workbench.params import Int
 from workbench.prompts import Prompt
+
+from .options import DatasetOptions
+
+MAX_IMAGES = 10_000
 
 DESCRIPTION = "generated images of a coloured shape + a question about it (items for the vhd probe)"
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20),
@@ -43,25 +52,33 @@ def draw(shape: str, color: tuple[int, int, int], rng: random.Random, size: int 
     return img
 
 
+class Options(DatasetOptions):
+    n_prompts: Int | None = Field(None, ge=1, le=MAX_IMAGES, json_schema_extra={"fix": f"ask for 1 to {MAX_IMAGES} items (each is an image file)"})
+    question: Literal["color", "shape"] = "color"
+    folder: str | None = None
+
+
 def make(n_prompts: int | None = None, seed: int = 0, question: str = "color", folder: str | None = None) -> list[Prompt]:
     from workbench.embedded import cache_root
     from workbench.errors import WorkbenchError
+    from workbench.fileio import atomic_write
 
     if question not in QUESTIONS:
         raise WorkbenchError(f"unknown shapes question {question!r}", f"choose from: {', '.join(QUESTIONS)}")
     n = 8 if n_prompts is None else n_prompts
     out = Path(folder) if folder else cache_root() / "datasets" / f"shapes-{seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkbenchError(f"cannot create the shapes image folder {out}: {exc.strerror or exc}", "give a writable folder (folder=...)") from None
     rng = random.Random(seed)
     items = []
     for i in range(n):
         color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
         path = out / f"{i:04d}-{color}-{shape}.png"
         img = draw(shape, COLORS[color], rng)
-        if not path.is_file():
-            tmp = path.with_suffix(".tmp.png")
-            img.save(tmp)
-            tmp.replace(path)
+        if not path.is_file():  # atomic: concurrent runs of the same seed never see half a PNG
+            atomic_write(path, lambda f, img=img: img.save(f, format="PNG"))
         items.append(Prompt(f"shape-{i}", text=f"USER: <image>\n{QUESTIONS[question]} ASSISTANT:",
                             meta={"image": str(path.resolve()), "color": color, "shape": shape}))
     return items
