@@ -215,3 +215,30 @@ def test_a_closed_pipe_is_not_an_internal_error(tmp_path):
     finally:
         os.close(write_end)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+def test_patching_near_equal_baselines_print_one_warning_line(tmp_path, capsys):
+    """Pairs whose clean and corrupted logit differences are nearly equal: the effects mean
+    little, and the CLI says so in one `warning:` line (no library warnings, no traceback)."""
+    pairs = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " the", "incorrect": " and"},
+    ])
+    import warnings
+
+    from circuits import patching
+    from workbench.errors import WorkbenchWarning
+
+    real = patching.baseline
+
+    def flat(model, pairs_):  # the real baseline, then the warning it gives for near-equal LDs
+        warnings.warn("clean and corrupted logit differences are nearly equal", WorkbenchWarning)
+        warnings.warn("a library's deprecation notice", FutureWarning)  # must not reach the terminal
+        return real(model, pairs_)
+
+    patching.baseline = flat
+    try:
+        rc, _, err = run_cli(capsys, "patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(tmp_path / "o.parquet"))
+    finally:
+        patching.baseline = real
+    assert rc == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == ["warning: clean and corrupted logit differences are nearly equal"], err

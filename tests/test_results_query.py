@@ -189,3 +189,21 @@ def test_an_unreadable_part_is_a_workbench_error(tmp_path, read_only):
     with pytest.raises(WorkbenchError, match="cannot load the results of") as err:
         query(README_QUERY, [run], read_only=read_only)
     assert "b.parquet" in err.value.message and "\n" not in err.value.message
+
+
+def test_query_cli_takes_repeated_runs_and_a_read_only_flag(tmp_path, capsys):
+    """`--runs A --runs B` uses both runs; `--read-only` refuses file access from the command line."""
+    from workbench.cli import main
+
+    make_run(tmp_path / "a", model="ma")
+    make_run(tmp_path / "b", model="mb")
+    rc = main(["query", "select distinct model from results order by model", "--runs", str(tmp_path / "a"), "--runs", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ma" in out and "mb" in out
+    rc = main(["query", README_QUERY, "--runs", str(tmp_path / "a")])
+    assert rc == 0 and "entropy" in capsys.readouterr().out
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x\n42\n")
+    rc = main(["query", f"select * from read_csv('{secret}')", "--runs", str(tmp_path / "a"), "--read-only"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "42" not in err

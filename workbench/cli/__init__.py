@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, WorkbenchWarning
 
 COMMAND_GROUPS = (probe, circuits, runs, reinforce, retrieval_ablation)
 
@@ -41,11 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Workbench warnings as one ``warning:`` line; library warnings stay out of the user's way
+    unless asked for (``WORKBENCH_DEBUG=1``)."""
+    if issubclass(category, WorkbenchWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    elif os.environ.get("WORKBENCH_DEBUG"):
+        print(f"warning ({category.__name__}, {os.path.basename(filename)}:{lineno}): {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except WorkbenchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.fix:

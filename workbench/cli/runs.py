@@ -32,7 +32,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         runs = sorted(str(d) for d in root.iterdir() if (d / "parts").is_dir()) if root.is_dir() else []
         if not runs:
             raise WorkbenchError("no run folders given and none under ./runs", "pass --runs runs/NAME ...")
-    df = query(args.sql, runs)
+    df = query(args.sql, runs, read_only=args.read_only)
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 200):
         print(df.to_string(index=False) if len(df) <= args.max_rows else df)
     return 0
@@ -55,10 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--no-progress", dest="progress", action="store_false")
     sw.set_defaults(func=cmd_sweep)
 
-    q = add_command(sub, "query", "SQL over run results with DuckDB (view `results`)",
+    q = add_command(sub, "query", "SQL over run results with DuckDB (table `results`; runs with your file rights unless --read-only)",
                     'workbench query "select probe, metric, layer, head, value from results order by value desc limit 10" --runs runs/demo')
     q.add_argument("sql")
-    q.add_argument("--runs", nargs="*", help="run folders (default: every sweep folder under ./runs)")
+    q.add_argument("--runs", action="extend", nargs="+", help="run folders, repeatable (default: every sweep folder under ./runs)")
+    q.add_argument("--read-only", action="store_true",
+                   help="for SQL you did not write: rows are loaded into memory, then file, network and extension access are disabled and the configuration locked")
     q.add_argument("--max-rows", type=int, default=50)
     q.set_defaults(func=cmd_query)
 
