@@ -1,0 +1,257 @@
+"""What each metric is and how to draw it: the one table the figures, captions and report read.
+
+Every metric has a *kind*, which decides its colour scale and axes:
+
+- ``bounded``: a probability or share in [0, 1]; sequential scale fixed to 0..1, so two figures of
+  the same metric compare by colour.
+- ``signed``: an effect that can be negative (patching effects, direct effects); diverging scale
+  centred on 0, symmetric limits.
+- ``positive``: >= 0 without an upper bound (entropy in nats); sequential scale from the data.
+- ``log``: >= 0 and spanning orders of magnitude (output distances); log10 scale when the finite
+  positive values span at least :data:`LOG_SPAN` (a factor of 100), linear otherwise.
+
+:func:`info` answers for any metric name: known names from :data:`METRICS`, patching metrics by
+prefix (:data:`PATTERNS`), and anything else by looking at its values (:func:`infer_kind`).
+:func:`definition` gives the metric's definition for the page: the section of
+``docs/metrics.md`` under the metric's heading, or (when that file or section is missing) the
+paragraph of the computing module's docstring that names it.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+KINDS = ("bounded", "signed", "positive", "log")
+LOG_SPAN = 100.0  # a log-kind metric is drawn on a log scale when max / min(positive) >= this
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METRICS_DOC = REPO_ROOT / "docs" / "metrics.md"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to read and draw one metric.
+
+    ``what``: one line saying what the metric is. ``high`` / ``low``: what a high (for signed
+    metrics: positive) or low (negative) value means, for captions. ``rank``: which heads the
+    summary lists first (``high``, ``low`` or ``abs`` = largest magnitude). ``module``: the
+    source file (relative to the repository) whose docstring defines it, the fallback when
+    ``docs/metrics.md`` has no section for it.
+    """
+
+    kind: str
+    what: str
+    high: str = "a higher value"
+    low: str = "a lower value"
+    rank: str = "high"
+    unit: str = ""
+    module: str = ""
+
+
+METRICS: dict[str, MetricInfo] = {
+    "entropy": MetricInfo("positive", "mean entropy of a query's attention row, in nats", "attention spread over many keys",
+                          "attention focused on few keys", rank="low", unit="nats", module="probes/entropy.py"),
+    "entropy_norm": MetricInfo("bounded", "attention entropy divided by ln(number of visible keys)", "near-uniform attention over what the query sees",
+                               "attention on one key", rank="low", module="probes/entropy.py"),
+    "sink_mass": MetricInfo("bounded", "mean attention on the prompt's first token (alpha_0)", "an attention sink", module="probes/sink.py"),
+    "sink_rate": MetricInfo("bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts", module="probes/sink.py"),
+    "prev_token": MetricInfo("bounded", "mean attention to the previous token", "a previous-token head", module="probes/induction.py"),
+    "duplicate": MetricInfo("bounded", "mean attention to the earlier copy of the current token, on repeated random tokens",
+                            "a duplicate-token head", module="probes/induction.py"),
+    "induction": MetricInfo("bounded", "mean attention to the token after the earlier copy of the current token, on repeated random tokens",
+                            "an induction head", module="probes/induction.py"),
+    "echo": MetricInfo("bounded", "attention on earlier occurrences of the current token (any text)", "an echo head", module="probes/induction.py"),
+    "streaming": MetricInfo("bounded", "share of attention on the first tokens plus a recent window (DuoAttention)",
+                            "the head could run on a sink + window KV cache", "the head reads the middle of the context", module="probes/streaming.py"),
+    "retrieval": MetricInfo("bounded", "share of the needle the head copied while the model answered (Wu et al.)",
+                            "a retrieval head (above 0.1 in the paper)", module="probes/retrieval.py"),
+    "context_divergence": MetricInfo("log", "distance between the head's output with and without the context passage",
+                                     "the passage changes what the head writes", module="probes/context.py"),
+    "context_attention": MetricInfo("bounded", "attention mass on the passage at the answer position", "the head reads the passage",
+                                    module="probes/context.py"),
+    "context_direct_effect": MetricInfo("signed", "the head's direct effect on logit(context answer) - logit(memory answer)",
+                                        "the head pushes towards the passage's answer (context head)",
+                                        "the head pushes towards the remembered answer (memory head)", rank="abs", unit="logits",
+                                        module="probes/context.py"),
+    "follows_context": MetricInfo("bounded", "share of items whose greedy answer starts with the passage's answer", module="probes/context.py"),
+    "follows_memory": MetricInfo("bounded", "share of items whose greedy answer starts with the remembered answer", module="probes/context.py"),
+    "vhd": MetricInfo("log", "distance between the head's output with and without the image (VHD)", "the image changes what the head writes",
+                      module="probes/vhd.py"),
+    "image_attention": MetricInfo("bounded", "attention mass on the image tokens at the generation positions", "the head reads the image",
+                                  module="probes/vhd.py"),
+    "t_vhd": MetricInfo("positive", "per generated token: sum over layers of the layer's top-k VHD", "the token depends on the image",
+                        "the token is produced with little regard to the image (hallucination signal)", module="probes/vhd.py"),
+    "answer_changed": MetricInfo("bounded", "share of items whose answer changed under the intervention", module="workbench/interventions.py"),
+}
+
+# Families named by prefix: patching metrics are activation_<component>, path_logits / path_qkv, attribution_z.
+PATTERNS: list[tuple[re.Pattern, MetricInfo]] = [
+    (re.compile(r"^(activation|path|attribution)_"),
+     MetricInfo("signed", "normalised change of the logit difference when the head is patched: 0 = no effect, -1 = behaviour destroyed",
+                "patching the head raises the logit difference", "patching the head destroys the behaviour (the head matters)",
+                rank="abs", module="circuits/patching.py")),
+]
+
+# Metric pairs worth a per-head scatter when both were measured on the same model.
+SCATTER_PAIRS: list[tuple[str, str]] = [
+    ("induction", "retrieval"),
+    ("entropy", "sink_mass"),
+    ("streaming", "retrieval"),
+    ("prev_token", "induction"),
+    ("context_attention", "context_direct_effect"),
+    ("image_attention", "vhd"),
+]
+
+
+def infer_kind(values: Iterable[float]) -> str:
+    """The kind of an unknown metric from its values: negative -> signed, within [0, 1] ->
+    bounded, positive spanning >= LOG_SPAN -> log, else positive."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "positive"
+    if v.min() < 0:
+        return "signed"
+    if v.max() <= 1:
+        return "bounded"
+    pos = v[v > 0]
+    return "log" if pos.size and pos.max() / pos.min() >= LOG_SPAN else "positive"
+
+
+def info(metric: str, values: Iterable[float] | None = None) -> MetricInfo:
+    """What ``metric`` is and its kind; unknown names get a kind inferred from ``values``."""
+    if metric in METRICS:
+        return METRICS[metric]
+    for pattern, mi in PATTERNS:
+        if pattern.search(metric):
+            return mi
+    return MetricInfo(infer_kind(values if values is not None else []), metric)
+
+
+def scale_for(metric: str, values: Iterable[float]) -> str:
+    """The scale to draw: ``bounded``, ``signed``, ``positive`` or ``log`` (a ``log`` metric whose
+    values span less than LOG_SPAN is drawn linear, as ``positive``)."""
+    v = np.asarray(list(values), dtype=float)
+    kind = info(metric, v).kind
+    if kind == "bounded" and np.nanmax(np.abs(v), initial=0) > 1 + 1e-9:
+        return "positive"  # e.g. a retrieval score above 1 without the newline stop: never clip
+    if kind == "log":
+        pos = v[np.isfinite(v) & (v > 0)]
+        return "log" if pos.size and pos.max() / pos.min() >= LOG_SPAN else "positive"
+    return kind
+
+
+def with_kind(metric: str, kind: str) -> MetricInfo:
+    """``info(metric)`` with another kind (e.g. a difference of two bounded metrics is signed)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+    return replace(info(metric), kind=kind)
+
+
+# -- definitions --------------------------------------------------------------------------------
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_ANCHOR = re.compile(r"""<a\s+(?:id|name)\s*=\s*["']([^"']+)["']\s*>\s*</a>""", re.I)
+_EXPLICIT_ID = re.compile(r"\{#([A-Za-z0-9_.-]+)\}\s*$")
+
+
+def _slug(text: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation other than - and _ removed, spaces -> -."""
+    text = _ANCHOR.sub("", text).strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def parse_sections(markdown: str) -> dict[str, str]:
+    """``{name: markdown}`` for every heading of a metrics document.
+
+    A section runs from its heading to the next heading of the same or a higher level. It is
+    filed under the heading's GitHub anchor, its explicit ``{#id}`` or ``<a id="...">`` anchor,
+    and every backquoted name in the heading (so ``### `sink_mass`, `sink_rate` `` files both).
+    A section that merely contains subsections keeps only its own text before them when a
+    subsection names the metric itself (the most specific section wins).
+    """
+    lines = markdown.splitlines()
+    heads: list[tuple[int, int, str, list[str]]] = []  # (line, level, title, names)
+    pending: list[str] = []
+    for i, line in enumerate(lines):
+        anchors = _ANCHOR.findall(line)
+        m = _HEADING.match(_ANCHOR.sub("", line).strip()) if line.lstrip().startswith(("#", "<a")) else None
+        if m and m.group(2):
+            level, title = len(m.group(1)), m.group(2)
+            names = list(pending) + anchors
+            pending = []
+            explicit = _EXPLICIT_ID.search(title)
+            if explicit:
+                names.append(explicit.group(1))
+                title = _EXPLICIT_ID.sub("", title).strip()
+            names += re.findall(r"`([^`]+)`", title)
+            names.append(_slug(title.replace("`", "")))
+            heads.append((i, level, title, names))
+        elif anchors and not _ANCHOR.sub("", line).strip():
+            pending += anchors  # an anchor on its own line names the next heading
+    out: dict[str, tuple[int, str]] = {}
+    for j, (start, level, title, names) in enumerate(heads):
+        end = len(lines)
+        for start2, level2, _, _ in heads[j + 1:]:
+            if level2 <= level:
+                end = start2
+                break
+        body = "\n".join(_ANCHOR.sub("", ln) for ln in lines[start + 1:end]).strip()
+        for name in names:
+            # deeper (more specific) headings win over the section that contains them
+            if name and (name not in out or out[name][0] < level):
+                out[name] = (level, body)
+    return {k: v for k, (_, v) in out.items()}
+
+
+@lru_cache(maxsize=8)
+def _doc_sections(path: str, mtime: float) -> dict[str, str]:
+    return parse_sections(Path(path).read_text(encoding="utf-8"))
+
+
+def _docstring_paragraph(module: str, metric: str) -> str | None:
+    """The paragraph or bullet of ``module``'s docstring that names ``metric`` (else its first paragraph)."""
+    file = REPO_ROOT / module
+    if not module or not file.is_file():
+        return None
+    try:
+        doc = ast.get_docstring(ast.parse(file.read_text(encoding="utf-8"))) or ""
+    except (SyntaxError, UnicodeDecodeError):
+        return None
+    paras = [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    for para in paras:
+        # a bullet that names the metric is its definition: "- ``x``: ..." up to the next bullet
+        for b in re.split(r"\n(?=- )", para):
+            if b.lstrip().startswith("- ") and (f"``{metric}``" in b or f"`{metric}`" in b):
+                return b.strip()
+    # else the module's opening: paragraphs up to the one naming the metric (at most ~1500 chars)
+    out: list[str] = []
+    for para in paras:
+        if out and sum(map(len, out)) + len(para) > 1500:
+            break
+        out.append(para)
+        if f"``{metric}``" in para or f"`{metric}`" in para:
+            break
+    return "\n\n".join(out) or None
+
+
+def definition(metric: str, path: str | Path | None = None) -> tuple[str, str] | None:
+    """``(markdown, source)`` defining ``metric``: its section of ``docs/metrics.md`` (or ``path``),
+    else the paragraph of its module's docstring that names it; None when neither exists."""
+    doc = Path(path) if path is not None else METRICS_DOC
+    if doc.is_file():
+        sections = _doc_sections(str(doc), doc.stat().st_mtime)
+        for key in (metric, metric.replace("_", "-")):
+            if key in sections and sections[key]:
+                return sections[key], f"docs/metrics.md#{_slug(metric)}" if path is None else f"{doc.name}#{_slug(metric)}"
+    module = info(metric).module
+    text = _docstring_paragraph(module, metric)
+    if text:
+        return text.replace("``", "`"), f"{module} (docstring)"
+    return None
