@@ -246,6 +246,26 @@ def test_compare_two_runs_of_one_model_per_head_and_by_config(depth_runs, tmp_pa
     assert diffs[0]["data"][0]["zmid"] == 0
 
 
+def test_circuits_in_a_run_folder_join_the_atlas_and_get_a_graph(report_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(report_run / "run", run)
+    model = str(load_results(run).model.iloc[0])
+    (run / "circuits" / "ioi").mkdir(parents=True)
+    (run / "circuits" / "ioi" / "circuit.json").write_text(json.dumps({
+        "task": "ioi", "model": model,
+        "nodes": [{"layer": 2, "head": 3, "effect": -0.6, "round": 1, "role": "name mover, induction"},
+                  {"layer": 1, "head": 0, "effect": 0.2, "round": 2, "role": "S-inhibition"}],
+        "edges": [{"sender_layer": 2, "sender_head": 3, "receiver_layer": 3, "receiver_head": -1, "receiver": "logits", "effect": -0.6},
+                  {"sender_layer": 1, "sender_head": 0, "receiver_layer": 2, "receiver_head": 3, "receiver": "2.3", "effect": 0.2}],
+        "faithfulness": {"faithfulness": 0.8, "ld_circuit": 2.4, "ld_clean": 3.0, "ld_all_heads_ablated": 0.1}}))
+    text = build_report(run)
+    assert 'id="circuits"' in text and "faithfulness 0.8 (logit difference 2.4 with only the circuit of 3 clean" in text
+    assert any(f["layout"]["title"]["text"] == "ioi circuit (llama)" for f in figures(text))
+    data = json.loads(re.search(r'<script id="wb-atlas" type="application/json">(.*?)</script>', text, re.S).group(1))
+    assert [r[0] for r in data[0]["roles"]["2.3"]][-1] == "name mover" and data[0]["roles"]["1.0"][-1][0] == "S-inhibition"
+    assert "circuit discovery label" in text
+
+
 def test_270_head_report_with_every_probe_stays_under_10_mb(tmp_path):
     from benchmarks.bench_report import synthetic_run
 

@@ -148,10 +148,13 @@ def metric_scatter(table: pd.DataFrame, x: str, y: str, color: str = "layer", ti
     if color == "depth":  # relative depth, so models of different depth share one colour axis
         last = both.groupby("model").layer.transform("max")
         both["depth"] = _relative_depth(both.layer, last + 1)
+    several = both.model.nunique() > 1  # one panel per model, sharing axes and colours
     fig = px.scatter(both, x=x, y=y, color=color, hover_name="head_id", hover_data=["model"], title=title or f"{y} vs {x} per head",
-                     symbol="model" if both.model.nunique() > 1 else None)
-    _value_axis(fig, x, both[x], axis="x")
-    _value_axis(fig, y, both[y], axis="y")
+                     facet_col="model" if several else None, facet_col_wrap=3 if several else 0)
+    if several:
+        fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    for axis, metric in (("x", x), ("y", y)):
+        _value_axis(fig, metric, both[metric], axis=axis)
     return fig
 
 
@@ -192,19 +195,22 @@ def depth_table(table: pd.DataFrame, metric: str, color: str = "model", n_layers
         bad = agg[agg.layer >= agg.n_layers].iloc[0]
         raise WorkbenchError(f"{bad[color]!r} has a layer {int(bad.layer)} but n_layers = {int(bad.n_layers)}", "pass each series' true layer count")
     agg["depth"] = _relative_depth(agg.layer, agg.n_layers)
-    return agg.sort_values([color, "layer"]).reset_index(drop=True)
+    first_seen = {v: i for i, v in enumerate(dict.fromkeys(sub[color]))}  # series in table order, not alphabetical
+    return agg.assign(_o=agg[color].map(first_seen)).sort_values(["_o", "layer"]).drop(columns="_o").reset_index(drop=True)
 
 
 def depth_profile(table: pd.DataFrame, metric: str, color: str = "model", n_layers: Mapping[str, int] | int | None = None,
                   title: str | None = None, scale: str | None = None) -> go.Figure:
     """Models (or runs) as lines over relative depth layer / (n_layers - 1): the layer mean over
-    heads (solid) and the layer's strongest head (dotted; for signed metrics also the most
-    negative), so models with different layer counts compare at the same depth."""
+    heads (solid) and the layer's highest head (dotted; for signed metrics and metrics where low
+    values stand out, like entropy, also the lowest, dashed), so models with different layer
+    counts compare at the same depth."""
     d = depth_table(table, metric, color=color, n_layers=n_layers)
     scale = scale or metric_kinds.scale_for(metric, _finite(_select(table, metric).value))
     fig = go.Figure()
     palette = px.colors.qualitative.Plotly
-    stats = [("mean", "solid", "mean over heads"), ("max", "dot", "max over heads")] + ([("min", "dash", "min over heads")] if scale == "signed" else [])
+    low = scale == "signed" or metric_kinds.info(metric).rank == "low"  # where low values stand out, show the min too
+    stats = [("mean", "solid", "mean over heads"), ("max", "dot", "max over heads")] + ([("min", "dash", "min over heads")] if low else [])
     for i, (series, g) in enumerate(d.groupby(color, sort=False)):
         colour = palette[i % len(palette)]
         for stat, dash, label in stats:
@@ -259,7 +265,8 @@ def depth_overview(table: pd.DataFrame, metrics: Sequence[str], color: str = "mo
         raise WorkbenchError("no metrics to plot", "pass one or more metric names")
     cols = min(max_cols, len(metrics))
     rows = -(-len(metrics) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, horizontal_spacing=0.07, vertical_spacing=min(0.12, 0.5 / rows))
+    height = 230 * rows + 130
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, horizontal_spacing=0.07, vertical_spacing=min(0.3, 75 / height))
     palette = px.colors.qualitative.Plotly
     colours: dict[str, str] = {}
     for i, metric in enumerate(metrics):
@@ -276,7 +283,8 @@ def depth_overview(table: pd.DataFrame, metrics: Sequence[str], color: str = "mo
         fig.update_yaxes(row=i // cols + 1, col=i % cols + 1, **upd)
     fig.update_xaxes(range=[-0.03, 1.03])
     fig.update_xaxes(title_text="relative depth", row=rows)
-    fig.update_layout(title=title or "layer means by relative depth", height=max(320, 250 * rows + 80), legend={"orientation": "h", "y": -0.08 / rows})
+    fig.update_layout(title=title or "layer means by relative depth", height=height, margin={"t": 110},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1 + 45 / height, "xanchor": "right", "x": 1})
     return fig
 
 

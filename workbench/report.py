@@ -160,8 +160,9 @@ def _short_model(name: str) -> str:
 def _series(runs: Sequence[Run]) -> list[Series]:
     pairs: list[tuple[str, str]] = []
     for r in runs:
-        models = list(dict.fromkeys(r.table["model"].astype(str))) + [str(c.get("model", "")) for c in r.circuits]
-        pairs += [(r.label, m) for m in dict.fromkeys(models) if m]
+        present = list(r.table["model"].astype(str)) + [str(c.get("model", "")) for c in r.circuits]
+        configured = [str(m) for m in ((r.config or {}).get("models") or []) if str(m) in set(present)]  # the sweep's order
+        pairs += [(r.label, m) for m in dict.fromkeys(configured + present) if m]
     models = [m for _, m in pairs]
     short = {m: _short_model(m) for m in models}
     if len(set(short.values())) < len(set(models)):
@@ -213,7 +214,7 @@ class _Page:
         template = layout.pop("template", None)
         if self.template is None and template is not None:
             self.template = template
-        layout.setdefault("margin", {"t": 60, "b": 50, "l": 60, "r": 30})
+        layout["margin"] = {"t": 60, "b": 50, "l": 60, "r": 30, **(layout.get("margin") or {})}
         fig_id = f"fig{len(self.figures) + 1}"
         height = int(layout.get("height") or 450)
         self.figures.append({"id": fig_id, "data": _round(spec.get("data", [])), "layout": _round(layout)})
@@ -221,8 +222,20 @@ class _Page:
                           f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _round(obj: Any, digits: int = 5) -> Any:
-    """Plotly JSON with floats rounded to ``digits`` significant digits (a third of the bytes)."""
+def _typed_to_list(value: dict) -> list:
+    import base64
+
+    arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return arr.reshape([int(x) for x in str(value.get("shape", len(arr))).split(",")]).tolist()
+
+
+def _round(obj: Any, digits: int = 5, key: str = "") -> Any:
+    """Plotly JSON with floats rounded to ``digits`` significant digits (a third of the bytes).
+
+    Arrays stay in plotly's compact typed form (base64), except colour arrays: plotly.js reads
+    a typed ``marker.color`` as a colour name for the legend symbol and warns."""
+    if key == "color" and isinstance(obj, dict) and "bdata" in obj:
+        return _round(_typed_to_list(obj), digits)
     if isinstance(obj, float):
         return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
     if isinstance(obj, np.ndarray):
@@ -230,7 +243,7 @@ def _round(obj: Any, digits: int = 5) -> Any:
     if isinstance(obj, (np.floating, np.integer)):
         return _round(obj.item(), digits)
     if isinstance(obj, dict):
-        return {k: _round(v, digits) for k, v in obj.items()}
+        return {k: _round(v, digits, k) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_round(v, digits) for v in obj]
     return obj
@@ -275,7 +288,7 @@ def _caption(metric: str, how: str, values: Iterable[float] | None = None) -> st
 
 
 GRID_HOW = "Each cell is one head: rows are layers (first layer at the top), columns are heads; hover for the value and n."
-DEPTH_HOW = ("Solid lines: mean over a layer's heads; dotted: the layer's strongest head. The x axis is relative depth, "
+DEPTH_HOW = ("Solid lines: mean over a layer's heads; dotted: the layer's highest head{low}. The x axis is relative depth, "
              "layer / (n_layers - 1), so 0 is each model's first layer and 1 its last, whatever its layer count.")
 
 
@@ -497,18 +510,23 @@ def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresh
     page.section(2, "Head atlas", "atlas")
     page.add("<p>One grid per model: each cell is a head (rows = layers, first at the top; columns = heads) and its letters are "
              "<b>every</b> role its scores support under the thresholds below; a role holds when the metric passes on any dataset it "
-             "was measured on. Hover a cell (or focus it with Tab) to see all of that head's metrics.</p>")
+             "was measured on. Hover a cell (or focus it with Tab) to see all of that head's metrics."
+             + (" Grids have the same height, so rows level with each other sit at about the same relative depth." if len(series) > 1 else "")
+             + "</p>")
     measured = set(scores["metric"])
     rows = []
+    unmeasured = [r for r in roles if r.metric not in measured]
     for r in roles:
+        if r.metric not in measured:
+            continue
         code, colour = r.code, r.color
         counts = []
         for s in series:
             n = int(((table["model"] == s.name) & (table["role"] == r.name)).sum())
             has = ((scores["model"] == s.name) & (scores["metric"] == r.metric)).any()
             counts.append(str(n) if has else "not measured")
-        rows.append(f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td><td><code>{esc(r.rule())}</code> '
-                    f'{_metric_link(r.metric) if r.metric in measured else ""}</td><td>{esc(r.what)}</td>'
+        rows.append(f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
+                    f'<td><a class="metric" href="#{esc(_anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
                     + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>")
     for role in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in ROLES]), "role"]):
         code, colour = role_style(role)
@@ -518,11 +536,17 @@ def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresh
     off = [r.name for r in ROLES if r.name not in {x.name for x in roles}]
     page.add('<table class="tbl" id="atlas-thresholds"><thead><tr><th>role</th><th>rule</th><th>meaning</th>'
              + "".join(f"<th>heads in {esc(s.name)}</th>" for s in series) + f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    if unmeasured:
+        page.add(f"<p class=\"note\">Not measured here, so not in the atlas: {esc(', '.join(f'{r.name} ({r.rule()})' for r in unmeasured))}.</p>")
     spec = ",".join(f"{r.name}={r.threshold:g}" for r in roles)
     page.add(f"<p class=\"note\">Change the thresholds with <code>workbench report RUN --roles {esc(spec)}</code> "
              f"(<code>ROLE=off</code> hides a role{'; off here: ' + esc(', '.join(off)) if off else ''}), or in Python: "
              f"<code>workbench.atlas(table, thresholds={{&quot;sink&quot;: 0.6}})</code> returns this classification as a tidy table.</p>")
     grids, data = [], []
+    # with several models, rows are stretched so every grid has the same height: rows level with
+    # each other sit at about the same relative depth
+    depths = [s.n_layers or 0 for s in series]
+    tallest = max(depths + [1])
     for si, s in enumerate(series):
         sc = scores[scores["model"] == s.name]
         at = table[table["model"] == s.name]
@@ -552,7 +576,8 @@ def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresh
                 chips = "".join(f'<span class="chip" style="background:{role_style(x[0])[1]}">{esc(role_style(x[0])[0])}</span>' for x in cell_roles.get((l, h), []))
                 has = ' class="has"' if chips else ""
                 cells.append(f'<td tabindex="0" data-s="{di}" data-l="{l}" data-h="{h}"{has}>{chips}</td>')
-            body.append(f'<tr><th title="relative depth {depth:.2f}">{l}</th>{"".join(cells)}</tr>')
+            style = f' style="height:{18 * tallest / n_layers:.1f}px"' if len(series) > 1 and n_layers < tallest else ""
+            body.append(f'<tr{style}><th title="relative depth {depth:.2f}">{l}</th>{"".join(cells)}</tr>')
         n_roles = len({(l, h) for (l, h) in cell_roles})
         grids.append(f'<div class="atlas-model"><div class="atlas-title">{esc(s.name)}</div><div class="atlas-sub">{n_layers} layers x {n_heads} heads; '
                      f'{n_roles} heads with a role</div><table class="atlas" data-series="{di}"><thead><tr><th>L\\H</th>{head_row}</tr></thead>'
@@ -605,13 +630,15 @@ def _metric_figures(page: _Page, view: pd.DataFrame, metric: str, series: list[S
         page.row(True)
     page.figure(plots.head_grids(ordered, metric, facet=facets, title=title, scale=scale, n_layers={k: v for k, v in facet_depths.items() if v}),
                 _caption(metric, f"{GRID_HOW} {'Panels share one colour scale (' + panel + '). ' if len(facets) > 1 or len(models) * len(datasets) > 1 else ''}"
+                         f"{'Each panel spans the same height, so rows level with each other sit at about the same relative depth. ' if len(models) > 1 else ''}"
                          f"{_scale_sentence(metric, scale)}", msub["value"]))
     series_col = msub["model"] + (" / " + msub["dataset"] if len(datasets) > 1 else "")
     curve = msub.assign(model=series_col)
     if len(models) > 1:
         depth_n = {m + (f" / {d}" if len(datasets) > 1 else ""): n_layers.get(m) for m in models for d in datasets}
         page.figure(plots.depth_profile(curve, metric, n_layers={k: v for k, v in depth_n.items() if v}, scale=scale),
-                    _caption(metric, DEPTH_HOW, msub["value"]))
+                    _caption(metric, DEPTH_HOW.format(low="; dashed: its lowest" if scale == "signed" or metric_kinds.info(metric).rank == "low" else ""),
+                             msub["value"]))
         for d in datasets:
             dsub = msub[msub["dataset"] == d]
             present = list(dict.fromkeys(dsub["model"]))
@@ -678,7 +705,7 @@ def _scatters(page: _Page, view: pd.DataFrame) -> None:
         color = "depth" if len(both) > 1 else "layer"
         page.figure(plots.metric_scatter(sub, x, y, color=color),
                     f"{_what(x)} {_what(y)} One point per head (colour: {'relative depth' if color == 'depth' else 'layer'}"
-                    f"{'; symbol: model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
+                    f"{'; one panel per model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
                     f"Definitions: <a href=\"#{esc(_anchor('def', x))}\">{esc(x)}</a>, <a href=\"#{esc(_anchor('def', y))}\">{esc(y)}</a>.")
 
 
@@ -786,6 +813,8 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     table = pd.concat([r.table for r in loaded], ignore_index=True)
     rename = {(s.run, s.model): s.name for s in series}
     view = table.assign(model=[rename.get((r, str(m)), str(m)) for r, m in zip(table["run"], table["model"].astype(str))])
+    rank = {s.name: i for i, s in enumerate(series)}
+    view = view.iloc[np.argsort([rank.get(m, len(rank)) for m in view["model"]], kind="stable")].reset_index(drop=True)
     # datasets in the order the sweep configs list them, then as they come
     order = list(dict.fromkeys([d for r in loaded for d in ((r.config or {}).get("datasets") or {})] + list(view["dataset"].astype(str))))
     view = view.iloc[np.argsort([order.index(str(d)) for d in view["dataset"]], kind="stable")].reset_index(drop=True)
@@ -886,7 +915,7 @@ figure.fig{margin:1em 0 1.6em}figcaption{font-size:90%;color:#333;max-width:60em
 .atlas-row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start;overflow-x:auto}
 .atlas-title{font-weight:bold}.atlas-sub{font-size:85%;color:var(--muted);margin-bottom:.3em}
 table.atlas{border-collapse:collapse;font-size:10px}table.atlas th{font-weight:normal;color:var(--muted);padding:0 3px}
-table.atlas td{border:1px solid #e4e4e4;min-width:34px;height:18px;padding:0 1px;background:#fbfbfb;cursor:default;white-space:nowrap}
+table.atlas td{border:1px solid #e4e4e4;min-width:34px;height:17px;padding:0 1px;background:#fbfbfb;cursor:default;white-space:nowrap}
 table.atlas td.has{background:#fff}table.atlas td:hover,table.atlas td:focus{outline:2px solid #222;outline-offset:-1px}
 #atlas-tip{position:absolute;z-index:10;display:none;background:#fff;border:1px solid #999;border-radius:6px;box-shadow:0 4px 14px rgba(0,0,0,.2);
  padding:.5em .7em;font-size:12px;max-width:420px;pointer-events:none}
