@@ -24,11 +24,9 @@ def chromium() -> str | None:
 
 
 def playwright_available() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None
 
 
 @dataclass

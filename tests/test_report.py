@@ -260,7 +260,9 @@ def test_circuits_in_a_run_folder_join_the_atlas_and_get_a_graph(report_run, tmp
         "faithfulness": {"faithfulness": 0.8, "ld_circuit": 2.4, "ld_clean": 3.0, "ld_all_heads_ablated": 0.1}}))
     text = build_report(run)
     assert 'id="circuits"' in text and "faithfulness 0.8 (logit difference 2.4 with only the circuit of 3 clean" in text
-    assert any(f["layout"]["title"]["text"] == "ioi circuit (llama)" for f in figures(text))
+    graph = next(f for f in figures(text) if f["layout"]["title"]["text"] == "ioi circuit (llama)")
+    negative = next(t for t in graph["data"] if t.get("text", "").endswith("-0.600"))
+    assert negative["line"]["color"] == "crimson" and "red = patching the path lowers the logit difference" in text
     data = json.loads(re.search(r'<script id="wb-atlas" type="application/json">(.*?)</script>', text, re.S).group(1))
     assert [r[0] for r in data[0]["roles"]["2.3"]][-1] == "name mover" and data[0]["roles"]["1.0"][-1][0] == "S-inhibition"
     assert "circuit discovery label" in text

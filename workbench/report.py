@@ -14,253 +14,37 @@ One file: plotly.js is inlined once, the figures' data is one JSON block with ``
 body goes through ``html.escape`` (the tooltip builds its text with ``textContent``).
 
 ``build_report(["runs/a", "runs/b"])`` compares runs; a run is a sweep folder, a results
-``.parquet``, or a ``workbench circuit`` output folder (``*/circuit.json``).
+``.parquet``, or a ``workbench circuit`` output folder (``*/circuit.json``; inside a run folder
+as ``circuits/TASK/circuit.json`` its roles join that run's atlas).
+
+Modules: this one writes the sections; :mod:`workbench.report_runs` reads the inputs (runs,
+series, timing, token counts); :mod:`workbench.report_page` is the HTML machinery (figures
+JSON, CSS, the render and tooltip script).
 """
 from __future__ import annotations
 
-import html
 import json
-import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from plotly.offline import get_plotlyjs
 
 from workbench import metric_kinds, plots
 from workbench.atlas import ROLES, atlas, head_scores, role_style, roles_with
 from workbench.errors import WorkbenchError
-from workbench.results import load_results
+from workbench.report_page import Page, anchor, esc, fmt, render_html, safe_json
+from workbench.report_runs import Run, Series, load_run, run_labels, series_of, tokens_text, when_text
 
 PROBE_ORDER = ["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"]
 MAX_ITEM_ROWS = 40
 
 
-def _safe_json(obj: Any) -> str:
-    """JSON that is inert inside a <script> element: NaN -> null, < > & escaped."""
-    text = json.dumps(_nan_to_null(obj), default=str)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _nan_to_null(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _nan_to_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_null(v) for v in obj]
-    return obj
-
-
-def esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _anchor(*parts: str) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9_-]+", "-", str(p)).strip("-").lower() for p in parts if str(p))
-
-
-# -- inputs ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One input of the report: its results table (``run`` column added), per-part metadata,
-    the sweep config when there is one, and any discovered circuits."""
-
-    label: str
-    path: Path
-    table: pd.DataFrame
-    metas: list[dict]
-    config: dict | None = None
-    circuits: list[dict] = field(default_factory=list)
-
-
-def _find_circuits(path: Path) -> list[Path]:
-    if path.is_file():
-        return []
-    found = [*path.glob("circuit.json"), *path.glob("*/circuit.json"), *path.glob("circuits/*/circuit.json")]
-    return sorted(dict.fromkeys(found))
-
-
-def load_run(path: str | Path, label: str) -> Run:
-    """Read one run folder / results file / circuit folder; bad input -> WorkbenchError."""
-    path = Path(path)
-    circuits = []
-    for f in _find_circuits(path):
-        try:
-            circ = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WorkbenchError(f"{f} is not readable JSON: {exc}", "re-run `workbench circuit` into a new folder") from None
-        if isinstance(circ, dict) and isinstance(circ.get("nodes"), list):
-            circ.setdefault("task", f.parent.name)
-            circ["run"], circ["file"] = label, str(f)
-            circuits.append(circ)
-    try:
-        table, metas = load_results(path, with_metadata=True)
-    except WorkbenchError:
-        if not circuits:
-            raise
-        table, metas = pd.DataFrame(columns=["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]), []
-    cfg_file = path / "sweep.json" if path.is_dir() else None
-    config = None
-    if cfg_file is not None and cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except ValueError:
-            config = {"unreadable": str(cfg_file)}
-    return Run(label, path, table.assign(run=label), metas, config, circuits)
-
-
-def _labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
-    if labels:
-        if len(labels) != len(paths):
-            raise WorkbenchError(f"{len(labels)} labels for {len(paths)} runs", "give one label per run, in order")
-        if len(set(labels)) != len(labels):
-            raise WorkbenchError("run labels must be distinct", "e.g. --labels base,tuned")
-        return list(labels)
-    out = [p.stem if p.is_file() else p.name for p in paths]
-    if len(set(out)) < len(out):
-        out = [f"{p.parent.name}/{name}" for p, name in zip(paths, out)]
-    if len(set(out)) < len(out):
-        out = [f"{name} #{i + 1}" for i, name in enumerate(out)]
-    return out
-
-
-@dataclass
-class Series:
-    """One model in one run: the unit that gets its own atlas grid and comparison line."""
-
-    name: str
-    run: str
-    model: str
-    info: dict
-
-    @property
-    def n_layers(self) -> int | None:
-        v = self.info.get("n_layers")
-        return int(v) if v is not None else None
-
-    @property
-    def n_heads(self) -> int | None:
-        v = self.info.get("n_heads")
-        return int(v) if v is not None else None
-
-
-def _short_model(name: str) -> str:
-    return Path(name).name if (os.sep in name or "/" in name) else name
-
-
-def _series(runs: Sequence[Run]) -> list[Series]:
-    pairs: list[tuple[str, str]] = []
-    for r in runs:
-        present = list(r.table["model"].astype(str)) + [str(c.get("model", "")) for c in r.circuits]
-        configured = [str(m) for m in ((r.config or {}).get("models") or []) if str(m) in set(present)]  # the sweep's order
-        pairs += [(r.label, m) for m in dict.fromkeys(configured + present) if m]
-    models = [m for _, m in pairs]
-    short = {m: _short_model(m) for m in models}
-    if len(set(short.values())) < len(set(models)):
-        short = {m: m for m in models}
-    one_run_each = len(set(models)) == len(pairs)
-    out = []
-    for run_label, m in pairs:
-        run = next(r for r in runs if r.label == run_label)
-        info = next((meta.get("model") for meta in run.metas if isinstance(meta.get("model"), dict) and str(meta["model"].get("model")) == m), None)
-        info = dict(info or {})
-        sub = run.table[(run.table["model"].astype(str) == m) & (run.table["layer"] >= 0)]
-        if "n_layers" not in info and len(sub):
-            info["n_layers"] = int(sub["layer"].max()) + 1
-        if "n_heads" not in info and len(sub):
-            info["n_heads"] = int(sub["head"].max()) + 1
-        out.append(Series(short[m] if one_run_each else f"{run_label} · {short[m]}", run_label, m, info))
-    return out
-
-
-# -- the page -------------------------------------------------------------------------------------
-
-
-class _Page:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.figures: list[dict] = []
-        self.toc: list[tuple[int, str, str]] = []
-        self.template: dict | None = None
-
-    def add(self, raw_html: str) -> None:
-        self.parts.append(raw_html)
-
-    def section(self, level: int, title: str, anchor: str, toc: bool = True) -> None:
-        if toc:
-            self.toc.append((level, title, anchor))
-        self.parts.append(f'<h{level} id="{esc(anchor)}">{esc(title)}</h{level}>')
-
-    def row(self, open_: bool) -> None:
-        """Start / end a two-column row (a small grid next to its curve)."""
-        self.parts.append('<div class="pair">' if open_ else "</div>")
-
-    def p(self, text: str) -> None:
-        self.parts.append(f"<p>{esc(text)}</p>")
-
-    def figure(self, fig, caption: str) -> None:
-        """A plotly figure and its caption (``caption`` is HTML built from escaped parts)."""
-        spec = fig.to_plotly_json()
-        layout = spec.get("layout", {})
-        template = layout.pop("template", None)
-        if self.template is None and template is not None:
-            self.template = template
-        layout["margin"] = {"t": 60, "b": 50, "l": 60, "r": 30, **(layout.get("margin") or {})}
-        fig_id = f"fig{len(self.figures) + 1}"
-        height = int(layout.get("height") or 450)
-        self.figures.append({"id": fig_id, "data": _round(spec.get("data", [])), "layout": _round(layout)})
-        self.parts.append(f'<figure class="fig"><div id="{fig_id}" class="figure" style="min-height:{height}px"></div>'
-                          f"<figcaption>{caption}</figcaption></figure>")
-
-
-def _typed_to_list(value: dict) -> list:
-    import base64
-
-    arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
-    return arr.reshape([int(x) for x in str(value.get("shape", len(arr))).split(",")]).tolist()
-
-
-def _round(obj: Any, digits: int = 5, key: str = "") -> Any:
-    """Plotly JSON with floats rounded to ``digits`` significant digits (a third of the bytes).
-
-    Arrays stay in plotly's compact typed form (base64), except colour arrays: plotly.js reads
-    a typed ``marker.color`` as a colour name for the legend symbol and warns."""
-    if key == "color" and isinstance(obj, dict) and "bdata" in obj:
-        return _round(_typed_to_list(obj), digits)
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-    if isinstance(obj, np.ndarray):
-        return _round(obj.tolist(), digits)
-    if isinstance(obj, (np.floating, np.integer)):
-        return _round(obj.item(), digits)
-    if isinstance(obj, dict):
-        return {k: _round(v, digits, k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_round(v, digits) for v in obj]
-    return obj
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(v):
-        return "n/a"
-    return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-
-
 def _metric_link(metric: str) -> str:
-    return f'<a class="metric" href="#{esc(_anchor("def", metric))}"><code>{esc(metric)}</code></a>'
+    return f'<a class="metric" href="#{esc(anchor("def", metric))}"><code>{esc(metric)}</code></a>'
 
 
 # -- captions ----------------------------------------------------------------------------------
@@ -284,7 +68,7 @@ def _scale_sentence(metric: str, scale: str) -> str:
 
 
 def _caption(metric: str, how: str, values: Iterable[float] | None = None) -> str:
-    return f"{_what(metric, values)} {how} <a href=\"#{esc(_anchor('def', metric))}\">Definition</a>."
+    return f"{_what(metric, values)} {how} <a href=\"#{esc(anchor('def', metric))}\">Definition</a>."
 
 
 GRID_HOW = "Each cell is one head: rows are layers (first layer at the top), columns are heads; hover for the value and n."
@@ -293,64 +77,6 @@ DEPTH_HOW = ("Solid lines: mean over a layer's heads; dotted: the layer's highes
 
 
 # -- summary ---------------------------------------------------------------------------------------
-
-
-def _when(metas: list[dict], config: dict | None) -> str:
-    """When and how long, from what the run recorded (degrades to what exists)."""
-    def parse(s: Any) -> datetime | None:
-        try:
-            return datetime.fromisoformat(str(s))
-        except ValueError:
-            return None
-
-    timings = {}
-    for m in metas:
-        t = m.get("timing")
-        if isinstance(t, dict) and (t.get("started") or t.get("seconds") is not None):
-            timings[(t.get("started"), t.get("finished"), t.get("seconds"))] = t  # units of one forward share a timing
-    run_t = (config or {}).get("timing") if isinstance((config or {}).get("timing"), dict) else None
-    created = sorted(d for d in (parse(m.get("created")) for m in metas) if d is not None)
-    fmt = lambda d: d.strftime("%Y-%m-%d %H:%M UTC") if d.utcoffset() is not None and not d.utcoffset() else d.isoformat(timespec="minutes")  # noqa: E731
-    if run_t and run_t.get("started") and run_t.get("finished"):
-        a, b = parse(run_t["started"]), parse(run_t["finished"])
-        if a and b:
-            return f"Ran {fmt(a)} to {fmt(b)} ({_duration((b - a).total_seconds())})."
-    if timings:
-        starts = [parse(t.get("started")) for t in timings.values() if t.get("started")]
-        ends = [parse(t.get("finished")) for t in timings.values() if t.get("finished")]
-        secs = sum(float(t.get("seconds") or 0) for t in timings.values())
-        span = f" from {fmt(min(starts))} to {fmt(max(ends))}" if starts and ends and all(starts) and all(ends) else ""
-        return f"Ran{span}: {_duration(secs)} of computation over {len(timings)} model x dataset group(s)."
-    if not created:
-        return "When it ran was not recorded."
-    if len(created) == 1:
-        return f"Results written {fmt(created[0])}; how long it took was not recorded."
-    return (f"Results written between {fmt(created[0])} and {fmt(created[-1])} ({_duration((created[-1] - created[0]).total_seconds())} "
-            "from first to last part); the run's start and per-unit durations were not recorded, so the first unit's time is not included.")
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _tokens(run: Run, model: str, dataset: str, meta_ds: dict) -> str:
-    if meta_ds.get("n_tokens") is not None:
-        return f"{int(meta_ds['n_tokens']):,} tokens"
-    ent = run.table[(run.table["model"] == model) & (run.table["dataset"] == dataset) & (run.table["metric"] == "entropy") & (run.table["layer"] >= 0)]
-    n_prompts = meta_ds.get("n_prompts")
-    if len(ent) and n_prompts:
-        # entropy averages every query position q >= 1: sum over prompts of (T - 1)
-        return f"{int(ent['n'].max()) + int(n_prompts):,} tokens"
-    opts = meta_ds.get("options") or {}
-    if opts.get("context_len"):
-        lens = opts["context_len"] if isinstance(opts["context_len"], list) else [opts["context_len"]]
-        return "contexts of " + "/".join(str(x) for x in lens) + " tokens"
-    return "token count not recorded"
 
 
 def _run_paragraph(run: Run, series: list[Series]) -> str:
@@ -375,7 +101,7 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
         ds = per_model[0][1]
         n_prompts = ds.get("n_prompts")
         count = f"{n_prompts} prompts" if n_prompts is not None else (f"{ds['n_pairs']} pairs" if ds.get("n_pairs") is not None else "size not recorded")
-        toks = [_tokens(run, mdl, name, d) for mdl, d in per_model]
+        toks = [tokens_text(run, mdl, name, d) for mdl, d in per_model]
         if len(set(toks)) > 1:
             names = {s.model: s.name for s in mine}
             tok_txt = "; ".join(f"{t} with {names.get(mdl, mdl)}" for (mdl, _), t in zip(per_model, toks))
@@ -399,7 +125,7 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
     return (f"<p class=\"run-summary\"><b>Run {esc(run.label)}</b> (<code>{esc(run.path)}</code>): "
             f"{'; '.join(model_txt) or 'no models'} on {len(ds_txt)} dataset{'s' if len(ds_txt) != 1 else ''}: {', '.join(ds_txt) or 'none'}. "
             f"Probes: {probe_txt or 'none'}; {n_metrics} per-head metric{'s' if n_metrics != 1 else ''}, {len(heads):,} head scores"
-            f"{', ' + format(len(t) - len(heads), ',') + ' per-item rows' if len(t) > len(heads) else ''}.{circ} {esc(_when(run.metas, run.config))}</p>")
+            f"{', ' + format(len(t) - len(heads), ',') + ' per-item rows' if len(t) > len(heads) else ''}.{circ} {esc(when_text(run.metas, run.config))}</p>")
 
 
 def _layers_text(layers: Sequence[int]) -> str:
@@ -433,7 +159,7 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
             code, colour = role_style(role)
             items.append(f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
                          f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); strongest "
-                         f'<span class="hd">{int(best.layer)}.{int(best["head"])}</span> ({esc(best.metric)} = {esc(_fmt(best.value))} on {esc(best.dataset)}).</li>')
+                         f'<span class="hd">{int(best.layer)}.{int(best["head"])}</span> ({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)}).</li>')
         measured = set(scores.loc[scores["model"] == s.name, "metric"])
         absent = [r.name for r in roles if r.metric in measured and not (at["role"] == r.name).any()]
         if absent:
@@ -450,7 +176,7 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
         for metric in _ordered_metrics(per_item["metric"]):
             v = per_item.loc[per_item["metric"] == metric, "value"].dropna()
             if len(v) and not ("step" in per_item.columns and per_item.loc[per_item["metric"] == metric, "step"].nunique() > 1):
-                items.append(f"<li>{_metric_link(metric)}: mean {esc(_fmt(v.mean()))} over {len(v)} items.</li>")
+                items.append(f"<li>{_metric_link(metric)}: mean {esc(fmt(v.mean()))} over {len(v)} items.</li>")
         if items:
             title = f"<p><b>{esc(s.name)}</b></p>" if len(series) > 1 else ""
             blocks.append(f'{title}<ul class="findings">{"".join(items)}</ul>')
@@ -492,16 +218,16 @@ def _top_heads_html(top: pd.DataFrame, show_model: bool) -> str:
     head = "<tr><th>metric</th>" + ("<th>model</th>" if show_model else "") + "<th>dataset</th><th>ranked by</th><th>top heads (layer.head: value)</th><th>median over heads</th><th>heads</th></tr>"
     body = []
     for r in top.itertuples():
-        chips = " ".join(f'<span class="hd">{l}.{h}</span>&nbsp;{esc(_fmt(v))}' for l, h, v in r[5])
+        chips = " ".join(f'<span class="hd">{l}.{h}</span>&nbsp;{esc(fmt(v))}' for l, h, v in r[5])
         body.append(f"<tr><td>{_metric_link(r.metric)}</td>" + (f"<td>{esc(r.model)}</td>" if show_model else "")
-                    + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(_fmt(r.median))}</td><td>{r.heads}</td></tr>")
+                    + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(fmt(r.median))}</td><td>{r.heads}</td></tr>")
     return f'<table class="tbl" id="top-heads-table"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
 
 # -- atlas -----------------------------------------------------------------------------------------
 
 
-def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresholds: Mapping[str, float | None] | None,
+def _atlas_section(page: Page, view: pd.DataFrame, series: list[Series], thresholds: Mapping[str, float | None] | None,
                    circuits: list[dict]) -> pd.DataFrame:
     roles = roles_with(thresholds)
     circ = [dict(c, model=_series_name(series, c.get("run"), str(c.get("model", "")))) for c in circuits]
@@ -526,7 +252,7 @@ def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresh
             has = ((scores["model"] == s.name) & (scores["metric"] == r.metric)).any()
             counts.append(str(n) if has else "not measured")
         rows.append(f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
-                    f'<td><a class="metric" href="#{esc(_anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
+                    f'<td><a class="metric" href="#{esc(anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
                     + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>")
     for role in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in ROLES]), "role"]):
         code, colour = role_style(role)
@@ -587,7 +313,7 @@ def _atlas_section(page: _Page, view: pd.DataFrame, series: list[Series], thresh
         extra = " ".join(f'<span class="chip" style="background:{role_style(x)[1]}">{esc(role_style(x)[0])}</span>&nbsp;{esc(x)}'
                          for x in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in ROLES]), "role"]))
         page.add(f'<p class="legend">{legend} {extra}</p><div class="atlas-row">{"".join(grids)}</div>')
-        page.add(f'<script id="wb-atlas" type="application/json">{_safe_json(data)}</script>')
+        page.add(f'<script id="wb-atlas" type="application/json">{safe_json(data)}</script>')
     else:
         page.p("No per-head metrics to classify.")
     return table
@@ -603,14 +329,14 @@ def _series_name(series: list[Series], run: Any, model: str) -> str:
 # -- figures per metric ------------------------------------------------------------------------------
 
 
-def _metric_figures(page: _Page, view: pd.DataFrame, metric: str, series: list[Series]) -> None:
+def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Series]) -> None:
     """Head grids (a panel per model x dataset), the layer / depth curve and, with several
     models or runs, the difference view."""
     msub = view[(view["metric"] == metric) & (view["layer"] >= 0)]
     with_values = msub.groupby(["model", "dataset"]).value.apply(lambda v: v.notna().any())
     empty = [f"{m} / {d}" if msub["model"].nunique() > 1 else d for (m, d), ok in with_values.items() if not ok]
     msub = msub[msub.set_index(["model", "dataset"]).index.isin(with_values[with_values].index)]
-    page.section(3, metric, _anchor("metric", metric), toc=True)
+    page.section(3, metric, anchor("metric", metric), toc=True)
     if empty:
         page.p(f"No values for {metric} on {', '.join(empty)} (n = 0 for every head): this metric needs other prompts"
                + (" (duplicate and induction need repeated-random's period)." if metric in ("duplicate", "induction") else "."))
@@ -667,7 +393,7 @@ def _metric_figures(page: _Page, view: pd.DataFrame, metric: str, series: list[S
         page.row(False)
 
 
-def _item_metrics(page: _Page, sub: pd.DataFrame) -> None:
+def _item_metrics(page: Page, sub: pd.DataFrame) -> None:
     """Per-item rows (layer = head = -1): a mean per metric, token curves where there are steps."""
     items = sub[sub["layer"] < 0]
     if items.empty:
@@ -675,12 +401,12 @@ def _item_metrics(page: _Page, sub: pd.DataFrame) -> None:
     for metric in _ordered_metrics(items["metric"]):
         msub = items[items["metric"] == metric]
         has_steps = "step" in msub.columns and msub["step"].notna().any() and msub["step"].nunique() > 1
-        page.section(3, metric, _anchor("metric", metric))
+        page.section(3, metric, anchor("metric", metric))
         if has_steps:
             page.figure(plots.token_curve(msub, metric),
                         _caption(metric, f"One line per item along its generated answer; hover shows the token. Low = {esc(metric_kinds.info(metric).low)}.", msub["value"]))
         summary = msub.groupby(["model", "dataset"], as_index=False).agg(mean=("value", "mean"), items=("value", "size"))
-        rows = "".join(f"<tr><td>{esc(r.model)}</td><td>{esc(r.dataset)}</td><td>{esc(_fmt(r.mean))}</td><td>{r.items}</td></tr>" for r in summary.itertuples())
+        rows = "".join(f"<tr><td>{esc(r.model)}</td><td>{esc(r.dataset)}</td><td>{esc(fmt(r.mean))}</td><td>{r.items}</td></tr>" for r in summary.itertuples())
         page.add(f'<p>{_what(metric, msub["value"])} Mean over items:</p><table class="tbl"><thead><tr><th>model</th><th>dataset</th><th>mean</th>'
                  f"<th>rows</th></tr></thead><tbody>{rows}</tbody></table>")
         cols = [c for c in ("model", "dataset", "item", "step", "token", "value") if c in msub.columns and msub[c].notna().any()]
@@ -689,9 +415,10 @@ def _item_metrics(page: _Page, sub: pd.DataFrame) -> None:
                  + shown.to_html(index=False, escape=True, classes="tbl", na_rep="", float_format=lambda v: f"{v:.4g}") + "</details>")
 
 
-def _scatters(page: _Page, view: pd.DataFrame) -> None:
+def _scatters(page: Page, view: pd.DataFrame) -> None:
     heads = view[view["layer"] >= 0].dropna(subset=["value"])
     done = False
+    done_pairs: list[bool] = []
     for x, y in metric_kinds.SCATTER_PAIRS:
         both = [m for m in dict.fromkeys(heads["model"]) if {x, y} <= set(heads.loc[heads["model"] == m, "metric"])]
         if not both:
@@ -703,34 +430,39 @@ def _scatters(page: _Page, view: pd.DataFrame) -> None:
             done = True
         sub = heads[heads["model"].isin(both) & heads["metric"].isin([x, y])]
         color = "depth" if len(both) > 1 else "layer"
+        if not done_pairs and len(both) == 1:
+            page.row(True)  # one model: scatters two by two
+            done_pairs.append(True)
         page.figure(plots.metric_scatter(sub, x, y, color=color),
                     f"{_what(x)} {_what(y)} One point per head (colour: {'relative depth' if color == 'depth' else 'layer'}"
                     f"{'; one panel per model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
-                    f"Definitions: <a href=\"#{esc(_anchor('def', x))}\">{esc(x)}</a>, <a href=\"#{esc(_anchor('def', y))}\">{esc(y)}</a>.")
+                    f"Definitions: <a href=\"#{esc(anchor('def', x))}\">{esc(x)}</a>, <a href=\"#{esc(anchor('def', y))}\">{esc(y)}</a>.")
+    if done_pairs:
+        page.row(False)
 
 
-def _circuits(page: _Page, circuits: list[dict], series: list[Series]) -> None:
+def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
     if not circuits:
         return
     page.section(2, "Circuits", "circuits")
     for c in circuits:
         task = str(c.get("task", "circuit"))
         name = _series_name(series, c.get("run"), str(c.get("model", "")))
-        page.section(3, f"{task} circuit ({name})", _anchor("circuit", c.get("run", ""), task))
+        page.section(3, f"{task} circuit ({name})", anchor("circuit", c.get("run", ""), task))
         nodes = pd.DataFrame(c.get("nodes", []))
         edges = pd.DataFrame(c.get("edges", []))
         f = c.get("faithfulness") or {}
         if f:
-            page.p(f"{len(nodes)} heads; faithfulness {_fmt(f.get('faithfulness'))} (logit difference {_fmt(f.get('ld_circuit'))} with only the circuit "
-                   f"of {_fmt(f.get('ld_clean'))} clean; every head ablated: {_fmt(f.get('ld_all_heads_ablated'))}).")
+            page.p(f"{len(nodes)} heads; faithfulness {fmt(f.get('faithfulness'))} (logit difference {fmt(f.get('ld_circuit'))} with only the circuit "
+                   f"of {fmt(f.get('ld_clean'))} clean; every head ablated: {fmt(f.get('ld_all_heads_ablated'))}).")
         if len(nodes) and {"layer", "head"} <= set(nodes.columns):
             if edges.empty or not {"sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"} <= set(edges.columns):
                 edges = pd.DataFrame(columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"])
             edges = edges.assign(receiver_head=edges["receiver_head"].where(edges["receiver_head"] >= 0, (nodes["head"].max() if len(nodes) else 0) / 2))
             page.figure(plots.circuit_graph(nodes, edges, title=f"{task} circuit ({name})"),
                         f"<b>{esc(task)} circuit</b>: heads found by iterative path patching, placed by layer (top = first) and head; lines are paths "
-                        "sender -> receiver (the bottom row is the logits), blue = patching the path lowers the logit difference (the path "
-                        "carries the behaviour), red = raises it; width = |effect|. <a href=\"#atlas\">Roles also appear in the atlas</a>.")
+                        "sender -> receiver (the bottom row is the logits), red = patching the path lowers the logit difference (the path "
+                        "carries the behaviour), blue = raises it; width = |effect|. <a href=\"#atlas\">Roles also appear in the atlas</a>.")
             cols = [x for x in ("layer", "head", "role", "effect", "round") if x in nodes.columns]
             page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda v: f"{v:.4g}"))
 
@@ -740,7 +472,7 @@ def _circuits(page: _Page, circuits: list[dict], series: list[Series]) -> None:
 
 def _render_markdown(text: str, metrics: set[str]) -> str:
     text = re.sub(r"^(#{1,6})(\s)", lambda m: "#" * min(6, len(m.group(1)) + 3) + m.group(2), text, flags=re.M)
-    text = re.sub(r"\]\(#([A-Za-z0-9_-]+)\)", lambda m: f"](#{_anchor('def', m.group(1))})" if m.group(1) in metrics else m.group(0), text)
+    text = re.sub(r"\]\(#([A-Za-z0-9_-]+)\)", lambda m: f"](#{anchor('def', m.group(1))})" if m.group(1) in metrics else m.group(0), text)
     try:
         from markdown_it import MarkdownIt
     except ImportError:  # pragma: no cover - markdown-it comes with rich, a dependency
@@ -748,21 +480,24 @@ def _render_markdown(text: str, metrics: set[str]) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def _definitions(page: _Page, metrics: list[str], docs: str | Path | None) -> None:
+def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> None:
     page.section(2, "Metric definitions", "definitions")
     src = Path(docs) if docs is not None else metric_kinds.METRICS_DOC
-    page.p(f"Copied from {'docs/metrics.md' if docs is None else src.name}{'' if src.is_file() else ' (not found: definitions from the probe modules docstrings)'} "
-           "so this page works offline.")
+    if src.is_file():
+        page.p(f"Copied from {'docs/metrics.md' if docs is None else src.name} so this page works offline.")
+    else:
+        page.p(f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, so each definition is the "
+               "paragraph of the computing module's docstring that states it.")
     present = set(metrics)
     for metric in metrics:
         found = metric_kinds.definition(metric, docs)
         mi = metric_kinds.info(metric)
         body = _render_markdown(found[0], present) if found else f"<p>{esc(mi.what)} (no definition found).</p>"
         source = f'<p class="src">Source: {esc(found[1])}. Kind: {esc(mi.kind)}.</p>' if found else ""
-        page.add(f'<section class="def" id="{esc(_anchor("def", metric))}"><h3><code>{esc(metric)}</code></h3>{body}{source}</section>')
+        page.add(f'<section class="def" id="{esc(anchor("def", metric))}"><h3><code>{esc(metric)}</code></h3>{body}{source}</section>')
 
 
-def _prompts(page: _Page, runs: Sequence[Run]) -> None:
+def _prompts(page: Page, runs: Sequence[Run]) -> None:
     shown, blocks = 0, []
     for run in runs:
         seen = set()
@@ -784,7 +519,7 @@ def _prompts(page: _Page, runs: Sequence[Run]) -> None:
         page.add("".join(blocks))
 
 
-def _raw(page: _Page, runs: Sequence[Run]) -> None:
+def _raw(page: Page, runs: Sequence[Run]) -> None:
     page.section(2, "Raw configuration and metadata", "raw")
     for run in runs:
         metas = [{k: v for k, v in m.items() if k != "prompts"} for m in run.metas]
@@ -807,9 +542,9 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     if not paths:
         raise WorkbenchError("no run given", "name one or more run folders: workbench report runs/a [runs/b ...] --out report.html")
     roles_with(thresholds)  # fail on bad thresholds before reading anything
-    names = _labels(paths, labels)
+    names = run_labels(paths, labels)
     loaded = [load_run(p, n) for p, n in zip(paths, names)]
-    series = _series(loaded)
+    series = series_of(loaded)
     table = pd.concat([r.table for r in loaded], ignore_index=True)
     rename = {(s.run, s.model): s.name for s in series}
     view = table.assign(model=[rename.get((r, str(m)), str(m)) for r, m in zip(table["run"], table["model"].astype(str))])
@@ -820,7 +555,7 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     view = view.iloc[np.argsort([order.index(str(d)) for d in view["dataset"]], kind="stable")].reset_index(drop=True)
     circuits = [c for r in loaded for c in r.circuits]
 
-    page = _Page()
+    page = Page()
     heading = title or ("Attention-head report: " + (names[0] if len(names) == 1 else " vs ".join(names)))
     page.add(f'<h1 id="top">{esc(heading)}</h1>')
 
@@ -847,7 +582,7 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
 
     for probe in _ordered_probes(view["probe"]):
         sub = view[view["probe"] == probe]
-        page.section(2, f"Probe: {probe}", _anchor("probe", probe))
+        page.section(2, f"Probe: {probe}", anchor("probe", probe))
         params = sorted({json.dumps({k: v for k, v in p.items() if k != "name"}, default=str) for r in loaded for m in r.metas
                          for p in (m.get("probes") or []) if isinstance(p, dict) and p.get("name") == probe})
         ds = ", ".join(dict.fromkeys(sub["dataset"]))
@@ -861,10 +596,10 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     _definitions(page, _ordered_metrics(set(view["metric"]) | role_metrics), docs)
     _prompts(page, loaded)
     _raw(page, loaded)
-    return _html(page, heading)
+    return render_html(page, heading)
 
 
-def _comparison(page: _Page, view: pd.DataFrame, series: list[Series], atlas_table: pd.DataFrame) -> None:
+def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_table: pd.DataFrame) -> None:
     page.section(2, "Comparison", "comparison")
     shapes = ", ".join(f"{s.name}: {s.n_layers} layers x {s.n_heads} heads" for s in series)
     page.p(f"{shapes}. Relative depth = layer / (n_layers - 1): 0 is each model's first layer, 1 its last. Each probe's section below "
@@ -892,120 +627,10 @@ def _comparison(page: _Page, view: pd.DataFrame, series: list[Series], atlas_tab
             best = per.loc[key.idxmin() if mi.rank == "low" else key.idxmax()]
             n = s.n_layers or int(per["layer"].max()) + 1
             depth = best.layer / (n - 1) if n > 1 else 0
-            cells.append(f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(_fmt(best.value))} <span class="muted">(depth {depth:.2f})</span></td>')
+            cells.append(f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(fmt(best.value))} <span class="muted">(depth {depth:.2f})</span></td>')
         rows.append(f"<tr><td>{_metric_link(metric)}</td><td>{esc({'abs': 'largest |value|', 'low': 'lowest'}.get(mi.rank, 'highest'))}</td>{''.join(cells)}</tr>")
     page.add('<table class="tbl" id="comparison-table"><thead><tr><th>metric</th><th>head shown</th>' + "".join(f"<th>{esc(s.name)}</th>" for s in series)
              + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
-
-
-CSS = """
-:root{--fg:#1d1d1f;--muted:#666;--line:#d8d8d8;--bg2:#f6f7f9}
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1.2em;color:var(--fg);line-height:1.45}
-h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid var(--line);padding-bottom:.2em}h3{margin-top:1.6em}
-a{color:#1f5fbf}code{font-size:90%;background:var(--bg2);padding:0 .25em;border-radius:3px}
-nav.toc{background:var(--bg2);border:1px solid var(--line);border-radius:6px;padding:.5em 1em;font-size:92%}
-nav.toc ol{margin:.2em 0;padding-left:1.3em}nav.toc>ol{columns:2}nav.toc li{break-inside:avoid}
-.tbl{border-collapse:collapse;font-size:88%;margin:.5em 0}.tbl td,.tbl th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
-.tbl th{background:var(--bg2)}.hd{font-family:ui-monospace,monospace;background:#eef3fb;border-radius:3px;padding:0 3px}
-.muted,.note,.src{color:var(--muted)}.note,.src{font-size:88%}
-figure.fig{margin:1em 0 1.6em}figcaption{font-size:90%;color:#333;max-width:60em;margin-top:.3em}
-.figure{width:100%}.pair{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:1.2em;align-items:start}
-.chip{display:inline-block;min-width:1.1em;padding:0 2px;margin:1px;border-radius:3px;color:#fff;font:bold 10px/14px ui-monospace,monospace;text-align:center;text-shadow:0 0 2px rgba(0,0,0,.5)}
-.legend .chip{font-size:11px}
-.atlas-row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start;overflow-x:auto}
-.atlas-title{font-weight:bold}.atlas-sub{font-size:85%;color:var(--muted);margin-bottom:.3em}
-table.atlas{border-collapse:collapse;font-size:10px}table.atlas th{font-weight:normal;color:var(--muted);padding:0 3px}
-table.atlas td{border:1px solid #e4e4e4;min-width:34px;height:17px;padding:0 1px;background:#fbfbfb;cursor:default;white-space:nowrap}
-table.atlas td.has{background:#fff}table.atlas td:hover,table.atlas td:focus{outline:2px solid #222;outline-offset:-1px}
-#atlas-tip{position:absolute;z-index:10;display:none;background:#fff;border:1px solid #999;border-radius:6px;box-shadow:0 4px 14px rgba(0,0,0,.2);
- padding:.5em .7em;font-size:12px;max-width:420px;pointer-events:none}
-#atlas-tip table{border-collapse:collapse}#atlas-tip td{padding:0 .5em 0 0}#atlas-tip .t{font-weight:bold;margin-bottom:.2em}
-#atlas-tip .r{margin:.1em 0}
-.tok{display:inline-block;border:1px solid #ddd;margin:1px;padding:0 3px;font-family:monospace;white-space:pre}
-.prompt{font-size:92%;color:#333}
-details.raw pre{background:var(--bg2);padding:.6em;overflow:auto;max-height:30em;font-size:80%}
-ul.findings{margin:.3em 0 1em;padding-left:1.2em}ul.findings li{margin:.15em 0}
-section.def{border-left:3px solid var(--line);padding-left:.8em;margin:1em 0}section.def h3{margin:.2em 0}
-"""
-
-JS = r"""
-(function(){
-  var figs = JSON.parse(document.getElementById("wb-figures").textContent);
-  var tmplNode = document.getElementById("wb-template");
-  var tmpl = tmplNode ? JSON.parse(tmplNode.textContent) : null;
-  var i = 0;
-  function next(){
-    if (i >= figs.length){ document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now()))); return; }
-    var f = figs[i++];
-    if (tmpl) f.layout.template = tmpl;
-    Plotly.newPlot(f.id, f.data, f.layout, {responsive: true, displaylogo: false}).then(function(){
-      if (i === 1) document.body.setAttribute("data-first-figure-ms", String(Math.round(performance.now())));
-      setTimeout(next, 0);
-    });
-  }
-  next();
-  // atlas tooltip: every metric of the hovered head, built with textContent (no user text as HTML)
-  var node = document.getElementById("wb-atlas");
-  if (!node) return;
-  var atlas = JSON.parse(node.textContent);
-  var tip = document.createElement("div"); tip.id = "atlas-tip"; tip.setAttribute("role", "tooltip"); document.body.appendChild(tip);
-  function el(tag, cls, text){ var e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
-  function fmt(v){ if (v === null || v === undefined) return "n/a"; var a = Math.abs(v); return (a !== 0 && a < 1e-3) ? v.toExponential(2) : String(+v.toPrecision(4)); }
-  function show(td){
-    var s = atlas[+td.dataset.s], l = +td.dataset.l, h = +td.dataset.h;
-    tip.textContent = "";
-    var depth = s.n_layers > 1 ? l / (s.n_layers - 1) : 0;
-    tip.appendChild(el("div", "t", s.name + ": layer " + l + ", head " + h + " (relative depth " + depth.toFixed(2) + ")"));
-    var roles = s.roles[l + "." + h] || [];
-    if (!roles.length) tip.appendChild(el("div", "r", "no role at these thresholds"));
-    roles.forEach(function(r){
-      var rule = r[3] === null ? "" : (r[3] < 0 ? " <= " : " >= ") + fmt(r[3]);
-      tip.appendChild(el("div", "r", "role " + r[0] + ": " + r[1] + " = " + fmt(r[2]) + rule + " (" + r[4] + ")"));
-    });
-    var tbl = el("table"), vals = s.vals[l] ? s.vals[l][h] : [];
-    s.cols.forEach(function(c, k){
-      var tr = el("tr"); tr.appendChild(el("td", "", c[0])); tr.appendChild(el("td", "muted", c[1])); tr.appendChild(el("td", "", fmt(vals[k]))); tbl.appendChild(tr);
-    });
-    tip.appendChild(tbl);
-    var r = td.getBoundingClientRect();
-    tip.style.display = "block";
-    var x = r.right + window.scrollX + 8, w = tip.offsetWidth;
-    if (x + w > window.scrollX + document.documentElement.clientWidth) x = Math.max(window.scrollX, r.left + window.scrollX - w - 8);
-    tip.style.left = x + "px"; tip.style.top = (r.top + window.scrollY) + "px";
-  }
-  function hide(){ tip.style.display = "none"; }
-  document.querySelectorAll("table.atlas td[data-s]").forEach(function(td){
-    td.addEventListener("mouseenter", function(){ show(td); }); td.addEventListener("focus", function(){ show(td); });
-    td.addEventListener("mouseleave", hide); td.addEventListener("blur", hide);
-  });
-})();
-"""
-
-
-def _toc(page: _Page) -> str:
-    out, level = [], 1
-    for lvl, text, anchor in page.toc:
-        lvl = 2 if lvl <= 2 else 3
-        if lvl > level:
-            out.append("<ol>")
-        elif lvl < level:
-            out.append("</li></ol></li>")
-        elif out:
-            out.append("</li>")
-        out.append(f'<li><a href="#{esc(anchor)}">{esc(text)}</a>')
-        level = lvl
-    out.append("</li>" + ("</ol></li>" if level == 3 else ""))
-    return f'<nav class="toc" id="toc"><b>Contents</b><ol>{"".join(out)}</ol></nav>'
-
-
-def _html(page: _Page, title: str) -> str:
-    body = page.parts[0] + _toc(page) + "\n".join(page.parts[1:])
-    template = f'<script id="wb-template" type="application/json">{_safe_json(_round(page.template))}</script>' if page.template else ""
-    return (
-        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>{body}"
-        f'<script id="wb-figures" type="application/json">{_safe_json(page.figures)}</script>{template}<script>{JS}</script></body></html>'
-    )
 
 
 def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title: str | None = None, **options: Any) -> Path:
