@@ -7,7 +7,8 @@ effects, per-item follows_*), vhd (per-head and per-token t_vhd) and a path-patc
 (signed); then writes the report (``tests/test_report.py`` checks the same run stays under
 10 MB) and opens it in Debian's chromium. Prints the file size, the number of figures, and the
 page's own render times: first figure, and every figure (``performance.now()`` when the last
-finished), against targets of 10 MB and 3 s.
+finished), against targets of 10 MB and 3 s, next to the time plotly.js alone takes to load
+and draw one figure on the same machine (shared machines vary several-fold with load).
 
 ``--compare`` builds the same run twice (the second with 18 layers x 4 heads, as Gemma-3-270M)
 and reports the comparison page.
@@ -15,6 +16,7 @@ and reports the comparison page.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -96,6 +98,15 @@ def main() -> None:
         if chromium() is None or not playwright_available():
             print("chromium or playwright not installed: render time not measured")
             return
+        # plotly.js alone (one tiny figure): the floor under every report on this machine and load
+        base = Path(tmp) / "plotly-alone.html"
+        from plotly.offline import get_plotlyjs
+
+        base.write_text(f"<html><body><div id='a'></div><script>{get_plotlyjs()}</script><script>Plotly.newPlot('a', [{{z: [[1, 2]], "
+                        "type: 'heatmap'}]).then(function(){document.body.setAttribute('data-rendered-ms', String(Math.round(performance.now())))})"
+                        "</script></body></html>")
+        with open_page(base) as s:
+            floor = int(s.page.get_attribute("body", "data-rendered-ms"))
         t0 = time.perf_counter()
         with open_page(out) as s:
             wall = time.perf_counter() - t0
@@ -104,7 +115,8 @@ def main() -> None:
             n = s.page.locator(".js-plotly-plot").count()
             errors = [c for c in s.console if c.startswith("error")] + s.errors
         print(f"chromium: {n} figures; first figure at {int(first) / 1000 if first else float('nan'):.2f} s, all rendered at {ms / 1000:.2f} s "
-              f"(target < 3 s); whole headless browser {wall:.1f} s; console errors: {len(errors)}")
+              f"(target < 3 s); whole headless browser {wall:.1f} s; console errors: {len(errors)}; "
+              f"plotly.js alone with one figure: {floor / 1000:.2f} s (os.getloadavg: {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

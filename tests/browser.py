@@ -1,16 +1,13 @@
 """Headless Chromium (Debian's ``chromium``) for report tests and benchmarks.
 
-Driven with Playwright for Python when it is installed (the ``dev`` extra): it launches the
-system chromium (``executable_path``; no ``playwright install``), collects console messages
-and page errors, waits until every figure rendered and lets tests hover and query elements.
-Without Playwright, :func:`render` falls back to ``chromium --dump-dom``.
+Driven with Playwright for Python (the ``dev`` extra): it launches the system chromium
+(``executable_path``; no ``playwright install``), collects console messages, page errors and
+requests, waits until every figure rendered and lets tests hover and query elements.
 """
 from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -59,25 +56,3 @@ def open_page(html_file: Path, width: int = 1280, height: int = 1000, timeout_ms
             yield session
         finally:
             browser.close()
-
-
-def render(html_file: Path, screenshot: Path | None = None, budget_ms: int = 10000) -> tuple[str, str]:
-    """(DOM after scripts ran, browser log with console messages)."""
-    if playwright_available():
-        with open_page(html_file) as s:
-            if screenshot is not None:
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                s.page.screenshot(path=str(screenshot))
-            log = "\n".join([f"CONSOLE {c}" for c in s.console] + [f"CONSOLE error: uncaught {e}" for e in s.errors])
-            return s.page.content(), log
-    exe = chromium()
-    with tempfile.TemporaryDirectory() as prof:
-        res = subprocess.run([exe, *FLAGS, f"--user-data-dir={prof}", "--enable-logging=stderr", "--v=0",
-                              f"--virtual-time-budget={budget_ms}", "--dump-dom", html_file.resolve().as_uri()],
-                             capture_output=True, text=True, timeout=120)
-    if screenshot is not None:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as prof:
-            subprocess.run([exe, *FLAGS, f"--user-data-dir={prof}", "--window-size=1200,3000", f"--virtual-time-budget={budget_ms}",
-                            f"--screenshot={screenshot.resolve()}", html_file.resolve().as_uri()], capture_output=True, timeout=120)
-    return res.stdout, res.stderr

@@ -647,6 +647,9 @@ def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a page to share: readable like any new file (mkstemp makes it 0600)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -219,12 +219,15 @@ def _toc(page: Page) -> str:
 
 
 def render_html(page: Page, title: str) -> str:
+    """The whole page. plotly.js (4.6 MB) comes after the text, so the summary, tables and
+    atlas paint before the browser has parsed it."""
     body = page.parts[0] + _toc(page) + "\n".join(page.parts[1:])
     template = f'<script id="wb-template" type="application/json">{safe_json(round_json(page.template))}</script>' if page.template else ""
     return (
         f"<!DOCTYPE html><html lang=\"en\"><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>{body}"
-        f'<script id="wb-figures" type="application/json">{safe_json(page.figures)}</script>{template}<script>{JS}</script></body></html>'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}"
+        f'<script id="wb-figures" type="application/json">{safe_json(page.figures)}</script>{template}'
+        f"<script>{get_plotlyjs()}</script><script>{JS}</script></body></html>"
     )
 
 
