@@ -218,23 +218,32 @@ H / ln(visible keys). See [entropy](#entropy).
 ## Sinks: `sink_mass`, `sink_rate`
 
 alpha_0 <script>alert(1)</script> averaged.
+
+```python
+# not a heading
+```
 """
 
 
 def test_definitions_come_from_the_metrics_document_by_heading(tmp_path):
     doc = tmp_path / "metrics.md"
     doc.write_text(DOC)
-    text, src = metric_kinds.definition("entropy", doc)
-    assert text == "Mean row entropy, *in nats*." and src.endswith("#entropy")
-    assert metric_kinds.definition("entropy_norm", doc)[0].startswith("H / ln(visible keys)")
-    assert "alpha_0" in metric_kinds.definition("sink_rate", doc)[0] == metric_kinds.definition("sink_mass", doc)[0]
+    d = metric_kinds.definition("entropy", doc)
+    assert d.text == "Mean row entropy, *in nats*." and d.source.endswith("#entropy")
+    assert d.group == "Attention entropy" and d.group_intro == "Shared text about entropy."
+    assert metric_kinds.definition("entropy_norm", doc).text.startswith("H / ln(visible keys)")
+    assert "alpha_0" in metric_kinds.definition("sink_rate", doc).text == metric_kinds.definition("sink_mass", doc).text
     sections = metric_kinds.parse_sections(DOC)
     assert sections["attention-entropy"].startswith("Shared text") and "Mean row entropy" in sections["attention-entropy"]
+    assert "not a heading" not in sections, "a # line inside a code fence is not a heading"
+    doc.write_text("# M\n\n## Circuits\n\nShared.\n\n<a id=\"path-patching\"></a>\n### path_patching\n\nSender to receiver.\n")
+    d = metric_kinds.definition("path_logits", doc)
+    assert (d.text, d.group) == ("Sender to receiver.", "Circuits"), "patching metrics find their family's section"
 
 
 def test_definitions_fall_back_to_the_probe_docstring(tmp_path):
-    text, src = metric_kinds.definition("entropy_norm", tmp_path / "missing.md")
-    assert text.startswith("- `entropy_norm`: mean of H_q / ln(n_visible(q))") and src == "probes/entropy.py (docstring)"
-    text, src = metric_kinds.definition("streaming", tmp_path / "missing.md")
-    assert "DuoAttention" in text and "S_q" in text
+    d = metric_kinds.definition("entropy_norm", tmp_path / "missing.md")
+    assert d.text.startswith("- `entropy_norm`: mean of H_q / ln(n_visible(q))") and d.source == "probes/entropy.py (docstring)"
+    d = metric_kinds.definition("streaming", tmp_path / "missing.md")
+    assert "DuoAttention" in d.text and "S_q" in d.text and d.group is None
     assert metric_kinds.definition("no_such_metric", tmp_path / "missing.md") is None

@@ -186,11 +186,15 @@ def test_figures_fit_their_metric(report_run):
 
 def test_definitions_are_copied_from_the_metrics_document(report_run, tmp_path):
     doc = tmp_path / "metrics.md"
-    doc.write_text("# Metrics\n\n## `sink_mass`\n\nThe first token's share, see [entropy](#entropy). <b>bold</b>\n\n## entropy\n\nRow entropy in nats.\n")
+    doc.write_text("# Metrics\n\n## Conventions\n\nPadding never counts.\n\n## Probe sink\n\nSource: Gu et al.\n\n"
+                   "## `sink_mass`\n\nThe first token's share, see [entropy](#entropy), [conventions](#conventions) and [x](#nowhere). "
+                   "<b>bold</b>\n\n## entropy\n\nRow entropy in nats.\n")
     text = build_report(report_run / "run", docs=doc)
     sec = re.search(r'<section class="def" id="def-sink_mass">(.*?)</section>', text, re.S).group(1)
     assert "The first token&#x27;s share" in sec or "The first token's share" in sec
     assert 'href="#def-entropy"' in sec and "<b>bold</b>" not in sec, "links rewritten, raw HTML escaped"
+    assert 'href="#doc-conventions"' in sec and '<section class="def" id="doc-conventions"><h4>Conventions</h4><p>Padding never counts.' in text
+    assert "nowhere" not in sec and ">x<" not in sec.replace("<p>", ""), "a link to a section the page lacks keeps only its text"
     assert "metrics.md#sink_mass" in sec
     # a metric the document lacks falls back to the probe's docstring
     assert "probes/induction.py (docstring)" in re.search(r'id="def-prev_token">(.*?)</section>', text, re.S).group(1)

@@ -13,8 +13,9 @@ Every metric has a *kind*, which decides its colour scale and axes:
 :func:`info` answers for any metric name: known names from :data:`METRICS`, patching metrics by
 prefix (:data:`PATTERNS`), and anything else by looking at its values (:func:`infer_kind`).
 :func:`definition` gives the metric's definition for the page: the section of
-``docs/metrics.md`` under the metric's heading, or (when that file or section is missing) the
-paragraph of the computing module's docstring that names it.
+``docs/metrics.md`` under the metric's heading (with the intro of the section around it), or
+(when that file or section is missing) the paragraph of the computing module's docstring that
+names it.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class MetricInfo:
     rank: str = "high"
     unit: str = ""
     module: str = ""
+    doc: str = ""  # its section's anchor in docs/metrics.md when not the metric's own name
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -90,11 +92,11 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 # Families named by prefix: patching metrics are activation_<component>, path_logits / path_qkv, attribution_z.
+_PATCHING = ("normalised change of the logit difference when the head is patched: 0 = no effect, -1 = behaviour destroyed",
+             "patching the head raises the logit difference", "patching the head destroys the behaviour (the head matters)")
 PATTERNS: list[tuple[re.Pattern, MetricInfo]] = [
-    (re.compile(r"^(activation|path|attribution)_"),
-     MetricInfo("signed", "normalised change of the logit difference when the head is patched: 0 = no effect, -1 = behaviour destroyed",
-                "patching the head raises the logit difference", "patching the head destroys the behaviour (the head matters)",
-                rank="abs", module="circuits/patching.py")),
+    (re.compile(f"^{family}_"), MetricInfo("signed", *_PATCHING, rank="abs", module="circuits/patching.py", doc=f"{family}-patching"))
+    for family in ("activation", "path", "attribution")
 ]
 
 # Metric pairs worth a per-head scatter when both were measured on the same model.
@@ -167,19 +169,37 @@ def _slug(text: str) -> str:
     return text.replace(" ", "-")
 
 
-def parse_sections(markdown: str) -> dict[str, str]:
-    """``{name: markdown}`` for every heading of a metrics document.
+@dataclass(frozen=True)
+class DocSection:
+    """One heading of a metrics document: ``text`` runs to the next heading of the same or a
+    higher level (subsections included); ``intro`` is its own text before its first subheading;
+    ``parent`` is the index of the enclosing section (None at the top)."""
 
-    A section runs from its heading to the next heading of the same or a higher level. It is
-    filed under the heading's GitHub anchor, its explicit ``{#id}`` or ``<a id="...">`` anchor,
-    and every backquoted name in the heading (so ``### `sink_mass`, `sink_rate` `` files both).
-    A section that merely contains subsections keeps only its own text before them when a
-    subsection names the metric itself (the most specific section wins).
+    title: str
+    level: int
+    names: tuple[str, ...]
+    text: str
+    intro: str
+    parent: int | None
+
+
+def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
+    """The sections of a metrics document and ``{name: section index}``.
+
+    A section is filed under its heading's GitHub anchor, its explicit ``{#id}`` or ``<a id="...">``
+    anchor (also on the line before the heading), and every backquoted name in the heading (so
+    ``### `sink_mass`, `sink_rate` `` files both). When a name occurs at several levels the
+    deepest (most specific) section wins. Headings inside fenced code blocks are not headings.
     """
     lines = markdown.splitlines()
     heads: list[tuple[int, int, str, list[str]]] = []  # (line, level, title, names)
     pending: list[str] = []
+    fenced = False
     for i, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        if fenced:
+            continue
         anchors = _ANCHOR.findall(line)
         m = _HEADING.match(_ANCHOR.sub("", line).strip()) if line.lstrip().startswith(("#", "<a")) else None
         if m and m.group(2):
@@ -195,24 +215,39 @@ def parse_sections(markdown: str) -> dict[str, str]:
             heads.append((i, level, title, names))
         elif anchors and not _ANCHOR.sub("", line).strip():
             pending += anchors  # an anchor on its own line names the next heading
-    out: dict[str, tuple[int, str]] = {}
+    clean = lambda a, b: "\n".join(_ANCHOR.sub("", ln) for ln in lines[a:b]).strip()  # noqa: E731
+    sections: list[DocSection] = []
+    index: dict[str, int] = {}
+    stack: list[int] = []
     for j, (start, level, title, names) in enumerate(heads):
-        end = len(lines)
-        for start2, level2, _, _ in heads[j + 1:]:
-            if level2 <= level:
-                end = start2
-                break
-        body = "\n".join(_ANCHOR.sub("", ln) for ln in lines[start + 1:end]).strip()
+        end = next((s for s, lv, _, _ in heads[j + 1:] if lv <= level), len(lines))
+        first_sub = heads[j + 1][0] if j + 1 < len(heads) and heads[j + 1][1] > level else end
+        while stack and sections[stack[-1]].level >= level:
+            stack.pop()
+        sections.append(DocSection(title.replace("`", ""), level, tuple(names), clean(start + 1, end), clean(start + 1, first_sub),
+                                   stack[-1] if stack else None))
+        stack.append(j)
         for name in names:
-            # deeper (more specific) headings win over the section that contains them
-            if name and (name not in out or out[name][0] < level):
-                out[name] = (level, body)
-    return {k: v for k, (_, v) in out.items()}
+            if name and (name not in index or sections[index[name]].level < level):
+                index[name] = j
+    return sections, index
+
+
+def parse_sections(markdown: str) -> dict[str, str]:
+    """``{name: markdown}`` for every name of every section (see :func:`parse_doc`)."""
+    sections, index = parse_doc(markdown)
+    return {name: sections[i].text for name, i in index.items()}
 
 
 @lru_cache(maxsize=8)
-def _doc_sections(path: str, mtime: float) -> dict[str, str]:
-    return parse_sections(Path(path).read_text(encoding="utf-8"))
+def _load_doc(path: str, mtime: float) -> tuple[list[DocSection], dict[str, int]]:
+    return parse_doc(Path(path).read_text(encoding="utf-8"))
+
+
+def load_doc(path: str | Path | None = None) -> tuple[list[DocSection], dict[str, int]] | None:
+    """The parsed ``docs/metrics.md`` (or ``path``); None when the file is missing."""
+    doc = Path(path) if path is not None else METRICS_DOC
+    return _load_doc(str(doc), doc.stat().st_mtime) if doc.is_file() else None
 
 
 def _docstring_paragraph(module: str, metric: str) -> str | None:
@@ -241,17 +276,42 @@ def _docstring_paragraph(module: str, metric: str) -> str | None:
     return "\n\n".join(out) or None
 
 
-def definition(metric: str, path: str | Path | None = None) -> tuple[str, str] | None:
-    """``(markdown, source)`` defining ``metric``: its section of ``docs/metrics.md`` (or ``path``),
-    else the paragraph of its module's docstring that names it; None when neither exists."""
-    doc = Path(path) if path is not None else METRICS_DOC
-    if doc.is_file():
-        sections = _doc_sections(str(doc), doc.stat().st_mtime)
-        for key in (metric, metric.replace("_", "-")):
-            if key in sections and sections[key]:
-                return sections[key], f"docs/metrics.md#{_slug(metric)}" if path is None else f"{doc.name}#{_slug(metric)}"
+@dataclass(frozen=True)
+class Definition:
+    """A metric's definition for the page: ``text`` (markdown) and where it came from; ``group`` /
+    ``group_intro``: the enclosing section's title and its own text (a probe's sources and shared
+    notation), when the definition comes from the metrics document."""
+
+    text: str
+    source: str
+    group: str | None = None
+    group_intro: str | None = None
+
+
+def doc_keys(metric: str) -> list[str]:
+    """Names under which the metrics document may file ``metric``: itself, its hyphenated
+    anchor, and the family anchor of the metric table (e.g. ``path-patching`` for ``path_logits``)."""
+    keys = [metric, metric.replace("_", "-")]
+    mi = info(metric)
+    if mi.doc:
+        keys.append(mi.doc)
+    return keys
+
+
+def definition(metric: str, path: str | Path | None = None) -> Definition | None:
+    """``metric``'s section of ``docs/metrics.md`` (or ``path``) with its enclosing section's
+    intro, else the paragraph of its module's docstring that names it; None when neither exists."""
+    parsed = load_doc(path)
+    if parsed is not None:
+        sections, index = parsed
+        for key in doc_keys(metric):
+            if key in index and sections[index[key]].text:
+                sec = sections[index[key]]
+                parent = sections[sec.parent] if sec.parent is not None else None
+                name = "docs/metrics.md" if path is None else Path(path).name
+                return Definition(sec.text, f"{name}#{_slug(sec.title)}", parent.title if parent else None, parent.intro if parent else None)
     module = info(metric).module
     text = _docstring_paragraph(module, metric)
     if text:
-        return text.replace("``", "`"), f"{module} (docstring)"
+        return Definition(text.replace("``", "`"), f"{module} (docstring)")
     return None

@@ -470,9 +470,15 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
 # -- definitions ---------------------------------------------------------------------------------------
 
 
-def _render_markdown(text: str, metrics: set[str]) -> str:
-    text = re.sub(r"^(#{1,6})(\s)", lambda m: "#" * min(6, len(m.group(1)) + 3) + m.group(2), text, flags=re.M)
-    text = re.sub(r"\]\(#([A-Za-z0-9_-]+)\)", lambda m: f"](#{anchor('def', m.group(1))})" if m.group(1) in metrics else m.group(0), text)
+_LINK = re.compile(r"\[([^\]]*)\]\(#([A-Za-z0-9_.-]+)\)")
+
+
+def _render_markdown(text: str, target: Mapping[str, str], shift: int = 3) -> str:
+    """Markdown -> HTML with raw HTML escaped (markdown-it, html off). In-document links
+    ``[x](#name)`` point at ``target[name]`` (an id on this page) or lose their link when the
+    page has no such section; headings move ``shift`` levels down to sit under the page's own."""
+    text = re.sub(r"^(#{1,6})(\s)", lambda m: "#" * min(6, len(m.group(1)) + shift) + m.group(2), text, flags=re.M)
+    text = _LINK.sub(lambda m: f"[{m.group(1)}](#{target[m.group(2)]})" if m.group(2) in target else m.group(1), text)
     try:
         from markdown_it import MarkdownIt
     except ImportError:  # pragma: no cover - markdown-it comes with rich, a dependency
@@ -481,6 +487,9 @@ def _render_markdown(text: str, metrics: set[str]) -> str:
 
 
 def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> None:
+    """Every metric shown, defined as docs/metrics.md defines it (grouped under its probe's
+    section with that section's sources), plus the document's sections those definitions link
+    to (conventions, known discrepancies), so every link works offline."""
     page.section(2, "Metric definitions", "definitions")
     src = Path(docs) if docs is not None else metric_kinds.METRICS_DOC
     if src.is_file():
@@ -488,13 +497,33 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
     else:
         page.p(f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, so each definition is the "
                "paragraph of the computing module's docstring that states it.")
-    present = set(metrics)
+    found = {m: metric_kinds.definition(m, docs) for m in metrics}
+    target = {k: anchor("def", m) for m in metrics for k in metric_kinds.doc_keys(m)}
+    parsed = metric_kinds.load_doc(docs)
+    extra: dict[int, str] = {}  # linked document sections that are not metrics on this page
+    if parsed is not None:
+        sections, index = parsed
+        texts = [t for d in found.values() if d for t in (d.text, d.group_intro or "")]
+        for _, name in (m.groups() for t in texts for m in _LINK.finditer(t)):
+            if name not in target and name in index and sections[index[name]].text:
+                extra.setdefault(index[name], anchor("doc", name))
+        for i, a in extra.items():
+            target.update({n: a for n in sections[i].names})
+    group = None
     for metric in metrics:
-        found = metric_kinds.definition(metric, docs)
+        d = found[metric]
         mi = metric_kinds.info(metric)
-        body = _render_markdown(found[0], present) if found else f"<p>{esc(mi.what)} (no definition found).</p>"
-        source = f'<p class="src">Source: {esc(found[1])}. Kind: {esc(mi.kind)}.</p>' if found else ""
-        page.add(f'<section class="def" id="{esc(anchor("def", metric))}"><h3><code>{esc(metric)}</code></h3>{body}{source}</section>')
+        if d and d.group and d.group != group:
+            group = d.group
+            page.add(f'<h3 class="def-group">{esc(d.group)}</h3>' + (f'<div class="def-intro">{_render_markdown(d.group_intro, target)}</div>' if d.group_intro else ""))
+        body = _render_markdown(d.text, target) if d else f"<p>{esc(mi.what)} (no definition found).</p>"
+        source = f'<p class="src">Source: {esc(d.source)}. Drawn as: {esc(mi.kind)}.</p>' if d else ""
+        page.add(f'<section class="def" id="{esc(anchor("def", metric))}"><h4><code>{esc(metric)}</code></h4>{body}{source}</section>')
+    if extra:
+        page.add('<h3 class="def-group">Referenced from the definitions</h3>')
+        for i, a in extra.items():
+            sec = parsed[0][i]
+            page.add(f'<section class="def" id="{esc(a)}"><h4>{esc(sec.title)}</h4>{_render_markdown(sec.text, target, shift=3)}</section>')
 
 
 def _prompts(page: Page, runs: Sequence[Run]) -> None:

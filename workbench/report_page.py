@@ -145,7 +145,8 @@ table.atlas td.has{background:#fff}table.atlas td:hover,table.atlas td:focus{out
 .prompt{font-size:92%;color:#333}
 details.raw pre{background:var(--bg2);padding:.6em;overflow:auto;max-height:30em;font-size:80%}
 ul.findings{margin:.3em 0 1em;padding-left:1.2em}ul.findings li{margin:.15em 0}
-section.def{border-left:3px solid var(--line);padding-left:.8em;margin:1em 0}section.def h3{margin:.2em 0}
+section.def{border-left:3px solid var(--line);padding-left:.8em;margin:1em 0}section.def h4{margin:.2em 0}
+.def pre,.def-intro pre{background:var(--bg2);padding:.4em .6em;overflow-x:auto;font-size:85%}.def-intro{font-size:95%}
 """
 
 JS = r"""
