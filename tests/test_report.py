@@ -129,6 +129,24 @@ def test_summary_states_recorded_timing(tmp_path):
     assert "Ran from 2026-01-01 10:00 UTC to 2026-01-01 10:01 UTC: 60 s of computation over 2 model x dataset group(s)." in text
 
 
+def test_findings_count_roles_and_their_overlaps(tmp_path):
+    from benchmarks.bench_report import synthetic_run
+    import workbench
+
+    run = synthetic_run(tmp_path / "run", n_layers=6, n_heads=4, seed=3)
+    text = build_report(run)
+    roles = workbench.atlas(load_results(run))
+    heads = {r: set(zip(g.layer, g["head"])) for r, g in roles.groupby("role")}
+    for role, hs in heads.items():
+        share = f"{100 * len(hs) / 24:.0f}% of 24"
+        assert re.search(rf"<b>{len(hs)}</b> {role} heads? \({share}\)", text), role
+    both = sorted(heads["induction"] & heads["retrieval"])
+    assert both, "the synthetic run has induction heads that are retrieval heads"
+    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6])
+    verb = "is also a retrieval head" if len(both) == 1 else "are also retrieval heads"
+    assert f"{len(both)} of the {len(heads['induction'])} induction heads {verb}: {listed}" in text
+
+
 def test_top_heads_and_atlas_agree_with_the_table(report_run):
     table = load_results(report_run / "run")
     top = top_heads_table(table)

@@ -160,6 +160,18 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
             items.append(f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
                          f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); strongest "
                          f'<span class="hd">{int(best.layer)}.{int(best["head"])}</span> ({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)}).</li>')
+        # heads that hold two specific roles at once (sink / streaming / echo are too common or, on
+        # repeated random tokens, the same score as duplicate, to say much)
+        heads_of = {role: set(zip(g["layer"], g["head"])) for role, g in at.groupby("role") if role not in ("sink", "streaming", "echo")}
+        order = {r.name: i for i, r in enumerate(ROLES)}
+        names = sorted(heads_of, key=lambda r: (order.get(r, len(order)), r))
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                both = sorted(heads_of[a] & heads_of[b])
+                if both:
+                    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6]) + (" ..." if len(both) > 6 else "")
+                    verb = f"is also a {esc(b)} head" if len(both) == 1 else f"are also {esc(b)} heads"
+                    items.append(f"<li>{len(both)} of the {len(heads_of[a])} {esc(a)} heads {verb}: {listed}.</li>")
         measured = set(scores.loc[scores["model"] == s.name, "metric"])
         absent = [r.name for r in roles if r.metric in measured and not (at["role"] == r.name).any()]
         if absent:

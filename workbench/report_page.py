@@ -124,7 +124,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;
 h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid var(--line);padding-bottom:.2em}h3{margin-top:1.6em}
 a{color:#1f5fbf}code{font-size:90%;background:var(--bg2);padding:0 .25em;border-radius:3px}
 nav.toc{background:var(--bg2);border:1px solid var(--line);border-radius:6px;padding:.5em 1em;font-size:92%}
-nav.toc ol{margin:.2em 0;padding-left:1.3em}nav.toc>ol{columns:2}nav.toc li{break-inside:avoid}
+nav.toc ol{margin:.2em 0;padding-left:1.6em;columns:2;column-gap:2em}nav.toc li{break-inside:avoid;margin:.1em 0}
+nav.toc .sub{font-size:90%;color:var(--muted)}
 .tbl{border-collapse:collapse;font-size:88%;margin:.5em 0}.tbl td,.tbl th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
 .tbl th{background:var(--bg2)}.hd{font-family:ui-monospace,monospace;background:#eef3fb;border-radius:3px;padding:0 3px}
 .muted,.note,.src{color:var(--muted)}.note,.src{font-size:88%}
@@ -204,19 +205,18 @@ JS = r"""
 
 
 def _toc(page: Page) -> str:
-    out, level = [], 1
-    for lvl, text, anchor in page.toc:
-        lvl = 2 if lvl <= 2 else 3
-        if lvl > level:
-            out.append("<ol>")
-        elif lvl < level:
-            out.append("</li></ol></li>")
-        elif out:
-            out.append("</li>")
-        out.append(f'<li><a href="#{esc(anchor)}">{esc(text)}</a>')
-        level = lvl
-    out.append("</li>" + ("</ol></li>" if level == 3 else ""))
-    return f'<nav class="toc" id="toc"><b>Contents</b><ol>{"".join(out)}</ol></nav>'
+    """Sections as a numbered list; their subsections (a probe's metrics) inline on one line."""
+    groups: list[tuple[str, str, list[tuple[str, str]]]] = []
+    for level, text, target in page.toc:
+        if level <= 2 or not groups:
+            groups.append((text, target, []))
+        else:
+            groups[-1][2].append((text, target))
+    items = []
+    for text, target, subs in groups:
+        sub = " · ".join(f'<a href="#{esc(t)}">{esc(x)}</a>' for x, t in subs)
+        items.append(f'<li><a href="#{esc(target)}">{esc(text)}</a>{f"<span class=sub>: {sub}</span>" if sub else ""}</li>')
+    return f'<nav class="toc" id="toc"><b>Contents</b><ol>{"".join(items)}</ol></nav>'
 
 
 def render_html(page: Page, title: str) -> str:
