@@ -2,7 +2,9 @@
 
 A probe declares its ``name``, the ``metrics`` it reports, a one-line ``description``, its
 parameters as a typed schema (``Params``, validated on construction: ``Literal`` choices,
-ranges, no NaN) and its ``kind``. The runner (:func:`workbench.runner.run_probes`) reads the
+ranges, no NaN) and its ``kind``; optionally what its metrics mean and how to draw them
+(``metric_info``), the head roles they support (``roles``, read by :func:`workbench.atlas`)
+and metric pairs worth a scatter in reports (``scatter_pairs``). The runner (:func:`workbench.runner.run_probes`) reads the
 kind and gives each probe what it asked for; every probe ends with one
 :class:`~workbench.results.ProbeResult` (its table with the ``probe`` column, a summary, the
 lines to print).
@@ -40,13 +42,15 @@ Metric definitions: ``docs/metrics.md``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from workbench.atlas import Role
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Options, options_dict, validate_options
 from workbench.patterns import BatchInfo, PatternChunk
 from workbench.results import ProbeResult, head_rows
@@ -71,6 +75,13 @@ class Probe(ABC):
     Params: ClassVar[type[Options]] = NoParams
     # Bumped when a change to the probe changes its numbers: sweeps key their parts on it.
     version: ClassVar[int] = 1
+    # How to read and draw each metric (kind: bounded / signed / positive / log; captions):
+    # figures, captions and the report's summary read it. Undeclared metrics are inferred.
+    metric_info: ClassVar[Mapping[str, MetricInfo]] = {}
+    # Head roles the atlas reads off this probe's metrics (thresholds editable by the user).
+    roles: ClassVar[tuple[Role, ...]] = ()
+    # Metric pairs worth a per-head scatter in reports when both were measured.
+    scatter_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         self.options = validate_options(self.Params, params, self.name)

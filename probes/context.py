@@ -40,10 +40,12 @@ from torch import Tensor
 
 from probes.base import DivergenceProbe
 from probes.vhd import divergence_rows
+from workbench.atlas import Role
 from workbench.conditions import ConditionPair, check_lengths, context_pair
 from workbench.context import RunContext
 from workbench.divergence import Divergence, divergence, final_norm, head_contributions
 from workbench.errors import WorkbenchError
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Int, Options
 from workbench.prompts import Prompt
 from workbench.results import ProbeResult
@@ -87,6 +89,23 @@ class ContextProbe(DivergenceProbe):
     name = "context"
     metrics = ("context_divergence", "context_attention", "context_direct_effect", "follows_context", "follows_memory")
     description = "context-aware head divergence |z(with passage) - z(without)|; heads that follow context vs memory"
+    metric_info = {
+        "context_divergence": MetricInfo("log", "distance between the head's output with and without the context passage",
+                                     "the passage changes what the head writes"),
+        "context_attention": MetricInfo("bounded", "attention mass on the passage at the answer position", "the head reads the passage",
+                                    module="probes/context.py"),
+        "context_direct_effect": MetricInfo("signed", "the head's direct effect on logit(context answer) - logit(memory answer)",
+                                        "the head pushes towards the passage's answer (context head)",
+                                        "the head pushes towards the remembered answer (memory head)", rank="abs", unit="logits",
+                                        module="probes/context.py"),
+        "follows_context": MetricInfo("bounded", "share of items whose greedy answer starts with the passage's answer"),
+        "follows_memory": MetricInfo("bounded", "share of items whose greedy answer starts with the remembered answer"),
+    }
+    roles = (
+        Role("context", "C", "context_direct_effect", 0.2, "#b15928", "pushes the answer towards the passage (direct effect)"),
+        Role("memory", "M", "context_direct_effect", 0.2, "#6a51a3", "pushes the answer towards what the model remembers", sign=-1),
+    )
+    scatter_pairs = (('context_attention', 'context_direct_effect'),)
     divergence_metric = "context_divergence"
     attention_metric = "context_attention"
 

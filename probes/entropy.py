@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from probes.base import PatternProbe
+from workbench.metric_kinds import MetricInfo
 from workbench.patterns import PatternChunk
 
 
@@ -30,6 +31,12 @@ class EntropyProbe(PatternProbe):
     name = "entropy"
     metrics = ("entropy", "entropy_norm")
     description = "mean attention entropy per query (nats) and entropy / ln(visible keys)"
+    metric_info = {
+        "entropy": MetricInfo("positive", "mean entropy of a query's attention row, in nats", "attention spread over many keys",
+                          "attention focused on few keys", rank="low", unit="nats"),
+        "entropy_norm": MetricInfo("bounded", "attention entropy divided by ln(number of visible keys)", "near-uniform attention over what the query sees",
+                               "attention on one key", rank="low"),
+    }
 
     def on_pattern_chunk(self, chunk: PatternChunk) -> None:
         h = chunk.row_entropy.double()  # [batch, head, chunk]

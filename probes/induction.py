@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 
 from probes.base import PatternProbe
+from workbench.atlas import Role
+from workbench.metric_kinds import MetricInfo
 from workbench.patterns import BatchInfo, PatternChunk
 
 
@@ -34,6 +36,21 @@ class InductionProbe(PatternProbe):
     name = "induction"
     metrics = ("prev_token", "duplicate", "induction", "echo")
     description = "attention to the previous token, the earlier copy (duplicate), the token after it (induction), earlier same tokens (echo)"
+    metric_info = {
+        "prev_token": MetricInfo("bounded", "mean attention to the previous token", "a previous-token head"),
+        "duplicate": MetricInfo("bounded", "mean attention to the earlier copy of the current token, on repeated random tokens",
+                            "a duplicate-token head"),
+        "induction": MetricInfo("bounded", "mean attention to the token after the earlier copy of the current token, on repeated random tokens",
+                            "an induction head"),
+        "echo": MetricInfo("bounded", "attention on earlier occurrences of the current token (any text)", "an echo head"),
+    }
+    roles = (
+        Role("previous-token", "P", "prev_token", 0.4, "#1f78b4", "attends to the previous token"),
+        Role("duplicate", "D", "duplicate", 0.3, "#33a02c", "attends to the earlier copy of the current token"),
+        Role("induction", "I", "induction", 0.3, "#e31a1c", "attends to the token after the earlier copy (induction)"),
+        Role("echo", "E", "echo", 0.3, "#b2df8a", "attends to earlier occurrences of the current token"),
+    )
+    scatter_pairs = (('prev_token', 'induction'),)
 
     def begin_batch(self, batch: BatchInfo) -> None:
         super().begin_batch(batch)

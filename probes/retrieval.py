@@ -36,12 +36,14 @@ from pydantic import Field
 from torch import Tensor
 
 from probes.base import TokenProbe
+from workbench import params as opt
+from workbench.atlas import Role
 from workbench.attention import AttentionCall
 from workbench.context import RunContext
 from workbench.decoding import DecodeState, Prefill, greedy_decode
 from workbench.errors import WorkbenchError
 from workbench.masking import attention_scores
-from workbench import params as opt
+from workbench.metric_kinds import MetricInfo
 from workbench.prompts import TokenizedPrompt
 from workbench.results import ProbeResult
 
@@ -171,6 +173,14 @@ class RetrievalProbe(TokenProbe):
     name = "retrieval"
     metrics = ("retrieval",)
     description = "Wu et al. retrieval score on niah prompts: copy-paste attention during greedy decoding"
+    metric_info = {
+        "retrieval": MetricInfo("bounded", "share of the needle the head copied while the model answered (Wu et al.)",
+                            "a retrieval head (above 0.1 in the paper)"),
+    }
+    roles = (
+        Role("retrieval", "R", "retrieval", 0.1, "#ff7f00", "copies needle tokens while the model answers", strict=True),
+    )
+    scatter_pairs = (('induction', 'retrieval'), ('streaming', 'retrieval'))
 
     class Params(opt.Options):
         max_new_tokens: opt.Int = Field(50, ge=1, le=4096, description="greedy tokens to decode at most (the paper: ~50)")

@@ -18,6 +18,8 @@ import pandas as pd
 from pydantic import Field
 
 from probes.base import PatternProbe
+from workbench.atlas import Role
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Float, Options
 from workbench.patterns import BatchInfo, PatternChunk
 
@@ -26,6 +28,14 @@ class SinkProbe(PatternProbe):
     name = "sink"
     metrics = ("sink_mass", "sink_rate")
     description = "mean attention on the first token (alpha_0) and share of prompts with alpha_0 > epsilon"
+    metric_info = {
+        "sink_mass": MetricInfo("bounded", "mean attention on the prompt's first token (alpha_0)", "an attention sink"),
+        "sink_rate": MetricInfo("bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts"),
+    }
+    roles = (
+        Role("sink", "S", "sink_mass", 0.5, "#9e9ac8", "puts most of its attention on the first token"),
+    )
+    scatter_pairs = (('entropy', 'sink_mass'),)
 
     class Params(Options):
         epsilon: Float = Field(0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]")

@@ -22,6 +22,8 @@ import torch
 from pydantic import Field
 
 from probes.base import PatternProbe
+from workbench.atlas import Role
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Int, Options
 from workbench.patterns import PatternChunk
 
@@ -30,6 +32,13 @@ class StreamingProbe(PatternProbe):
     name = "streaming"
     metrics = ("streaming",)
     description = "share of attention on the first `sink` tokens plus the last `recent` tokens (DuoAttention)"
+    metric_info = {
+        "streaming": MetricInfo("bounded", "share of attention on the first tokens plus a recent window (DuoAttention)",
+                            "the head could run on a sink + window KV cache", "the head reads the middle of the context"),
+    }
+    roles = (
+        Role("streaming", "W", "streaming", 0.95, "#bdbdbd", "attends almost only to the first tokens and a recent window"),
+    )
 
     class Params(Options):
         sink: Int = Field(4, ge=0, description="number of initial (sink) tokens, a whole number >= 0")

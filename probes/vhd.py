@@ -35,6 +35,7 @@ from probes.base import DivergenceProbe, Probe
 from workbench.conditions import ConditionPair, check_lengths, image_pair
 from workbench.context import RunContext
 from workbench.divergence import Divergence, divergence
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Int, Options
 from workbench.prompts import Prompt
 from workbench.results import ProbeResult
@@ -66,6 +67,15 @@ class VHDProbe(DivergenceProbe):
     name = "vhd"
     metrics = ("vhd", "image_attention", "t_vhd")
     description = "vision-aware head divergence: |z(with image) - z(without)| per head; T-VHD per generated token"
+    metric_info = {
+        "vhd": MetricInfo("log", "distance between the head's output with and without the image (VHD)", "the image changes what the head writes",
+                      module="probes/vhd.py"),
+        "image_attention": MetricInfo("bounded", "attention mass on the image tokens at the generation positions", "the head reads the image",
+                                  module="probes/vhd.py"),
+        "t_vhd": MetricInfo("positive", "per generated token: sum over layers of the layer's top-k VHD", "the token depends on the image",
+                        "the token is produced with little regard to the image (hallucination signal)"),
+    }
+    scatter_pairs = (('image_attention', 'vhd'),)
     divergence_metric = "vhd"
     attention_metric = "image_attention"
 

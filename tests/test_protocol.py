@@ -31,6 +31,8 @@ import pandas as pd
 from pydantic import Field
 
 from probes.base import ItemProbe, PatternProbe
+from workbench.atlas import Role
+from workbench.metric_kinds import MetricInfo
 from workbench.params import Options
 
 
@@ -38,6 +40,8 @@ class FirstKeyProbe(PatternProbe):
     name = "plugin-first"
     metrics = ("plugin_first",)
     description = "attention on the prompt's first token, pooled over queries (plugin test)"
+    metric_info = {"plugin_first": MetricInfo("bounded", "pooled attention on the first token", "a first-token head")}
+    roles = (Role("first-key", "F1", "plugin_first", 0.2, "#000000", "reads the first token"),)
 
     class Params(Options):
         scale: float = Field(1.0, gt=0, description="multiplies the value")
@@ -93,7 +97,7 @@ def cli(*argv, cwd=None):
 
 def test_builtin_probes_register_through_entry_points():
     classes = registry.probe_classes()
-    assert list(classes)[:7] == ["entropy", "sink", "induction", "streaming", "retrieval", "vhd", "context"]
+    assert list(classes)[:7] == ["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"]
     assert {c.kind for c in classes.values()} == {"pattern", "tokens", "items"}
     assert registry.broken_probes() == {}
 
@@ -127,6 +131,13 @@ def test_plugin_pattern_probe_numbers_and_fusion(plugin, tiny_models):
             assert abs(got[(layer, head)] - want) < 1e-5
     with pytest.raises(WorkbenchError, match="plugin-first.scale"):
         registry.get_probe("plugin-first", scale=-1)
+    # its own declarations reach captions and the atlas, with no edit to this repository
+    from workbench import metric_kinds
+    from workbench.atlas import atlas
+
+    assert metric_kinds.info("plugin_first").what == "pooled attention on the first token"
+    roles = atlas(res.table.assign(model="m", dataset="d"), thresholds={"sink": None})
+    assert "first-key" in set(roles.role)
 
 
 def test_plugin_probes_through_the_cli_a_sweep_and_a_report(plugin, tiny_dirs, tmp_path):

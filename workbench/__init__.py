@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from workbench.errors import WorkbenchError  # noqa: E402
 
-__all__ = ["WorkbenchError", "get_probe", "load_model", "load_results", "run_probes", "__version__"]
+__all__ = ["WorkbenchError", "atlas", "get_probe", "load_model", "load_results", "run_probes", "__version__"]
 
 
 def __getattr__(name: str):
@@ -39,4 +39,9 @@ def __getattr__(name: str):
         from workbench.results import load_results
 
         return load_results
+    if name == "atlas":
+        # the module is callable: workbench.atlas(table, thresholds=...) is workbench.atlas.atlas(...)
+        import importlib
+
+        return importlib.import_module("workbench.atlas")
     raise AttributeError(name)

@@ -75,7 +75,7 @@ def _load() -> dict[str, Any]:
 
 
 # the order `workbench probes` lists the built-ins in (pattern probes first); plugins follow by name
-_BUILTIN_ORDER = {n: i for i, n in enumerate(["entropy", "sink", "induction", "streaming", "retrieval", "vhd", "context"])}
+_BUILTIN_ORDER = {n: i for i, n in enumerate(["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"])}
 
 
 def refresh() -> None:

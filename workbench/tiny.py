@@ -53,8 +53,9 @@ def _tiny_tokenizer(vocab_size: int, extra_special_tokens: dict[str, str] | None
     )
 
 
-def tiny_config(arch: str, vocab_size: int = 512, n_ctx: int = 256):
-    """A small config of the given architecture (fast enough for tests on 2 CPU cores)."""
+def tiny_config(arch: str, vocab_size: int = 512, n_ctx: int = 256, n_layers: int = 3):
+    """A small config of the given architecture (fast enough for tests on 2 CPU cores);
+    ``n_layers`` varies the depth (e.g. to test comparisons of models of different depth)."""
     if arch == "llama":
         from transformers import LlamaConfig
 
@@ -62,7 +63,7 @@ def tiny_config(arch: str, vocab_size: int = 512, n_ctx: int = 256):
             vocab_size=vocab_size,
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=3,
+            num_hidden_layers=n_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=n_ctx,
@@ -77,7 +78,7 @@ def tiny_config(arch: str, vocab_size: int = 512, n_ctx: int = 256):
         return GPT2Config(
             vocab_size=vocab_size,
             n_embd=64,
-            n_layer=3,
+            n_layer=n_layers,
             n_head=4,
             n_positions=n_ctx,
             bos_token_id=2,

@@ -38,11 +38,48 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_config(path: str) -> dict:
+    """``--config report.toml``: runs = [...], optional labels = [...], title, out, [roles]."""
+    import tomllib
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise WorkbenchError(f"report config {file} does not exist", "check the path")
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"{file} is not valid TOML: {exc}", 'e.g. runs = ["runs/a", "runs/b"] and a [roles] table') from None
+    unknown = sorted(set(raw) - {"runs", "labels", "title", "out", "roles"})
+    if unknown:
+        raise WorkbenchError(f"{file}: unknown key(s) {', '.join(map(repr, unknown))}", "allowed: runs, labels, title, out, [roles]")
+    runs = raw.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+        raise WorkbenchError(f"{file}: 'runs' must be a list of run folders", 'e.g. runs = ["runs/a", "runs/b"]')
+    roles = raw.get("roles", {})
+    if not isinstance(roles, dict):
+        raise WorkbenchError(f"{file}: 'roles' must be a table", "e.g. [roles] with sink = 0.6 and echo = \"off\"")
+    thresholds = {k: (None if isinstance(v, str) and v.lower() in ("off", "none") else v) for k, v in roles.items()}
+    return {"runs": [str((file.parent / r)) if not Path(r).is_absolute() else r for r in runs], "labels": raw.get("labels"),
+            "title": raw.get("title"), "out": raw.get("out") and str(file.parent / raw["out"]), "thresholds": thresholds}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.atlas import parse_thresholds, roles_with
     from workbench.report import write_report
 
-    out = write_report(args.run, args.out, title=args.title)
-    print(f"report -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    cfg = _report_config(args.config) if args.config else {"runs": [], "labels": None, "title": None, "out": None, "thresholds": {}}
+    runs = list(args.runs) or cfg["runs"]
+    if not runs:
+        raise WorkbenchError("no run given", "name one or more run folders (workbench report runs/a runs/b --out r.html) or --config report.toml")
+    out = args.out or cfg["out"]
+    if not out:
+        raise WorkbenchError("no output file given", "pass --out report.html (or out = ... in the --config file)")
+    thresholds = {**cfg["thresholds"], **parse_thresholds(args.roles)}
+    roles_with(thresholds)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else cfg["labels"]
+    path = write_report(runs, out, title=args.title or cfg["title"], thresholds=thresholds, labels=labels)
+    print(f"report -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -64,9 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-rows", type=int, default=50)
     q.set_defaults(func=cmd_query)
 
-    rp = add_command(sub, "report", "self-contained interactive HTML report of a run",
-                     "workbench report runs/demo --out runs/demo/report.html")
-    rp.add_argument("run", help="run folder (or a results .parquet)")
-    rp.add_argument("--out", required=True)
+    rp = add_command(sub, "report", "self-contained HTML report of one run, or a side-by-side comparison of several",
+                     "workbench report runs/demo --out runs/demo/report.html\n"
+                     "workbench report runs/smollm2 runs/gemma --out compare.html --roles sink=0.6,induction=0.4,echo=off")
+    rp.add_argument("runs", nargs="*", metavar="RUN", help="run folders (or results .parquet, or `workbench circuit` folders); several = a comparison")
+    rp.add_argument("--out", help="the HTML file to write")
     rp.add_argument("--title")
+    rp.add_argument("--roles", help="head-atlas thresholds, ROLE=VALUE or METRIC=VALUE pairs (ROLE=off hides a role), e.g. sink=0.6,retrieval=0.2")
+    rp.add_argument("--labels", help="one name per run, comma-separated (default: the folder names)")
+    rp.add_argument("--config", help="TOML: runs = [...], optional labels = [...], title, out, and a [roles] table of thresholds")
     rp.set_defaults(func=cmd_report)
