@@ -171,6 +171,49 @@ def resolve_source(name: str) -> tuple[str, str]:
     return name, "hub"
 
 
+def model_identity(name: str) -> dict:
+    """What decides a model's numbers, found without loading it (sweeps key their parts on it):
+    a known name with its build format, a local folder's config and weight files (content hash
+    of the config and tokenizer, size and modification time of the weights), or a hub id with the
+    snapshot the local cache holds. Unknown names fail here, before any work."""
+    import hashlib
+    import os
+
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError("empty model name", f"use one of {', '.join(KNOWN_MODELS)}, a folder or a hub id")
+    if name in KNOWN_MODELS:
+        return {"kind": "known", "name": name, "format": getattr(embedded, "_FORMAT", 1)}
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(f"{name} is not a Hugging Face model folder (no config.json in it)",
+                                 "point the model at a folder written by save_pretrained")
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if not f.is_file():
+                continue
+            if f.suffix in (".json", ".model", ".txt", ".jinja"):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+            else:
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        return {"kind": "local", "path": str(path.resolve()), "sha256": h.hexdigest()[:16]}
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a known name, an existing folder or a hub id",
+            f"use one of {', '.join(KNOWN_MODELS)} (see `workbench models`), a local folder, or org/name",
+        )
+    snapshot = None
+    try:
+        from huggingface_hub import constants
+
+        refs = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        snapshot = refs.read_text().strip() if refs.is_file() else None
+    except Exception:
+        snapshot = None
+    return {"kind": "hub", "id": name, "revision": snapshot or os.environ.get("HF_REVISION", "main")}
+
+
 def hub_unreachable_reason() -> str | None:
     """Why the Hugging Face hub cannot be reached right now, or None if it may be.
 

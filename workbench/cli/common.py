@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from workbench.batching import parse_batch_size  # noqa: F401  (re-exported for the command modules)
 from workbench.errors import WorkbenchError
 from workbench.params import parse_cli_value
 
@@ -60,18 +61,6 @@ def add_input_args(parser: argparse.ArgumentParser, items: bool = False) -> None
 
 def add_batch_size(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     parser.add_argument("--batch-size", default=default, help="items per forward pass, or auto (a token budget per batch)")
-
-
-def parse_batch_size(raw: str | int) -> int | str:
-    if raw == "auto":
-        return raw
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise WorkbenchError(f"--batch-size must be a whole number or auto, got {raw!r}", "e.g. --batch-size 8") from None
-    if value < 1:
-        raise WorkbenchError(f"--batch-size must be at least 1, got {value}", "e.g. --batch-size 8")
-    return value
 
 
 def float_list(raw: str | None, flag: str) -> list[float] | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from workbench.cli.common import add_command
 from workbench.errors import WorkbenchError
@@ -11,7 +12,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workbench.results import load_results, top_heads
     from workbench.sweeps import run_sweep
 
-    summary = run_sweep(args.config, args.out, progress=args.progress)
+    summary = run_sweep(args.config, args.out, progress=args.progress, log=lambda line: print(line, file=sys.stderr))
     table = load_results(args.out)
     print(f"{summary['units']} units: {summary['ran']} run now, {summary['skipped']} already done -> {summary['parts']}")
     top = top_heads(table, args.top)
