@@ -18,6 +18,7 @@ from workbench.cli.common import (
     parse_batch_size,
     parse_params,
     print_top,
+    whole,
 )
 from workbench.errors import WorkbenchError
 
@@ -131,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
     run.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
     run.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--top", type=int, default=5, help="heads to print per metric")
+    p.add_argument("--top", type=whole(0), default=5, help="heads to print per metric")
     p.add_argument("--out", required=True, help="output .parquet file")
     p.set_defaults(func=cmd_probe)
 
@@ -142,8 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = add_command(sub, "dataset", "write a shipped or generated dataset as prompts JSONL (read back with --prompts)",
                     "workbench dataset niah --context-len 2000 --depths 0,0.5,1 --n-prompts 12 --out niah.jsonl")
     d.add_argument("name", help="dataset name (see `workbench datasets`)")
-    d.add_argument("--n-prompts", type=int)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-prompts", type=whole(1))
+    d.add_argument("--seed", type=whole(0), default=0)
     d.add_argument("--model", default="smollm2-135m", help="token-space datasets (niah, repeated-random) use its tokenizer")
     add_dataset_options(d.add_argument_group("dataset options"))
     d.add_argument("--out", required=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command
+from workbench.cli.common import add_command, whole
 from workbench.errors import WorkbenchError
 
 
@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "workbench sweep data/sweeps/demo.toml --out runs/demo")
     sw.add_argument("config", help="TOML file: models = [...], probes = [...], [datasets.NAME] tables")
     sw.add_argument("--out", required=True, help="run folder (parts/*.parquet); re-running resumes")
-    sw.add_argument("--top", type=int, default=3)
+    sw.add_argument("--top", type=whole(0), default=3)
     sw.add_argument("--no-progress", dest="progress", action="store_false")
     sw.set_defaults(func=cmd_sweep)
 
@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--runs", action="extend", nargs="+", help="run folders, repeatable (default: every sweep folder under ./runs)")
     q.add_argument("--read-only", action="store_true",
                    help="for SQL you did not write: rows are loaded into memory, then file, network and extension access are disabled and the configuration locked")
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument("--max-rows", type=whole(1), default=50)
     q.set_defaults(func=cmd_query)
 
     rp = add_command(sub, "report", "self-contained HTML report of one run, or a side-by-side comparison of several",
