@@ -70,7 +70,7 @@ def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
 @dataclass
 class RunStats:
     n_prompts: int = 0
-    n_tokens: int = 0
+    n_tokens: int | None = 0  # None when the run tokenized nothing (item probes only)
     n_batches: int = 0
     n_oom_splits: int = 0
 

@@ -62,7 +62,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     )
     write_parquet(table, args.out, meta)
     t_run = time.perf_counter() - t0 - t_load
-    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens" + (f", {stats.n_batches} batches" if stats.n_batches else "")
+    facts = f"{stats.n_prompts} prompts" + (f", {stats.n_tokens} tokens" if stats.n_tokens else "") + (f", {stats.n_batches} batches" if stats.n_batches else "")
     print_top(top_heads(table, args.top), args.model, args.top, f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}")
     for line in result.lines():
         print(line)
