@@ -13,6 +13,9 @@ is the logit difference ``logit(correct) - logit(incorrect)`` at the last positi
   about (corrupted = a different queried object).
 - JSONL pairs: ``{"id", "clean", "corrupted", "correct", "incorrect"}`` (texts; answers are
   tokenized as given, so include the leading space).
+
+Prompts start with the tokenizer's default special prefix (BOS for Gemma, nothing for SmolLM2),
+as text prompts do; answers are single tokens without it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.prompts import special_prefix
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
          "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
@@ -67,6 +71,7 @@ def _answer_id(tokenizer, text: str, what: str, pid: str) -> int:
 
 
 def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, incorrect: str, meta: dict | None = None) -> Pair:
+    prefix = special_prefix(tokenizer)
     c = tokenizer(clean, add_special_tokens=False)["input_ids"]
     x = tokenizer(corrupted, add_special_tokens=False)["input_ids"]
     if not c or not x:
@@ -76,7 +81,7 @@ def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, inc
             f"pair {pid!r}: clean has {len(c)} tokens and corrupted {len(x)}; positions must align",
             "make the corrupted prompt the same number of tokens (swap single-token words)",
         )
-    return Pair(pid, c, x, _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
+    return Pair(pid, prefix + c, prefix + x, _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
                 {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect, **(meta or {})})
 
 
