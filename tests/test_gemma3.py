@@ -174,9 +174,11 @@ def attractor_token(model, n=40, seed=0) -> int:
     """The token a random tiny model emits most often, greedy, after random prompts."""
     from collections import Counter
 
+    from workbench.attention import hooked_run
+
     rng = random.Random(seed)
     ids = torch.tensor([[rng.randrange(4, model.vocab_size) for _ in range(30)] for _ in range(n)])
-    with torch.no_grad():
+    with hooked_run(model.hf_model):  # the HF modules: the bridge's attention decodes wrongly with a KV cache
         out = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     return Counter(out[:, 30:].flatten().tolist()).most_common(1)[0][0]
 
