@@ -79,9 +79,6 @@ def check_store_model(store, name: str) -> None:
     from workbench.models import model_identity, resolve_source
     from workbench.store.layout import tokenizer_identity
 
-    if model_identity(name) != store.index.get("model_identity"):
-        raise WorkbenchError(f"{store.path} was cached from {store.index['model']}, not from {name}",
-                             f"drop --model, or cache {name}: workbench cache --model {name} ... --out NEW_STORE")
     source, _ = resolve_source(name)
     try:
         tok = tokenizer_identity(AutoTokenizer.from_pretrained(source))
@@ -90,6 +87,9 @@ def check_store_model(store, name: str) -> None:
     if tok["sha256"] != store.index.get("tokenizer", {}).get("sha256"):
         raise WorkbenchError(f"{store.path} was tokenized by a different tokenizer than {name}'s ({store.index.get('tokenizer', {}).get('class')})",
                              f"cache {name} again: workbench cache --model {name} ... --out NEW_STORE")
+    if model_identity(name) != store.index.get("model_identity"):
+        raise WorkbenchError(f"{store.path} was cached from {store.index['model']}, not from {name}",
+                             f"drop --model, or cache {name}: workbench cache --model {name} ... --out NEW_STORE")
 
 
 def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
