@@ -109,6 +109,8 @@ class RayExecutor:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         if self.address:
             check_reachable(self.address)
+            if _host_port(self.address):
+                _check_token(self.ray, self.address)
 
     def _connect(self, log: Callable[[str], None]) -> bool:
         """Connect (or start a local instance); True when this call did, so it disconnects."""
@@ -116,11 +118,13 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         env = {k: v for k, v in os.environ.items() if k.startswith("WORKBENCH_")}
-        if self.address and _host_port(self.address):
-            _check_token(ray, self.address)
+        kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
+        if not self.address:
+            kwargs["include_dashboard"] = False
         try:
-            ray.init(address=self.address, runtime_env={"env_vars": env} if env else None, log_to_driver=False,
-                     configure_logging=False, include_dashboard=False if not self.address else None)
+            ray.init(address=self.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WorkbenchError(f"cannot connect to the Ray cluster at {self.address or '(local)'}: {first}",
