@@ -20,6 +20,7 @@ shard that fails its checksum is rewritten.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -277,6 +278,7 @@ def cache_activations(
         "source": source or {}, "n_prompts": len(prompts), "n_tokens": offsets[-1], "prompts": plan_prompts, "shards": shards,
         "command": command or "the same `workbench cache` command", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    index = json.loads(json.dumps(index, default=str))  # as it reads back: resumes compare like with like
     manifest: dict[str, Any] = {"format": layout.FORMAT, "complete": False, "shards": {}, "mask_mismatch": {}}
     if (out / layout.INDEX).is_file():
         old = layout.read_json(out / layout.INDEX, "index")
