@@ -203,3 +203,15 @@ def test_a_wrong_token_is_refused(sweep_config, ray_cluster, tmp_path):
     assert "error: the Ray cluster at 127.0.0.1:" in done.stderr and "refused this driver's authentication token" in done.stderr
     assert "fix: set RAY_AUTH_TOKEN" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_that_fails_on_bad_input_is_one_error_not_retried(ray_cluster, tiny_dirs, tmp_path):
+    """The context length is known only once a task loads the model: its WorkbenchError comes back
+    to the driver as the same one error line, and no part is recorded."""
+    cfg = tmp_path / "niah.toml"
+    cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["entropy"]\n[executor]\nretries = 3\n'
+                   "[datasets.niah]\nn_prompts = 2\ncontext_len = [1000]\n")
+    done = driver(ray_cluster, cfg, "--out", tmp_path / "run")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: context length 1000 exceeds the model's context of 256" in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "run" / "parts").glob("*.parquet"))
