@@ -45,9 +45,9 @@ def pattern_probes():
     return [get_probe("entropy"), get_probe("sink", epsilon=0.1), get_probe("induction"), get_probe("streaming", sink=2, recent=4)]
 
 
-def assert_same_rows(live, replayed, tol):
-    a = live.sort_values(KEY).reset_index(drop=True)
-    b = replayed.sort_values(KEY).reset_index(drop=True)
+def assert_same_rows(live, replayed, tol, skip=()):
+    a = live[~live.metric.isin(skip)].sort_values(KEY).reset_index(drop=True)
+    b = replayed[~replayed.metric.isin(skip)].sort_values(KEY).reset_index(drop=True)
     assert a[KEY].equals(b[KEY])
     assert (a.n.values == b.n.values).all()
     both_nan = a.value.isna() & b.value.isna()
@@ -159,15 +159,20 @@ def test_the_store_holds_real_positions_only_and_the_right_tensors(llama_store):
     assert torch.equal(torch.cat(list(loader)), torch.cat([store.get("resid_post", 1, p.id) for p in prompts]))
 
 
+# A float16 store rounds q and k to 11 significant bits. Measured drift of the continuous metrics
+# against the float32 live run: <= 6e-5 on the tiny Llama, <= 3.2e-4 on SmolLM2-135M (entropy;
+# sink_mass 9e-5, the rest <= 8e-5). Threshold counts (sink_rate) are left out: a prompt whose
+# alpha_0 lies within that drift of epsilon may flip, moving the rate by 1 / n_prompts.
+F16_TOL, F16_SKIP = 2e-3, ("sink_rate",)
+
+
 def test_float16_store_drift(tiny_models, tmp_path):
-    """A float16 store rounds q and k to 11 significant bits: the probes drift by about 1e-3 at
-    most on the tiny model (its scaled-up q/k give logits of order 10)."""
     model = tiny_models["llama"]
     prompts = random_prompts(model.vocab_size, LENGTHS, seed=3)
     cache_activations(model, prompts, tmp_path / "s16", hooks=["q", "k"], dtype="float16", log=lambda *_: None)
     live = run_probes(model, prompts, pattern_probes(), progress=False).table
     replayed = run_probes_from_store(tmp_path / "s16", pattern_probes()).table
-    worst = assert_same_rows(live, replayed, 2e-2)
+    worst = assert_same_rows(live, replayed, F16_TOL, F16_SKIP)
     assert worst > 0  # float16 really is stored (an exact match would mean float32 crept in)
 
 
@@ -316,14 +321,14 @@ def test_a_store_is_resumed_only_with_its_own_settings(llama_store, tmp_path):
 @pytest.mark.smollm2
 def test_smollm2_pattern_probes_from_a_store_equal_the_live_run(smollm2, tmp_path):
     """The real model (GQA 9:3, rotary): float32 store replay equals the live run to 1e-4; a
-    float16 store stays within 1e-2 (measured: see the store module's notes)."""
+    float16 store stays within F16_TOL on the continuous metrics."""
     from workbench.datasets import make_dataset
     from workbench.prompts import tokenize_prompts
 
-    prompts = tokenize_prompts(make_dataset("prose", n_prompts=4, seed=7, min_words=5, max_words=40), smollm2.tokenizer, smollm2.n_ctx,
+    prompts = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=5, max_words=40), smollm2.tokenizer, smollm2.n_ctx,
                                smollm2.vocab_size)
     assert len({len(p) for p in prompts}) > 1
     live = run_probes(smollm2, prompts, pattern_probes(), batch_size=4, progress=False).table
-    for dtype, tol in (("float32", 1e-4), ("float16", 1e-2)):
+    for dtype, tol, skip in (("float32", 1e-4, ()), ("float16", F16_TOL, F16_SKIP)):
         cache_activations(smollm2, prompts, tmp_path / dtype, hooks=["q", "k"], dtype=dtype, batch_size=2, log=lambda *_: None)
-        assert_same_rows(live, run_probes_from_store(tmp_path / dtype, pattern_probes(), batch_size=3).table, tol)
+        assert_same_rows(live, run_probes_from_store(tmp_path / dtype, pattern_probes(), batch_size=3).table, tol, skip)
