@@ -28,6 +28,9 @@ def files(tmp_path_factory):
     (root / "badfield.jsonl").write_text(BAD_FIELD_PAIRS)
     (root / "pairs.jsonl").write_text(GOOD_PAIRS)
     (root / "nonutf8.toml").write_bytes(b'models = ["caf\xe9"]\n')
+    (root / "good.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[datasets.prose]\nn_prompts = 2\n')
+    (root / "badexec.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\ncpus = 0\n[datasets.prose]\nn_prompts = 2\n')
+    (root / "badmem.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\nmemory = "lots"\n[datasets.prose]\nn_prompts = 2\n')
     (root / "afile").write_text("x")
     (root / "run" / "parts").mkdir(parents=True)
     return root
@@ -93,6 +96,21 @@ CASES = {
         (["sweep", "{files}/missing.toml", "--out", "{tmp}/run"], "does not exist"),
         (["sweep", "{files}/nonutf8.toml", "--out", "{tmp}/run"], "not valid TOML"),
         (["sweep", "{files}/pairs.jsonl", "--out", "{tmp}/run"], "not valid TOML"),
+        (["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--executor", "nope"], "unknown executor 'nope'"),
+        (["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--address", "127.0.0.1:6379"], "--address names a cluster"),
+        (["sweep", "{files}/badexec.toml", "--out", "{tmp}/run"], "[executor] cpus must be a number > 0"),
+        (["sweep", "{files}/badmem.toml", "--out", "{tmp}/run"], "[executor] memory must be bytes"),
+    ],
+    "cache": [
+        (["cache", *M, "--hooks", "q,nope", "--out", "{tmp}/s"], "unknown hook(s) nope"),
+        (["cache", *M, "--dtype", "int8", "--out", "{tmp}/s"], "unknown store dtype"),
+        (["cache", *M, "--model-dtype", "float8", "--out", "{tmp}/s"], "unknown dtype"),
+        (["cache", *M, "--shard-mb", "0", "--out", "{tmp}/s"], "--shard-mb: must be > 0"),
+        (["cache", *M, "--layers", "x", "--out", "{tmp}/s"], "--layers takes"),
+        (["cache", *M, "--layers", "7", "--out", "{tmp}/s"], "outside 0-2"),
+        (["cache", *M, "--dataset", "nope", "--out", "{tmp}/s"], "unknown dataset"),
+        (["cache", *M, "--n-prompts", "0", "--out", "{tmp}/s"], "--n-prompts: must be >= 1"),
+        (["cache", *M, "--out", "{files}/afile"], "is a file"),
     ],
     "query": [
         (["query", "", "--runs", "{files}/run"], "empty"),

@@ -41,7 +41,8 @@ whole), sets aside parts that are unreadable or that no current unit names (an e
 
 Units of the same (model, dataset) share one run of :func:`workbench.runner.run_probes` (one
 forward for all their pattern probes); :func:`run_group` is that step, the unit of work an
-executor schedules.
+executor schedules (:mod:`workbench.executors`: in this process, or as Ray tasks with the
+resources of an optional ``[executor]`` table: ``cpus``, ``gpus``, ``memory``, ``retries``).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
 
-TOP_KEYS = {"models", "probes", "datasets", "probe_params", "batch_size", "device", "dtype", "seed", "prepend_bos"}
+TOP_KEYS = {"models", "probes", "datasets", "probe_params", "batch_size", "device", "dtype", "seed", "prepend_bos", "executor"}
+EXECUTOR_KEYS = {"cpus", "gpus", "memory", "retries"}  # resources of one group's task (not in any unit's key)
 DATASET_KEYS = {"probes", "path", "dataset"}  # besides the dataset's own options
 KEY_FORMAT = 2
 MANIFEST = "run.json"
@@ -114,6 +116,7 @@ class SweepConfig:
     model_identity: dict[str, dict] = field(default_factory=dict)
     device_type: str = "cpu"
     probe_versions: dict[str, int] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)  # [executor]: cpus, gpus, memory (bytes), retries
 
     def units(self) -> list[Unit]:
         out = []
@@ -165,6 +168,43 @@ def _dataset_spec(path: Path, name: str, table: Any, probes: list[str], seed: in
     opts.setdefault("seed", seed)
     valid = validate_options(OPTIONS[generator], opts, f"[datasets.{name}]", noun="option")
     return DatasetSpec(name, generator, valid.model_dump(mode="json"), probes=only)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _executor_table(path: Path, table: Any) -> dict[str, Any]:
+    """``[executor]``: what one group's task asks of a cluster (the local executor ignores it).
+
+    ``cpus`` (> 0, default 1), ``gpus`` (>= 0, default 0), ``memory`` (bytes, or "16GB" / "8GiB"),
+    ``retries`` (whole >= 0, default 3: how often a task whose worker died is re-run)."""
+    if not isinstance(table, dict):
+        raise _fail(path, "[executor] must be a table", "e.g. [executor] with cpus = 4, gpus = 1, memory = \"16GB\"")
+    unknown = sorted(set(table) - EXECUTOR_KEYS)
+    if unknown:
+        raise _fail(path, f"[executor] unknown key(s) {', '.join(map(repr, unknown))}", f"allowed: {', '.join(sorted(EXECUTOR_KEYS))}")
+    out: dict[str, Any] = {}
+    for key, low, strict in (("cpus", 0, True), ("gpus", 0, False)):
+        if key in table:
+            v = table[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or (v <= low if strict else v < low) or v == float("inf"):
+                raise _fail(path, f"[executor] {key} must be a number {'>' if strict else '>='} {low}, got {v!r}", f"e.g. {key} = {1 if strict else 0}")
+            out[key] = v
+    if "retries" in table:
+        v = table["retries"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _fail(path, f"[executor] retries must be a whole number >= 0, got {v!r}", "e.g. retries = 3")
+        out["retries"] = v
+    if "memory" in table:
+        v = table["memory"]
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", v, re.I) if isinstance(v, str) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            out["memory"] = v
+        elif m and float(m.group(1)) > 0:
+            out["memory"] = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+        else:
+            raise _fail(path, f"[executor] memory must be bytes or a size such as \"16GB\", got {v!r}", 'e.g. memory = "16GB"')
+    return out
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -238,6 +278,7 @@ def load_config(path: str | Path) -> SweepConfig:
             raise _fail(path, f"[probe_params.{p}] {exc.message}", exc.fix or "") from None
         params[p] = options_dict(probe.options)
         versions[p] = int(getattr(probe, "version", 1))
+    executor = _executor_table(path, raw.get("executor", {}))
     identities = {}
     for m in dict.fromkeys(models):
         try:
@@ -245,7 +286,7 @@ def load_config(path: str | Path) -> SweepConfig:
         except WorkbenchError as exc:
             raise _fail(path, exc.message, exc.fix or "") from None
     return SweepConfig(list(dict.fromkeys(models)), probes, specs, params, batch_size, device, dtype, seed, prepend_bos, raw,
-                       identities, device_type, versions)
+                       identities, device_type, versions, executor)
 
 
 # -- the run folder ---------------------------------------------------------------------------
@@ -440,27 +481,30 @@ def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], N
     return cfg, folder, units, todo, moved
 
 
-def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every unit that has no sound part yet, in this process; returns a summary."""
-    from workbench.models import load_model
+def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print,
+              executor: str = "local", address: str | None = None) -> dict[str, Any]:
+    """Run every unit that has no sound part yet on ``executor`` (:mod:`workbench.executors`:
+    ``local``, in this process; ``ray``, as tasks on a cluster at ``address``); returns a summary."""
+    from workbench.executors import get_executor
 
+    runner = get_executor(executor, address=address)  # a missing package or cluster fails before anything is written
     cfg, folder, units, todo, moved = prepare(config_path, out_dir, log)
-    summary = {"units": len(units), "skipped": len(units) - len(todo), "ran": 0, "parts": str(folder.parts), **{f"set_aside_{k}": v for k, v in moved.items()}}
+    summary = {"units": len(units), "skipped": len(units) - len(todo), "ran": 0, "parts": str(folder.parts), "executor": executor,
+               **{f"set_aside_{k}": v for k, v in moved.items()}}
     overall = None
     if progress:
         from tqdm.auto import tqdm
 
         overall = tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit", file=sys.stderr)
-    current, model = None, None
+
+    def record(info: dict[str, Any]) -> None:
+        folder.record(info)
+        summary["ran"] += 1
+        if overall is not None:
+            overall.update(1)
+
     try:
-        for group in plan(cfg, todo):
-            if group[0].model != current:
-                model, current = load_model(group[0].model, device=cfg.device, dtype=cfg.dtype), group[0].model
-            for info in run_group(cfg, group, folder.parts, model=model, progress=progress, config_path=str(config_path)):
-                folder.record(info)
-                summary["ran"] += 1
-                if overall is not None:
-                    overall.update(1)
+        runner.run(cfg, plan(cfg, todo), folder.parts, record, config_path=str(config_path), progress=progress, log=log)
     finally:
         if overall is not None:
             overall.close()

@@ -6,6 +6,7 @@ module                      commands
 ``cli.probe``               ``probe``, ``probes``, ``models``, ``datasets``, ``dataset``
 ``cli.circuits``            ``patch``, ``task``, ``circuit``
 ``cli.runs``                ``sweep``, ``query``, ``report``
+``cli.store``               ``cache``
 ``cli.reinforce``           ``reinforce``
 ``cli.retrieval_ablation``  ``retrieval-ablation``
 ==========================  ==================================================================
@@ -24,11 +25,11 @@ import sys
 import warnings
 from typing import Sequence
 
-from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs
+from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs, store
 from workbench.cli.common import Parser, UsageError
 from workbench.errors import WorkbenchError, WorkbenchWarning
 
-COMMAND_GROUPS = (probe, circuits, runs, reinforce, retrieval_ablation)
+COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
 
 
