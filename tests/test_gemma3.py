@@ -349,3 +349,15 @@ def test_gemma3_ioi_path_patching_equals_serial(gemma3, gemma3_eager):
         for r in got.itertuples():
             assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4, (receivers, r)
         assert got.ld.std() > 1e-3
+
+
+def test_repeated_random_starts_like_text_unless_told(tiny_gemma, tiny_models):
+    """repeated-random starts with the tokenizer's default prefix (BOS for Gemma), with the offset
+    of the first random token moved to match; prepend_bos forces it either way."""
+    tok, bos = tiny_gemma.tokenizer, tiny_gemma.tokenizer.bos_token_id
+    p = make_dataset("repeated-random", n_prompts=1, tokenizer=tok, period=10)[0]
+    assert p.tokens[0] == bos and p.meta["offset"] == 1 and p.tokens[1:11] == p.tokens[11:21]
+    none = make_dataset("repeated-random", n_prompts=1, tokenizer=tok, period=10, prepend_bos=False)[0]
+    assert none.meta["offset"] == 0 and bos not in none.tokens
+    llama = make_dataset("repeated-random", n_prompts=1, tokenizer=tiny_models["llama"].tokenizer, period=10)[0]
+    assert llama.meta["offset"] == 0 and len(llama.tokens) == 20
