@@ -6,7 +6,10 @@
     python data/results/build_cross_model.py --bos-prompts runs/bos   # Gemma's BOS experiment (optional):
     workbench probe sink --model gemma3-270m --prompts runs/bos/bos-prose.jsonl --out runs/bos/gemma3-270m__bos-prose.parquet
     workbench probe sink --model gemma3-270m --prompts runs/bos/no-bos-prose.jsonl --out runs/bos/gemma3-270m__no-bos-prose.parquet
-    python data/results/build_cross_model.py runs/cross --ioi runs/ioi --bos runs/bos
+    workbench dataset niah --model gemma3-270m --context-len 8000 --depths 0,0.5,1 --n-prompts 3 --out runs/niah-long/niah-8k.jsonl
+    workbench probe retrieval --model gemma3-270m --prompts runs/niah-long/niah-8k.jsonl --param retrieval.max_new_tokens=20 \\
+        --out runs/niah-long/gemma3-270m__niah-8k.parquet          # and the same at 16000 (Gemma beyond the sweep's 4k)
+    python data/results/build_cross_model.py runs/cross --ioi runs/ioi --extra runs/bos --extra runs/niah-long
 
 The BOS experiment: the ``prose`` dataset's first 8 passages (seed 0) as Gemma token ids, once as its tokenizer
 gives them (BOS first) and once without the BOS, so the sink probe's "first token" is BOS or the first word.
@@ -14,8 +17,8 @@ gives them (BOS first) and once without the BOS, so the sink probe's "first toke
 One long table, one row per value:
 
 - ``kind = "head"``: every per-head row of the run (``layer``, ``head`` >= 0), plus the path-patching
-  effects on IOI (``dataset = "ioi"``, ``probe = "path_patching"``) and the BOS experiment's sinks
-  (``dataset`` ``bos-prose`` / ``no-bos-prose``) when their folders are given;
+  effects on IOI (``dataset = "ioi"``, ``probe = "path_patching"``) and the parts of ``workbench probe`` runs in
+  ``--extra`` folders (``dataset`` = the prompts file's name: ``bos-prose`` / ``no-bos-prose``, ``niah-8k``);
 - ``kind = "summary"``: per unit numbers with ``layer = head = -1``: the retrieval probe's ``accuracy``,
   ``n_counted`` and ``share_above_0.1`` per niah length, and IOI's ``ld_clean`` / ``ld_corrupted``
   (mean logit differences over the pairs) with ``n`` = pairs.
@@ -67,7 +70,7 @@ def _part_rows(path: Path, models: dict) -> list[pd.DataFrame]:
     heads = heads.assign(dataset=heads.dataset.str.removesuffix(".jsonl"))  # `--prompts bos-prose.jsonl` -> bos-prose
     out = [heads[keep].assign(kind="head")]
     summary = meta.get("summary") or {}
-    rows = [{"kind": "summary", "model": m["model"], "dataset": meta["dataset"]["name"], "probe": p["name"],
+    rows = [{"kind": "summary", "model": m["model"], "dataset": meta["dataset"]["name"].removesuffix(".jsonl"), "probe": p["name"],
              "metric": k, "layer": -1, "head": -1, "value": float(summary[k]), "n": summary.get("n_prompts")}
             for p in meta.get("probes", []) for k in SUMMARY_KEYS if k in summary]
     if rows:
@@ -99,11 +102,11 @@ def _ioi_rows(folder: Path, models: dict) -> list[pd.DataFrame]:
     return out
 
 
-def build(run: Path, ioi: Path | None = None, bos: Path | None = None) -> pd.DataFrame:
+def build(run: Path, ioi: Path | None = None, extra: list[Path] | None = None) -> pd.DataFrame:
     models: dict = {}
     frames = [f for p in sorted((run / "parts").glob("*.parquet")) for f in _part_rows(p, models)]
-    if bos is not None:
-        frames += [f for p in sorted(bos.glob("*.parquet")) for f in _part_rows(p, models)]
+    for folder in extra or []:
+        frames += [f for p in sorted(folder.glob("*.parquet")) for f in _part_rows(p, models)]
     if ioi is not None:
         frames += _ioi_rows(ioi, models)
     t = pd.concat(frames, ignore_index=True)
@@ -149,14 +152,14 @@ def main() -> None:
     ap.add_argument("run", type=Path, nargs="?", help="the sweep's output folder (runs/cross)")
     ap.add_argument("--bos-prompts", type=Path, help="only write the BOS experiment's two prompt files into this folder")
     ap.add_argument("--ioi", type=Path, help="folder with <model>__path.parquet from `workbench patch path`")
-    ap.add_argument("--bos", type=Path, help="folder with sink parts on prose with and without BOS")
+    ap.add_argument("--extra", type=Path, action="append", help="folder of `workbench probe` outputs to add (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("cross_model.parquet"))
     args = ap.parse_args()
     if args.bos_prompts:
         return write_bos_prompts(args.bos_prompts)
     if args.run is None:
         ap.error("give the sweep's output folder")
-    t = build(args.run, args.ioi, args.bos)
+    t = build(args.run, args.ioi, args.extra)
     t.to_parquet(args.out, index=False, compression="zstd")
     print(f"{len(t)} rows, {t.model.nunique()} models -> {args.out}")
 
