@@ -69,10 +69,11 @@ def _part_rows(path: Path, models: dict) -> list[pd.DataFrame]:
     keep = [c for c in ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"] if c in heads]
     heads = heads.assign(dataset=heads.dataset.str.removesuffix(".jsonl"))  # `--prompts bos-prose.jsonl` -> bos-prose
     out = [heads[keep].assign(kind="head")]
-    summary = meta.get("summary") or {}
-    rows = [{"kind": "summary", "model": m["model"], "dataset": meta["dataset"]["name"].removesuffix(".jsonl"), "probe": p["name"],
+    # a sweep part has one probe's "summary"; `workbench probe` writes "summaries" by probe
+    summaries = meta.get("summaries") or {p["name"]: meta.get("summary") or {} for p in meta.get("probes", [])}
+    rows = [{"kind": "summary", "model": m["model"], "dataset": meta["dataset"]["name"].removesuffix(".jsonl"), "probe": probe,
              "metric": k, "layer": -1, "head": -1, "value": float(summary[k]), "n": summary.get("n_prompts")}
-            for p in meta.get("probes", []) for k in SUMMARY_KEYS if k in summary]
+            for probe, summary in summaries.items() for k in SUMMARY_KEYS if k in summary]
     if rows:
         out.append(pd.DataFrame(rows))
     return out
