@@ -116,6 +116,8 @@ class Baseline:
     z_clean: dict[int, Tensor]
     z_corrupted: dict[int, Tensor]
     corrupted_components: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # filled on first use
+    pairs: list[Pair] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # per-engine records (e.g. the explicit graph's clean run)
 
     @property
     def denominator(self) -> float:
@@ -128,7 +130,14 @@ def baseline(model, pairs: Sequence[Pair]) -> Baseline:
     rc, rx = ZRecorder(), ZRecorder()
     ld_c = logit_diff(model, pb.clean, pb, observers=[rc])
     ld_x = logit_diff(model, pb.corrupted, pb, observers=[rx])
-    return Baseline(pb, ld_c, ld_x, rc.z, rx.z)
+    return Baseline(pb, ld_c, ld_x, rc.z, rx.z, pairs=list(pairs))
+
+
+def hooked_forward(model, batch: BatchInfo, observers: Sequence[object] = ()) -> None:
+    """One forward of the base network (no LM head) with the observers attached."""
+    with hooked_run(model.hf_model, *observers):
+        base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.positions.clamp_min(0), use_cache=False)
 
 
 class _VariantZPatcher:
@@ -330,12 +339,17 @@ def _record_components(model, base: Baseline, component: str) -> dict[int, Tenso
 
 
 def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Head] | None = None,
-                  receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0) -> pd.DataFrame:
+                  receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0,
+                  engine: str = "auto") -> pd.DataFrame:
     """Effect of each sender head on the receiver through paths that avoid every other head.
 
     ``receivers``: ``None`` for the logits, else ``(layer, head, which)`` with ``which`` in
     q / k / v (patched together when several are given). Every sender must sit in an earlier
     layer than every receiver.
+
+    ``engine``: ``"graph"`` computes only the read-out positions on the explicit graph
+    (:mod:`circuits.fastpath`, Llama-family models), ``"hooks"`` recomputes full forwards
+    through the attention hook (any architecture); ``"auto"`` takes the graph when it can.
     """
     base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
     recv = list(receivers or [])
@@ -352,6 +366,18 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     if late:
         raise WorkbenchError(f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
                              "receivers must be in later layers than all senders")
+    if engine not in ("auto", "graph", "hooks"):
+        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
+    g = None
+    if engine != "hooks":
+        from circuits.graph import ModelGraph, graph_for
+
+        g = graph_for(model) if engine == "auto" else ModelGraph(model)
+    if g is not None:
+        from circuits import fastpath
+
+        ld = fastpath.to_receivers(g, base, senders, recv, max_rows) if recv else fastpath.to_logits(g, base, senders)
+        return _path_frame(base, senders, ld, recv, n_boot)
     b = base.pb.size
     group = model.n_heads // model.n_kv_heads
     order = sorted(range(len(senders)), key=lambda i: senders[i])  # chunks of nearby layers fork late
@@ -384,6 +410,10 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
     senders = [senders[order.index(i)] for i in range(len(order))]
+    return _path_frame(base, senders, ld, recv, n_boot)
+
+
+def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_boot: int) -> pd.DataFrame:
     eff, lo, hi = _effects(base, ld, n_boot)
     out = pd.DataFrame({"layer": [s[0] for s in senders], "head": [s[1] for s in senders], "value": eff,
                         "ld": ld.double().mean(1).cpu().numpy(),
