@@ -159,7 +159,9 @@ def make_ablation(model, base, mode: str = "mean", reference: Sequence[Pair] | N
 class HeadAblator:
     """Attention-hook observer: ``m`` variants of the ``b`` clean rows stacked along the batch;
     ``masks[layer]`` is ``[m, head]``, True where that variant ablates that head (its z becomes
-    the ablation's value at every position)."""
+    the ablation's value at every position). Layers run on the ``b`` un-repeated rows (before
+    the variants fork, see :func:`circuits.patching._fork_at`) must ablate the same heads in
+    every variant; the first variant's mask is used there."""
 
     def __init__(self, abl: Ablation, m: int, b: int, masks: dict[int, Bool[Tensor, "m head"]]) -> None:
         self.abl, self.m, self.b, self.masks = abl, m, b, masks
@@ -168,7 +170,9 @@ class HeadAblator:
         mask = self.masks.get(call.layer)
         if mask is None or not bool(mask.any()):
             return z
-        zz = z.view(self.m, self.b, *z.shape[1:])
+        if z.shape[0] == self.b and self.m > 1:  # before the variants fork: they all ablate the same heads here
+            mask = mask[:1]
+        zz = z.view(mask.shape[0], self.b, *z.shape[1:])
         src = self.abl.z[call.layer].to(z.dtype).unsqueeze(0)
         return torch.where(mask[:, None, None, :, None], src, zz).reshape(z.shape)
 

@@ -225,11 +225,20 @@ def circuit_ld(g: ModelGraph, base, abl: Ablation, keep: Bool[Tensor, "downstrea
     for layer in range(g.L):
         n = g.n_before_attn(layer)
         i = g.q_input(layer, 0)
-        Dn = D[:n]
-        mix = lambda rows_: S.unsqueeze(2) + torch.einsum("hn,nbtd->bthd", K[rows_, :n], Dn)  # noqa: E731
-        xq = mix(slice(i, i + g.H))
-        xk = mix(slice(i + g.H, i + g.H + g.Hkv))
-        xv = mix(slice(i + g.H + g.Hkv, i + g.H + 2 * g.Hkv))
+
+        def mix(rows_: slice, n: int) -> Tensor:
+            """S + sum over kept writers u < n of D_u, for each input in ``rows_``: [B, T, inputs, d]."""
+            k = K[rows_, :n]
+            cols = torch.nonzero(k.any(0)).flatten()
+            out = S.unsqueeze(2).expand(B, T, k.shape[0], d)
+            if len(cols) == 0:
+                return out
+            got = k[:, cols] @ D.index_select(0, cols).view(len(cols), -1) if len(cols) < n else k @ D[:n].view(n, -1)
+            return out + got.view(k.shape[0], B, T, d).permute(1, 2, 0, 3)
+
+        xq = mix(slice(i, i + g.H), n)
+        xk = mix(slice(i + g.H, i + g.H + g.Hkv), n)
+        xv = mix(slice(i + g.H + g.Hkv, i + g.H + 2 * g.Hkv), n)
         q = g.q_of(layer, g.norm1(layer, xq), rows, split=True)
         k = g.kv_of(layer, g.norm1(layer, xk), rows, "k", split=True)
         v = g.kv_of(layer, g.norm1(layer, xv), rows, "v", split=True)
@@ -240,12 +249,13 @@ def circuit_ld(g: ModelGraph, base, abl: Ablation, keep: Bool[Tensor, "downstrea
         bo = g.layers[layer].bo
         if bo is not None:  # the output bias is no head's: always present
             S = S + bo
-        xm = S + torch.einsum("n,nbtd->btd", K[g.mlp_input(layer), : n + g.H], D[: n + g.H])
+        xm = mix(slice(g.mlp_input(layer), g.mlp_input(layer) + 1), n + g.H)[:, :, 0]
         mo = g.mlp(layer, xm)
         D[n + g.H] = mo - abl.mlp_out[layer]
         S = S + abl.mlp_out[layer]
     bi = torch.arange(B, device=pb.last.device)
-    final = S[bi, pb.last] + torch.einsum("n,nbd->bd", K[g.logits_input], D[:, bi, pb.last])
+    cols = torch.nonzero(K[g.logits_input]).flatten()
+    final = S[bi, pb.last] + torch.einsum("n,nbd->bd", K[g.logits_input, cols], D.index_select(0, cols)[:, bi, pb.last])
     return g.unembed_diff(final, pb.correct, pb.incorrect)
 
 

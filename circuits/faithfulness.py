@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from circuits.ablation import Ablation, HeadAblator, masks_for
-from circuits.patching import Baseline, _repeat, logit_diff
+from circuits.patching import Baseline, _fork_at, _repeat, logit_diff
 
 Head = tuple[int, int]
 
@@ -56,7 +56,12 @@ class Evaluator:
             chunk = todo[i : i + per]
             m = len(chunk)
             masks = masks_for(chunk, self.model.n_layers, self.model.n_heads, self.model.device)
-            ld = logit_diff(self.model, _repeat(self.base.pb.clean, m), self.base.pb, m, [HeadAblator(self.abl, m, b, masks)])
+            # the variants agree below the first layer where their ablated sets differ: run that prefix once
+            common = frozenset.intersection(*chunk)
+            fork = min((l for s in chunk for l, _ in s - common), default=self.model.n_layers)
+            with _fork_at(self.model, fork, m, b) as forked:
+                batch = self.base.pb.clean if forked else _repeat(self.base.pb.clean, m)
+                ld = logit_diff(self.model, batch, self.base.pb, m, [HeadAblator(self.abl, m, b, masks)])
             self.n_forwards += 1
             for key, row in zip(chunk, ld.view(m, b)):
                 self.per_prompt[key] = row

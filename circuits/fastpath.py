@@ -81,8 +81,12 @@ def to_logits(g: ModelGraph, base, senders: Sequence[Head], max_rows: int = 1 <<
 
 @torch.no_grad()
 def to_receivers(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequence[tuple[int, int, str]],
-                 max_rows: int = 512) -> Tensor:
-    """Patched LD ``[sender, prompt]`` of sender -> receiver q / k / v paths (patched together)."""
+                 max_rows: int = 512, positions: str = "all") -> Tensor:
+    """Patched LD ``[sender, prompt]`` of sender -> receiver q / k / v paths (patched together),
+    the receivers' inputs patched at every position, or with ``positions="last"`` at the
+    read-out position only (Wang et al.'s END)."""
+    if positions == "last":
+        return _to_receivers_last(g, base, senders, receivers)
     rc, rx = graph_records(g, base)
     pb = base.pb
     B = pb.size
@@ -131,3 +135,68 @@ def to_receivers(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequen
         ld = g.unembed_diff(g.read_out(hh, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
         out[chunk] = ld.view(m, B)
     return out
+
+
+@torch.no_grad()
+def _to_receivers_last(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequence[tuple[int, int, str]]) -> Tensor:
+    """Receivers patched at the read-out position only: both runs live at that one position.
+
+    Run 1 is :func:`to_logits` stopped at the receivers' layer. In run 2 only the read-out
+    position's residual changes (a patched query, key or value there is read by that position
+    alone, under the causal mask), so each later layer computes one query row against the
+    clean keys / values of the other positions: a decoding step per (sender, prompt)."""
+    rc, rx = graph_records(g, base)
+    pb = base.pb
+    B, S = pb.size, len(senders)
+    bi, last = torch.arange(B, device=pb.last.device), pb.last
+    rows = g.rows(pb.clean, pb.last)
+    first, top = min(r[0] for r in receivers), max(r[0] for r in receivers)
+    one = lambda t: t[bi, last][:, None]  # noqa: E731  [B, 1, ...] at the read-out position
+    cos, sin = one(rows.cos), one(rows.sin)
+    from circuits.graph import Rows
+
+    r1 = Rows(cos, sin, rows.mask[bi, :, last][:, :, None], torch.zeros_like(last))
+    # run 1: every sender's path to the receivers' layer, at the read-out position
+    h = rc["resid_pre"][0][bi, last].new_zeros(S, B, g.d)
+    started = torch.zeros(S, dtype=torch.bool)
+    got: dict[tuple[int, int, str], Tensor] = {}
+    for layer in range(min(s[0] for s in senders), top + 1):
+        new = [i for i, s in enumerate(senders) if s[0] == layer]
+        if new:
+            h[new] = rc["resid_pre"][layer][bi, last]
+            started[new] = True
+        here = [r for r in receivers if r[0] == layer]
+        if here:
+            normed = g.norm1(layer, h)[:, :, None]  # [S, B, 1, d]
+            for lr, hr, which in here:
+                if which == "q":
+                    got[(lr, hr, which)] = g.q_of(layer, normed, r1, heads=[hr])[:, :, 0, 0]
+                else:
+                    got[(lr, hr, which)] = g.kv_of(layer, normed, r1, which, heads=[hr // g.group])[:, :, 0, 0]
+        if layer == top:
+            break
+        h[started] += rc["attn_out"][layer][bi, last]
+        if new:
+            heads = [senders[i][1] for i in new]
+            dz = (rx["z"][layer] - rc["z"][layer])[bi, last][:, heads]
+            h[new] += g.head_out(layer, dz[:, None], heads)[:, 0].transpose(0, 1)
+        h[started] = h[started] + g.mlp(layer, h[started])
+    # run 2: clean run from the first receiver's layer, the read-out position recomputed alone
+    x = rc["resid_pre"][first][bi, last].expand(S, B, g.d).reshape(S * B, 1, g.d)
+    rm = Rows(cos.repeat(S, 1, 1, 1), sin.repeat(S, 1, 1, 1), rows.mask[bi, :, last][:, :, None].repeat(S, 1, 1, 1), None)
+    rr = torch.arange(S * B, device=x.device)
+    lastm = last.repeat(S)
+    for layer in range(first, g.L):
+        normed = g.norm1(layer, x)
+        q, k1, v1 = g.q_of(layer, normed, rm), g.kv_of(layer, normed, rm, "k"), g.kv_of(layer, normed, rm, "v")
+        for (lr, hr, which), val in got.items():
+            if lr == layer:
+                t = {"q": q, "k": k1, "v": v1}[which]
+                t[:, 0, hr if which == "q" else hr // g.group] = val.reshape(S * B, -1)
+        K = rc["k"][layer].repeat(S, 1, 1, 1)  # [S*B, T, kv, d]: clean keys / values of every position
+        V = rc["v"][layer].repeat(S, 1, 1, 1)
+        K[rr, lastm], V[rr, lastm] = k1[:, 0], v1[:, 0]
+        z = g.attend(layer, q, K, V, rm)
+        x = x + g.attn_out(layer, z)
+        x = x + g.mlp(layer, x)
+    return g.unembed_diff(x[:, 0], pb.correct.repeat(S), pb.incorrect.repeat(S)).view(S, B)

@@ -311,7 +311,8 @@ class ModelGraph:
         ``edit_qkv(layer, h, q, k, v) -> (q, k, v)`` and ``edit_z(layer, z) -> z`` edit a layer's
         attention; ``edit_mlp_in(layer, h_mid) -> x`` gives the MLP another input (the residual
         stream itself is unchanged); ``record`` (a dict) collects ``resid_pre``, ``resid_mid``,
-        ``z``, ``attn_out`` and ``mlp_out`` per layer (and ``resid_pre[L]``, the final residual).
+        ``k``, ``v`` (rotated keys and values as attention used them), ``z``, ``attn_out`` and
+        ``mlp_out`` per layer (and ``resid_pre[L]``, the final residual).
         """
         stop = self.L if stop is None else stop
         for layer in range(start, stop):
@@ -328,6 +329,8 @@ class ModelGraph:
             h = h + a
             m = self.mlp(layer, h if edit_mlp_in is None else edit_mlp_in(layer, h))
             if record is not None:
+                record.setdefault("k", {})[layer] = k
+                record.setdefault("v", {})[layer] = v
                 record.setdefault("z", {})[layer] = z
                 record.setdefault("attn_out", {})[layer] = a
                 record.setdefault("resid_mid", {})[layer] = h

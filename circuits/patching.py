@@ -166,10 +166,11 @@ class _VariantZPatcher:
 
 
 class _QKVPatcher:
-    """q / k / v edits for stacked variants: values[layer] = (which, head, tensor [m*b, T, d])."""
+    """q / k / v edits for stacked variants: values[layer] = (which, head, tensor [m*b, T, d]);
+    with ``last`` (``[m*b]``) only each row's read-out position is patched."""
 
-    def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]]) -> None:
-        self.patches = patches
+    def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]], last: Tensor | None = None) -> None:
+        self.patches, self.last = patches, last
 
     def edit_qkv(self, call: AttentionCall):
         q, k, v = call.query, call.key, call.value
@@ -178,7 +179,12 @@ class _QKVPatcher:
             return q, k, v
         q, k, v = q.clone(), k.clone(), v.clone()
         for which, idx, value in todo:
-            {"q": q, "k": k, "v": v}[which][:, idx] = value
+            t = {"q": q, "k": k, "v": v}[which]
+            if self.last is None:
+                t[:, idx] = value
+            else:
+                r = torch.arange(t.shape[0], device=t.device)
+                t[r, idx, self.last] = value[r, self.last]
         return q, k, v
 
 
@@ -340,12 +346,15 @@ def _record_components(model, base: Baseline, component: str) -> dict[int, Tenso
 
 def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Head] | None = None,
                   receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0,
-                  engine: str = "auto") -> pd.DataFrame:
+                  engine: str = "auto", positions: str = "all") -> pd.DataFrame:
     """Effect of each sender head on the receiver through paths that avoid every other head.
 
     ``receivers``: ``None`` for the logits, else ``(layer, head, which)`` with ``which`` in
     q / k / v (patched together when several are given). Every sender must sit in an earlier
     layer than every receiver.
+
+    ``positions``: where receivers' q / k / v are patched: ``"all"`` positions, or ``"last"``
+    (the read-out position only, as Wang et al. patch the name movers' queries at END).
 
     ``engine``: ``"graph"`` computes only the read-out positions on the explicit graph
     (:mod:`circuits.fastpath`, Llama-family models), ``"hooks"`` recomputes full forwards
@@ -368,6 +377,8 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
                              "receivers must be in later layers than all senders")
     if engine not in ("auto", "graph", "hooks"):
         raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
+    if positions not in ("all", "last"):
+        raise WorkbenchError(f"unknown receiver positions {positions!r}", "use all or last")
     g = None
     if engine != "hooks":
         from circuits.graph import ModelGraph, graph_for
@@ -376,7 +387,7 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     if g is not None:
         from circuits import fastpath
 
-        ld = fastpath.to_receivers(g, base, senders, recv, max_rows) if recv else fastpath.to_logits(g, base, senders)
+        ld = fastpath.to_receivers(g, base, senders, recv, max_rows, positions) if recv else fastpath.to_logits(g, base, senders)
         return _path_frame(base, senders, ld, recv, n_boot)
     b = base.pb.size
     group = model.n_heads // model.n_kv_heads
@@ -406,7 +417,7 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
             patches.setdefault(l, []).append((which, idx, src))
         with _fork_at(model, first_recv, m, b) as forked:
             batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
-            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches)]))
+            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)]))
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
     senders = [senders[order.index(i)] for i in range(len(order))]

@@ -125,7 +125,7 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
     return scores, output
 
 
-def serial_path_patching(source, pairs, senders, receivers=None):
+def serial_path_patching(source, pairs, senders, receivers=None, last_only=False):
     """Path patching the plain way: a plain HF Llama, one sender at a time, explicit runs with
     forward hooks on o_proj (head outputs) and q/k/v_proj (receiver inputs). Returns the mean
     patched logit difference per sender and the clean / corrupted means."""
@@ -194,7 +194,8 @@ def serial_path_patching(source, pairs, senders, receivers=None):
                         if rl == l and rw == which:
                             idx = rh if which == "q" else rh // (H // Hkv)
                             out = out.clone()
-                            out[..., idx * d : (idx + 1) * d] = rec[(l, which)][..., idx * d : (idx + 1) * d]
+                            at = slice(-1, None) if last_only else slice(None)  # the read-out position, or all
+                            out[:, at, idx * d : (idx + 1) * d] = rec[(l, which)][:, at, idx * d : (idx + 1) * d]
                     return out
 
                 lp = run(p.clean, qkv_edit=patch)

@@ -71,14 +71,15 @@ def test_head_ablation_equals_hand_written_o_proj_hooks(llama, hf_llama, setup, 
     pairs, ref, base = setup
     abl = make_ablation(llama, base, mode, reference=ref, seed=3)
     ev = Evaluator(llama, base, abl, max_rows=8)  # several stacked variants per forward
-    sets = [{(0, 1), (1, 0), (2, 3)}, {(1, 2)}, set(ev.all)]
+    sets = [{(0, 1), (1, 0), (2, 3)}, {(0, 1), (1, 0), (2, 1)}, {(1, 2)}, set(ev.all)]
+    ev.lds(sets[:2])  # these two agree below layer 2: computed once up to there, then forked
     ev.lds(sets)
     for b, p in enumerate(pairs):
         z_rep = _replacement_z(hf_llama, mode, b, p, ref, abl.sources)
         for s in sets:
             want = reference_head_ablation_ld(hf_llama, p, s, z_rep)
             assert abs(float(ev.per_prompt[frozenset(s)][b]) - want) < 1e-4, (mode, b, s)
-    moved = max(abs(float(ev.per_prompt[frozenset(sets[2])][b] - base.ld_clean[b])) for b in range(len(pairs)))
+    moved = max(abs(float(ev.per_prompt[frozenset(sets[3])][b] - base.ld_clean[b])) for b in range(len(pairs)))
     assert moved > 1e-3, "ablating every head must change the LD for the test to mean anything"
 
 
@@ -157,22 +158,27 @@ def test_graph_forward_equals_the_model(llama, tiny_models):
     assert graph_for(tiny_models["gpt2"]) is None
 
 
-@pytest.mark.parametrize("receivers", [None, [(2, 1, "q")], [(2, 3, "k"), (2, 3, "v")], [(1, 0, "q"), (2, 2, "v")]])
-def test_read_out_positions_path_patching_equals_full_recomputation(llama, receivers):
+@pytest.mark.parametrize("receivers,positions", [
+    (None, "all"), ([(2, 1, "q")], "all"), ([(2, 3, "k"), (2, 3, "v")], "all"), ([(1, 0, "q"), (2, 2, "v")], "all"),
+    ([(2, 1, "q")], "last"), ([(2, 3, "k"), (2, 0, "v")], "last"), ([(1, 0, "q"), (2, 2, "v")], "last")])
+def test_read_out_positions_path_patching_equals_full_recomputation(llama, receivers, positions):
     """The fast engine (read-out positions only, no attention between sender and receiver)
     against full forwards through the attention hook and the serial plain-HF loop."""
     from tests.test_patching import tiny_pairs
 
-    pairs = tiny_pairs(llama, n=4, seed=2)
+    pairs = tiny_pairs(llama, n=4, seed=2)  # unequal lengths: the read-out position differs per row
     base = baseline(llama, pairs)
     first = min((r[0] for r in receivers or []), default=llama.n_layers)
     senders = [(l, h) for l in range(first) for h in range(llama.n_heads)]
-    fast = path_patching(llama, base, senders=senders, receivers=receivers, engine="graph", max_rows=8)
-    full = path_patching(llama, base, senders=senders, receivers=receivers, engine="hooks", max_rows=8)
+    fast = path_patching(llama, base, senders=senders, receivers=receivers, engine="graph", max_rows=8, positions=positions)
+    full = path_patching(llama, base, senders=senders, receivers=receivers, engine="hooks", max_rows=8, positions=positions)
     assert (fast.ld - full.ld).abs().max() < 1e-5
     assert (fast.value - full.value).abs().max() < 1e-4
-    assert fast.ld.std() > 1e-3
-    want, _, _ = serial_path_patching(llama.source, pairs, senders[:3], receivers)
+    assert fast.ld.std() > 1e-4
+    if positions == "last" and first < llama.n_layers - 1:  # in the last layer only the read-out query matters anyway
+        every = path_patching(llama, base, senders=senders, receivers=receivers, engine="graph", positions="all")
+        assert (every.ld - fast.ld).abs().max() > 1e-6, "patching one position must differ from patching all"
+    want, _, _ = serial_path_patching(llama.source, pairs, senders[:3], receivers, last_only=positions == "last")
     for r in fast.head(3).itertuples():
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
 
@@ -319,3 +325,34 @@ def test_pruning_dead_edges_changes_nothing(edge_setup):
     for v in range(g.n_downstream - 1):
         if pruned[v].any():
             assert any(bool(live[o]) for o in _owners(g, v)), g.downstream_name(v)
+
+
+def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
+    import json
+
+    from workbench.cli import main
+    from workbench.results import read_parquet
+
+    out = tmp_path / "circ"
+    assert main(["circuit", "--model", "tiny-llama", "--task", "ioi", "--n-prompts", "4", "--reference-prompts", "16", "--heldout", "4",
+                 "--validate-edges", "10", "--greedy-steps", "2", "--completeness-random", "2", "--minimality-random", "2",
+                 "--ig-steps", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "per template position" in text and "Spearman" in text and "completeness" in text
+    doc = json.loads((out / "ioi" / "circuit.json").read_text())
+    assert doc["ablation"]["mode"] == "mean" and doc["target"] == 0.8
+    hc = doc["head_circuit"]
+    assert {"faithfulness", "completeness", "minimality", "heldout", "heads"} <= set(hc)
+    assert len(doc["curves"]["heads"]) > 3 and doc["curves"]["heads"][-1]["faithfulness"] == 1.0
+    assert doc["curves"]["edges"][-1]["faithfulness"] > 0.999
+    assert set(doc["edge_validation"]["spearman"]) == {"eap", "eap-ig2"}
+    nodes, _ = read_parquet(out / "ioi" / "nodes.parquet")
+    assert len(nodes) == len(hc["heads"]) and "role" in nodes
+    scores, _ = read_parquet(out / "ioi" / "edge_scores.parquet")
+    assert len(scores) == doc["graph"]["n_edges"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    rc = main(["circuit", "--model", "tiny-gpt2", "--task", "ioi", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "Llama-family" in capsys.readouterr().err
+    rc = main(["circuit", "--model", "tiny-llama", "--ablation", "median", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "unknown ablation" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -53,7 +53,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
         df = activation_patching(model, base, component=args.component, per_position=args.per_position, n_boot=args.bootstrap, max_rows=args.max_rows)
         metric = f"activation_{args.component}"
     elif args.kind == "path":
-        df = path_patching(model, base, receivers=receivers, n_boot=args.bootstrap, max_rows=args.max_rows)
+        df = path_patching(model, base, receivers=receivers, n_boot=args.bootstrap, max_rows=args.max_rows, engine=args.engine,
+                           positions=args.receiver_positions)
         metric = "path_" + ("logits" if not receivers else "qkv")
     else:
         df = attribution_patching(model, base)
@@ -68,7 +69,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
     meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_pairs": len(pairs), "seed": args.seed,
                         "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())},
-                        config={"kind": args.kind, "component": args.component, "receivers": args.receivers, "bootstrap": args.bootstrap}, summary=extra, command=sys.argv)
+                        config={"kind": args.kind, "component": args.component, "receivers": args.receivers, "bootstrap": args.bootstrap,
+                                "receiver_positions": args.receiver_positions, "engine": args.engine}, summary=extra, command=sys.argv)
     write_parquet(df, args.out, meta)
     print(f"LD clean {float(base.ld_clean.mean()):.3f}, corrupted {float(base.ld_corrupted.mean()):.3f} over {len(pairs)} pairs")
     cols = [c for c in ("layer", "head", "position", "value", "ci_low", "ci_high") if c in df.columns]
@@ -231,6 +233,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pa.add_argument("--n-prompts", type=int, help="pairs to use (default 16)")
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--receivers", help="path patching receivers: LAYER.HEAD[.q|k|v], comma list (default: the logits)")
+    pa.add_argument("--receiver-positions", default="all", choices=["all", "last"],
+                    help="path patching: patch the receivers' q/k/v at every position, or at the read-out position only (Wang et al.'s END)")
+    pa.add_argument("--engine", default="auto", choices=["auto", "graph", "hooks"],
+                    help="path patching: graph = read-out positions only on the explicit graph (Llama family), hooks = full forwards (any model)")
     pa.add_argument("--component", default="z", help="activation patching: z (per head), resid_pre, attn_out or mlp_out")
     pa.add_argument("--per-position", action="store_true")
     pa.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples over prompts for 95%% CIs")
