@@ -189,7 +189,12 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
                              "use a task the model solves (clean LD clearly above the corrupted one), or check the answer tokens")
     abl = make_ablation(model, base, ablation, reference, seed, graph=g)
     lap("baseline_and_ablation")
-    log(f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs; ablation: {abl.describe()}")
+    solved = float((base.ld_clean > 0).float().mean())
+    log(f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs (correct answer preferred in {solved:.0%}); "
+        f"ablation: {abl.describe()}")
+    if solved < 0.8:
+        log(f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; a faithfulness ratio to so small "
+            "a behaviour is not meaningful")
     eap = edge_attribution(g, base, abl, "eap")
     lap("eap")
     ig = edge_attribution(g, base, abl, "eap-ig", steps)
@@ -269,7 +274,7 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
     nodes["feeds"] = [",".join(feeds.get(x, [])) for x in circuit]
     nodes = nodes.sort_values(["layer", "head"]).reset_index(drop=True)
     info = {
-        "n_pairs": len(pairs), "n_reference": abl.n_reference, "ld_clean": ld_clean, "ld_corrupted": ld_corr,
+        "n_pairs": len(pairs), "n_reference": abl.n_reference, "ld_clean": ld_clean, "ld_corrupted": ld_corr, "share_correct": solved,
         "ablation": {"mode": abl.mode, "detail": abl.describe()}, "target": target, "method": main.method,
         "graph": {"n_edges": g.n_edges, "n_upstream": g.n_upstream, "n_downstream": g.n_downstream},
         "edge_validation": validation,

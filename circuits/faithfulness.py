@@ -27,7 +27,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
 from circuits.ablation import Ablation, HeadAblator, masks_for
@@ -77,14 +76,21 @@ class Evaluator:
         return self.cache[frozenset()]
 
 
-def faithfulness(ev: Evaluator, heads: Iterable[Head]) -> dict:
-    """F(C), F(M), F(empty), F(C)/F(M) and the normalised faithfulness, with the ablation named."""
+def faithfulness(ev: Evaluator, heads: Iterable[Head], n_boot: int = 1000, seed: int = 0) -> dict:
+    """F(C), F(M), F(empty), F(C)/F(M) and the normalised faithfulness, with the ablation named;
+    ``ci95``: a bootstrap over prompts of F(C)/F(M) (prompts resampled, both means recomputed)."""
     heads = set(map(tuple, heads))
     f_c, f_none = ev.lds([ev.all - heads, ev.all])
     f_m = ev.ld_clean
-    return {"ablation": ev.abl.mode, "ablation_detail": ev.abl.describe(), "n_heads": len(heads),
+    c = ev.per_prompt[frozenset(ev.all - heads)].double().cpu().numpy()
+    m = ev.base.ld_clean.double().cpu().numpy()
+    idx = np.random.default_rng(seed).integers(0, len(m), size=(n_boot, len(m)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = c[idx].mean(1) / m[idx].mean(1)
+    return {"ablation": ev.abl.mode, "ablation_detail": ev.abl.describe(), "n_heads": len(heads), "n_pairs": len(m),
             "ld_clean": f_m, "ld_circuit": f_c, "ld_all_heads_ablated": f_none,
             "faithfulness": f_c / f_m if abs(f_m) > 1e-9 else float("nan"),
+            "ci95": [float(np.nanpercentile(boots, 2.5)), float(np.nanpercentile(boots, 97.5))] if n_boot else None,
             "normalized_faithfulness": (f_c - f_none) / (f_m - f_none) if abs(f_m - f_none) > 1e-9 else float("nan")}
 
 

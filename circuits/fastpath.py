@@ -44,6 +44,21 @@ def graph_records(g: ModelGraph, base) -> tuple[dict, dict]:
     return base.cache[key]
 
 
+def graph_baseline(g: ModelGraph, model, pairs):
+    """A :class:`~circuits.patching.Baseline` from the graph's own clean and corrupted runs
+    (the attention-hook runs of :func:`~circuits.patching.baseline` would repeat them)."""
+    from circuits.patching import Baseline, pair_batch
+
+    pb = pair_batch(model, pairs)
+    rc, rx = {}, {}
+    with torch.no_grad():
+        ld_c = g.logit_diff(pb.clean, pb.last, pb.correct, pb.incorrect, record=rc)
+        ld_x = g.logit_diff(pb.corrupted, pb.last, pb.correct, pb.incorrect, record=rx)
+    base = Baseline(pb, ld_c, ld_x, rc["z"], rx["z"], pairs=list(pairs))
+    base.cache[("graph", id(g))] = (rc, rx)
+    return base
+
+
 def _chunks_by_layer(senders: Sequence[Head], per_chunk: int) -> list[list[int]]:
     order = sorted(range(len(senders)), key=lambda i: senders[i])
     return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]

@@ -228,9 +228,6 @@ class ModelGraph:
     def n_edges(self) -> int:
         return int(sum(self.n_readable(v) for v in range(self.n_downstream)))
 
-    def upstream_of_head(self, layer: int, head: int) -> int:
-        return self.head_node(layer, head)
-
     # -- pieces of the forward ----------------------------------------------------------------
     def rows(self, batch: BatchInfo, last: Tensor) -> Rows:
         pos = batch.positions.clamp_min(0)

@@ -360,7 +360,21 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     (:mod:`circuits.fastpath`, Llama-family models), ``"hooks"`` recomputes full forwards
     through the attention hook (any architecture); ``"auto"`` takes the graph when it can.
     """
-    base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
+    if engine not in ("auto", "graph", "hooks"):
+        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
+    g = None
+    if engine != "hooks":
+        from circuits.graph import ModelGraph, graph_for
+
+        g = graph_for(model) if engine == "auto" else ModelGraph(model)
+    if isinstance(pairs, Baseline):
+        base = pairs
+    elif g is not None:
+        from circuits.fastpath import graph_baseline
+
+        base = graph_baseline(g, model, pairs)  # the clean / corrupted runs once, on the graph
+    else:
+        base = baseline(model, pairs)
     recv = list(receivers or [])
     for l, h, which in recv:
         if which not in ("q", "k", "v") or not (0 <= l < model.n_layers and 0 <= h < model.n_heads):
@@ -375,15 +389,8 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     if late:
         raise WorkbenchError(f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
                              "receivers must be in later layers than all senders")
-    if engine not in ("auto", "graph", "hooks"):
-        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
     if positions not in ("all", "last"):
         raise WorkbenchError(f"unknown receiver positions {positions!r}", "use all or last")
-    g = None
-    if engine != "hooks":
-        from circuits.graph import ModelGraph, graph_for
-
-        g = graph_for(model) if engine == "auto" else ModelGraph(model)
     if g is not None:
         from circuits import fastpath
 

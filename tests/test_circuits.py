@@ -108,6 +108,8 @@ def test_faithfulness_completeness_minimality_follow_their_definitions(llama, se
     assert f["ld_clean"] == pytest.approx(float(base.ld_clean.mean()))
     assert f["faithfulness"] == pytest.approx(F(C) / f["ld_clean"])
     assert f["ld_all_heads_ablated"] == pytest.approx(F([]))
+    lo, hi = f["ci95"]
+    assert lo <= f["faithfulness"] <= hi and hi > lo
     assert faithfulness(ev, ev.all)["faithfulness"] == pytest.approx(1.0)
     comp = completeness(ev, C, n_random=5, greedy_steps=2, seed=1)
     M = ev.all
@@ -356,3 +358,33 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     rc = main(["circuit", "--model", "tiny-llama", "--ablation", "median", "--out", str(tmp_path / "x")])
     assert rc == 2 and "unknown ablation" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.smollm2
+def test_smollm2_graph_ablation_and_edge_circuit(smollm2):
+    """On the real model: the explicit graph equals the transformers forward, mean ablation
+    equals the hand-written o_proj-hook recomputation, and removing a circuit's out-edges at
+    edge level equals ablating its heads through the attention hook."""
+    from circuits.tasks import make_task
+
+    pairs, ref = make_task("ioi", smollm2.tokenizer, n=3, seed=1), make_task("ioi", smollm2.tokenizer, n=16, seed=2)
+    base = baseline(smollm2, pairs)
+    g = ModelGraph(smollm2)
+    with torch.no_grad():
+        ld = g.logit_diff(base.pb.clean, base.pb.last, base.pb.correct, base.pb.incorrect)
+    assert (ld - base.ld_clean).abs().max() < 1e-4
+    abl = make_ablation(smollm2, base, "mean", ref, graph=g)
+    ev = Evaluator(smollm2, base, abl)
+    circuit = [(23, 3), (29, 1), (17, 4), (5, 6), (16, 0), (8, 1), (8, 0)]
+    outside = ev.all - set(circuit)
+    ev.lds([outside])
+    hf = eager_model(smollm2.source)
+    for b, p in enumerate(pairs[:2]):
+        members = [r for r in ref if r.meta["template"] == p.meta["template"] and len(r.corrupted) == len(p.clean)]
+        zs = [reference_outputs(hf, r.corrupted)["z"] for r in members]
+        z_rep = {l: sum(z[l] for z in zs) / len(zs) for l in zs[0]}
+        assert abs(float(ev.per_prompt[frozenset(outside)][b]) - reference_head_ablation_ld(hf, p, outside, z_rep)) < 1e-3
+    keep = g.edge_mask().clone()
+    for l, h in outside:
+        keep[:, g.head_node(l, h)] = False
+    assert (circuit_ld(g, base, abl, keep) - ev.per_prompt[frozenset(outside)]).abs().max() < 1e-4

@@ -82,11 +82,12 @@ def cmd_patch(args: argparse.Namespace) -> int:
 def _print_report(task: str, rep) -> None:
     info = rep.info
     hc, ec = info["head_circuit"], info["edge_circuit"]
+    ci = lambda f: f" [95% CI {f['ci95'][0]:.2f}-{f['ci95'][1]:.2f}]" if f.get("ci95") else ""  # noqa: E731
     print(f"{task}: head circuit ({hc['ablation']} ablation, target F >= {info['target']}): {len(rep.heads)} heads, "
-          f"F(C)/F(M) = {hc['faithfulness']:.3f} (LD {hc['ld_circuit']:.2f} of {hc['ld_clean']:.2f}; every head ablated "
+          f"F(C)/F(M) = {hc['faithfulness']:.3f}{ci(hc)} (LD {hc['ld_circuit']:.2f} of {hc['ld_clean']:.2f}; every head ablated "
           f"{hc['ld_all_heads_ablated']:.2f})" + ("" if hc["reached_target"] else "  [target NOT reached: best size on the curve]"))
     if "heldout" in hc:
-        print(f"{task}: on {hc['heldout']['n_pairs']} held-out pairs F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}")
+        print(f"{task}: on {hc['heldout']['n_pairs']} held-out pairs F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}{ci(hc['heldout'])}")
     c = hc["completeness"]
     print(f"{task}: completeness max |F(C\\K) - F(M\\K)| = {c['max_score']:.3f} ({c['max_relative']:.1%} of F(M)); "
           f"random K mean {c['random_mean_relative']:.1%}; greedy max {c['greedy_max_relative']:.1%}")
