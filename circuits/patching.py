@@ -1,4 +1,4 @@
-"""Activation, path and attribution patching per head, batched (metrics.md section 6).
+"""Activation, path and attribution patching per head, batched (docs/metrics.md, "Circuits").
 
 Every experiment compares a clean prompt x with a corrupted x' of the same length. The metric is
 the logit difference LD = logit(correct) - logit(incorrect) at the last position, and effects
@@ -254,10 +254,6 @@ def _effects(base: Baseline, ld: Tensor, n_boot: int, seed: int = 0) -> tuple[np
         return eff, np.nanpercentile(boots, 2.5, axis=1), np.nanpercentile(boots, 97.5, axis=1)
 
 
-def _rows_per_variant(base: Baseline) -> int:
-    return base.pb.size
-
-
 def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str = "z", per_position: bool = False,
                         heads: Sequence[Head] | None = None, max_rows: int = 512, n_boot: int = 0) -> pd.DataFrame:
     """Patch one head (or one layer component) at a time from the corrupted run into the clean run.
@@ -490,7 +486,8 @@ def attribution_patching(model, pairs: Sequence[Pair] | Baseline) -> pd.DataFram
     rows = []
     for layer in range(model.n_layers):
         z = rec.z[layer]
-        est = (z.grad * (base.z_corrupted[layer] - z.detach())).sum((0, 1, 3)) / base.pb.size  # [H]
+        # the gradient of the mean LD already carries 1/N: the sum over pairs is the mean estimate
+        est = (z.grad * (base.z_corrupted[layer] - z.detach())).sum((0, 1, 3))  # [H]
         for h in range(model.n_heads):
             rows.append({"layer": layer, "head": h, "value": float(est[h]) / base.denominator})
     return pd.DataFrame(rows)

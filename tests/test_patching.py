@@ -103,6 +103,67 @@ def test_attribution_patching_tracks_exact_patching(tiny_models):
     assert all(p.requires_grad for p in model.hf_model.parameters())
 
 
+def _plain_attribution(source, pairs) -> dict:
+    """Attribution patching from its definition, one pair at a time on a plain eager HF model:
+    dLD/dz . (z_corrupted - z_clean) summed over positions and the head's dimensions, averaged
+    over pairs, divided by (mean LD_clean - mean LD_corrupted). z is o_proj's input."""
+    from tests.reference import eager_model
+
+    hf = eager_model(source)
+    cfg = hf.config
+    H, d = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    est, ld_c, ld_x = {}, [], []
+    for pair in pairs:
+        zs = {}
+
+        def record(l):
+            def hook(mod, args):
+                zs[l] = args[0].detach()
+            return hook
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(record(l)) for l, layer in enumerate(hf.model.layers)]
+        with torch.no_grad():
+            lx = hf(torch.tensor([pair.corrupted])).logits[0, -1]
+        for h in hooks:
+            h.remove()
+        z_corr, leaves = dict(zs), {}
+
+        def keep(l):
+            def hook(mod, args):  # the total derivative: z stays in the graph, its grad retained
+                args[0].retain_grad()
+                leaves[l] = args[0]
+            return hook
+        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(keep(l)) for l, layer in enumerate(hf.model.layers)]
+        hooks.append(hf.get_input_embeddings().register_forward_hook(lambda mod, a, out: out.requires_grad_(True)))
+        lc = hf(torch.tensor([pair.clean])).logits[0, -1]
+        ld = lc[pair.correct] - lc[pair.incorrect]
+        ld.backward()
+        for h in hooks:
+            h.remove()
+        ld_c.append(float(ld.detach()))
+        ld_x.append(float(lx[pair.correct] - lx[pair.incorrect]))
+        for l, z in leaves.items():
+            g = (z.grad * (z_corr[l] - z.detach()))[0].reshape(-1, H, d).sum((0, 2))
+            for h in range(H):
+                est[(l, h)] = est.get((l, h), 0.0) + float(g[h]) / len(pairs)
+    denom = sum(ld_c) / len(ld_c) - sum(ld_x) / len(ld_x)
+    return {k: v / denom for k, v in est.items()}
+
+
+def test_attribution_patching_equals_its_definition(tiny_models):
+    """Per head, the batched estimate (padded pairs of unequal lengths, one backward) equals the
+    first-order formula computed pair by pair with plain autograd."""
+    model = tiny_models["llama"]
+    pairs = tiny_pairs(model, n=5, seed=3)
+    got = attribution_patching(model, pairs)
+    want = _plain_attribution(model.source, pairs)
+    scale = max(abs(v) for v in want.values())
+    assert scale > 1e-3
+    for r in got.itertuples():
+        assert abs(r.value - want[(r.layer, r.head)]) < 1e-4 * max(1.0, scale), (r.layer, r.head, r.value, want[(r.layer, r.head)])
+
+
 def test_bad_patching_input(tiny_models, tmp_path):
     model = tiny_models["llama"]
     pairs = tiny_pairs(model)
