@@ -196,4 +196,5 @@ def minimality(ev: Evaluator, circuit: Sequence[Head], n_random: int = 10, seed:
                 best, best_k = s, K
         rows.append({"layer": v[0], "head": v[1], "score_alone": alone, "score": best, "K": sorted(best_k),
                      "relative": best / f_c if abs(f_c) > 1e-9 else float("nan")})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=["layer", "head", "score_alone", "score", "K", "relative"])  # columns even when C is empty
+    return frame.astype({"layer": "int64", "head": "int64", "score_alone": "float64", "score": "float64", "relative": "float64"})

@@ -2,6 +2,7 @@
 scores and edge circuits, each against a slow recomputation from the definition."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -128,6 +129,10 @@ def test_faithfulness_completeness_minimality_follow_their_definitions(llama, se
         K = set(map(tuple, r.K))
         assert v not in K and r.score == pytest.approx(abs(F(set(C) - K - {v}) - F(set(C) - K))) and r.score >= r.score_alone - 1e-12
     assert mini.score.max() > 1e-4
+    # an empty circuit (the target met with every head ablated) is a result, not a crash
+    empty = minimality(ev, [], n_random=2)
+    assert empty.empty and {"layer", "head", "score_alone", "score", "relative"} <= set(empty.columns)
+    assert completeness(ev, [], n_random=2, greedy_steps=2)["records"][0]["score"] == pytest.approx(abs(F([]) - F(M)))
 
 
 def test_head_curve_finds_the_smallest_prefix_and_pruning_keeps_the_target(llama, setup):
@@ -329,6 +334,26 @@ def test_pruning_dead_edges_changes_nothing(edge_setup):
             assert any(bool(live[o]) for o in _owners(g, v)), g.downstream_name(v)
 
 
+def word_pairs_file(path, n: int, seed: int):
+    """IOI-shaped pairs in two templates from words the tiny word-level vocabulary knows (the
+    IOI task's names are not in it), with their template, as a --pairs JSONL file."""
+    from workbench.models import load_model
+
+    tok = load_model("tiny-llama").tokenizer
+    vocab = tok.get_vocab()
+    words = [w for w in sorted(vocab, key=vocab.get) if w.isalpha() and w.islower() and len(w) > 3][:40]
+    templates = ["{a} and {b} went to the {c} , then {s} gave a book to", "when {a} and {b} saw the {c} , {s} said that"]
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        a, b, c, d = rng.sample(words, 4)
+        t = templates[i % 2]
+        lines.append(json.dumps({"id": f"w{seed}-{i}", "template": i % 2, "clean": t.format(a=a, b=b, c=c, s=b),
+                                 "corrupted": t.format(a=a, b=b, c=c, s=d), "correct": " " + a, "incorrect": " " + b}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     import json
 
@@ -336,21 +361,24 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     from workbench.results import read_parquet
 
     out = tmp_path / "circ"
-    assert main(["circuit", "--model", "tiny-llama", "--task", "ioi", "--n-prompts", "4", "--reference-prompts", "16", "--heldout", "4",
+    pairs, ref = word_pairs_file(tmp_path / "pairs.jsonl", 6, seed=2), word_pairs_file(tmp_path / "ref.jsonl", 16, seed=1)
+    assert main(["circuit", "--model", "tiny-llama", "--pairs", str(pairs), "--reference-pairs", str(ref), "--n-prompts", "4",
+                 "--heldout-pairs", str(word_pairs_file(tmp_path / "held.jsonl", 4, seed=3)),
                  "--validate-edges", "10", "--greedy-steps", "2", "--completeness-random", "2", "--minimality-random", "2",
                  "--ig-steps", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "per template position" in text and "Spearman" in text and "completeness" in text
-    doc = json.loads((out / "ioi" / "circuit.json").read_text())
+    doc = json.loads((out / "pairs.jsonl" / "circuit.json").read_text())
     assert doc["ablation"]["mode"] == "mean" and doc["target"] == 0.8
+    assert "mean over 16 corrupted prompts" in json.dumps(doc["ablation"]), "the reference pairs define the ablation"
     hc = doc["head_circuit"]
     assert {"faithfulness", "completeness", "minimality", "heldout", "heads"} <= set(hc)
     assert len(doc["curves"]["heads"]) > 3 and doc["curves"]["heads"][-1]["faithfulness"] == 1.0
     assert doc["curves"]["edges"][-1]["faithfulness"] > 0.999
     assert set(doc["edge_validation"]["spearman"]) == {"eap", "eap-ig2"}
-    nodes, _ = read_parquet(out / "ioi" / "nodes.parquet")
-    assert len(nodes) == len(hc["heads"]) and "role" in nodes
-    scores, _ = read_parquet(out / "ioi" / "edge_scores.parquet")
+    nodes, _ = read_parquet(out / "pairs.jsonl" / "nodes.parquet")
+    assert len(nodes) == len(hc["heads"]) >= 1 and "role" in nodes  # these pairs: every head ablated gives F 0.76 < 0.8
+    scores, _ = read_parquet(out / "pairs.jsonl" / "edge_scores.parquet")
     assert len(scores) == doc["graph"]["n_edges"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
     rc = main(["circuit", "--model", "tiny-gpt2", "--task", "ioi", "--out", str(tmp_path / "x")])

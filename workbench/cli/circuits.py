@@ -89,9 +89,13 @@ def _print_report(task: str, rep) -> None:
     if "heldout" in hc:
         print(f"{task}: on {hc['heldout']['n_pairs']} held-out pairs F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}{ci(hc['heldout'])}")
     c = hc["completeness"]
+    greedy = "none (empty circuit)" if c["greedy_max_relative"] != c["greedy_max_relative"] else f"{c['greedy_max_relative']:.1%}"
     print(f"{task}: completeness max |F(C\\K) - F(M\\K)| = {c['max_score']:.3f} ({c['max_relative']:.1%} of F(M)); "
-          f"random K mean {c['random_mean_relative']:.1%}; greedy max {c['greedy_max_relative']:.1%}")
-    print(rep.nodes.to_string(index=False))
+          f"random K mean {c['random_mean_relative']:.1%}; greedy max {greedy}")
+    if len(rep.nodes):
+        print(rep.nodes.to_string(index=False))
+    else:
+        print(f"{task}: the empty circuit already reaches the target: with every head ablated the model keeps F >= {info['target']} of its behaviour")
     if ec:
         print(f"{task}: edge circuit: {ec['edges']} edges ({ec['heads']} heads, {ec['mlps']} MLPs), F(C)/F(M) = {ec['faithfulness']:.3f}")
     else:
@@ -136,6 +140,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from workbench.datasets import make_dataset
     from workbench.models import load_model
     from workbench.prompts import tokenize_prompts
+    from workbench.fileio import atomic_write_text
     from workbench.registry import get_probe
     from workbench.results import run_metadata, write_parquet
     from workbench.runner import run_probes
@@ -156,7 +161,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         if args.pairs:
             pairs = read_pairs(args.pairs, model.tokenizer)[: args.n_prompts or None]
             ref = read_pairs(args.reference_pairs, model.tokenizer) if args.reference_pairs else None
-            held = None
+            held = read_pairs(args.heldout_pairs, model.tokenizer) if args.heldout_pairs else None
         else:
             pairs = make_task(t, model.tokenizer, n=args.n_prompts, seed=args.seed)
             ref = make_task(t, model.tokenizer, n=args.reference_prompts, seed=args.seed + 1) if args.reference_prompts else None
@@ -204,7 +209,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         })
     if len(tasks) == 2:
         ov = overlap(heads_by_task[tasks[0]], heads_by_task[tasks[1]])
-        (out / "overlap.json").write_text(json.dumps({"a": tasks[0], "b": tasks[1], **ov}, indent=1, default=str))
+        atomic_write_text(out / "overlap.json", json.dumps({"a": tasks[0], "b": tasks[1], **ov}, indent=1, default=str))
         print(f"overlap {tasks[0]} / {tasks[1]}: Jaccard {ov['jaccard']:.2f}; {ov['recall_a_in_b']:.0%} of {tasks[0]}'s heads are in "
               f"{tasks[1]}'s circuit; shared: {', '.join(f'{l}.{h}' for l, h in ov['shared'])}")
     print(f"-> {out}")
@@ -262,6 +267,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ci.add_argument("--task", default="ioi", help="one task, or two (comma) to also get their overlap")
     ci.add_argument("--pairs", help="your own pairs (JSONL) instead of a task; templates from an optional \"template\" field")
     ci.add_argument("--reference-pairs", help="with --pairs: JSONL whose corrupted prompts define the ablation (default: the pairs')")
+    ci.add_argument("--heldout-pairs", help="with --pairs: JSONL of fresh pairs the found circuit's faithfulness is re-measured on")
     ci.add_argument("--n-prompts", type=whole(1), default=16, help="pairs the circuit is found on")
     ci.add_argument("--reference-prompts", type=whole(0), default=64,
                     help="extra pairs (another seed) whose corrupted prompts define mean / resample ablation, as Wang et al.'s ABC set; 0 = the pairs' own")
