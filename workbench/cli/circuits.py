@@ -260,7 +260,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tk.add_argument("--out", required=True)
     tk.set_defaults(func=cmd_task)
 
-    ci = add_command(sub, "circuit", "find the smallest circuit reaching a faithfulness target (EAP-IG edges, named ablation), with completeness and minimality",
+    ci = add_command(sub, "circuit", "the smallest circuit reaching a faithfulness target, with completeness and minimality",
                      "workbench circuit --task ioi,colored-objects --n-prompts 16 --reference-prompts 64 --target 0.8 --out runs/circuits\n"
                      "workbench circuit --task ioi --ablation resample --method eap --validate-edges 100 --out runs/circuits-eap")
     add_model_args(ci)
