@@ -381,6 +381,10 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     scores, _ = read_parquet(out / "pairs.jsonl" / "edge_scores.parquet")
     assert len(scores) == doc["graph"]["n_edges"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    assert main(["report", str(out), "--out", str(tmp_path / "circ.html")]) == 0  # the report shows what the circuit explains
+    page = (tmp_path / "circ.html").read_text()
+    assert "faithfulness vs circuit size" in page and "Faithfulness against size" in page
+    assert "under mean ablation (mean over 16 corrupted prompts, per template position)" in page and "Spearman" in page
     rc = main(["circuit", "--model", "tiny-gpt2", "--task", "ioi", "--out", str(tmp_path / "x")])
     assert rc == 2 and "Llama-family" in capsys.readouterr().err
     rc = main(["circuit", "--model", "tiny-llama", "--ablation", "median", "--out", str(tmp_path / "x")])
