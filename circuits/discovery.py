@@ -1,4 +1,4 @@
-"""Circuit discovery by iterative path patching, faithfulness, and overlap between circuits.
+"""Circuit discovery (edge attribution + a faithfulness target, or iterative path patching), overlap.
 
 :func:`discover_circuit` starts from the logits: every head is path-patched as a sender to the
 logits, and heads whose normalised effect exceeds ``threshold`` in absolute value become nodes.
@@ -7,9 +7,13 @@ an earlier layer is path-patched into their queries, keys and values together, a
 ``inner_threshold`` join the circuit with an edge ``sender -> receiver``. The result is a graph
 (nodes = heads, edges = paths with their effects).
 
-:func:`faithfulness`: the share of the clean logit difference kept when every head *outside* the
-circuit is mean-ablated (its output replaced by its mean over the corrupted prompts),
-LD_circuit / LD_clean. :func:`overlap`: Jaccard index and recall of one circuit in another.
+:func:`find_circuit` is the discovery the CLI runs: edges scored by EAP-IG (and EAP, both
+checked against exact edge patching on a sample), then the smallest head circuit and the
+smallest edge circuit reaching a faithfulness target under a named ablation, with the
+faithfulness-vs-size curves, completeness and minimality (:mod:`circuits.faithfulness`).
+
+:func:`faithfulness`: F(C) / F(M) with every head outside the circuit ablated (per-template-
+position mean over the corrupted prompts by default). :func:`overlap`: Jaccard index and recall of one circuit in another.
 Roles: :func:`label_roles` names heads from the graph (direct effect on the logits, writers
 into a logit head's query) and from the pattern scores of the ``induction`` probe.
 """
@@ -20,10 +24,12 @@ from typing import Sequence
 
 import pandas as pd
 
-from circuits.patching import Baseline, baseline, logit_diff, path_patching
+from circuits.ablation import Ablation, make_ablation
+from circuits.faithfulness import Evaluator
+from circuits.faithfulness import faithfulness as measure_faithfulness
+from circuits.patching import Baseline, baseline, path_patching
 from circuits.tasks import Pair
-from workbench.interventions import HeadAblation, head_means
-from workbench.prompts import TokenizedPrompt
+from workbench.errors import WorkbenchError
 
 Head = tuple[int, int]
 
@@ -83,21 +89,13 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
     return Circuit(node_df.sort_values(["layer", "head"]).reset_index(drop=True), edge_df, info)
 
 
-def faithfulness(model, pairs: Sequence[Pair] | Baseline, heads: Sequence[Head]) -> dict:
-    """LD with every head outside ``heads`` mean-ablated, as a share of the clean LD."""
+def faithfulness(model, pairs: Sequence[Pair] | Baseline, heads: Sequence[Head], ablation: str | Ablation = "mean",
+                 reference: Sequence[Pair] | None = None) -> dict:
+    """F(C) / F(M) with every head outside ``heads`` ablated (default: per-template-position mean
+    over the corrupted prompts of ``reference``, else of the pairs); see :mod:`circuits.faithfulness`."""
     base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
-    corrupted = [TokenizedPrompt(str(i), ids) for i, ids in enumerate(base.pb.corrupted.input_ids.tolist())]
-    for tp, n in zip(corrupted, base.pb.corrupted.lengths.tolist()):
-        tp.ids = tp.ids[:n]
-    means = head_means(model, corrupted)
-    keep = set(map(tuple, heads))
-    outside = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads) if (l, h) not in keep]
-    ld_circuit = logit_diff(model, base.pb.clean, base.pb, observers=[HeadAblation(outside, "mean", means)]) if outside else base.ld_clean
-    everything = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-    ld_none = logit_diff(model, base.pb.clean, base.pb, observers=[HeadAblation(everything, "mean", means)])
-    clean = float(base.ld_clean.mean())
-    return {"ld_clean": clean, "ld_circuit": float(ld_circuit.mean()), "ld_all_heads_ablated": float(ld_none.mean()),
-            "faithfulness": float(ld_circuit.mean()) / clean if abs(clean) > 1e-9 else float("nan"), "n_heads": len(keep)}
+    abl = ablation if isinstance(ablation, Ablation) else make_ablation(model, base, ablation, reference)
+    return measure_faithfulness(Evaluator(model, base, abl), heads)
 
 
 def overlap(a: Sequence[Head], b: Sequence[Head]) -> dict:
@@ -135,3 +133,181 @@ def label_roles(circuit: Circuit, pattern_scores: pd.DataFrame | None = None, ta
         roles.append(", ".join(tags) or "other")
     nodes["role"] = roles
     return nodes
+
+
+@dataclass
+class CircuitReport:
+    """Everything :func:`find_circuit` measured; ``info`` is JSON-ready (circuit.json)."""
+
+    info: dict
+    nodes: pd.DataFrame  # the head circuit: layer, head, score, direct, minimality, role
+    edges: pd.DataFrame  # the edge circuit: upstream, downstream, score
+    head_curve: pd.DataFrame
+    edge_curve: pd.DataFrame
+    scores: object = None  # EdgeScores of the ranking method
+
+    @property
+    def heads(self) -> list[Head]:
+        return [(int(r.layer), int(r.head)) for r in self.nodes.itertuples()]
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+
+
+def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None = None, ablation: str = "mean",
+                 method: str = "eap-ig", steps: int = 5, target: float = 0.8, n_validate: int = 200,
+                 completeness_random: int = 20, greedy_steps: int = 10, minimality_random: int = 10,
+                 prune: bool = True, max_rows: int = 512, seed: int = 0, log=lambda *a: None) -> CircuitReport:
+    """Score every edge (EAP and EAP-IG), check both against exact edge patching on a sample,
+    then find the smallest head circuit and the smallest edge circuit with F(C)/F(M) >= target
+    under ``ablation``; completeness and minimality of the head circuit."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from circuits.edges import edge_attribution, edge_curve, exact_edge_effects
+    from circuits.faithfulness import completeness, head_curve, minimality, prune_heads
+    from circuits.graph import ModelGraph
+
+    timing: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timing[name] = round(now - clock[0], 3)
+        clock[0] = now
+
+    g = ModelGraph(model)
+    base = baseline(model, pairs)
+    ld_clean, ld_corr = float(base.ld_clean.mean()), float(base.ld_corrupted.mean())
+    if abs(ld_clean) < 1e-6 or abs(ld_clean - ld_corr) < 1e-6:
+        raise WorkbenchError(f"the model shows no behaviour to explain (mean LD clean {ld_clean:.2e}, corrupted {ld_corr:.2e})",
+                             "use a task the model solves (clean LD clearly above the corrupted one), or check the answer tokens")
+    abl = make_ablation(model, base, ablation, reference, seed, graph=g)
+    lap("baseline_and_ablation")
+    solved = float((base.ld_clean > 0).float().mean())
+    log(f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs (correct answer preferred in {solved:.0%}); "
+        f"ablation: {abl.describe()}")
+    if solved < 0.8:
+        log(f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; a faithfulness ratio to so small "
+            "a behaviour is not meaningful")
+    eap = edge_attribution(g, base, abl, "eap")
+    lap("eap")
+    ig = edge_attribution(g, base, abl, "eap-ig", steps)
+    lap("eap_ig")
+    main = ig if method == "eap-ig" else eap
+    ranked = main.ranked()
+    rng = np.random.default_rng(seed)
+    n_top = min(len(ranked), n_validate // 2)
+    rest = ranked[n_top:]
+    pick = rng.choice(len(rest), size=min(len(rest), n_validate - n_top), replace=False) if rest else []
+    sample = ranked[:n_top] + [rest[i] for i in sorted(pick)]
+    t0 = time.perf_counter()
+    exact = (exact_edge_effects(g, base, abl, sample, max_rows=max_rows).double().mean(1) - base.ld_clean.double().mean()).cpu().numpy()
+    t_exact = time.perf_counter() - t0
+    lap("exact_edges")
+    est = {name: np.array([float(sc.scores[v, u]) for v, u in sample]) for name, sc in (("eap", eap), (ig.method, ig))}
+    validation = {"n_edges": len(sample), "n_top": n_top, "n_random": len(sample) - n_top, "sample": "top edges by |score| + uniform random others",
+                  "spearman": {k: _spearman(v, exact) for k, v in est.items()},
+                  "spearman_top": {k: _spearman(v[:n_top], exact[:n_top]) for k, v in est.items()},
+                  "spearman_random": {k: _spearman(v[n_top:], exact[n_top:]) for k, v in est.items()},
+                  "exact_seconds": round(t_exact, 3), "exact_seconds_per_edge": t_exact / max(1, len(sample)),
+                  "exact_all_edges_seconds_extrapolated": t_exact / max(1, len(sample)) * g.n_edges,
+                  "eap_seconds": timing["eap"], "eap_ig_seconds": timing["eap_ig"]}
+    log(f"{g.n_edges} edges scored; vs exact edge patching on {len(sample)} edges: "
+        + ", ".join(f"{k} Spearman {v:.3f}" for k, v in validation["spearman"].items())
+        + f"; EAP {timing['eap']:.1f} s, {ig.method} {timing['eap_ig']:.1f} s for all edges, exact {t_exact:.1f} s for {len(sample)}")
+
+    # head circuits: heads by |first-order effect of ablating them| (sum of their out-edge scores)
+    node = main.node_scores()
+    heads_all = [(l, h) for l in range(g.L) for h in range(g.H)]
+    ranking = sorted(heads_all, key=lambda x: -abs(float(node[g.head_node(*x)])))
+    ev = Evaluator(model, base, abl, max_rows)
+    hcurve, k = head_curve(ev, ranking, target=target)
+    lap("head_curve")
+    reached = k is not None
+    if not reached:
+        k = int(hcurve.k[hcurve.faithfulness.idxmax()])
+        log(f"head circuit: no size reaches F >= {target}; best F = {hcurve.faithfulness.max():.3f} at {k} heads")
+    circuit = ranking[:k]
+    if prune and reached:
+        circuit = prune_heads(ev, circuit, target)
+    lap("head_prune")
+    faith = measure_faithfulness(ev, circuit)
+    log(f"head circuit: {len(circuit)} heads (top-{k} by {main.method}, then pruned), F(C)/F(M) = {faith['faithfulness']:.3f} "
+        f"(LD {faith['ld_circuit']:.2f} of {faith['ld_clean']:.2f}; every head ablated {faith['ld_all_heads_ablated']:.2f})")
+    comp = completeness(ev, circuit, n_random=completeness_random, greedy_steps=greedy_steps, seed=seed)
+    lap("completeness")
+    mini = minimality(ev, circuit, n_random=minimality_random, seed=seed)
+    lap("minimality")
+    log(f"completeness: max |F(C\\K) - F(M\\K)| = {comp['max_score']:.3f} ({comp['max_relative']:.1%} of F(M)); "
+        f"random K mean {comp['random_mean_relative']:.1%}, greedy max {comp['greedy_max_relative']:.1%}")
+    log(f"minimality: median {mini.relative.median():.1%} of F(C), smallest {mini.relative.min():.1%} "
+        f"({int(mini.layer[mini.relative.idxmin()])}.{int(mini['head'][mini.relative.idxmin()])})" if len(mini) else "minimality: empty circuit")
+
+    ecurve, chosen = edge_curve(g, base, abl, main, target=target, log=log)
+    lap("edge_curve")
+    if chosen is not None:
+        keep = chosen.pop("keep")
+        vs, us = torch.nonzero(keep, as_tuple=True)
+        edges = pd.DataFrame({"upstream": [g.upstream_name(int(u)) for u in us], "downstream": [g.downstream_name(int(v)) for v in vs],
+                              "score": main.scores[vs, us].numpy()})
+    else:
+        edges = pd.DataFrame(columns=["upstream", "downstream", "score"])
+
+    direct = {x: float(main.scores[g.logits_input, g.head_node(*x)]) for x in circuit}
+    nodes = pd.DataFrame({"layer": [x[0] for x in circuit], "head": [x[1] for x in circuit],
+                          "score": [float(node[g.head_node(*x)]) for x in circuit], "direct": [direct[x] for x in circuit]})
+    nodes = nodes.merge(mini[["layer", "head", "score_alone", "score", "relative"]].rename(
+        columns={"score": "minimality", "score_alone": "minimality_alone", "relative": "minimality_relative"}), on=["layer", "head"], how="left")
+    feeds = {}
+    for x in circuit:
+        for y in circuit:
+            if y[0] > x[0] and abs(direct[y]) > 0.05 * abs(ld_clean):
+                s = sum(float(main.scores[v, g.head_node(*x)]) for v in (g.q_input(*y), g.k_input(y[0], y[1] // g.group), g.v_input(y[0], y[1] // g.group)))
+                if abs(s) > 0.025 * abs(ld_clean):
+                    feeds.setdefault(x, []).append(f"{y[0]}.{y[1]}")
+    nodes["feeds"] = [",".join(feeds.get(x, [])) for x in circuit]
+    nodes = nodes.sort_values(["layer", "head"]).reset_index(drop=True)
+    info = {
+        "n_pairs": len(pairs), "n_reference": abl.n_reference, "ld_clean": ld_clean, "ld_corrupted": ld_corr, "share_correct": solved,
+        "ablation": {"mode": abl.mode, "detail": abl.describe()}, "target": target, "method": main.method,
+        "graph": {"n_edges": g.n_edges, "n_upstream": g.n_upstream, "n_downstream": g.n_downstream},
+        "edge_validation": validation,
+        "head_circuit": {"heads": [list(x) for x in circuit], "reached_target": reached, "prefix_size": k, "pruned": prune and reached,
+                         **faith, "completeness": comp, "minimality": mini.to_dict("records")},
+        "edge_circuit": chosen,
+        "curves": {"heads": hcurve.to_dict("records"), "edges": ecurve.to_dict("records")},
+        "timing": {**timing, "total": round(sum(timing.values()), 3), "head_forwards": ev.n_forwards},
+    }
+    return CircuitReport(info, nodes, edges, hcurve, ecurve, main)
+
+
+def roles_for(nodes: pd.DataFrame, pattern_scores: pd.DataFrame | None, task: str, ld_clean: float, cutoff: float = 0.3) -> list[str]:
+    """Role tags from the evidence: direct effect on the logits (removing the head's edge to the
+    logits lowers LD: name mover for IOI; raises it: negative name mover), feeding a direct
+    head's q/k/v (S-inhibition for IOI when not direct itself), and induction-probe scores."""
+    scores: dict = {}
+    if pattern_scores is not None:
+        for r in pattern_scores.itertuples():
+            scores.setdefault((int(r.layer), int(r.head)), {})[r.metric] = r.value
+    out = []
+    for r in nodes.itertuples():
+        tags, is_direct = [], abs(r.direct) > 0.05 * abs(ld_clean)
+        if is_direct:
+            if task == "ioi":
+                tags.append("name mover" if r.direct < 0 else "negative name mover")
+            else:
+                tags.append("direct (helps)" if r.direct < 0 else "direct (hurts)")
+        if r.feeds:
+            tags.append("S-inhibition" if task == "ioi" and not is_direct else f"feeds {r.feeds}")
+        sc = scores.get((int(r.layer), int(r.head)), {})
+        for metric, name in (("induction", "induction"), ("duplicate", "duplicate-token"), ("prev_token", "previous-token")):
+            if sc.get(metric, 0) > cutoff:
+                tags.append(name)
+        out.append(", ".join(tags) or "other")
+    return out

@@ -1,4 +1,4 @@
-"""Activation, path and attribution patching per head, batched (metrics.md section 6).
+"""Activation, path and attribution patching per head, batched (docs/metrics.md, "Circuits").
 
 Every experiment compares a clean prompt x with a corrupted x' of the same length. The metric is
 the logit difference LD = logit(correct) - logit(incorrect) at the last position, and effects
@@ -50,9 +50,9 @@ COMPONENTS = ("z", "resid_pre", "attn_out", "mlp_out")
 class PairBatch:
     clean: BatchInfo
     corrupted: BatchInfo
-    last: Int[Tensor, "batch"]
-    correct: Int[Tensor, "batch"]
-    incorrect: Int[Tensor, "batch"]
+    last: Int[Tensor, " batch"]
+    correct: Int[Tensor, " batch"]
+    incorrect: Int[Tensor, " batch"]
 
     @property
     def size(self) -> int:
@@ -79,7 +79,7 @@ def _repeat(batch: BatchInfo, m: int) -> BatchInfo:
     return BatchInfo(batch.prompt_ids * m, r(batch.input_ids), r(batch.attention_mask), r(batch.positions), r(batch.lengths), r(batch.first_index))
 
 
-def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, "rows"]:
+def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, " rows"]:
     """LD at each prompt's last position; only the last positions go through the unembedding."""
     with hooked_run(model.hf_model, *observers, grad=grad):
         hidden = base_network(model.hf_model)(
@@ -116,6 +116,8 @@ class Baseline:
     z_clean: dict[int, Tensor]
     z_corrupted: dict[int, Tensor]
     corrupted_components: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # filled on first use
+    pairs: list[Pair] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # per-engine records (e.g. the explicit graph's clean run)
 
     @property
     def denominator(self) -> float:
@@ -129,7 +131,14 @@ def baseline(model, pairs: Sequence[Pair]) -> Baseline:
     ld_c = logit_diff(model, pb.clean, pb, observers=[rc])
     ld_x = logit_diff(model, pb.corrupted, pb, observers=[rx])
     warn_if_flat(ld_c, ld_x)
-    return Baseline(pb, ld_c, ld_x, rc.z, rx.z)
+    return Baseline(pb, ld_c, ld_x, rc.z, rx.z, pairs=list(pairs))
+
+
+def hooked_forward(model, batch: BatchInfo, observers: Sequence[object] = ()) -> None:
+    """One forward of the base network (no LM head) with the observers attached."""
+    with hooked_run(model.hf_model, *observers):
+        base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.positions.clamp_min(0), use_cache=False)
 
 
 def warn_if_flat(ld_clean: Tensor, ld_corrupted: Tensor, rel: float = 1e-3) -> None:
@@ -173,10 +182,11 @@ class _VariantZPatcher:
 
 
 class _QKVPatcher:
-    """q / k / v edits for stacked variants: values[layer] = (which, head, tensor [m*b, T, d])."""
+    """q / k / v edits for stacked variants: values[layer] = (which, head, tensor [m*b, T, d]);
+    with ``last`` (``[m*b]``) only each row's read-out position is patched."""
 
-    def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]]) -> None:
-        self.patches = patches
+    def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]], last: Tensor | None = None) -> None:
+        self.patches, self.last = patches, last
 
     def edit_qkv(self, call: AttentionCall):
         q, k, v = call.query, call.key, call.value
@@ -185,7 +195,12 @@ class _QKVPatcher:
             return q, k, v
         q, k, v = q.clone(), k.clone(), v.clone()
         for which, idx, value in todo:
-            {"q": q, "k": k, "v": v}[which][:, idx] = value
+            t = {"q": q, "k": k, "v": v}[which]
+            if self.last is None:
+                t[:, idx] = value
+            else:
+                r = torch.arange(t.shape[0], device=t.device)
+                t[r, idx, self.last] = value[r, self.last]
         return q, k, v
 
 
@@ -237,10 +252,6 @@ def _effects(base: Baseline, ld: Tensor, n_boot: int, seed: int = 0) -> tuple[np
         warnings.simplefilter("ignore", RuntimeWarning)
         boots = (p[:, idx].mean(-1) - c[idx].mean(-1)) / (c[idx].mean(-1) - x[idx].mean(-1))  # [m, n_boot]
         return eff, np.nanpercentile(boots, 2.5, axis=1), np.nanpercentile(boots, 97.5, axis=1)
-
-
-def _rows_per_variant(base: Baseline) -> int:
-    return base.pb.size
 
 
 def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str = "z", per_position: bool = False,
@@ -350,14 +361,36 @@ def _record_components(model, base: Baseline, component: str) -> dict[int, Tenso
 
 
 def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Head] | None = None,
-                  receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0) -> pd.DataFrame:
+                  receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0,
+                  engine: str = "auto", positions: str = "all") -> pd.DataFrame:
     """Effect of each sender head on the receiver through paths that avoid every other head.
 
     ``receivers``: ``None`` for the logits, else ``(layer, head, which)`` with ``which`` in
     q / k / v (patched together when several are given). Every sender must sit in an earlier
     layer than every receiver.
+
+    ``positions``: where receivers' q / k / v are patched: ``"all"`` positions, or ``"last"``
+    (the read-out position only, as Wang et al. patch the name movers' queries at END).
+
+    ``engine``: ``"graph"`` computes only the read-out positions on the explicit graph
+    (:mod:`circuits.fastpath`, Llama-family models), ``"hooks"`` recomputes full forwards
+    through the attention hook (any architecture); ``"auto"`` takes the graph when it can.
     """
-    base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
+    if engine not in ("auto", "graph", "hooks"):
+        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
+    g = None
+    if engine != "hooks":
+        from circuits.graph import ModelGraph, graph_for
+
+        g = graph_for(model) if engine == "auto" else ModelGraph(model)
+    if isinstance(pairs, Baseline):
+        base = pairs
+    elif g is not None:
+        from circuits.fastpath import graph_baseline
+
+        base = graph_baseline(g, model, pairs)  # the clean / corrupted runs once, on the graph
+    else:
+        base = baseline(model, pairs)
     recv = list(receivers or [])
     for l, h, which in recv:
         if which not in ("q", "k", "v") or not (0 <= l < model.n_layers and 0 <= h < model.n_heads):
@@ -372,6 +405,13 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     if late:
         raise WorkbenchError(f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
                              "receivers must be in later layers than all senders")
+    if positions not in ("all", "last"):
+        raise WorkbenchError(f"unknown receiver positions {positions!r}", "use all or last")
+    if g is not None:
+        from circuits import fastpath
+
+        ld = fastpath.to_receivers(g, base, senders, recv, max_rows, positions) if recv else fastpath.to_logits(g, base, senders)
+        return _path_frame(base, senders, ld, recv, n_boot)
     b = base.pb.size
     group = model.n_heads // model.n_kv_heads
     order = sorted(range(len(senders)), key=lambda i: senders[i])  # chunks of nearby layers fork late
@@ -400,10 +440,14 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
             patches.setdefault(l, []).append((which, idx, src))
         with _fork_at(model, first_recv, m, b) as forked:
             batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
-            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches)]))
+            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)]))
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
     senders = [senders[order.index(i)] for i in range(len(order))]
+    return _path_frame(base, senders, ld, recv, n_boot)
+
+
+def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_boot: int) -> pd.DataFrame:
     eff, lo, hi = _effects(base, ld, n_boot)
     out = pd.DataFrame({"layer": [s[0] for s in senders], "head": [s[1] for s in senders], "value": eff,
                         "ld": ld.double().mean(1).cpu().numpy(),
@@ -442,7 +486,8 @@ def attribution_patching(model, pairs: Sequence[Pair] | Baseline) -> pd.DataFram
     rows = []
     for layer in range(model.n_layers):
         z = rec.z[layer]
-        est = (z.grad * (base.z_corrupted[layer] - z.detach())).sum((0, 1, 3)) / base.pb.size  # [H]
+        # the gradient of the mean LD already carries 1/N: the sum over pairs is the mean estimate
+        est = (z.grad * (base.z_corrupted[layer] - z.detach())).sum((0, 1, 3))  # [H]
         for h in range(model.n_heads):
             rows.append({"layer": layer, "head": h, "value": float(est[h]) / base.denominator})
     return pd.DataFrame(rows)

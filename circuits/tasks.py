@@ -179,7 +179,12 @@ def _pair_from_line(obj: Any, lineno: int, tokenizer) -> Pair:
             raise WorkbenchError(f"'{k}' must be a string, got {json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."')
         if not obj[k].strip():
             raise WorkbenchError(f"'{k}' is empty", "give clean and corrupted prompts and two single-token answers (with their leading space)")
-    return make_pair(tokenizer, str(pid), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"])
+    template = obj.get("template")
+    if template is not None and (isinstance(template, bool) or not isinstance(template, (str, int))):
+        raise WorkbenchError(f"'template' must be a string or an integer, got {json_kind(template)}",
+                             'name the template the pair was made from, e.g. "template": 3 (pairs of one template align token by token)')
+    meta = {"template": template} if template is not None else None
+    return make_pair(tokenizer, str(pid), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"], meta)
 
 
 def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
@@ -214,4 +219,6 @@ def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
     from workbench.fileio import atomic_write_text
 
     keys = ("clean", "corrupted", "correct", "incorrect")
-    return atomic_write_text(path, "".join(json.dumps({"id": p.id, **{k: p.meta[k] for k in keys}}) + "\n" for p in pairs))
+    return atomic_write_text(path, "".join(
+        json.dumps({"id": p.id, **{k: p.meta[k] for k in keys}, **({"template": p.meta["template"]} if p.meta.get("template") is not None else {})}) + "\n"
+        for p in pairs))

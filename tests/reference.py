@@ -162,13 +162,14 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
     return scores, output
 
 
-def serial_path_patching(source, pairs, senders, receivers=None):
+def serial_path_patching(source, pairs, senders, receivers=None, last_only=False):
     """Path patching the plain way: a plain HF model (Llama or Gemma families), one sender at a
     time, explicit runs with forward hooks on o_proj (head outputs) and q/k/v_proj (receiver
     inputs). Patching a head's slice of the q/k/v_proj output is patching its query / key /
-    value: what follows (Gemma's QK-norm, RoPE) acts on each head separately. Returns the mean
-    patched logit difference per sender and the clean / corrupted means. ``source``: a model
-    folder, or an already loaded plain eager model."""
+    value: what follows (Gemma's QK-norm, RoPE) acts on each head separately. ``last_only``
+    patches the receivers at the read-out position only. Returns the mean patched logit
+    difference per sender and the clean / corrupted means. ``source``: a model folder, or an
+    already loaded plain eager model."""
     model = eager_model(source) if isinstance(source, str) else source
     cfg = model.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -244,7 +245,8 @@ def serial_path_patching(source, pairs, senders, receivers=None):
                         if rl == l and rw == which:
                             idx = rh if which == "q" else rh // (H // Hkv)
                             out = out.clone()
-                            out[..., idx * d : (idx + 1) * d] = rec[(l, which)][..., idx * d : (idx + 1) * d]
+                            at = slice(-1, None) if last_only else slice(None)  # the read-out position, or all
+                            out[:, at, idx * d : (idx + 1) * d] = rec[(l, which)][:, at, idx * d : (idx + 1) * d]
                     return out
 
                 lp = run(p.clean, ans, qkv_edit=patch)
@@ -319,3 +321,100 @@ def reference_condition_attention(hf, inputs: dict, position: int, condition_ids
         out = hf(**inputs, output_attentions=True)
     keys = torch.tensor([t in condition_ids for t in inputs["input_ids"][0].tolist()], dtype=torch.double)
     return torch.stack([a[0, :, position].double() @ keys for a in out.attentions])  # [layer, head]
+
+
+# -- circuits: head ablation and edge circuits, one prompt at a time ----------------------------
+def reference_outputs(model, ids: list[int]) -> dict:
+    """One unpadded prompt through a plain HF Llama: every head's z (the o_proj input, per layer
+    ``[T, H*d]``), every node's output by name (``input``, ``a{l}.{h}`` = W_O^h z_h, ``m{l}``)
+    and the final logits at the last position."""
+    cfg = model.config
+    H = cfg.num_attention_heads
+    d = cfg.hidden_size // H
+    z, mlp, emb = {}, {}, {}
+    hooks = [model.model.embed_tokens.register_forward_hook(lambda m, a, out: emb.__setitem__(0, out[0].detach().clone()))]
+    for l, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: z.__setitem__(l, a[0][0].detach().clone())))
+        hooks.append(layer.mlp.register_forward_hook(lambda m, a, out, l=l: mlp.__setitem__(l, out[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = {"input": emb[0]}
+    for l, layer in enumerate(model.model.layers):
+        W = layer.self_attn.o_proj.weight
+        for h in range(H):
+            outs[f"a{l}.{h}"] = z[l][:, h * d : (h + 1) * d] @ W[:, h * d : (h + 1) * d].T
+        outs[f"m{l}"] = mlp[l]
+    return {"z": z, "outputs": outs, "logits": logits}
+
+
+def reference_head_ablation_ld(model, pair, ablate: set, z_replacement: dict) -> float:
+    """LD of one clean prompt with the heads in ``ablate`` given ``z_replacement[l]`` (``[T, H*d]``)
+    at every position, through o_proj pre-hooks of a plain HF model."""
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+
+    def pre(m, args, l):
+        z = args[0].clone()
+        for (al, ah) in ablate:
+            if al == l:
+                z[0, :, ah * d : (ah + 1) * d] = z_replacement[l][:, ah * d : (ah + 1) * d]
+        return (z,)
+
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(m, a, l)) for l, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([pair.clean])).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(logits[pair.correct] - logits[pair.incorrect])
+
+
+def reference_edge_circuit_ld(model, pair, keep: set, ablated: dict) -> float:
+    """LD of one clean prompt through an edge circuit, computed head by head with plain HF
+    modules: each reader (``a{l}.{h}.q``, ``a{l}.{g}.k`` / ``.v`` per KV head, ``m{l}``,
+    ``logits``) sums, over every earlier writer (``input``, ``a{l}.{h}``, ``m{l}``), the writer's
+    actual output if ``(reader, writer)`` is in ``keep``, else its ``ablated`` output."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // H
+    T = len(pair.clean)
+    ids = torch.tensor([pair.clean])
+    with torch.no_grad():
+        out = {"input": model.model.embed_tokens(ids)[0]}
+        cos, sin = model.model.rotary_emb(out["input"][None], torch.arange(T)[None])
+        writers = ["input"]
+
+        def read(reader: str) -> torch.Tensor:
+            return sum(out[w] if (reader, w) in keep else ablated[w] for w in writers)
+
+        for l, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            ln = layer.input_layernorm
+            ks, vs = [], []
+            for g in range(Hkv):
+                xk = ln(read(f"a{l}.{g}.k"))
+                xv = ln(read(f"a{l}.{g}.v"))
+                ks.append(attn.k_proj(xk)[:, g * d : (g + 1) * d])
+                vs.append(attn.v_proj(xv)[:, g * d : (g + 1) * d])
+            new = {}
+            for h in range(H):
+                g = h // (H // Hkv)
+                q = attn.q_proj(ln(read(f"a{l}.{h}.q")))[:, h * d : (h + 1) * d]
+                q_rot, k_rot = apply_rotary_pos_emb(q[None, None], ks[g][None, None], cos, sin)
+                scores = (q_rot[0, 0] @ k_rot[0, 0].T) * attn.scaling
+                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+                zh = torch.softmax(scores, dim=-1) @ vs[g]
+                new[f"a{l}.{h}"] = zh @ attn.o_proj.weight[:, h * d : (h + 1) * d].T
+            out.update(new)
+            writers += [f"a{l}.{h}" for h in range(H)]
+            out[f"m{l}"] = layer.mlp(layer.post_attention_layernorm(read(f"m{l}")))
+            writers.append(f"m{l}")
+        logits = model.lm_head(model.model.norm(read("logits")))[-1]
+    return float(logits[pair.correct] - logits[pair.incorrect])

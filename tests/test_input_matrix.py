@@ -91,6 +91,10 @@ CASES = {
         (["circuit", *M, "--rounds", "0", "--out", "{tmp}/c"], "--rounds"),
         (["circuit", *M, "--max-receivers", "0", "--out", "{tmp}/c"], "--max-receivers"),
         (["circuit", *M, "--n-prompts", "0", "--out", "{tmp}/c"], "--n-prompts"),
+        (["circuit", *M, "--target", "0", "--out", "{tmp}/c"], "faithfulness"),
+        (["circuit", *M, "--ablation", "median", "--out", "{tmp}/c"], "unknown ablation"),
+        (["circuit", *M, "--ig-steps", "0", "--out", "{tmp}/c"], "--ig-steps"),
+        (["circuit", *M, "--pairs", "{files}/notobject.jsonl", "--out", "{tmp}/c"], "JSON object"),
     ],
     "sweep": [
         (["sweep", "{files}/missing.toml", "--out", "{tmp}/run"], "does not exist"),
@@ -150,6 +154,21 @@ def test_bad_input_is_one_clear_error(files, tmp_path, capsys, cmd, i, argv, mes
     assert "internal error" not in err and "Traceback" not in err
     assert message in err, err
     assert not [p for p in tmp_path.iterdir() if p.name != "c"], "nothing written"
+
+
+@pytest.mark.parametrize("argv", [
+    ["probe", "entropy", *M, "--out", "s3://bucket/r.parquet"],
+    ["sweep", "{files}/good.toml", "--out", "gs://bucket/run"],
+    ["cache", *M, "--out", "s3://bucket/store"],
+], ids=["probe", "sweep", "cache"])
+def test_an_object_store_url_is_refused_not_made_a_local_folder(files, tmp_path, monkeypatch, capsys, argv):
+    """fsspec URLs are not outputs here (parts rely on atomic rename): one error, and no folder
+    named "s3:" appears in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    rc = main([a.replace("{files}", str(files)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a URL" in err and "mount the bucket" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_matrix_covers_every_command():

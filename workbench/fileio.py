@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -19,6 +20,18 @@ from typing import BinaryIO, Callable
 from workbench.errors import WorkbenchError
 
 _umask_lock = threading.Lock()
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")  # s3://..., gs://..., file://...; Path() folds "//" to "/"
+
+
+def refuse_url(path: str | os.PathLike, what: str = "output") -> None:
+    """Outputs are file-system paths: every write here is an atomic rename, which object stores
+    (s3://, gs://, ... through fsspec) do not provide. Say so instead of creating a folder named "s3:"."""
+    if _URL.match(str(path)):
+        raise WorkbenchError(
+            f"{what} {str(path)!r} is a URL; outputs must be file-system paths (results and parts are made sound by an atomic rename, "
+            "which object stores do not offer)",
+            "mount the bucket (s3fs, gcsfuse, blobfuse) or use a shared file system (NFS, Lustre) and give its path",
+        )
 
 
 def current_umask() -> int:

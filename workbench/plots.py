@@ -366,3 +366,21 @@ def token_curve(table: pd.DataFrame, metric: str = "t_vhd", title: str | None = 
                   hover_data={"token": True, "item": True, "step": True, "value": ":.4f"},
                   title=title or f"{metric} per generated token", labels={"value": metric, "step": "generated token"})
     return fig
+
+
+def faithfulness_curve(curves: dict[str, pd.DataFrame], target: float | None = None, size: str = "k",
+                       title: str = "faithfulness vs circuit size") -> go.Figure:
+    """Faithfulness F(C)/F(M) of the top-k circuits against k, one line per curve (e.g. ``{"ioi
+    heads": ..., "ioi edges": ...}``, each with columns ``k`` and ``faithfulness``, as in a
+    circuit's ``circuit.json`` ``curves``), on a log size axis, with the target as a dashed line."""
+    fig = go.Figure()
+    for name, df in curves.items():
+        df = pd.DataFrame(df).sort_values(size)
+        x = df[size].clip(lower=0.8)  # k = 0 (everything ablated) sits at the left edge of the log axis
+        hover = [f"{name}: {int(k)} -> F = {f:.3f}" for k, f in zip(df[size], df.faithfulness)]
+        fig.add_trace(go.Scatter(x=x, y=df.faithfulness, mode="lines+markers", name=name, text=hover, hoverinfo="text"))
+    if target is not None:
+        fig.add_hline(y=target, line_dash="dash", annotation_text=f"target {target}")
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    fig.update_layout(title=title, xaxis_title="circuit size (heads or edges, log)", yaxis_title="F(C) / F(M)", xaxis_type="log")
+    return fig

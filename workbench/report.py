@@ -151,13 +151,18 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
             g = at[at["role"] == role]
             if g.empty:
                 continue
-            best = g.loc[g["value"].abs().idxmax()]
+            valued = g.dropna(subset=["value"])
             depth = float(np.median(g["layer"])) / (n_layers - 1) if n_layers > 1 else 0.0
             share = f" ({100 * len(g) / total:.0f}% of {total})" if total else ""
             code, colour = role_style(role)
+            if len(valued):
+                best = valued.loc[valued["value"].abs().idxmax()]
+                strongest = (f'strongest <span class="hd">{int(best.layer)}.{int(best["head"])}</span> '
+                             f"({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)})")
+            else:  # roles with no score of their own (circuit discovery labels)
+                strongest = "labelled by circuit discovery: " + ", ".join(f'<span class="hd">{int(l)}.{int(h)}</span>' for l, h in zip(g["layer"], g["head"]))
             items.append(f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
-                         f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); strongest "
-                         f'<span class="hd">{int(best.layer)}.{int(best["head"])}</span> ({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)}).</li>')
+                         f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); {strongest}.</li>")
         # heads that hold two specific roles at once (sink / streaming / echo are too common or, on
         # repeated random tokens, the same score as duplicate, to say much)
         heads_of = {role: set(zip(g["layer"], g["head"])) for role, g in at.groupby("role") if role not in ("sink", "streaming", "echo")}
@@ -467,6 +472,9 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
         name = _series_name(series, c.get("run"), str(c.get("model", "")))
         page.section(3, f"{task} circuit ({name})", anchor("circuit", c.get("run", ""), task))
         nodes = pd.DataFrame(c.get("nodes", []))
+        if isinstance(c.get("head_circuit"), dict):  # found by a faithfulness target (edge scores, named ablation)
+            _measured_circuit(page, c, task, name, nodes)
+            continue
         edges = pd.DataFrame(c.get("edges", []))
         f = c.get("faithfulness") or {}
         if f:
@@ -482,6 +490,44 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
                         "carries the behaviour), blue = raises it; width = |effect|. <a href=\"#atlas\">Roles also appear in the atlas</a>.")
             cols = [x for x in ("layer", "head", "role", "effect", "round") if x in nodes.columns]
             page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda v: f"{v:.4g}"))
+
+
+def _measured_circuit(page: Page, c: dict, task: str, name: str, nodes: pd.DataFrame) -> None:
+    """A circuit from ``workbench circuit`` (the default, target-driven discovery): what it
+    explains under which ablation, its completeness and minimality, the faithfulness-vs-size
+    curves, how its edge scores compare with exact edge patching, and its heads."""
+    hc, ec = c["head_circuit"], c.get("edge_circuit") or {}
+    ci = hc.get("ci95") or []
+    ci_text = f" [95% CI {fmt(ci[0])} to {fmt(ci[1])}]" if len(ci) == 2 else ""
+    comp = hc.get("completeness") or {}
+    held = hc.get("heldout") or {}
+    text = (f"{len(hc.get('heads', []))} heads reach F(C)/F(M) = {fmt(hc.get('faithfulness'))}{ci_text} against a target of "
+            f"{fmt(c.get('target'))} under {hc.get('ablation', '')} ablation ({hc.get('ablation_detail', '')}) "
+            f"(logit difference {fmt(hc.get('ld_circuit'))} of {fmt(hc.get('ld_clean'))}; every head ablated: {fmt(hc.get('ld_all_heads_ablated'))}"
+            f"; {fmt(c.get('n_pairs'))} pairs, correct answer preferred in {fmt(100 * float(c.get('share_correct', float('nan'))))}%).")
+    if not hc.get("reached_target", True):
+        text += " The target was NOT reached: the circuit is the best size on the curve."
+    if held:
+        text += f" On {fmt(held.get('n_pairs'))} held-out pairs: {fmt(held.get('faithfulness'))}."
+    if comp:
+        text += (f" Completeness (Wang et al.): max |F(C\\K) - F(M\\K)| = {fmt(comp.get('max_score'))}, "
+                 f"{fmt(100 * float(comp.get('max_relative', float('nan'))))}% of F(M).")
+    if ec:
+        text += f" Edge circuit: {fmt(ec.get('edges'))} edges ({fmt(ec.get('heads'))} heads, {fmt(ec.get('mlps'))} MLPs), F = {fmt(ec.get('faithfulness'))}."
+    page.p(text)  # p() escapes: plain text only
+    curves = {f"{task} {kind}": pd.DataFrame(rows) for kind, rows in (c.get("curves") or {}).items() if rows}
+    if curves:
+        page.figure(plots.faithfulness_curve(curves, target=c.get("target"), title=f"{task}: faithfulness vs circuit size ({name})"),
+                    f"<b>Faithfulness against size</b>: the top-k heads (or edges) by edge-attribution score kept, every other one "
+                    f"ablated ({esc(str(hc.get('ablation_detail', '')))}); F(C)/F(M) = 1 (dotted) is the whole model, the dashed line the "
+                    "target. A curve that dips as k grows means the ranking brought in heads that work against the answer.")
+    v = c.get("edge_validation") or {}
+    if v.get("spearman"):
+        page.p(f"Edge scores against exact edge patching on {fmt(v.get('n_edges'))} edges: "
+               + ", ".join(f"{k} Spearman {fmt(r)}" for k, r in v["spearman"].items()) + ".")
+    if len(nodes) and {"layer", "head"} <= set(nodes.columns):
+        cols = [x for x in ("layer", "head", "role", "score", "direct", "minimality", "minimality_relative") if x in nodes.columns]
+        page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda x: f"{x:.4g}"))
 
 
 # -- definitions ---------------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ def run_metadata(**fields: Any) -> dict[str, Any]:
 
 def check_writable(path: str | Path) -> Path:
     """Fail early (before any model runs) when ``path`` cannot be written."""
+    from workbench.fileio import refuse_url
+
+    refuse_url(path)
     path = Path(path)
     if path.exists() and path.is_dir():
         raise WorkbenchError(f"output {path} is a directory", "give a file name ending in .parquet")

@@ -465,9 +465,10 @@ def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
 
 def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
     """Validate, reconcile the run folder with the config, record the config: what to compute."""
-    from workbench.fileio import atomic_write_text
+    from workbench.fileio import atomic_write_text, refuse_url
     from workbench.results import check_writable
 
+    refuse_url(out_dir, "run folder")
     cfg = load_config(config_path)  # raises before anything is written
     folder = RunFolder(out_dir)
     check_writable(folder.parts / "probe.parquet")
