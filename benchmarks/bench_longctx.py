@@ -15,7 +15,9 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
   extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
               and keys (captured first), keys as values; the floor of ours_b is bare + this
 
-Each (method, length) runs in its own process, so a peak RSS is that method's own; rounds
+Each (method, length) runs in its own process, so a peak RSS is that method's own (``peak``;
+``run`` is the peak minus the resident memory once the model is loaded, which leaves out the
+fixed cost of importing TransformerLens and booting its bridge, ~0.2 GB); rounds
 alternate the methods (the machine is shared and drifts), and ratios to ``bare`` are taken
 within a round, then reported as min-max over rounds. Model loading is excluded from times.
 Writes ``results.json`` and ``scaling.html`` (plotly: time and memory ratios against T) into
@@ -93,7 +95,7 @@ def _extra_pass(wb, ids):
     return run
 
 
-def child(method: str, model: str, tokens: int, repeats: int) -> dict:
+def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = True) -> dict:
     import torch
 
     torch.set_grad_enabled(False)
@@ -130,14 +132,22 @@ def child(method: str, model: str, tokens: int, repeats: int) -> dict:
         run = _extra_pass(wb, ids)
     elif method != "bare":
         raise SystemExit(f"unknown method {method}")
-    run()  # warm-up
+    loaded_gb = _rss_gb()
+    if warmup:
+        run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"method": method, "tokens": tokens, "seconds": statistics.median(times), "peak_gb": peak_gb, "repeats": repeats}
+    return {"method": method, "tokens": tokens, "seconds": statistics.median(times), "peak_gb": peak_gb,
+            "run_gb": peak_gb - loaded_gb, "repeats": repeats, "warmup": warmup}
+
+
+def _rss_gb() -> float:
+    """Resident memory now (GB): the model is loaded (its weights mostly not yet paged in)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def model_shape(model: str) -> tuple[int, int]:
@@ -161,10 +171,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                 continue
             tr = [r["seconds"] / base[r["round"]]["seconds"] for r in rs]
             mr = [r["peak_gb"] / base[r["round"]]["peak_gb"] for r in rs]
+            rr = [r["run_gb"] / base[r["round"]]["run_gb"] for r in rs]
             out.append({"tokens": tokens, "method": method, "n": len(rs),
                         "seconds": [min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)],
                         "peak_gb": [min(r["peak_gb"] for r in rs), max(r["peak_gb"] for r in rs)],
-                        "time_ratio": [min(tr), max(tr)], "mem_ratio": [min(mr), max(mr)]})
+                        "time_ratio": [min(tr), max(tr)], "mem_ratio": [min(mr), max(mr)], "run_mem_ratio": [min(rr), max(rr)]})
         extra = {r["round"]: r for r in at if r["method"] == "extra_pass"}
         b_runs = [r for r in at if r["method"] == "ours_b" and r["round"] in base and r["round"] in extra]
         if b_runs:  # (b) against its floor, bare + one extra pass, round by round
@@ -207,13 +218,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--repeats", type=int, default=1, help="timed repeats per process after one warm-up (median)")
+    ap.add_argument("--repeats", type=int, default=0, help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tl-max-gb", type=float, default=20.0)
+    ap.add_argument("--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/longctx-MODEL)")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.tokens, args.repeats)))
+        print(json.dumps(child(args.child, args.model, args.tokens, args.repeats, args.tokens <= args.warmup_max)))
         return
     methods = args.methods.split(",")
     methods = ["bare"] + [m for m in methods if m != "bare"]
@@ -235,8 +247,9 @@ def main() -> None:
                             notes.append(note)
                             print(note, flush=True)
                         continue
+                repeats = args.repeats or max(1, 4096 // tokens)
                 proc = subprocess.run([sys.executable, __file__, "--child", method, "--model", args.model, "--tokens", str(tokens),
-                                       "--repeats", str(args.repeats)], capture_output=True, text=True)
+                                       "--repeats", str(repeats), "--warmup-max", str(args.warmup_max)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
@@ -244,14 +257,16 @@ def main() -> None:
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1]) | {"round": rnd}
                 runs.append(r)
-                print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s {r['peak_gb']:6.2f} GB", flush=True)
+                print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
+                      f"  (run {r['run_gb']:5.2f} GB)", flush=True)
         summary = summarize(runs)
         (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "notes": notes}, indent=1))
         figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html")
-    print(f"\n{'T':>6} {'method':>28} {'time / bare':>14} {'memory / bare':>14}")
+    print(f"\n{'T':>6} {'method':>28} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
     for s in summarize(runs):
         mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
-        print(f"{s['tokens']:>6} {s['method']:>28} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14}")
+        run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
+        print(f"{s['tokens']:>6} {s['method']:>28} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
     print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
 
 

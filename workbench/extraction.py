@@ -37,7 +37,7 @@ from workbench.attention import AttentionCall, hooked_run
 from workbench.context import RunContext
 from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
-from workbench.masking import key_visibility
+from workbench.masking import visible_counts
 from workbench.patterns import BatchInfo, PatternChunk, PatternView, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
 from workbench.statistics import LayerStatistics, single_threaded
@@ -103,7 +103,7 @@ class ChunkFeeder:
         for mask, n in self._n_visible:
             if mask is call.mask:
                 return n
-        n = key_visibility(call).n_visible(call.query.shape[0], call.query.device)
+        n = visible_counts(call)
         self._n_visible.append((call.mask, n))
         return n
 

@@ -90,6 +90,22 @@ def key_visibility(call: AttentionCall, q0: int = 0, q1: int | None = None) -> K
                          additive[..., :k_end] if additive is not None else None)
 
 
+def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
+    """How many keys each query of the call may see (head 0 of a per-head mask), without the
+    intermediate copies of :func:`key_visibility` (a boolean mask is summed where it lies)."""
+    b, _, n_q, _ = call.query.shape
+    n_k = call.key.shape[2]
+    dev = call.query.device
+    if call.mask is None:
+        if not call.is_causal:
+            return torch.full((b, n_q), n_k, dtype=torch.long, device=dev)
+        return (torch.arange(n_q, device=dev) + (n_k - n_q) + 1).clamp(0, n_k).expand(b, -1)
+    m = call.mask[:, 0]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.sum(-1).expand(b, -1)
+
+
 def attention_scores(
     call: AttentionCall, q0: int = 0, q1: int | None = None, fill: float = float("-inf"),
     vis: KeyVisibility | None = None,
