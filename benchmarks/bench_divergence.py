@@ -89,6 +89,7 @@ def main() -> None:
 
     from workbench.conditions import context_pair
     from workbench.datasets import make_dataset
+    from workbench.context import RunContext
     from workbench.divergence import divergence
     from workbench.models import load_model
 
@@ -110,7 +111,7 @@ def main() -> None:
     tl = tl_loop(model, pairs, args.max_new_tokens, pad, eos)
     times["tl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = divergence(model, pairs, steps="all", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    ours = divergence(model, pairs, steps="all", max_new_tokens=args.max_new_tokens, ctx=RunContext(batch_size=args.batch_size))
     times["ours"] = time.perf_counter() - t0
     same = [o for o, r in zip(ours, ref) if o.divergence.shape == r.shape]
     diff = max(float((o.divergence - r).abs().max()) for o, r in zip(ours, ref) if o.divergence.shape == r.shape)

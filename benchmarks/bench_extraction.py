@@ -78,7 +78,7 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
             return torch.stack(ent), torch.stack(sink)
     elif method == "workbench":
         from probes import get_probe
-        from workbench.extraction import run_probes
+        from workbench.runner import run_probes
         from workbench.prompts import TokenizedPrompt
 
         prompts = [TokenizedPrompt(str(i), r) for i, r in enumerate(rows)]

@@ -64,6 +64,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from probes.retrieval import generate_and_score, newline_token_ids
+    from workbench.context import RunContext
     from workbench.datasets import make_dataset
     from workbench.models import load_model
     from workbench.prompts import tokenize_prompts
@@ -84,10 +85,10 @@ def main() -> None:
     ref = paper_loop(eager, wb.tokenizer, prompts, stops, args.max_new_tokens)
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, require_correct=False)
+    ours = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, require_correct=False, ctx=RunContext(batch_size=args.batch_size))
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    padded = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    padded = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, ctx=RunContext(batch_size=args.batch_size),
                                 require_correct=False, prefill="batched")
     t_padded = time.perf_counter() - t0
     diff = max(float((r.scores - s).abs().max()) for r, s in zip(ours, ref))

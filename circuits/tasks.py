@@ -13,6 +13,9 @@ is the logit difference ``logit(correct) - logit(incorrect)`` at the last positi
   about (corrupted = a different queried object).
 - JSONL pairs: ``{"id", "clean", "corrupted", "correct", "incorrect"}`` (texts; answers are
   tokenized as given, so include the leading space).
+
+Prompts start with the tokenizer's default special prefix (BOS for Gemma, nothing for SmolLM2),
+as text prompts do; answers are single tokens without it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.prompts import json_kind, read_lines
+from workbench.prompts import json_kind, read_lines, special_prefix
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
          "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
@@ -100,11 +103,12 @@ def check_pair(p: Pair) -> None:
 
 
 def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, incorrect: str, meta: dict | None = None) -> Pair:
+    prefix = special_prefix(tokenizer)
     c = tokenizer(clean, add_special_tokens=False)["input_ids"]
     x = tokenizer(corrupted, add_special_tokens=False)["input_ids"]
     if not c or not x:
         raise WorkbenchError(f"pair {pid!r} has an empty prompt", "give clean and corrupted text")
-    pair = Pair(pid, list(c), list(x), _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
+    pair = Pair(pid, prefix + list(c), prefix + list(x), _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
                 {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect, **(meta or {})})
     check_pair(pair)
     return pair

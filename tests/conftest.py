@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built from configs (fast), and the real SmolLM2 (marked)."""
+"""Shared fixtures: tiny models built from configs (fast), and the real SmolLM2 and Gemma-3-270M
+(marked ``smollm2`` / ``gemma3``)."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,18 @@ def smollm2():
     from workbench.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from workbench.models import load_model
+
+    return load_model("gemma3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3_eager(gemma3):
+    """A separate plain transformers copy of Gemma-3-270M (eager attention), for the slow references."""
+    from tests.reference import eager_model
+
+    return eager_model(gemma3.source)

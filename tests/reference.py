@@ -20,27 +20,59 @@ def eager_model(source: str):
 
 def patterns(model, ids: list[int]) -> list[torch.Tensor]:
     """Per layer, the ``[head, query, key]`` attention of one unpadded prompt (float64)."""
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), output_attentions=True, use_cache=False)
+    with torch.no_grad():  # the base network: the LM head's logits are not needed here
+        out = model.base_model(torch.tensor([ids]), output_attentions=True, use_cache=False)
     return [a[0].double() for a in out.attentions]
 
 
-def entropy_reference(all_patterns: list[list[torch.Tensor]]) -> tuple[dict, dict, int]:
-    """entropy[(l,h)], entropy_norm[(l,h)] and n: means of H_q and H_q/ln(q+1) over q >= 1."""
+def attention_windows(model) -> list[int | None]:
+    """Per layer, how many of the most recent keys a query may see: the config's
+    ``sliding_window`` on layers whose ``layer_types`` entry is ``sliding_attention``, None (every
+    earlier key) on the others. Read from the plain HF model's config, i.e. the architecture's
+    definition, not from the workbench's masking code."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in types]
+
+
+def visible_keys(q: int, window: int | None) -> slice:
+    """Keys query q may attend to: k <= q, and q - k < window on a sliding-window layer."""
+    return slice(0 if window is None else max(0, q - window + 1), q + 1)
+
+
+def check_visibility(all_patterns: list[list[torch.Tensor]], windows: list[int | None]) -> None:
+    """The eager patterns put exactly zero weight outside :func:`visible_keys` (the windows are
+    what the model does), and each row sums to 1."""
+    for pats in all_patterns:
+        for layer, A in enumerate(pats):
+            for q in range(A.shape[-1]):
+                keys = visible_keys(q, windows[layer])
+                outside = float(A[:, q, : keys.start].abs().sum() + A[:, q, keys.stop :].abs().sum())
+                assert outside == 0.0, (layer, q)
+                assert torch.allclose(A[:, q, keys].sum(-1), torch.ones((), dtype=A.dtype), atol=1e-6)
+
+
+def entropy_reference(all_patterns: list[list[torch.Tensor]], windows: list[int | None] | None = None) -> tuple[dict, dict, int]:
+    """entropy[(l,h)], entropy_norm[(l,h)] and n: means over queries q >= 1 of
+    H_q = -sum_{k visible} A[q,k] ln A[q,k] (0 ln 0 = 0) and of H_q / ln(number of keys q may
+    see), which is q + 1 under a causal mask and min(q + 1, W) on a layer with a sliding window
+    of W keys (``windows``, per layer; None = every layer full)."""
     sums, sums_norm, n = {}, {}, 0
     for pats in all_patterns:
         T = pats[0].shape[-1]
         n += T - 1
         for layer, A in enumerate(pats):
-            for head in range(A.shape[0]):
-                for q in range(1, T):
-                    h = 0.0
-                    for k in range(q + 1):
-                        a = float(A[head, q, k])
-                        if a > 0:
-                            h -= a * math.log(a)
-                    sums[(layer, head)] = sums.get((layer, head), 0.0) + h
-                    sums_norm[(layer, head)] = sums_norm.get((layer, head), 0.0) + h / math.log(q + 1)
+            visible = torch.zeros(T, T, dtype=torch.bool)
+            for q in range(T):
+                visible[q, visible_keys(q, windows[layer] if windows else None)] = True
+            terms = torch.where(visible & (A > 0), A * A.clamp_min(1e-300).log(), torch.zeros_like(A))
+            H = (-terms.sum(-1)).tolist()  # [head][query]
+            n_keys = visible.sum(-1).tolist()
+            for q in range(1, T):
+                assert n_keys[q] >= 2
+                for head in range(A.shape[0]):
+                    sums[(layer, head)] = sums.get((layer, head), 0.0) + H[head][q]
+                    sums_norm[(layer, head)] = sums_norm.get((layer, head), 0.0) + H[head][q] / math.log(n_keys[q])
     return {k: v / n for k, v in sums.items()}, {k: v / n for k, v in sums_norm.items()}, n
 
 
@@ -80,9 +112,10 @@ def induction_reference(all_patterns, all_ids, metas) -> dict[str, tuple[dict, i
             for metric, ks in targets.items():
                 counts[metric] += 1
                 for layer, A in enumerate(pats):
+                    mass = A[:, q, ks].sum(-1).tolist()  # [head]
                     for head in range(A.shape[0]):
                         key = (layer, head)
-                        sums[metric][key] = sums[metric].get(key, 0.0) + sum(float(A[head, q, k]) for k in ks)
+                        sums[metric][key] = sums[metric].get(key, 0.0) + mass[head]
     return {m: ({k: v / counts[m] for k, v in sums[m].items()}, counts[m]) for m in sums}
 
 
@@ -94,8 +127,9 @@ def streaming_reference(all_patterns, sink: int = 4, recent: int = 64) -> tuple[
             n += 1
             keys = [k for k in range(q + 1) if k < sink or q - k < recent]
             for layer, A in enumerate(pats):
+                mass = A[:, q, keys].sum(-1).tolist()  # [head]
                 for head in range(A.shape[0]):
-                    sums[(layer, head)] = sums.get((layer, head), 0.0) + sum(float(A[head, q, k]) for k in keys)
+                    sums[(layer, head)] = sums.get((layer, head), 0.0) + mass[head]
     return {k: v / n for k, v in sums.items()}, n
 
 
@@ -111,7 +145,7 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
     KV = _cache_kwarg(model)  # the KV-cache argument's name in this transformers
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(input_ids=prompt[:, :-1], **{KV: cache}, use_cache=True)
+        out = model(input_ids=prompt[:, :-1], **{KV: cache}, use_cache=True, logits_to_keep=1)
         cache, inp, output = out[KV], prompt[:, -1], []
         for _ in range(max_new_tokens):
             out = model(input_ids=inp.view(1, 1), **{KV: cache}, use_cache=True, output_attentions=True)
@@ -129,16 +163,23 @@ def retrieval_reference(model, tokenizer, ids, span, stop_ids, max_new_tokens=50
 
 
 def serial_path_patching(source, pairs, senders, receivers=None):
-    """Path patching the plain way: a plain HF Llama, one sender at a time, explicit runs with
-    forward hooks on o_proj (head outputs) and q/k/v_proj (receiver inputs). Returns the mean
-    patched logit difference per sender and the clean / corrupted means."""
-    model = eager_model(source)
+    """Path patching the plain way: a plain HF model (Llama or Gemma families), one sender at a
+    time, explicit runs with forward hooks on o_proj (head outputs) and q/k/v_proj (receiver
+    inputs). Patching a head's slice of the q/k/v_proj output is patching its query / key /
+    value: what follows (Gemma's QK-norm, RoPE) acts on each head separately. Returns the mean
+    patched logit difference per sender and the clean / corrupted means. ``source``: a model
+    folder, or an already loaded plain eager model."""
+    model = eager_model(source) if isinstance(source, str) else source
     cfg = model.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // H
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H  # Gemma: head_dim != hidden / heads
     layers = model.model.layers
 
-    def run(ids, z_edit=None, record_z=None, qkv_edit=None, record_qkv=None):
+    head = model.get_output_embeddings()
+
+    def run(ids, answers, z_edit=None, record_z=None, qkv_edit=None, record_qkv=None):
+        """The logits of the two answer tokens at the last position (the LM head's rows for
+        them, and the model's final soft-cap if it has one: only 2 of the vocabulary's rows)."""
         hooks = []
         for l, layer in enumerate(layers):
             attn = layer.self_attn
@@ -165,7 +206,12 @@ def serial_path_patching(source, pairs, senders, receivers=None):
                 hooks.append(proj.register_forward_hook(post))
         try:
             with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, -1]
+                hidden = model.base_model(torch.tensor([ids])).last_hidden_state[0, -1]
+                rows = list(answers)
+                logits = torch.nn.functional.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+                cap = getattr(cfg, "final_logit_softcapping", None)
+                if cap:
+                    logits = cap * torch.tanh(logits / cap)
         finally:
             for h in hooks:
                 h.remove()
@@ -175,10 +221,11 @@ def serial_path_patching(source, pairs, senders, receivers=None):
     ld_c, ld_x = [], []
     for p in pairs:
         zc, zx = {}, {}
-        lc = run(p.clean, record_z=zc)
-        lx = run(p.corrupted, record_z=zx)
-        ld_c.append(float(lc[p.correct] - lc[p.incorrect]))
-        ld_x.append(float(lx[p.correct] - lx[p.incorrect]))
+        ans = (p.correct, p.incorrect)
+        lc = run(p.clean, ans, record_z=zc)
+        lx = run(p.corrupted, ans, record_z=zx)
+        ld_c.append(float(lc[0] - lc[1]))
+        ld_x.append(float(lx[0] - lx[1]))
         for s in senders:
             def freeze(l, z, s=s):
                 z = zc[l].clone()
@@ -187,10 +234,10 @@ def serial_path_patching(source, pairs, senders, receivers=None):
                 return z
 
             if not receivers:
-                lp = run(p.clean, z_edit=freeze)
+                lp = run(p.clean, ans, z_edit=freeze)
             else:
                 rec = {}
-                run(p.clean, z_edit=freeze, record_qkv=rec)
+                run(p.clean, ans, z_edit=freeze, record_qkv=rec)
 
                 def patch(l, which, out):
                     for rl, rh, rw in receivers:
@@ -200,8 +247,8 @@ def serial_path_patching(source, pairs, senders, receivers=None):
                             out[..., idx * d : (idx + 1) * d] = rec[(l, which)][..., idx * d : (idx + 1) * d]
                     return out
 
-                lp = run(p.clean, qkv_edit=patch)
-            results[s].append(float(lp[p.correct] - lp[p.incorrect]))
+                lp = run(p.clean, ans, qkv_edit=patch)
+            results[s].append(float(lp[0] - lp[1]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {s: mean(v) for s, v in results.items()}, mean(ld_c), mean(ld_x)
 

@@ -89,7 +89,7 @@ def test_bad_prompts_fail_cleanly(tiny_dirs, tmp_path, capsys, case):
         (["probe", "entropy", "--dataset", "nope", "--out", "{tmp}/r.parquet"], "unknown dataset 'nope'"),
         (["probe", "entropy", "--out", "/proc/no/r.parquet"], "cannot write to /proc/no/r.parquet"),
         (["probe", "entropy", "--out", "{tmp}/r.csv"], "should end in .parquet"),
-        (["probe", "entropy", "--n-prompts", "0", "--out", "{tmp}/r.parquet"], "--n-prompts must be at least 1"),
+        (["probe", "entropy", "--n-prompts", "0", "--out", "{tmp}/r.parquet"], "--n-prompts: must be >= 1"),
         (["probe", "entropy", "--batch-size", "zero", "--out", "{tmp}/r.parquet"], "--batch-size must be"),
         (["probe", "sink", "--param", "sink.bogus=1", "--model", "tiny-llama", "--out", "{tmp}/r.parquet"], "sink: unknown parameter 'bogus'"),
         (["probe", "sink", "--param", "sink.epsilon=abc", "--out", "{tmp}/r.parquet"], "sink.epsilon: expected a number, got 'abc'"),

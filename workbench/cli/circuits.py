@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from workbench.cli.common import add_command, add_model_args, check_parquet_out
+from workbench.cli.common import add_command, add_model_args, check_parquet_out, number, whole
 from workbench.errors import WorkbenchError
 
 
@@ -146,14 +146,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(pa)
     pa.add_argument("--task", default="ioi", help="ioi or colored-objects")
     pa.add_argument("--pairs", help="your own pairs: JSONL with clean, corrupted, correct, incorrect")
-    pa.add_argument("--n-prompts", type=int, help="pairs to use (default 16)")
-    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--n-prompts", type=whole(1), help="pairs to use (default 16)")
+    pa.add_argument("--seed", type=whole(0), default=0)
     pa.add_argument("--receivers", help="path patching receivers: LAYER.HEAD[.q|k|v], comma list (default: the logits)")
-    pa.add_argument("--component", default="z", help="activation patching: z (per head), resid_pre, attn_out or mlp_out")
+    pa.add_argument("--component", default="z", choices=["z", "resid_pre", "attn_out", "mlp_out"], help="activation patching: z (per head), resid_pre, attn_out or mlp_out")
     pa.add_argument("--per-position", action="store_true")
-    pa.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples over prompts for 95%% CIs")
-    pa.add_argument("--max-rows", type=int, default=512, help="rows per stacked forward (memory budget)")
-    pa.add_argument("--top", type=int, default=10)
+    pa.add_argument("--bootstrap", type=whole(0), default=0, help="bootstrap resamples over prompts for 95%% CIs")
+    pa.add_argument("--max-rows", type=whole(1), default=512, help="rows per stacked forward (memory budget)")
+    pa.add_argument("--top", type=whole(0), default=10)
     pa.add_argument("--out", required=True)
     pa.set_defaults(func=cmd_patch)
 
@@ -161,8 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "workbench task ioi --n-prompts 64 --out ioi.jsonl")
     tk.add_argument("name", help="ioi or colored-objects")
     tk.add_argument("--model", default="smollm2-135m", help="its tokenizer decides which names/colours are single tokens")
-    tk.add_argument("--n-prompts", type=int, default=16)
-    tk.add_argument("--seed", type=int, default=0)
+    tk.add_argument("--n-prompts", type=whole(1), default=16)
+    tk.add_argument("--seed", type=whole(0), default=0)
     tk.add_argument("--out", required=True)
     tk.set_defaults(func=cmd_task)
 
@@ -170,11 +170,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "workbench circuit --task ioi,colored-objects --n-prompts 8 --out runs/circuits")
     add_model_args(ci)
     ci.add_argument("--task", default="ioi", help="one task, or two (comma) to also get their overlap")
-    ci.add_argument("--n-prompts", type=int, default=16)
-    ci.add_argument("--seed", type=int, default=0)
-    ci.add_argument("--threshold", type=float, default=0.05, help="|normalised effect| for a head to join")
-    ci.add_argument("--inner-threshold", type=float, help="|effect| for paths into a receiver's q/k/v (default threshold / 2)")
-    ci.add_argument("--rounds", type=int, default=3)
-    ci.add_argument("--max-receivers", type=int, default=6)
+    ci.add_argument("--n-prompts", type=whole(1), default=16)
+    ci.add_argument("--seed", type=whole(0), default=0)
+    ci.add_argument("--threshold", type=number(0), default=0.05, help="|normalised effect| for a head to join")
+    ci.add_argument("--inner-threshold", type=number(0), help="|effect| for paths into a receiver's q/k/v (default threshold / 2)")
+    ci.add_argument("--rounds", type=whole(1), default=3)
+    ci.add_argument("--max-receivers", type=whole(1), default=6)
     ci.add_argument("--out", required=True, help="folder: TASK/circuit.json, nodes.parquet, edges.parquet")
     ci.set_defaults(func=cmd_circuit)

@@ -12,11 +12,65 @@ import argparse
 import os
 from typing import Any, Sequence
 
+from workbench.batching import parse_batch_size  # noqa: F401  (re-exported for the command modules)
 from workbench.errors import WorkbenchError
 from workbench.params import parse_cli_value
 
 MODEL_HELP = "known name (see `workbench models`), local HF folder or hub id (default smollm2-135m)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A command-line usage mistake found by argparse (unknown flag, bad value for a typed flag)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the workbench's error format: one ``error:`` line and a ``fix:`` line
+    (instead of a usage dump), exit status 2, raised to :func:`workbench.cli.main`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def whole(minimum: int | None = None, maximum: int | None = None):
+    """An argparse type: a whole number within bounds."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, above: float | None = None):
+    """An argparse type: a finite number within bounds (NaN and infinities refused)."""
+    import math
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {raw!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {value:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, summary: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -42,7 +96,7 @@ def add_dataset_options(group: argparse._ArgumentGroup) -> None:
     """Options of the generated datasets (niah, repeated-random)."""
     group.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
     group.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
-    group.add_argument("--period", type=int, help="repeated-random: length of the repeated block (default 50)")
+    group.add_argument("--period", type=whole(2), help="repeated-random: length of the repeated block (default 50)")
     group.add_argument("--shared-haystack", action="store_true", help="niah: one haystack for every prompt (the paper's grid)")
 
 
@@ -51,8 +105,8 @@ def add_input_args(parser: argparse.ArgumentParser, items: bool = False) -> None
     group = parser.add_argument_group("inputs")
     group.add_argument("--prompts", help="JSONL file: one {id, text|tokens} object per line (items: + image or context)")
     group.add_argument("--dataset", help="shipped or generated dataset (see `workbench datasets`; default prose)")
-    group.add_argument("--n-prompts", type=int, help="how many prompts (dataset size, or the first N of --prompts)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--n-prompts", type=whole(1), help="how many prompts (dataset size, or the first N of --prompts)")
+    group.add_argument("--seed", type=whole(0), default=0)
     if items:
         group.add_argument("--images", help="an image file or a folder of images, each run with --text (vision-language models)")
         group.add_argument("--text", help="with --images: the prompt, with the image placeholder (e.g. <image>)")
@@ -60,18 +114,6 @@ def add_input_args(parser: argparse.ArgumentParser, items: bool = False) -> None
 
 def add_batch_size(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     parser.add_argument("--batch-size", default=default, help="items per forward pass, or auto (a token budget per batch)")
-
-
-def parse_batch_size(raw: str | int) -> int | str:
-    if raw == "auto":
-        return raw
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise WorkbenchError(f"--batch-size must be a whole number or auto, got {raw!r}", "e.g. --batch-size 8") from None
-    if value < 1:
-        raise WorkbenchError(f"--batch-size must be at least 1, got {value}", "e.g. --batch-size 8")
-    return value
 
 
 def float_list(raw: str | None, flag: str) -> list[float] | None:

@@ -18,6 +18,7 @@ from workbench.cli.common import (
     parse_batch_size,
     parse_params,
     print_top,
+    whole,
 )
 from workbench.errors import WorkbenchError
 
@@ -33,6 +34,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     probes = [get_probe(n, **params[n]) for n in names]
     batch_size = parse_batch_size(args.batch_size)
     check_parquet_out(args.out)
+    if args.from_store:
+        return probe_from_store(args, probes, batch_size)
+    args.model = args.model or "smollm2-135m"
     if args.n_prompts is not None and args.n_prompts < 1:
         raise WorkbenchError(f"--n-prompts must be at least 1, got {args.n_prompts}", "ask for 1 or more prompts")
     if args.ablation not in ("zero", "mean", "first"):
@@ -61,8 +65,66 @@ def cmd_probe(args: argparse.Namespace) -> int:
     )
     write_parquet(table, args.out, meta)
     t_run = time.perf_counter() - t0 - t_load
-    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens" + (f", {stats.n_batches} batches" if stats.n_batches else "")
+    facts = f"{stats.n_prompts} prompts" + (f", {stats.n_tokens} tokens" if stats.n_tokens else "") + (f", {stats.n_batches} batches" if stats.n_batches else "")
     print_top(top_heads(table, args.top), args.model, args.top, f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}")
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+def check_store_model(store, name: str) -> None:
+    """A store read with ``--model`` must come from that model and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from workbench.models import model_identity, resolve_source
+    from workbench.store.layout import tokenizer_identity
+
+    source, _ = resolve_source(name)
+    try:
+        tok = tokenizer_identity(AutoTokenizer.from_pretrained(source))
+    except Exception as exc:
+        raise WorkbenchError(f"cannot load the tokenizer of {name}: {type(exc).__name__}: {exc}", "check the model name") from None
+    if tok["sha256"] != store.index.get("tokenizer", {}).get("sha256"):
+        raise WorkbenchError(f"{store.path} was tokenized by a different tokenizer than {name}'s ({store.index.get('tokenizer', {}).get('class')})",
+                             f"cache {name} again: workbench cache --model {name} ... --out NEW_STORE")
+    if model_identity(name) != store.index.get("model_identity"):
+        raise WorkbenchError(f"{store.path} was cached from {store.index['model']}, not from {name}",
+                             f"drop --model, or cache {name}: workbench cache --model {name} ... --out NEW_STORE")
+
+
+def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
+    """``workbench probe ... --from-store STORE``: pattern probes on stored queries and keys, no model weights."""
+    from workbench.device import resolve_device
+    from workbench.results import run_metadata, tidy, top_heads, write_parquet
+    from workbench.store import open_store
+    from workbench.store.replay import check_replayable, run_probes_from_store
+
+    given = [flag for flag, v in (("--prompts", args.prompts), ("--dataset", args.dataset), ("--images", args.images), ("--ablate", args.ablate)) if v]
+    if given:
+        raise WorkbenchError(f"--from-store runs on the store's own prompts and activations; {', '.join(given)} cannot apply",
+                             "drop " + ", ".join(given) + " (or run live with --model)")
+    device = resolve_device(args.device)
+    store = open_store(args.from_store)
+    check_replayable(store, probes)
+    if args.model:
+        check_store_model(store, args.model)
+    t0 = time.perf_counter()
+    result = run_probes_from_store(store, probes, batch_size=batch_size, device=device, n_prompts=args.n_prompts,
+                                   progress=None if args.progress else False)
+    dataset = str(store.index.get("source", {}).get("dataset") or "store")
+    table = tidy(result.table, model=store.index["model"], dataset=dataset)
+    stats = result.stats
+    meta = run_metadata(
+        model={**store.index.get("model_info", {}), "from_store": str(store.path)},
+        dataset={**store.index.get("source", {}), "name": dataset, "n_prompts": stats.n_prompts, "n_tokens": stats.n_tokens},
+        probes=[p.config() for p in probes],
+        config={"batch_size": batch_size, "device": str(device), "store": str(store.path), "store_dtype": store.index["dtype"],
+                "layers": store.layers},
+        summaries=result.summaries(), command=sys.argv,
+    )
+    write_parquet(table, args.out, meta)
+    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); run {time.perf_counter() - t0:.1f}s"
+    print_top(top_heads(table, args.top), store.index["model"], args.top, f"{facts} -> {args.out}")
     for line in result.lines():
         print(line)
     return 0
@@ -119,7 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "probe", "run probes over prompts or items and write one tidy Parquet table",
                     "workbench probe entropy,sink --model smollm2-135m --dataset prose --n-prompts 64 --out runs/prose.parquet\n"
                     "workbench probe retrieval --dataset niah --context-len 1000 --out retrieval.parquet\n"
-                    "workbench probe context --dataset counterfact --out ctx.parquet")
+                    "workbench probe context --dataset counterfact --out ctx.parquet\n"
+                    "workbench probe entropy,sink --from-store store/ --out entropy.parquet")
     p.add_argument("probes", help="comma list of probes, e.g. entropy,sink (see `workbench probes`)")
     add_model_args(p)
     add_input_args(p, items=True)
@@ -131,9 +194,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
     run.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
     run.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--top", type=int, default=5, help="heads to print per metric")
+    p.add_argument("--top", type=whole(0), default=5, help="heads to print per metric")
+    p.add_argument("--from-store", metavar="STORE", help="run pattern probes on an activation store (`workbench cache`) instead of the model")
     p.add_argument("--out", required=True, help="output .parquet file")
-    p.set_defaults(func=cmd_probe)
+    p.set_defaults(func=cmd_probe, model=None)  # None: smollm2-135m live; with --from-store, the store's model is checked
 
     add_command(sub, "probes", "list probes and their metrics", "workbench probes").set_defaults(func=cmd_probes)
     add_command(sub, "models", "list known models and what is installed", "workbench models").set_defaults(func=cmd_models)
@@ -142,8 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = add_command(sub, "dataset", "write a shipped or generated dataset as prompts JSONL (read back with --prompts)",
                     "workbench dataset niah --context-len 2000 --depths 0,0.5,1 --n-prompts 12 --out niah.jsonl")
     d.add_argument("name", help="dataset name (see `workbench datasets`)")
-    d.add_argument("--n-prompts", type=int)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-prompts", type=whole(1))
+    d.add_argument("--seed", type=whole(0), default=0)
     d.add_argument("--model", default="smollm2-135m", help="token-space datasets (niah, repeated-random) use its tokenizer")
     add_dataset_options(d.add_argument_group("dataset options"))
     d.add_argument("--out", required=True)

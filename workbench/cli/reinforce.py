@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_inputs, parse_batch_size
+from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_inputs, number, parse_batch_size, whole
 from workbench.errors import WorkbenchError
 
 
@@ -84,10 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     vr.add_argument("--vhd", help="a vhd/context probe table to pick heads from (default: run the probe on the same items)")
     vr.add_argument("--heads", help="reinforce exactly these heads, LAYER.HEAD comma list")
     vr.add_argument("--layers", help="layers to pick heads in, e.g. 2,17-29 (default: VHR's layer 2 + the last 14/32)")
-    vr.add_argument("--alpha", type=float, default=2.0)
-    vr.add_argument("--positions", default="first", help="first (the position of the first generated token) or all")
-    vr.add_argument("--max-new-tokens", type=int, default=16)
+    vr.add_argument("--alpha", type=number(), default=2.0, help="the factor the chosen heads' outputs are scaled by")
+    vr.add_argument("--positions", default="first", choices=["first", "all"], help="first (the position of the first generated token) or all")
+    vr.add_argument("--max-new-tokens", type=whole(1), default=16)
     vr.add_argument("--batch-size", default="auto", help="items per forward, or auto (a token budget)")
-    vr.add_argument("--show", type=int, default=10, help="answers to print")
+    vr.add_argument("--show", type=whole(0), default=10, help="answers to print")
     vr.add_argument("--out", required=True, help="output .parquet (answer_changed per item; answers in the metadata)")
     vr.set_defaults(func=cmd_reinforce)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command, add_model_args, dataset_options, parse_batch_size
+from workbench.cli.common import add_command, add_model_args, dataset_options, parse_batch_size, whole
 from workbench.errors import WorkbenchError
 
 
@@ -50,13 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = add_command(sub, "retrieval-ablation", "needle accuracy with the top-k retrieval heads vs k random heads ablated",
                     "workbench retrieval-ablation --n-prompts 20 --context-len 1000,2000 --k 5,10,20 --draws 3 --out ablation.parquet")
     add_model_args(r)
-    r.add_argument("--n-prompts", type=int, default=20, help="niah prompts for detection, and as many (other seed) for evaluation")
+    r.add_argument("--n-prompts", type=whole(1), default=20, help="niah prompts for detection, and as many (other seed) for evaluation")
     r.add_argument("--context-len", default="1000,2000")
     r.add_argument("--depths")
     r.add_argument("--k", default="5,10,20", help="numbers of heads to ablate")
-    r.add_argument("--draws", type=int, default=3, help="random draws per k")
+    r.add_argument("--draws", type=whole(1), default=3, help="random draws per k")
     r.add_argument("--ablation", default="zero", choices=["zero", "first"])
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=whole(0), default=0)
     r.add_argument("--batch-size", default="4")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_retrieval_ablation)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from workbench.cli.common import add_command
+from workbench.cli.common import add_command, whole
 from workbench.errors import WorkbenchError
 
 
@@ -11,7 +12,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from workbench.results import load_results, top_heads
     from workbench.sweeps import run_sweep
 
-    summary = run_sweep(args.config, args.out, progress=args.progress)
+    summary = run_sweep(args.config, args.out, progress=args.progress, log=lambda line: print(line, file=sys.stderr),
+                        executor=args.executor, address=args.address)
     table = load_results(args.out)
     print(f"{summary['units']} units: {summary['ran']} run now, {summary['skipped']} already done -> {summary['parts']}")
     top = top_heads(table, args.top)
@@ -85,10 +87,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     sw = add_command(sub, "sweep", "run a models x datasets x probes grid from a TOML file (resumable)",
-                     "workbench sweep data/sweeps/demo.toml --out runs/demo")
+                     "workbench sweep data/sweeps/demo.toml --out runs/demo\n"
+                     "workbench sweep big.toml --out /shared/runs/big --executor ray --address 10.0.0.1:6379")
     sw.add_argument("config", help="TOML file: models = [...], probes = [...], [datasets.NAME] tables")
     sw.add_argument("--out", required=True, help="run folder (parts/*.parquet); re-running resumes")
-    sw.add_argument("--top", type=int, default=3)
+    sw.add_argument("--executor", default="local",
+                    help="who runs the (model, dataset) groups: local (this process) or ray (tasks with the config's [executor] resources; "
+                         "pip install 'attention-head-workbench[ray]')")
+    sw.add_argument("--address", help="with --executor ray: the cluster's address, host:port (default RAY_ADDRESS, else a local Ray instance)")
+    sw.add_argument("--top", type=whole(0), default=3)
     sw.add_argument("--no-progress", dest="progress", action="store_false")
     sw.set_defaults(func=cmd_sweep)
 
@@ -98,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--runs", action="extend", nargs="+", help="run folders, repeatable (default: every sweep folder under ./runs)")
     q.add_argument("--read-only", action="store_true",
                    help="for SQL you did not write: rows are loaded into memory, then file, network and extension access are disabled and the configuration locked")
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument("--max-rows", type=whole(1), default=50)
     q.set_defaults(func=cmd_query)
 
     rp = add_command(sub, "report", "self-contained HTML report of one run, or a side-by-side comparison of several",

@@ -2,7 +2,8 @@
 
 A haystack of the shipped prose corpus, a needle sentence carrying a random fact the model
 cannot guess, inserted at a sentence boundary at ``depth`` (0 = start, 1 = end) of a context of
-``context_len`` tokens, then the question. Prompts are built from token pieces, so the needle's
+``context_len`` tokens, then the question; prompts start with the tokenizer's default special
+prefix (BOS for Gemma, nothing for SmolLM2). Prompts are built from token pieces, so the needle's
 exact token span is known (no fuzzy search as in the paper's code, whose ``find_needle_idx``
 matches 90% token-set overlap). Fields (in ``meta``): ``needle_span`` and ``answer_span``
 ([start, end) token indices), ``answer`` (the text the model must produce: the paper's
@@ -23,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from workbench.errors import WorkbenchError
 from workbench.params import Float, Int
-from workbench.prompts import Prompt
+from workbench.prompts import Prompt, special_prefix
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions, check_template
 from .prose import load_documents
@@ -106,6 +107,7 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
     rng = random.Random(seed)
     hay_seed = f"haystack-{seed}"  # its own stream: the default prompts do not change
     period_ids = set(_encode(tokenizer, ".")) | set(_encode(tokenizer, ".\n"))
+    prefix = special_prefix(tokenizer)
     prompts = []
     for i in range(n_prompts):
         L, depth = grid[i % len(grid)]
@@ -117,10 +119,10 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
         post_ids = _encode(tokenizer, tail.format(place=place))
         needle_ids = pre_ids + ans_ids + post_ids
         q_ids = _encode(tokenizer, question.format(place=place))
-        n_hay = L - len(needle_ids) - len(q_ids)
+        n_hay = L - len(prefix) - len(needle_ids) - len(q_ids)
         if n_hay < 1:
             raise WorkbenchError(
-                f"context length {L} is too short for the needle and question ({len(needle_ids) + len(q_ids)} tokens)",
+                f"context length {L} is too short for the needle and question ({len(prefix) + len(needle_ids) + len(q_ids)} tokens)",
                 "use a longer --context-len",
             )
         if n_ctx is not None and L > n_ctx:
@@ -132,8 +134,8 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
             while j > 0 and hay[j - 1] not in period_ids:
                 j -= 1
             cut = j if j > 0 else cut
-        tokens = hay[:cut] + needle_ids + hay[cut:] + q_ids
-        s = cut
+        tokens = prefix + hay[:cut] + needle_ids + hay[cut:] + q_ids
+        s = len(prefix) + cut
         meta = {
             "needle_span": [s, s + len(needle_ids)],
             "answer_span": [s + len(pre_ids), s + len(pre_ids) + len(ans_ids)],

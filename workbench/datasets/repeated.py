@@ -3,7 +3,9 @@
 Each prompt is ``repeats`` copies of ``period`` random token ids drawn without replacement from
 the vocabulary minus the special tokens, so within a period no token repeats (the only earlier
 occurrence of a token is its copy one period back). Metadata: ``period`` and ``offset`` (index
-of the first random token; 1 when ``prepend_bos``).
+of the first random token). Like every prompt built in token space, a prompt starts with what
+the tokenizer's own defaults put before text (BOS for Gemma, nothing for SmolLM2 / GPT-2):
+``prepend_bos`` unset; ``true`` forces a BOS, ``false`` forces none.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
 from workbench.params import Int
-from workbench.prompts import Prompt
+from workbench.prompts import Prompt, special_prefix
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions
 
@@ -24,7 +26,7 @@ DESCRIPTION = "random token sequences repeated (period n, default 2 copies): ind
 class Options(DatasetOptions):
     period: Int = Field(50, ge=2)
     repeats: Int = Field(2, ge=2)
-    prepend_bos: bool = False
+    prepend_bos: bool | None = None
     vocab_size: Int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -39,7 +41,7 @@ class Options(DatasetOptions):
 
 
 def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, period: int = 50, repeats: int = 2,
-         prepend_bos: bool = False, vocab_size: int | None = None) -> list[Prompt]:
+         prepend_bos: bool | None = None, vocab_size: int | None = None) -> list[Prompt]:
     if tokenizer is None and vocab_size is None:
         raise WorkbenchError("repeated-random needs the model's tokenizer (to know the vocabulary)", "pass tokenizer= or --model")
     if period < 2 or repeats < 2:
@@ -53,12 +55,17 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, per
     if len(pool) < period:
         raise WorkbenchError(f"period {period} exceeds the {len(pool)} ordinary tokens", "use a smaller period")
     rng = random.Random(seed)
-    bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
-    if prepend_bos and bos is None:
-        raise WorkbenchError("prepend_bos was asked for but the tokenizer has no BOS token", "drop prepend_bos")
+    if prepend_bos is None:
+        prefix = special_prefix(tokenizer) if tokenizer is not None else []
+    elif prepend_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise WorkbenchError("prepend_bos was asked for but the tokenizer has no BOS token", "drop prepend_bos")
+        prefix = [bos]
+    else:
+        prefix = []
     prompts = []
     for i in range(n_prompts):
         seq = rng.sample(pool, period)
-        tokens = ([bos] if bos is not None else []) + seq * repeats
-        prompts.append(Prompt(id=f"rep-{seed}-{i:04d}", tokens=tokens, meta={"period": period, "offset": 1 if bos is not None else 0}))
+        prompts.append(Prompt(id=f"rep-{seed}-{i:04d}", tokens=prefix + seq * repeats, meta={"period": period, "offset": len(prefix)}))
     return prompts
