@@ -19,9 +19,9 @@ from tests.test_metrics import TOL, lookup
 from workbench import kernels
 from workbench.attention import AttentionCall
 from workbench.extraction import ChunkFeeder
-from workbench.kernels import attention_with_lse, attention_with_statistics, choose_kernel
+from workbench.kernels import attention_with_statistics, choose_kernel
 from workbench.masking import attention_probs, key_visibility
-from workbench.patterns import PatternChunk, collate, iter_pattern_chunks, same_token_ranges
+from workbench.patterns import collate, iter_pattern_chunks, same_token_ranges
 from workbench.prompts import TokenizedPrompt
 from workbench.runner import run_probes
 from workbench.statistics import LayerStatistics
@@ -141,6 +141,44 @@ def test_softcapped_layers_fall_back_to_chunks(tmp_path, monkeypatch):
     count = Count(monkeypatch)
     compare_paths(model, prompts_for(model, lengths=(20, 9, 14)))
     assert count.n == 0
+
+
+def test_both_paths_agree_on_tiny_gemma3_text(tmp_path, monkeypatch):
+    """The project's tiny Gemma 3 text model (window 8 on layers 0, 1, 3, global layer 2, 4 query
+    heads on 2 KV heads, BOS) with prompts several windows long, padded, in two batch sizes."""
+    from tests.test_gemma3 import tiny_prompts
+    from workbench.models import load_model
+    from workbench.tiny import make_tiny_model
+
+    model = load_model(str(make_tiny_model(tmp_path / "g", "gemma3_text", seed=1)), device="cpu")
+    assert model.n_kv_heads < model.n_heads
+    ps = tiny_prompts(model)
+    assert max(len(p) for p in ps) > 4 * 8 and len({len(p) for p in ps}) == len(ps)
+    count = Count(monkeypatch)
+    for batch_size in (5, 2):
+        compare_paths(model, ps, batch_size=batch_size)
+    assert count.n > 0
+
+
+def test_grouped_kv_heads_are_read_per_query_head(tiny_models):
+    """GQA (tiny Llama: 4 query heads on 2 KV heads): every query head's weights come from its
+    own KV head on both paths (the per-head numbers differ across a group and still agree)."""
+    model = tiny_models["llama"]
+    assert model.n_kv_heads < model.n_heads
+    auto = compare_paths(model, prompts_for(model, seed=5), batch_size=8)
+    sink = auto[auto.metric == "sink_mass"].pivot(index="layer", columns="head", values="value")
+    assert sink.nunique(axis=1).min() == model.n_heads  # heads of one group are not copies
+
+
+@pytest.mark.gemma3
+def test_both_paths_agree_on_gemma3_beyond_the_window(gemma3, monkeypatch):
+    """Gemma-3-270M with prompts beyond its 512-key window (one padded batch of ~700, ~560 and a
+    short prompt): sliding and global layers, one KV head for four query heads."""
+    from tests.test_gemma3 import gemma_prompts
+
+    count = Count(monkeypatch)
+    compare_paths(gemma3, gemma_prompts(gemma3), batch_size=3)
+    assert count.n > 0
 
 
 @pytest.mark.smollm2
@@ -320,51 +358,136 @@ def test_models_give_the_same_logits_with_statistics_on(tiny_models):
 
 
 # -- CUDA, simulated ---------------------------------------------------------------------------
-def test_cuda_dispatch_shapes_and_dtypes(monkeypatch):
-    """On a GPU the same code calls flash (no mask, fp16/bf16) or the memory-efficient kernel
-    (masks, float32), with KV heads repeated, the bias expanded and 16-aligned, and the lse cut
-    from its 32-row padding, in float32. Simulated on CPU tensors: GPU timings are not measured."""
+# Without a GPU only two things are replaced: the device check (kernels.device_type says "cuda")
+# and the two CUDA aten ops, by fakes that bind their arguments to the ops' real schemas, check
+# what the CUDA kernels require, and compute with the CPU kernel in float32, returning what the
+# CUDA ops return (flash: lse [b, h, q]; memory-efficient: lse padded to a multiple of 32 rows).
+# The engine's own code (kernel choice, KV-head repetition, bias alignment, lse cut, float32
+# statistics) runs unchanged. GPU timings are not measured here.
+_CPU_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_SCHEMAS = {name: getattr(torch.ops.aten, name).default._schema
+            for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")}
+
+
+def _bind(name, args, kwargs) -> dict:
+    """The call's arguments by name, checked against the op's schema (count, names, required)."""
+    schema = _SCHEMAS[name]
+    positional = [a.name for a in schema.arguments if not a.kwarg_only]
+    names = [a.name for a in schema.arguments]
+    assert len(args) <= len(positional), f"too many positional arguments for {schema.name}"
+    bound = dict(zip(positional, args))
+    assert set(kwargs) <= set(names) - set(bound), f"bad keywords {set(kwargs)} for {schema.name}"
+    bound.update(kwargs)
+    missing = [a.name for a in schema.arguments if not a.has_default_value() and a.name not in bound]
+    assert not missing, f"{schema.name}: missing {missing}"
+    return bound
+
+
+class FakeCudaOps:
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        monkeypatch.setattr(kernels, "device_type", lambda t: "cuda")
+        monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", self.flash)
+        monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", self.efficient)
+
+    def _run(self, name, a, bias):
+        q, k, v = a["query"], a["key"], a["value"]
+        assert q.shape[:2] == k.shape[:2] == v.shape[:2], "CUDA kernels get as many KV heads as query heads"
+        assert a.get("dropout_p", 0.0) == 0.0
+        self.calls.append({"name": name, "dtype": q.dtype, "shape": tuple(q.shape), "causal": a.get("is_causal", False),
+                           "bias": None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride())})
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        out, lse = _CPU_OP(f(q), f(k), f(v), 0.0, a.get("is_causal", False), attn_mask=f(bias), scale=a.get("scale"))
+        return out.to(q.dtype), lse
+
+    def flash(self, *args, **kwargs):
+        a = _bind("_scaled_dot_product_flash_attention", args, kwargs)
+        assert a["query"].dtype in (torch.float16, torch.bfloat16) and a["query"].shape[-1] <= 256
+        out, lse = self._run("cuda_flash", a, None)
+        z = torch.zeros(())
+        return out, lse, z, z, 0, 0, z, z, z
+
+    def efficient(self, *args, **kwargs):
+        a = _bind("_scaled_dot_product_efficient_attention", args, kwargs)
+        assert a["compute_log_sumexp"] is True
+        bias = a["attn_bias"]
+        if bias is not None:
+            assert bias.dtype == a["query"].dtype and bias.dim() == 4 and bias.stride(2) % 16 == 0
+        out, lse = self._run("cuda_efficient", a, bias)
+        lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32), value=7.0)  # 32-row padding, garbage
+        z = torch.zeros(())
+        return out, lse, z, z
+
+
+def test_cuda_kernel_choice():
     assert choose_kernel("cuda", torch.bfloat16, 64, False) == "cuda_flash"
+    assert choose_kernel("cuda", torch.float16, 256, False) == "cuda_flash"
     assert choose_kernel("cuda", torch.float32, 64, False) == "cuda_efficient"
     assert choose_kernel("cuda", torch.bfloat16, 64, True) == "cuda_efficient"
     assert choose_kernel("cuda", torch.float16, 512, False) == "cuda_efficient"
     assert choose_kernel("cpu", torch.bfloat16, 64, True) == "cpu_flash"
     with pytest.raises(ValueError):
         choose_kernel("mps", torch.float32, 64, False)
-    calls = []
 
-    def fake(name):
-        def run(q, k, v, bias, causal, scale):
-            calls.append({"name": name, "q": q.dtype, "kv_heads": k.shape[1], "bias": None if bias is None else (tuple(bias.shape), bias.stride())})
-            assert k.shape[1] == q.shape[1], "CUDA kernels get repeated KV heads"
-            c = AttentionCall(0, None, q.float(), k.float(), v.float(), bias, scale, causal)
-            out, lse = kernels._cpu(q.float(), k.float(), v.float(), None if bias is None else bias.float(), causal, scale)
-            if name == "cuda_efficient":  # the memory-efficient kernel pads lse to a multiple of 32 rows
-                lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32), value=7.0)
-            del c
-            return out.to(q.dtype), lse
-        return run
 
-    monkeypatch.setattr(kernels, "device_type", lambda t: "cuda")
-    monkeypatch.setitem(kernels.KERNELS, "cuda_flash", fake("cuda_flash"))
-    monkeypatch.setitem(kernels.KERNELS, "cuda_efficient", fake("cuda_efficient"))
-    for mask_kind in ("none", "padding"):
-        call, _ = random_call(mask_kind, n=21)
-        call.query, call.key, call.value = (t.bfloat16() for t in (call.query, call.key, call.value))
-        assert kernels.fusable(call)
-        calls.clear()
-        z, lse, km = attention_with_statistics(call, key_mean=True)
-        first, second = calls
-        assert first["name"] == ("cuda_flash" if mask_kind == "none" else "cuda_efficient") and first["q"] == torch.bfloat16
-        assert second["name"] == "cuda_efficient" and second["q"] == torch.float32  # E_A[k] in float32
-        if mask_kind == "padding":
-            shape, stride = first["bias"]
-            assert shape == (2, 4, 21, 21) and stride[1] == 0 and stride[2] % 16 == 0
-        assert z.dtype == torch.bfloat16 and z.shape == (2, 21, 4, 8)
-        assert lse.dtype == km.dtype == torch.float32 and lse.shape == (2, 4, 21) and km.shape == (2, 4, 21, 8)
-        ref_lse = attention_with_lse(call.query.float(), call.key.float(), call.key.float(), None, True, 0.35)[1] if mask_kind == "none" else None
-        if ref_lse is not None:
-            assert torch.allclose(lse, ref_lse, atol=1e-5)
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "window"])
+def test_cuda_dispatch_shapes_and_dtypes(monkeypatch, mask_kind):
+    """bf16 inputs on the simulated GPU: flash without a mask, memory-efficient with one (KV heads
+    repeated, the bias in bf16, expanded and 16-aligned), the keys-as-values pass in float32
+    (memory-efficient), the lse cut from its 32-row padding; output bf16 in the model's layout,
+    statistics float32 and equal to the float32 CPU kernel's."""
+    ops = FakeCudaOps(monkeypatch)
+    call, _ = random_call(mask_kind, n=21)
+    ops.calls.clear()
+    call32 = AttentionCall(0, None, call.query, call.key, call.value, call.mask, call.scaling, call.is_causal)
+    call.query, call.key, call.value = (t.bfloat16() for t in (call.query, call.key, call.value))
+    assert kernels.fusable(call)
+    z, lse, km = attention_with_statistics(call, key_mean=True)
+    first, second = ops.calls
+    assert first["name"] == ("cuda_flash" if mask_kind == "none" else "cuda_efficient") and first["dtype"] == torch.bfloat16
+    assert first["shape"] == (2, 4, 21, 8) and first["causal"] == (mask_kind == "none")
+    assert second["name"] == "cuda_efficient" and second["dtype"] == torch.float32  # E_A[k] in float32
+    if mask_kind != "none":
+        dtype, shape, stride = first["bias"]
+        assert dtype == torch.bfloat16 and shape == (2, 4, 21, 21) and stride[1] == 0 and stride[2] % 16 == 0
+        assert second["bias"][0] == torch.float32
+    assert z.dtype == torch.bfloat16 and z.shape == (2, 21, 4, 8)
+    assert lse.dtype == km.dtype == torch.float32 and lse.shape == (2, 4, 21) and km.shape == (2, 4, 21, 8)
+    # against the CPU kernel on the float32 inputs (bf16 rounding of q and k is all that differs)
+    monkeypatch.setattr(kernels, "device_type", lambda t: "cpu")
+    _, lse32, km32 = attention_with_statistics(call32, key_mean=True)
+    ok = torch.isfinite(lse32)
+    assert torch.allclose(lse[ok], lse32[ok], atol=0.1) and not torch.equal(lse, lse32)
+
+
+def test_run_probes_on_a_simulated_gpu(tiny_dirs, monkeypatch):
+    """The whole engine on the simulated GPU with a bf16 model: a padded batch (mask: the
+    memory-efficient kernel) and an unpadded one (no mask: flash), float32 statistics, and the
+    numbers of the chunked path on the same bf16 model."""
+    from workbench.models import load_model
+
+    model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16")
+    ps = prompts_for(model, lengths=(30, 12, 7))
+    ref = run_probes(model, ps, probes(), batch_size=3, progress=False, attention_path="chunks").table
+    ops = FakeCudaOps(monkeypatch)
+    dtypes = set()
+    orig = LayerStatistics.__init__
+
+    def spy(self, call, *a, **k):
+        dtypes.update({call.lse.dtype, call.key_mean.dtype})
+        orig(self, call, *a, **k)
+
+    monkeypatch.setattr(LayerStatistics, "__init__", spy)
+    got = run_probes(model, ps, probes(), batch_size=3, progress=False).table
+    assert dtypes == {torch.float32}
+    assert {c["name"] for c in ops.calls} == {"cuda_efficient"}  # padded batches carry a mask
+    for metric in set(ref.metric):
+        a, b = lookup(got, metric), lookup(ref, metric)
+        assert max(abs(a[k][0] - b[k][0]) for k in b if b[k][1] > 0) < 2e-3, metric
+    ops.calls.clear()
+    same = [TokenizedPrompt(f"s{i}", list(range(10 + i, 40 + i))) for i in range(2)]  # equal lengths: no mask
+    run_probes(model, same, probes(), batch_size=2, progress=False)
+    assert "cuda_flash" in {c["name"] for c in ops.calls}
 
 
 def test_bfloat16_models_keep_float32_statistics(tiny_dirs, monkeypatch):

@@ -39,7 +39,7 @@ from workbench.context import RunContext
 from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
 from workbench.masking import visible_counts
-from workbench.patterns import BatchInfo, PatternChunk, PatternView, collate, iter_pattern_chunks
+from workbench.patterns import BatchInfo, PatternView, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
 from workbench.statistics import LayerStatistics, single_threaded
 
