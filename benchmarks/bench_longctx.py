@@ -7,9 +7,10 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
   bare        transformers AutoModelForCausalLM, attn_implementation="sdpa", logits of the last
               position only (``logits_to_keep=1``): the fair baseline
   tl_cache    TransformerLens ``run_with_cache`` of every ``hook_pattern`` (+ entropy / sink
-              from the cache); skipped where its projected memory (the patterns alone:
-              4 bytes x layers x heads x T^2) would pass ``--tl-max-gb`` (default 20) or what
-              the machine has available
+              from the cache); skipped where its predicted memory (the patterns plus one
+              layer's eager attention: 4 bytes x (layers + 4) x heads x T^2) would pass
+              ``--tl-max-gb`` (default 10) or what the machine has available: it is never
+              run into an out-of-memory kill
   ours_a      ``run_probes`` of sink, induction, streaming (statistics from the kernel's lse)
   ours_b      ours_a + entropy (one more attention pass with the keys as values)
   extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
@@ -58,7 +59,10 @@ def available_gb() -> float:
 
 
 def tl_projected_gb(n_layers: int, n_heads: int, tokens: int) -> float:
-    return 4 * n_layers * n_heads * tokens**2 / 2**30
+    """Predicted peak of ``run_with_cache`` beyond the model (GB): the cached float32 patterns of
+    every layer, plus one layer's transient eager attention (scores, mask, softmax, pattern
+    copy: four more [heads, T, T] float32 tensors)."""
+    return 4 * (n_layers + 4) * n_heads * tokens**2 / 2**30
 
 
 def _ids(folder: str, tokens: int) -> list[int]:
@@ -220,7 +224,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tl-max-gb", type=float, default=20.0)
+    ap.add_argument("--tl-max-gb", type=float, default=10.0)
     ap.add_argument("--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/longctx-MODEL)")
     args = ap.parse_args()
@@ -242,7 +246,7 @@ def main() -> None:
                 if method == "tl_cache":
                     need = tl_projected_gb(n_layers, n_heads, tokens)
                     if need > min(args.tl_max_gb, available_gb() - 2):
-                        note = f"tl_cache at T={tokens} skipped: its patterns alone would take {need:.1f} GB"
+                        note = f"tl_cache at T={tokens} skipped: predicted {need:.1f} GB (cached patterns + one layer's eager attention) > {min(args.tl_max_gb, available_gb() - 2):.1f} GB allowed"
                         if note not in notes:
                             notes.append(note)
                             print(note, flush=True)
