@@ -12,8 +12,9 @@ lines to print).
 =================  =========================================================  ================
 kind               what the probe does                                        it receives
 =================  =========================================================  ================
-``PatternProbe``   reduces attention-pattern chunks as each layer fires,       tokenized prompts,
-                   inside one forward shared by every pattern probe of a run  via the engine
+``PatternProbe``   reduces each layer's attention as it fires (statistics or  tokenized prompts,
+                   pattern chunks, as it ``needs``), inside one forward        via the engine
+                   shared by every pattern probe of a run
 ``TokenProbe``     drives its own forwards or decoding over tokens            tokenized prompts
                    (e.g. retrieval: greedy decoding with a KV cache)
 ``ItemProbe``      reads raw items: image + text, context + text (vhd,        the items as given
@@ -27,6 +28,7 @@ on names needs an edit. Minimal pattern probe (mean attention to the previous to
     class PrevToken(PatternProbe):
         name, metrics = "prev", ("prev_token",)
         description = "mean attention to the previous token"
+        needs = ("key_weights",)  # one named key per query: no attention row is formed
 
         def on_pattern_chunk(self, chunk):
             use = chunk.query_valid & (chunk.query_pos >= 1)
@@ -52,7 +54,7 @@ from torch import Tensor
 from workbench.atlas import Role
 from workbench.metric_kinds import MetricInfo
 from workbench.params import Options, options_dict, validate_options
-from workbench.patterns import BatchInfo, PatternChunk
+from workbench.patterns import BatchInfo, PatternView
 from workbench.results import ProbeResult, head_rows
 
 if TYPE_CHECKING:
@@ -102,8 +104,25 @@ class Probe(ABC):
         return ProbeResult(self.name, table, dict(summary or {}), list(lines))
 
 
+Need = Literal["rows", "key_weights", "row_entropy"]
+
+
 class PatternProbe(Probe):
-    """Reduces :class:`~workbench.patterns.PatternChunk` s inside the shared forward.
+    """Reduces each layer's attention inside the shared forward.
+
+    ``needs`` says what the probe reads; the engine computes the cheapest sufficient thing once
+    per layer for all probes of the run and hands it to :meth:`on_pattern_chunk`:
+
+    - ``"key_weights"``: weights on keys it names, ``key_probs`` / ``probs_at`` / ``mass_in`` /
+      ``mass_on_pairs`` (the first token, the previous token, a window, earlier same tokens);
+    - ``"row_entropy"``: each row's entropy (and ``n_visible``);
+    - ``"rows"`` (the default): anything, whole rows included (``probs``, ``mass_on``).
+
+    A probe that needs only the first two receives one
+    :class:`~workbench.statistics.LayerStatistics` per layer (every query at once, from the
+    attention kernel's log-sum-exp: O(T d) beside the forward); otherwise, and where no fused
+    kernel fits the layer, :class:`~workbench.patterns.PatternChunk` s of query rows. Both answer
+    :class:`~workbench.patterns.PatternView`, so the reduction is written once.
 
     Reductions go into *batch* accumulators (:meth:`acc`) which the engine commits with
     :meth:`end_batch` only when the whole batch succeeded; if a batch fails (say, out of device
@@ -112,6 +131,7 @@ class PatternProbe(Probe):
     """
 
     kind: ClassVar[Literal["pattern"]] = "pattern"
+    needs: ClassVar[tuple[Need, ...]] = ("rows",)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -130,8 +150,9 @@ class PatternProbe(Probe):
         self._batch = {}
 
     @abstractmethod
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
-        """Reduce one chunk of one layer's attention pattern into batch accumulators."""
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
+        """Reduce one view of one layer's attention (a chunk of query rows, or the layer's
+        statistics for every query) into batch accumulators."""
 
     def end_batch(self, batch: BatchInfo) -> None:
         """Commit the batch accumulators into the totals."""
@@ -206,4 +227,4 @@ class DivergenceProbe(ItemProbe):
         """Each item as a :class:`~workbench.conditions.ConditionPair` (with / without)."""
 
 
-__all__ = ["DivergenceProbe", "ItemProbe", "NoParams", "PatternProbe", "Probe", "TokenProbe"]
+__all__ = ["DivergenceProbe", "ItemProbe", "Need", "NoParams", "PatternProbe", "Probe", "TokenProbe"]

@@ -19,7 +19,7 @@ import torch
 
 from probes.base import PatternProbe
 from workbench.metric_kinds import MetricInfo
-from workbench.patterns import PatternChunk
+from workbench.patterns import PatternView
 
 
 def _mean(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,7 @@ class EntropyProbe(PatternProbe):
     name = "entropy"
     metrics = ("entropy", "entropy_norm")
     description = "mean attention entropy per query (nats) and entropy / ln(visible keys)"
+    needs = ("row_entropy",)
     metric_info = {
         "entropy": MetricInfo("positive", "mean entropy of a query's attention row, in nats", "attention spread over many keys",
                           "attention focused on few keys", rank="low", unit="nats"),
@@ -38,7 +39,7 @@ class EntropyProbe(PatternProbe):
                                "attention on one key", rank="low"),
     }
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
         h = chunk.row_entropy.double()  # [batch, head, chunk]
         use = (chunk.query_valid & (chunk.query_pos >= 1)).unsqueeze(1)
         use_norm = use & (chunk.n_visible >= 2).unsqueeze(1)

@@ -29,7 +29,7 @@ import torch
 from probes.base import PatternProbe
 from workbench.atlas import Role
 from workbench.metric_kinds import MetricInfo
-from workbench.patterns import BatchInfo, PatternChunk
+from workbench.patterns import BatchInfo, PatternView, same_token_ranges
 
 
 class InductionProbe(PatternProbe):
@@ -51,6 +51,7 @@ class InductionProbe(PatternProbe):
         Role("echo", "E", "echo", 0.3, "#b2df8a", "attends to earlier occurrences of the current token"),
     )
     scatter_pairs = (('prev_token', 'induction'),)
+    needs = ("key_weights",)
 
     def begin_batch(self, batch: BatchInfo) -> None:
         super().begin_batch(batch)
@@ -58,8 +59,10 @@ class InductionProbe(PatternProbe):
         dev = batch.input_ids.device
         self._period = torch.tensor([int(m.get("period", 0) or 0) for m in metas], device=dev).view(-1, 1)
         self._offset = torch.tensor([int(m.get("offset", 0) or 0) for m in metas], device=dev).view(-1, 1)
+        # earlier keys holding the query's token: a key range once positions are sorted by token
+        self._rank, self._echo_lo, self._echo_hi = same_token_ranges(batch)
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
         L, H = self.n_layers, self.n_heads
         qpos, valid = chunk.query_pos, chunk.query_valid
         first = chunk.batch.first_index.view(-1, 1)
@@ -70,14 +73,15 @@ class InductionProbe(PatternProbe):
             self.acc(metric + "/n", L, H)[chunk.layer] += use.sum()
 
         has_prev = valid & (qpos >= 1)
-        add("prev_token", chunk.probs_at(torch.where(has_prev, first + qpos - 1, none)), has_prev)
         rep = valid & (self._period > 0) & (qpos - self._offset >= self._period)
-        add("duplicate", chunk.probs_at(torch.where(rep, first + qpos - self._period, none)), rep)
-        add("induction", chunk.probs_at(torch.where(rep, first + qpos - self._period + 1, none)), rep)
-        kpos = chunk.key_positions
-        same = (chunk.key_tokens.unsqueeze(1) == chunk.query_tokens.unsqueeze(2)) & (kpos.unsqueeze(1) >= 0) & (kpos.unsqueeze(1) < qpos.unsqueeze(2))
-        has_echo = valid & same.any(-1)
-        add("echo", chunk.mass_on(same), has_echo)
+        keys = torch.stack([torch.where(has_prev, first + qpos - 1, none), torch.where(rep, first + qpos - self._period, none),
+                            torch.where(rep, first + qpos - self._period + 1, none)], dim=-1)
+        a = chunk.probs_at(keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
+        add("prev_token", a[..., 0], has_prev)
+        add("duplicate", a[..., 1], rep)
+        add("induction", a[..., 2], rep)
+        lo, hi = self._echo_lo[:, chunk.queries], self._echo_hi[:, chunk.queries]
+        add("echo", chunk.mass_in(lo, hi, self._rank), valid & (hi > lo))
 
     def results(self) -> pd.DataFrame:
         frames = []

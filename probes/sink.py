@@ -21,13 +21,14 @@ from probes.base import PatternProbe
 from workbench.atlas import Role
 from workbench.metric_kinds import MetricInfo
 from workbench.params import Float, Options
-from workbench.patterns import BatchInfo, PatternChunk
+from workbench.patterns import BatchInfo, PatternView
 
 
 class SinkProbe(PatternProbe):
     name = "sink"
     metrics = ("sink_mass", "sink_rate")
     description = "mean attention on the first token (alpha_0) and share of prompts with alpha_0 > epsilon"
+    needs = ("key_weights",)
     metric_info = {
         "sink_mass": MetricInfo("bounded", "mean attention on the prompt's first token (alpha_0)", "an attention sink"),
         "sink_rate": MetricInfo("bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts"),
@@ -44,7 +45,7 @@ class SinkProbe(PatternProbe):
     def epsilon(self) -> float:
         return self.options.epsilon
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
         a0 = chunk.key_probs(chunk.batch.first_index).double()  # [batch, head, chunk]
         col = (a0 * chunk.query_valid.unsqueeze(1)).sum(-1)  # [batch, head]
         self.acc("col0", chunk.batch.size, self.n_layers, self.n_heads)[:, chunk.layer] += col

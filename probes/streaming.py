@@ -25,7 +25,7 @@ from probes.base import PatternProbe
 from workbench.atlas import Role
 from workbench.metric_kinds import MetricInfo
 from workbench.params import Int, Options
-from workbench.patterns import PatternChunk
+from workbench.patterns import PatternView
 
 
 class StreamingProbe(PatternProbe):
@@ -36,6 +36,7 @@ class StreamingProbe(PatternProbe):
         "streaming": MetricInfo("bounded", "share of attention on the first tokens plus a recent window (DuoAttention)",
                             "the head could run on a sink + window KV cache", "the head reads the middle of the context"),
     }
+    needs = ("key_weights",)
     roles = (
         Role("streaming", "W", "streaming", 0.95, "#bdbdbd", "attends almost only to the first tokens and a recent window"),
     )
@@ -48,12 +49,15 @@ class StreamingProbe(PatternProbe):
         super().__init__(**params)
         self.sink, self.recent = self.options.sink, self.options.recent
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None:
-        qpos = chunk.query_pos.unsqueeze(2)
-        kpos = chunk.key_positions.unsqueeze(1)
-        window = (kpos >= 0) & ((kpos < self.sink) | (kpos > qpos - self.recent))
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
+        # key columns of the sink tokens [first, first + sink) and of the recent window
+        # (q - recent, q]; the two are disjoint for the queries scored (q >= sink + recent)
         use = chunk.query_valid & (chunk.query_pos >= self.sink + self.recent)
-        mass = chunk.mass_on(window).double()
+        first = chunk.batch.first_index.view(-1, 1)
+        zero = torch.zeros_like(chunk.query_pos)
+        at = first + chunk.query_pos
+        sink = chunk.mass_in(first.expand_as(at), (first + self.sink).expand_as(at))  # the same keys for every query
+        mass = (sink + chunk.mass_in(torch.where(use, at - self.recent + 1, zero), torch.where(use, at + 1, zero))).double()
         L, H = self.n_layers, self.n_heads
         self.acc("sum", L, H)[chunk.layer] += (mass * use.unsqueeze(1)).sum((0, 2))
         self.acc("n", L, H)[chunk.layer] += use.sum()

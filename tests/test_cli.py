@@ -42,6 +42,22 @@ def test_probe_run_writes_tidy_parquet_with_metadata(tiny_dirs, tmp_path, capsys
     assert [p.name for p in out.parent.iterdir()] == ["res.parquet"], "no temp files left behind"
 
 
+def test_attention_path_flag_gives_the_same_numbers(tiny_dirs, tmp_path, capsys):
+    """--attention-path chunks forces the reference path; the numbers are auto's to 1e-4."""
+    tables = {}
+    for path in ("auto", "chunks"):
+        out = tmp_path / f"{path}.parquet"
+        rc, _, err = run_cli(capsys, "probe", "entropy,sink,induction,streaming", "--model", str(tiny_dirs["llama"]), "--n-prompts", "4",
+                             "--attention-path", path, "--no-progress", "--out", str(out))
+        assert rc == 0, err
+        tables[path], meta = read_parquet(out)
+        assert meta["config"]["attention_path"] == path
+    both = tables["auto"].merge(tables["chunks"], on=["probe", "metric", "layer", "head"])
+    assert len(both) == len(tables["auto"]) and (both.value_x - both.value_y).abs().max() <= 1e-4
+    rc, _, err = run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--attention-path", "rows", "--out", str(tmp_path / "x.parquet"))
+    assert rc == 2 and "error:" in err
+
+
 def test_token_prompts_are_used_exactly_and_bos_is_explicit(tiny_dirs, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "tokens": [5, 6, 7, 8]}, {"id": "b", "text": "the king said"}])
     out = tmp_path / "r.parquet"

@@ -185,11 +185,17 @@ def attractor_token(model, n=40, seed=0) -> int:
     return Counter(out[:, 30:].flatten().tolist()).most_common(1)[0][0]
 
 
-@pytest.mark.parametrize("prefill", ["batched", "separate"])
-def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(tiny_gemma, tiny_gemma_eager, prefill):
+@pytest.mark.parametrize("prefill,piece", [("batched", None), ("separate", None), ("batched", 5), ("separate", 11)])
+def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(tiny_gemma, tiny_gemma_eager, prefill, piece, monkeypatch):
     """The answer span ends a window before the first decoded token's query: sliding layers
     cannot attend to it (their scores are 0), the global layer can. Prompts are mostly the
-    model's favourite token, so its greedy output copies from the span often enough to score."""
+    model's favourite token, so its greedy output copies from the span often enough to score.
+    With ``piece`` the prefill runs in pieces of that many tokens through the sliding-window
+    cache (as 32k-token prompts do in 4096-token pieces): same answers and scores."""
+    if piece is not None:
+        from workbench import decoding
+
+        monkeypatch.setattr(decoding, "PREFILL_CHUNK", piece)
     model, W = tiny_gemma, 8
     fav = attractor_token(model)
     rng = random.Random(1)

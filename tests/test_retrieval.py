@@ -149,3 +149,30 @@ def test_niah_shared_haystack_prompts_share_the_prefix_before_the_needle(tiny_mo
     assert cut > 0 and a.tokens[:cut] == b.tokens[:cut]
     default = make_dataset("niah", n_prompts=2, tokenizer=tiny_models["llama"].tokenizer, context_len=120, depths=[0.2, 0.9])
     assert default[0].tokens[:cut] != default[1].tokens[:cut]  # default: a haystack per prompt
+
+
+@pytest.mark.parametrize("prefill", ["batched", "separate"])
+def test_long_prompts_prefill_in_pieces_and_score_the_same(tiny_models, prefill, monkeypatch):
+    """Prompts longer than PREFILL_CHUNK are prefilled chunk by chunk through the cache: no
+    attention call sees more than a chunk of queries (so no [T, T] mask), and the answers and
+    scores are still the paper loop's."""
+    from workbench import decoding
+    from workbench.attention import AttentionCall  # noqa: F401
+
+    monkeypatch.setattr(decoding, "PREFILL_CHUNK", 7)
+    model = tiny_models["llama"]
+    prompts = copy_prompts(model, [25, 9, 17, 30], seed=1)
+    widest = []
+
+    class Widest:
+        def on_attention(self, call):
+            widest.append(call.query.shape[2])
+
+    res = generate_and_score(model, prompts, max_new_tokens=8, require_correct=False, prefill=prefill,
+                             ctx=RunContext(batch_size=3, interventions=(Widest(),)))
+    assert max(widest) == 7
+    ref_model = eager_model(model.source)
+    for p, r in zip(prompts, res):
+        ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 8)
+        assert r.response == model.tokenizer.decode(out, skip_special_tokens=True).strip()
+        assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)

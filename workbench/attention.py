@@ -10,7 +10,11 @@ attention implementation, ``"workbench"``, which
 2. hands the *same* post-RoPE queries, keys, values, mask and scaling the kernel used to the
    active observers (probes), which reduce what they need chunk by chunk over query positions
    (:mod:`workbench.patterns`) so memory stays linear in sequence length,
-3. lets observers edit the per-head output ``z`` (``[batch, query, head, d_head]``, before
+3. computes the output with a fused kernel that also returns each row's log-sum-exp when an
+   observer asks for it (``wants_statistics(call)`` -> ``{"lse"}`` or ``{"lse", "key_mean"}``;
+   :mod:`workbench.kernels`), so statistics of named keys and row entropies cost next to
+   nothing over the forward (:mod:`workbench.statistics`),
+4. lets observers edit the per-head output ``z`` (``[batch, query, head, d_head]``, before
    ``W_O``) for interventions, and the queries / keys / values before the kernel (path
    patching into receiver heads).
 
@@ -46,6 +50,10 @@ class AttentionCall:
     scaling: float
     is_causal: bool
     softcap: float | None = None
+    # Set when an observer asked for statistics (``wants_statistics``) and the fused kernel
+    # computed the output (workbench.kernels): each row's log-sum-exp, and E_A[k] per row.
+    lse: Float[Tensor, "batch head query"] | None = None
+    key_mean: Float[Tensor, "batch head query d_head"] | None = None
 
     @property
     def n_heads(self) -> int:
@@ -80,6 +88,12 @@ def _eager_output(call: AttentionCall) -> Tensor:
     v = call.value.repeat_interleave(call.query.shape[1] // call.value.shape[1], dim=1)
     p = attention_probs(call).to(v.dtype)
     return (p @ v).transpose(1, 2).contiguous()
+
+
+def _fusable(call: AttentionCall, dropout: float, kwargs: dict[str, Any]) -> bool:
+    from workbench.kernels import fusable
+
+    return fusable(call, dropout, kwargs)
 
 
 def workbench_attention_forward(
@@ -118,11 +132,20 @@ def workbench_attention_forward(
         if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
             call.query, call.key, call.value = edit_qkv(call)
     query, key, value = call.query, call.key, call.value
+    wants: set[str] = set()
+    for obs in observers:
+        ask = getattr(obs, "wants_statistics", None)
+        if ask is not None:
+            wants.update(ask(call))
     if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in observers):
         # an observer overwrites every head's output (path patching freezes them all): skip the kernel
         z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
     elif softcap is not None:
         z = _eager_output(call)
+    elif wants and _fusable(call, dropout, kwargs):
+        from workbench.kernels import attention_with_statistics
+
+        z, call.lse, call.key_mean = attention_with_statistics(call, key_mean="key_mean" in wants)
     else:
         z, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

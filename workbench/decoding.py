@@ -17,6 +17,8 @@ mask and leaves PyTorch's fused causal CPU kernel for the generic path (on our 2
 the padded prefill of 8 x 1000-token prompts takes 1.09x the time; benchmarks/bench_retrieval.py).
 A prompt that shares a prefix with one already prefilled (niah prompts on one haystack, the
 paper's grid, share everything before the earlier needle) reuses that prefix's KV cache.
+Prompts longer than ``PREFILL_CHUNK`` tokens are prefilled in pieces through the cache, so no
+``[T, T]`` mask is ever built (32k-token prompts fit in a few GB; see :func:`_forward`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 Prefill = Literal["auto", "batched", "separate"]
 MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth copying a cache for
+PREFILL_CHUNK = 4096  # tokens per prefill forward: masks stay [chunk, keys] (see _forward)
 
 
 @dataclass
@@ -71,10 +74,25 @@ def _cache_kwarg(hf_model: Any) -> str:
 
 
 def _forward(model: LoadedModel, cache: Any, **inputs: Any) -> tuple[Any, Tensor]:
-    """One forward with a KV cache; returns (the updated cache, last-position logits)."""
-    out = model.hf_model(**inputs, **{_cache_kwarg(model.hf_model): cache}, use_cache=True, logits_to_keep=1)
-    new = out["cache"] if "cache" in out else out.past_key_values
-    return new, out.logits[:, -1]
+    """One forward with a KV cache; returns (the updated cache, last-position logits).
+
+    A long input (a prefill) runs in pieces of at most :data:`PREFILL_CHUNK` tokens through the
+    cache: the model's masks and SDPA's float copy of them are then ``[chunk, keys]``, not
+    ``[T, T]`` (at 32k tokens a boolean sliding-window mask alone is 1 GB, its float32 copy
+    4 GB), for the same arithmetic (a chunk attends to the keys cached so far).
+    """
+    n = inputs["input_ids"].shape[1]
+    kw = {_cache_kwarg(model.hf_model): cache}
+    step = PREFILL_CHUNK if n > PREFILL_CHUNK else n
+    mask = inputs.get("attention_mask")
+    past = 0 if mask is None else mask.shape[1] - n
+    for start in range(0, n, step):
+        piece = {k: v[:, start : start + step] for k, v in inputs.items() if k != "attention_mask"}
+        if mask is not None:
+            piece["attention_mask"] = mask[:, : past + start + piece["input_ids"].shape[1]]
+        out = model.hf_model(**piece, **kw, use_cache=True, logits_to_keep=1)
+        kw = {_cache_kwarg(model.hf_model): out["cache"] if "cache" in out else out.past_key_values}
+    return next(iter(kw.values())), out.logits[:, -1]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -7,9 +7,20 @@ and runs the model's base network once per batch under :func:`workbench.attentio
 The language-model head is skipped: no pattern probe needs logits, and on SmolLM2 it is a
 fifth of the forward's work.
 
-Every pattern probe of the run shares that one forward, and each layer's pattern chunks are
-computed once and shared by all of them. On CUDA an out-of-memory batch is split in half and
-retried, the probes' batch accumulators discarded so nothing is double-counted. Use
+Every pattern probe of the run shares that one forward. Each probe declares what it reads
+(``needs`` in ``probes/base.py``) and the engine computes, once per layer for all of them, the
+cheapest sufficient thing:
+
+- probes that read weights on named keys and / or row entropies get one
+  :class:`~workbench.statistics.LayerStatistics` per layer: the attention function then computes
+  the layer's output with a fused kernel that also returns each row's log-sum-exp (and, for
+  entropy, one more pass with the keys as values, :mod:`workbench.kernels`), so the statistics
+  cost O(T d) next to the forward instead of recomputing every score;
+- probes that read whole rows (and every probe, on layers no fused kernel can compute: logit
+  soft-capping; entropy under an additive float mask) get the layer's pattern chunks, computed
+  once and shared: the exact reference path, which ``attention_path="chunks"`` forces for all.
+
+On CUDA an out-of-memory batch is split in half and retried, the probes' batch accumulators discarded so nothing is double-counted. Use
 :func:`workbench.runner.run_probes` to run probes of any kind; this module is its engine for
 pattern probes.
 """
@@ -17,28 +28,36 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Literal, Protocol, Sequence
 
 import torch
+
+from torch import Tensor
 
 from workbench.attention import AttentionCall, hooked_run
 from workbench.context import RunContext
 from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
-from workbench.patterns import BatchInfo, PatternChunk, collate, iter_pattern_chunks
+from workbench.masking import visible_counts
+from workbench.patterns import BatchInfo, PatternView, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
+from workbench.statistics import LayerStatistics, single_threaded
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+AttentionPath = Literal["auto", "chunks"]
+STATISTICS_NEEDS = frozenset({"key_weights", "row_entropy"})  # what LayerStatistics answers
 
 
 class PatternReducer(Protocol):
     """What the engine needs of a pattern probe (declared in full in ``probes/base.py``)."""
 
+    needs: tuple[str, ...]
+
     def setup(self, n_layers: int, n_heads: int, device: torch.device) -> None: ...
 
     def begin_batch(self, batch: BatchInfo) -> None: ...
 
-    def on_pattern_chunk(self, chunk: PatternChunk) -> None: ...
+    def on_pattern_chunk(self, chunk: PatternView) -> None: ...
 
     def end_batch(self, batch: BatchInfo) -> None: ...
 
@@ -46,20 +65,65 @@ class PatternReducer(Protocol):
 
 
 class ChunkFeeder:
-    """The attention observer: turns each attention call into pattern chunks for the probes."""
+    """The attention observer: turns each attention call into what each probe reads (layer
+    statistics or pattern chunks), computing each once per layer for all probes."""
 
-    def __init__(self, probes: Sequence[PatternReducer], chunk_elements: int) -> None:
+    def __init__(self, probes: Sequence[PatternReducer], chunk_elements: int, attention_path: AttentionPath = "auto") -> None:
+        if attention_path not in ("auto", "chunks"):
+            raise WorkbenchError(f"unknown attention path {attention_path!r}", "use auto or chunks")
         self.probes = list(probes)
         self.chunk_elements = chunk_elements
-        self.batch: BatchInfo | None = None
+        self._batch: BatchInfo | None = None
+        self._n_visible: list[tuple[Tensor | None, Tensor]] = []
+        needs = {p: frozenset(getattr(p, "needs", ("rows",))) for p in self.probes}
+        fast = attention_path == "auto"
+        self.stat_probes = [p for p in self.probes if fast and needs[p] <= STATISTICS_NEEDS]
+        self.entropy = any("row_entropy" in needs[p] for p in self.stat_probes)
+        self._needs = needs
+
+    @property
+    def batch(self) -> BatchInfo | None:
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: BatchInfo | None) -> None:
+        self._batch, self._n_visible = batch, []
+
+    def wants_statistics(self, call: AttentionCall) -> frozenset[str]:
+        """Asked by the attention function before its kernel: the log-sum-exp when a probe reads
+        statistics, and E_A[k] when one reads row entropies (not under a float mask, whose bias
+        the entropy identity leaves out)."""
+        if not self.stat_probes or self._batch is None:
+            return frozenset()
+        if self.entropy and (call.mask is None or call.mask.dtype == torch.bool):
+            return frozenset({"lse", "key_mean"})
+        return frozenset({"lse"})
+
+    def n_visible(self, call: AttentionCall) -> Tensor:
+        """Keys each query may see, per batch row; computed once per mask (layers share masks)."""
+        for mask, n in self._n_visible:
+            if mask is call.mask:
+                return n
+        n = visible_counts(call)
+        self._n_visible.append((call.mask, n))
+        return n
 
     def on_attention(self, call: AttentionCall) -> None:
-        if not self.probes or self.batch is None:
+        if not self.probes or self._batch is None:
             return
         with torch.no_grad():
-            for chunk in iter_pattern_chunks(call, self.batch, self.chunk_elements):
-                for probe in self.probes:
-                    probe.on_pattern_chunk(chunk)
+            rows = list(self.probes)
+            if call.lse is not None and self.stat_probes:
+                served = [p for p in self.stat_probes if "row_entropy" not in self._needs[p] or call.key_mean is not None]
+                with single_threaded():
+                    stats = LayerStatistics(call, self._batch, self.n_visible(call), self.chunk_elements)
+                    for probe in served:
+                        probe.on_pattern_chunk(stats)
+                rows = [p for p in rows if p not in served]
+            if rows:
+                for chunk in iter_pattern_chunks(call, self._batch, self.chunk_elements):
+                    for probe in rows:
+                        probe.on_pattern_chunk(chunk)
 
 
 def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
@@ -103,7 +167,7 @@ def run_pattern_probes(
     chunk_elements = ctx.chunk_elements or DEFAULT_CHUNK_ELEMENTS.get(device.type, 1 << 22)
     for p in probes:
         p.setup(model.n_layers, model.n_heads, device)
-    feeder = ChunkFeeder(probes, chunk_elements)
+    feeder = ChunkFeeder(probes, chunk_elements, ctx.attention_path)
     pad_id = pad_token_id(model.tokenizer)
 
     def model_forward(batch: BatchInfo) -> None:

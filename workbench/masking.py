@@ -17,6 +17,14 @@ sit at key positions ``n_k - n_q .. n_k - 1``. Scores of masked keys are set to 
 :func:`key_visibility` gives which keys a block of queries may see, how many, and how far to
 compute (keys past the block's last visible key are skipped, which halves the work under a
 causal mask).
+
+Two more views of the same scores serve statistics that name their keys
+(:mod:`workbench.statistics`), masked by the same rules (:func:`_visible`): :func:`key_scores`,
+each query against a few keys it names (O(T x n x d)), and :func:`band_scores`, blocks of
+queries against a window of keys each (O(T x window x d)), optionally in a per-row order of the
+positions (e.g. sorted by token, so that earlier occurrences of a token form a window).
+:func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
+from a boolean mask itself).
 """
 from __future__ import annotations
 
@@ -82,6 +90,22 @@ def key_visibility(call: AttentionCall, q0: int = 0, q1: int | None = None) -> K
                          additive[..., :k_end] if additive is not None else None)
 
 
+def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
+    """How many keys each query of the call may see (head 0 of a per-head mask), without the
+    intermediate copies of :func:`key_visibility` (a boolean mask is summed where it lies)."""
+    b, _, n_q, _ = call.query.shape
+    n_k = call.key.shape[2]
+    dev = call.query.device
+    if call.mask is None:
+        if not call.is_causal:
+            return torch.full((b, n_q), n_k, dtype=torch.long, device=dev)
+        return (torch.arange(n_q, device=dev) + (n_k - n_q) + 1).clamp(0, n_k).expand(b, -1)
+    m = call.mask[:, 0]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.sum(-1).expand(b, -1)
+
+
 def attention_scores(
     call: AttentionCall, q0: int = 0, q1: int | None = None, fill: float = float("-inf"),
     vis: KeyVisibility | None = None,
@@ -114,6 +138,173 @@ def attention_scores(
             tri = torch.arange(start, vis.k_end, device=s.device)[None, :] > q_at[:, None]
             s[..., start:].masked_fill_(tri, fill)
     return s, vis
+
+
+def _mask_at(mask: Tensor, rows: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
+    """``mask[row, :, query, key]`` for index tensors that broadcast together (the mask-head
+    dimension last); broadcast dimensions of the mask are read at 0."""
+    def at(dim: int, idx: Tensor) -> Tensor:
+        return idx.clamp(0, mask.shape[dim] - 1) if mask.shape[dim] > 1 else torch.zeros_like(idx)
+
+    return mask[at(0, rows), :, at(2, queries), at(3, keys)]
+
+
+def _visible(call: AttentionCall, rows: Tensor, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Whether query ``queries`` of batch row ``rows`` may attend to key ``keys`` (keys outside
+    ``[0, n_keys)`` may not), and a float mask's additive values there: the rules of
+    :func:`attention_scores`, for index tensors that broadcast together (mask heads last)."""
+    n_q, n_k = call.query.shape[2], call.key.shape[2]
+    inside = (keys >= 0) & (keys < n_k)
+    kc = keys.clamp(0, n_k - 1)
+    if call.mask is None:
+        ok = inside & (kc <= queries + (n_k - n_q)) if call.is_causal else inside
+        shape = torch.broadcast_shapes(rows.shape, queries.shape, keys.shape)
+        return torch.broadcast_to(ok, shape).unsqueeze(-1), None
+    m = _mask_at(call.mask, rows, queries, kc)
+    if m.dtype == torch.bool:
+        return m & inside.unsqueeze(-1), None
+    return (m > torch.finfo(m.dtype).min / 2) & inside.unsqueeze(-1), m.float().clamp_min(NEG)
+
+
+def _finish(call: AttentionCall, s: Tensor, allowed: Tensor, additive: Tensor | None, fill: float) -> Tensor:
+    """Soft-cap, then the additive mask, then ``fill`` where not ``allowed`` (both broadcast
+    against the scores ``s``), in place."""
+    if call.softcap is not None:
+        s.div_(call.softcap).tanh_().mul_(call.softcap)
+    if additive is not None:
+        s.add_(additive)
+    return s.masked_fill_(~allowed, fill)
+
+
+def grouped_queries(call: AttentionCall, order: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch kv query group d"]:
+    """The call's queries, float32, multiplied by the scaling and grouped by the KV head they
+    read, contiguous (one copy); with ``order``, positions permuted per row (query ``i`` of row
+    b is column ``order[b, i]``)."""
+    q = call.query
+    b, h, n_q, d = q.shape
+    n_kv = call.key.shape[1]
+    g = h // n_kv
+    x = q.reshape(b, n_kv, g, n_q, d).transpose(2, 3)
+    if order is not None:
+        x = x[torch.arange(b, device=q.device).view(b, 1), :, order].permute(0, 2, 1, 3, 4)
+    out = torch.empty((b, n_kv, n_q, g, d), dtype=torch.float32, device=q.device)
+    return torch.mul(x, call.scaling, out=out)
+
+
+def ordered_keys(call: AttentionCall, order: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch kv key d"]:
+    """The call's keys in float32, contiguous; with ``order``, positions permuted per row."""
+    k = call.key
+    if order is not None:
+        k = k[torch.arange(k.shape[0], device=k.device).view(-1, 1), :, order].transpose(1, 2)
+    return k.float().contiguous()
+
+
+def _grouped(x: Tensor, n_kv: int) -> Tensor:
+    """``[batch, ..., mask_head]`` (mask heads last, 1 or all heads) as
+    ``[batch, kv | 1, ..., group | 1]``, matching scores laid out by KV head and group."""
+    mh = x.shape[-1]
+    lead = x.shape[:-1]
+    x = x.view(*lead, n_kv, mh // n_kv) if mh > 1 else x.view(*lead, 1, 1)
+    return x.movedim(-2, 1)
+
+
+def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2) -> Tensor:
+    """``x[b, ..., index[b], ...]`` row by row along ``dim`` (index_select per batch row; no
+    copy of the stack for a single row)."""
+    if x.shape[0] == 1:
+        return x[0].index_select(dim - 1, index[0]).unsqueeze(0)
+    return torch.stack([x[i].index_select(dim - 1, index[i]) for i in range(x.shape[0])])
+
+
+def key_scores(
+    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
+    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
+) -> Float[Tensor, "batch head block n"]:
+    """Float32 scores of the queries ``[q0, q1)`` against the ``n`` keys each names
+    (``key_index``, on the call's key axis; a negative or out-of-range index is masked), masked
+    with ``fill`` as :func:`attention_scores` masks. O(queries x n x d): no other key is touched.
+
+    ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
+    token, a block of sink keys): then the scores are one product per row. ``queries`` /
+    ``keys``: :func:`grouped_queries` / :func:`ordered_keys` of the call, when the caller has them.
+    """
+    b, h = call.query.shape[:2]
+    n_kv, n_k, d = call.key.shape[1], call.key.shape[2], call.key.shape[3]
+    g, n = h // n_kv, key_index.shape[-1]
+    q1 = q0 + key_index.shape[1] if q1 is None else q1
+    n_q = q1 - q0
+    qg = (queries if queries is not None else grouped_queries(call))[:, :, q0:q1]  # [b, kv, block, g, d]
+    kf = keys if keys is not None else ordered_keys(call)
+    idx = key_index.clamp(0, n_k - 1)
+    if key_index.shape[1] == 1:  # the same keys for every query of the row: one product
+        ks = take_positions(kf, idx[:, 0])  # [b, kv, n, d]
+        s = torch.matmul(qg.reshape(b, n_kv, n_q * g, d), ks.transpose(-1, -2)).view(b, n_kv, n_q, g, n)
+    else:
+        ks = take_positions(kf, idx.flatten(1)).view(b, n_kv, n_q, n, d)
+        s = torch.matmul(qg, ks.transpose(-1, -2))  # [b, kv, block, g, n]
+    s = s.transpose(2, 3).reshape(b, h, n_q, n)
+    r = torch.arange(b, device=kf.device).view(b, 1, 1)
+    allowed, additive = _visible(call, r, torch.arange(q0, q1, device=kf.device).view(1, n_q, 1), key_index)
+    return _finish(call, s, allowed.movedim(-1, 1), None if additive is None else additive.movedim(-1, 1), fill)
+
+
+def band_scores(
+    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
+    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
+    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
+) -> Float[Tensor, "batch kv block row group key"]:
+    """Float32 scores of blocks of ``rows`` queries, block ``i`` holding queries
+    ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys ``k_starts[i] + [0, width)`` only, masked
+    with ``fill`` as :func:`attention_scores` masks (and where ``keep`` is False). A window of keys
+    that moves with the query (a recent window, a block of sink keys) costs O(queries x width x d),
+    in one batched product per call. Heads come as (KV head, group): head ``kv * group + g``.
+
+    With ``order`` (per batch row, a permutation of the positions; queries and keys must be the
+    same positions) block indices count along that order instead: position ``i`` is column
+    ``order[b, i]``. Keys past the end are masked; rows past the last query mean nothing.
+    ``queries`` / ``keys``: :func:`grouped_queries` / :func:`ordered_keys` in that order, when the
+    caller already has them.
+    """
+    b, h, n_q, d = call.query.shape
+    n_kv, n_k = call.key.shape[1], call.key.shape[2]
+    g, n_b = h // n_kv, q_starts.shape[0]
+    dev = call.key.device
+    qg = queries if queries is not None else grouped_queries(call, order)  # [b, kv, pos, g, d]
+    kf = keys if keys is not None else ordered_keys(call, order)  # [b, kv, pos, d]
+    qi = q_starts.view(-1, 1) + torch.arange(rows, device=dev)  # [block, row]
+    ki = k_starts.view(-1, 1) + torch.arange(width, device=dev)  # [block, key]
+    q0, q_last = int(q_starts[0]), int(q_starts[-1])
+    if q_last + rows <= n_q and q_last - q0 == rows * (n_b - 1):  # (starts increase, so they are consecutive)
+        qb = qg[:, :, q0 : q0 + n_b * rows].reshape(b, n_kv, n_b, rows * g, d)  # consecutive blocks: a view
+    else:
+        qb = qg.index_select(2, qi.clamp(0, n_q - 1).flatten()).view(b, n_kv, n_b, rows * g, d)
+    kb = kf.index_select(2, ki.clamp(0, n_k - 1).flatten()).view(b, n_kv, n_b, width, d)
+    s = torch.matmul(qb, kb.transpose(-1, -2)).view(b, n_kv, n_b, rows, g, width)
+    r = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    if order is None:
+        qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
+    else:
+        qcol = order.gather(1, qi.clamp(0, n_q - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
+        kcol = order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
+        kcol = torch.where(((ki >= 0) & (ki < n_k)).view(1, n_b, 1, width), kcol, -1)
+    allowed, additive = _visible(call, r, qcol, kcol)  # [b, block, row, key, mask_head]
+    if keep is not None:
+        allowed = allowed & keep.unsqueeze(-1)
+    to_scores = lambda x: _grouped(x, n_kv).movedim(-1, -2)  # noqa: E731  [b, kv|1, block, row, g|1, key]
+    return _finish(call, s, to_scores(allowed), None if additive is None else to_scores(additive), fill)
+
+
+def additive_mask(call: AttentionCall, dtype: torch.dtype) -> Float[Tensor, "batch mask_head query key"] | None:
+    """The call's mask as the additive float tensor fused kernels take (0 = attend, -inf = masked;
+    a float mask keeps its values), in ``dtype``; None when the call has no mask. This is the
+    conversion SDPA applies to a boolean mask itself."""
+    m = call.mask
+    if m is None:
+        return None
+    if m.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=m.device)
+        return torch.where(m, zero, torch.full((), float("-inf"), dtype=dtype, device=m.device))
+    return m.to(dtype)
 
 
 def attention_probs(call: AttentionCall, n_last: int | None = None) -> Float[Tensor, "batch head query key"]:

@@ -11,12 +11,18 @@ causal mask. Peak extra memory is ``O(chunk_elements)``, linear in sequence leng
 Quantities are computed lazily and shared between probes: ``probs`` (the pattern rows),
 ``row_entropy`` (from the log-partition function, no extra log pass) and ``key_probs`` (the
 weight on one key per prompt, e.g. the first token).
+
+A chunk is one of two *views* of a layer's attention a pattern probe may be handed
+(:class:`PatternView`); the other, :class:`workbench.statistics.LayerStatistics`, covers every
+query of the layer at once without its rows, and answers only what names its keys
+(``key_probs``, ``probs_at``, ``mass_in``) or needs the row's entropy. A probe that reads only
+those runs unchanged on either view (``needs`` in ``probes/base.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -81,6 +87,56 @@ def collate(
     )
 
 
+def same_token_ranges(batch: BatchInfo) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Earlier occurrences of each query's token as a key range in a per-row order: ``(rank,
+    lo, hi)`` such that the real keys of row b holding the token of query column q at an earlier
+    position are exactly the columns k with ``lo[b, q] <= rank[b, k] < hi[b, q]``.
+
+    ``rank`` sorts each row's real positions by (token id, position), padding last, so a token's
+    occurrences are consecutive and the earlier ones of an occurrence lie just before it
+    (``hi`` is the query's own rank, ``lo`` its token's first); padding queries get empty ranges.
+    With it, echo-like sums over scattered keys become one banded product
+    (:meth:`workbench.statistics.LayerStatistics.mass_in`).
+    """
+    ids, valid = batch.input_ids, batch.valid
+    b, width = ids.shape
+    col = torch.arange(width, device=ids.device).expand(b, -1)
+    key = torch.where(valid, ids, int(ids.max()) + 1) * width + col  # (token, position); padding last
+    order = key.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, col)
+    tok = key.gather(1, order) // width
+    new = torch.ones_like(valid)
+    new[:, 1:] = tok[:, 1:] != tok[:, :-1]
+    first = torch.cummax(torch.where(new, col, 0), dim=1).values  # rank of each group's first item
+    lo = first.gather(1, rank)
+    return rank, torch.where(valid, lo, 0), torch.where(valid, rank, 0)
+
+
+class PatternView(Protocol):
+    """What both views of a layer's attention answer, for the queries they cover (batch columns
+    ``queries``; ``query_pos`` / ``query_valid`` / ``n_visible`` per row): a probe that reads only
+    this runs on chunks and on :class:`workbench.statistics.LayerStatistics` alike."""
+
+    layer: int
+    batch: BatchInfo
+    query_pos: Int[Tensor, "batch chunk"]
+    query_valid: Bool[Tensor, "batch chunk"]
+    n_visible: Int[Tensor, "batch chunk"]
+
+    @property
+    def queries(self) -> slice: ...
+
+    @property
+    def row_entropy(self) -> Float[Tensor, "batch head chunk"]: ...
+
+    def key_probs(self, key_index: Int[Tensor, " batch"]) -> Float[Tensor, "batch head chunk"]: ...
+
+    def probs_at(self, key_index: Tensor) -> Tensor: ...
+
+    def mass_in(self, lo: Int[Tensor, "batch chunk"], hi: Int[Tensor, "batch chunk"],
+                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head chunk"]: ...
+
+
 class PatternChunk:
     """Attention weights of one layer for query positions ``[q_start, q_end)`` of a batch.
 
@@ -135,22 +191,37 @@ class PatternChunk:
         return (torch.log(z) - dot / z).clamp_min(0.0)
 
     def key_probs(self, key_index: Int[Tensor, " batch"]) -> Float[Tensor, "batch head chunk"]:
-        """A[q, key_index[b]] for every head and query of the chunk."""
-        b, h, c, _ = self._u.shape
-        idx = key_index.clamp(max=self.n_keys - 1).view(b, 1, 1, 1).expand(b, h, c, 1)
-        return self._exp.gather(-1, idx).squeeze(-1) / self._z
+        """A[q, key_index[b]] for every head and query of the chunk (0 past the chunk's last
+        visible key)."""
+        return self.probs_at(key_index.view(-1, 1).expand(-1, self._u.shape[2]))
 
-    def probs_at(self, key_index: Int[Tensor, "batch chunk"]) -> Float[Tensor, "batch head chunk"]:
-        """A[q, key_index[b, q]] per query (0 where the index is negative or not visible)."""
+    def probs_at(self, key_index: Int[Tensor, "batch chunk *n"]) -> Float[Tensor, "batch head chunk *n"]:
+        """A[q, key_index[b, q]] per query, or per named key when ``key_index`` has a trailing
+        axis of n keys (0 where an index is negative or not visible)."""
         b, h, c, _ = self._u.shape
+        one = key_index.dim() == 2
+        key_index = key_index.unsqueeze(-1) if one else key_index
         ok = (key_index >= 0) & (key_index < self.n_keys)
-        idx = key_index.clamp(0, self.n_keys - 1).view(b, 1, c, 1).expand(b, h, c, 1)
-        return self._exp.gather(-1, idx).squeeze(-1) / self._z * ok.unsqueeze(1)
+        idx = key_index.clamp(0, self.n_keys - 1).unsqueeze(1).expand(b, h, c, key_index.shape[-1])
+        p = self._exp.gather(-1, idx) / self._z.unsqueeze(-1) * ok.unsqueeze(1)
+        return p.squeeze(-1) if one else p
 
     def mass_on(self, keys: Bool[Tensor, "batch chunk key"]) -> Float[Tensor, "batch head chunk"]:
         """sum_k A[q, k] over the keys selected per query (any of the chunk's keys)."""
         sel = keys[..., : self.n_keys].to(self._exp.dtype).unsqueeze(1)
         return (self._exp * sel).sum(-1) / self._z
+
+    def mass_in(self, lo: Int[Tensor, "batch chunk"], hi: Int[Tensor, "batch chunk"],
+                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head chunk"]:
+        """sum_k A[q, k] over the keys k with ``lo[b, q] <= rank[b, k] < hi[b, q]``: a key range
+        per query, in column order by default or in the per-row order ``rank`` gives."""
+        r = torch.arange(self.n_keys, device=lo.device) if rank is None else rank[:, None, : self.n_keys]
+        return self.mass_on((r >= lo.unsqueeze(-1)) & (r < hi.unsqueeze(-1)))
+
+    @property
+    def queries(self) -> slice:
+        """The batch columns of the chunk's queries."""
+        return slice(self._qo + self.q_start, self._qo + self.q_end)
 
     @property
     def key_positions(self) -> Int[Tensor, "batch key"]:

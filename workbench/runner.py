@@ -70,6 +70,7 @@ def run_probes(
     chunk_elements: int | None = None,
     max_batch_tokens: int | None = None,
     forward: Callable[[Any], None] | None = None,
+    attention_path: str = "auto",
 ) -> RunResult:
     """Run ``probes`` (of any kind) over ``prompts`` on ``model``; one :class:`RunResult`.
 
@@ -84,6 +85,9 @@ def run_probes(
         interventions: observers active in every forward (``HeadAblation``, ``HeadScaling``).
         root: folder that relative paths in items (images) start from.
         forward: replaces the pattern engine's model call (tests simulate out-of-memory with it).
+        attention_path: ``"auto"`` (each pattern probe reads the cheapest sufficient view: layer
+            statistics from the kernel's log-sum-exp, or pattern chunks) or ``"chunks"`` (every
+            pattern probe reads full chunks: the exact reference path).
     """
     if not probes:
         raise WorkbenchError("no probes to run", "name at least one probe")
@@ -93,6 +97,7 @@ def run_probes(
     if len(set(names)) != len(names):
         raise WorkbenchError(f"a probe appears twice in one run: {names}", "give each probe once (its parameters apply to the whole run)")
     ctx = RunContext(batch_size=batch_size, max_batch_tokens=max_batch_tokens, chunk_elements=chunk_elements,
+                     attention_path=attention_path,  # type: ignore[arg-type]
                      interventions=tuple(interventions), progress=progress, root=Path(root) if root is not None else None)
     wants_tokens = [p for p in probes if p.kind in ("pattern", "tokens")]
     if wants_tokens and any(isinstance(p, Prompt) and "image" in p.meta for p in prompts):

@@ -49,7 +49,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     interventions = make_interventions(args, model)
     t_load = time.perf_counter() - t0
     result = run_probes(model, prompts, probes, batch_size=batch_size, prepend_bos=args.prepend_bos,
-                        interventions=interventions, root=root, progress=None if args.progress else False)
+                        interventions=interventions, root=root, progress=None if args.progress else False,
+                        attention_path=args.attention_path)
     table = tidy(result.table, model=args.model, dataset=dataset)
     stats = result.stats
     meta = run_metadata(
@@ -59,7 +60,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                  "tokenization": "token ids as given" if prompts[0].tokens is not None else "tokenizer defaults" + (" + BOS" if args.prepend_bos else "")},
         probes=[p.config() for p in probes],
         config={"batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-                "ablate": args.ablate, "ablation": args.ablation if args.ablate else None},
+                "ablate": args.ablate, "ablation": args.ablation if args.ablate else None, "attention_path": args.attention_path},
         summaries=result.summaries(),
         command=sys.argv,
     )
@@ -193,6 +194,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--ablate", help="heads to ablate during the run, LAYER.HEAD comma list, e.g. 12.3,14.0")
     run.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
     run.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
+    run.add_argument("--attention-path", choices=("auto", "chunks"), default="auto",
+                     help="pattern probes: auto (statistics from the attention kernel's log-sum-exp where they suffice; "
+                          "the default) or chunks (full pattern rows for every probe: the exact reference, slower at long T)")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--top", type=whole(0), default=5, help="heads to print per metric")
     p.add_argument("--from-store", metavar="STORE", help="run pattern probes on an activation store (`workbench cache`) instead of the model")

@@ -1,0 +1,278 @@
+"""Long-context scaling study: time and peak memory of head statistics against a bare forward.
+
+For one model (``--model``: ``smollm2-135m`` by default, any name ``load_model`` knows or a
+local HF folder, e.g. ``/root/.cache/workbench/models/gemma3-270m``), float32, batch 1, on real
+prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
+
+  bare        transformers AutoModelForCausalLM, attn_implementation="sdpa", logits of the last
+              position only (``logits_to_keep=1``): the fair baseline
+  tl_cache    TransformerLens ``run_with_cache`` of every ``hook_pattern`` (+ entropy / sink
+              from the cache); skipped where its predicted memory (the patterns plus one
+              layer's eager attention: 4 bytes x (layers + 4) x heads x T^2) would pass
+              ``--tl-max-gb`` (default 10) or what the machine has available: it is never
+              run into an out-of-memory kill
+  ours_a      ``run_probes`` of sink, induction, streaming (statistics from the kernel's lse)
+  ours_b      ours_a + entropy (one more attention pass with the keys as values)
+  extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
+              and keys (captured first), keys as values; the floor of ours_b is bare + this
+
+Each (method, length) runs in its own process, so a peak RSS is that method's own (``peak``;
+``run`` is the peak minus the resident memory once the model is loaded, which leaves out the
+fixed cost of importing TransformerLens and booting its bridge, ~0.2 GB); rounds
+alternate the methods (the machine is shared and drifts), and ratios to ``bare`` are taken
+within a round, then reported as min-max over rounds. Model loading is excluded from times.
+Writes ``results.json`` and ``scaling.html`` (plotly: time and memory ratios against T) into
+``--out``. GPU timings are not measured here: the CUDA kernels are the same code path, tested
+only by simulation.
+
+    python benchmarks/bench_longctx.py --rounds 2
+    python benchmarks/bench_longctx.py --model /root/.cache/workbench/models/gemma3-270m \\
+        --lengths 512,2048,8192,16384,32768 --methods bare,ours_a,ours_b,extra_pass
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ["bare", "tl_cache", "ours_a", "ours_b", "extra_pass"]
+PROBES = {"ours_a": ["sink", "induction", "streaming"], "ours_b": ["sink", "induction", "streaming", "entropy"]}
+
+
+def available_gb() -> float:
+    """MemAvailable from /proc/meminfo (GB), or infinity where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def tl_projected_gb(n_layers: int, n_heads: int, tokens: int) -> float:
+    """Predicted peak of ``run_with_cache`` beyond the model (GB): the cached float32 patterns of
+    every layer, plus one layer's transient eager attention (scores, mask, softmax, pattern
+    copy: four more [heads, T, T] float32 tensors)."""
+    return 4 * (n_layers + 4) * n_heads * tokens**2 / 2**30
+
+
+def _ids(folder: str, tokens: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.bench_extraction import real_text_ids
+
+    return real_text_ids(AutoTokenizer.from_pretrained(folder), 1, tokens)[0]
+
+
+def _extra_pass(wb, ids):
+    """A function timing one fused attention pass per layer on the layer's own queries and keys,
+    keys as values (what entropy adds), with the queries and keys captured beforehand."""
+    import torch
+
+    from workbench.attention import hooked_run
+    from workbench.extraction import base_network
+    from workbench.kernels import attention_with_lse
+    from workbench.masking import additive_mask
+
+    calls = []
+
+    class Capture:
+        def on_attention(self, call):
+            calls.append((call.query, call.key, additive_mask(call, torch.float32), call.is_causal, call.scaling))
+
+    with hooked_run(wb.hf_model, Capture()):
+        base_network(wb.hf_model)(input_ids=torch.tensor([ids]), use_cache=False)
+
+    def run():
+        for q, k, bias, causal, scale in calls:
+            attention_with_lse(q.float(), k.float(), k.float(), bias, causal, scale)
+
+    return run
+
+
+def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = True) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models import load_model, resolve_source
+
+    folder, _ = resolve_source(model)
+    ids = _ids(folder, tokens)
+    if method == "bare":  # only the plain HF model in this process, so its peak is its own
+        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
+        x = torch.tensor([ids])
+        run = lambda: hf(x, use_cache=False, logits_to_keep=1)  # noqa: E731
+    else:
+        wb = load_model(model, device="cpu", dtype="float32")
+    if method == "tl_cache":
+        x = torch.tensor([ids])
+
+        def run():
+            _, cache = wb.bridge.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))
+            out = []
+            for layer in range(wb.n_layers):
+                a = cache[f"blocks.{layer}.attn.hook_pattern"].float()
+                out.append((torch.special.entr(a).sum(-1)[..., 1:].mean((0, 2)), a[..., 0].mean((0, 2))))
+            return out
+    elif method in PROBES:
+        from probes import get_probe
+        from workbench.prompts import TokenizedPrompt
+        from workbench.runner import run_probes
+
+        prompts = [TokenizedPrompt("0", ids)]
+        run = lambda: run_probes(wb, prompts, [get_probe(p) for p in PROBES[method]], batch_size=1, progress=False)  # noqa: E731
+    elif method == "extra_pass":
+        run = _extra_pass(wb, ids)
+    elif method != "bare":
+        raise SystemExit(f"unknown method {method}")
+    loaded_gb = _rss_gb()
+    if warmup:
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"method": method, "tokens": tokens, "seconds": statistics.median(times), "peak_gb": peak_gb,
+            "run_gb": peak_gb - loaded_gb, "repeats": repeats, "warmup": warmup}
+
+
+def _rss_gb() -> float:
+    """Resident memory now (GB): the model is loaded (its weights mostly not yet paged in)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def model_shape(model: str) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    from workbench.models import resolve_source
+
+    cfg = AutoConfig.from_pretrained(resolve_source(model)[0]).get_text_config()
+    return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per (tokens, method): time and memory ratios to bare of the same round, min-max."""
+    out = []
+    for tokens in sorted({r["tokens"] for r in runs}):
+        at = [r for r in runs if r["tokens"] == tokens]
+        base = {r["round"]: r for r in at if r["method"] == "bare"}
+        for method in METHODS:
+            rs = [r for r in at if r["method"] == method and r["round"] in base]
+            if not rs:
+                continue
+            tr = [r["seconds"] / base[r["round"]]["seconds"] for r in rs]
+            mr = [r["peak_gb"] / base[r["round"]]["peak_gb"] for r in rs]
+            rr = [r["run_gb"] / base[r["round"]]["run_gb"] for r in rs]
+            out.append({"tokens": tokens, "method": method, "n": len(rs),
+                        "seconds": [min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)],
+                        "peak_gb": [min(r["peak_gb"] for r in rs), max(r["peak_gb"] for r in rs)],
+                        "time_ratio": [min(tr), max(tr)], "mem_ratio": [min(mr), max(mr)], "run_mem_ratio": [min(rr), max(rr)]})
+        extra = {r["round"]: r for r in at if r["method"] == "extra_pass"}
+        b_runs = [r for r in at if r["method"] == "ours_b" and r["round"] in base and r["round"] in extra]
+        if b_runs:  # (b) against its floor, bare + one extra pass, round by round
+            fr = [r["seconds"] / (base[r["round"]]["seconds"] + extra[r["round"]]["seconds"]) for r in b_runs]
+            out.append({"tokens": tokens, "method": "ours_b / (bare + extra_pass)", "n": len(fr), "time_ratio": [min(fr), max(fr)]})
+    return out
+
+
+def figure(summary: list[dict], title: str, path: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("time / bare forward", "peak memory / bare forward"))
+    for method in [m for m in METHODS if m != "bare"] + ["ours_b / (bare + extra_pass)"]:
+        rows = [s for s in summary if s["method"] == method]
+        if not rows:
+            continue
+        x = [s["tokens"] for s in rows]
+        for col, key in ((1, "time_ratio"), (2, "mem_ratio")):
+            if key not in rows[0] or (key == "mem_ratio" and method == "extra_pass"):
+                continue
+            lo = [s[key][0] for s in rows]
+            hi = [s[key][1] for s in rows]
+            mid = [(a + b) / 2 for a, b in zip(lo, hi)]
+            fig.add_trace(go.Scatter(x=x, y=mid, mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
+                                     error_y=dict(type="data", symmetric=False, array=[h - m for h, m in zip(hi, mid)],
+                                                  arrayminus=[m - lo_ for m, lo_ in zip(mid, lo)])), row=1, col=col)
+    for col, target in ((1, 1.10), (2, 1.10)):
+        fig.add_hline(y=target, line_dash="dot", line_color="grey", row=1, col=col)
+    fig.update_xaxes(type="log", title_text="tokens (T)")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(title=title, height=480, width=1100)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--repeats", type=int, default=0, help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tl-max-gb", type=float, default=10.0)
+    ap.add_argument("--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/longctx-MODEL)")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.tokens, args.repeats, args.tokens <= args.warmup_max)))
+        return
+    methods = args.methods.split(",")
+    methods = ["bare"] + [m for m in methods if m != "bare"]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    out = Path(args.out or ROOT / "benchmarks" / "out" / f"longctx-{Path(args.model).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    n_layers, n_heads = model_shape(args.model)
+    runs: list[dict] = []
+    notes: list[str] = []
+    print(f"model {args.model}: {n_layers} layers x {n_heads} heads; rounds {args.rounds}; cpu threads {os.cpu_count()}")
+    for tokens in lengths:
+        for rnd in range(args.rounds):
+            for method in methods:
+                if method == "tl_cache":
+                    need = tl_projected_gb(n_layers, n_heads, tokens)
+                    if need > min(args.tl_max_gb, available_gb() - 2):
+                        note = f"tl_cache at T={tokens} skipped: predicted {need:.1f} GB (cached patterns + one layer's eager attention) > {min(args.tl_max_gb, available_gb() - 2):.1f} GB allowed"
+                        if note not in notes:
+                            notes.append(note)
+                            print(note, flush=True)
+                        continue
+                repeats = args.repeats or max(1, 4096 // tokens)
+                proc = subprocess.run([sys.executable, __file__, "--child", method, "--model", args.model, "--tokens", str(tokens),
+                                       "--repeats", str(repeats), "--warmup-max", str(args.warmup_max)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
+                    notes.append(f"{method} at T={tokens} failed: {why}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1]) | {"round": rnd}
+                runs.append(r)
+                print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
+                      f"  (run {r['run_gb']:5.2f} GB)", flush=True)
+        summary = summarize(runs)
+        (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "notes": notes}, indent=1))
+        figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html")
+    print(f"\n{'T':>6} {'method':>28} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
+    for s in summarize(runs):
+        mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
+        run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
+        print(f"{s['tokens']:>6} {s['method']:>28} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
+    print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""Statistics from the kernel's log-sum-exp against the chunked reference path.
+
+The same probes run through both paths (``attention_path="auto"``: layer statistics from the
+fused kernel's lse; ``"chunks"``: full pattern chunks) on padded batches of unequal lengths,
+grouped KV heads, sliding-window layers and soft-capped layers (which fall back to chunks); the
+views are also compared one method at a time on random calls with every kind of mask; the
+kernel's output is SDPA's; the CUDA branch is checked by simulation (which kernel, shapes,
+dtypes), GPU timings are not measured here.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from probes import get_probe
+from tests.test_metrics import TOL, lookup
+from workbench import kernels
+from workbench.attention import AttentionCall
+from workbench.extraction import ChunkFeeder
+from workbench.kernels import attention_with_statistics, choose_kernel
+from workbench.masking import attention_probs, key_visibility
+from workbench.patterns import collate, iter_pattern_chunks, same_token_ranges
+from workbench.prompts import TokenizedPrompt
+from workbench.runner import run_probes
+from workbench.statistics import LayerStatistics
+
+ALL = ("entropy", "sink", "induction", "streaming")
+
+
+def probes(**streaming):
+    return [get_probe("entropy"), get_probe("sink"), get_probe("induction"), get_probe("streaming", **(streaming or {"sink": 2, "recent": 5}))]
+
+
+def prompts_for(model, lengths=(40, 13, 29, 8, 1), seed=0):
+    """Random prompts of unequal lengths, one with repeats (echo) and two repeated-random ones."""
+    from workbench.datasets import make_dataset
+    from workbench.prompts import tokenize_prompts
+
+    rng = random.Random(seed)
+    out = [TokenizedPrompt(f"r{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate(lengths)]
+    out.append(TokenizedPrompt("small-alphabet", [rng.randrange(4, 12) for _ in range(37)]))
+    rep = make_dataset("repeated-random", n_prompts=2, seed=seed, tokenizer=model.tokenizer, period=7)
+    return out + tokenize_prompts(rep, model.tokenizer, model.n_ctx, model.vocab_size)
+
+
+class Count:
+    """Counts LayerStatistics built while active (so a test knows which path ran)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        orig = LayerStatistics.__init__
+
+        def spy(this, *a, **k):
+            self.n += 1
+            orig(this, *a, **k)
+
+        monkeypatch.setattr(LayerStatistics, "__init__", spy)
+
+
+def compare_paths(model, prompts, batch_size=4, **kw):
+    auto = run_probes(model, prompts, probes(), batch_size=batch_size, progress=False, **kw).table
+    ref = run_probes(model, prompts, probes(), batch_size=batch_size, progress=False, attention_path="chunks", **kw).table
+    metrics = sorted(set(ref.metric))
+    assert len(metrics) == 9 and len(auto) == len(ref)
+    for metric in metrics:
+        got, want = lookup(auto, metric), lookup(ref, metric)
+        worst = max(abs(got[k][0] - want[k][0]) for k in want if want[k][1] > 0)
+        assert worst <= TOL, f"{metric}: max abs diff {worst}"
+        assert all(got[k][1] == want[k][1] for k in want), metric
+    return auto
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_both_paths_agree_on_padded_batches(tiny_models, arch, monkeypatch):
+    model = tiny_models[arch]
+    count = Count(monkeypatch)
+    compare_paths(model, prompts_for(model))
+    assert count.n > 0, "the statistics path ran"
+
+
+def test_both_paths_agree_with_small_budgets(tiny_models):
+    """A tiny chunk budget splits every statistic into many pieces: same numbers."""
+    model = tiny_models["llama"]
+    compare_paths(model, prompts_for(model, seed=3), batch_size=3, chunk_elements=300)
+
+
+def _save(tmp_path, cfg, scale_qk=4.0):
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models import load_model
+    from workbench.tiny import _tiny_tokenizer
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # sharper attention than a random init gives
+        for name, p in hf.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(scale_qk)
+    hf.save_pretrained(tmp_path)
+    _tiny_tokenizer(cfg.vocab_size).save_pretrained(tmp_path)
+    return load_model(str(tmp_path), device="cpu")
+
+
+def test_both_paths_agree_on_sliding_window_layers(tmp_path, monkeypatch):
+    """Gemma 3 text: sliding-window layers (boolean masks, window 6 < the prompts) next to a
+    global one, grouped KV heads, query_pre_attn_scalar scaling."""
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=6,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16,
+                           bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = _save(tmp_path, cfg)
+    seen = []
+
+    class Masks:
+        def on_attention(self, call):
+            seen.append(None if call.mask is None else call.mask.dtype)
+
+    count = Count(monkeypatch)
+    from workbench.runner import RunContext  # noqa: F401  (interventions are observers too)
+
+    auto = compare_paths(model, prompts_for(model), interventions=[Masks()])
+    assert count.n > 0 and torch.bool in seen
+    # the window bounds entropy_norm's denominator: ln(min(q + 1, 6)) keeps it in [0, 1]
+    norm = auto[auto.metric == "entropy_norm"].value
+    assert norm.between(0, 1).all()
+
+
+def test_softcapped_layers_fall_back_to_chunks(tmp_path, monkeypatch):
+    """Gemma 2 soft-caps its logits, which no fused kernel does: every probe reads chunks there,
+    and the numbers are the chunked path's."""
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_logit_softcapping=5.0,
+                       sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = _save(tmp_path, cfg, scale_qk=8.0)
+    count = Count(monkeypatch)
+    compare_paths(model, prompts_for(model, lengths=(20, 9, 14)))
+    assert count.n == 0
+
+
+def test_both_paths_agree_on_tiny_gemma3_text(tmp_path, monkeypatch):
+    """The project's tiny Gemma 3 text model (window 8 on layers 0, 1, 3, global layer 2, 4 query
+    heads on 2 KV heads, BOS) with prompts several windows long, padded, in two batch sizes."""
+    from tests.test_gemma3 import tiny_prompts
+    from workbench.models import load_model
+    from workbench.tiny import make_tiny_model
+
+    model = load_model(str(make_tiny_model(tmp_path / "g", "gemma3_text", seed=1)), device="cpu")
+    assert model.n_kv_heads < model.n_heads
+    ps = tiny_prompts(model)
+    assert max(len(p) for p in ps) > 4 * 8 and len({len(p) for p in ps}) == len(ps)
+    count = Count(monkeypatch)
+    for batch_size in (5, 2):
+        compare_paths(model, ps, batch_size=batch_size)
+    assert count.n > 0
+
+
+def test_grouped_kv_heads_are_read_per_query_head(tiny_models):
+    """GQA (tiny Llama: 4 query heads on 2 KV heads): every query head's weights come from its
+    own KV head on both paths (the per-head numbers differ across a group and still agree)."""
+    model = tiny_models["llama"]
+    assert model.n_kv_heads < model.n_heads
+    auto = compare_paths(model, prompts_for(model, seed=5), batch_size=8)
+    sink = auto[auto.metric == "sink_mass"].pivot(index="layer", columns="head", values="value")
+    assert sink.nunique(axis=1).min() == model.n_heads  # heads of one group are not copies
+
+
+@pytest.mark.gemma3
+def test_both_paths_agree_on_gemma3_beyond_the_window(gemma3, monkeypatch):
+    """Gemma-3-270M with prompts beyond its 512-key window (one padded batch of ~700, ~560 and a
+    short prompt): sliding and global layers, one KV head for four query heads."""
+    from tests.test_gemma3 import gemma_prompts
+
+    count = Count(monkeypatch)
+    compare_paths(gemma3, gemma_prompts(gemma3), batch_size=3)
+    assert count.n > 0
+
+
+@pytest.mark.smollm2
+def test_both_paths_agree_on_smollm2(smollm2):
+    from workbench.datasets import make_dataset
+    from workbench.prompts import tokenize_prompts
+
+    prose = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=20, max_words=120), smollm2.tokenizer,
+                             smollm2.n_ctx, smollm2.vocab_size)
+    rep = tokenize_prompts(make_dataset("repeated-random", n_prompts=2, seed=1, tokenizer=smollm2.tokenizer, period=40),
+                           smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
+    assert len({len(p) for p in prose}) == 3
+    compare_paths(smollm2, prose + rep, batch_size=5)
+
+
+# -- the two views, one method at a time, on random calls -------------------------------------
+def random_call(mask_kind, b=2, h=4, kv=2, n=23, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g)
+    lengths = [n, n - 9]
+    batch = collate([list(range(4, 4 + m)) for m in lengths], 0)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    real = batch.attention_mask.bool()[:, None, None, :]
+    mask, is_causal = None, False
+    if mask_kind == "none":
+        batch = collate([list(range(4, 4 + n))] * b, 0)
+        is_causal = True
+    elif mask_kind == "padding":
+        mask = causal & real
+    elif mask_kind == "window":
+        i = torch.arange(n)
+        mask = causal & (i[:, None] - i[None, :] < 5) & real
+    elif mask_kind == "additive":
+        bias = torch.randn(b, 1, n, n, generator=g) * 0.5
+        mask = bias.masked_fill(~(causal & real), torch.finfo(torch.float32).min)
+    call = AttentionCall(0, None, q, k, v, mask, 0.35, is_causal)
+    _, call.lse, call.key_mean = attention_with_statistics(call, key_mean=mask_kind != "additive")
+    # token ids with repeats, for the same-token ranges
+    ids = torch.randint(4, 9, (b, n), generator=g)
+    batch.input_ids = torch.where(batch.valid, ids, 0)
+    return call, batch
+
+
+def chunked(call, batch, fn, budget=40):
+    """fn(chunk) for every chunk of a small budget, concatenated along the queries."""
+    return torch.cat([fn(c) for c in iter_pattern_chunks(call, batch, budget)], dim=2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "window", "additive"])
+def test_views_answer_the_same(mask_kind):
+    call, batch = random_call(mask_kind)
+    stats = LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64)
+    valid = stats.query_valid.unsqueeze(1)
+    b, n = batch.input_ids.shape
+    pos = batch.positions
+    close = lambda got, want: torch.allclose(got * valid, want * valid, atol=1e-5)  # noqa: E731
+    keys = torch.stack([pos - 1, pos - 4, torch.full_like(pos, -1), pos + 2, torch.full_like(pos, 3)], dim=-1)
+    assert close(stats.probs_at(keys).sum(-1), chunked(call, batch, lambda c: c.probs_at(keys[:, c.queries]).sum(-1)))
+    assert close(stats.probs_at(pos - 2), chunked(call, batch, lambda c: c.probs_at((pos - 2)[:, c.queries])))
+    first = torch.tensor([0, 1])
+    assert close(stats.key_probs(first), chunked(call, batch, lambda c: c.key_probs(first)))
+    for lo, hi in ((pos - 6, pos + 1), (torch.zeros_like(pos), torch.full_like(pos, 3)), (pos - 13, pos - 2)):
+        assert close(stats.mass_in(lo, hi), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries])))
+    rank, lo, hi = same_token_ranges(batch)
+    assert bool((hi > lo).any())
+    assert close(stats.mass_in(lo, hi, rank), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries], rank)))
+    # against the pattern itself: the weight on every key, summed, is 1 per visible row
+    every = torch.arange(n).expand(b, n, n)
+    assert close(stats.probs_at(every).sum(-1), torch.ones(b, 1, n))
+    if mask_kind != "additive":
+        assert close(stats.row_entropy, chunked(call, batch, lambda c: c.row_entropy))
+        p = attention_probs(call).double()
+        ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        assert close(stats.row_entropy.double(), ent)
+
+
+def test_same_token_ranges_name_earlier_occurrences():
+    batch = collate([[5, 6, 5, 7, 5, 6, 8], [7, 7, 3, 7]], 0)
+    rank, lo, hi = same_token_ranges(batch)
+    ids = batch.input_ids.tolist()
+    for r in range(2):
+        for q in range(batch.input_ids.shape[1]):
+            named = {k for k in range(ids[r].__len__()) if lo[r, q] <= rank[r, k] < hi[r, q]}
+            want = {k for k in range(q) if batch.valid[r, q] and batch.valid[r, k] and ids[r][k] == ids[r][q]}
+            assert named == want, (r, q)
+
+
+def test_statistics_hold_no_rows():
+    call, batch = random_call("padding")
+    stats = LayerStatistics(call, batch, key_visibility(call).n_visible(2, call.query.device))
+    with pytest.raises(AttributeError, match="needs = \\('rows',\\)"):
+        stats.probs  # noqa: B018
+
+
+# -- the engine: who gets which view, and the kernel's output -----------------------------------
+def test_each_probe_gets_the_view_it_needs():
+    """A probe that reads rows gets chunks while the others share one LayerStatistics; under a
+    float mask entropy falls back to chunks (the identity leaves the bias out), sink does not."""
+    from probes.base import PatternProbe
+
+    class Rows(PatternProbe):
+        name, metrics, description = "rows", ("rows",), "reads rows"
+
+        def on_pattern_chunk(self, chunk):
+            seen.append(("rows", type(chunk).__name__))
+
+        def results(self):
+            return None
+
+    seen: list = []
+    for mask_kind, entropy_view in (("padding", "LayerStatistics"), ("additive", "PatternChunk")):
+        call, batch = random_call(mask_kind)
+        ps = [get_probe("entropy"), get_probe("sink"), Rows()]
+        feeder = ChunkFeeder(ps, 1 << 20)
+        for p in ps:
+            p.setup(1, 4, "cpu")
+            p.begin_batch(batch)
+        feeder.batch = batch
+        wants = feeder.wants_statistics(call)
+        assert wants == ({"lse", "key_mean"} if mask_kind == "padding" else {"lse"})
+        call.key_mean = call.key_mean if "key_mean" in wants else None
+        views = {}
+        for p in ps[:2]:
+            orig = p.on_pattern_chunk
+            p.on_pattern_chunk = lambda c, orig=orig, name=p.name: (views.setdefault(name, type(c).__name__), orig(c))
+        seen.clear()
+        feeder.on_attention(call)
+        assert views == {"entropy": entropy_view, "sink": "LayerStatistics"}
+        assert seen and all(v == "PatternChunk" for _, v in seen)
+    assert ChunkFeeder(ps, 1 << 20, "chunks").wants_statistics(call) == frozenset()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "window"])
+def test_kernel_output_is_sdpa(mask_kind):
+    """The fused call gives exactly what transformers' SDPA integration gives (grouped KV
+    heads), and its lse is the log-partition of the model's own scores."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    call, _ = random_call(mask_kind)
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    z, lse, _ = attention_with_statistics(call)
+    want, _ = sdpa_attention_forward(Module(), call.query, call.key, call.value, call.mask, scaling=call.scaling,
+                                     is_causal=call.is_causal or None)
+    assert torch.equal(z, want)
+    from workbench.masking import attention_scores
+
+    s, _ = attention_scores(call)
+    ref = torch.logsumexp(s, -1)
+    ok = torch.isfinite(ref)
+    assert torch.allclose(lse[ok], ref[ok], atol=1e-5)
+
+
+def test_models_give_the_same_logits_with_statistics_on(tiny_models):
+    """Asking for statistics changes how a layer's output is computed, not what it is."""
+    from workbench.attention import hooked_run
+
+    model = tiny_models["llama"]
+    ids = torch.randint(4, 500, (2, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+
+    class Wants:
+        def wants_statistics(self, call):
+            return {"lse", "key_mean"}
+
+        def on_attention(self, call):
+            assert call.lse is not None and call.key_mean is not None
+
+    with hooked_run(model.hf_model):
+        plain = model.hf_model(input_ids=ids, attention_mask=mask).logits
+    with hooked_run(model.hf_model, Wants()):
+        fused = model.hf_model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(plain, fused, atol=1e-6)
+
+
+# -- CUDA, simulated ---------------------------------------------------------------------------
+# Without a GPU only two things are replaced: the device check (kernels.device_type says "cuda")
+# and the two CUDA aten ops, by fakes that bind their arguments to the ops' real schemas, check
+# what the CUDA kernels require, and compute with the CPU kernel in float32, returning what the
+# CUDA ops return (flash: lse [b, h, q]; memory-efficient: lse padded to a multiple of 32 rows).
+# The engine's own code (kernel choice, KV-head repetition, bias alignment, lse cut, float32
+# statistics) runs unchanged. GPU timings are not measured here.
+_CPU_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_SCHEMAS = {name: getattr(torch.ops.aten, name).default._schema
+            for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")}
+
+
+def _bind(name, args, kwargs) -> dict:
+    """The call's arguments by name, checked against the op's schema (count, names, required)."""
+    schema = _SCHEMAS[name]
+    positional = [a.name for a in schema.arguments if not a.kwarg_only]
+    names = [a.name for a in schema.arguments]
+    assert len(args) <= len(positional), f"too many positional arguments for {schema.name}"
+    bound = dict(zip(positional, args))
+    assert set(kwargs) <= set(names) - set(bound), f"bad keywords {set(kwargs)} for {schema.name}"
+    bound.update(kwargs)
+    missing = [a.name for a in schema.arguments if not a.has_default_value() and a.name not in bound]
+    assert not missing, f"{schema.name}: missing {missing}"
+    return bound
+
+
+class FakeCudaOps:
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        monkeypatch.setattr(kernels, "device_type", lambda t: "cuda")
+        monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", self.flash)
+        monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", self.efficient)
+
+    def _run(self, name, a, bias):
+        q, k, v = a["query"], a["key"], a["value"]
+        assert q.shape[:2] == k.shape[:2] == v.shape[:2], "CUDA kernels get as many KV heads as query heads"
+        assert a.get("dropout_p", 0.0) == 0.0
+        self.calls.append({"name": name, "dtype": q.dtype, "shape": tuple(q.shape), "causal": a.get("is_causal", False),
+                           "bias": None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride())})
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        out, lse = _CPU_OP(f(q), f(k), f(v), 0.0, a.get("is_causal", False), attn_mask=f(bias), scale=a.get("scale"))
+        return out.to(q.dtype), lse
+
+    def flash(self, *args, **kwargs):
+        a = _bind("_scaled_dot_product_flash_attention", args, kwargs)
+        assert a["query"].dtype in (torch.float16, torch.bfloat16) and a["query"].shape[-1] <= 256
+        out, lse = self._run("cuda_flash", a, None)
+        z = torch.zeros(())
+        return out, lse, z, z, 0, 0, z, z, z
+
+    def efficient(self, *args, **kwargs):
+        a = _bind("_scaled_dot_product_efficient_attention", args, kwargs)
+        assert a["compute_log_sumexp"] is True
+        bias = a["attn_bias"]
+        if bias is not None:
+            assert bias.dtype == a["query"].dtype and bias.dim() == 4 and bias.stride(2) % 16 == 0
+        out, lse = self._run("cuda_efficient", a, bias)
+        lse = torch.nn.functional.pad(lse, (0, (-lse.shape[-1]) % 32), value=7.0)  # 32-row padding, garbage
+        z = torch.zeros(())
+        return out, lse, z, z
+
+
+def test_cuda_kernel_choice():
+    assert choose_kernel("cuda", torch.bfloat16, 64, False) == "cuda_flash"
+    assert choose_kernel("cuda", torch.float16, 256, False) == "cuda_flash"
+    assert choose_kernel("cuda", torch.float32, 64, False) == "cuda_efficient"
+    assert choose_kernel("cuda", torch.bfloat16, 64, True) == "cuda_efficient"
+    assert choose_kernel("cuda", torch.float16, 512, False) == "cuda_efficient"
+    assert choose_kernel("cpu", torch.bfloat16, 64, True) == "cpu_flash"
+    with pytest.raises(ValueError):
+        choose_kernel("mps", torch.float32, 64, False)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "window"])
+def test_cuda_dispatch_shapes_and_dtypes(monkeypatch, mask_kind):
+    """bf16 inputs on the simulated GPU: flash without a mask, memory-efficient with one (KV heads
+    repeated, the bias in bf16, expanded and 16-aligned), the keys-as-values pass in float32
+    (memory-efficient), the lse cut from its 32-row padding; output bf16 in the model's layout,
+    statistics float32 and equal to the float32 CPU kernel's."""
+    ops = FakeCudaOps(monkeypatch)
+    call, _ = random_call(mask_kind, n=21)
+    ops.calls.clear()
+    call32 = AttentionCall(0, None, call.query, call.key, call.value, call.mask, call.scaling, call.is_causal)
+    call.query, call.key, call.value = (t.bfloat16() for t in (call.query, call.key, call.value))
+    assert kernels.fusable(call)
+    z, lse, km = attention_with_statistics(call, key_mean=True)
+    first, second = ops.calls
+    assert first["name"] == ("cuda_flash" if mask_kind == "none" else "cuda_efficient") and first["dtype"] == torch.bfloat16
+    assert first["shape"] == (2, 4, 21, 8) and first["causal"] == (mask_kind == "none")
+    assert second["name"] == "cuda_efficient" and second["dtype"] == torch.float32  # E_A[k] in float32
+    if mask_kind != "none":
+        dtype, shape, stride = first["bias"]
+        assert dtype == torch.bfloat16 and shape == (2, 4, 21, 21) and stride[1] == 0 and stride[2] % 16 == 0
+        assert second["bias"][0] == torch.float32
+    assert z.dtype == torch.bfloat16 and z.shape == (2, 21, 4, 8)
+    assert lse.dtype == km.dtype == torch.float32 and lse.shape == (2, 4, 21) and km.shape == (2, 4, 21, 8)
+    # against the CPU kernel on the float32 inputs (bf16 rounding of q and k is all that differs)
+    monkeypatch.setattr(kernels, "device_type", lambda t: "cpu")
+    _, lse32, km32 = attention_with_statistics(call32, key_mean=True)
+    ok = torch.isfinite(lse32)
+    assert torch.allclose(lse[ok], lse32[ok], atol=0.1) and not torch.equal(lse, lse32)
+
+
+def test_run_probes_on_a_simulated_gpu(tiny_dirs, monkeypatch):
+    """The whole engine on the simulated GPU with a bf16 model: a padded batch (mask: the
+    memory-efficient kernel) and an unpadded one (no mask: flash), float32 statistics, and the
+    numbers of the chunked path on the same bf16 model."""
+    from workbench.models import load_model
+
+    model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16")
+    ps = prompts_for(model, lengths=(30, 12, 7))
+    ref = run_probes(model, ps, probes(), batch_size=3, progress=False, attention_path="chunks").table
+    ops = FakeCudaOps(monkeypatch)
+    dtypes = set()
+    orig = LayerStatistics.__init__
+
+    def spy(self, call, *a, **k):
+        dtypes.update({call.lse.dtype, call.key_mean.dtype})
+        orig(self, call, *a, **k)
+
+    monkeypatch.setattr(LayerStatistics, "__init__", spy)
+    got = run_probes(model, ps, probes(), batch_size=3, progress=False).table
+    assert dtypes == {torch.float32}
+    assert {c["name"] for c in ops.calls} == {"cuda_efficient"}  # padded batches carry a mask
+    for metric in set(ref.metric):
+        a, b = lookup(got, metric), lookup(ref, metric)
+        assert max(abs(a[k][0] - b[k][0]) for k in b if b[k][1] > 0) < 2e-3, metric
+    ops.calls.clear()
+    same = [TokenizedPrompt(f"s{i}", list(range(10 + i, 40 + i))) for i in range(2)]  # equal lengths: no mask
+    run_probes(model, same, probes(), batch_size=2, progress=False)
+    assert "cuda_flash" in {c["name"] for c in ops.calls}
+
+
+def test_bfloat16_models_keep_float32_statistics(tiny_dirs, monkeypatch):
+    """A bf16 model: the statistics are float32 (lse from the kernel, E_A[k] from a float32
+    pass), and both paths agree closely (they read the same bf16 queries and keys)."""
+    from workbench.models import load_model
+
+    model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16")
+    dtypes = set()
+    orig = LayerStatistics.__init__
+
+    def spy(self, call, *a, **k):
+        dtypes.update({call.lse.dtype, call.key_mean.dtype, call.query.dtype})
+        orig(self, call, *a, **k)
+
+    monkeypatch.setattr(LayerStatistics, "__init__", spy)
+    ps = prompts_for(model, lengths=(30, 12, 7))
+    auto = run_probes(model, ps, probes(), batch_size=3, progress=False).table
+    ref = run_probes(model, ps, probes(), batch_size=3, progress=False, attention_path="chunks").table
+    assert dtypes == {torch.float32, torch.bfloat16}
+    for metric in set(ref.metric):
+        got, want = lookup(auto, metric), lookup(ref, metric)
+        assert max(abs(got[k][0] - want[k][0]) for k in want if want[k][1] > 0) < 2e-3, metric

@@ -1,0 +1,152 @@
+"""Fused attention that also returns each row's log-sum-exp: a layer's output and ``lse_q`` from
+one kernel call.
+
+Every fused attention kernel computes ``lse_q = log sum_k exp(s_qk)`` for its online softmax;
+the ones below return it. With it any attention weight is one dot product,
+``A[q, k] = exp(s_qk - lse_q)`` (:mod:`workbench.statistics`), so the statistics of a probe
+that names its keys cost O(T d) next to the forward, not a second O(T^2) pass. A second call
+with the keys as values gives ``E_A[k]`` per row, hence the row entropy
+``H_q = lse_q - scale * q . E_A[k]`` for the price of one more attention pass.
+
+=========  ==============================================================  ===================
+device     kernel                                                          when
+=========  ==============================================================  ===================
+cpu        ``aten._scaled_dot_product_flash_attention_for_cpu``            always (SDPA's own
+           (grouped KV heads native; additive float mask)                  CPU choice)
+cuda       ``aten._scaled_dot_product_flash_attention``                    no mask, fp16/bf16,
+                                                                           head dim <= 256
+cuda       ``aten._scaled_dot_product_efficient_attention``                otherwise (float
+           (``compute_log_sumexp=True``; lse padded to 32 rows, cut)       bias, any dtype)
+=========  ==============================================================  ===================
+
+On CPU the layer's output is bit-for-bit what ``torch.nn.functional.scaled_dot_product_attention``
+returns (SDPA dispatches to the same kernel and builds the same additive mask from a boolean
+one; ``tests/test_statistics.py`` checks it). The CUDA branch is the same code with the CUDA
+kernels; it is tested here only by simulation (which kernel, shapes, dtypes): GPU timings are
+not measured on this project's machines.
+
+The log-sum-exp is float32 whatever the inputs (the kernels accumulate in float32). The
+keys-as-values pass for entropy runs in float32 even for bf16 / fp16 models, since ``E_A[k]``
+in half precision would cost the entropy two or three significant digits.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from workbench.attention import AttentionCall
+from workbench.masking import additive_mask
+
+_FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_BIAS_ALIGN = 16  # the memory-efficient kernel wants the bias's row stride a multiple of 16
+
+
+def device_type(t: Tensor) -> str:
+    """The device type a kernel is chosen for (tests simulate a GPU by replacing this)."""
+    return t.device.type
+
+
+def fusable(call: AttentionCall, dropout: float = 0.0, extra: dict[str, Any] | None = None) -> bool:
+    """Whether :func:`attention_with_lse` computes exactly this call: no soft-cap (no kernel
+    applies ``c tanh(s / c)``), no dropout or position bias, no autograd (statistics runs are
+    inference), equal query / value head sizes on CPU, and a causal flag only where the query
+    and key counts agree (torch aligns ``is_causal`` to the top-left corner)."""
+    q, k, v = call.query, call.key, call.value
+    if call.softcap is not None or dropout or (extra or {}).get("position_bias") is not None:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if call.is_causal and q.shape[2] != k.shape[2]:
+        return False
+    if q.shape[1] % k.shape[1]:
+        return False
+    if device_type(q) == "cpu":
+        return q.shape[-1] == v.shape[-1] == k.shape[-1]
+    return device_type(q) == "cuda"
+
+
+def _cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+
+
+def _cuda_flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _cuda_efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+    return out[0], out[1]
+
+
+# name -> kernel; tests replace entries to simulate a GPU on CPU tensors
+KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "cpu_flash": _cpu, "cuda_flash": _cuda_flash, "cuda_efficient": _cuda_efficient,
+}
+
+
+def choose_kernel(device: str, dtype: torch.dtype, head_dim: int, has_mask: bool) -> str:
+    """The kernel :func:`attention_with_lse` calls for these inputs (see the table above)."""
+    if device == "cpu":
+        return "cpu_flash"
+    if device == "cuda":
+        if not has_mask and dtype in _FLASH_CUDA_DTYPES and head_dim <= 256:
+            return "cuda_flash"
+        return "cuda_efficient"
+    raise ValueError(f"no fused attention kernel with log-sum-exp for device type {device!r}")
+
+
+def _aligned_bias(bias: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """``bias`` expanded to ``[batch, head, query, key]`` with its rows padded to a multiple of
+    16 elements and cut back (a view), as SDPA prepares a mask for the memory-efficient kernel."""
+    n_k = bias.shape[-1]
+    pad = (-n_k) % _BIAS_ALIGN
+    if pad:
+        bias = torch.nn.functional.pad(bias, (0, pad))[..., :n_k]
+    return bias.expand(shape)
+
+
+def attention_with_lse(
+    query: Float[Tensor, "batch head query d"],
+    key: Float[Tensor, "batch kv_head key d"],
+    value: Float[Tensor, "batch kv_head key d_v"],
+    bias: Float[Tensor, "batch mask_head query key"] | None,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]:
+    """Attention output and float32 row log-sum-exp from one fused kernel call.
+
+    ``bias`` is an additive float mask in the query's dtype (:func:`workbench.masking.additive_mask`).
+    Grouped KV heads are passed as they are to the CPU kernel and repeated for the CUDA ones.
+    """
+    b, h, n_q, d = query.shape
+    name = choose_kernel(device_type(query), query.dtype, d, bias is not None)
+    if name != "cpu_flash" and key.shape[1] != h:
+        g = h // key.shape[1]
+        key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    if name == "cuda_efficient" and bias is not None:
+        bias = _aligned_bias(bias, (b, h, n_q, key.shape[2]))
+    out, lse = KERNELS[name](query, key, value, bias, is_causal, scale)
+    return out, lse[..., :n_q].float()
+
+
+def attention_with_statistics(
+    call: AttentionCall, key_mean: bool = False
+) -> tuple[Tensor, Float[Tensor, "batch head query"], Float[Tensor, "batch head query d"] | None]:
+    """The layer's output as the model uses it (``[batch, query, head, d_v]``, like transformers'
+    SDPA integration), its row log-sum-exp (float32) and, when asked, ``E_A[k]`` per row (float32,
+    from a second call with the keys as values)."""
+    q, k, v = call.query, call.key, call.value
+    bias = additive_mask(call, q.dtype)
+    out, lse = attention_with_lse(q, k, v, bias, call.is_causal, call.scaling)
+    mean = None
+    if key_mean:
+        if q.dtype not in (torch.float32, torch.float64):
+            q, k, bias = q.float(), k.float(), additive_mask(call, torch.float32)
+        mean, lse = attention_with_lse(q, k, k, bias, call.is_causal, call.scaling)
+        mean = mean.float()
+    return out.transpose(1, 2).contiguous(), lse, mean
+

@@ -1,0 +1,226 @@
+"""One layer's attention statistics from the kernel's log-sum-exp: weights on named keys and row
+entropies without forming a single attention row.
+
+When the fused kernel computed a layer's output (:mod:`workbench.kernels`), it also returned
+``lse_q = log sum_k exp(s_qk)`` for every head and query. Then
+
+- any weight is one dot product: ``A[q, k] = exp(s_qk - lse_q)``, with ``s_qk`` formed exactly as
+  the model did (:mod:`workbench.masking`: scaling, grouped KV heads, the mask). A probe that
+  names a few keys per query (the first token, the previous token, the earlier copy) costs
+  O(T n d) (:func:`~workbench.masking.key_scores`), not O(T^2 d);
+- the mass on a key range per query (a block of sink keys, a recent window, or the earlier
+  occurrences of the query's token once positions are sorted by token) is a banded product:
+  blocks of queries against the keys their ranges span (:func:`~workbench.masking.band_scores`),
+  blocks grouped by span so a few wide blocks do not widen the rest;
+- the row entropy is ``H_q = lse_q - sum_k A_qk s_qk = lse_q - scale * q . E_A[k]``, with
+  ``E_A[k]`` from one more kernel call with the keys as values (boolean or no mask: a float
+  mask's bias would add ``E_A[bias]``, so such layers take the chunked path).
+
+:class:`LayerStatistics` answers what a :class:`~workbench.patterns.PatternChunk` answers
+(:class:`~workbench.patterns.PatternView`) except whole rows, for all queries of the layer at
+once, so a probe's reduction is the same code on both. Everything is float32 whatever the model's
+dtype; extra memory stays within the chunk budget.
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import cached_property
+from typing import Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workbench.attention import AttentionCall
+from workbench.masking import band_scores, grouped_queries, key_scores, ordered_keys, take_positions
+from workbench.patterns import BatchInfo
+
+BLOCK = 32  # query rows per block of a banded product (a window of W keys spans W + 31)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block inside on one intra-op thread.
+
+    The statistics of a layer are a few hundred small and medium tensor operations. Intra-op
+    threads buy them little, and on a machine whose cores are shared every parallel operation
+    waits for all its threads: measured here at load 8 on 2 cores, ~1 ms per operation with two
+    threads against ~20 us with one, which made the statistics cost as much as the forward.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class LayerStatistics:
+    """Attention statistics of one layer for every query of a batch (no rows materialised).
+
+    Built by the pattern engine from a call whose ``lse`` (and, for entropy, ``key_mean``) the
+    fused kernel filled; ``n_visible`` is the number of keys each query may see (from the mask).
+    """
+
+    def __init__(self, call: AttentionCall, batch: BatchInfo, n_visible: Int[Tensor, "batch query"], chunk_elements: int = 1 << 22) -> None:
+        if call.lse is None:
+            raise ValueError("LayerStatistics needs the kernel's log-sum-exp (call.lse)")
+        self.call = call
+        self.layer = call.layer
+        self.batch = batch
+        self.n_visible = n_visible
+        self.chunk_elements = chunk_elements
+        b, h, n_q, _ = call.query.shape
+        self.shape = (b, h, n_q)
+        # rows that see no key have no log-sum-exp (kernels differ: 0, -inf): 0 keeps exp() finite
+        self.lse: Float[Tensor, "batch head query"] = torch.where((n_visible > 0).unsqueeze(1), call.lse, 0.0)
+        self._qo = batch.positions.shape[1] - n_q  # queries are the last n_q columns
+        self.q_start, self.q_end = 0, n_q
+        self.query_pos: Int[Tensor, "batch query"] = batch.positions[:, self._qo :]
+        self.query_valid = (self.query_pos >= 0) & (n_visible > 0)
+
+    @cached_property
+    def _queries(self) -> Tensor:
+        """Scaled float32 queries grouped by KV head (:func:`~workbench.masking.grouped_queries`),
+        made once per layer for every statistic of every probe."""
+        return grouped_queries(self.call)
+
+    @cached_property
+    def _keys(self) -> Tensor:
+        return ordered_keys(self.call)
+
+    @property
+    def queries(self) -> slice:
+        """The batch columns of the layer's queries (all of them)."""
+        return slice(self._qo, self._qo + self.shape[2])
+
+    @property
+    def n_keys(self) -> int:
+        return int(self.call.key.shape[2])
+
+    # -- weights on named keys -----------------------------------------------------------------
+    def probs_at(self, key_index: Int[Tensor, "batch query *n"]) -> Float[Tensor, "batch head query *n"]:
+        """A[q, key_index[b, q]] per query, or per named key when ``key_index`` has a trailing
+        axis of n keys (0 where an index is negative or not visible)."""
+        one = key_index.dim() == 2
+        p = self._probs(key_index.unsqueeze(-1) if one else key_index)
+        return p.squeeze(-1) if one else p
+
+    def key_probs(self, key_index: Int[Tensor, " batch"]) -> Float[Tensor, "batch head query"]:
+        """A[q, key_index[b]] for every head and query (one product per row)."""
+        return self._probs(key_index.view(-1, 1, 1)).squeeze(-1)
+
+    def _probs(self, idx: Int[Tensor, "batch query_or_1 n"]) -> Float[Tensor, "batch head query n"]:
+        """Weights on named keys: per query (``[b, query, n]``) or the same for all (``[b, 1, n]``)."""
+        b, h, n_q = self.shape
+        d, n_kv = self.call.query.shape[3], self.call.key.shape[1]
+        per_query = idx.shape[1] > 1
+        step = max(1, self.chunk_elements // (b * (idx.shape[-1] * n_kv * d * per_query + h * idx.shape[-1])))
+        out = []
+        for q0 in range(0, n_q, step):
+            q1 = min(n_q, q0 + step)
+            block = idx[:, q0:q1] if per_query else idx
+            s = key_scores(self.call, block, q0, q1, queries=self._queries, keys=self._keys)  # [b, h, block, n]
+            out.append(s.sub_(self.lse[:, :, q0:q1, None]).exp_())
+        return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+    def mass_in(self, lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"],
+                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head query"]:
+        """sum_k A[q, k] over the keys k with ``lo[b, q] <= rank[b, k] < hi[b, q]`` (empty where
+        ``hi <= lo``): a key range per query, in column order by default or in the per-row order
+        ``rank`` gives (a permutation of each row's columns; queries and keys the same columns).
+
+        Queries are taken in that order in blocks of :data:`BLOCK`; each block is scored only
+        against the keys its ranges span, blocks of similar span together.
+        """
+        b, h, n_q = self.shape
+        n_kv = self.call.key.shape[1]
+        if rank is None:
+            narrow = self._narrow_mass(lo, hi)
+            if narrow is not None:
+                return narrow
+        order, lse = None, self.lse
+        if rank is not None:  # work along the order: position i of row b is column order[b, i]
+            order = rank.argsort(dim=1)
+            lo, hi = lo.gather(1, order), hi.gather(1, order)
+            lse = lse.gather(2, order.unsqueeze(1).expand(b, h, n_q))
+        lo, hi = lo.clamp(0, self.n_keys), hi.clamp(0, self.n_keys)
+        full = hi > lo
+        if not bool(full.any()):
+            return self.lse.new_zeros(b, h, n_q)
+        rows = min(n_q, BLOCK)
+        n_blocks = -(-n_q // rows)
+        pad = n_blocks * rows - n_q
+        blocked = lambda x, v: torch.nn.functional.pad(x, (0, pad), value=v).view(b, n_blocks, rows)  # noqa: E731
+        starts = blocked(torch.where(full, lo, self.n_keys), self.n_keys).amin((0, 2))
+        ends = blocked(torch.where(full, hi, 0), 0).amax((0, 2))
+        spans = (ends - starts).clamp_min(0)
+        lo_b, hi_b = blocked(lo, 0).unsqueeze(-1), blocked(hi, 0).unsqueeze(-1)  # padded rows: empty
+        # lse by (KV head, block, row, group), as band_scores lays out its scores
+        lse = torch.nn.functional.pad(lse, (0, pad)).view(b, n_kv, h // n_kv, n_blocks, rows).permute(0, 1, 3, 4, 2)
+        queries, keys = self._queries, self._keys
+        if order is not None:
+            queries, keys = take_positions(queries, order), take_positions(keys, order)
+        mass = self.lse.new_zeros(b, n_kv, h // n_kv, n_blocks, rows)
+        # blocks grouped by span, rounded up to two steps per octave (at most 50% more keys):
+        # one batched product per group, a handful of groups
+        unit = (2 ** (torch.log2(spans.clamp_min(1).double()).floor() - 1)).long().clamp_min(1)
+        width_of = torch.where(spans > 0, -(-spans // unit) * unit, 0)
+        for width in width_of.unique().tolist():
+            if width == 0:
+                continue
+            blocks = (width_of == width).nonzero().flatten()
+            per_call = max(1, self.chunk_elements // (b * h * rows * width))
+            for i in range(0, blocks.numel(), per_call):
+                sel = blocks[i : i + per_call]
+                k0 = starts[sel]
+                keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
+                inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
+                s = band_scores(self.call, sel * rows, rows, k0, width, order, keep=inside, queries=queries, keys=keys)
+                w = s.sub_(lse.index_select(2, sel).unsqueeze(-1)).exp_().sum(-1)  # [b, kv, block, row, g]
+                mass.index_copy_(3, sel, w.permute(0, 1, 4, 2, 3))
+        mass = mass.reshape(b, h, n_blocks * rows)[:, :, :n_q]
+        if order is None:
+            return mass
+        return self.lse.new_zeros(b, h, n_q).scatter_(2, order.unsqueeze(1).expand(b, h, n_q), mass)
+
+    def _narrow_mass(self, lo: Tensor, hi: Tensor, most: int = 8) -> Tensor | None:
+        """The mass on ranges of at most ``most`` keys as a sum of named-key weights (fewer
+        operations than a banded product; one product per row when every non-empty range of a
+        row is the same, e.g. the sink tokens), or None for wider ranges."""
+        full = hi > lo
+        n = int((hi - lo)[full].max()) if bool(full.any()) else 0
+        if n > most:
+            return None
+        if n == 0:
+            return self.lse.new_zeros(self.shape)
+        big = self.n_keys + 1
+        same = bool(((torch.where(full, lo, big).amin(1) == torch.where(full, lo, -1).amax(1)) | ~full.any(1)).all()
+                    and ((torch.where(full, hi, big).amin(1) == torch.where(full, hi, -1).amax(1)) | ~full.any(1)).all())
+        if same:  # one range per row: [b, 1, n] keys, named once
+            lo_r, hi_r = torch.where(full, lo, big).amin(1, keepdim=True), torch.where(full, hi, -1).amax(1, keepdim=True)
+            idx = lo_r.unsqueeze(-1) + torch.arange(n, device=lo.device)
+            mass = self._probs(torch.where(idx < hi_r.unsqueeze(-1), idx, -1)).sum(-1)
+            return mass * full.unsqueeze(1)
+        idx = lo.unsqueeze(-1) + torch.arange(n, device=lo.device)
+        return self._probs(torch.where(idx < hi.unsqueeze(-1), idx, -1)).sum(-1)
+
+    # -- row entropy ---------------------------------------------------------------------------
+    @cached_property
+    def row_entropy(self) -> Float[Tensor, "batch head query"]:
+        """H_q = lse_q - scale * q . E_A[k] (nats); 0 for queries that see at most one key."""
+        km = self.call.key_mean
+        if km is None:
+            raise ValueError("row entropy needs E_A[k] (call.key_mean): the kernel was not asked for 'key_mean'")
+        expected = (self.call.query.float() * km).sum(-1).mul_(self.call.scaling)
+        return (self.lse - expected).clamp_min_(0.0) * (self.n_visible > 1).unsqueeze(1)
+
+    def __getattr__(self, name: str):
+        if name in ("probs", "mass_on", "key_positions", "key_tokens", "n_keys_visible"):
+            raise AttributeError(
+                f"LayerStatistics has no {name!r}: it holds no attention rows. A probe that reads "
+                "whole rows declares needs = ('rows',) (probes/base.py) and receives PatternChunks")
+        raise AttributeError(name)
