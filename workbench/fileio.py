@@ -24,12 +24,13 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")  # s3://..., gs://..., file://
 
 
 def refuse_url(path: str | os.PathLike, what: str = "output") -> None:
-    """Outputs are file-system paths: every write here is an atomic rename, which object stores
-    (s3://, gs://, ... through fsspec) do not provide. Say so instead of creating a folder named "s3:"."""
+    """Outputs are file-system paths: run folders are kept sound by temporary files renamed into
+    place and by moving superseded parts aside, written for file systems, not for object stores
+    reached through fsspec (s3://, gs://, ...). Say so instead of creating a folder named "s3:"."""
     if _URL.match(str(path)):
         raise WorkbenchError(
-            f"{what} {str(path)!r} is a URL; outputs must be file-system paths (results and parts are made sound by an atomic rename, "
-            "which object stores do not offer)",
+            f"{what} {str(path)!r} is a URL; outputs must be file-system paths (results are written to a temporary file and renamed "
+            "into place, run folders are reconciled by moving files, and fsspec URLs are not supported yet)",
             "mount the bucket (s3fs, gcsfuse, blobfuse) or use a shared file system (NFS, Lustre) and give its path",
         )
 
