@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,14 +83,10 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
         run = lambda: run_probes(wb, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=batch, progress=False)  # noqa: E731
     elif method != "hf_sdpa":
         raise SystemExit(f"unknown method {method}")
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"method": method, "batch": batch, "tokens": tokens, "seconds": statistics.median(times), "peak_gb": peak_gb, "repeats": repeats}
+    from timing import median_time_and_peak
+
+    seconds, peak_gb = median_time_and_peak(run, repeats, warmup=True)
+    return {"method": method, "batch": batch, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb, "repeats": repeats}
 
 
 def main() -> None:

@@ -34,11 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,15 +134,10 @@ def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = Tru
     elif method != "bare":
         raise SystemExit(f"unknown method {method}")
     loaded_gb = _rss_gb()
-    if warmup:
-        run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"method": method, "tokens": tokens, "seconds": statistics.median(times), "peak_gb": peak_gb,
+    from timing import median_time_and_peak
+
+    seconds, peak_gb = median_time_and_peak(run, repeats, warmup)
+    return {"method": method, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb,
             "run_gb": peak_gb - loaded_gb, "repeats": repeats, "warmup": warmup}
 
 

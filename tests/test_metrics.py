@@ -92,24 +92,14 @@ def test_softcapped_attention_falls_back_to_eager_and_matches_hf(tmp_path):
     from :func:`workbench.masking.attention_probs`; logits equal HF's eager forward, on a padded
     batch, and ``attention_probs`` of the last rows equals the last rows of the full pattern."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import AutoModelForCausalLM
 
+    from tests.tiny_gemma import gemma_config, save_tiny
     from workbench.attention import AttentionCall, hooked_run
     from workbench.masking import attention_probs
     from workbench.models import load_model
-    from workbench.tiny import _tiny_tokenizer
 
-    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_logit_softcapping=5.0,
-                       sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8.0)
-    model.save_pretrained(tmp_path)
-    _tiny_tokenizer(512).save_pretrained(tmp_path)
+    save_tiny(tmp_path, gemma_config("gemma2"))
     ours = load_model(str(tmp_path), device="cpu")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = torch.randint(4, 512, (2, 12))

@@ -87,20 +87,10 @@ def test_both_paths_agree_with_small_budgets(tiny_models):
 
 
 def _save(tmp_path, cfg, scale_qk=4.0):
-    from transformers import AutoModelForCausalLM
-
+    from tests.tiny_gemma import save_tiny
     from workbench.models import load_model
-    from workbench.tiny import _tiny_tokenizer
 
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # sharper attention than a random init gives
-        for name, p in hf.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(scale_qk)
-    hf.save_pretrained(tmp_path)
-    _tiny_tokenizer(cfg.vocab_size).save_pretrained(tmp_path)
-    return load_model(str(tmp_path), device="cpu")
+    return load_model(str(save_tiny(tmp_path, cfg, scale_qk)), device="cpu")
 
 
 def test_both_paths_agree_on_sliding_window_layers(tmp_path, monkeypatch):
@@ -132,12 +122,9 @@ def test_both_paths_agree_on_sliding_window_layers(tmp_path, monkeypatch):
 def test_softcapped_layers_fall_back_to_chunks(tmp_path, monkeypatch):
     """Gemma 2 soft-caps its logits, which no fused kernel does: every probe reads chunks there,
     and the numbers are the chunked path's."""
-    from transformers import Gemma2Config
+    from tests.tiny_gemma import gemma_config
 
-    cfg = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_logit_softcapping=5.0,
-                       sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    model = _save(tmp_path, cfg, scale_qk=8.0)
+    model = _save(tmp_path, gemma_config("gemma2"), scale_qk=8.0)
     count = Count(monkeypatch)
     compare_paths(model, prompts_for(model, lengths=(20, 9, 14)))
     assert count.n == 0

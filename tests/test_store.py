@@ -60,24 +60,9 @@ def assert_same_rows(live, replayed, tol, skip=()):
 def gemma_folder(root: Path, arch: str) -> Path:
     """A tiny Gemma 2 (logit soft-cap 5, sliding window 6 on layer 0) or Gemma 3 text model
     (sliding window 6 on layer 0, query_pre_attn_scalar scaling), GQA 4:2, q/k scaled up."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+    from tests.tiny_gemma import gemma_config, save_tiny
 
-    from workbench.tiny import _tiny_tokenizer
-
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, max_position_embeddings=128, sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3,
-                  pad_token_id=1, layer_types=["sliding_attention", "full_attention"])
-    cfg = Gemma2Config(attn_logit_softcapping=5.0, **common) if arch == "gemma2" else Gemma3TextConfig(**common)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8.0)
-    folder = root / arch
-    model.save_pretrained(folder)
-    _tiny_tokenizer(512).save_pretrained(folder)
-    return folder
+    return save_tiny(root / arch, gemma_config(arch))
 
 
 @pytest.fixture(scope="module")

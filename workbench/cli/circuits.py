@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -89,7 +90,7 @@ def _print_report(task: str, rep) -> None:
     if "heldout" in hc:
         print(f"{task}: on {hc['heldout']['n_pairs']} held-out pairs F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}{ci(hc['heldout'])}")
     c = hc["completeness"]
-    greedy = "none (empty circuit)" if c["greedy_max_relative"] != c["greedy_max_relative"] else f"{c['greedy_max_relative']:.1%}"
+    greedy = "none (empty circuit)" if math.isnan(c["greedy_max_relative"]) else f"{c['greedy_max_relative']:.1%}"
     print(f"{task}: completeness max |F(C\\K) - F(M\\K)| = {c['max_score']:.3f} ({c['max_relative']:.1%} of F(M)); "
           f"random K mean {c['random_mean_relative']:.1%}; greedy max {greedy}")
     if len(rep.nodes):
