@@ -160,7 +160,11 @@ def test_bad_input_is_one_clear_error(files, tmp_path, capsys, cmd, i, argv, mes
     ["probe", "entropy", *M, "--out", "s3://bucket/r.parquet"],
     ["sweep", "{files}/good.toml", "--out", "gs://bucket/run"],
     ["cache", *M, "--out", "s3://bucket/store"],
-], ids=["probe", "sweep", "cache"])
+    ["circuit", *M, "--out", "s3://bucket/circuits"],
+    ["report", "{files}/run", "--out", "s3://bucket/r.html"],
+    ["task", "ioi", *M, "--out", "gs://bucket/t.jsonl"],
+    ["dataset", "prose", "--out", "s3://bucket/d.jsonl"],
+], ids=["probe", "sweep", "cache", "circuit", "report", "task", "dataset"])
 def test_an_object_store_url_is_refused_not_made_a_local_folder(files, tmp_path, monkeypatch, capsys, argv):
     """fsspec URLs are not outputs here (parts rely on atomic rename): one error, and no folder
     named "s3:" appears in the working directory."""

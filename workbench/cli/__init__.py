@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
+            if getattr(args, "out", None):  # every command's output, before any work (a model load, a 4-minute discovery)
+                from workbench.fileio import refuse_url
+
+                refuse_url(args.out)
             return int(args.func(args) or 0)
     except WorkbenchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

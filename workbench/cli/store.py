@@ -40,9 +40,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from workbench.store.capture import cache_activations
     from workbench.store.layout import HOOKS, STORE_DTYPES
 
-    from workbench.fileio import refuse_url
-
-    refuse_url(args.out, "store folder")
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     bad = [h for h in hooks if h not in HOOKS]
     if not hooks or bad:
