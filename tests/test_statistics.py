@@ -498,3 +498,35 @@ def test_bfloat16_models_keep_float32_statistics(tiny_dirs, monkeypatch):
     for metric in set(ref.metric):
         got, want = lookup(auto, metric), lookup(ref, metric)
         assert max(abs(got[k][0] - want[k][0]) for k in want if want[k][1] > 0) < 2e-3, metric
+
+
+def test_weights_zero_masked_keys_and_keep_tiny_ones():
+    """``weights`` = exp(s - lse) where allowed, exactly 0 elsewhere (also where the score is
+    -inf from a float mask), no NaN, and weights under e^-87 off by less than 2e-38 each."""
+    from workbench.statistics import LOG_MIN, weights
+
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 5, 7) * 30
+    s[0, 0, 0, 0] = float("-inf")
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    allowed = torch.rand(2, 1, 5, 7) > 0.4
+    allowed[0, 0, 0, 0] = True  # a -inf score that is allowed: weight 0, not NaN
+    want = torch.where(allowed, (s - lse).exp(), 0.0)
+    got = weights(s.clone(), lse, allowed)
+    assert not got.isnan().any()
+    assert (got[~allowed.expand_as(got)] == 0).all()
+    assert (got - want).abs().max() <= 2e-38
+    assert torch.allclose(got, want, rtol=1e-6, atol=float(torch.tensor(LOG_MIN).exp()))
+
+
+def test_statistics_threads_single_for_small_layers_only():
+    from workbench.statistics import SMALL_LAYER, statistics_threads
+
+    n = torch.get_num_threads()
+    if n == 1:
+        pytest.skip("one intra-op thread: nothing to switch")
+    with statistics_threads(SMALL_LAYER - 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with statistics_threads(SMALL_LAYER):
+        assert torch.get_num_threads() == n

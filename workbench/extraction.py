@@ -41,7 +41,7 @@ from workbench.errors import WorkbenchError
 from workbench.masking import visible_counts
 from workbench.patterns import BatchInfo, PatternView, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
-from workbench.statistics import LayerStatistics, single_threaded
+from workbench.statistics import LayerStatistics, statistics_threads
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 AttentionPath = Literal["auto", "chunks"]
@@ -115,7 +115,7 @@ class ChunkFeeder:
             rows = list(self.probes)
             if call.lse is not None and self.stat_probes:
                 served = [p for p in self.stat_probes if "row_entropy" not in self._needs[p] or call.key_mean is not None]
-                with single_threaded():
+                with statistics_threads(call.query.shape[0] * call.query.shape[1] * call.query.shape[2]):
                     stats = LayerStatistics(call, self._batch, self.n_visible(call), self.chunk_elements)
                     for probe in served:
                         probe.on_pattern_chunk(stats)

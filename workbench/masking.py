@@ -23,6 +23,8 @@ Two more views of the same scores serve statistics that name their keys
 each query against a few keys it names (O(T x n x d)), and :func:`band_scores`, blocks of
 queries against a window of keys each (O(T x window x d)), optionally in a per-row order of the
 positions (e.g. sorted by token, so that earlier occurrences of a token form a window).
+:func:`key_logits` / :func:`band_logits` give the same scores unfilled with the boolean mask
+beside them, for callers that zero masked weights after ``exp`` instead.
 :func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
 from a boolean mask itself).
 """
@@ -169,11 +171,16 @@ def _visible(call: AttentionCall, rows: Tensor, queries: Tensor, keys: Tensor) -
 def _finish(call: AttentionCall, s: Tensor, allowed: Tensor, additive: Tensor | None, fill: float) -> Tensor:
     """Soft-cap, then the additive mask, then ``fill`` where not ``allowed`` (both broadcast
     against the scores ``s``), in place."""
+    return _biased(call, s, additive).masked_fill_(~allowed, fill)
+
+
+def _biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
+    """Soft-cap, then the additive mask (broadcast against the scores ``s``), in place."""
     if call.softcap is not None:
         s.div_(call.softcap).tanh_().mul_(call.softcap)
     if additive is not None:
         s.add_(additive)
-    return s.masked_fill_(~allowed, fill)
+    return s
 
 
 def grouped_queries(call: AttentionCall, order: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch kv query group d"]:
@@ -216,13 +223,14 @@ def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2) -> Te
     return torch.stack([x[i].index_select(dim - 1, index[i]) for i in range(x.shape[0])])
 
 
-def key_scores(
+def key_logits(
     call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
-) -> Float[Tensor, "batch head block n"]:
+    queries: Tensor | None = None, keys: Tensor | None = None,
+) -> tuple[Float[Tensor, "batch head block n"], Bool[Tensor, "batch head_or_1 block n"]]:
     """Float32 scores of the queries ``[q0, q1)`` against the ``n`` keys each names
     (``key_index``, on the call's key axis; a negative or out-of-range index is masked), masked
-    with ``fill`` as :func:`attention_scores` masks. O(queries x n x d): no other key is touched.
+    unmasked, with whether each may be attended (:func:`key_scores` fills the others). O(queries
+    x n x d): no other key is touched.
 
     ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
     token, a block of sink keys): then the scores are one product per row. ``queries`` /
@@ -245,17 +253,27 @@ def key_scores(
     s = s.transpose(2, 3).reshape(b, h, n_q, n)
     r = torch.arange(b, device=kf.device).view(b, 1, 1)
     allowed, additive = _visible(call, r, torch.arange(q0, q1, device=kf.device).view(1, n_q, 1), key_index)
-    return _finish(call, s, allowed.movedim(-1, 1), None if additive is None else additive.movedim(-1, 1), fill)
+    return _biased(call, s, None if additive is None else additive.movedim(-1, 1)), allowed.movedim(-1, 1)
 
 
-def band_scores(
+def key_scores(
+    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
+    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
+) -> Float[Tensor, "batch head block n"]:
+    """:func:`key_logits` with ``fill`` where a key may not be attended (as :func:`attention_scores` masks)."""
+    s, allowed = key_logits(call, key_index, q0, q1, queries=queries, keys=keys)
+    return s.masked_fill_(~allowed, fill)
+
+
+def band_logits(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
     order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
-) -> Float[Tensor, "batch kv block row group key"]:
+    queries: Tensor | None = None, keys: Tensor | None = None,
+) -> tuple[Float[Tensor, "batch kv block row group key"], Bool[Tensor, "batch kv_or_1 block row group_or_1 key"]]:
     """Float32 scores of blocks of ``rows`` queries, block ``i`` holding queries
-    ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys ``k_starts[i] + [0, width)`` only, masked
-    with ``fill`` as :func:`attention_scores` masks (and where ``keep`` is False). A window of keys
+    ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys ``k_starts[i] + [0, width)`` only,
+    unmasked, with whether each may be attended by :func:`attention_scores`' rules and ``keep``
+    (:func:`band_scores` fills the others). A window of keys
     that moves with the query (a recent window, a block of sink keys) costs O(queries x width x d),
     in one batched product per call. Heads come as (KV head, group): head ``kv * group + g``.
 
@@ -279,7 +297,11 @@ def band_scores(
     else:
         qb = qg.index_select(2, qi.clamp(0, n_q - 1).flatten()).view(b, n_kv, n_b, rows * g, d)
     kb = kf.index_select(2, ki.clamp(0, n_k - 1).flatten()).view(b, n_kv, n_b, width, d)
-    s = torch.matmul(qb, kb.transpose(-1, -2)).view(b, n_kv, n_b, rows, g, width)
+    s = torch.empty((b, n_kv, n_b, rows * g, width), dtype=qb.dtype, device=dev)
+    for i in range(b):  # one product per (row, KV head): the blocks of a view stay a view (a
+        for j in range(n_kv):  # 5-d matmul would copy them to fold its batch dimensions)
+            torch.matmul(qb[i, j], kb[i, j].transpose(-1, -2), out=s[i, j])
+    s = s.view(b, n_kv, n_b, rows, g, width)
     r = torch.arange(b, device=dev).view(b, 1, 1, 1)
     if order is None:
         qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
@@ -291,7 +313,17 @@ def band_scores(
     if keep is not None:
         allowed = allowed & keep.unsqueeze(-1)
     to_scores = lambda x: _grouped(x, n_kv).movedim(-1, -2)  # noqa: E731  [b, kv|1, block, row, g|1, key]
-    return _finish(call, s, to_scores(allowed), None if additive is None else to_scores(additive), fill)
+    return _biased(call, s, None if additive is None else to_scores(additive)), to_scores(allowed)
+
+
+def band_scores(
+    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
+    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
+    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
+) -> Float[Tensor, "batch kv block row group key"]:
+    """:func:`band_logits` with ``fill`` where a key may not be attended."""
+    s, allowed = band_logits(call, q_starts, rows, k_starts, width, order, keep, queries=queries, keys=keys)
+    return s.masked_fill_(~allowed, fill)
 
 
 def additive_mask(call: AttentionCall, dtype: torch.dtype) -> Float[Tensor, "batch mask_head query key"] | None:

@@ -7,10 +7,10 @@ When the fused kernel computed a layer's output (:mod:`workbench.kernels`), it a
 - any weight is one dot product: ``A[q, k] = exp(s_qk - lse_q)``, with ``s_qk`` formed exactly as
   the model did (:mod:`workbench.masking`: scaling, grouped KV heads, the mask). A probe that
   names a few keys per query (the first token, the previous token, the earlier copy) costs
-  O(T n d) (:func:`~workbench.masking.key_scores`), not O(T^2 d);
+  O(T n d) (:func:`~workbench.masking.key_logits`), not O(T^2 d);
 - the mass on a key range per query (a block of sink keys, a recent window, or the earlier
   occurrences of the query's token once positions are sorted by token) is a banded product:
-  blocks of queries against the keys their ranges span (:func:`~workbench.masking.band_scores`),
+  blocks of queries against the keys their ranges span (:func:`~workbench.masking.band_logits`),
   blocks grouped by span so a few wide blocks do not widen the rest;
 - the row entropy is ``H_q = lse_q - sum_k A_qk s_qk = lse_q - scale * q . E_A[k]``, with
   ``E_A[k]`` from one more kernel call with the keys as values (boolean or no mask: a float
@@ -32,23 +32,42 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import band_scores, grouped_queries, key_scores, ordered_keys, take_positions
+from workbench.masking import band_logits, grouped_queries, key_logits, ordered_keys, take_positions
 from workbench.patterns import BatchInfo
 
 BLOCK = 32  # query rows per block of a banded product (a window of W keys spans W + 31)
+LOG_MIN = -87.0  # log of the smallest normal float32 (1.2e-38 = e^-87.3), rounded up
+
+
+def weights(scores: Tensor, lse: Tensor, allowed: Tensor) -> Tensor:
+    """Attention weights ``exp(s - lse)`` where ``allowed``, 0 elsewhere, in place on ``scores``.
+
+    Log-weights are clamped at :data:`LOG_MIN` before ``exp`` and masked keys are zeroed after
+    it, rather than filled with -inf before: torch's vectorised ``exp`` is 5-10x slower on
+    elements whose result is denormal or whose input is -inf (measured here on a layer's banded
+    scores, 12.7 ms against 2.3 ms), and that ``exp`` dominated the statistics. A weight below
+    e^-87 (1.6e-38) is counted as e^-87: at most 1e-33 on any sum a probe takes.
+    """
+    return scores.sub_(lse).clamp_min_(LOG_MIN).exp_().mul_(allowed)
+
+
+SMALL_LAYER = 1 << 14  # (batch x head x query) rows below which a layer's statistics run on one thread
 
 
 @contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the block inside on one intra-op thread.
+def statistics_threads(rows: int) -> Iterator[None]:
+    """Run the block on one intra-op thread when a layer's statistics are small (fewer than
+    :data:`SMALL_LAYER` rows), on the process's threads otherwise.
 
-    The statistics of a layer are a few hundred small and medium tensor operations. Intra-op
-    threads buy them little, and on a machine whose cores are shared every parallel operation
-    waits for all its threads: measured here at load 8 on 2 cores, ~1 ms per operation with two
-    threads against ~20 us with one, which made the statistics cost as much as the forward.
+    The statistics of a layer are a few dozen tensor operations whose size scales with its rows.
+    On a machine whose cores are shared, every parallel operation waits for all its threads:
+    measured here at load 8 on 2 cores, ~1 ms per small operation with two threads against ~20
+    us with one, which made short prompts' statistics cost as much as the forward. Long layers'
+    operations take milliseconds each (1 x 9 heads x 8192 queries: a banded product is ~15 ms),
+    where a second thread halves the time and the wait does not matter.
     """
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or rows >= SMALL_LAYER:
         yield
         return
     torch.set_num_threads(1)
@@ -123,8 +142,8 @@ class LayerStatistics:
         for q0 in range(0, n_q, step):
             q1 = min(n_q, q0 + step)
             block = idx[:, q0:q1] if per_query else idx
-            s = key_scores(self.call, block, q0, q1, queries=self._queries, keys=self._keys)  # [b, h, block, n]
-            out.append(s.sub_(self.lse[:, :, q0:q1, None]).exp_())
+            s, allowed = key_logits(self.call, block, q0, q1, queries=self._queries, keys=self._keys)  # [b, h, block, n]
+            out.append(weights(s, self.lse[:, :, q0:q1, None], allowed))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
     def mass_in(self, lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"],
@@ -159,7 +178,7 @@ class LayerStatistics:
         ends = blocked(torch.where(full, hi, 0), 0).amax((0, 2))
         spans = (ends - starts).clamp_min(0)
         lo_b, hi_b = blocked(lo, 0).unsqueeze(-1), blocked(hi, 0).unsqueeze(-1)  # padded rows: empty
-        # lse by (KV head, block, row, group), as band_scores lays out its scores
+        # lse by (KV head, block, row, group), as band_logits lays out its scores
         lse = torch.nn.functional.pad(lse, (0, pad)).view(b, n_kv, h // n_kv, n_blocks, rows).permute(0, 1, 3, 4, 2)
         queries, keys = self._queries, self._keys
         if order is not None:
@@ -179,8 +198,8 @@ class LayerStatistics:
                 k0 = starts[sel]
                 keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
                 inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
-                s = band_scores(self.call, sel * rows, rows, k0, width, order, keep=inside, queries=queries, keys=keys)
-                w = s.sub_(lse.index_select(2, sel).unsqueeze(-1)).exp_().sum(-1)  # [b, kv, block, row, g]
+                s, allowed = band_logits(self.call, sel * rows, rows, k0, width, order, keep=inside, queries=queries, keys=keys)
+                w = weights(s, lse.index_select(2, sel).unsqueeze(-1), allowed).sum(-1)  # [b, kv, block, row, g]
                 mass.index_copy_(3, sel, w.permute(0, 1, 4, 2, 3))
         mass = mass.reshape(b, h, n_blocks * rows)[:, :, :n_q]
         if order is None:
