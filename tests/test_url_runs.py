@@ -160,6 +160,12 @@ def test_load_results_query_and_report_read_a_url_run(local, mem, tmp_path, caps
     assert main(["report", run, "--out", f"{mem}/report.html"]) == 0
     assert f"report -> {mem}/report.html" in capsys.readouterr().out
     assert files(mem)["report.html"].decode().count("Attention-head report: run") == page.count("Attention-head report: run")
+    # URLs in a report config are kept as given, not joined to the config's folder
+    conf = tmp_path / "conf" / "report.toml"
+    conf.parent.mkdir()
+    conf.write_text(f'runs = ["{run}"]\nout = "{mem}/from-config.html"\n')
+    assert main(["report", "--config", str(conf)]) == 0
+    assert "from-config.html" in files(mem) and [p.name for p in conf.parent.iterdir()] == ["report.toml"]
 
 
 def test_a_probe_writes_its_results_file_to_a_url(tiny_dirs, mem, capsys):
