@@ -1,6 +1,7 @@
 """Sweeps on executors: the [executor] table, Ray missing or unreachable, and a real local Ray
 cluster (started here with `ray start --head`, token authentication, loopback only) whose parts
-equal the local executor's row for row, also when the worker running a task is killed."""
+equal the local executor's row for row, also into a file:// URL and when the worker running a
+task is killed."""
 from __future__ import annotations
 
 import os
@@ -162,6 +163,28 @@ def test_a_ray_sweep_equals_the_local_one_row_for_row(sweep_config, ray_cluster,
     # resumes the same way: nothing left to run
     again = driver(ray_cluster, cfg, "--out", out)
     assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
+
+
+def test_a_ray_sweep_into_a_file_url_equals_the_local_one(sweep_config, ray_cluster, tmp_path):
+    """The run folder as an fsspec URL: each task, in its own worker process, writes its parts
+    through fsspec (file://: a temporary file renamed into place); the rows equal the local
+    executor's and a re-run resumes."""
+    cfg, local = sweep_config
+    folder = tmp_path / "ray-url"
+    url = folder.as_uri()  # file:///tmp/...
+    done = driver(ray_cluster, cfg, "--out", url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"6 units: 6 run now, 0 already done -> {url}/parts" in done.stdout
+    assert sorted(p.name for p in (folder / "parts").iterdir()) == sorted(p.name for p in (local / "parts").iterdir())
+    pd.testing.assert_frame_equal(sorted_rows(load_results(url)), sorted_rows(load_results(local)))
+    again = driver(ray_cluster, cfg, "--out", url)
+    assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
+
+
+def test_a_memory_url_is_refused_for_ray(sweep_config, ray_cluster):
+    cfg, _ = sweep_config
+    done = driver(ray_cluster, cfg, "--out", "memory://wb/run")
+    assert done.returncode == 2 and "lives in this process's memory" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_killed_worker_is_retried_without_losing_or_duplicating_rows(sweep_config, ray_cluster, tmp_path):

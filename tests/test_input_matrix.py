@@ -156,23 +156,59 @@ def test_bad_input_is_one_clear_error(files, tmp_path, capsys, cmd, i, argv, mes
     assert not [p for p in tmp_path.iterdir() if p.name != "c"], "nothing written"
 
 
-@pytest.mark.parametrize("argv", [
-    ["probe", "entropy", *M, "--out", "s3://bucket/r.parquet"],
-    ["sweep", "{files}/good.toml", "--out", "gs://bucket/run"],
-    ["cache", *M, "--out", "s3://bucket/store"],
-    ["circuit", *M, "--out", "s3://bucket/circuits"],
-    ["report", "{files}/run", "--out", "s3://bucket/r.html"],
-    ["task", "ioi", *M, "--out", "gs://bucket/t.jsonl"],
-    ["dataset", "prose", "--out", "s3://bucket/d.jsonl"],
-], ids=["probe", "sweep", "cache", "circuit", "report", "task", "dataset"])
-def test_an_object_store_url_is_refused_not_made_a_local_folder(files, tmp_path, monkeypatch, capsys, argv):
-    """fsspec URLs are not outputs here (parts rely on atomic rename): one error, and no folder
-    named "s3:" appears in the working directory."""
+@pytest.mark.parametrize("argv, why", [
+    (["cache", *M, "--out", "s3://bucket/store"], "the activation store is read memory-mapped"),
+    (["circuit", *M, "--out", "s3://bucket/circuits"], "a temporary folder renamed into place"),
+    (["task", "ioi", *M, "--out", "gs://bucket/t.jsonl"], "input of other commands (--pairs)"),
+    (["dataset", "prose", "--out", "s3://bucket/d.jsonl"], "input of other commands (--prompts)"),
+], ids=["cache", "circuit", "task", "dataset"])
+def test_a_url_where_only_a_path_will_do_is_refused(tmp_path, monkeypatch, capsys, argv, why):
+    """These outputs stay local (the reason is in the error, with what does take URLs), and no
+    folder named "s3:" appears in the working directory."""
     monkeypatch.chdir(tmp_path)
-    rc = main([a.replace("{files}", str(files)) for a in argv])
+    rc = main(argv)
     err = capsys.readouterr().err
-    assert rc == 2 and "is a URL" in err and "mount the bucket" in err, err
+    assert rc == 2 and "is a URL, and this output must be a file-system path" in err and why in err, err
+    assert "fsspec URLs are accepted by sweep run folders" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+URL_COMMANDS = {
+    "probe": ["probe", "entropy", *M, "--out", "{url}/r.parquet"],
+    "patch": ["patch", "path", *M, "--pairs", "{files}/pairs.jsonl", "--out", "{url}/p.parquet"],
+    "reinforce": ["reinforce", *M, "--dataset", "counterfact", "--out", "{url}/v.parquet"],
+    "retrieval-ablation": ["retrieval-ablation", *M, "--out", "{url}/a.parquet"],
+    "sweep": ["sweep", "{files}/good.toml", "--out", "{url}/run"],
+    "report": ["report", "{files}/run", "--out", "{url}/r.html"],
+    "report-input": ["report", "{url}/run", "--out", "{tmp}/r.html"],
+    "query-input": ["query", "select 1", "--runs", "{url}/run"],
+}
+
+
+@pytest.mark.parametrize("command", URL_COMMANDS)
+@pytest.mark.parametrize("url, message, fix", [
+    ("foo://bucket", "unknown URL protocol 'foo'", "a URL fsspec knows"),
+    ("s3://bucket", "s3:// URLs need a package that is not installed", "pip install s3fs"),
+], ids=["unknown-protocol", "missing-package"])
+def test_a_url_that_cannot_be_opened_is_one_error(files, tmp_path, monkeypatch, capsys, command, url, message, fix):
+    """Where URLs are accepted, one that fsspec cannot open (an unknown protocol, a protocol whose
+    package is not installed) is one error naming the fix, before any work, and leaves no folder
+    named "s3:" or "foo:"."""
+    if url.startswith("s3:"):
+        try:
+            import s3fs  # noqa: F401
+            pytest.skip("s3fs is installed")
+        except ImportError:
+            pass
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = [a.replace("{url}", url).replace("{files}", str(files)).replace("{tmp}", str(tmp_path)) for a in URL_COMMANDS[command]]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and message in err and fix in err.split("fix:", 1)[-1], err
+    assert "Traceback" not in err and "internal error" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["cwd"] and not list(work.iterdir())
 
 
 def test_the_matrix_covers_every_command():

@@ -5,12 +5,14 @@ file in the destination folder, flushed to disk and renamed into place, so a cra
 never leaves a partial file under the final name. ``mkstemp`` creates its file 0600 and the
 rename keeps that mode, so the temp file's mode is set first to what ``open(path, "w")`` would
 give: the existing file's mode when overwriting, else ``0o666 & ~umask``.
+
+Outputs that may be fsspec URLs (run folders, reports, single results files) go through
+:mod:`workbench.runfs`, which uses :func:`atomic_write` for local paths and ``file://`` URLs.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -20,18 +22,18 @@ from typing import BinaryIO, Callable
 from workbench.errors import WorkbenchError
 
 _umask_lock = threading.Lock()
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/")  # s3://..., gs://..., file://...; Path() folds "//" to "/"
+URL_OUTPUTS = "sweep run folders (sweep --out, query --runs, report RUN), report --out and the .parquet --out of probe, patch, reinforce and retrieval-ablation"
 
 
-def refuse_url(path: str | os.PathLike, what: str = "output") -> None:
-    """Outputs are file-system paths: run folders are kept sound by temporary files renamed into
-    place and by moving superseded parts aside, written for file systems, not for object stores
-    reached through fsspec (s3://, gs://, ...). Say so instead of creating a folder named "s3:"."""
-    if _URL.match(str(path)):
+def refuse_url(path: str | os.PathLike, what: str = "output", why: str = "it is written as local files") -> None:
+    """An output that must be a file-system path (``why`` says for what) given as an fsspec URL
+    (s3://, gs://, ...): one error naming what does take URLs, instead of a folder named "s3:"."""
+    from workbench.runfs import is_url
+
+    if is_url(os.fspath(path)):
         raise WorkbenchError(
-            f"{what} {str(path)!r} is a URL; outputs must be file-system paths (results are written to a temporary file and renamed "
-            "into place, run folders are reconciled by moving files, and fsspec URLs are not supported yet)",
-            "mount the bucket (s3fs, gcsfuse, blobfuse) or use a shared file system (NFS, Lustre) and give its path",
+            f"{what} {os.fspath(path)!r} is a URL, and this output must be a file-system path: {why}",
+            f"give a local or shared file-system path (NFS, Lustre, a mounted bucket); fsspec URLs are accepted by {URL_OUTPUTS}",
         )
 
 

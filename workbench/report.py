@@ -34,7 +34,7 @@ import pandas as pd
 from workbench import metric_kinds, plots
 from workbench.atlas import atlas, head_scores, probe_roles, role_style, roles_with
 from workbench.errors import WorkbenchError
-from workbench.fileio import atomic_write_text
+from workbench import runfs
 from workbench.report_page import Page, anchor, esc, fmt, render_html, safe_json
 from workbench.report_runs import Run, Series, load_run, run_labels, series_of, tokens_text, when_text
 
@@ -630,7 +630,7 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     ``thresholds``: atlas role thresholds (see :func:`workbench.atlas.atlas`); ``labels``: one
     name per run; ``docs``: a metrics document other than the repository's ``docs/metrics.md``.
     """
-    paths = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    paths = [runfs.as_target(runs)] if isinstance(runs, (str, Path)) else [runfs.as_target(r) for r in runs]
     if not paths:
         raise WorkbenchError("no run given", "name one or more run folders: workbench report runs/a [runs/b ...] --out report.html")
     roles_with(thresholds)  # fail on bad thresholds before reading anything
@@ -725,9 +725,13 @@ def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_tabl
              + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title: str | None = None, **options: Any) -> Path:
-    """Build the report (see :func:`build_report`) and write it atomically."""
-    out = Path(out)
+def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title: str | None = None, **options: Any) -> runfs.Target:
+    """Build the report (see :func:`build_report`) and write it atomically; ``runs`` and ``out``
+    may be fsspec URLs (:mod:`workbench.runfs`)."""
+    out = runfs.as_target(out)
+    if runfs.is_url(str(out)):
+        runfs.check_writable(str(out))
+        return runfs.write_text(out, build_report(runs, title, **options))
     if out.exists() and out.is_dir():
         raise WorkbenchError(f"--out {out} is a directory", "give a file name ending in .html")
     text = build_report(runs, title, **options)
@@ -735,4 +739,4 @@ def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WorkbenchError(f"cannot write to {out}: {exc.strerror or exc}", "choose a writable --out path") from None
-    return atomic_write_text(out, text)
+    return runfs.write_text(out, text)

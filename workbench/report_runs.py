@@ -1,5 +1,6 @@
-"""The inputs of a report: run folders, results files and circuit folders, read into one table
-per run, and the *series* (one model in one run) that get an atlas grid and a comparison line.
+"""The inputs of a report: run folders, results files and circuit folders (paths, or fsspec
+URLs read through :mod:`workbench.runfs`), read into one table per run, and the *series* (one
+model in one run) that get an atlas grid and a comparison line.
 
 Also what a run recorded about itself: when it ran and how long (from ``timing`` fields when
 the sweep records them, else the parts' ``created`` stamps, saying what is missing), and how
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from workbench import runfs
 from workbench.errors import WorkbenchError
 from workbench.results import load_results
 
@@ -26,31 +28,31 @@ class Run:
     the sweep config when there is one, and any discovered circuits."""
 
     label: str
-    path: Path
+    path: runfs.Target
     table: pd.DataFrame
     metas: list[dict]
     config: dict | None = None
     circuits: list[dict] = field(default_factory=list)
 
 
-def _find_circuits(path: Path) -> list[Path]:
-    if path.is_file():
+def _find_circuits(path: runfs.Target) -> list[runfs.Target]:
+    if runfs.is_file(path) or not runfs.is_dir(path):
         return []
-    found = [*path.glob("circuit.json"), *path.glob("*/circuit.json"), *path.glob("circuits/*/circuit.json")]
-    return sorted(dict.fromkeys(found))
+    found = [*runfs.glob(path, "circuit.json"), *runfs.glob(path, "*/circuit.json"), *runfs.glob(path, "circuits/*/circuit.json")]
+    return sorted(dict.fromkeys(found))  # all paths or all URL strings
 
 
 def load_run(path: str | Path, label: str) -> Run:
-    """Read one run folder / results file / circuit folder; bad input -> WorkbenchError."""
-    path = Path(path)
+    """Read one run folder / results file / circuit folder (a path or an fsspec URL); bad input -> WorkbenchError."""
+    path = runfs.as_target(path)
     circuits = []
     for f in _find_circuits(path):
         try:
-            circ = json.loads(f.read_text(encoding="utf-8"))
+            circ = json.loads(runfs.read_bytes(f).decode("utf-8"))
         except (OSError, ValueError) as exc:
             raise WorkbenchError(f"{f} is not readable JSON: {exc}", "re-run `workbench circuit` into a new folder") from None
         if isinstance(circ, dict) and isinstance(circ.get("nodes"), list):
-            circ.setdefault("task", f.parent.name)
+            circ.setdefault("task", _parent_name(f))
             circ["run"], circ["file"] = label, str(f)
             circuits.append(circ)
     try:
@@ -59,29 +61,37 @@ def load_run(path: str | Path, label: str) -> Run:
         if not circuits:
             raise
         table, metas = pd.DataFrame(columns=["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]), []
-    cfg_file = path / "sweep.json" if path.is_dir() else None
+    cfg_file = runfs.join(path, "sweep.json") if runfs.is_dir(path) else None
     config = None
-    if cfg_file is not None and cfg_file.is_file():
+    if cfg_file is not None and runfs.is_file(cfg_file):
         try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            config = json.loads(runfs.read_bytes(cfg_file).decode("utf-8"))
         except ValueError:
             config = {"unreadable": str(cfg_file)}
     return Run(label, path, table.assign(run=label), metas, config, circuits)
 
 
-def run_labels(paths: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
+def run_labels(paths: Sequence[runfs.Target], labels: Sequence[str] | None) -> list[str]:
     if labels:
         if len(labels) != len(paths):
             raise WorkbenchError(f"{len(labels)} labels for {len(paths)} runs", "give one label per run, in order")
         if len(set(labels)) != len(labels):
             raise WorkbenchError("run labels must be distinct", "e.g. --labels base,tuned")
         return list(labels)
-    out = [p.stem if p.is_file() else p.name for p in paths]
+    out = [_stem(p) if runfs.is_file(p) else runfs.name(p) for p in paths]
     if len(set(out)) < len(out):
-        out = [f"{p.parent.name}/{name}" for p, name in zip(paths, out)]
+        out = [f"{_parent_name(p)}/{name}" for p, name in zip(paths, out)]
     if len(set(out)) < len(out):
         out = [f"{name} #{i + 1}" for i, name in enumerate(out)]
     return out
+
+
+def _stem(path: runfs.Target) -> str:
+    return Path(runfs.name(path)).stem
+
+
+def _parent_name(path: runfs.Target) -> str:
+    return runfs.name(str(path).rstrip("/").rsplit("/", 1)[0]) if runfs.is_url(str(path)) else Path(path).parent.name
 
 
 @dataclass

@@ -7,7 +7,8 @@ metadata, as JSON.
 
 Writes go to a temporary file in the destination folder, are flushed to disk and renamed into
 place (:mod:`workbench.fileio`), so a crash or Ctrl-C never leaves a partial file under the final
-name; the file gets the mode a normal new file gets.
+name; the file gets the mode a normal new file gets. Results files and run folders may also be
+fsspec URLs (``s3://bucket/runs/a``): :mod:`workbench.runfs` writes, lists and reads them.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workbench import runfs
 from workbench.errors import WorkbenchError
-from workbench.fileio import atomic_write
 
 COLUMNS = ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
 # Optional keys of per-item rows (e.g. T-VHD per generated token: layer = head = -1, one row per
@@ -103,11 +104,10 @@ def run_metadata(**fields: Any) -> dict[str, Any]:
     }
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before any model runs) when ``path`` cannot be written."""
-    from workbench.fileio import refuse_url
-
-    refuse_url(path)
+def check_writable(path: str | Path) -> runfs.Target:
+    """Fail early (before any model runs) when ``path`` (a path or an fsspec URL) cannot be written."""
+    if runfs.is_url(str(path)):
+        return runfs.check_writable(str(path))
     path = Path(path)
     if path.exists() and path.is_dir():
         raise WorkbenchError(f"output {path} is a directory", "give a file name ending in .parquet")
@@ -122,23 +122,29 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write ``df`` with ``metadata`` to ``path`` atomically (:func:`workbench.fileio.atomic_write`)."""
+def write_parquet(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> runfs.Target:
+    """Write ``df`` with ``metadata`` to ``path`` (a path or an fsspec URL) atomically
+    (:func:`workbench.fileio.atomic_write`, :func:`workbench.runfs.write_file`)."""
     path = check_writable(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = json.dumps(metadata, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    return atomic_write(path, lambda f: pq.write_table(table, f))
+    return runfs.write_file(path, lambda f: pq.write_table(table, f))
+
+
+def read_table(path: runfs.Target) -> pa.Table:
+    """The Arrow table of a Parquet file (a URL's bytes are read first: parts are small)."""
+    return pq.read_table(pa.BufferReader(runfs.read_bytes(path)) if runfs.is_url(str(path)) else path)
 
 
 def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a results file and its metadata."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a results file (a path or an fsspec URL) and its metadata."""
+    path = runfs.as_target(path)
+    if not runfs.is_file(path):
         raise WorkbenchError(f"results file {path} does not exist", "check the path")
     try:
-        table = pq.read_table(path)
+        table = read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise WorkbenchError(f"{path} is not a readable Parquet file: {exc}", "re-run the probe that wrote it") from None
     raw = (table.schema.metadata or {}).get(META_KEY)
@@ -151,14 +157,16 @@ def top_heads(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     return ranked.groupby(["probe", "metric"], sort=False).head(k).sort_values(["probe", "metric", "value"], ascending=[True, True, False])
 
 
-def part_files(run_dir: str | Path) -> list[Path]:
-    """The Parquet parts of a sweep run folder (or a single results file)."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
+def part_files(run_dir: str | Path) -> list[runfs.Target]:
+    """The Parquet parts of a sweep run folder (or a single results file), a path or an fsspec URL."""
+    run_dir = runfs.as_target(run_dir)
+    if runfs.is_file(run_dir):
         return [run_dir]
-    if not run_dir.is_dir():
+    if not runfs.is_dir(run_dir):
         raise WorkbenchError(f"run folder {run_dir} does not exist", "give the --out folder of a `workbench sweep`")
-    files = sorted((run_dir / "parts").glob("*.parquet")) if (run_dir / "parts").is_dir() else sorted(run_dir.glob("*.parquet"))
+    parts = runfs.join(run_dir, "parts")
+    folder = parts if runfs.is_dir(parts) else run_dir
+    files = [runfs.join(folder, n) for n in runfs.list_names(folder, ".parquet")]
     if not files:
         raise WorkbenchError(f"{run_dir} holds no results (no parts/*.parquet)", "run `workbench sweep CONFIG --out` into it first")
     return files
@@ -230,14 +238,36 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _results_sql(runs: list[str | Path]) -> str:
-    """One ``read_parquet([...], union_by_name = true)`` per run (parts may have different
-    columns), stacked by column name, each with the run folder in a ``run`` column."""
-    selects = []
-    for run in runs:
+def url_run_table(run: str) -> pa.Table:
+    """Every part of the run folder at the fsspec URL ``run`` as one Arrow table, columns united
+    by name (as DuckDB's ``union_by_name``); a part that does not read is a WorkbenchError."""
+    tables = []
+    for f in part_files(run):
+        try:
+            tables.append(read_table(f).replace_schema_metadata(None))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise WorkbenchError(f"cannot load the results of {run}: {f}: {_one_line(exc)}", "re-run the sweep that wrote them") from None
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as exc:  # one column name with types that do not unite
+        raise WorkbenchError(f"cannot load the results of {run}: {_one_line(exc)}", "re-run the sweep that wrote them") from None
+
+
+def _results_sql(runs: list[str | Path], con: Any) -> tuple[str, list[str]]:
+    """One ``read_parquet([...], union_by_name = true)`` per local run (parts may have different
+    columns), stacked by column name, each with the run folder in a ``run`` column. A URL run
+    is read through fsspec into an Arrow table registered on ``con`` (DuckDB reads no URL
+    itself); returns the SQL and the names registered."""
+    selects, registered = [], []
+    for i, run in enumerate(runs):
+        if runfs.is_url(str(run)):
+            registered.append(f"_url_run_{i}")
+            con.register(registered[-1], url_run_table(str(run)))
+            selects.append(f"SELECT *, {_sql_string(str(run))} AS run FROM {registered[-1]}")
+            continue
         files = ", ".join(_sql_string(str(f)) for f in part_files(run))
         selects.append(f"SELECT *, {_sql_string(str(Path(run)))} AS run FROM read_parquet([{files}], union_by_name = true)")
-    return " UNION ALL BY NAME ".join(selects)
+    return " UNION ALL BY NAME ".join(selects), registered
 
 
 # Applied, in this order, before untrusted SQL runs: no file or network access, no extension
@@ -259,8 +289,9 @@ def _one_line(exc: BaseException) -> str:
 def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataFrame:
     """Run SQL over the results of one or more runs with DuckDB.
 
-    The table is called ``results``: every part of every run in ``runs``, columns united by name
-    (absent ones are NULL), plus a ``run`` column (the run folder).
+    The table is called ``results``: every part of every run in ``runs`` (folders, results files
+    or fsspec URLs of either), columns united by name (absent ones are NULL), plus a ``run``
+    column (the run folder).
 
     By default the SQL runs with the user's rights: DuckDB can read and write any file the user
     can (``COPY ... TO``, ``read_csv``, ``ATTACH``, extensions). ``read_only=True`` is for SQL
@@ -275,12 +306,14 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
     fix = "write one SQL statement over the table `results`, e.g. \"select probe, metric, layer, head, value from results limit 10\""
     if not sql.strip():
         raise WorkbenchError("no SQL statement given (the query is empty)", fix)
-    table = _results_sql(runs)
     con = duckdb.connect(config={"python_enable_replacements": False})  # never read Python variables by name
     try:
+        table, registered = _results_sql(runs, con)
         try:
             if read_only:
                 con.execute(f"CREATE TABLE results AS {table}")
+                for name in registered:  # the SQL sees `results` only
+                    con.unregister(name)
                 for setting in READ_ONLY_SETTINGS:
                     con.execute(setting)
             else:

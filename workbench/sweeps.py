@@ -39,6 +39,12 @@ whole), sets aside parts that are unreadable or that no current unit names (an e
 (even SIGKILL) continues with nothing lost or duplicated, a corrupted part is recomputed, and
 ``load_results`` / ``query`` / ``report`` never mix two versions of a unit.
 
+**Where.** The run folder is a path or an fsspec URL (``s3://bucket/runs/a``, ``gs://...``,
+``file:///shared/runs/a``); :mod:`workbench.runfs` writes, lists, reads and moves its files, with
+local paths on the plain file-system code. On an object store a part is written straight to its
+key (a PUT is atomic per object) and a part set aside is copied then deleted (``run.json``
+records each such move under ``set_aside``).
+
 Units of the same (model, dataset) share one run of :func:`workbench.runner.run_probes` (one
 forward for all their pattern probes); :func:`run_group` is that step, the unit of work an
 executor schedules (:mod:`workbench.executors`: in this process, or as Ray tasks with the
@@ -49,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 import time
 import tomllib
@@ -58,6 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from workbench import runfs
 from workbench.errors import WorkbenchError
 
 TOP_KEYS = {"models", "probes", "datasets", "probe_params", "batch_size", "device", "dtype", "seed", "prepend_bos", "executor"}
@@ -290,19 +296,11 @@ def load_config(path: str | Path) -> SweepConfig:
 
 
 # -- the run folder ---------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _readable(path: Path) -> bool:
-    import pyarrow.parquet as pq
+def _readable(path: runfs.Target) -> bool:
+    from workbench.results import read_table
 
     try:
-        pq.read_table(path)
+        read_table(path)
         return True
     except Exception:
         return False
@@ -310,49 +308,55 @@ def _readable(path: Path) -> bool:
 
 class RunFolder:
     """``OUT/parts/*.parquet`` plus ``OUT/run.json``: every finished part with its size and
-    SHA-256; ``OUT/superseded/<time>/`` holds what was set aside."""
+    SHA-256; ``OUT/superseded/<time>/`` holds what was set aside. ``OUT`` is a path or an
+    fsspec URL (:mod:`workbench.runfs`)."""
 
     def __init__(self, out: str | Path) -> None:
-        self.out = Path(out)
-        self.parts = self.out / "parts"
-        self.manifest_path = self.out / MANIFEST
+        self.out = runfs.as_target(out)
+        self.parts = runfs.join(self.out, "parts")
+        self.manifest_path = runfs.join(self.out, MANIFEST)
         self.manifest: dict[str, Any] = {"format": 1, "parts": {}}
-        if self.manifest_path.is_file():
+        if runfs.is_file(self.manifest_path):
             try:
-                loaded = json.loads(self.manifest_path.read_text())
+                loaded = json.loads(runfs.read_bytes(self.manifest_path))
                 if isinstance(loaded, dict) and isinstance(loaded.get("parts"), dict):
                     self.manifest = loaded
             except (ValueError, OSError):
                 pass  # a damaged manifest: every part is verified by reading it
-        self._aside: Path | None = None
+        self._aside: runfs.Target | None = None
 
     def save(self) -> None:
-        from workbench.fileio import atomic_write_text
+        runfs.write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
 
-        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
-
-    def aside_dir(self) -> Path:
+    def aside_dir(self) -> runfs.Target:
         if self._aside is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-            self._aside = self.out / "superseded" / stamp
+            self._aside = runfs.join(self.out, "superseded", stamp)
         return self._aside
 
-    def set_aside(self, path: Path, why: str) -> Path:
-        dest = self.aside_dir() / why / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), dest)
-        self.manifest["parts"].pop(path.name, None)
+    def set_aside(self, path: runfs.Target, why: str) -> runfs.Target:
+        """Move a part to ``superseded/<time>/<why>/``: a rename on a file system; on an object
+        store a copy and a delete, recorded under ``set_aside`` in ``run.json`` (a crash between
+        the two leaves the part in both places, and the next run sets it aside again)."""
+        name = runfs.name(path)
+        dest = runfs.join(self.aside_dir(), why, name)
+        runfs.move(path, dest)
+        self.manifest["parts"].pop(name, None)
+        if runfs.is_url(str(self.out)):
+            self.manifest.setdefault("set_aside", []).append(
+                {"part": name, "to": str(dest), "why": why, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         return dest
 
-    def is_sound(self, path: Path) -> bool:
+    def is_sound(self, path: runfs.Target) -> bool:
         """The part matches its recorded checksum; a part without a record (written just before
         a kill, or by an older version) must read whole, and is then recorded."""
-        entry = self.manifest["parts"].get(path.name)
+        name = runfs.name(path)
+        entry = self.manifest["parts"].get(name)
         if entry is not None:
-            return path.stat().st_size == entry.get("size") and _sha256(path) == entry.get("sha256")
+            return runfs.size(path) == entry.get("size") and runfs.sha256(path) == entry.get("sha256")
         if not _readable(path):
             return False
-        self.manifest["parts"][path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        self.manifest["parts"][name] = {"size": runfs.size(path), "sha256": runfs.sha256(path)}
         return True
 
     def record(self, info: dict[str, Any]) -> None:
@@ -364,12 +368,12 @@ class RunFolder:
         wanted = {u.filename for u in units}
         moved = {"stale": 0, "corrupt": 0}
         sound: set[str] = set()
-        for part in sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []:
-            if part.name not in wanted:
+        for part in (runfs.join(self.parts, n) for n in runfs.list_names(self.parts, ".parquet")):
+            if runfs.name(part) not in wanted:
                 self.set_aside(part, "stale")
                 moved["stale"] += 1
             elif self.is_sound(part):
-                sound.add(part.name)
+                sound.add(runfs.name(part))
             else:
                 self.set_aside(part, "corrupt")
                 moved["corrupt"] += 1
@@ -377,10 +381,11 @@ class RunFolder:
             if name not in sound:
                 self.manifest["parts"].pop(name)
         if moved["stale"]:
-            log(f"set aside {moved['stale']} part(s) of an earlier config in {self.aside_dir() / 'stale'} (this run reports its current config only)")
+            log(f"set aside {moved['stale']} part(s) of an earlier config in {runfs.join(self.aside_dir(), 'stale')} "
+                "(this run reports its current config only)")
         if moved["corrupt"]:
-            log(f"set aside {moved['corrupt']} unreadable or damaged part(s) in {self.aside_dir() / 'corrupt'}; recomputing them")
-        self.save() if self.out.is_dir() else None
+            log(f"set aside {moved['corrupt']} unreadable or damaged part(s) in {runfs.join(self.aside_dir(), 'corrupt')}; recomputing them")
+        self.save() if runfs.is_dir(self.out) else None
         return sound, moved
 
 
@@ -417,8 +422,8 @@ def group_prompts(cfg: SweepConfig, spec: DatasetSpec, model) -> list:
 def run_group(cfg: SweepConfig, units: list[Unit], parts_dir: str | Path, model=None, progress: bool = False,
               config_path: str = "") -> list[dict[str, Any]]:
     """Compute every unit of one (model, dataset) in one run of the runner and write each part
-    atomically; returns each part's ``filename``, ``size``, ``sha256`` and ``key``. The unit of
-    work of every executor."""
+    atomically into ``parts_dir`` (a path or an fsspec URL); returns each part's ``filename``,
+    ``size``, ``sha256`` (of the file as stored) and ``key``. The unit of work of every executor."""
     from workbench.models import load_model
     from workbench.registry import get_probe
     from workbench.results import run_metadata, tidy, write_parquet
@@ -449,9 +454,9 @@ def run_group(cfg: SweepConfig, units: list[Unit], parts_dir: str | Path, model=
             probes=[probe.config()], config={"sweep": config_path, "unit": u.key, "batch_size": cfg.batch_size, "dtype": cfg.dtype},
             unit=json.loads(u.identity), summary=result.results[u.probe].summary, timing=timing, prompts=shown,
         )
-        path = Path(parts_dir) / u.filename
+        path = runfs.join(runfs.as_target(parts_dir), u.filename)
         write_parquet(tidy(result.results[u.probe].table, model=model_name, dataset=dataset), path, meta)
-        infos.append({"filename": u.filename, "size": path.stat().st_size, "sha256": _sha256(path), "key": u.key})
+        infos.append({"filename": u.filename, "size": runfs.size(path), "sha256": runfs.sha256(path), "key": u.key})
     return infos
 
 
@@ -464,18 +469,18 @@ def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
 
 
 def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
-    """Validate, reconcile the run folder with the config, record the config: what to compute."""
-    from workbench.fileio import atomic_write_text, refuse_url
+    """Validate, reconcile the run folder (a path or an fsspec URL) with the config, record the
+    config: what to compute."""
     from workbench.results import check_writable
 
-    refuse_url(out_dir, "run folder")
+    runfs.check_url(str(out_dir))  # an unknown protocol or a missing package (s3fs): one error, nothing written
     cfg = load_config(config_path)  # raises before anything is written
     folder = RunFolder(out_dir)
-    check_writable(folder.parts / "probe.parquet")
+    check_writable(runfs.join(folder.parts, "probe.parquet"))
     units = cfg.units()
     sound, moved = folder.reconcile(units, log)
-    atomic_write_text(folder.out / "sweep.json", json.dumps({**cfg.raw, "_units": {u.filename: json.loads(u.identity) for u in units}},
-                                                           indent=1, default=str))
+    runfs.write_text(runfs.join(folder.out, "sweep.json"),
+                     json.dumps({**cfg.raw, "_units": {u.filename: json.loads(u.identity) for u in units}}, indent=1, default=str))
     todo = [u for u in units if u.filename not in sound]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")

@@ -31,6 +31,27 @@ from workbench.errors import WorkbenchError, WorkbenchWarning
 
 COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
+# Commands whose --out may be an fsspec URL (s3://, gs://, file://): a sweep's run folder, and
+# single files written whole (workbench.runfs). The others write local files, for the reason given.
+URL_OUTPUTS = {"sweep", "report", "probe", "patch", "reinforce", "retrieval-ablation"}
+LOCAL_OUTPUTS = {
+    "cache": "the activation store is read memory-mapped, which needs a file system",
+    "circuit": "a circuit folder is written as a temporary folder renamed into place",
+    "dataset": "a prompts file is an input of other commands (--prompts), which read local files",
+    "task": "a pairs file is an input of other commands (--pairs), which read local files",
+}
+
+
+def check_out(command: str, out: str) -> None:
+    """Every command's --out, before any work (a model load, a 4-minute discovery): a URL with an
+    unknown protocol or a missing package (s3fs) is one error, as is a URL where only a path will do."""
+    from workbench.fileio import refuse_url
+    from workbench.runfs import check_url
+
+    if command in URL_OUTPUTS:
+        check_url(out)
+    else:
+        refuse_url(out, f"`workbench {command}` --out", LOCAL_OUTPUTS.get(command, "it is written as local files"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
-            if getattr(args, "out", None):  # every command's output, before any work (a model load, a 4-minute discovery)
-                from workbench.fileio import refuse_url
-
-                refuse_url(args.out)
+            if getattr(args, "out", None):
+                check_out(args.command, args.out)
             return int(args.func(args) or 0)
     except WorkbenchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -200,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--top", type=whole(0), default=5, help="heads to print per metric")
     p.add_argument("--from-store", metavar="STORE", help="run pattern probes on an activation store (`workbench cache`) instead of the model")
-    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--out", required=True, help="output .parquet file (a path or an fsspec URL: s3://, gs://, file://)")
     p.set_defaults(func=cmd_probe, model=None)  # None: smollm2-135m live; with --from-store, the store's model is checked
 
     add_command(sub, "probes", "list probes and their metrics", "workbench probes").set_defaults(func=cmd_probes)

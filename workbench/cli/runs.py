@@ -1,4 +1,7 @@
-"""Run folders: ``workbench sweep`` (resumable grids), ``workbench query`` (SQL) and ``workbench report`` (HTML)."""
+"""Run folders: ``workbench sweep`` (resumable grids), ``workbench query`` (SQL) and ``workbench report`` (HTML).
+
+A run folder may be a path or an fsspec URL (``s3://bucket/runs/a``, ``file:///shared/runs/a``)
+in all three; so may the report's ``--out``."""
 from __future__ import annotations
 
 import argparse
@@ -62,11 +65,15 @@ def _report_config(path: str) -> dict:
     if not isinstance(roles, dict):
         raise WorkbenchError(f"{file}: 'roles' must be a table", "e.g. [roles] with sink = 0.6 and echo = \"off\"")
     thresholds = {k: (None if isinstance(v, str) and v.lower() in ("off", "none") else v) for k, v in roles.items()}
-    return {"runs": [str((file.parent / r)) if not Path(r).is_absolute() else r for r in runs], "labels": raw.get("labels"),
-            "title": raw.get("title"), "out": raw.get("out") and str(file.parent / raw["out"]), "thresholds": thresholds}
+    from workbench.runfs import is_url
+
+    beside = lambda r: r if is_url(r) or Path(r).is_absolute() else str(file.parent / r)  # noqa: E731  (relative to the config)
+    return {"runs": [beside(r) for r in runs], "labels": raw.get("labels"),
+            "title": raw.get("title"), "out": raw.get("out") and beside(raw["out"]), "thresholds": thresholds}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from workbench import runfs
     from workbench.atlas import parse_thresholds, roles_with
     from workbench.report import write_report
 
@@ -80,17 +87,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     thresholds = {**cfg["thresholds"], **parse_thresholds(args.roles)}
     roles_with(thresholds)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else cfg["labels"]
+    if out != args.out:
+        from workbench.cli import check_out
+
+        check_out("report", out)  # --out was checked before the command ran; out = ... in the config is checked here
     path = write_report(runs, out, title=args.title or cfg["title"], thresholds=thresholds, labels=labels)
-    print(f"report -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"report -> {path} ({runfs.size(path) / 1e6:.1f} MB)")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     sw = add_command(sub, "sweep", "run a models x datasets x probes grid from a TOML file (resumable)",
                      "workbench sweep data/sweeps/demo.toml --out runs/demo\n"
-                     "workbench sweep big.toml --out /shared/runs/big --executor ray --address 10.0.0.1:6379")
+                     "workbench sweep big.toml --out /shared/runs/big --executor ray --address 10.0.0.1:6379\n"
+                     "workbench sweep big.toml --out s3://bucket/runs/big --executor ray   # pip install s3fs")
     sw.add_argument("config", help="TOML file: models = [...], probes = [...], [datasets.NAME] tables")
-    sw.add_argument("--out", required=True, help="run folder (parts/*.parquet); re-running resumes")
+    sw.add_argument("--out", required=True, help="run folder (parts/*.parquet): a path or an fsspec URL (s3://, gs://, file://); re-running resumes")
     sw.add_argument("--executor", default="local",
                     help="who runs the (model, dataset) groups: local (this process) or ray (tasks with the config's [executor] resources; "
                          "pip install 'attention-head-workbench[ray]')")
@@ -102,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = add_command(sub, "query", "SQL over run results with DuckDB (table `results`; runs with your file rights unless --read-only)",
                     'workbench query "select probe, metric, layer, head, value from results order by value desc limit 10" --runs runs/demo')
     q.add_argument("sql")
-    q.add_argument("--runs", action="extend", nargs="+", help="run folders, repeatable (default: every sweep folder under ./runs)")
+    q.add_argument("--runs", action="extend", nargs="+", help="run folders (paths or fsspec URLs), repeatable (default: every sweep folder under ./runs)")
     q.add_argument("--read-only", action="store_true",
                    help="for SQL you did not write: rows are loaded into memory, then file, network and extension access are disabled and the configuration locked")
     q.add_argument("--max-rows", type=whole(1), default=50)
@@ -111,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp = add_command(sub, "report", "self-contained HTML report of one run, or a side-by-side comparison of several",
                      "workbench report runs/demo --out runs/demo/report.html\n"
                      "workbench report runs/smollm2 runs/gemma --out compare.html --roles sink=0.6,induction=0.4,echo=off")
-    rp.add_argument("runs", nargs="*", metavar="RUN", help="run folders (or results .parquet, or `workbench circuit` folders); several = a comparison")
-    rp.add_argument("--out", help="the HTML file to write")
+    rp.add_argument("runs", nargs="*", metavar="RUN", help="run folders (or results .parquet, or `workbench circuit` folders; paths or fsspec URLs); several = a comparison")
+    rp.add_argument("--out", help="the HTML file to write (a path or an fsspec URL)")
     rp.add_argument("--title")
     rp.add_argument("--roles", help="head-atlas thresholds, ROLE=VALUE or METRIC=VALUE pairs (ROLE=off hides a role), e.g. sink=0.6,retrieval=0.2")
     rp.add_argument("--labels", help="one name per run, comma-separated (default: the folder names)")

@@ -4,7 +4,8 @@ A sweep (:mod:`workbench.sweeps`) validates its config and reconciles its run fo
 driver (:func:`workbench.sweeps.prepare`), plans the groups (:func:`workbench.sweeps.plan`), and
 hands them to an executor. The executor runs :func:`workbench.sweeps.run_group` for each group,
 wherever it likes, and calls ``record(info)`` in the driver for every part a group wrote; the
-driver records it in ``run.json``. Parts are keyed and written atomically by ``run_group``
+driver records it in ``run.json``. ``parts_dir`` is a ``Path`` or an fsspec URL string
+(:mod:`workbench.runfs`). Parts are keyed and written atomically by ``run_group``
 itself, so an executor that runs a group twice (a retry after a worker died) overwrites the
 same file with the same rows, never adds a second copy.
 
@@ -40,7 +41,7 @@ class Executor(Protocol):
 
     name: str
 
-    def run(self, cfg: SweepConfig, groups: list[list[Unit]], parts_dir: Path, record: Callable[[dict[str, Any]], None], *,
+    def run(self, cfg: SweepConfig, groups: list[list[Unit]], parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
             config_path: str, progress: bool, log: Callable[[str], None]) -> None:
         """Run every group; call ``record(info)`` in this process for each part written."""
 

@@ -14,7 +14,7 @@ class LocalExecutor:
         if address:
             raise WorkbenchError("--address names a cluster, and the local executor runs in this process", "drop --address, or add --executor ray")
 
-    def run(self, cfg, groups: list, parts_dir: Path, record: Callable[[dict[str, Any]], None], *,
+    def run(self, cfg, groups: list, parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
             config_path: str, progress: bool, log: Callable[[str], None]) -> None:
         from workbench.models import load_model
         from workbench.sweeps import run_group

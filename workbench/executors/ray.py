@@ -5,10 +5,12 @@
 per group with the resources of the config's ``[executor]`` table (``cpus``, ``gpus``,
 ``memory``) and records each part in the driver as its task returns.
 
-- **Shared parts folder.** A task writes its parts itself (:func:`workbench.sweeps.run_group`,
-  atomic rename), so the run folder must be one path every worker sees: a local disk on one
-  machine, a shared file system (NFS, Lustre, a mounted bucket) across machines. Only the
-  driver writes ``run.json``.
+- **Shared parts folder.** A task writes its parts itself (:func:`workbench.sweeps.run_group`:
+  atomic rename on a file system, one PUT per part on an object store), so the run folder must
+  be one every worker sees: a local disk on one machine; across machines a shared file system
+  (NFS, Lustre, a mounted bucket) or an fsspec URL (``s3://``, ``gs://``, ``file:///shared/...``;
+  each worker needs the URL's package and credentials). Not ``memory://``: it lives in one
+  process. Only the driver writes ``run.json``.
 - **Worker death.** A task whose worker process dies is retried by Ray (``retries``, default 3).
   The retry recomputes the whole group and overwrites the same keyed part files atomically, and
   the driver records a group's parts only when its task returned, so rows are neither lost nor
@@ -132,9 +134,14 @@ class RayExecutor:
         log(f"ray: connected to {self.address or 'a local Ray instance'} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
         return True
 
-    def run(self, cfg, groups: list, parts_dir: Path, record: Callable[[dict[str, Any]], None], *,
+    def run(self, cfg, groups: list, parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
             config_path: str, progress: bool, log: Callable[[str], None]) -> None:
+        from workbench import runfs
+
         ray = self.ray
+        if runfs.process_local(parts_dir):
+            raise WorkbenchError(f"{parts_dir} lives in this process's memory, and Ray tasks run in other processes",
+                                 "give a run folder every worker sees: a shared path, or a file://, s3:// or gs:// URL")
         if not groups:
             return
         owned = self._connect(log)
@@ -145,7 +152,8 @@ class RayExecutor:
             options["memory"] = int(res["memory"])
         task = ray.remote(run_group_task).options(**options)
         try:
-            pending = {task.remote(cfg, g, str(Path(parts_dir).resolve()), config_path): g for g in groups}
+            shared = str(runfs.absolute(parts_dir))  # a relative path or file:// URL means nothing in a worker's folder
+            pending = {task.remote(cfg, g, shared, config_path): g for g in groups}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:

@@ -1,0 +1,232 @@
+"""Run folders at fsspec URLs (issue 14): a sweep into ``memory://`` (fsspec's real in-process
+store; to workbench an object store: one PUT per part, a move is a copy and a delete) equals the
+same sweep into a local folder, resumes without recomputing, recomputes a damaged part, sets
+aside the parts of an earlier config, and reads back through load_results, query and report.
+``file://`` and a file system that is neither local nor an object store write through a
+temporary name. (The cross-process case, a Ray sweep into a ``file://`` URL, is in
+tests/test_executors.py.)"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import uuid
+
+import fsspec
+import pandas as pd
+import pytest
+
+from workbench import runfs
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.results import load_results, query
+from workbench.sweeps import run_sweep
+
+BASE = """models = ["{model}"]
+probes = ["entropy", "sink", "induction"]
+[datasets.prose]
+n_prompts = 3
+probes = ["entropy", "sink"]
+[datasets.repeated-random]
+n_prompts = 2
+period = 12
+probes = ["induction"]
+"""
+KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
+MEM = fsspec.filesystem("memory")
+
+
+def rows(run) -> pd.DataFrame:
+    return load_results(run).sort_values(KEYS).reset_index(drop=True)
+
+
+def quiet(*_) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dirs, tmp_path_factory):
+    """The config, and the same sweep into a local folder: the reference."""
+    root = tmp_path_factory.mktemp("urlruns")
+    cfg = root / "s.toml"
+    cfg.write_text(BASE.format(model=tiny_dirs["llama"]))
+    run_sweep(cfg, root / "local", progress=False, log=quiet)
+    return cfg, root / "local"
+
+
+@pytest.fixture
+def mem():
+    """A fresh ``memory://`` folder (the store is global to the process): its URL, removed after."""
+    root = f"wb-{uuid.uuid4().hex[:10]}"
+    yield f"memory://{root}"
+    if MEM.exists(f"/{root}"):
+        MEM.rm(f"/{root}", recursive=True)
+
+
+def files(url: str) -> dict[str, bytes]:
+    """Every object under ``url`` by its path below it."""
+    base = runfs.filesystem(url)[1].rstrip("/")
+    return {p[len(base) + 1:]: MEM.cat_file(p) for p in MEM.find(base)}
+
+
+def test_a_sweep_into_a_url_equals_the_local_one_and_resumes_without_recomputing(local, mem):
+    cfg, ref = local
+    run = f"{mem}/run"
+    summary = run_sweep(cfg, run, progress=False, log=quiet)
+    assert summary["ran"] == 3 and summary["parts"] == f"{run}/parts"
+    stored = files(run)
+    parts = sorted(k for k in stored if k.startswith("parts/"))
+    assert parts == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
+    assert set(stored) == {*parts, "run.json", "sweep.json"}, "no temporary or probe object left"
+    manifest = json.loads(stored["run.json"])
+    for p in parts:
+        entry = manifest["parts"][p.removeprefix("parts/")]
+        assert entry["size"] == len(stored[p]) and entry["sha256"] == hashlib.sha256(stored[p]).hexdigest()
+    pd.testing.assert_frame_equal(rows(run), rows(ref))
+    said: list[str] = []
+    again = run_sweep(cfg, run, progress=False, log=said.append)
+    assert again["ran"] == 0 and again["skipped"] == 3 and "resuming: 3 of 3 units already done" in said
+    assert files(run) == stored, "nothing recomputed or rewritten (a recomputed part has new timing metadata)"
+
+
+def test_a_damaged_part_under_a_url_is_set_aside_and_recomputed(local, mem):
+    cfg, ref = local
+    run = f"{mem}/run"
+    run_sweep(cfg, run, progress=False, log=quiet)
+    name = next(n for n in runfs.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
+    good = MEM.cat_file(runfs.filesystem(f"{run}/parts/{name}")[1])
+    damaged = good[: len(good) // 2]
+    MEM.pipe_file(runfs.filesystem(f"{run}/parts/{name}")[1], damaged)  # a truncated upload, a bad copy
+    said: list[str] = []
+    summary = run_sweep(cfg, run, progress=False, log=said.append)
+    assert summary["ran"] == 1 and summary["set_aside_corrupt"] == 1
+    assert any("unreadable or damaged" in s and f"{run}/superseded/" in s for s in said), said
+    aside = [k for k in files(run) if k.startswith("superseded/") and k.endswith(f"/corrupt/{name}")]
+    assert len(aside) == 1 and files(run)[aside[0]] == damaged, "the damaged part is kept aside, not deleted"
+    moves = json.loads(files(run)["run.json"])["set_aside"]
+    assert [(m["part"], m["why"], m["to"]) for m in moves] == [(name, "corrupt", f"{run}/{aside[0]}")]
+    pd.testing.assert_frame_equal(rows(run), rows(ref))
+    # a damaged part with no record (run.json lost) is found by reading it
+    MEM.rm(runfs.filesystem(f"{run}/run.json")[1])
+    MEM.pipe_file(runfs.filesystem(f"{run}/parts/{name}")[1], b"PAR1 not really")
+    summary = run_sweep(cfg, run, progress=False, log=quiet)
+    assert summary["ran"] == 1 and summary["set_aside_corrupt"] == 1
+    pd.testing.assert_frame_equal(rows(run), rows(ref))
+    assert run_sweep(cfg, run, progress=False, log=quiet)["ran"] == 0, "now everything is sound"
+
+
+def test_a_changed_config_sets_the_parts_of_the_earlier_one_aside(local, mem, tmp_path, capsys):
+    cfg, ref = local
+    run = f"{mem}/run"
+    assert main(["sweep", str(cfg), "--out", run, "--no-progress"]) == 0
+    changed = tmp_path / "s.toml"
+    changed.write_text(cfg.read_text().replace("n_prompts = 3", "n_prompts = 5"))
+    capsys.readouterr()
+    assert main(["sweep", str(changed), "--out", run, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "set aside 2 part(s) of an earlier config" in err and f"{run}/superseded/" in err
+    after = rows(run)
+    assert not after.duplicated(KEYS).any(), "one version of each unit"
+    assert (after[after.probe == "sink"].n == 5).all()
+    pd.testing.assert_frame_equal(after[after.probe == "induction"], rows(ref)[lambda d: d.probe == "induction"])
+    stored = files(run)
+    assert len([k for k in stored if k.startswith("superseded/") and "/stale/" in k]) == 2
+    assert len([k for k in stored if k.startswith("parts/")]) == 3
+    assert query("select count(*) as n from results where probe = 'sink'", [run]).n.iloc[0] == 2 * 3 * 4  # no stale rows
+
+
+def test_load_results_query_and_report_read_a_url_run(local, mem, tmp_path, capsys):
+    cfg, ref = local
+    run = f"{mem}/run"
+    run_sweep(cfg, run, progress=False, log=quiet)
+    sql = "select * exclude (run) from results order by model, dataset, probe, metric, layer, head"
+    for read_only in (False, True):
+        pd.testing.assert_frame_equal(query(sql, [run], read_only=read_only), query(sql, [ref], read_only=read_only))
+    both = query("select run, count(*) as n from results group by run order by n, run", [ref, run], read_only=True)
+    assert sorted(both.run) == sorted([str(ref), run]) and both.n.nunique() == 1
+    # read-only still refuses files, and sees no table but `results`
+    secret = tmp_path / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    for bad in (f"select * from read_csv('{secret}')", "select * from _url_run_0"):
+        with pytest.raises(WorkbenchError, match="query failed"):
+            query(bad, [run], read_only=True)
+    assert main(["query", "select count(*) as n from results", "--runs", run, "--read-only"]) == 0
+    assert str(len(rows(ref))) in capsys.readouterr().out
+    # report: from the URL to a local file, and to a URL
+    assert main(["report", run, "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Attention-head report: run" in page and "prose" in page
+    assert main(["report", run, "--out", f"{mem}/report.html"]) == 0
+    assert f"report -> {mem}/report.html" in capsys.readouterr().out
+    assert files(mem)["report.html"].decode().count("Attention-head report: run") == page.count("Attention-head report: run")
+    # URLs in a report config are kept as given, not joined to the config's folder
+    conf = tmp_path / "conf" / "report.toml"
+    conf.parent.mkdir()
+    conf.write_text(f'runs = ["{run}"]\nout = "{mem}/from-config.html"\n')
+    assert main(["report", "--config", str(conf)]) == 0
+    assert "from-config.html" in files(mem) and [p.name for p in conf.parent.iterdir()] == ["report.toml"]
+
+
+def test_a_probe_writes_its_results_file_to_a_url(tiny_dirs, mem, capsys):
+    out = f"{mem}/probe/entropy.parquet"
+    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2", "--out", out,
+                 "--no-progress"]) == 0
+    assert set(files(mem)) == {"probe/entropy.parquet"}
+    table = load_results(out)
+    assert set(table.metric) == {"entropy", "entropy_norm"} and len(table) == 2 * 3 * 4
+
+
+# -- how a URL write stays atomic ------------------------------------------------------------------
+def test_a_failed_write_leaves_nothing_on_an_object_store(mem):
+    def boom(f):
+        f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        runfs.write_file(f"{mem}/x.bin", boom)
+    assert not MEM.exists(runfs.filesystem(mem)[1])
+    runfs.write_text(f"{mem}/x.bin", "whole")
+    assert runfs.read_bytes(f"{mem}/x.bin") == b"whole" and runfs.size(f"{mem}/x.bin") == 5
+
+
+def test_a_file_url_is_written_by_rename_with_the_normal_mode(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+        url = (tmp_path / "deep" / "a.txt").as_uri()
+        runfs.write_text(url, "hello")
+    finally:
+        os.umask(old)
+    out = tmp_path / "deep" / "a.txt"
+    assert out.read_text() == "hello" and stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["a.txt"], "no temporary file left"
+    monkeypatch.chdir(tmp_path)  # a relative file:// URL is made absolute before it travels to a worker
+    assert runfs.absolute("file://deep/a.txt") == f"file://{tmp_path}/deep/a.txt"
+
+
+def test_a_file_system_that_is_not_an_object_store_writes_a_temporary_name_then_moves(tmp_path):
+    """fsspec's DirFileSystem over the local disk: neither the local file system nor an object
+    store, so the generic path runs: a temporary name in the same folder, then ``mv``."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())
+    assert not runfs.writes_whole_objects(fs)
+    runfs.write_to_fs(fs, "sub/a.bin", lambda f: f.write(b"data"))
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"data"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.bin"], "the temporary name is gone"
+
+    def boom(f):
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        runfs.write_to_fs(fs, "sub/b.bin", boom)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.bin"]
+
+
+def test_url_helpers_keep_urls_whole():
+    assert runfs.is_url("s3://b/k") and runfs.is_url("memory://x") and runfs.is_url("simplecache::s3://b/k")
+    assert not runfs.is_url("runs/a") and not runfs.is_url("C:/runs/a") and not runfs.is_url("/tmp/s3:/x")
+    assert runfs.join("s3://b/runs/", "parts", "a.parquet") == "s3://b/runs/parts/a.parquet"
+    assert runfs.name("s3://b/runs/a/") == "a" and runfs.as_target("s3://b//x") == "s3://b//x"
+    assert runfs.process_local("memory://x") and not runfs.process_local("file:///x")
