@@ -530,3 +530,51 @@ def test_statistics_threads_single_for_small_layers_only():
     assert torch.get_num_threads() == n
     with statistics_threads(SMALL_LAYER):
         assert torch.get_num_threads() == n
+
+
+def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_same():
+    """A plan (blocks, spans, masks) made for one call serves another call with the same mask
+    object and ranges, and gives what a fresh plan gives; a call with another mask (or other
+    ranges) gets its own plan."""
+    from workbench.statistics import LayerPlans
+
+    def stats_for(call, batch, plans):
+        return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
+
+    call_a, batch = random_call("window")
+    call_b, _ = random_call("padding")
+    plans = LayerPlans()
+    pos = batch.positions
+    rank, lo, hi = same_token_ranges(batch)
+    ranges = [(pos - 6, pos + 1, None), (lo, hi, rank), (torch.zeros_like(pos), torch.full_like(pos, 3), None)]
+    for lo_, hi_, rank_ in ranges:
+        stats_for(call_a, batch, plans).mass_in(lo_, hi_, rank_)
+    n = len(plans.entries)
+    # the same mask object, queries and keys of "another layer": plans reused, answers unchanged
+    other = AttentionCall(1, None, call_a.query.flip(1), call_a.key.flip(1), call_a.value, call_a.mask, call_a.scaling, call_a.is_causal)
+    _, other.lse, _ = attention_with_statistics(other)
+    for lo_, hi_, rank_ in ranges:
+        shared = stats_for(other, batch, plans).mass_in(lo_.clone(), hi_.clone(), None if rank_ is None else rank_.clone())
+        fresh = stats_for(other, batch, LayerPlans()).mass_in(lo_, hi_, rank_)
+        assert torch.equal(shared, fresh)
+    assert len(plans.entries) == n
+    # another mask with the same shapes and ranges: its own plans, its own (different) answer
+    for lo_, hi_, rank_ in ranges:
+        shared = stats_for(call_b, batch, plans).mass_in(lo_, hi_, rank_)
+        assert torch.equal(shared, stats_for(call_b, batch, LayerPlans()).mass_in(lo_, hi_, rank_))
+    assert len(plans.entries) > n
+
+
+def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
+    """The banded plan of streaming's window and induction's echo is made once per batch, not
+    once per layer (the point of LayerPlans)."""
+    from workbench.statistics import LayerStatistics as LS
+
+    model = tiny_models["llama"]
+    made = []
+    orig = LS._band_plan
+    monkeypatch.setattr(LS, "_band_plan", lambda self, *a: made.append(self.layer) or orig(self, *a))
+    prompts = prompts_for(model)[:4]
+    run_probes(model, prompts, [get_probe("induction"), get_probe("streaming", sink=2, recent=12)], batch_size=len(prompts), progress=False)
+    assert model.n_layers > 1 and made and set(made) == {0}
+    assert len(made) == 2  # the window (12 keys: banded, not named) and the echo ranges, at layer 0 only

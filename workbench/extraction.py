@@ -41,7 +41,7 @@ from workbench.errors import WorkbenchError
 from workbench.masking import visible_counts
 from workbench.patterns import BatchInfo, PatternView, collate, iter_pattern_chunks
 from workbench.prompts import TokenizedPrompt, pad_token_id
-from workbench.statistics import LayerStatistics, statistics_threads
+from workbench.statistics import LayerPlans, LayerStatistics, statistics_threads
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 AttentionPath = Literal["auto", "chunks"]
@@ -75,6 +75,7 @@ class ChunkFeeder:
         self.chunk_elements = chunk_elements
         self._batch: BatchInfo | None = None
         self._n_visible: list[tuple[Tensor | None, Tensor]] = []
+        self._plans = LayerPlans()
         needs = {p: frozenset(getattr(p, "needs", ("rows",))) for p in self.probes}
         fast = attention_path == "auto"
         self.stat_probes = [p for p in self.probes if fast and needs[p] <= STATISTICS_NEEDS]
@@ -87,7 +88,7 @@ class ChunkFeeder:
 
     @batch.setter
     def batch(self, batch: BatchInfo | None) -> None:
-        self._batch, self._n_visible = batch, []
+        self._batch, self._n_visible, self._plans = batch, [], LayerPlans()
 
     def wants_statistics(self, call: AttentionCall) -> frozenset[str]:
         """Asked by the attention function before its kernel: the log-sum-exp when a probe reads
@@ -116,7 +117,7 @@ class ChunkFeeder:
             if call.lse is not None and self.stat_probes:
                 served = [p for p in self.stat_probes if "row_entropy" not in self._needs[p] or call.key_mean is not None]
                 with statistics_threads(call.query.shape[0] * call.query.shape[1] * call.query.shape[2]):
-                    stats = LayerStatistics(call, self._batch, self.n_visible(call), self.chunk_elements)
+                    stats = LayerStatistics(call, self._batch, self.n_visible(call), self.chunk_elements, self._plans)
                     for probe in served:
                         probe.on_pattern_chunk(stats)
                 rows = [p for p in rows if p not in served]

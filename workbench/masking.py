@@ -24,7 +24,9 @@ each query against a few keys it names (O(T x n x d)), and :func:`band_scores`, 
 queries against a window of keys each (O(T x window x d)), optionally in a per-row order of the
 positions (e.g. sorted by token, so that earlier occurrences of a token form a window).
 :func:`key_logits` / :func:`band_logits` give the same scores unfilled with the boolean mask
-beside them, for callers that zero masked weights after ``exp`` instead.
+beside them, for callers that zero masked weights after ``exp`` instead; their halves
+(:func:`key_products` / :func:`named_key_mask`, :func:`band_products` / :func:`band_mask`)
+separate what depends on a layer's queries and keys from what depends on the mask only.
 :func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
 from a boolean mask itself).
 """
@@ -171,10 +173,10 @@ def _visible(call: AttentionCall, rows: Tensor, queries: Tensor, keys: Tensor) -
 def _finish(call: AttentionCall, s: Tensor, allowed: Tensor, additive: Tensor | None, fill: float) -> Tensor:
     """Soft-cap, then the additive mask, then ``fill`` where not ``allowed`` (both broadcast
     against the scores ``s``), in place."""
-    return _biased(call, s, additive).masked_fill_(~allowed, fill)
+    return biased(call, s, additive).masked_fill_(~allowed, fill)
 
 
-def _biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
+def biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
     """Soft-cap, then the additive mask (broadcast against the scores ``s``), in place."""
     if call.softcap is not None:
         s.div_(call.softcap).tanh_().mul_(call.softcap)
@@ -223,14 +225,14 @@ def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2) -> Te
     return torch.stack([x[i].index_select(dim - 1, index[i]) for i in range(x.shape[0])])
 
 
-def key_logits(
+def key_products(
     call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
     queries: Tensor | None = None, keys: Tensor | None = None,
-) -> tuple[Float[Tensor, "batch head block n"], Bool[Tensor, "batch head_or_1 block n"]]:
-    """Float32 scores of the queries ``[q0, q1)`` against the ``n`` keys each names
-    (``key_index``, on the call's key axis; a negative or out-of-range index is masked), masked
-    unmasked, with whether each may be attended (:func:`key_scores` fills the others). O(queries
-    x n x d): no other key is touched.
+) -> Float[Tensor, "batch head block n"]:
+    """Float32 scores ``scale * q . k`` of the queries ``[q0, q1)`` against the ``n`` keys each
+    names (``key_index``, on the call's key axis; out-of-range indices read a clamped key, which
+    :func:`named_key_mask` masks), before any soft-cap or mask. O(queries x n x d): no other key
+    is touched.
 
     ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
     token, a block of sink keys): then the scores are one product per row. ``queries`` /
@@ -250,10 +252,34 @@ def key_logits(
     else:
         ks = take_positions(kf, idx.flatten(1)).view(b, n_kv, n_q, n, d)
         s = torch.matmul(qg, ks.transpose(-1, -2))  # [b, kv, block, g, n]
-    s = s.transpose(2, 3).reshape(b, h, n_q, n)
-    r = torch.arange(b, device=kf.device).view(b, 1, 1)
-    allowed, additive = _visible(call, r, torch.arange(q0, q1, device=kf.device).view(1, n_q, 1), key_index)
-    return _biased(call, s, None if additive is None else additive.movedim(-1, 1)), allowed.movedim(-1, 1)
+    return s.transpose(2, 3).reshape(b, h, n_q, n)
+
+
+def named_key_mask(
+    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
+) -> tuple[Bool[Tensor, "batch mask_head block n"], Float[Tensor, "batch mask_head block n"] | None]:
+    """Whether query ``q0 + i`` may attend to key ``key_index[b, i, j]`` (a negative or
+    out-of-range index may not) by :func:`attention_scores`' rules, and a float mask's additive
+    values there (None for boolean or no masks). It depends on the call's mask and shapes only,
+    not on its queries and keys, so the layers of one forward can share it."""
+    b, n_k = call.query.shape[0], call.key.shape[2]
+    q1 = q0 + key_index.shape[1] if q1 is None else q1
+    dev = call.key.device
+    r = torch.arange(b, device=dev).view(b, 1, 1)
+    allowed, additive = _visible(call, r, torch.arange(q0, q1, device=dev).view(1, q1 - q0, 1), key_index)
+    return allowed.movedim(-1, 1), None if additive is None else additive.movedim(-1, 1)
+
+
+def key_logits(
+    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
+    queries: Tensor | None = None, keys: Tensor | None = None,
+) -> tuple[Float[Tensor, "batch head block n"], Bool[Tensor, "batch mask_head block n"]]:
+    """Float32 scores of the queries ``[q0, q1)`` against the ``n`` keys each names
+    (:func:`key_products`, soft-capped and biased as the model does), unmasked, with whether
+    each may be attended (:func:`named_key_mask`; :func:`key_scores` fills the others)."""
+    s = key_products(call, key_index, q0, q1, queries=queries, keys=keys)
+    allowed, additive = named_key_mask(call, key_index, q0, q1)
+    return biased(call, s, additive), allowed
 
 
 def key_scores(
@@ -265,23 +291,22 @@ def key_scores(
     return s.masked_fill_(~allowed, fill)
 
 
-def band_logits(
+def band_products(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-    queries: Tensor | None = None, keys: Tensor | None = None,
-) -> tuple[Float[Tensor, "batch kv block row group key"], Bool[Tensor, "batch kv_or_1 block row group_or_1 key"]]:
-    """Float32 scores of blocks of ``rows`` queries, block ``i`` holding queries
-    ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys ``k_starts[i] + [0, width)`` only,
-    unmasked, with whether each may be attended by :func:`attention_scores`' rules and ``keep``
-    (:func:`band_scores` fills the others). A window of keys
-    that moves with the query (a recent window, a block of sink keys) costs O(queries x width x d),
-    in one batched product per call. Heads come as (KV head, group): head ``kv * group + g``.
+    order: Int[Tensor, "batch pos"] | None = None, queries: Tensor | None = None, keys: Tensor | None = None,
+) -> Float[Tensor, "batch kv block row group key"]:
+    """Float32 scores ``scale * q . k`` of blocks of ``rows`` queries, block ``i`` holding
+    queries ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys
+    ``k_starts[i] + [0, width)`` only, before any soft-cap or mask (:func:`band_mask`). A window
+    of keys that moves with the query (a recent window, a block of sink keys) costs O(queries x
+    width x d), in one batched product per KV head. Heads come as (KV head, group): head
+    ``kv * group + g``.
 
     With ``order`` (per batch row, a permutation of the positions; queries and keys must be the
     same positions) block indices count along that order instead: position ``i`` is column
-    ``order[b, i]``. Keys past the end are masked; rows past the last query mean nothing.
-    ``queries`` / ``keys``: :func:`grouped_queries` / :func:`ordered_keys` in that order, when the
-    caller already has them.
+    ``order[b, i]``. Out-of-range keys read a clamped key (masked by :func:`band_mask`); rows past
+    the last query mean nothing. ``queries`` / ``keys``: :func:`grouped_queries` /
+    :func:`ordered_keys` in that order, when the caller already has them.
     """
     b, h, n_q, d = call.query.shape
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
@@ -289,19 +314,35 @@ def band_logits(
     dev = call.key.device
     qg = queries if queries is not None else grouped_queries(call, order)  # [b, kv, pos, g, d]
     kf = keys if keys is not None else ordered_keys(call, order)  # [b, kv, pos, d]
-    qi = q_starts.view(-1, 1) + torch.arange(rows, device=dev)  # [block, row]
-    ki = k_starts.view(-1, 1) + torch.arange(width, device=dev)  # [block, key]
     q0, q_last = int(q_starts[0]), int(q_starts[-1])
     if q_last + rows <= n_q and q_last - q0 == rows * (n_b - 1):  # (starts increase, so they are consecutive)
         qb = qg[:, :, q0 : q0 + n_b * rows].reshape(b, n_kv, n_b, rows * g, d)  # consecutive blocks: a view
     else:
+        qi = q_starts.view(-1, 1) + torch.arange(rows, device=dev)  # [block, row]
         qb = qg.index_select(2, qi.clamp(0, n_q - 1).flatten()).view(b, n_kv, n_b, rows * g, d)
+    ki = k_starts.view(-1, 1) + torch.arange(width, device=dev)  # [block, key]
     kb = kf.index_select(2, ki.clamp(0, n_k - 1).flatten()).view(b, n_kv, n_b, width, d)
     s = torch.empty((b, n_kv, n_b, rows * g, width), dtype=qb.dtype, device=dev)
     for i in range(b):  # one product per (row, KV head): the blocks of a view stay a view (a
         for j in range(n_kv):  # 5-d matmul would copy them to fold its batch dimensions)
             torch.matmul(qb[i, j], kb[i, j].transpose(-1, -2), out=s[i, j])
-    s = s.view(b, n_kv, n_b, rows, g, width)
+    return s.view(b, n_kv, n_b, rows, g, width)
+
+
+def band_mask(
+    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
+    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
+) -> tuple[Bool[Tensor, "batch kv_or_1 block row group_or_1 key"], Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None]:
+    """Whether each score of :func:`band_products` may be attended, by :func:`attention_scores`'
+    rules and ``keep`` (keys past the end may not), laid out as the scores; and a float mask's
+    additive values (None for boolean or no masks). It depends on the call's mask and shapes
+    only, so the layers of one forward can share it."""
+    b, h, n_q, _ = call.query.shape
+    n_kv, n_k = call.key.shape[1], call.key.shape[2]
+    n_b = q_starts.shape[0]
+    dev = call.key.device
+    qi = q_starts.view(-1, 1) + torch.arange(rows, device=dev)  # [block, row]
+    ki = k_starts.view(-1, 1) + torch.arange(width, device=dev)  # [block, key]
     r = torch.arange(b, device=dev).view(b, 1, 1, 1)
     if order is None:
         qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
@@ -313,7 +354,19 @@ def band_logits(
     if keep is not None:
         allowed = allowed & keep.unsqueeze(-1)
     to_scores = lambda x: _grouped(x, n_kv).movedim(-1, -2)  # noqa: E731  [b, kv|1, block, row, g|1, key]
-    return _biased(call, s, None if additive is None else to_scores(additive)), to_scores(allowed)
+    return to_scores(allowed), None if additive is None else to_scores(additive)
+
+
+def band_logits(
+    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
+    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
+    queries: Tensor | None = None, keys: Tensor | None = None,
+) -> tuple[Float[Tensor, "batch kv block row group key"], Bool[Tensor, "batch kv_or_1 block row group_or_1 key"]]:
+    """:func:`band_products` soft-capped and biased as the model does, unmasked, with whether
+    each may be attended (:func:`band_mask`; :func:`band_scores` fills the others)."""
+    s = band_products(call, q_starts, rows, k_starts, width, order, queries=queries, keys=keys)
+    allowed, additive = band_mask(call, q_starts, rows, k_starts, width, order, keep)
+    return biased(call, s, additive), allowed
 
 
 def band_scores(

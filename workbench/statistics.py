@@ -24,15 +24,16 @@ dtype; extra memory stays within the chunk budget.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import band_logits, grouped_queries, key_logits, ordered_keys, take_positions
+from workbench.masking import biased, band_mask, band_products, grouped_queries, key_products, named_key_mask, ordered_keys, take_positions
 from workbench.patterns import BatchInfo
 
 BLOCK = 32  # query rows per block of a banded product (a window of W keys spans W + 31)
@@ -77,14 +78,79 @@ def statistics_threads(rows: int) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+class LayerPlans:
+    """What the layers of one forward share, computed at the first layer that asks and reused
+    by the others: which keys each query may see in a banded product or among named keys (the
+    mask, and the probes' key ranges, are the same in every layer of a batch; only the queries,
+    keys and log-sum-exps change). Short prompts gain most: there the statistics are many small
+    tensor operations, and about half of them only rebuild these masks.
+
+    Entries match on what they were computed from: the kind of plan, the call's mask (the same
+    tensor object: models build one mask per kind of layer per forward), causal flag and
+    shapes, and the content of the index tensors (compared with ``torch.equal``, O(T)).
+    The pattern engine makes one per batch.
+    """
+
+    def __init__(self, most: int = 64) -> None:
+        self.entries: list[tuple[tuple, Any, tuple, Any]] = []
+        self.most = most
+
+    def get(self, call: AttentionCall, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
+        sig = (kind, call.is_causal, tuple(call.query.shape), tuple(call.key.shape))
+        for e_sig, e_mask, e_args, value in self.entries:
+            if e_sig == sig and e_mask is call.mask and _same(e_args, args):
+                return value
+        value = compute()
+        self.entries.append((sig, call.mask, args, value))
+        if len(self.entries) > self.most:
+            self.entries.pop(0)
+        return value
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclass
+class _BandCall:
+    """One batched product of a banded plan: blocks ``sel`` (their first keys ``k0``) at one width."""
+
+    sel: Tensor
+    k0: Tensor
+    width: int
+    allowed: Tensor
+    additive: Tensor | None
+
+
+@dataclass
+class _BandPlan:
+    """Everything :meth:`LayerStatistics.mass_in` needs that does not depend on the layer."""
+
+    order: Tensor | None
+    rows: int
+    n_blocks: int
+    pad: int
+    calls: list[_BandCall] = field(default_factory=list)
+
+
 class LayerStatistics:
     """Attention statistics of one layer for every query of a batch (no rows materialised).
 
     Built by the pattern engine from a call whose ``lse`` (and, for entropy, ``key_mean``) the
-    fused kernel filled; ``n_visible`` is the number of keys each query may see (from the mask).
+    fused kernel filled; ``n_visible`` is the number of keys each query may see (from the mask);
+    ``plans``: the :class:`LayerPlans` of the batch, shared by its layers.
     """
 
-    def __init__(self, call: AttentionCall, batch: BatchInfo, n_visible: Int[Tensor, "batch query"], chunk_elements: int = 1 << 22) -> None:
+    def __init__(self, call: AttentionCall, batch: BatchInfo, n_visible: Int[Tensor, "batch query"], chunk_elements: int = 1 << 22,
+                 plans: LayerPlans | None = None) -> None:
         if call.lse is None:
             raise ValueError("LayerStatistics needs the kernel's log-sum-exp (call.lse)")
         self.call = call
@@ -92,6 +158,7 @@ class LayerStatistics:
         self.batch = batch
         self.n_visible = n_visible
         self.chunk_elements = chunk_elements
+        self.plans = plans if plans is not None else LayerPlans()
         b, h, n_q, _ = call.query.shape
         self.shape = (b, h, n_q)
         # rows that see no key have no log-sum-exp (kernels differ: 0, -inf): 0 keeps exp() finite
@@ -142,8 +209,9 @@ class LayerStatistics:
         for q0 in range(0, n_q, step):
             q1 = min(n_q, q0 + step)
             block = idx[:, q0:q1] if per_query else idx
-            s, allowed = key_logits(self.call, block, q0, q1, queries=self._queries, keys=self._keys)  # [b, h, block, n]
-            out.append(weights(s, self.lse[:, :, q0:q1, None], allowed))
+            allowed, additive = self.plans.get(self.call, "named", (block, q0, q1), lambda: named_key_mask(self.call, block, q0, q1))
+            s = key_products(self.call, block, q0, q1, queries=self._queries, keys=self._keys)  # [b, h, block, n]
+            out.append(weights(biased(self.call, s, additive), self.lse[:, :, q0:q1, None], allowed))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
     def mass_in(self, lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"],
@@ -153,7 +221,8 @@ class LayerStatistics:
         ``rank`` gives (a permutation of each row's columns; queries and keys the same columns).
 
         Queries are taken in that order in blocks of :data:`BLOCK`; each block is scored only
-        against the keys its ranges span, blocks of similar span together.
+        against the keys its ranges span, blocks of similar span together. Which blocks, spans
+        and masks is the layer-independent :class:`_BandPlan`, made once per batch.
         """
         b, h, n_q = self.shape
         n_kv = self.call.key.shape[1]
@@ -161,15 +230,38 @@ class LayerStatistics:
             narrow = self._narrow_mass(lo, hi)
             if narrow is not None:
                 return narrow
-        order, lse = None, self.lse
+        plan = self.plans.get(self.call, "band", (lo, hi, rank), lambda: self._band_plan(lo, hi, rank))
+        if plan is None:
+            return self.lse.new_zeros(b, h, n_q)
+        order, rows, n_blocks = plan.order, plan.rows, plan.n_blocks
+        lse = self.lse if order is None else self.lse.gather(2, order.unsqueeze(1).expand(b, h, n_q))
+        # lse by (KV head, block, row, group), as band_products lays out its scores
+        lse = torch.nn.functional.pad(lse, (0, plan.pad)).view(b, n_kv, h // n_kv, n_blocks, rows).permute(0, 1, 3, 4, 2)
+        queries, keys = self._queries, self._keys
+        if order is not None:
+            queries, keys = take_positions(queries, order), take_positions(keys, order)
+        mass = self.lse.new_zeros(b, n_kv, h // n_kv, n_blocks, rows)
+        for c in plan.calls:
+            s = band_products(self.call, c.sel * rows, rows, c.k0, c.width, order, queries=queries, keys=keys)
+            w = weights(biased(self.call, s, c.additive), lse.index_select(2, c.sel).unsqueeze(-1), c.allowed).sum(-1)
+            mass.index_copy_(3, c.sel, w.permute(0, 1, 4, 2, 3))  # [b, kv, block, row, g] -> [b, kv, g, block, row]
+        mass = mass.reshape(b, h, n_blocks * rows)[:, :, :n_q]
+        if order is None:
+            return mass
+        return self.lse.new_zeros(b, h, n_q).scatter_(2, order.unsqueeze(1).expand(b, h, n_q), mass)
+
+    def _band_plan(self, lo: Tensor, hi: Tensor, rank: Tensor | None) -> _BandPlan | None:
+        """The blocks, their key spans grouped into a few widths, and each product's mask for
+        :meth:`mass_in`; None when every range is empty."""
+        b, h, n_q = self.shape
+        order = None
         if rank is not None:  # work along the order: position i of row b is column order[b, i]
             order = rank.argsort(dim=1)
             lo, hi = lo.gather(1, order), hi.gather(1, order)
-            lse = lse.gather(2, order.unsqueeze(1).expand(b, h, n_q))
         lo, hi = lo.clamp(0, self.n_keys), hi.clamp(0, self.n_keys)
         full = hi > lo
         if not bool(full.any()):
-            return self.lse.new_zeros(b, h, n_q)
+            return None
         rows = min(n_q, BLOCK)
         n_blocks = -(-n_q // rows)
         pad = n_blocks * rows - n_q
@@ -178,12 +270,7 @@ class LayerStatistics:
         ends = blocked(torch.where(full, hi, 0), 0).amax((0, 2))
         spans = (ends - starts).clamp_min(0)
         lo_b, hi_b = blocked(lo, 0).unsqueeze(-1), blocked(hi, 0).unsqueeze(-1)  # padded rows: empty
-        # lse by (KV head, block, row, group), as band_logits lays out its scores
-        lse = torch.nn.functional.pad(lse, (0, pad)).view(b, n_kv, h // n_kv, n_blocks, rows).permute(0, 1, 3, 4, 2)
-        queries, keys = self._queries, self._keys
-        if order is not None:
-            queries, keys = take_positions(queries, order), take_positions(keys, order)
-        mass = self.lse.new_zeros(b, n_kv, h // n_kv, n_blocks, rows)
+        plan = _BandPlan(order, rows, n_blocks, pad)
         # blocks grouped by span, rounded up to two steps per octave (at most 50% more keys):
         # one batched product per group, a handful of groups
         unit = (2 ** (torch.log2(spans.clamp_min(1).double()).floor() - 1)).long().clamp_min(1)
@@ -198,34 +285,41 @@ class LayerStatistics:
                 k0 = starts[sel]
                 keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
                 inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
-                s, allowed = band_logits(self.call, sel * rows, rows, k0, width, order, keep=inside, queries=queries, keys=keys)
-                w = weights(s, lse.index_select(2, sel).unsqueeze(-1), allowed).sum(-1)  # [b, kv, block, row, g]
-                mass.index_copy_(3, sel, w.permute(0, 1, 4, 2, 3))
-        mass = mass.reshape(b, h, n_blocks * rows)[:, :, :n_q]
-        if order is None:
-            return mass
-        return self.lse.new_zeros(b, h, n_q).scatter_(2, order.unsqueeze(1).expand(b, h, n_q), mass)
+                allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, order, keep=inside)
+                plan.calls.append(_BandCall(sel, k0, width, allowed, additive))
+        return plan
 
     def _narrow_mass(self, lo: Tensor, hi: Tensor, most: int = 8) -> Tensor | None:
         """The mass on ranges of at most ``most`` keys as a sum of named-key weights (fewer
         operations than a banded product; one product per row when every non-empty range of a
         row is the same, e.g. the sink tokens), or None for wider ranges."""
+        named = self.plans.get(self.call, "narrow", (lo, hi, most), lambda: self._narrow_keys(lo, hi, most))
+        if named is None:
+            return None
+        if isinstance(named, str):  # every range empty
+            return self.lse.new_zeros(self.shape)
+        idx, full = named
+        mass = self._probs(idx).sum(-1)
+        return mass if full is None else mass * full.unsqueeze(1)
+
+    def _narrow_keys(self, lo: Tensor, hi: Tensor, most: int) -> tuple[Tensor, Tensor | None] | str | None:
+        """The named keys of :meth:`_narrow_mass` (``[b, 1, n]`` when every row's ranges agree,
+        with the rows' non-empty flags; else ``[b, query, n]``), "empty", or None (too wide)."""
         full = hi > lo
         n = int((hi - lo)[full].max()) if bool(full.any()) else 0
         if n > most:
             return None
         if n == 0:
-            return self.lse.new_zeros(self.shape)
+            return "empty"
         big = self.n_keys + 1
         same = bool(((torch.where(full, lo, big).amin(1) == torch.where(full, lo, -1).amax(1)) | ~full.any(1)).all()
                     and ((torch.where(full, hi, big).amin(1) == torch.where(full, hi, -1).amax(1)) | ~full.any(1)).all())
         if same:  # one range per row: [b, 1, n] keys, named once
             lo_r, hi_r = torch.where(full, lo, big).amin(1, keepdim=True), torch.where(full, hi, -1).amax(1, keepdim=True)
             idx = lo_r.unsqueeze(-1) + torch.arange(n, device=lo.device)
-            mass = self._probs(torch.where(idx < hi_r.unsqueeze(-1), idx, -1)).sum(-1)
-            return mass * full.unsqueeze(1)
+            return torch.where(idx < hi_r.unsqueeze(-1), idx, -1), full
         idx = lo.unsqueeze(-1) + torch.arange(n, device=lo.device)
-        return self._probs(torch.where(idx < hi.unsqueeze(-1), idx, -1)).sum(-1)
+        return torch.where(idx < hi.unsqueeze(-1), idx, -1), None
 
     # -- row entropy ---------------------------------------------------------------------------
     @cached_property
