@@ -262,7 +262,7 @@ def named_key_mask(
     out-of-range index may not) by :func:`attention_scores`' rules, and a float mask's additive
     values there (None for boolean or no masks). It depends on the call's mask and shapes only,
     not on its queries and keys, so the layers of one forward can share it."""
-    b, n_k = call.query.shape[0], call.key.shape[2]
+    b = call.query.shape[0]
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     dev = call.key.device
     r = torch.arange(b, device=dev).view(b, 1, 1)
