@@ -112,3 +112,17 @@ def test_pattern_chunks_use_the_same_masking(qk):
             rows.append(p)
             assert chunk.n_visible.tolist() == mask[:, 0, chunk.q_start : chunk.q_end].sum(-1).tolist()
         assert torch.allclose(torch.cat(rows, dim=2), full, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_visible_counts_count_in_row_blocks(kind):
+    """visible_counts equals the plain count on a mask large enough to be counted in several
+    blocks of rows (the whole-mask sum made an int64 copy of it: 2 GB at 16k tokens)."""
+    from workbench.masking import visible_counts
+
+    g = torch.Generator().manual_seed(0)
+    n = 3000  # 2 x 3000 x 3000 elements: more than one 4M-element block
+    allowed = torch.rand(2, 1, n, n, generator=g) > 0.3
+    mask = allowed if kind == "bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    call = AttentionCall(0, None, torch.zeros(2, 2, n, 4), torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), mask, 1.0, False)
+    assert torch.equal(visible_counts(call), allowed[:, 0].sum(-1))

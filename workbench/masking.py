@@ -96,7 +96,9 @@ def key_visibility(call: AttentionCall, q0: int = 0, q1: int | None = None) -> K
 
 def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
     """How many keys each query of the call may see (head 0 of a per-head mask), without the
-    intermediate copies of :func:`key_visibility` (a boolean mask is summed where it lies)."""
+    intermediate copies of :func:`key_visibility`: a boolean mask is counted a block of rows at
+    a time (``m.sum(-1)`` over a whole ``[T, T]`` boolean mask makes an int64 copy of it first,
+    2 GB at 16k tokens, which was the largest peak of a long Gemma run)."""
     b, _, n_q, _ = call.query.shape
     n_k = call.key.shape[2]
     dev = call.query.device
@@ -105,9 +107,14 @@ def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
             return torch.full((b, n_q), n_k, dtype=torch.long, device=dev)
         return (torch.arange(n_q, device=dev) + (n_k - n_q) + 1).clamp(0, n_k).expand(b, -1)
     m = call.mask[:, 0]
-    if m.dtype != torch.bool:
-        m = m > torch.finfo(m.dtype).min / 2
-    return m.sum(-1).expand(b, -1)
+    step = max(1, (1 << 22) // max(1, m.shape[0] * m.shape[-1]))
+    counts = []
+    for q0 in range(0, m.shape[1], step):
+        rows = m[:, q0 : q0 + step]
+        if rows.dtype != torch.bool:
+            rows = rows > torch.finfo(rows.dtype).min / 2
+        counts.append(torch.count_nonzero(rows, dim=-1))
+    return torch.cat(counts, dim=1).expand(b, -1)
 
 
 def attention_scores(
