@@ -129,6 +129,23 @@ def test_summary_states_recorded_timing(tmp_path):
     assert "Ran from 2026-01-01 10:00 UTC to 2026-01-01 10:01 UTC: 60 s of computation over 2 model x dataset group(s)." in text
 
 
+def test_summary_counts_groups_that_share_their_timing_values(tmp_path):
+    """Two quick groups can start and finish in the same second with the same rounded duration
+    (it made the report fixture flaky on an idle machine): the recorded group name tells them apart."""
+    from benchmarks.bench_report import synthetic_run
+    from workbench.results import read_parquet, write_parquet
+
+    run = synthetic_run(tmp_path / "run", n_layers=2, n_heads=2)
+    parts = sorted((run / "parts").glob("*.parquet"))
+    assert len(parts) >= 2
+    for i, f in enumerate(parts):
+        df, meta = read_parquet(f)
+        meta["timing"] = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:00:00+00:00", "seconds": 0.05,
+                          "group": f"model x dataset{i % 2}"}
+        write_parquet(df, f, meta)
+    assert "of computation over 2 model x dataset group(s)." in build_report(run)
+
+
 def test_findings_count_roles_and_their_overlaps(tmp_path):
     from benchmarks.bench_report import synthetic_run
     import workbench

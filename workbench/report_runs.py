@@ -161,7 +161,9 @@ def when_text(metas: list[dict], config: dict | None) -> str:
     for m in metas:
         t = m.get("timing")
         if isinstance(t, dict) and (t.get("started") or t.get("seconds") is not None):
-            timings[(t.get("started"), t.get("finished"), t.get("seconds"))] = t  # units of one forward share a timing
+            # units of one forward share a timing; two quick groups can share its values (to the second), so
+            # the group names it where recorded
+            timings[t.get("group") or (t.get("started"), t.get("finished"), t.get("seconds"))] = t
     run_t = (config or {}).get("timing") if isinstance((config or {}).get("timing"), dict) else None
     created = sorted(d for d in (parse(m.get("created")) for m in metas) if d is not None)
     fmt = lambda d: d.strftime("%Y-%m-%d %H:%M UTC") if d.utcoffset() is not None and not d.utcoffset() else d.isoformat(timespec="minutes")  # noqa: E731

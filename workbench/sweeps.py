@@ -442,7 +442,7 @@ def run_group(cfg: SweepConfig, units: list[Unit], parts_dir: str | Path, model=
     result = run_probes(model, prompts, probes, batch_size=cfg.batch_size, prepend_bos=cfg.prepend_bos,
                         root=Path(spec.path).parent if spec.path else None, progress=progress)
     timing = {"started": started.isoformat(timespec="seconds"), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seconds": round(time.perf_counter() - t0, 3)}
+              "seconds": round(time.perf_counter() - t0, 3), "group": f"{model_name} x {dataset}"}
     shown = example_prompts(model, prompts, cfg.prepend_bos)
     infos = []
     for u, probe in zip(units, probes):
