@@ -19,14 +19,13 @@ compute (keys past the block's last visible key are skipped, which halves the wo
 causal mask).
 
 Two more views of the same scores serve statistics that name their keys
-(:mod:`workbench.statistics`), masked by the same rules (:func:`_visible`): :func:`key_scores`,
-each query against a few keys it names (O(T x n x d)), and :func:`band_scores`, blocks of
-queries against a window of keys each (O(T x window x d)), optionally in a per-row order of the
-positions (e.g. sorted by token, so that earlier occurrences of a token form a window).
-:func:`key_logits` / :func:`band_logits` give the same scores unfilled with the boolean mask
-beside them, for callers that zero masked weights after ``exp`` instead; their halves
-(:func:`key_products` / :func:`named_key_mask`, :func:`band_products` / :func:`band_mask`)
-separate what depends on a layer's queries and keys from what depends on the mask only.
+(:mod:`workbench.statistics`), masked by the same rules (:func:`_visible`): each query against
+a few keys it names (:func:`key_products`, O(T x n x d)), and blocks of queries against a window
+of keys each (:func:`band_products`, O(T x window x d)), optionally in a per-row order of the
+positions (e.g. sorted by token, so that earlier occurrences of a token form a window). Their
+masks (:func:`named_key_mask`, :func:`band_mask`) depend on the call's mask only, so the layers
+of one forward share them; callers zero masked weights after ``exp`` (:func:`biased` applies
+the soft-cap and a float mask's values).
 :func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
 from a boolean mask itself).
 """
@@ -135,10 +134,7 @@ def attention_scores(
     qs = (q[:, :, vis.q0 : vis.q1].float() * call.scaling).reshape(b, n_kv, g, c, d)
     kt = k[:, :, : vis.k_end].float().transpose(-1, -2).unsqueeze(2)  # [b, kv, 1, d, key]
     s = torch.matmul(qs, kt).view(b, h, c, vis.k_end)
-    if call.softcap is not None:
-        s.div_(call.softcap).tanh_().mul_(call.softcap)
-    if vis.additive is not None:
-        s.add_(vis.additive.float().clamp_min(NEG))
+    biased(call, s, None if vis.additive is None else vis.additive.float().clamp_min(NEG))
     if vis.allowed is not None:
         s.masked_fill_(~vis.allowed, fill)
     elif vis.causal:
@@ -175,12 +171,6 @@ def _visible(call: AttentionCall, rows: Tensor, queries: Tensor, keys: Tensor) -
     if m.dtype == torch.bool:
         return m & inside.unsqueeze(-1), None
     return (m > torch.finfo(m.dtype).min / 2) & inside.unsqueeze(-1), m.float().clamp_min(NEG)
-
-
-def _finish(call: AttentionCall, s: Tensor, allowed: Tensor, additive: Tensor | None, fill: float) -> Tensor:
-    """Soft-cap, then the additive mask, then ``fill`` where not ``allowed`` (both broadcast
-    against the scores ``s``), in place."""
-    return biased(call, s, additive).masked_fill_(~allowed, fill)
 
 
 def biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
@@ -277,27 +267,6 @@ def named_key_mask(
     return allowed.movedim(-1, 1), None if additive is None else additive.movedim(-1, 1)
 
 
-def key_logits(
-    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    queries: Tensor | None = None, keys: Tensor | None = None,
-) -> tuple[Float[Tensor, "batch head block n"], Bool[Tensor, "batch mask_head block n"]]:
-    """Float32 scores of the queries ``[q0, q1)`` against the ``n`` keys each names
-    (:func:`key_products`, soft-capped and biased as the model does), unmasked, with whether
-    each may be attended (:func:`named_key_mask`; :func:`key_scores` fills the others)."""
-    s = key_products(call, key_index, q0, q1, queries=queries, keys=keys)
-    allowed, additive = named_key_mask(call, key_index, q0, q1)
-    return biased(call, s, additive), allowed
-
-
-def key_scores(
-    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
-) -> Float[Tensor, "batch head block n"]:
-    """:func:`key_logits` with ``fill`` where a key may not be attended (as :func:`attention_scores` masks)."""
-    s, allowed = key_logits(call, key_index, q0, q1, queries=queries, keys=keys)
-    return s.masked_fill_(~allowed, fill)
-
-
 def band_products(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
     order: Int[Tensor, "batch pos"] | None = None, queries: Tensor | None = None, keys: Tensor | None = None,
@@ -362,28 +331,6 @@ def band_mask(
         allowed = allowed & keep.unsqueeze(-1)
     to_scores = lambda x: _grouped(x, n_kv).movedim(-1, -2)  # noqa: E731  [b, kv|1, block, row, g|1, key]
     return to_scores(allowed), None if additive is None else to_scores(additive)
-
-
-def band_logits(
-    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-    queries: Tensor | None = None, keys: Tensor | None = None,
-) -> tuple[Float[Tensor, "batch kv block row group key"], Bool[Tensor, "batch kv_or_1 block row group_or_1 key"]]:
-    """:func:`band_products` soft-capped and biased as the model does, unmasked, with whether
-    each may be attended (:func:`band_mask`; :func:`band_scores` fills the others)."""
-    s = band_products(call, q_starts, rows, k_starts, width, order, queries=queries, keys=keys)
-    allowed, additive = band_mask(call, q_starts, rows, k_starts, width, order, keep)
-    return biased(call, s, additive), allowed
-
-
-def band_scores(
-    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-    fill: float = float("-inf"), queries: Tensor | None = None, keys: Tensor | None = None,
-) -> Float[Tensor, "batch kv block row group key"]:
-    """:func:`band_logits` with ``fill`` where a key may not be attended."""
-    s, allowed = band_logits(call, q_starts, rows, k_starts, width, order, keep, queries=queries, keys=keys)
-    return s.masked_fill_(~allowed, fill)
 
 
 def additive_mask(call: AttentionCall, dtype: torch.dtype) -> Float[Tensor, "batch mask_head query key"] | None:
