@@ -23,16 +23,8 @@ from workbench.errors import WorkbenchError
 from workbench.results import load_results, query
 from workbench.sweeps import run_sweep
 
-BASE = """models = ["{model}"]
-probes = ["entropy", "sink", "induction"]
-[datasets.prose]
-n_prompts = 3
-probes = ["entropy", "sink"]
-[datasets.repeated-random]
-n_prompts = 2
-period = 12
-probes = ["induction"]
-"""
+from tests.test_sweep_folder import write
+
 KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
 MEM = fsspec.filesystem("memory")
 
@@ -49,8 +41,7 @@ def quiet(*_) -> None:
 def local(tiny_dirs, tmp_path_factory):
     """The config, and the same sweep into a local folder: the reference."""
     root = tmp_path_factory.mktemp("urlruns")
-    cfg = root / "s.toml"
-    cfg.write_text(BASE.format(model=tiny_dirs["llama"]))
+    cfg = write(root, tiny_dirs["llama"])  # the sweep-folder tests' config: prose + repeated-random
     run_sweep(cfg, root / "local", progress=False, log=quiet)
     return cfg, root / "local"
 
