@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import biased, band_mask, band_products, grouped_queries, key_products, named_key_mask, ordered_keys, take_positions
+from workbench.masking import NEG, biased, band_mask, grouped_queries, key_products, named_key_mask, ordered_keys, take_positions
 from workbench.patterns import BatchInfo
 
 BLOCK = 32  # query rows per block of a banded product (a window of W keys spans W + 31)
@@ -121,13 +121,22 @@ def _same(a: tuple, b: tuple) -> bool:
 
 @dataclass
 class _BandCall:
-    """One batched product of a banded plan: blocks ``sel`` (their first keys ``k0``) at one width."""
+    """One run of products of a banded plan: blocks ``sel`` at one key width.
+
+    ``q_first``: the first block when ``sel`` is consecutive (the blocks' queries are then a
+    view), else None. ``k_first``: the first key when each block starts :data:`BLOCK` keys after
+    the one before (the blocks' keys are then a strided view, as for a recent window), else
+    None and ``k_index`` names every block's keys. ``bias``: 0 where a query may attend to a key
+    of its range (a float mask's value there), :data:`~workbench.masking.NEG` elsewhere, laid
+    out as the products (``[batch, kv | 1, block, row x group, key]``).
+    """
 
     sel: Tensor
-    k0: Tensor
     width: int
-    allowed: Tensor
-    additive: Tensor | None
+    bias: Tensor
+    q_first: int | None
+    k_first: int | None
+    k_index: Tensor | None
 
 
 @dataclass
@@ -137,8 +146,26 @@ class _BandPlan:
     order: Tensor | None
     rows: int
     n_blocks: int
-    pad: int
+    key_end: int = 0  # one past the last key any product reads
     calls: list[_BandCall] = field(default_factory=list)
+
+
+MERGE_SCORES = 1 << 14  # scores per KV head that one more product costs in fixed overhead (~50 us here)
+
+
+def band_widths(spans: Int[Tensor, " block"], rows: int, group: int) -> Int[Tensor, " block"]:
+    """The key width each block's product takes: its span rounded up to two steps per octave
+    (at most 50% more keys), then narrower widths merged into the next wider one while the
+    extra scores cost less than another product's fixed overhead (:data:`MERGE_SCORES`). Short
+    prompts end up with one or two products per range, long ones with a few tight ones."""
+    unit = (2 ** (torch.log2(spans.clamp_min(1).double()).floor() - 1)).long().clamp_min(1)
+    width_of = torch.where(spans > 0, -(-spans // unit) * unit, 0)
+    widths = [w for w in width_of.unique().tolist() if w > 0]
+    for narrow, wide in zip(widths, widths[1:]):
+        blocks = width_of == narrow
+        if int(blocks.sum()) * (wide - narrow) * rows * group <= MERGE_SCORES:
+            width_of = torch.where(blocks, wide, width_of)
+    return width_of
 
 
 class LayerStatistics:
@@ -153,6 +180,8 @@ class LayerStatistics:
                  plans: LayerPlans | None = None) -> None:
         if call.lse is None:
             raise ValueError("LayerStatistics needs the kernel's log-sum-exp (call.lse)")
+        if call.softcap is not None:
+            raise ValueError("LayerStatistics needs a layer the fused kernel computed exactly: a soft-capped one takes pattern chunks")
         self.call = call
         self.layer = call.layer
         self.batch = batch
@@ -222,7 +251,9 @@ class LayerStatistics:
 
         Queries are taken in that order in blocks of :data:`BLOCK`; each block is scored only
         against the keys its ranges span, blocks of similar span together. Which blocks, spans
-        and masks is the layer-independent :class:`_BandPlan`, made once per batch.
+        and masks is the layer-independent :class:`_BandPlan`, made once per batch. Each product
+        is one ``baddbmm`` of the :meth:`_augmented` queries and keys onto the plan's bias, so
+        it yields ``s - lse`` with masked keys at -1e30, then ``exp`` and a sum: four passes.
         """
         b, h, n_q = self.shape
         n_kv = self.call.key.shape[1]
@@ -234,26 +265,76 @@ class LayerStatistics:
         if plan is None:
             return self.lse.new_zeros(b, h, n_q)
         order, rows, n_blocks = plan.order, plan.rows, plan.n_blocks
-        lse = self.lse if order is None else self.lse.gather(2, order.unsqueeze(1).expand(b, h, n_q))
-        # lse by (KV head, block, row, group), as band_products lays out its scores
-        lse = torch.nn.functional.pad(lse, (0, plan.pad)).view(b, n_kv, h // n_kv, n_blocks, rows).permute(0, 1, 3, 4, 2)
-        queries, keys = self._queries, self._keys
-        if order is not None:
-            queries, keys = take_positions(queries, order), take_positions(keys, order)
-        mass = self.lse.new_zeros(b, n_kv, h // n_kv, n_blocks, rows)
+        queries, keys = self._augmented if order is None else self._augmented_in(order)
+        if plan.key_end > keys.shape[2]:  # the last blocks' widths reach past the last key: zero keys (masked)
+            keys = torch.nn.functional.pad(keys, (0, 0, 0, plan.key_end - keys.shape[2]))
+        qb = queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1)
+        mass = self.lse.new_zeros(b, n_kv, n_blocks, rows * (h // n_kv))
         for c in plan.calls:
-            s = band_products(self.call, c.sel * rows, rows, c.k0, c.width, order, queries=queries, keys=keys)
-            w = weights(biased(self.call, s, c.additive), lse.index_select(2, c.sel).unsqueeze(-1), c.allowed).sum(-1)
-            mass.index_copy_(3, c.sel, w.permute(0, 1, 4, 2, 3))  # [b, kv, block, row, g] -> [b, kv, g, block, row]
-        mass = mass.reshape(b, h, n_blocks * rows)[:, :, :n_q]
+            n_sel = c.sel.shape[0]
+            for i in range(b):
+                for j in range(n_kv):
+                    if c.q_first is not None:
+                        q = qb[i, j, c.q_first : c.q_first + n_sel]
+                    else:
+                        q = qb[i, j].flatten(1).index_select(0, c.sel).view(n_sel, qb.shape[3], -1)
+                    k = keys[i, j]
+                    if c.k_first is not None:
+                        k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
+                    else:
+                        k = k.index_select(0, c.k_index).view(n_sel, c.width, -1)
+                    bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
+                    s = torch.baddbmm(bias, q, k.transpose(1, 2))
+                    w = s.clamp_min_(LOG_MIN).exp_().sum(-1)  # [block, row x group]
+                    if c.q_first is not None:
+                        mass[i, j, c.q_first : c.q_first + n_sel] = w
+                    else:
+                        mass[i, j].index_copy_(0, c.sel, w)
+        g = h // n_kv
+        mass = mass.view(b, n_kv, n_blocks * rows, g).transpose(2, 3).reshape(b, h, n_blocks * rows)[:, :, :n_q]
         if order is None:
             return mass
         return self.lse.new_zeros(b, h, n_q).scatter_(2, order.unsqueeze(1).expand(b, h, n_q), mass)
 
+    @cached_property
+    def _augmented(self) -> tuple[Float[Tensor, "batch kv pos group d1"], Float[Tensor, "batch kv pos d1"]]:
+        """Queries (scaled, grouped by KV head) with ``-lse`` appended, keys with 1 appended,
+        float32, the queries padded with zero rows to whole blocks: ``(q, -lse_q) . (k, 1) =
+        s_qk - lse_q``, so a product yields log-weights."""
+        return self._augment(self._queries, self._keys)
+
+    def _augmented_in(self, order: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+        """:attr:`_augmented` with positions permuted per row by ``order`` (made once per layer
+        and order)."""
+        got = self.__dict__.setdefault("_ordered", {})
+        for o, value in got.values():
+            if o is order:
+                return value
+        queries, keys = self._augmented
+        n_q, n_k = self.shape[2], self.n_keys
+        value = (take_positions(queries[:, :, :n_q], order), take_positions(keys[:, :, :n_k], order))
+        value = self._pad(*value)
+        got[id(order)] = (order, value)
+        return value
+
+    def _augment(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        b, n_kv, n_q, g, d = queries.shape
+        lse = self.lse.view(b, n_kv, g, n_q).transpose(2, 3)
+        qa = torch.cat([queries, lse.neg().unsqueeze(-1)], dim=-1)
+        ka = torch.cat([keys, keys.new_ones(keys.shape[:-1] + (1,))], dim=-1)
+        return self._pad(qa, ka)
+
+    def _pad(self, qa: Tensor, ka: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries padded with zero rows to whole blocks (keys as they are)."""
+        n_q = qa.shape[2]
+        q_pad = -(-n_q // BLOCK) * BLOCK - n_q if n_q > BLOCK else 0
+        return (torch.nn.functional.pad(qa, (0, 0, 0, 0, 0, q_pad)) if q_pad else qa), ka
+
     def _band_plan(self, lo: Tensor, hi: Tensor, rank: Tensor | None) -> _BandPlan | None:
-        """The blocks, their key spans grouped into a few widths, and each product's mask for
-        :meth:`mass_in`; None when every range is empty."""
+        """The blocks, their key spans grouped into a few widths (:func:`band_widths`), and each
+        product's bias for :meth:`mass_in`; None when every range is empty."""
         b, h, n_q = self.shape
+        n_kv = self.call.key.shape[1]
         order = None
         if rank is not None:  # work along the order: position i of row b is column order[b, i]
             order = rank.argsort(dim=1)
@@ -270,11 +351,8 @@ class LayerStatistics:
         ends = blocked(torch.where(full, hi, 0), 0).amax((0, 2))
         spans = (ends - starts).clamp_min(0)
         lo_b, hi_b = blocked(lo, 0).unsqueeze(-1), blocked(hi, 0).unsqueeze(-1)  # padded rows: empty
-        plan = _BandPlan(order, rows, n_blocks, pad)
-        # blocks grouped by span, rounded up to two steps per octave (at most 50% more keys):
-        # one batched product per group, a handful of groups
-        unit = (2 ** (torch.log2(spans.clamp_min(1).double()).floor() - 1)).long().clamp_min(1)
-        width_of = torch.where(spans > 0, -(-spans // unit) * unit, 0)
+        plan = _BandPlan(order, rows, n_blocks)
+        width_of = band_widths(spans, rows, h // n_kv)
         for width in width_of.unique().tolist():
             if width == 0:
                 continue
@@ -286,7 +364,16 @@ class LayerStatistics:
                 keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
                 inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
                 allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, order, keep=inside)
-                plan.calls.append(_BandCall(sel, k0, width, allowed, additive))
+                bias = torch.where(allowed, 0.0 if additive is None else additive, NEG)  # [b, kv|1, block, row, g|1, key]
+                bias = bias.expand(-1, -1, -1, -1, h // n_kv, -1).reshape(b, bias.shape[1], sel.shape[0], -1, width)
+                steps = sel.diff()
+                consecutive = bool((steps == 1).all())
+                regular = consecutive and bool((k0.diff() == rows).all())
+                plan.key_end = max(plan.key_end, int(k0.max()) + width)
+                plan.calls.append(_BandCall(
+                    sel, width, bias.contiguous(), int(sel[0]) if consecutive else None, int(k0[0]) if regular else None,
+                    None if regular else keys_at.flatten().clamp(0, self.n_keys - 1),
+                ))
         return plan
 
     def _narrow_mass(self, lo: Tensor, hi: Tensor, most: int = 8) -> Tensor | None:
