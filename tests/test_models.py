@@ -28,6 +28,29 @@ def test_local_folder_loads_as_bridge_with_untouched_tokenizer(tiny_dirs):
     assert logits.shape[-1] == m.vocab_size
 
 
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_the_bridge_never_edits_our_tokenizer(tiny_dirs, tmp_path, adds_bos):
+    """TransformerBridge loads its own tokenizer when ours does not prepend BOS (ours is then
+    passed as it is, not copied) and edits the one it is given otherwise (then it gets a copy):
+    either way ours stays what the folder says, padding side and BOS behaviour included."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(add_bos_token=adds_bos, padding_side="left")
+    cfg_path.write_text(json.dumps(cfg))
+    fresh = AutoTokenizer.from_pretrained(folder)
+    state = lambda t: (t.padding_side, getattr(t, "add_bos_token", None), t.pad_token, len(t), t("the king")["input_ids"])  # noqa: E731
+    m = load_model(str(folder), device="cpu")
+    assert state(m.tokenizer) == state(fresh)
+    assert m.bridge.tokenizer is not m.tokenizer
+    assert m.bridge.tokenizer("the king")["input_ids"][0] == m.tokenizer.bos_token_id  # the bridge's prepends BOS
+
+
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(WorkbenchError, match="no config.json"):
         resolve_source(str(tmp_path))

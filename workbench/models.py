@@ -264,6 +264,16 @@ def _from_pretrained(loader: Any, source: str, kind: str, what: str, **kwargs: A
         ) from exc
 
 
+def _for_bridge(tokenizer: Any) -> Any:
+    """The tokenizer to hand TransformerBridge, which wants one that prepends BOS: it loads its
+    own when ours does not (ours is then left alone), and otherwise adopts the one it is given
+    and edits it (padding side, special tokens). Only then is ours copied: a deep copy of
+    Gemma-3's 262k-token tokenizer holds ~0.3 GB for the whole session."""
+    if tokenizer.bos_token is not None and not getattr(tokenizer, "add_bos_token", False):
+        return tokenizer
+    return copy.deepcopy(tokenizer)
+
+
 def load_model(
     name: str = embedded.EMBEDDED_NAME,
     device: str | torch.device | None = None,
@@ -308,9 +318,7 @@ def load_model(
     _no_runtime_installs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            source, hf_model=hf, tokenizer=copy.deepcopy(tokenizer), device=dev, dtype=dt
-        )
+        bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=_for_bridge(tokenizer), device=dev, dtype=dt)
     bridge.eval()
     if processor is not None:
         bridge.processor = processor  # TL loads its own with the default (machine-dependent) backend
