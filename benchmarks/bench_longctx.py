@@ -16,11 +16,16 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
   extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
               and keys (captured first), keys as values; the floor of ours_b is bare + this
 
-Each (method, length) runs in its own process, so a peak RSS is that method's own (``peak``;
-``run`` is the peak minus the resident memory once the model is loaded, which leaves out the
-fixed cost of importing TransformerLens and booting its bridge, ~0.2 GB); rounds
-alternate the methods (the machine is shared and drifts), and ratios to ``bare`` are taken
-within a round, then reported as min-max over rounds. Model loading is excluded from times.
+Peak memory: each (method, length) runs in its own process (``--rounds``), so a peak RSS is
+that method's own (``peak``; ``run`` is the peak minus the resident memory once the model is
+loaded, which leaves out the fixed cost of importing TransformerLens and booting its bridge);
+ratios to ``bare`` are taken within a round, then reported as min-max over rounds.
+
+Time: a shared machine drifts by 20-50% between processes minutes apart, as much as the
+overheads measured. So times come from one more process per length that loads both models and
+alternates the methods (``--cycles``, the order rotated each cycle), every ratio taken against
+the bare forward of the same cycle; reported as median and min-max over cycles. The
+per-process times are printed too. Model loading is excluded from times.
 Writes ``results.json`` and ``scaling.html`` (plotly: time and memory ratios against T) into
 ``--out``. GPU timings are not measured here: the CUDA kernels are the same code path, tested
 only by simulation.
@@ -96,22 +101,22 @@ def _extra_pass(wb, ids):
     return run
 
 
-def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = True) -> dict:
+def _runner(method: str, model: str, ids: list[int], loaded: dict):
+    """A function running ``method`` once on ``ids`` (models loaded once into ``loaded``)."""
     import torch
-
-    torch.set_grad_enabled(False)
     from transformers import AutoModelForCausalLM
 
     from workbench.models import load_model, resolve_source
 
-    folder, _ = resolve_source(model)
-    ids = _ids(folder, tokens)
-    if method == "bare":  # only the plain HF model in this process, so its peak is its own
-        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
-        x = torch.tensor([ids])
-        run = lambda: hf(x, use_cache=False, logits_to_keep=1)  # noqa: E731
-    else:
-        wb = load_model(model, device="cpu", dtype="float32")
+    if method == "bare":  # the plain HF model, never the one the bridge wraps
+        if "hf" not in loaded:
+            loaded["hf"] = AutoModelForCausalLM.from_pretrained(resolve_source(model)[0], attn_implementation="sdpa",
+                                                                dtype=torch.float32).eval()
+        hf, x = loaded["hf"], torch.tensor([ids])
+        return lambda: hf(x, use_cache=False, logits_to_keep=1)
+    if "wb" not in loaded:
+        loaded["wb"] = load_model(model, device="cpu", dtype="float32")
+    wb = loaded["wb"]
     if method == "tl_cache":
         x = torch.tensor([ids])
 
@@ -122,23 +127,81 @@ def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = Tru
                 a = cache[f"blocks.{layer}.attn.hook_pattern"].float()
                 out.append((torch.special.entr(a).sum(-1)[..., 1:].mean((0, 2)), a[..., 0].mean((0, 2))))
             return out
-    elif method in PROBES:
+
+        return run
+    if method in PROBES:
         from probes import get_probe
         from workbench.prompts import TokenizedPrompt
         from workbench.runner import run_probes
 
         prompts = [TokenizedPrompt("0", ids)]
-        run = lambda: run_probes(wb, prompts, [get_probe(p) for p in PROBES[method]], batch_size=1, progress=False)  # noqa: E731
-    elif method == "extra_pass":
-        run = _extra_pass(wb, ids)
-    elif method != "bare":
-        raise SystemExit(f"unknown method {method}")
+        return lambda: run_probes(wb, prompts, [get_probe(p) for p in PROBES[method]], batch_size=1, progress=False)
+    if method == "extra_pass":
+        return _extra_pass(wb, ids)
+    raise SystemExit(f"unknown method {method}")
+
+
+def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = True) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    from workbench.models import resolve_source
+
+    ids = _ids(resolve_source(model)[0], tokens)
+    run = _runner(method, model, ids, {})  # only this method's model in the process: its peak is its own
     loaded_gb = _rss_gb()
     from timing import median_time_and_peak
 
     seconds, peak_gb = median_time_and_peak(run, repeats, warmup)
     return {"method": method, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb,
             "run_gb": peak_gb - loaded_gb, "repeats": repeats, "warmup": warmup}
+
+
+def child_interleaved(methods: list[str], model: str, tokens: int, cycles: int, warmup: bool = True) -> dict:
+    """Times of every method in one process, alternating: cycle c runs each method once (the
+    order rotated every cycle), so a drift of the shared machine hits all methods of a cycle
+    alike and the ratio to ``bare`` of the same cycle cancels it. Times only: peak memory
+    needs a process per method (:func:`child`)."""
+    import time
+
+    import torch
+
+    torch.set_grad_enabled(False)
+    from workbench.models import resolve_source
+
+    ids = _ids(resolve_source(model)[0], tokens)
+    loaded: dict = {}
+    runs = {m: _runner(m, model, ids, loaded) for m in methods}
+    if warmup:
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for c in range(cycles):
+        for m in methods[c % len(methods):] + methods[: c % len(methods)]:
+            t0 = time.perf_counter()
+            runs[m]()
+            times[m].append(time.perf_counter() - t0)
+    return {"tokens": tokens, "cycles": cycles, "warmup": warmup, "times": times}
+
+
+def summarize_interleaved(results: list[dict]) -> list[dict]:
+    """Per (tokens, method): the ratio to ``bare`` of the same cycle, median and min-max; and
+    ours_b against its floor (bare + extra pass of the same cycle)."""
+    import statistics
+
+    out = []
+    for r in results:
+        t = r["times"]
+        base = t["bare"]
+        for m, ts in t.items():
+            ratios = [a / b for a, b in zip(ts, base)]
+            out.append({"tokens": r["tokens"], "method": m, "n": len(ratios), "median_seconds": statistics.median(ts),
+                        "time_ratio": [min(ratios), max(ratios)], "median_ratio": statistics.median(ratios)})
+        if "ours_b" in t and "extra_pass" in t:
+            fr = [b_ / (a + e) for b_, a, e in zip(t["ours_b"], base, t["extra_pass"])]
+            out.append({"tokens": r["tokens"], "method": "ours_b / (bare + extra_pass)", "n": len(fr),
+                        "time_ratio": [min(fr), max(fr)], "median_ratio": statistics.median(fr)})
+    return out
 
 
 def _rss_gb() -> float:
@@ -180,22 +243,22 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
-def figure(summary: list[dict], title: str, path: Path) -> None:
+def figure(summary: list[dict], title: str, path: Path, interleaved: list[dict] | None = None) -> None:
+    """Time (from the interleaved timing when there is one) and peak memory ratios against T."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("time / bare forward", "peak memory / bare forward"))
     for method in [m for m in METHODS if m != "bare"] + ["ours_b / (bare + extra_pass)"]:
-        rows = [s for s in summary if s["method"] == method]
-        if not rows:
-            continue
-        x = [s["tokens"] for s in rows]
         for col, key in ((1, "time_ratio"), (2, "mem_ratio")):
-            if key not in rows[0] or (key == "mem_ratio" and method == "extra_pass"):
+            source = interleaved if col == 1 and interleaved and any(s["method"] == method for s in interleaved) else summary
+            rows = [s for s in source if s["method"] == method and key in s]
+            if not rows or (key == "mem_ratio" and method == "extra_pass"):
                 continue
+            x = [s["tokens"] for s in rows]
             lo = [s[key][0] for s in rows]
             hi = [s[key][1] for s in rows]
-            mid = [(a + b) / 2 for a, b in zip(lo, hi)]
+            mid = [s.get("median_ratio", (a + b) / 2) for s, a, b in zip(rows, lo, hi)]
             fig.add_trace(go.Scatter(x=x, y=mid, mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
                                      error_y=dict(type="data", symmetric=False, array=[h - m for h, m in zip(hi, mid)],
                                                   arrayminus=[m - lo_ for m, lo_ in zip(mid, lo)])), row=1, col=col)
@@ -210,18 +273,25 @@ def figure(summary: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-interleaved", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of one process per method (peak memory, and times)")
+    ap.add_argument("--cycles", type=int, default=3,
+                    help="cycles of the one-process interleaved timing per length (every method but tl_cache); 0: none")
     ap.add_argument("--tl-max-gb", type=float, default=10.0)
     ap.add_argument("--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/longctx-MODEL)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.model, args.tokens, args.repeats, args.tokens <= args.warmup_max)))
+        return
+    if args.child_interleaved:
+        print(json.dumps(child_interleaved(args.child_interleaved.split(","), args.model, args.tokens, args.cycles,
+                                           args.tokens <= args.warmup_max)))
         return
     methods = args.methods.split(",")
     methods = ["bare"] + [m for m in methods if m != "bare"]
@@ -230,6 +300,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     n_layers, n_heads = model_shape(args.model)
     runs: list[dict] = []
+    interleaved: list[dict] = []
     notes: list[str] = []
     print(f"model {args.model}: {n_layers} layers x {n_heads} heads; rounds {args.rounds}; cpu threads {os.cpu_count()}")
     for tokens in lengths:
@@ -255,14 +326,34 @@ def main() -> None:
                 runs.append(r)
                 print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
                       f"  (run {r['run_gb']:5.2f} GB)", flush=True)
+        timed = [m for m in methods if m != "tl_cache"]
+        if args.cycles and len(timed) > 1:
+            proc = subprocess.run([sys.executable, __file__, "--child-interleaved", ",".join(timed), "--model", args.model,
+                                   "--tokens", str(tokens), "--cycles", str(args.cycles), "--warmup-max", str(args.warmup_max)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"T={tokens:<6} interleaved failed: {why}", flush=True)
+                notes.append(f"interleaved timing at T={tokens} failed: {why}")
+            else:
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                interleaved.append(r)
+                print(f"T={tokens:<6} interleaved " + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()), flush=True)
         summary = summarize(runs)
-        (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "notes": notes}, indent=1))
-        figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html")
+        inter = summarize_interleaved(interleaved)
+        (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "interleaved": interleaved,
+                                                      "interleaved_summary": inter, "notes": notes}, indent=1))
+        figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html", inter)
     print(f"\n{'T':>6} {'method':>28} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
     for s in summarize(runs):
         mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
         run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
         print(f"{s['tokens']:>6} {s['method']:>28} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
+    if interleaved:
+        print(f"\ntime in one process, methods alternating ({args.cycles} cycles; ratio to bare of the same cycle)")
+        print(f"{'T':>6} {'method':>28} {'median':>8} {'min-max':>14}")
+        for s in summarize_interleaved(interleaved):
+            print(f"{s['tokens']:>6} {s['method']:>28} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x")
     print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
 
 
