@@ -21,11 +21,12 @@ causal mask).
 Two more views of the same scores serve statistics that name their keys
 (:mod:`workbench.statistics`), masked by the same rules (:func:`_visible`): each query against
 a few keys it names (:func:`key_products`, O(T x n x d)), and blocks of queries against a window
-of keys each (:func:`band_products`, O(T x window x d)), optionally in a per-row order of the
-positions (e.g. sorted by token, so that earlier occurrences of a token form a window). Their
-masks (:func:`named_key_mask`, :func:`band_mask`) depend on the call's mask only, so the layers
-of one forward share them; callers zero masked weights after ``exp`` (:func:`biased` applies
-the soft-cap and a float mask's values).
+of keys each (the banded products of :meth:`workbench.statistics.LayerStatistics.mass_in`,
+O(T x window x d)), optionally in a per-row order of the positions (e.g. sorted by token, so
+that earlier occurrences of a token form a window). Their masks (:func:`named_key_mask`,
+:func:`band_mask`) depend on the call's mask only, so the layers of one forward share them;
+callers zero masked weights after ``exp`` or add the mask as a bias before it (:func:`biased`
+applies the soft-cap and a float mask's values).
 :func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
 from a boolean mask itself).
 """
@@ -273,52 +274,17 @@ def named_key_mask(
     return allowed.movedim(-1, 1), None if additive is None else additive.movedim(-1, 1)
 
 
-def band_products(
-    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: Int[Tensor, "batch pos"] | None = None, queries: Tensor | None = None, keys: Tensor | None = None,
-) -> Float[Tensor, "batch kv block row group key"]:
-    """Float32 scores ``scale * q . k`` of blocks of ``rows`` queries, block ``i`` holding
-    queries ``q_starts[i] + [0, rows)`` (``q_starts`` increasing) and scored against keys
-    ``k_starts[i] + [0, width)`` only, before any soft-cap or mask (:func:`band_mask`). A window
-    of keys that moves with the query (a recent window, a block of sink keys) costs O(queries x
-    width x d), in one batched product per KV head. Heads come as (KV head, group): head
-    ``kv * group + g``.
-
-    With ``order`` (per batch row, a permutation of the positions; queries and keys must be the
-    same positions) block indices count along that order instead: position ``i`` is column
-    ``order[b, i]``. Out-of-range keys read a clamped key (masked by :func:`band_mask`); rows past
-    the last query mean nothing. ``queries`` / ``keys``: :func:`grouped_queries` /
-    :func:`ordered_keys` in that order, when the caller already has them.
-    """
-    b, h, n_q, d = call.query.shape
-    n_kv, n_k = call.key.shape[1], call.key.shape[2]
-    g, n_b = h // n_kv, q_starts.shape[0]
-    dev = call.key.device
-    qg = queries if queries is not None else grouped_queries(call, order)  # [b, kv, pos, g, d]
-    kf = keys if keys is not None else ordered_keys(call, order)  # [b, kv, pos, d]
-    q0, q_last = int(q_starts[0]), int(q_starts[-1])
-    if q_last + rows <= n_q and q_last - q0 == rows * (n_b - 1):  # (starts increase, so they are consecutive)
-        qb = qg[:, :, q0 : q0 + n_b * rows].reshape(b, n_kv, n_b, rows * g, d)  # consecutive blocks: a view
-    else:
-        qi = q_starts.view(-1, 1) + torch.arange(rows, device=dev)  # [block, row]
-        qb = qg.index_select(2, qi.clamp(0, n_q - 1).flatten()).view(b, n_kv, n_b, rows * g, d)
-    ki = k_starts.view(-1, 1) + torch.arange(width, device=dev)  # [block, key]
-    kb = kf.index_select(2, ki.clamp(0, n_k - 1).flatten()).view(b, n_kv, n_b, width, d)
-    s = torch.empty((b, n_kv, n_b, rows * g, width), dtype=qb.dtype, device=dev)
-    for i in range(b):  # one product per (row, KV head): the blocks of a view stay a view (a
-        for j in range(n_kv):  # 5-d matmul would copy them to fold its batch dimensions)
-            torch.matmul(qb[i, j], kb[i, j].transpose(-1, -2), out=s[i, j])
-    return s.view(b, n_kv, n_b, rows, g, width)
-
-
 def band_mask(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
     order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
 ) -> tuple[Bool[Tensor, "batch kv_or_1 block row group_or_1 key"], Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None]:
-    """Whether each score of :func:`band_products` may be attended, by :func:`attention_scores`'
-    rules and ``keep`` (keys past the end may not), laid out as the scores; and a float mask's
-    additive values (None for boolean or no masks). It depends on the call's mask and shapes
-    only, so the layers of one forward can share it."""
+    """Whether query ``q_starts[i] + r`` (block i, row r) may attend to key ``k_starts[i] + j``
+    by :func:`attention_scores`' rules and ``keep`` (keys past the end may not), laid out as a
+    banded product's scores (KV head, block, row, group, key); and a float mask's
+    additive values (None for boolean or no masks). With ``order`` (per batch row, a permutation
+    of the positions) query and key indices count along that order: position ``i`` is column
+    ``order[b, i]``. It depends on the call's mask and shapes only, so the layers of one forward
+    can share it."""
     b, h, n_q, _ = call.query.shape
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
     n_b = q_starts.shape[0]

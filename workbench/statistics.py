@@ -7,10 +7,10 @@ When the fused kernel computed a layer's output (:mod:`workbench.kernels`), it a
 - any weight is one dot product: ``A[q, k] = exp(s_qk - lse_q)``, with ``s_qk`` formed exactly as
   the model did (:mod:`workbench.masking`: scaling, grouped KV heads, the mask). A probe that
   names a few keys per query (the first token, the previous token, the earlier copy) costs
-  O(T n d) (:func:`~workbench.masking.key_logits`), not O(T^2 d);
+  O(T n d) (:func:`~workbench.masking.key_products`), not O(T^2 d);
 - the mass on a key range per query (a block of sink keys, a recent window, or the earlier
   occurrences of the query's token once positions are sorted by token) is a banded product:
-  blocks of queries against the keys their ranges span (:func:`~workbench.masking.band_logits`),
+  blocks of queries against the keys their ranges span (:meth:`LayerStatistics.mass_in`),
   blocks grouped by span so a few wide blocks do not widen the rest;
 - the row entropy is ``H_q = lse_q - sum_k A_qk s_qk = lse_q - scale * q . E_A[k]``, with
   ``E_A[k]`` from one more kernel call with the keys as values (boolean or no mask: a float
