@@ -183,27 +183,22 @@ def biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
     return s
 
 
-def grouped_queries(call: AttentionCall, order: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch kv query group d"]:
+def grouped_queries(call: AttentionCall, out: Tensor | None = None) -> Float[Tensor, "batch kv query group d"]:
     """The call's queries, float32, multiplied by the scaling and grouped by the KV head they
-    read, contiguous (one copy); with ``order``, positions permuted per row (query ``i`` of row
-    b is column ``order[b, i]``)."""
+    read: one copy, into ``out`` when given (any float32 ``[batch, kv, query, group, d]`` view),
+    else a new contiguous tensor."""
     q = call.query
     b, h, n_q, d = q.shape
     n_kv = call.key.shape[1]
-    g = h // n_kv
-    x = q.reshape(b, n_kv, g, n_q, d).transpose(2, 3)
-    if order is not None:
-        x = x[torch.arange(b, device=q.device).view(b, 1), :, order].permute(0, 2, 1, 3, 4)
-    out = torch.empty((b, n_kv, n_q, g, d), dtype=torch.float32, device=q.device)
+    x = q.reshape(b, n_kv, h // n_kv, n_q, d).transpose(2, 3)
+    if out is None:
+        out = torch.empty((b, n_kv, n_q, h // n_kv, d), dtype=torch.float32, device=q.device)
     return torch.mul(x, call.scaling, out=out)
 
 
-def ordered_keys(call: AttentionCall, order: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch kv key d"]:
-    """The call's keys in float32, contiguous; with ``order``, positions permuted per row."""
-    k = call.key
-    if order is not None:
-        k = k[torch.arange(k.shape[0], device=k.device).view(-1, 1), :, order].transpose(1, 2)
-    return k.float().contiguous()
+def float_keys(call: AttentionCall) -> Float[Tensor, "batch kv key d"]:
+    """The call's keys in float32, contiguous."""
+    return call.key.float().contiguous()
 
 
 def _grouped(x: Tensor, n_kv: int) -> Tensor:
@@ -240,7 +235,7 @@ def key_products(
 
     ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
     token, a block of sink keys): then the scores are one product per row. ``queries`` /
-    ``keys``: :func:`grouped_queries` / :func:`ordered_keys` of the call, when the caller has them.
+    ``keys``: :func:`grouped_queries` / :func:`float_keys` of the call, when the caller has them.
     """
     b, h = call.query.shape[:2]
     n_kv, n_k, d = call.key.shape[1], call.key.shape[2], call.key.shape[3]
@@ -248,7 +243,7 @@ def key_products(
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     n_q = q1 - q0
     qg = (queries if queries is not None else grouped_queries(call))[:, :, q0:q1]  # [b, kv, block, g, d]
-    kf = keys if keys is not None else ordered_keys(call)
+    kf = keys if keys is not None else float_keys(call)
     idx = key_index.clamp(0, n_k - 1)
     if key_index.shape[1] == 1:  # the same keys for every query of the row: one product
         ks = take_positions(kf, idx[:, 0])  # [b, kv, n, d]

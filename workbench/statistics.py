@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import NEG, biased, band_mask, grouped_queries, key_products, named_key_mask, ordered_keys, take_positions
+from workbench.masking import NEG, biased, band_mask, grouped_queries, key_products, named_key_mask, take_positions
 from workbench.patterns import BatchInfo
 
 BLOCK = 32  # query rows per block of a banded product (a window of W keys spans W + 31)
@@ -150,6 +150,12 @@ class _BandPlan:
     calls: list[_BandCall] = field(default_factory=list)
 
 
+def _blocks_of(n_q: int) -> int:
+    """Query rows of a layer's banded products: whole blocks of :data:`BLOCK` (one block of
+    ``n_q`` rows when there are no more)."""
+    return -(-n_q // BLOCK) * BLOCK if n_q > BLOCK else n_q
+
+
 MERGE_SCORES = 1 << 14  # scores per KV head that one more product costs in fixed overhead (~50 us here)
 
 
@@ -197,15 +203,16 @@ class LayerStatistics:
         self.query_pos: Int[Tensor, "batch query"] = batch.positions[:, self._qo :]
         self.query_valid = (self.query_pos >= 0) & (n_visible > 0)
 
-    @cached_property
-    def _queries(self) -> Tensor:
-        """Scaled float32 queries grouped by KV head (:func:`~workbench.masking.grouped_queries`),
-        made once per layer for every statistic of every probe."""
-        return grouped_queries(self.call)
+    @property
+    def _queries(self) -> Float[Tensor, "batch kv query group d"]:
+        """Scaled float32 queries grouped by KV head (:func:`~workbench.masking.grouped_queries`):
+        a view into :attr:`_augmented`, made once per layer for every statistic of every probe."""
+        return self._augmented[0][:, :, : self.shape[2], :, :-1]
 
-    @cached_property
-    def _keys(self) -> Tensor:
-        return ordered_keys(self.call)
+    @property
+    def _keys(self) -> Float[Tensor, "batch kv key d"]:
+        """Float32 keys: a view into :attr:`_augmented`."""
+        return self._augmented[1][..., :-1]
 
     @property
     def queries(self) -> slice:
@@ -300,8 +307,18 @@ class LayerStatistics:
     def _augmented(self) -> tuple[Float[Tensor, "batch kv pos group d1"], Float[Tensor, "batch kv pos d1"]]:
         """Queries (scaled, grouped by KV head) with ``-lse`` appended, keys with 1 appended,
         float32, the queries padded with zero rows to whole blocks: ``(q, -lse_q) . (k, 1) =
-        s_qk - lse_q``, so a product yields log-weights."""
-        return self._augment(self._queries, self._keys)
+        s_qk - lse_q``, so a product yields log-weights. One copy of each per layer; the plain
+        queries and keys the named-key products read are views into them."""
+        q, k = self.call.query, self.call.key
+        b, h, n_q, d = q.shape
+        n_kv = k.shape[1]
+        qa = torch.empty((b, n_kv, _blocks_of(n_q), h // n_kv, d + 1), dtype=torch.float32, device=q.device)
+        grouped_queries(self.call, out=qa[:, :, :n_q, :, :d])
+        qa[:, :, :n_q, :, d] = self.lse.view(b, n_kv, h // n_kv, n_q).transpose(2, 3).neg()
+        qa[:, :, n_q:].zero_()
+        ka = torch.ones(k.shape[:-1] + (k.shape[-1] + 1,), dtype=torch.float32, device=k.device)
+        ka[..., :-1] = k
+        return qa, ka
 
     def _augmented_in(self, order: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
         """:attr:`_augmented` with positions permuted per row by ``order`` (made once per layer
@@ -311,24 +328,12 @@ class LayerStatistics:
             if o is order:
                 return value
         queries, keys = self._augmented
-        n_q, n_k = self.shape[2], self.n_keys
-        value = (take_positions(queries[:, :, :n_q], order), take_positions(keys[:, :, :n_k], order))
-        value = self._pad(*value)
+        n_q = self.shape[2]
+        queries = take_positions(queries[:, :, :n_q], order)
+        pad = _blocks_of(n_q) - n_q
+        value = (torch.nn.functional.pad(queries, (0, 0, 0, 0, 0, pad)) if pad else queries, take_positions(keys, order))
         got[id(order)] = (order, value)
         return value
-
-    def _augment(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        b, n_kv, n_q, g, d = queries.shape
-        lse = self.lse.view(b, n_kv, g, n_q).transpose(2, 3)
-        qa = torch.cat([queries, lse.neg().unsqueeze(-1)], dim=-1)
-        ka = torch.cat([keys, keys.new_ones(keys.shape[:-1] + (1,))], dim=-1)
-        return self._pad(qa, ka)
-
-    def _pad(self, qa: Tensor, ka: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries padded with zero rows to whole blocks (keys as they are)."""
-        n_q = qa.shape[2]
-        q_pad = -(-n_q // BLOCK) * BLOCK - n_q if n_q > BLOCK else 0
-        return (torch.nn.functional.pad(qa, (0, 0, 0, 0, 0, q_pad)) if q_pad else qa), ka
 
     def _band_plan(self, lo: Tensor, hi: Tensor, rank: Tensor | None) -> _BandPlan | None:
         """The blocks, their key spans grouped into a few widths (:func:`band_widths`), and each
@@ -344,7 +349,7 @@ class LayerStatistics:
         if not bool(full.any()):
             return None
         rows = min(n_q, BLOCK)
-        n_blocks = -(-n_q // rows)
+        n_blocks = _blocks_of(n_q) // rows
         pad = n_blocks * rows - n_q
         blocked = lambda x, v: torch.nn.functional.pad(x, (0, pad), value=v).view(b, n_blocks, rows)  # noqa: E731
         starts = blocked(torch.where(full, lo, self.n_keys), self.n_keys).amin((0, 2))
@@ -366,8 +371,7 @@ class LayerStatistics:
                 allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, order, keep=inside)
                 bias = torch.where(allowed, 0.0 if additive is None else additive, NEG)  # [b, kv|1, block, row, g|1, key]
                 bias = bias.expand(-1, -1, -1, -1, h // n_kv, -1).reshape(b, bias.shape[1], sel.shape[0], -1, width)
-                steps = sel.diff()
-                consecutive = bool((steps == 1).all())
+                consecutive = bool((sel.diff() == 1).all())
                 regular = consecutive and bool((k0.diff() == rows).all())
                 plan.key_end = max(plan.key_end, int(k0.max()) + width)
                 plan.calls.append(_BandCall(
