@@ -270,6 +270,15 @@ def figure(summary: list[dict], title: str, path: Path, interleaved: list[dict] 
     fig.write_html(path, include_plotlyjs="cdn")
 
 
+def _run_child(argv: list[str]) -> tuple[dict | None, str]:
+    """This script in a fresh process with ``argv``: (the JSON it prints last, "") or (None, why
+    it failed: killed, or its last line of stderr)."""
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -315,28 +324,24 @@ def main() -> None:
                             print(note, flush=True)
                         continue
                 repeats = args.repeats or max(1, 4096 // tokens)
-                proc = subprocess.run([sys.executable, __file__, "--child", method, "--model", args.model, "--tokens", str(tokens),
-                                       "--repeats", str(repeats), "--warmup-max", str(args.warmup_max)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                r, why = _run_child(["--child", method, "--model", args.model, "--tokens", str(tokens),
+                                     "--repeats", str(repeats), "--warmup-max", str(args.warmup_max)])
+                if r is None:
                     print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
                     notes.append(f"{method} at T={tokens} failed: {why}")
                     continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1]) | {"round": rnd}
+                r |= {"round": rnd}
                 runs.append(r)
                 print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
                       f"  (run {r['run_gb']:5.2f} GB)", flush=True)
         timed = [m for m in methods if m != "tl_cache"]
         if args.cycles and len(timed) > 1:
-            proc = subprocess.run([sys.executable, __file__, "--child-interleaved", ",".join(timed), "--model", args.model,
-                                   "--tokens", str(tokens), "--cycles", str(args.cycles), "--warmup-max", str(args.warmup_max)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+            r, why = _run_child(["--child-interleaved", ",".join(timed), "--model", args.model, "--tokens", str(tokens),
+                                 "--cycles", str(args.cycles), "--warmup-max", str(args.warmup_max)])
+            if r is None:
                 print(f"T={tokens:<6} interleaved failed: {why}", flush=True)
                 notes.append(f"interleaved timing at T={tokens} failed: {why}")
             else:
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
                 interleaved.append(r)
                 print(f"T={tokens:<6} interleaved " + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()), flush=True)
         summary = summarize(runs)
