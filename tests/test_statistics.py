@@ -501,9 +501,10 @@ def test_bfloat16_models_keep_float32_statistics(tiny_dirs, monkeypatch):
 
 
 def test_weights_zero_masked_keys_and_keep_tiny_ones():
-    """``weights`` = exp(s - lse) where allowed, exactly 0 elsewhere (also where the score is
-    -inf from a float mask), no NaN, and weights under e^-87 off by less than 2e-38 each."""
-    from workbench.statistics import LOG_MIN, weights
+    """``weights`` of the log-weights s - lse = exp(s - lse) where allowed, exactly 0 elsewhere
+    (given in base 2), exactly 0 elsewhere (also where the score is -inf from a float mask), no
+    NaN, and weights under 2^-126 off by less than 2e-38 each."""
+    from workbench.statistics import LOG2_MIN, LOG2E, weights
 
     torch.manual_seed(0)
     s = torch.randn(2, 3, 5, 7) * 30
@@ -512,11 +513,12 @@ def test_weights_zero_masked_keys_and_keep_tiny_ones():
     allowed = torch.rand(2, 1, 5, 7) > 0.4
     allowed[0, 0, 0, 0] = True  # a -inf score that is allowed: weight 0, not NaN
     want = torch.where(allowed, (s - lse).exp(), 0.0)
-    got = weights(s.clone(), lse, allowed)
+    got = weights((s - lse) * LOG2E, allowed)
     assert not got.isnan().any()
     assert (got[~allowed.expand_as(got)] == 0).all()
-    assert (got - want).abs().max() <= 2e-38
-    assert torch.allclose(got, want, rtol=1e-6, atol=float(torch.tensor(LOG_MIN).exp()))
+    tiny = want < 2.0**LOG2_MIN
+    assert tiny.any() and ((got - want).abs()[tiny] <= 2e-38).all()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)  # base 2: log2 e rounds the log-weights (1 ulp x |s - lse|)
 
 
 def test_statistics_threads_single_for_small_layers_only():
@@ -578,3 +580,67 @@ def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
     run_probes(model, prompts, [get_probe("induction"), get_probe("streaming", sink=2, recent=12)], batch_size=len(prompts), progress=False)
     assert model.n_layers > 1 and made and set(made) == {0}
     assert len(made) == 2  # the window (12 keys: banded, not named) and the echo ranges, at layer 0 only
+
+
+def test_layers_sharing_scratch_buffers_never_read_each_others():
+    """Statistics of two layers on one batch's plans, asked alternately, answer what they answer
+    alone: whichever writes the shared scratch buffers makes the other drop its views of them
+    (the reuse would otherwise hand layer A layer B's queries). And a second layer reuses the
+    first one's buffers instead of allocating its own."""
+    from workbench.statistics import LayerPlans
+
+    def stats_for(call, batch, plans):
+        return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
+
+    call_a, batch = random_call("padding", seed=1)
+    call_b, _ = random_call("padding", seed=2)
+    pos = batch.positions
+    rank, lo, hi = same_token_ranges(batch)
+    keys = torch.stack([pos - 1, pos - 3], dim=-1)
+    asks = [lambda s: s.mass_in(pos - 6, pos + 1), lambda s: s.mass_in(lo, hi, rank), lambda s: s.probs_at(keys),
+            lambda s: s.key_probs(torch.tensor([0, 1]))]
+    alone = {name: [ask(stats_for(c, batch, LayerPlans())) for ask in asks] for name, c in (("a", call_a), ("b", call_b))}
+    assert not torch.allclose(alone["a"][0], alone["b"][0])
+    plans = LayerPlans()
+    a, b = stats_for(call_a, batch, plans), stats_for(call_b, batch, plans)
+    for i, ask in enumerate(asks):
+        assert torch.equal(ask(a), alone["a"][i])
+        assert torch.equal(ask(b), alone["b"][i])
+        assert torch.equal(ask(a), alone["a"][i])
+    held = {name: buf.data_ptr() for name, buf in plans.scratch._buffers.items()}
+    assert {"queries", "keys", "ordered_queries", "ordered_keys"} <= set(held)
+    c = stats_for(call_a, batch, plans)
+    for ask in asks:
+        ask(c)
+    assert {name: buf.data_ptr() for name, buf in plans.scratch._buffers.items()} == held
+
+
+def test_scratch_grows_and_hands_out_views():
+    from workbench.scratch import Scratch
+
+    s = Scratch()
+    x = s.get("x", (2, 3), torch.float32, torch.device("cpu"))
+    assert x.shape == (2, 3) and x.is_contiguous()
+    assert s.get("x", (5,), torch.float32, torch.device("cpu")).data_ptr() == x.data_ptr()  # fits: the same memory
+    y = s.get("x", (4, 4), torch.float32, torch.device("cpu"))  # larger: a new buffer
+    assert y.shape == (4, 4) and s.nbytes == 64
+    assert s.get("x", (2,), torch.float64, torch.device("cpu")).dtype == torch.float64
+    small = Scratch(max_bytes=100)
+    a = small.get("a", (20,), torch.float32, torch.device("cpu"))  # 80 bytes: kept
+    assert small.get("a", (20,), torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()
+    b = small.get("b", (10,), torch.float32, torch.device("cpu"))  # 80 + 40 > 100: a fresh tensor each time
+    assert b.shape == (10,) and small.nbytes == 80
+    assert small.get("b", (10,), torch.float32, torch.device("cpu")).data_ptr() != b.data_ptr()  # b is alive: not its memory
+
+    class User:
+        released = 0
+
+        def release_scratch(self):
+            self.released += 1
+
+    u, v = User(), User()
+    s.claim(u)
+    s.claim(u)
+    assert u.released == 0
+    s.claim(v)
+    assert u.released == 1 and v.released == 0

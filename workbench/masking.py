@@ -183,17 +183,17 @@ def biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
     return s
 
 
-def grouped_queries(call: AttentionCall, out: Tensor | None = None) -> Float[Tensor, "batch kv query group d"]:
-    """The call's queries, float32, multiplied by the scaling and grouped by the KV head they
-    read: one copy, into ``out`` when given (any float32 ``[batch, kv, query, group, d]`` view),
-    else a new contiguous tensor."""
+def grouped_queries(call: AttentionCall, out: Tensor | None = None, factor: float = 1.0) -> Float[Tensor, "batch kv query group d"]:
+    """The call's queries, float32, multiplied by the scaling (and ``factor``) and grouped by
+    the KV head they read: one copy, into ``out`` when given (any float32
+    ``[batch, kv, query, group, d]`` view), else a new contiguous tensor."""
     q = call.query
     b, h, n_q, d = q.shape
     n_kv = call.key.shape[1]
     x = q.reshape(b, n_kv, h // n_kv, n_q, d).transpose(2, 3)
     if out is None:
         out = torch.empty((b, n_kv, n_q, h // n_kv, d), dtype=torch.float32, device=q.device)
-    return torch.mul(x, call.scaling, out=out)
+    return torch.mul(x, call.scaling * factor, out=out)
 
 
 def float_keys(call: AttentionCall) -> Float[Tensor, "batch kv key d"]:
@@ -210,23 +210,25 @@ def _grouped(x: Tensor, n_kv: int) -> Tensor:
     return x.movedim(-2, 1)
 
 
-def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2) -> Tensor:
-    """``x[b, ..., index[b], ...]`` row by row along ``dim`` (index_select per batch row; no
-    copy of the stack for a single row). The dimensions after ``dim`` are taken as one when
-    they allow it: ``index_select`` copies whole contiguous rows several times faster than it
-    walks a multi-dimensional one (measured: 0.13 against 0.49 ms on [3, 1024, 3, 65])."""
+def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2, out: Tensor | None = None) -> Tensor:
+    """``x[b, ..., index[b], ...]`` row by row along ``dim`` (index_select per batch row), into
+    ``out`` when given (contiguous, of the result's shape). The dimensions after ``dim`` are
+    taken as one when they allow it: ``index_select`` copies whole contiguous rows several times
+    faster than it walks a multi-dimensional one (measured: 0.13 against 0.49 ms on [3, 1024, 3, 65])."""
     tail = x.shape[dim + 1 :]
-    rows = x.flatten(dim + 1) if len(tail) > 1 and x[0].is_contiguous() else x
-    if x.shape[0] == 1:
-        out = rows[0].index_select(dim - 1, index[0]).unsqueeze(0)
-    else:
-        out = torch.stack([rows[i].index_select(dim - 1, index[i]) for i in range(x.shape[0])])
-    return out.view(*out.shape[: dim + 1], *tail) if rows is not x else out
+    flat = len(tail) > 1 and x[0].is_contiguous()
+    rows = x.flatten(dim + 1) if flat else x
+    if out is None:
+        out = torch.empty((*x.shape[:dim], index.shape[1], *tail), dtype=x.dtype, device=x.device)
+    dst = out.flatten(dim + 1) if flat else out
+    for i in range(x.shape[0]):
+        torch.index_select(rows[i], dim - 1, index[i], out=dst[i])
+    return out
 
 
 def key_products(
     call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    queries: Tensor | None = None, keys: Tensor | None = None,
+    queries: Tensor | None = None, keys: Tensor | None = None, key_buffer: Tensor | None = None,
 ) -> Float[Tensor, "batch head block n"]:
     """Float32 scores ``scale * q . k`` of the queries ``[q0, q1)`` against the ``n`` keys each
     names (``key_index``, on the call's key axis; out-of-range indices read a clamped key, which
@@ -235,22 +237,30 @@ def key_products(
 
     ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
     token, a block of sink keys): then the scores are one product per row. ``queries`` /
-    ``keys``: :func:`grouped_queries` / :func:`float_keys` of the call, when the caller has them.
+    ``keys``: :func:`grouped_queries` / :func:`float_keys` of the call, when the caller has them;
+    ``key_buffer``: where to gather the named keys (contiguous float32 ``[batch, kv, n, d]``, or
+    ``[batch, kv, block x n, d]`` for keys per query; a reused buffer spares an allocation).
+    Given queries and keys with one more column each (``(q, -lse)`` and ``(k, 1)``, as
+    :class:`~workbench.statistics.LayerStatistics` keeps them), the products are ``s - lse``.
     """
     b, h = call.query.shape[:2]
-    n_kv, n_k, d = call.key.shape[1], call.key.shape[2], call.key.shape[3]
+    n_kv, n_k = call.key.shape[1], call.key.shape[2]
     g, n = h // n_kv, key_index.shape[-1]
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     n_q = q1 - q0
     qg = (queries if queries is not None else grouped_queries(call))[:, :, q0:q1]  # [b, kv, block, g, d]
     kf = keys if keys is not None else float_keys(call)
+    d = kf.shape[-1]
     idx = key_index.clamp(0, n_k - 1)
-    if key_index.shape[1] == 1:  # the same keys for every query of the row: one product
-        ks = take_positions(kf, idx[:, 0])  # [b, kv, n, d]
-        s = torch.matmul(qg.reshape(b, n_kv, n_q * g, d), ks.transpose(-1, -2)).view(b, n_kv, n_q, g, n)
-    else:
-        ks = take_positions(kf, idx.flatten(1)).view(b, n_kv, n_q, n, d)
-        s = torch.matmul(qg, ks.transpose(-1, -2))  # [b, kv, block, g, n]
+    s = torch.empty((b, n_kv, n_q, g, n), dtype=torch.float32, device=kf.device)
+    one = key_index.shape[1] == 1  # the same keys for every query of the row: one product
+    ks = take_positions(kf, idx[:, 0] if one else idx.flatten(1), out=key_buffer)  # [b, kv, n | block x n, d]
+    for i in range(b):  # per row and KV head: [block, g, d] of a row is contiguous even when qg is a slice
+        for j in range(n_kv):
+            if one:
+                torch.mm(qg[i, j].reshape(n_q * g, d), ks[i, j].t(), out=s[i, j].view(n_q * g, n))
+            else:
+                torch.bmm(qg[i, j], ks[i, j].view(n_q, n, d).transpose(1, 2), out=s[i, j])
     return s.transpose(2, 3).reshape(b, h, n_q, n)
 
 
