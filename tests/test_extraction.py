@@ -113,6 +113,44 @@ def test_bridge_is_restored_after_runs_and_failures(tiny_models):
     assert cache["blocks.0.attn.hook_pattern"].shape == (1, 4, 4, 4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_unwrapped_forward_is_the_bridged_one(tiny_models, arch, tmp_path):
+    """The pattern engine runs the plain HF modules (``unwrap``): the same hidden states as
+    through the bridge's wrappers (bit for bit on RMSNorm models; GPT-2's LayerNorm the bridge
+    recomputes in its own order, 2e-7 apart), also after the bridge wired its internal hooks at
+    a first forward; the wrappers are back afterwards; a component somebody hooked stays
+    wrapped and its hook fires."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    from workbench.attention import native_attention
+    from workbench.extraction import base_network
+    from workbench.models import load_model
+    from workbench.tiny import make_tiny_model
+
+    model = tiny_models.get(arch) or load_model(str(make_tiny_model(tmp_path / arch, arch, seed=1)), device="cpu")
+    hf, ids = model.hf_model, torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+
+    def hidden(**kw):
+        with torch.no_grad(), native_attention(hf, **kw):
+            wrappers = sum(isinstance(m, GeneralizedComponent) for m in hf.modules())
+            return base_network(hf)(input_ids=ids, use_cache=False).last_hidden_state, wrappers
+
+    before = [type(m) for m in hf.modules()]
+    want, wrapped = hidden()
+    got, unwrapped = hidden(unwrap=True)
+    same = torch.equal if arch != "gpt2" else lambda a, b: torch.allclose(a, b, atol=1e-6)
+    assert same(got, want)
+    assert wrapped > 0 and unwrapped == 0
+    assert [type(m) for m in hf.modules()] == before
+    seen = []
+    handle = model.bridge.blocks[1].hook_out.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        got, partly = hidden(unwrap=True)
+    finally:
+        handle.remove()
+    assert seen and same(got, want) and 0 < partly < wrapped
+
+
 def test_lower_precision_runs_and_stays_close(tiny_dirs):
     from workbench.models import load_model
 

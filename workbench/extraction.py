@@ -186,7 +186,8 @@ def run_pattern_probes(
     if calls is not None and ctx.interventions:
         raise WorkbenchError("interventions edit a model's forward; replayed attention has none", "run interventions on the live model")
     forward = forward or (replay if calls is not None else model_forward)
-    session = contextlib.nullcontext() if calls is not None else hooked_run(model.hf_model, feeder, *ctx.interventions)
+    # attention observers only: the plain HF modules, without the bridge's wrappers around them
+    session = contextlib.nullcontext() if calls is not None else hooked_run(model.hf_model, feeder, *ctx.interventions, unwrap=True)
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
     bar = None
     if ctx.show_progress():
