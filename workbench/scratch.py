@@ -13,10 +13,11 @@ to obtain. On a GPU the caching allocator does this already; the buffers are har
 
 Buffers are shared, so at most one user holds them at a time: :meth:`Scratch.claim` makes a
 user the holder and tells the previous one to drop what it cached in them. They stay allocated
-while the batch's forward runs its other layers, so they are capped (``max_bytes``, 64 MB by
-default): past it a request gets a fresh tensor as before. Long prompts' buffers are large
-(Gemma-3 at 32k tokens: ~370 MB) and would raise the run's peak, while their page faults cost
-nothing next to such layers (a fault per 4 kB, ~1 us, against seconds of attention).
+while the batch's forward runs its other layers, so they are capped (``max_bytes``, 32 MB by
+default, all of SmolLM2's at 2048 tokens): past it a request gets a fresh tensor as before.
+Long prompts' buffers are large (Gemma-3 at 32k tokens: ~370 MB) and would raise the run's
+peak, while their page faults cost nothing next to such layers (a fault per 4 kB, ~1 us,
+against seconds of attention).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class ScratchUser(Protocol):
 class Scratch:
     """Named reusable buffers (one per name, any shape up to its size)."""
 
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
         self._buffers: dict[str, Tensor] = {}
         self._holder: weakref.ref | None = None
         self.max_bytes = max_bytes
