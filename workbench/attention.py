@@ -20,7 +20,9 @@ attention implementation, ``"workbench"``, which
 
 :func:`native_attention` swaps the bridge's attention components back to the original HF
 modules for the duration of a run; every other bridge hook (residual stream, MLP, ...) still
-fires. Because the hook sits at the attention-function seam, it works for every architecture
+fires, except in the pattern engine's runs, which unwrap every bridge component nobody hooked
+(``unwrap=True``: nothing there reads them, and the wrappers cost ~2% of a short forward).
+Because the hook sits at the attention-function seam, it works for every architecture
 transformers implements with the attention interface (Llama, Qwen, Gemma, Mistral, GPT-2, ...).
 """
 from __future__ import annotations
