@@ -126,3 +126,22 @@ def test_visible_counts_count_in_row_blocks(kind):
     mask = allowed if kind == "bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
     call = AttentionCall(0, None, torch.zeros(2, 2, n, 4), torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), mask, 1.0, False)
     assert torch.equal(visible_counts(call), allowed[:, 0].sum(-1))
+
+
+def test_take_positions_writes_into_any_view():
+    """``take_positions(x, index, out=...)`` equals plain indexing, also into strided views: the
+    first rows of a longer buffer, and columns of a wider one (trailing dimensions that cannot be
+    flattened into one without a copy, which would take the writes)."""
+    from workbench.masking import take_positions
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 4, 5)
+    index = torch.stack([torch.randperm(7), torch.randperm(7)])
+    want = torch.stack([x[i][:, index[i]] for i in range(2)])
+    assert torch.equal(take_positions(x, index), want)
+    longer = torch.full((2, 3, 9, 4, 5), -1.0)
+    take_positions(x, index, out=longer[:, :, :7])
+    assert torch.equal(longer[:, :, :7], want) and (longer[:, :, 7:] == -1).all()
+    wider = torch.full((2, 3, 7, 4, 6), -1.0)
+    take_positions(x, index, out=wider[..., :5])
+    assert torch.equal(wider[..., :5], want) and (wider[..., 5] == -1).all()

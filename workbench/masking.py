@@ -196,11 +196,6 @@ def grouped_queries(call: AttentionCall, out: Tensor | None = None, factor: floa
     return torch.mul(x, call.scaling * factor, out=out)
 
 
-def float_keys(call: AttentionCall) -> Float[Tensor, "batch kv key d"]:
-    """The call's keys in float32, contiguous."""
-    return call.key.float().contiguous()
-
-
 def _grouped(x: Tensor, n_kv: int) -> Tensor:
     """``[batch, ..., mask_head]`` (mask heads last, 1 or all heads) as
     ``[batch, kv | 1, ..., group | 1]``, matching scores laid out by KV head and group."""
@@ -212,11 +207,12 @@ def _grouped(x: Tensor, n_kv: int) -> Tensor:
 
 def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2, out: Tensor | None = None) -> Tensor:
     """``x[b, ..., index[b], ...]`` row by row along ``dim`` (index_select per batch row), into
-    ``out`` when given (contiguous, of the result's shape). The dimensions after ``dim`` are
-    taken as one when they allow it: ``index_select`` copies whole contiguous rows several times
-    faster than it walks a multi-dimensional one (measured: 0.13 against 0.49 ms on [3, 1024, 3, 65])."""
+    ``out`` when given (any view of the result's shape, e.g. the first rows of a longer buffer).
+    The dimensions after ``dim`` are taken as one when source and destination allow it:
+    ``index_select`` copies whole contiguous rows several times faster than it walks a
+    multi-dimensional one (measured: 0.13 against 0.49 ms on [3, 1024, 3, 65])."""
     tail = x.shape[dim + 1 :]
-    flat = len(tail) > 1 and x[0].is_contiguous()
+    flat = len(tail) > 1 and x[0].is_contiguous() and (out is None or out.is_contiguous())
     rows = x.flatten(dim + 1) if flat else x
     if out is None:
         out = torch.empty((*x.shape[:dim], index.shape[1], *tail), dtype=x.dtype, device=x.device)
@@ -228,28 +224,27 @@ def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2, out: 
 
 def key_products(
     call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    queries: Tensor | None = None, keys: Tensor | None = None, key_buffer: Tensor | None = None,
+    *, queries: Float[Tensor, "batch kv pos group d"], keys: Float[Tensor, "batch kv key d"], key_buffer: Tensor | None = None,
 ) -> Float[Tensor, "batch head block n"]:
-    """Float32 scores ``scale * q . k`` of the queries ``[q0, q1)`` against the ``n`` keys each
-    names (``key_index``, on the call's key axis; out-of-range indices read a clamped key, which
-    :func:`named_key_mask` masks), before any soft-cap or mask. O(queries x n x d): no other key
-    is touched.
+    """Float32 products ``q . k`` of the queries ``[q0, q1)`` against the ``n`` keys each names
+    (``key_index``, on the call's key axis; out-of-range indices read a clamped key, which
+    :func:`named_key_mask` masks). O(queries x n x d): no other key is touched.
 
-    ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query (the first
-    token, a block of sink keys): then the scores are one product per row. ``queries`` /
-    ``keys``: :func:`grouped_queries` / :func:`float_keys` of the call, when the caller has them;
-    ``key_buffer``: where to gather the named keys (contiguous float32 ``[batch, kv, n, d]``, or
+    ``queries``: float32, grouped by KV head (:func:`grouped_queries`: scaled, so the products
+    are the scores before any soft-cap or mask); ``keys``: float32. Given both with one more
+    column each (``log2 e (q, -lse)`` and ``(k, 1)``, as
+    :class:`~workbench.statistics.LayerStatistics` keeps them), the products are base-2
+    log-weights. ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query
+    (the first token, a block of sink keys): then the products are one per row. ``key_buffer``:
+    where to gather the named keys (contiguous float32 ``[batch, kv, n, d]``, or
     ``[batch, kv, block x n, d]`` for keys per query; a reused buffer spares an allocation).
-    Given queries and keys with one more column each (``(q, -lse)`` and ``(k, 1)``, as
-    :class:`~workbench.statistics.LayerStatistics` keeps them), the products are ``s - lse``.
     """
     b, h = call.query.shape[:2]
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
     g, n = h // n_kv, key_index.shape[-1]
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     n_q = q1 - q0
-    qg = (queries if queries is not None else grouped_queries(call))[:, :, q0:q1]  # [b, kv, block, g, d]
-    kf = keys if keys is not None else float_keys(call)
+    qg, kf = queries[:, :, q0:q1], keys  # [b, kv, block, g, d], [b, kv, key, d]
     d = kf.shape[-1]
     idx = key_index.clamp(0, n_k - 1)
     s = torch.empty((b, n_kv, n_q, g, n), dtype=torch.float32, device=kf.device)
