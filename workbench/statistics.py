@@ -344,10 +344,9 @@ class LayerStatistics:
         """:attr:`_augmented` with positions permuted per row by ``order``, the queries still
         padded to whole blocks and the keys with zero rows up to ``key_end`` (made once per layer
         and order, in one scratch buffer each: there is one order per layer in practice)."""
-        got = self.__dict__.setdefault("_ordered", {})
-        for o, value in got.values():
-            if o is order:
-                return value
+        cached = self.__dict__.get("_ordered")
+        if cached is not None and cached[0] is order:
+            return cached[1]
         queries, keys = self._augmented
         n_q, n_k = self.shape[2], keys.shape[2]
         # padded rows of the queries, and a zero row past the keys (only when widths reach past them)
@@ -356,9 +355,8 @@ class LayerStatistics:
         ordered_k = self._buffer("ordered_keys", keys.shape[:2] + (max(n_k, key_end), keys.shape[3]))
         take_positions(keys, order, out=ordered_k[:, :, :n_k])
         ordered_k[:, :, n_k:] = 0.0
-        value = (ordered_q, ordered_k)
-        self.__dict__["_ordered"] = {id(order): (order, value)}
-        return value
+        self.__dict__["_ordered"] = (order, (ordered_q, ordered_k))
+        return ordered_q, ordered_k
 
     def _band_plan(self, lo: Tensor, hi: Tensor, rank: Tensor | None) -> _BandPlan | None:
         """The blocks, their key spans grouped into a few widths (:func:`band_widths`), and each
