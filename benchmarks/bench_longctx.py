@@ -11,6 +11,9 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
               layer's eager attention: 4 bytes x (layers + 4) x heads x T^2) would pass
               ``--tl-max-gb`` (default 10) or what the machine has available: it is never
               run into an out-of-memory kill
+  ours_fwd    the forward ``run_probes`` runs, no probe reading anything: the kernel asked for
+              its lse, run per query block under long boolean masks (Gemma 3's sliding
+              windows), which bare SDPA computes over every key; the floor of ours_a
   ours_a      ``run_probes`` of sink, induction, streaming (statistics from the kernel's lse)
   ours_b      ours_a + entropy (one more attention pass with the keys as values)
   extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
@@ -45,7 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-METHODS = ["bare", "tl_cache", "ours_a", "ours_b", "extra_pass"]
+METHODS = ["bare", "tl_cache", "ours_fwd", "ours_a", "ours_b", "extra_pass"]
+RATIOS = ["ours_b / (bare + extra_pass)", "ours_a / ours_fwd", "ours_b / (ours_fwd + extra_pass)"]  # floors, same cycle
 PROBES = {"ours_a": ["sink", "induction", "streaming"], "ours_b": ["sink", "induction", "streaming", "entropy"]}
 
 
@@ -77,26 +81,50 @@ def _ids(folder: str, tokens: int) -> list[int]:
 
 def _extra_pass(wb, ids):
     """A function timing one fused attention pass per layer on the layer's own queries and keys,
-    keys as values (what entropy adds), with the queries and keys captured beforehand."""
+    keys as values (what entropy adds), with the layers' calls captured beforehand. It runs as
+    ours_b runs that pass (:func:`workbench.kernels.attend`: the float mask built inside, query
+    blocks under a long boolean mask)."""
     import torch
 
     from workbench.attention import hooked_run
     from workbench.extraction import base_network
-    from workbench.kernels import attention_with_lse
-    from workbench.masking import additive_mask
+    from workbench.kernels import attend
 
     calls = []
 
     class Capture:
         def on_attention(self, call):
-            calls.append((call.query, call.key, additive_mask(call, torch.float32), call.is_causal, call.scaling))
+            calls.append(call)
 
     with hooked_run(wb.hf_model, Capture()):
         base_network(wb.hf_model)(input_ids=torch.tensor([ids]), use_cache=False)
 
     def run():
-        for q, k, bias, causal, scale in calls:
-            attention_with_lse(q.float(), k.float(), k.float(), bias, causal, scale)
+        for call in calls:
+            q, k = call.query.float(), call.key.float()
+            attend(call, q, k, k)
+
+    return run
+
+
+def _our_forward(wb, ids):
+    """The forward ``run_probes`` runs (plain HF modules, the fused kernel asked for its lse, in
+    query blocks under long boolean masks), with no probe reading anything: what ours_a and
+    ours_b would cost if their statistics were free."""
+    import torch
+
+    from workbench.attention import hooked_run
+    from workbench.extraction import base_network
+
+    x = torch.tensor([ids])
+
+    class AsksForLse:
+        def wants_statistics(self, call):
+            return frozenset({"lse"})
+
+    def run():
+        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True):
+            base_network(wb.hf_model)(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
     return run
 
@@ -138,6 +166,8 @@ def _runner(method: str, model: str, ids: list[int], loaded: dict):
         return lambda: run_probes(wb, prompts, [get_probe(p) for p in PROBES[method]], batch_size=1, progress=False)
     if method == "extra_pass":
         return _extra_pass(wb, ids)
+    if method == "ours_fwd":
+        return _our_forward(wb, ids)
     raise SystemExit(f"unknown method {method}")
 
 
@@ -201,6 +231,13 @@ def summarize_interleaved(results: list[dict]) -> list[dict]:
             fr = [b_ / (a + e) for b_, a, e in zip(t["ours_b"], base, t["extra_pass"])]
             out.append({"tokens": r["tokens"], "method": "ours_b / (bare + extra_pass)", "n": len(fr),
                         "time_ratio": [min(fr), max(fr)], "median_ratio": statistics.median(fr)})
+        if "ours_fwd" in t:  # the statistics' own cost, on our forward of the same cycle
+            for m, floor in (("ours_a", t["ours_fwd"]), ("ours_b", [f + e for f, e in zip(t["ours_fwd"], t.get("extra_pass", []))])):
+                if m in t and len(floor) == len(t[m]):
+                    fr = [a / f for a, f in zip(t[m], floor)]
+                    name = "ours_a / ours_fwd" if m == "ours_a" else "ours_b / (ours_fwd + extra_pass)"
+                    out.append({"tokens": r["tokens"], "method": name, "n": len(fr),
+                                "time_ratio": [min(fr), max(fr)], "median_ratio": statistics.median(fr)})
     return out
 
 
@@ -249,7 +286,7 @@ def figure(summary: list[dict], title: str, path: Path, interleaved: list[dict] 
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("time / bare forward", "peak memory / bare forward"))
-    for method in [m for m in METHODS if m != "bare"] + ["ours_b / (bare + extra_pass)"]:
+    for method in [m for m in METHODS if m != "bare"] + RATIOS:
         for col, key in ((1, "time_ratio"), (2, "mem_ratio")):
             source = interleaved if col == 1 and interleaved and any(s["method"] == method for s in interleaved) else summary
             rows = [s for s in source if s["method"] == method and key in s]
@@ -349,16 +386,16 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "interleaved": interleaved,
                                                       "interleaved_summary": inter, "notes": notes}, indent=1))
         figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html", inter)
-    print(f"\n{'T':>6} {'method':>28} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
+    print(f"\n{'T':>6} {'method':>34} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
     for s in summarize(runs):
         mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
         run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
-        print(f"{s['tokens']:>6} {s['method']:>28} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
+        print(f"{s['tokens']:>6} {s['method']:>34} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
     if interleaved:
         print(f"\ntime in one process, methods alternating ({args.cycles} cycles; ratio to bare of the same cycle)")
-        print(f"{'T':>6} {'method':>28} {'median':>8} {'min-max':>14}")
+        print(f"{'T':>6} {'method':>34} {'median':>8} {'min-max':>14}")
         for s in summarize_interleaved(interleaved):
-            print(f"{s['tokens']:>6} {s['method']:>28} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x")
+            print(f"{s['tokens']:>6} {s['method']:>34} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x")
     print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
 
 

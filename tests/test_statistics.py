@@ -644,3 +644,97 @@ def test_scratch_grows_and_hands_out_views():
     assert u.released == 0
     s.claim(v)
     assert u.released == 1 and v.released == 0
+
+
+@pytest.mark.parametrize("mask_kind", ["padding", "window", "left_padded_window"])
+def test_query_blocks_give_the_whole_calls_answer(monkeypatch, mask_kind):
+    """Under a long boolean mask the kernel runs per block of queries on the keys the block may
+    see: same output, lse and E_A[k] as one call over every key (to float32 summation order),
+    also for rows that see no key (left padding) and for grouped KV heads; spans are found once
+    per mask object, and a mask edited in place gets new ones."""
+    b, h, kv, n, d = 2, 4, 2, 200, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g)
+    i = torch.arange(n)
+    causal = i[:, None] >= i[None, :]
+    real = torch.ones(b, n, dtype=torch.bool)
+    if mask_kind == "left_padded_window":
+        real[1, :37] = False
+    else:
+        real[1, n - 51:] = False
+    window = (i[:, None] - i[None, :] < 24) if "window" in mask_kind else torch.ones(n, n, dtype=torch.bool)
+    mask = (causal & window)[None, None] & real[:, None, None, :]
+    if mask_kind == "left_padded_window":
+        mask = mask & real[:, None, :, None]  # padded queries see nothing
+    call = AttentionCall(0, None, q, k, v, mask, 0.35, False)
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 16)
+    spans = []
+    monkeypatch.setattr(kernels, "_spans", lambda m, blk, orig=kernels._spans: spans.append(blk) or orig(m, blk))
+    blocks = kernels.query_blocks(mask)
+    assert blocks is not None and len(blocks) == 13 and blocks[0][:2] == (0, 16) and blocks[-1][:2] == (192, 200)
+    assert all(k1 - k0 <= 16 + (23 if "window" in mask_kind else 200) for _, _, k0, k1 in blocks)
+    assert sum(k0 > 0 for _, _, k0, _ in blocks) >= (10 if "window" in mask_kind else 0)
+    z, lse, km = attention_with_statistics(call, key_mean=True)
+    assert kernels.query_blocks(mask) is blocks and spans == [16]  # the layers of a forward share them
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 1000)  # one call over every key
+    assert kernels.query_blocks(mask) is None
+    z1, lse1, km1 = attention_with_statistics(call, key_mean=True)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse1))
+    ok = torch.isfinite(lse1)
+    assert torch.allclose(lse[ok], lse1[ok], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(z, z1, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.allclose(km, km1, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if mask_kind == "left_padded_window":
+        assert (z[1, :37] == 0).all() and (z1[1, :37] == 0).all()  # rows that see nothing: the kernel's zeros
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 16)
+    mask[:, :, :, 0] = False  # in place: the cached spans are no longer this mask's
+    assert kernels.query_blocks(mask) is not blocks and spans == [16, 1000, 16]
+
+
+def test_query_blocks_only_where_they_skip_enough(monkeypatch):
+    """No blocks for float masks, none without a mask, none for short calls, and none when the
+    spans would cover most scores (a plain full mask)."""
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 16)
+    n = 64
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    assert kernels.query_blocks(causal) is not None
+    assert kernels.query_blocks(torch.ones(1, 1, n, n, dtype=torch.bool)) is None
+    assert kernels.query_blocks(torch.zeros(1, 1, n, n)) is None
+    assert kernels.query_blocks(None) is None
+    assert kernels.query_blocks(causal[..., :31, :31]) is None
+    blocks = kernels.query_blocks(causal)
+    assert [b_[:2] for b_ in blocks] == [(0, 16), (16, 32), (32, 48), (48, 64)] and [b_[3] for b_ in blocks] == [16, 32, 48, 64]
+
+
+def test_blocked_kernel_keeps_a_models_numbers(tmp_path, monkeypatch):
+    """Gemma 3 text with a 6-key window, query blocks of 8: the statistics path (kernel run per
+    block) still agrees with the chunked reference on padded batches, and the model's logits
+    with statistics on are the plain forward's."""
+    from transformers import Gemma3TextConfig
+
+    from workbench.attention import hooked_run
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=6,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16,
+                           bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = _save(tmp_path, cfg)
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 8)
+    used = []
+    monkeypatch.setattr(kernels, "query_blocks", lambda m, orig=kernels.query_blocks: (lambda r: used.append(r is not None) or r)(orig(m)))
+    compare_paths(model, prompts_for(model, lengths=(60, 33, 47, 8, 1)))
+    assert any(used)
+    ids = torch.randint(4, 500, (2, 50))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    plain = model.hf_model(input_ids=ids, attention_mask=mask).logits
+
+    class Wants:
+        def wants_statistics(self, call):
+            return frozenset({"lse", "key_mean"})
+
+    used.clear()
+    with hooked_run(model.hf_model, Wants()):
+        got = model.hf_model(input_ids=ids, attention_mask=mask).logits
+    assert any(used)
+    assert torch.allclose(got[mask.bool()], plain[mask.bool()], atol=1e-5)

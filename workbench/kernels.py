@@ -21,7 +21,21 @@ cuda       ``aten._scaled_dot_product_efficient_attention``                other
 
 On CPU the layer's output is bit-for-bit what ``torch.nn.functional.scaled_dot_product_attention``
 returns (SDPA dispatches to the same kernel and builds the same additive mask from a boolean
-one; ``tests/test_statistics.py`` checks it). The CUDA branch is the same code with the CUDA
+one; ``tests/test_statistics.py`` checks it), except for long boolean masks that leave most
+keys out (below).
+
+**Query blocks under long boolean masks.** A kernel given a mask computes every query against
+every key: SDPA turns a boolean mask into a float one of ``[query, key]`` (1 GB at 16k tokens) and
+the kernel skips nothing, so a sliding-window layer (Gemma 3: a 512-key window in five layers of
+six) costs as much as a global one, and a padded batch loses the causal half. When the mask is
+boolean and at least ``BLOCK_QUERIES`` x 2 queries long, :func:`query_blocks` finds, for each
+block of ``BLOCK_QUERIES`` queries, the span of keys any of its rows may see; if those spans hold
+at most ``BLOCKED_MAX_SHARE`` of the ``query x key`` scores, the kernel runs once per block on its
+span, with that block's slice of the mask. Every row still sees exactly its own keys (those
+outside a span are masked for the whole block), so the output and lse are the same up to the
+order of the kernel's float32 sums (its key tiles start at the span, not at key 0): 1e-6 relative
+in the tests, which also hold the block sizes down to a few queries. The spans depend on the
+mask only and are kept per mask object, so the layers of a forward that share a mask share them. The CUDA branch is the same code with the CUDA
 kernels; it is tested here only by simulation (which kernel, shapes, dtypes): GPU timings are
 not measured on this project's machines.
 
@@ -31,16 +45,20 @@ in half precision would cost the entropy two or three significant digits.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, Callable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from workbench.attention import AttentionCall
 from workbench.masking import additive_mask
 
 _FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_QUERIES = 256  # queries per kernel call under a long boolean mask (tests shrink it)
+BLOCKED_MAX_SHARE = 0.7  # run in blocks only when their spans hold at most this share of the scores
 _BIAS_ALIGN = 16  # the memory-efficient kernel wants the bias's row stride a multiple of 16
 
 
@@ -133,20 +151,102 @@ def attention_with_lse(
     return out, lse[..., :n_q].float()
 
 
+Block = tuple[int, int, int, int]  # queries [q0, q1) see keys within [k0, k1)
+
+
+def _spans(mask: Bool[Tensor, "batch mask_head query key"], block: int) -> list[Block] | None:
+    n_q, n_k = mask.shape[-2:]
+    if n_q < 2 * block or n_k == 0:
+        return None
+    starts = range(0, n_q, block)
+    seen = torch.empty(len(starts), n_k, dtype=torch.bool, device=mask.device)
+    for i, q0 in enumerate(starts):  # keys any row of the block (in any batch row, mask head) sees
+        torch.any(mask[..., q0:q0 + block, :].flatten(0, -3), dim=(0, 1), out=seen[i])
+    ar = torch.arange(n_k, device=mask.device)
+    first = torch.where(seen, ar, n_k).amin(-1)
+    last = torch.where(seen, ar, -1).amax(-1)
+    blocks, work = [], 0
+    for q0, k0, k1 in zip(starts, first.tolist(), (last + 1).tolist()):
+        q1 = min(q0 + block, n_q)
+        if k1 <= k0:  # no row of the block sees a key: any one masked key gives the kernel's answer
+            k0, k1 = 0, 1
+        blocks.append((q0, q1, k0, k1))
+        work += (q1 - q0) * (k1 - k0)
+    return blocks if work <= BLOCKED_MAX_SHARE * n_q * n_k else None
+
+
+class _PerMask:
+    """A few masks' query blocks, found again by the mask object itself (weakly held, with its
+    in-place version): the layers of one forward hand the kernel the same mask tensor."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size, self.entries, self.lock = size, [], threading.Lock()
+
+    def get(self, mask: Tensor, block: int, make: Callable[[], list[Block] | None]) -> list[Block] | None:
+        with self.lock:
+            for ref, version, blk, blocks in self.entries:
+                if ref() is mask and version == mask._version and blk == block:
+                    return blocks
+        blocks = make()
+        with self.lock:
+            self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1):]
+            self.entries.append((weakref.ref(mask), mask._version, block, blocks))
+        return blocks
+
+
+_BLOCKS = _PerMask()
+
+
+def query_blocks(mask: Tensor | None) -> list[Block] | None:
+    """Query blocks and their key spans for a boolean mask when running the kernel per block
+    computes at most ``BLOCKED_MAX_SHARE`` of the scores the whole call would; None otherwise
+    (no mask, a float mask, fewer than ``2 x BLOCK_QUERIES`` queries, or too little to skip)."""
+    if mask is None or mask.dtype != torch.bool:
+        return None
+    block = BLOCK_QUERIES
+    return _BLOCKS.get(mask, block, lambda: _spans(mask, block))
+
+
+def attend(
+    call: AttentionCall,
+    query: Float[Tensor, "batch head query d"],
+    key: Float[Tensor, "batch kv_head key d"],
+    value: Float[Tensor, "batch kv_head key d_v"],
+) -> tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]:
+    """Attention of ``query`` over ``key`` / ``value`` under the call's mask, and the float32 row
+    lse: one kernel call, or one per query block under a long boolean mask (:func:`query_blocks`).
+    The output is a ``[batch, query, head, d_v]`` tensor seen as ``[batch, head, query, d_v]``."""
+    blocks = query_blocks(call.mask)
+    if blocks is None:
+        bias = additive_mask(call, query.dtype)
+        out, lse = attention_with_lse(query, key, value, bias, call.is_causal, call.scaling)
+        return out, lse
+    b, h, n_q, _ = query.shape
+    out = query.new_empty(b, n_q, h, value.shape[-1])
+    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=query.device)
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    masked = torch.full((), float("-inf"), dtype=query.dtype, device=query.device)
+    for q0, q1, k0, k1 in blocks:
+        bias = torch.where(call.mask[..., q0:q1, k0:k1], zero, masked)
+        o, s = attention_with_lse(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], bias, False, call.scaling)
+        out[:, q0:q1] = o.transpose(1, 2)
+        lse[:, :, q0:q1] = s
+    return out.transpose(1, 2), lse
+
+
 def attention_with_statistics(
     call: AttentionCall, key_mean: bool = False
 ) -> tuple[Tensor, Float[Tensor, "batch head query"], Float[Tensor, "batch head query d"] | None]:
     """The layer's output as the model uses it (``[batch, query, head, d_v]``, like transformers'
     SDPA integration), its row log-sum-exp (float32) and, when asked, ``E_A[k]`` per row (float32,
     from a second call with the keys as values)."""
-    q, k, v = call.query, call.key, call.value
-    bias = additive_mask(call, q.dtype)
-    out, lse = attention_with_lse(q, k, v, bias, call.is_causal, call.scaling)
+    q, k = call.query, call.key
+    out, lse = attend(call, q, k, call.value)
     mean = None
     if key_mean:
         if q.dtype not in (torch.float32, torch.float64):
-            q, k, bias = q.float(), k.float(), additive_mask(call, torch.float32)
-        mean, lse = attention_with_lse(q, k, k, bias, call.is_causal, call.scaling)
+            q, k = q.float(), k.float()
+        mean, lse = attend(call, q, k, k)
         mean = mean.float()
     return out.transpose(1, 2).contiguous(), lse, mean
 
