@@ -702,6 +702,7 @@ def test_query_blocks_only_where_they_skip_enough(monkeypatch):
     assert kernels.query_blocks(torch.zeros(1, 1, n, n)) is None
     assert kernels.query_blocks(None) is None
     assert kernels.query_blocks(causal[..., :31, :31]) is None
+    assert kernels.query_blocks(causal[0, 0]) is None  # a 2-d mask broadcast by SDPA: left to one call
     blocks = kernels.query_blocks(causal)
     assert [b_[:2] for b_ in blocks] == [(0, 16), (16, 32), (32, 48), (48, 64)] and [b_[3] for b_ in blocks] == [16, 32, 48, 64]
 

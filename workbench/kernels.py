@@ -200,8 +200,9 @@ _BLOCKS = _PerMask()
 def query_blocks(mask: Tensor | None) -> list[Block] | None:
     """Query blocks and their key spans for a boolean mask when running the kernel per block
     computes at most ``BLOCKED_MAX_SHARE`` of the scores the whole call would; None otherwise
-    (no mask, a float mask, fewer than ``2 x BLOCK_QUERIES`` queries, or too little to skip)."""
-    if mask is None or mask.dtype != torch.bool:
+    (no mask, a float mask, one not ``[batch, 1|head, query, key]``, fewer than
+    ``2 x BLOCK_QUERIES`` queries, or too little to skip)."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4:
         return None
     block = BLOCK_QUERIES
     return _BLOCKS.get(mask, block, lambda: _spans(mask, block))
