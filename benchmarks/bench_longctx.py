@@ -102,7 +102,7 @@ def _extra_pass(wb, ids):
     def run():
         for call in calls:
             q, k = call.query.float(), call.key.float()
-            attend(call, q, k, k)
+            attend(call, (q, k, k))
 
     return run
 

@@ -739,3 +739,25 @@ def test_blocked_kernel_keeps_a_models_numbers(tmp_path, monkeypatch):
         got = model.hf_model(input_ids=ids, attention_mask=mask).logits
     assert any(used)
     assert torch.allclose(got[mask.bool()], plain[mask.bool()], atol=1e-5)
+
+
+def test_query_blocks_with_a_bfloat16_model(monkeypatch):
+    """bf16 queries under a long window mask: per block, the output pass gets a bf16 bias and
+    the keys-as-values pass a float32 one; both agree with the one-call kernel."""
+    n = 96
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, n, 8, generator=g).bfloat16() for i in range(3))
+    i = torch.arange(n)
+    mask = ((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 10))[None, None]
+    call = AttentionCall(0, None, q, k, v, mask, 0.35, False)
+    biases = []
+    orig = kernels.attention_with_lse
+    monkeypatch.setattr(kernels, "attention_with_lse", lambda *a: biases.append(a[3].dtype) or orig(*a))
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 16)
+    z, lse, km = attention_with_statistics(call, key_mean=True)
+    assert biases == [torch.bfloat16, torch.float32] * 6
+    monkeypatch.setattr(kernels, "BLOCK_QUERIES", 1000)
+    z1, lse1, km1 = attention_with_statistics(call, key_mean=True)
+    assert z.dtype == torch.bfloat16 and lse.dtype == km.dtype == torch.float32
+    assert torch.allclose(lse, lse1, atol=1e-5) and torch.allclose(km, km1, atol=1e-5)
+    assert torch.allclose(z.float(), z1.float(), atol=2e-2)

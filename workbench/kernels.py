@@ -54,7 +54,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import additive_mask
+from workbench.masking import additive_mask, boolean_bias
 
 _FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_QUERIES = 256  # queries per kernel call under a long boolean mask (tests shrink it)
@@ -208,31 +208,43 @@ def query_blocks(mask: Tensor | None) -> list[Block] | None:
     return _BLOCKS.get(mask, block, lambda: _spans(mask, block))
 
 
-def attend(
-    call: AttentionCall,
-    query: Float[Tensor, "batch head query d"],
-    key: Float[Tensor, "batch kv_head key d"],
-    value: Float[Tensor, "batch kv_head key d_v"],
-) -> tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]:
-    """Attention of ``query`` over ``key`` / ``value`` under the call's mask, and the float32 row
-    lse: one kernel call, or one per query block under a long boolean mask (:func:`query_blocks`).
-    The output is a ``[batch, query, head, d_v]`` tensor seen as ``[batch, head, query, d_v]``."""
+Pass = tuple[Tensor, Tensor, Tensor]  # (query, key, value) of one attention pass over the call's mask
+
+
+def attend(call: AttentionCall, *passes: Pass) -> list[tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]]:
+    """Attention of each pass's query over its key / value under the call's mask, and the float32
+    row lse: one kernel call per pass, or one per pass and query block under a long boolean mask
+    (:func:`query_blocks`). The mask's additive bias is built once and shared by consecutive
+    passes of one dtype (a bias in another dtype replaces it, so at most one is kept). Blocked
+    outputs are ``[batch, query, head, d_v]`` tensors seen as ``[batch, head, query, d_v]``."""
     blocks = query_blocks(call.mask)
     if blocks is None:
-        bias = additive_mask(call, query.dtype)
-        out, lse = attention_with_lse(query, key, value, bias, call.is_causal, call.scaling)
-        return out, lse
-    b, h, n_q, _ = query.shape
-    out = query.new_empty(b, n_q, h, value.shape[-1])
-    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=query.device)
-    zero = torch.zeros((), dtype=query.dtype, device=query.device)
-    masked = torch.full((), float("-inf"), dtype=query.dtype, device=query.device)
+        bias = _Bias(lambda dtype: additive_mask(call, dtype))
+        return [attention_with_lse(q, k, v, bias(q.dtype), call.is_causal, call.scaling) for q, k, v in passes]
+    outs = []
+    for q, _, v in passes:
+        b, h, n_q, _ = q.shape
+        outs.append((q.new_empty(b, n_q, h, v.shape[-1]), torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)))
     for q0, q1, k0, k1 in blocks:
-        bias = torch.where(call.mask[..., q0:q1, k0:k1], zero, masked)
-        o, s = attention_with_lse(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], bias, False, call.scaling)
-        out[:, q0:q1] = o.transpose(1, 2)
-        lse[:, :, q0:q1] = s
-    return out.transpose(1, 2), lse
+        bias = _Bias(lambda dtype: boolean_bias(call.mask[..., q0:q1, k0:k1], dtype))  # noqa: B023  (used in this iteration only)
+        for (q, k, v), (out, lse) in zip(passes, outs):
+            o, s = attention_with_lse(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias(q.dtype), False, call.scaling)
+            out[:, q0:q1] = o.transpose(1, 2)
+            lse[:, :, q0:q1] = s
+    return [(out.transpose(1, 2), lse) for out, lse in outs]
+
+
+class _Bias:
+    """The last additive bias built, in its dtype: rebuilt only when a pass asks for another dtype."""
+
+    def __init__(self, make: Callable[[torch.dtype], Tensor | None]) -> None:
+        self.make, self.dtype, self.bias = make, None, None
+
+    def __call__(self, dtype: torch.dtype) -> Tensor | None:
+        if dtype != self.dtype:
+            self.bias, self.dtype = None, dtype  # the previous one is freed before the next is built
+            self.bias = self.make(dtype)
+        return self.bias
 
 
 def attention_with_statistics(
@@ -242,12 +254,16 @@ def attention_with_statistics(
     SDPA integration), its row log-sum-exp (float32) and, when asked, ``E_A[k]`` per row (float32,
     from a second call with the keys as values)."""
     q, k = call.query, call.key
-    out, lse = attend(call, q, k, call.value)
-    mean = None
+    passes = [(q, k, call.value)]
     if key_mean:
         if q.dtype not in (torch.float32, torch.float64):
             q, k = q.float(), k.float()
-        mean, lse = attend(call, q, k, k)
+        passes.append((q, k, k))
+    results = attend(call, *passes)
+    out, lse = results[0]
+    mean = None
+    if key_mean:
+        mean, lse = results[1]
         mean = mean.float()
     return out.transpose(1, 2).contiguous(), lse, mean
 

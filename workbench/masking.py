@@ -312,10 +312,13 @@ def additive_mask(call: AttentionCall, dtype: torch.dtype) -> Float[Tensor, "bat
     m = call.mask
     if m is None:
         return None
-    if m.dtype == torch.bool:
-        zero = torch.zeros((), dtype=dtype, device=m.device)
-        return torch.where(m, zero, torch.full((), float("-inf"), dtype=dtype, device=m.device))
-    return m.to(dtype)
+    return boolean_bias(m, dtype) if m.dtype == torch.bool else m.to(dtype)
+
+
+def boolean_bias(allowed: Bool[Tensor, "*shape"], dtype: torch.dtype) -> Float[Tensor, "*shape"]:
+    """A boolean mask (or a slice of one) as an additive bias in ``dtype``: 0 where True, -inf elsewhere."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
 
 
 def attention_probs(call: AttentionCall, n_last: int | None = None) -> Float[Tensor, "batch head query key"]:
