@@ -317,3 +317,20 @@ def test_smollm2_pattern_probes_from_a_store_equal_the_live_run(smollm2, tmp_pat
     for dtype, tol, skip in (("float32", 1e-4, ()), ("float16", F16_TOL, F16_SKIP)):
         cache_activations(smollm2, prompts, tmp_path / dtype, hooks=["q", "k"], dtype=dtype, batch_size=2, log=lambda *_: None)
         assert_same_rows(live, run_probes_from_store(tmp_path / dtype, pattern_probes(), batch_size=3).table, tol, skip)
+
+
+def test_resume_removes_the_temp_file_of_a_shard_killed_mid_write(tiny_dirs, tmp_path):
+    """A kill between a shard's temp file and its rename leaves `.shard-N...tmp`; resuming
+    rewrites that shard and leaves only what an uninterrupted store has."""
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert main(_cache_argv(tiny_dirs["llama"], clean, n_prompts=8)) == 0
+    assert main(_cache_argv(tiny_dirs["llama"], crashed, n_prompts=8)) == 0
+    manifest = json.loads((crashed / "manifest.json").read_text())
+    name = sorted(manifest["shards"])[-1]
+    (crashed / "shards" / name).unlink()
+    (crashed / "shards" / f".{name}.k1ll3d.tmp").write_bytes(b"half a shard")
+    del manifest["shards"][name]
+    manifest["complete"] = False
+    (crashed / "manifest.json").write_text(json.dumps(manifest))
+    assert main(_cache_argv(tiny_dirs["llama"], crashed, n_prompts=8)) == 0
+    assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(p.name for p in (clean / "shards").iterdir())

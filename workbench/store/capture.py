@@ -306,6 +306,10 @@ def cache_activations(
             f"the store needs about {layout.human_bytes(need)} more and {out} has {layout.human_bytes(free)} free",
             "free some space, choose another --out, or store less: fewer --hooks / --layers, --dtype float16, fewer prompts")
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for s in todo:  # a process killed inside _write_shard leaves its temp file: the shard is rewritten whole
+        for stale in shard_dir.glob(f".{s['name']}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     if not (out / layout.INDEX).is_file():
         layout.write_json(out / layout.INDEX, index)
     manifest["complete"] = not todo
