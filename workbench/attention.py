@@ -171,7 +171,7 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
-def _configs(model: torch.nn.Module) -> list[Any]:
+def _configs(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[Any]:
     """The configs whose attention implementation decides the *language model's* layers.
 
     A VLM's vision tower keeps its own implementation: its layers are not the decoder's heads
@@ -182,8 +182,8 @@ def _configs(model: torch.nn.Module) -> list[Any]:
     top = getattr(model, "config", None)
     vision = {id(getattr(top, "vision_config", None))} if top is not None else set()
     seen: dict[int, Any] = {}
-    for mod in model.modules():
-        cfg = getattr(mod, "config", None)
+    for mod in modules:
+        cfg = vars(mod).get("config")  # not getattr: a module's missing attribute costs a raised AttributeError
         if isinstance(cfg, PretrainedConfig) and id(cfg) not in vision:
             if getattr(cfg, "vision_config", None) is not None:
                 vision.add(id(cfg.vision_config))
@@ -196,27 +196,34 @@ def _configs(model: torch.nn.Module) -> list[Any]:
     return [cfg for key, cfg in seen.items() if key not in vision]
 
 
-def _hooked(component: torch.nn.Module, internal: set[int]) -> bool:
+def _hooked(component: torch.nn.Module, hooked: set[int]) -> bool:
     """Whether a hook is registered on what unwrapping ``component`` takes out of the forward:
     the wrapper itself and its hook points (not the HF module it wraps, which runs either way,
-    nor wrappers nested in it, decided on their own), other than the bridge's own plumbing
-    (``internal``, :func:`_plumbing`)."""
+    nor wrappers nested in it, decided on their own), given the ids of the modules that carry
+    somebody's hook (``hooked``, :func:`_hooked_modules`)."""
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-    own, stack = [component], [component]
+    if not hooked:
+        return False
+    stack = [component]
     while stack:
-        for name, child in stack.pop().named_children():
+        m = stack.pop()
+        if id(m) in hooked:
+            return True
+        for name, child in m.named_children():
             if name != "_original_component" and not isinstance(child, GeneralizedComponent):
-                own.append(child)
                 stack.append(child)
-    return any(set(d) - internal for m in own
-               for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))
+    return False
 
 
-def _plumbing(model: torch.nn.Module) -> set[int]:
-    """Ids of the hooks TransformerLens' blocks register on their own submodules at their first
-    forward (``_capture_hook_handles``): wiring between wrappers, not somebody's hook."""
-    return {h.id for m in model.modules() for h in getattr(m, "_capture_hook_handles", ())}
+def _hooked_modules(modules: list[torch.nn.Module]) -> set[int]:
+    """Ids of the modules carrying a hook other than the bridge's plumbing: the hooks
+    TransformerLens' blocks register on their own submodules at their first forward
+    (``_capture_hook_handles``), wiring between wrappers, not somebody's hook. One pass over the
+    modules, so a run without hooks (the pattern engine's) checks no component further."""
+    internal = {h.id for m in modules for h in vars(m).get("_capture_hook_handles", ())}
+    return {id(m) for m in modules
+            if any(set(d) - internal for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))}
 
 
 @contextlib.contextmanager
@@ -238,17 +245,18 @@ def native_attention(hf_model: torch.nn.Module, unwrap: bool = False) -> Iterato
 
     register()
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-    configs = _configs(hf_model)
+    modules = list(hf_model.modules())  # one walk of the module tree serves every step below
+    configs = _configs(hf_model, modules)
     # set on each config itself: the property setter would recurse into a VLM's vision config
     previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    internal = _plumbing(hf_model) if unwrap else set()
+    hooked = _hooked_modules(modules) if unwrap else set()
     try:
-        for parent in list(hf_model.modules()):
+        for parent in modules:
             for cname, child in list(parent.named_children()):
-                original = getattr(child, "original_component", None)
+                original = child.original_component if isinstance(child, GeneralizedComponent) else None
                 if original is None:
                     continue
-                if isinstance(child, AttentionBridge) or (unwrap and isinstance(child, GeneralizedComponent) and not _hooked(child, internal)):
+                if isinstance(child, AttentionBridge) or (unwrap and isinstance(child, GeneralizedComponent) and not _hooked(child, hooked)):
                     swaps.append((parent, cname, child))
                     setattr(parent, cname, original)
         for cfg in configs:
