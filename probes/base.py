@@ -113,8 +113,8 @@ class PatternProbe(Probe):
     ``needs`` says what the probe reads; the engine computes the cheapest sufficient thing once
     per layer for all probes of the run and hands it to :meth:`on_pattern_chunk`:
 
-    - ``"key_weights"``: weights on keys it names, ``key_probs`` / ``probs_at`` / ``mass_in`` /
-      ``mass_on_pairs`` (the first token, the previous token, a window, earlier same tokens);
+    - ``"key_weights"``: weights on keys it names, ``key_probs`` / ``probs_at`` / ``mass_in``
+      (the first token, the previous token, a window, earlier same tokens);
     - ``"row_entropy"``: each row's entropy (and ``n_visible``);
     - ``"rows"`` (the default): anything, whole rows included (``probs``, ``mass_on``).
 

@@ -16,7 +16,7 @@ import torch
 
 from probes import get_probe
 from tests.test_metrics import TOL, lookup
-from workbench import kernels
+from workbench import kernels, statistics
 from workbench.attention import AttentionCall
 from workbench.extraction import ChunkFeeder
 from workbench.kernels import attention_with_statistics, choose_kernel
@@ -240,6 +240,34 @@ def test_views_answer_the_same(mask_kind):
         p = attention_probs(call).double()
         ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
         assert close(stats.row_entropy.double(), ent)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "window", "additive"])
+@pytest.mark.parametrize("merge", [0, 1 << 14])
+def test_banded_products_over_many_blocks(monkeypatch, mask_kind, merge):
+    """Key ranges over blocks of 4 queries (several widths unless merged): windows that start
+    late or widen midway (the blocks' keys a whole block apart only where that covers every
+    range) and same-token ranges (queries without an earlier copy and keys no range covers are
+    left out of the blocks) against the chunked rows."""
+    monkeypatch.setattr(statistics, "BLOCK", 4)
+    monkeypatch.setattr(statistics, "MERGE_SCORES", merge)
+    for seed in range(3):
+        call, batch = random_call(mask_kind, n=29, seed=seed)
+        stats = LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=1 << 14)
+        valid = stats.query_valid.unsqueeze(1)
+        pos = batch.positions
+        late = pos >= 11  # ranges of more than 8 keys: banded products, not named keys
+        ranges = [
+            (torch.where(late, pos - 9, 0), torch.where(late, pos + 1, 0)),  # a window from query 11 on
+            (torch.where(pos < 13, pos - 9, pos - 14), pos + 1),  # a window that widens
+            (torch.where(pos % 9 == 4, pos - 20, pos - 9), pos + 1),  # one query in nine reaches further back
+        ]
+        for lo, hi in ranges:
+            want = chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries]))  # noqa: B023
+            assert torch.allclose(stats.mass_in(lo, hi) * valid, want * valid, atol=1e-5)
+        rank, lo, hi = same_token_ranges(batch)
+        want = chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries], rank))
+        assert torch.allclose(stats.mass_in(lo, hi, rank) * valid, want * valid, atol=1e-5)
 
 
 def test_same_token_ranges_name_earlier_occurrences():
@@ -608,7 +636,7 @@ def test_layers_sharing_scratch_buffers_never_read_each_others():
         assert torch.equal(ask(b), alone["b"][i])
         assert torch.equal(ask(a), alone["a"][i])
     held = {name: buf.data_ptr() for name, buf in plans.scratch._buffers.items()}
-    assert {"queries", "keys", "ordered_queries", "ordered_keys"} <= set(held)
+    assert {"queries", "keys", "band_queries", "band_keys"} <= set(held)
     c = stats_for(call_a, batch, plans)
     for ask in asks:
         ask(c)

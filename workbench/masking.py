@@ -237,24 +237,36 @@ def key_products(
     log-weights. ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query
     (the first token, a block of sink keys): then the products are one per row. ``key_buffer``:
     where to gather the named keys (contiguous float32 ``[batch, kv, n, d]``, or
-    ``[batch, kv, block x n, d]`` for keys per query; a reused buffer spares an allocation).
+    ``[batch, kv, block x n, d]`` for keys per query, block = every row of ``queries`` when
+    the call's queries are all asked for; a reused buffer spares an allocation).
     """
     b, h = call.query.shape[:2]
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
     g, n = h // n_kv, key_index.shape[-1]
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     n_q = q1 - q0
-    qg, kf = queries[:, :, q0:q1], keys  # [b, kv, block, g, d], [b, kv, key, d]
+    one = key_index.shape[1] == 1  # the same keys for every query of the row: one product
+    # all the call's queries, per-query keys: products over every row of ``queries`` (zero rows
+    # past the last query included, their keys clamped), so (batch, kv, query) is one batch axis
+    whole = not one and q0 == 0 and q1 == call.query.shape[2] and queries.shape[2] >= n_q
+    rows = queries.shape[2] if whole else n_q
+    qg, kf = queries[:, :, q0 : q0 + rows], keys  # [b, kv, rows, g, d], [b, kv, key, d]
     d = kf.shape[-1]
     idx = key_index.clamp(0, n_k - 1)
-    s = torch.empty((b, n_kv, n_q, g, n), dtype=torch.float32, device=kf.device)
-    one = key_index.shape[1] == 1  # the same keys for every query of the row: one product
-    ks = take_positions(kf, idx[:, 0] if one else idx.flatten(1), out=key_buffer)  # [b, kv, n | block x n, d]
-    for i in range(b):  # per row and KV head: [block, g, d] of a row is contiguous even when qg is a slice
-        for j in range(n_kv):
-            if one:
-                torch.mm(qg[i, j].reshape(n_q * g, d), ks[i, j].t(), out=s[i, j].view(n_q * g, n))
-            else:
+    if rows > n_q:
+        idx = torch.nn.functional.pad(idx, (0, 0, 0, rows - n_q))
+    ks = take_positions(kf, idx[:, 0] if one else idx.flatten(1), out=key_buffer)  # [b, kv, n | rows x n, d]
+    if one:  # [b x kv] products of [n, d] and [d, block x g] (twice as fast as queries x keys for a few keys)
+        st = torch.bmm(ks.flatten(0, 1), qg.flatten(2, 3).flatten(0, 1).transpose(1, 2)).view(b, n_kv, n, n_q, g)
+        return st.permute(0, 1, 4, 3, 2).reshape(b, h, n_q, n)
+    if whole and n == 1:  # one key per query: a dot product per (query, head)
+        s = torch.linalg.vecdot(qg, ks.view(b, n_kv, rows, 1, d)).unsqueeze(-1)[:, :, :n_q]
+    elif whole:  # [b x kv x rows] products of [g, d] and [d, n]
+        s = torch.bmm(qg.flatten(0, 2), ks.view(b * n_kv * rows, n, d).transpose(1, 2)).view(b, n_kv, rows, g, n)[:, :, :n_q]
+    else:
+        s = torch.empty((b, n_kv, n_q, g, n), dtype=torch.float32, device=kf.device)
+        for i in range(b):  # per row and KV head: [block, g, d] of a row is contiguous even when qg is a slice
+            for j in range(n_kv):
                 torch.bmm(qg[i, j], ks[i, j].view(n_q, n, d).transpose(1, 2), out=s[i, j])
     return s.transpose(2, 3).reshape(b, h, n_q, n)
 
@@ -277,14 +289,16 @@ def named_key_mask(
 def band_mask(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
     order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
+    key_order: Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[Bool[Tensor, "batch kv_or_1 block row group_or_1 key"], Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None]:
     """Whether query ``q_starts[i] + r`` (block i, row r) may attend to key ``k_starts[i] + j``
     by :func:`attention_scores`' rules and ``keep`` (keys past the end may not), laid out as a
     banded product's scores (KV head, block, row, group, key); and a float mask's
     additive values (None for boolean or no masks). With ``order`` (per batch row, a permutation
     of the positions) query and key indices count along that order: position ``i`` is column
-    ``order[b, i]``. It depends on the call's mask and shapes only, so the layers of one forward
-    can share it."""
+    ``order[b, i]``; ``key_order``, when given, is the keys' own order (``order`` then counts
+    the queries only; rows past its end name no query). It depends on the call's mask and shapes
+    only, so the layers of one forward can share it."""
     b, h, n_q, _ = call.query.shape
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
     n_b = q_starts.shape[0]
@@ -295,8 +309,9 @@ def band_mask(
     if order is None:
         qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
     else:
-        qcol = order.gather(1, qi.clamp(0, n_q - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
-        kcol = order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
+        qcol = order.gather(1, qi.clamp(0, order.shape[1] - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
+        k_order = order if key_order is None else key_order
+        kcol = k_order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
         kcol = torch.where(((ki >= 0) & (ki < n_k)).view(1, n_b, 1, width), kcol, -1)
     allowed, additive = _visible(call, r, qcol, kcol)  # [b, block, row, key, mask_head]
     if keep is not None:
