@@ -9,6 +9,7 @@ dtypes), GPU timings are not measured here.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -549,16 +550,20 @@ def test_weights_zero_masked_keys_and_keep_tiny_ones():
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)  # base 2: log2 e rounds the log-weights (1 ulp x |s - lse|)
 
 
-def test_statistics_threads_single_for_small_layers_only():
+def test_statistics_threads_single_for_small_layers_on_a_busy_machine_only(monkeypatch):
     from workbench.statistics import SMALL_LAYER, statistics_threads
 
     n = torch.get_num_threads()
     if n == 1:
         pytest.skip("one intra-op thread: nothing to switch")
+    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (float(os.cpu_count() or 1), 0.0, 0.0))  # busy
     with statistics_threads(SMALL_LAYER - 1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == n
     with statistics_threads(SMALL_LAYER):
+        assert torch.get_num_threads() == n
+    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (0.1, 0.0, 0.0))  # idle: the process's threads
+    with statistics_threads(SMALL_LAYER - 1):
         assert torch.get_num_threads() == n
 
 
