@@ -556,13 +556,14 @@ def test_statistics_threads_single_for_small_layers_on_a_busy_machine_only(monke
     n = torch.get_num_threads()
     if n == 1:
         pytest.skip("one intra-op thread: nothing to switch")
-    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (float(os.cpu_count() or 1), 0.0, 0.0))  # busy
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (cpus + 1.0, 0.0, 0.0))  # busy
     with statistics_threads(SMALL_LAYER - 1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == n
     with statistics_threads(SMALL_LAYER):
         assert torch.get_num_threads() == n
-    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (0.1, 0.0, 0.0))  # idle: the process's threads
+    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (float(cpus), 0.0, 0.0))  # our own threads only: the process's threads
     with statistics_threads(SMALL_LAYER - 1):
         assert torch.get_num_threads() == n
 

@@ -63,10 +63,11 @@ SMALL_LAYER = 1 << 14  # (batch x head x query) rows below which a busy machine 
 
 
 def machine_busy() -> bool:
-    """Whether the machine's cores are all taken: a one-minute load average at least the number
-    of CPUs (False where the platform reports no load)."""
+    """Whether more threads want to run than there are CPUs: a one-minute load average above the
+    number of CPUs by one (our own threads count in it: a run alone on the machine keeps the load
+    at about its thread count, which is not busy). False where the platform reports no load."""
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+        return os.getloadavg()[0] >= (os.cpu_count() or 1) + 1
     except (AttributeError, OSError):
         return False
 
