@@ -2,7 +2,7 @@
 fresh tensors in every layer.
 
 A layer's statistics (:mod:`workbench.statistics`) copy its queries and keys into float32
-working tensors, permute them, and write banded products: megabytes per layer at a few thousand
+working tensors, gather blocks of them, and write banded products: megabytes per layer at a few thousand
 tokens, the same shapes in every layer of a batch. Allocated afresh, each of those tensors
 comes from the operating system's zero pages: measured on SmolLM2 at 1024 tokens, ~500 page
 faults per layer, and copies into fresh memory 5-20x slower than into memory touched before

@@ -358,19 +358,17 @@ class LayerStatistics:
                 for j in range(n_kv):
                     if c.q_cols is not None:
                         q, k = q_all[i, j], k_all[i, j]
-                    elif c.q_first is not None:
-                        q = qb[i, j, c.q_first : c.q_first + n_sel]
                     else:
-                        torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1))
-                        q = gathered
-                    if c.q_cols is not None:
-                        pass
-                    elif c.k_first is not None:
+                        if c.q_first is not None:
+                            q = qb[i, j, c.q_first : c.q_first + n_sel]
+                        else:
+                            q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
                         k = keys[i, j]
-                        k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
-                    else:
-                        k = torch.index_select(keys[i, j], 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, keys.shape[-1])))
-                        k = k.view(n_sel, c.width, -1)
+                        if c.k_first is not None:
+                            k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
+                        else:
+                            k = torch.index_select(k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1])))
+                            k = k.view(n_sel, c.width, -1)
                     bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
                     torch.baddbmm(bias, q, k.transpose(1, 2), out=scores)
                     scores.clamp_min_(LOG2_MIN).exp2_()
