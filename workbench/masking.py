@@ -222,6 +222,20 @@ def take_positions(x: Tensor, index: Int[Tensor, "batch n"], dim: int = 2, out: 
     return out
 
 
+def _folds(call: AttentionCall, queries: Tensor, per_query: bool, q0: int, q1: int) -> bool:
+    """Whether :func:`key_products` takes every row of ``queries`` (zero rows past the last query
+    included) so that (batch, kv, query) fold into one batch axis: all the call's queries, each
+    naming its own keys."""
+    n_q = call.query.shape[2]
+    return per_query and q0 == 0 and q1 == n_q and queries.shape[2] >= n_q
+
+
+def product_rows(call: AttentionCall, queries: Tensor, per_query: bool, q0: int, q1: int) -> int:
+    """Query rows :func:`key_products` takes for queries ``[q0, q1)`` (the caller sizes the key
+    buffer by it): every row of ``queries`` when they fold into one batch axis, else ``q1 - q0``."""
+    return queries.shape[2] if _folds(call, queries, per_query, q0, q1) else q1 - q0
+
+
 def key_products(
     call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
     *, queries: Float[Tensor, "batch kv pos group d"], keys: Float[Tensor, "batch kv key d"], key_buffer: Tensor | None = None,
@@ -237,8 +251,8 @@ def key_products(
     log-weights. ``key_index`` of shape ``[batch, 1, n]`` names the same keys for every query
     (the first token, a block of sink keys): then the products are one per row. ``key_buffer``:
     where to gather the named keys (contiguous float32 ``[batch, kv, n, d]``, or
-    ``[batch, kv, block x n, d]`` for keys per query, block = every row of ``queries`` when
-    the call's queries are all asked for; a reused buffer spares an allocation).
+    ``[batch, kv, rows x n, d]`` for keys per query, rows from :func:`product_rows`; a reused
+    buffer spares an allocation).
     """
     b, h = call.query.shape[:2]
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
@@ -246,10 +260,8 @@ def key_products(
     q1 = q0 + key_index.shape[1] if q1 is None else q1
     n_q = q1 - q0
     one = key_index.shape[1] == 1  # the same keys for every query of the row: one product
-    # all the call's queries, per-query keys: products over every row of ``queries`` (zero rows
-    # past the last query included, their keys clamped), so (batch, kv, query) is one batch axis
-    whole = not one and q0 == 0 and q1 == call.query.shape[2] and queries.shape[2] >= n_q
-    rows = queries.shape[2] if whole else n_q
+    whole = _folds(call, queries, not one, q0, q1)
+    rows = queries.shape[2] if whole else n_q  # padding rows name key 0; their products are cut
     qg, kf = queries[:, :, q0 : q0 + rows], keys  # [b, kv, rows, g, d], [b, kv, key, d]
     d = kf.shape[-1]
     idx = key_index.clamp(0, n_k - 1)
@@ -288,17 +300,15 @@ def named_key_mask(
 
 def band_mask(
     call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: Int[Tensor, "batch pos"] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-    key_order: Int[Tensor, "batch pos"] | None = None,
+    order: tuple[Int[Tensor, "batch query"], Int[Tensor, "batch pos"]] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
 ) -> tuple[Bool[Tensor, "batch kv_or_1 block row group_or_1 key"], Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None]:
     """Whether query ``q_starts[i] + r`` (block i, row r) may attend to key ``k_starts[i] + j``
     by :func:`attention_scores`' rules and ``keep`` (keys past the end may not), laid out as a
     banded product's scores (KV head, block, row, group, key); and a float mask's
-    additive values (None for boolean or no masks). With ``order`` (per batch row, a permutation
-    of the positions) query and key indices count along that order: position ``i`` is column
-    ``order[b, i]``; ``key_order``, when given, is the keys' own order (``order`` then counts
-    the queries only; rows past its end name no query). It depends on the call's mask and shapes
-    only, so the layers of one forward can share it."""
+    additive values (None for boolean or no masks). With ``order = (query_order, key_order)``
+    (per batch row) query and key indices count along those orders: query ``i`` is column
+    ``query_order[b, i]``, key ``j`` column ``key_order[b, j]``. It depends on the call's mask and
+    shapes only, so the layers of one forward can share it."""
     b, h, n_q, _ = call.query.shape
     n_kv, n_k = call.key.shape[1], call.key.shape[2]
     n_b = q_starts.shape[0]
@@ -309,9 +319,9 @@ def band_mask(
     if order is None:
         qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
     else:
-        qcol = order.gather(1, qi.clamp(0, order.shape[1] - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
-        k_order = order if key_order is None else key_order
-        kcol = k_order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
+        query_order, key_order = order
+        qcol = query_order.gather(1, qi.clamp(0, query_order.shape[1] - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
+        kcol = key_order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
         kcol = torch.where(((ki >= 0) & (ki < n_k)).view(1, n_b, 1, width), kcol, -1)
     allowed, additive = _visible(call, r, qcol, kcol)  # [b, block, row, key, mask_head]
     if keep is not None:

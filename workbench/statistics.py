@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
-from workbench.masking import NEG, band_mask, grouped_queries, key_products, named_key_mask, take_positions
+from workbench.masking import NEG, band_mask, grouped_queries, key_products, named_key_mask, product_rows, take_positions
 from workbench.patterns import BatchInfo
 from workbench.scratch import Scratch
 
@@ -303,7 +303,7 @@ class LayerStatistics:
             q1 = min(n_q, q0 + step)
             block = idx[:, q0:q1] if per_query else idx
             allowed, additive = self.plans.get(self.call, "named", (block, q0, q1), lambda: named_key_mask(self.call, block, q0, q1))
-            rows = queries.shape[2] if q0 == 0 and q1 == n_q else q1 - q0  # key_products takes the padding rows then
+            rows = product_rows(self.call, queries, per_query, q0, q1)
             taken = self._buffer("named_keys", (b, n_kv, rows * n if per_query else n, d + 1))
             s = key_products(self.call, block, q0, q1, queries=queries, keys=keys, key_buffer=taken)  # [b, h, block, n]: (s - lse) log2 e
             if additive is not None:
@@ -441,7 +441,7 @@ class LayerStatistics:
                         k0 = aligned
                 keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
                 inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
-                allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, order, keep=inside, key_order=key_order)
+                allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, None if order is None else (order, key_order), keep=inside)
                 bias = torch.where(allowed, 0.0 if additive is None else additive * LOG2E, NEG)  # [b, kv|1, block, row, g|1, key]
                 bias = bias.expand(-1, -1, -1, -1, h // n_kv, -1).reshape(b, bias.shape[1], sel.shape[0], -1, width)
                 if order is not None:
