@@ -21,8 +21,9 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
 
 Peak memory: each (method, length) runs in its own process (``--rounds``), so a peak RSS is
 that method's own (``peak``; ``run`` is the peak minus the resident memory once the model is
-loaded, which leaves out the fixed cost of importing TransformerLens and booting its bridge);
-ratios to ``bare`` are taken within a round, then reported as min-max over rounds.
+loaded, which leaves out the fixed cost of the imports: pandas for our tables, TransformerLens
+and its bridge for ``tl_cache`` only, since our probe runs never boot it); ratios to ``bare`` are
+taken within a round, then reported as min-max over rounds.
 
 Time: a shared machine drifts by 20-50% between processes minutes apart, as much as the
 overheads measured. So times come from one more process per length that loads both models and
@@ -147,6 +148,7 @@ def _runner(method: str, model: str, ids: list[int], loaded: dict):
     wb = loaded["wb"]
     if method == "tl_cache":
         x = torch.tensor([ids])
+        wb.bridge  # booted here, not in the timed runs
 
         def run():
             _, cache = wb.bridge.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))

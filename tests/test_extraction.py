@@ -96,6 +96,7 @@ def test_oom_on_a_single_prompt_is_a_clear_error(tiny_models):
 
 def test_bridge_is_restored_after_runs_and_failures(tiny_models):
     model = tiny_models["llama"]
+    model.bridge  # booted: its wrappers are what must come back
     hf = model.hf_model
     attn_before = type(hf.model.layers[0].original_component.self_attn)
     impl_before = hf.config._attn_implementation
@@ -128,6 +129,7 @@ def test_unwrapped_forward_is_the_bridged_one(tiny_models, arch, tmp_path):
     from workbench.tiny import make_tiny_model
 
     model = tiny_models.get(arch) or load_model(str(make_tiny_model(tmp_path / arch, arch, seed=1)), device="cpu")
+    model.bridge  # booted: its wrappers are what unwrapping takes out
     hf, ids = model.hf_model, torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
 
     def hidden(**kw):

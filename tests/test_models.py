@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
+import torch
 
 from workbench import embedded
 from workbench.errors import WorkbenchError
@@ -198,3 +200,59 @@ def test_smollm2_shape_and_no_bos(smollm2):
     assert (smollm2.n_layers, smollm2.n_heads, smollm2.n_kv_heads, smollm2.n_ctx) == (30, 9, 3, 8192)
     ids = smollm2.tokenizer("The capital of France is")["input_ids"]
     assert ids[0] != smollm2.tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3-text", "tiny-llava", "tiny-gemma3"])
+def test_shape_from_the_config_is_the_bridges(name):
+    """The model's shape is read from its transformers config (the bridge boots lazily): it is
+    what TransformerLens derives for the same model, for every family we load."""
+    m = load_model(name, device="cpu")
+    mine = (m.n_layers, m.n_heads, m.n_kv_heads, m.d_head, m.n_ctx)
+    assert not m.bridge_booted
+    cfg = m.bridge.cfg
+    assert mine == (cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head, cfg.n_ctx)
+    assert m.bridge.original_model is m.hf_model  # the bridge wraps our model in place, no copy
+
+
+def test_probe_runs_never_import_transformer_lens():
+    """A probe run uses the plain transformers modules: it neither boots the bridge nor imports
+    TransformerLens (~0.1 GB resident and ~1 s before the first token). In a fresh process, since
+    this one has imported TransformerLens long ago."""
+    code = textwrap.dedent("""
+        import sys
+        from probes import get_probe
+        from workbench.models import load_model
+        from workbench.prompts import TokenizedPrompt
+        from workbench.runner import run_probes
+        m = load_model("tiny-llama", device="cpu")
+        prompts = [TokenizedPrompt(str(i), list(range(5, 5 + n))) for i, n in enumerate([9, 6])]
+        run_probes(m, prompts, [get_probe(p) for p in ("entropy", "sink", "induction", "streaming")], progress=False)
+        print(m.bridge_booted, "transformer_lens" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "False"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3-text"])
+def test_probe_numbers_do_not_depend_on_whether_the_bridge_was_booted(name):
+    """The same probes on the same prompts give the same table before and after the bridge
+    wrapped the model's modules (the engine unwraps them for its run)."""
+    from probes import get_probe
+    from workbench.prompts import TokenizedPrompt
+    from workbench.runner import run_probes
+
+    m = load_model(name, device="cpu")
+    prompts = [TokenizedPrompt(str(i), [(7 * j + i) % 50 + 3 for j in range(n)]) for i, n in enumerate([12, 7, 10])]
+    probes = ("entropy", "sink", "induction", "streaming")
+
+    def table():
+        df = run_probes(m, prompts, [get_probe(p) for p in probes], batch_size=2, progress=False).table
+        return df.sort_values(list(df.columns.drop("value"))).reset_index(drop=True)
+
+    before = table()
+    assert not m.bridge_booted
+    m.bridge.run_with_cache(torch.tensor([[5, 6, 7, 8]]))  # booted, and its internal hooks wired by a forward
+    after = table()
+    assert len(before) > 0
+    pd.testing.assert_frame_equal(before, after, check_exact=False, atol=1e-6, rtol=0)

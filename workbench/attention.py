@@ -28,6 +28,7 @@ transformers implements with the attention interface (Llama, Qwen, Gemma, Mistra
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -201,10 +202,10 @@ def _hooked(component: torch.nn.Module, hooked: set[int]) -> bool:
     the wrapper itself and its hook points (not the HF module it wraps, which runs either way,
     nor wrappers nested in it, decided on their own), given the ids of the modules that carry
     somebody's hook (``hooked``, :func:`_hooked_modules`)."""
-    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-
     if not hooked:
         return False
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
     stack = [component]
     while stack:
         m = stack.pop()
@@ -240,18 +241,19 @@ def native_attention(hf_model: torch.nn.Module, unwrap: bool = False) -> Iterato
     Restores the bridge's components and the previous attention implementation on exit,
     whatever happens inside.
     """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-
     register()
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     modules = list(hf_model.modules())  # one walk of the module tree serves every step below
     configs = _configs(hf_model, modules)
     # set on each config itself: the property setter would recurse into a VLM's vision config
     previous = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    hooked = _hooked_modules(modules) if unwrap else set()
+    wrapped = "transformer_lens" in sys.modules  # else no bridge was booted: nothing is wrapped
+    hooked = _hooked_modules(modules) if unwrap and wrapped else set()
     try:
-        for parent in modules:
+        if wrapped:
+            from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+            from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+        for parent in modules if wrapped else ():
             for cname, child in list(parent.named_children()):
                 original = child.original_component if isinstance(child, GeneralizedComponent) else None
                 if original is None:

@@ -103,7 +103,7 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
     from workbench.patterns import collate
     from workbench.prompts import pad_token_id
 
-    d_head = int(model.bridge.cfg.d_head)
+    d_head = model.d_head
     rec = _MeanRecorder(model.n_layers, model.n_heads, d_head, model.device)
     pad = pad_token_id(model.tokenizer)
     base = base_network(model.hf_model)

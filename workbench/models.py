@@ -1,10 +1,17 @@
 """Model loading: the embedded default, tiny test models, local HF folders and hub ids.
 
-``load_model(name)`` returns a :class:`LoadedModel`: a TransformerLens ``TransformerBridge``
-(for hook-based work: ``run_with_cache``, patching, the bridge's hook points) plus the
-tokenizer with the model's *own* defaults (TransformerLens' boot forces ``add_bos_token=True``;
-we keep an untouched copy so ``text`` prompts tokenize as the model's authors intended, and
-BOS is only added when asked for).
+``load_model(name)`` returns a :class:`LoadedModel`: the transformers model, the tokenizer with
+the model's *own* defaults (TransformerLens' boot forces ``add_bos_token=True``; we keep an
+untouched copy so ``text`` prompts tokenize as the model's authors intended, and BOS is only
+added when asked for) and, booted on first use of ``.bridge``, a TransformerLens
+``TransformerBridge`` for hook-based work (``run_with_cache``, patching, the bridge's hook points).
+
+The bridge is lazy because the probes never need it: they run the plain transformers modules
+under the workbench attention kernel. Importing TransformerLens (it pulls in ``datasets`` and
+more) and booting the bridge (with its own tokenizer) cost ~0.1 GB of resident memory and ~1 s
+before a probe run's first token: on SmolLM2 at 4096 tokens that alone was 1.1x the peak memory
+of a bare forward. The model's shape (layers, heads, KV heads, head size, context) is read from
+its transformers config, which is what the bridge derives its own from (a test holds the two equal).
 
 Names resolve in this order:
 1. the embedded models ``smollm2-135m`` (the default) and ``gemma3-270m`` (see
@@ -52,6 +59,8 @@ KNOWN_MODELS: dict[str, str] = {
     "tiny-llava": "random tiny LLaVA (CLIP tower + tiny Llama) with a real LlavaProcessor, for tests",
     "tiny-gemma3": "random tiny Gemma 3 multimodal (SigLIP tower) with a real Gemma3Processor, for tests",
 }
+# where a config keeps its context length, in the order TransformerLens' bridge looks
+_CTX_FIELDS = ("n_positions", "max_position_embeddings", "max_context_length", "max_length", "seq_length", "max_sequence_length")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -81,18 +90,41 @@ def _no_runtime_installs() -> None:
 
 
 
+def _first(cfg: Any, *names: str) -> Any:
+    """The first of ``names`` that ``cfg`` sets (not None)."""
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    raise WorkbenchError(f"{type(cfg).__name__} has none of {', '.join(names)}", "load a model whose config names its shape")
+
+
 @dataclass
 class LoadedModel:
-    """A booted model: the TransformerLens bridge, its tokenizer and where it came from."""
+    """A loaded model: the transformers model, its tokenizer and where it came from; the
+    TransformerLens bridge is booted on first use of :attr:`bridge`."""
 
     name: str
     source: str
-    bridge: Any
+    hf_model: Any  # the transformers model; once the bridge is booted, its modules are wrapped by the bridge's
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
     processor: Any = None  # the model's own AutoProcessor, for vision-language models
+    _bridge: Any = field(default=None, repr=False)
+
+    @property
+    def bridge(self) -> Any:
+        """The TransformerLens ``TransformerBridge`` around :attr:`hf_model`, booted on first use."""
+        if self._bridge is None:
+            self._bridge = _boot_bridge(self)
+        return self._bridge
+
+    @property
+    def bridge_booted(self) -> bool:
+        """Whether :attr:`bridge` has been booted (its components then wrap the HF modules)."""
+        return self._bridge is not None
 
     @property
     def is_multimodal(self) -> bool:
@@ -100,25 +132,31 @@ class LoadedModel:
         return self.processor is not None
 
     @property
-    def hf_model(self) -> Any:
-        """The underlying transformers model (its modules are wrapped by the bridge)."""
-        return self.bridge.original_model
+    def text_config(self) -> Any:
+        """The language model's transformers config (a VLM's ``text_config``)."""
+        return self.hf_model.config.get_text_config()
 
     @property
     def n_layers(self) -> int:
-        return int(self.bridge.cfg.n_layers)
+        cfg = self.text_config
+        return int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers"))
 
     @property
     def n_heads(self) -> int:
-        return int(self.bridge.cfg.n_heads)
+        return int(_first(self.text_config, "num_attention_heads", "n_head", "num_heads"))
 
     @property
     def n_kv_heads(self) -> int:
-        return int(getattr(self.bridge.cfg, "n_key_value_heads", None) or self.n_heads)
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        cfg = self.text_config
+        return int(getattr(cfg, "head_dim", None) or _first(cfg, "hidden_size", "n_embd", "d_model") // self.n_heads)
 
     @property
     def n_ctx(self) -> int:
-        return int(self.bridge.cfg.n_ctx)
+        return int(_first(self.text_config, *_CTX_FIELDS))
 
     @property
     def vocab_size(self) -> int:
@@ -279,7 +317,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load ``name`` and wrap it in a ``TransformerBridge``.
+    """Load ``name``: its transformers model and tokenizer (and processor, for a VLM).
 
     Args:
         name: ``smollm2-135m`` (default), ``gemma3-270m``, a tiny model (``tiny-llama``, ...),
@@ -288,7 +326,7 @@ def load_model(
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
 
     Returns:
-        A :class:`LoadedModel` with ``.bridge`` and ``.tokenizer``.
+        A :class:`LoadedModel` with ``.hf_model`` and ``.tokenizer`` (``.bridge`` boots on first use).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -313,21 +351,35 @@ def load_model(
         if bars:
             hf_logging.enable_progress_bar()
     hf = hf.to(dev).eval()
-    from transformer_lens.model_bridge import TransformerBridge
-
-    _no_runtime_installs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(source, hf_model=hf, tokenizer=_for_bridge(tokenizer), device=dev, dtype=dt)
-    bridge.eval()
-    if processor is not None:
-        bridge.processor = processor  # TL loads its own with the default (machine-dependent) backend
     info = {"kind": kind}
     if kind == "embedded":
         info["hf_id"] = embedded.EMBEDDED[name].hf_id
     return LoadedModel(
-        name=name, source=source, bridge=bridge, tokenizer=tokenizer, device=dev, dtype=dt, info=info, processor=processor
+        name=name, source=source, hf_model=hf, tokenizer=tokenizer, device=dev, dtype=dt, info=info, processor=processor
     )
+
+
+def _boot_bridge(model: LoadedModel) -> Any:
+    """Wrap ``model.hf_model`` in a TransformerLens ``TransformerBridge`` (in place: the bridge's
+    components replace the HF modules, which they hold as ``original_component``)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    _no_runtime_installs()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers(model.source, hf_model=model.hf_model, tokenizer=_for_bridge(model.tokenizer),
+                                                         device=model.device, dtype=model.dtype)
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(
+            f"TransformerLens could not wrap {model.name} ({type(model.hf_model).__name__}): {type(exc).__name__}: {cause}",
+            "the probes run without TransformerLens; for hook-point work use a model family TransformerLens supports",
+        ) from exc
+    bridge.eval()
+    if model.processor is not None:
+        bridge.processor = model.processor  # TL loads its own with the default (machine-dependent) backend
+    return bridge
 
 
 def list_models() -> list[dict]:
