@@ -44,7 +44,7 @@ Metric definitions: ``docs/metrics.md``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Sequence, TypeVar
 
 import pandas as pd
 import torch
@@ -56,6 +56,8 @@ from workbench.metric_kinds import MetricInfo
 from workbench.params import Options, options_dict, validate_options
 from workbench.patterns import BatchInfo, PatternView
 from workbench.results import ProbeResult, head_rows
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from workbench.models import LoadedModel
@@ -140,14 +142,15 @@ class PatternProbe(Probe):
         self.device = torch.device("cpu")
         self.total: dict[str, Tensor] = {}
         self._batch: dict[str, Tensor] = {}
+        self._per_queries: dict[tuple[int, int], Any] = {}
 
     # -- lifecycle, called by the extraction engine -------------------------------------------
     def setup(self, n_layers: int, n_heads: int, device: torch.device | str) -> None:
         self.n_layers, self.n_heads, self.device = n_layers, n_heads, torch.device(device)
-        self.total, self._batch = {}, {}
+        self.total, self._batch, self._per_queries = {}, {}, {}
 
     def begin_batch(self, batch: BatchInfo) -> None:
-        self._batch = {}
+        self._batch, self._per_queries = {}, {}
 
     @abstractmethod
     def on_pattern_chunk(self, chunk: PatternView) -> None:
@@ -161,10 +164,22 @@ class PatternProbe(Probe):
                 self.total[key] += val
             else:
                 self.total[key] = val.clone()
-        self._batch = {}
+        self._batch, self._per_queries = {}, {}
 
     def abort_batch(self) -> None:
-        self._batch = {}
+        self._batch, self._per_queries = {}, {}
+
+    def per_queries(self, chunk: PatternView, make: Callable[[], T]) -> T:
+        """What the probe derives from the batch and the chunk's queries alone, not from the
+        layer's attention (the keys it names, which queries it scores and how many): made by
+        ``make`` at the first layer and reused by the others, which see the same query columns
+        (``chunk.queries``) with the same positions and validity (a real query always sees
+        itself, whatever a layer's mask); kept until the batch ends. On short prompts a probe's
+        own small tensor operations per layer were a sizeable part of its statistics' cost."""
+        key = (chunk.queries.start, chunk.queries.stop)
+        if key not in self._per_queries:
+            self._per_queries[key] = make()
+        return self._per_queries[key]
 
     @abstractmethod
     def results(self) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import math
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from probes.base import PatternProbe
 from workbench.atlas import Role
@@ -62,31 +63,36 @@ class InductionProbe(PatternProbe):
         # earlier keys holding the query's token: a key range once positions are sorted by token
         self._rank, self._echo_lo, self._echo_hi = same_token_ranges(batch)
 
-    def on_pattern_chunk(self, chunk: PatternView) -> None:
-        L, H = self.n_layers, self.n_heads
+    def _targets(self, chunk: PatternView) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor], Tensor]:
+        """The layer-independent part (:meth:`per_queries`): each query's named keys (previous
+        token, earlier copy, the token after it; -1 where there is none), echo's key range, and
+        which queries each metric averages over (float32, for the named keys and for echo) and
+        how many."""
         qpos, valid = chunk.query_pos, chunk.query_valid
         first = chunk.batch.first_index.view(-1, 1)
         none = torch.full_like(qpos, -1)
-
-        def add(metric: str, score: torch.Tensor, use: torch.Tensor) -> None:
-            self.acc(metric, L, H)[chunk.layer] += (score.double() * use.unsqueeze(1)).sum((0, 2))
-            self.acc(metric + "/n", L, H)[chunk.layer] += use.sum()
-
         has_prev = valid & (qpos >= 1)
         rep = valid & (self._period > 0) & (qpos - self._offset >= self._period)
         keys = torch.stack([torch.where(has_prev, first + qpos - 1, none), torch.where(rep, first + qpos - self._period, none),
                             torch.where(rep, first + qpos - self._period + 1, none)], dim=-1)
-        a = chunk.probs_at(keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
-        add("prev_token", a[..., 0], has_prev)
-        add("duplicate", a[..., 1], rep)
-        add("induction", a[..., 2], rep)
         lo, hi = self._echo_lo[:, chunk.queries], self._echo_hi[:, chunk.queries]
-        add("echo", chunk.mass_in(lo, hi, self._rank), valid & (hi > lo))
+        use = torch.stack([has_prev, rep, rep, valid & (hi > lo)], dim=-1)  # [batch, chunk, metric]
+        weights = use.float().unsqueeze(1)  # [batch, 1, chunk, metric]
+        return keys, lo, hi, (weights[..., :3], weights[..., 3]), use.sum((0, 1)).double()
+
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
+        keys, lo, hi, (use_named, use_echo), n = self.per_queries(chunk, lambda: self._targets(chunk))
+        a = chunk.probs_at(keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
+        echo = chunk.mass_in(lo, hi, self._rank)  # [batch, head, chunk]
+        total = self.acc("sum", len(self.metrics), self.n_layers, self.n_heads)  # [metric, layer, head], self.metrics' order
+        total[:3, chunk.layer] += (a * use_named).sum((0, 2)).T
+        total[3, chunk.layer] += (echo * use_echo).sum((0, 2))
+        self.acc("n", len(self.metrics), self.n_layers)[:, chunk.layer] += n
 
     def results(self) -> pd.DataFrame:
         frames = []
-        for metric in self.metrics:
-            total, n = self.total[metric], self.total[metric + "/n"]
+        for i, metric in enumerate(self.metrics):
+            total, n = self.total["sum"][i], self.total["n"][i].unsqueeze(-1).expand(-1, self.n_heads)
             value = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, math.nan))
             frames.append(self.rows(metric, value, n))
         return pd.concat(frames, ignore_index=True)

@@ -46,9 +46,9 @@ class SinkProbe(PatternProbe):
         return self.options.epsilon
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:
-        a0 = chunk.key_probs(chunk.batch.first_index).double()  # [batch, head, chunk]
-        col = (a0 * chunk.query_valid.unsqueeze(1)).sum(-1)  # [batch, head]
-        self.acc("col0", chunk.batch.size, self.n_layers, self.n_heads)[:, chunk.layer] += col
+        valid = self.per_queries(chunk, lambda: chunk.query_valid.float().unsqueeze(1))  # [batch, 1, chunk], the same in every layer
+        a0 = chunk.key_probs(chunk.batch.first_index)  # [batch, head, chunk]
+        self.acc("col0", chunk.batch.size, self.n_layers, self.n_heads)[:, chunk.layer] += (a0 * valid).sum(-1)
 
     def end_batch(self, batch: BatchInfo) -> None:
         alpha0 = self._batch.pop("col0") / batch.lengths.double().view(-1, 1, 1)  # [batch, L, H]

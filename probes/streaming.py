@@ -19,6 +19,7 @@ import math
 
 import pandas as pd
 import torch
+from torch import Tensor
 from pydantic import Field
 
 from probes.base import PatternProbe
@@ -49,18 +50,23 @@ class StreamingProbe(PatternProbe):
         super().__init__(**params)
         self.sink, self.recent = self.options.sink, self.options.recent
 
-    def on_pattern_chunk(self, chunk: PatternView) -> None:
-        # key columns of the sink tokens [first, first + sink) and of the recent window
-        # (q - recent, q]; the two are disjoint for the queries scored (q >= sink + recent)
+    def _ranges(self, chunk: PatternView) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The layer-independent part (:meth:`per_queries`): key columns of the sink tokens
+        [first, first + sink) and of the recent window (q - recent, q] (disjoint for the queries
+        scored, q >= sink + recent), which queries are scored (float32) and how many."""
         use = chunk.query_valid & (chunk.query_pos >= self.sink + self.recent)
         first = chunk.batch.first_index.view(-1, 1)
         zero = torch.zeros_like(chunk.query_pos)
         at = first + chunk.query_pos
-        sink = chunk.mass_in(first.expand_as(at), (first + self.sink).expand_as(at))  # the same keys for every query
-        mass = (sink + chunk.mass_in(torch.where(use, at - self.recent + 1, zero), torch.where(use, at + 1, zero))).double()
+        return (first.expand_as(at), (first + self.sink).expand_as(at),  # the same keys for every query
+                torch.where(use, at - self.recent + 1, zero), torch.where(use, at + 1, zero), use.float().unsqueeze(1), use.sum().double())
+
+    def on_pattern_chunk(self, chunk: PatternView) -> None:
+        sink_lo, sink_hi, lo, hi, use, n = self.per_queries(chunk, lambda: self._ranges(chunk))
+        mass = chunk.mass_in(sink_lo, sink_hi) + chunk.mass_in(lo, hi)  # [batch, head, chunk]
         L, H = self.n_layers, self.n_heads
-        self.acc("sum", L, H)[chunk.layer] += (mass * use.unsqueeze(1)).sum((0, 2))
-        self.acc("n", L, H)[chunk.layer] += use.sum()
+        self.acc("sum", L, H)[chunk.layer] += (mass * use).sum((0, 2))
+        self.acc("n", L, H)[chunk.layer] += n
 
     def results(self) -> pd.DataFrame:
         t, n = self.total["sum"], self.total["n"]

@@ -48,6 +48,29 @@ def test_induction_scores_match_reference(tiny_models, arch):
     assert all(abs(d[k][0] - e[k][0]) < 1e-6 for k in d)
 
 
+@pytest.mark.parametrize("path", ["auto", "chunks"])
+def test_what_probes_keep_per_batch_is_remade_for_the_next_batch(tiny_models, path):
+    """Probes make the keys they name and the queries they score once per batch and reuse them
+    in every layer (``per_queries``); batches of the same shape whose prompts differ (another
+    period, another first token) must not inherit them: batch size 1, equal lengths."""
+    from tests.reference import sink_reference
+
+    model = tiny_models["llama"]
+    tok = model.tokenizer
+    rep = make_dataset("repeated-random", n_prompts=1, seed=3, tokenizer=tok, period=9)  # 18 tokens
+    rep += make_dataset("repeated-random", n_prompts=1, seed=4, tokenizer=tok, period=6, repeats=3)  # 18 tokens
+    prompts = tokenize_prompts(rep, tok, model.n_ctx, model.vocab_size)
+    assert [len(p) for p in prompts] == [18, 18]
+    probes = [get_probe("induction"), get_probe("streaming", sink=2, recent=3), get_probe("sink")]
+    table = run_probes(model, prompts, probes, batch_size=1, progress=False, attention_path=path).table
+    pats = [patterns(eager_model(model.source), p.ids) for p in prompts]
+    for metric, (values, n) in induction_reference(pats, [p.ids for p in prompts], [p.meta for p in prompts]).items():
+        compare(table, metric, values, n)
+    compare(table, "streaming", *streaming_reference(pats, sink=2, recent=3))
+    mass, _, n = sink_reference(pats)
+    compare(table, "sink_mass", mass, n)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_streaming_matches_reference(tiny_models, arch):
     model = tiny_models[arch]

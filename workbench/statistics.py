@@ -30,7 +30,7 @@ from functools import cached_property
 from typing import Any, Callable, Iterator
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.attention import AttentionCall
@@ -62,12 +62,15 @@ def weights(log2_weights: Tensor, allowed: Tensor) -> Tensor:
 SMALL_LAYER = 1 << 14  # (batch x head x query) rows below which a busy machine runs a layer's statistics on one thread
 
 
+_CPUS = os.cpu_count() or 1  # asked once: os.cpu_count() costs ~7 us, every layer asks machine_busy
+
+
 def machine_busy() -> bool:
     """Whether more threads want to run than there are CPUs: a one-minute load average above the
     number of CPUs by one (our own threads count in it: a run alone on the machine keeps the load
     at about its thread count, which is not busy). False where the platform reports no load."""
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1) + 1
+        return os.getloadavg()[0] >= _CPUS + 1
     except (AttributeError, OSError):
         return False
 
@@ -107,7 +110,7 @@ class LayerPlans:
 
     Entries match on what they were computed from: the kind of plan, the call's mask (the same
     tensor object: models build one mask per kind of layer per forward), causal flag and
-    shapes, and the content of the index tensors (compared with ``torch.equal``, O(T)).
+    shapes, and the index tensors (the same objects, or equal content by ``torch.equal``, O(T)).
     The pattern engine makes one per batch. The layers also share its :class:`Scratch`, the
     working buffers of their statistics (the same shapes in every layer).
     """
@@ -133,6 +136,8 @@ def _same(a: tuple, b: tuple) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
+        if x is y:  # probes hand every layer the same index tensors (per_queries): no comparison
+            continue
         if isinstance(x, Tensor) or isinstance(y, Tensor):
             if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)):
                 return False
@@ -253,7 +258,11 @@ class LayerStatistics:
         self._qo = batch.positions.shape[1] - n_q  # queries are the last n_q columns
         self.q_start, self.q_end = 0, n_q
         self.query_pos: Int[Tensor, "batch query"] = batch.positions[:, self._qo :]
-        self.query_valid = (self.query_pos >= 0) & (n_visible > 0)
+
+    @cached_property
+    def query_valid(self) -> Bool[Tensor, "batch query"]:
+        """Real queries that see a key (probes read it once per batch: ``per_queries``)."""
+        return (self.query_pos >= 0) & (self.n_visible > 0)
 
     def release_scratch(self) -> None:
         """Drop the tensors cached in the batch's scratch buffers (another layer writes them now;
@@ -337,11 +346,13 @@ class LayerStatistics:
         order, rows, n_blocks = plan.order, plan.rows, plan.n_blocks
         self.plans.scratch.claim(self)
         queries, keys = self._augmented
-        if plan.key_end > keys.shape[2]:  # the last blocks' widths reach past the last key: zero keys (masked)
+        if plan.key_end > keys.shape[2] + BLOCK:  # the last blocks' widths reach past the zero keys after the last: more of them
             padded = self._buffer("padded_keys", (b, n_kv, plan.key_end, keys.shape[3]))
             padded[:, :, : keys.shape[2]] = keys
             padded[:, :, keys.shape[2] :] = 0.0
             keys = padded
+        elif plan.key_end > keys.shape[2]:  # into the zero keys :meth:`_augmented` keeps after the last (masked)
+            keys = keys.as_strided(keys.shape[:2] + (plan.key_end, keys.shape[3]), keys.stride(), keys.storage_offset())
         qb = queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None  # in an order: gathered per call
         mass = self.lse.new_zeros(b, n_kv, n_blocks, rows * (h // n_kv))
         for c in plan.calls:
@@ -386,7 +397,8 @@ class LayerStatistics:
     @cached_property
     def _augmented(self) -> tuple[Float[Tensor, "batch kv pos group d1"], Float[Tensor, "batch kv pos d1"]]:
         """Queries (scaled, grouped by KV head) with ``-lse`` appended, both times ``log2 e``,
-        and keys with 1 appended, float32, the queries padded with zero rows to whole blocks:
+        and keys with 1 appended (followed by :data:`BLOCK` zero keys in their buffer, for bands
+        that reach past the last key), float32, the queries padded with zero rows to whole blocks:
         ``log2 e (q, -lse_q) . (k, 1) = (s_qk - lse_q) log2 e``, so a product yields base-2
         log-weights (:func:`weights`). One copy of each per layer, in the batch's scratch
         buffers; every banded and named-key product of every probe reads them."""
@@ -397,9 +409,12 @@ class LayerStatistics:
         grouped_queries(self.call, out=qa[:, :, :n_q, :, :d], factor=LOG2E)
         torch.mul(self.lse.view(b, n_kv, h // n_kv, n_q).transpose(2, 3), -LOG2E, out=qa[:, :, :n_q, :, d])
         qa[:, :, n_q:] = 0.0
-        ka = self._buffer("keys", k.shape[:-1] + (d + 1,))
+        n_k = k.shape[2]
+        spare = self._buffer("keys", k.shape[:2] + (n_k + BLOCK, d + 1))
+        ka = spare[:, :, :n_k]
         ka[..., :d] = k
         ka[..., d] = 1.0
+        spare[:, :, n_k:] = 0.0  # zero keys after the last: bands reaching past it read these (masked)
         return qa, ka
 
     def _band_plan(self, lo: Tensor, hi: Tensor, rank: Tensor | None) -> _BandPlan | None:
