@@ -256,3 +256,20 @@ def test_probe_numbers_do_not_depend_on_whether_the_bridge_was_booted(name):
     after = table()
     assert len(before) > 0
     pd.testing.assert_frame_equal(before, after, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_a_bridge_that_cannot_boot_is_one_clear_error(monkeypatch):
+    """Probe runs do not need the bridge, so a model TransformerLens cannot wrap still loads and
+    runs probes; touching ``.bridge`` then fails with the cause and what to do instead."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    m = load_model("tiny-llama", device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no adapter for this architecture")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    with pytest.raises(WorkbenchError, match="TransformerLens could not wrap tiny-llama.*no adapter") as err:
+        m.bridge
+    assert "probes run without TransformerLens" in err.value.fix
+    assert not m.bridge_booted
