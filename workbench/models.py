@@ -160,7 +160,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.hf_model.config.get_text_config().vocab_size)
+        return int(self.text_config.vocab_size)
 
     def describe(self) -> dict:
         """Metadata recorded with every result file."""
