@@ -13,7 +13,9 @@ prose, at each length T (``--lengths``, default 512,1024,2048,4096,8192):
               run into an out-of-memory kill
   ours_fwd    the forward ``run_probes`` runs, no probe reading anything: the kernel asked for
               its lse, run per query block under long boolean masks (Gemma 3's sliding
-              windows), which bare SDPA computes over every key; the floor of ours_a
+              windows), which bare SDPA computes over every key, and ended after the last
+              layer's attention (its MLP, the final norm and the head are read by no probe);
+              the floor of ours_a
   ours_a      ``run_probes`` of sink, induction, streaming (statistics from the kernel's lse)
   ours_b      ours_a + entropy (one more attention pass with the keys as values)
   extra_pass  that one extra pass timed alone: the fused kernel on every layer's own queries
@@ -112,9 +114,11 @@ def _our_forward(wb, ids):
     """The forward ``run_probes`` runs (plain HF modules, the fused kernel asked for its lse, in
     query blocks under long boolean masks), with no probe reading anything: what ours_a and
     ours_b would cost if their statistics were free."""
+    import contextlib
+
     import torch
 
-    from workbench.attention import hooked_run
+    from workbench.attention import ForwardStopped, StopAfterLayer, hooked_run, observe
     from workbench.extraction import base_network
 
     x = torch.tensor([ids])
@@ -124,7 +128,8 @@ def _our_forward(wb, ids):
             return frozenset({"lse"})
 
     def run():
-        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True):
+        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True), observe(StopAfterLayer(wb.n_layers - 1)), \
+                contextlib.suppress(ForwardStopped):  # run_probes' forward ends after the last layer's attention too
             base_network(wb.hf_model)(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
     return run

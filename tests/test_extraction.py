@@ -168,3 +168,34 @@ def test_empty_inputs_are_rejected(tiny_models):
         run_probes(tiny_models["llama"], [], [get_probe("entropy")], progress=False)
     with pytest.raises(WorkbenchError, match="no probes"):
         run_probes(tiny_models["llama"], random_prompts(512, [3]), [], progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_forward_ends_after_the_last_layers_attention(tiny_models, arch):
+    """Pattern probes read attention only: run_probes' forward ends once the last layer's
+    attention has been observed, so that layer's MLP and the final norm never run; every layer
+    is still seen, and a forward after the run computes everything again."""
+    from workbench.attention import native_attention
+    from workbench.extraction import base_network
+
+    model = tiny_models[arch]
+    spy = ChunkSpy()
+    ran = []
+    with native_attention(model.hf_model, unwrap=True):  # the plain HF modules, as run_probes runs them (a booted bridge wraps them)
+        modules = dict(base_network(model.hf_model).named_modules())
+        layers = "layers" if arch == "llama" else "h"
+        last_mlp, final_norm = modules[f"{layers}.{model.n_layers - 1}.mlp"], modules["norm" if arch == "llama" else "ln_f"]
+        watched = [modules[f"{layers}.{i}.mlp"] for i in range(model.n_layers)] + [final_norm]
+        handles = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in watched]
+        try:
+            run_probes(model, random_prompts(model.vocab_size, [12, 9]), [spy], batch_size=2, progress=False)
+            assert {layer for layer, *_ in spy.events} == set(range(model.n_layers))
+            assert ran == watched[: model.n_layers - 1]  # every MLP but the last; no final norm
+            assert last_mlp not in ran and final_norm not in ran
+            ran.clear()
+            with torch.no_grad():
+                base_network(model.hf_model)(input_ids=torch.tensor([[1, 2, 3]]))
+            assert ran == watched
+        finally:
+            for h in handles:
+                h.remove()

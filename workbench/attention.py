@@ -84,6 +84,25 @@ def observe(*observers: Any) -> Iterator[Any]:
             stack.remove(obs)
 
 
+class ForwardStopped(Exception):
+    """Raised by :class:`StopAfterLayer` to end a forward early (caught by whoever armed it)."""
+
+
+@dataclass
+class StopAfterLayer:
+    """An observer that ends the forward once layer ``layer``'s attention call has been seen by
+    every observer registered before it: what the model computes after that (the layer's output
+    projection and MLP, the final norm, the head) is read by nobody. TransformerLens calls it
+    ``stop_at_layer``, nnsight ``stop()``. Register it last (:func:`observe` inside the run's
+    :func:`hooked_run`) and catch :class:`ForwardStopped` around the forward."""
+
+    layer: int
+
+    def on_attention(self, call: AttentionCall) -> None:
+        if call.layer >= self.layer:
+            raise ForwardStopped(self.layer)
+
+
 def _eager_output(call: AttentionCall) -> Tensor:
     """Plain attention output for the cases SDPA cannot do (logit soft-capping)."""
     from workbench.masking import attention_probs
