@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 
+import pandas as pd
 import pytest
 import torch
 
@@ -585,7 +586,7 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
     ranges = [(pos - 6, pos + 1, None), (lo, hi, rank), (torch.zeros_like(pos), torch.full_like(pos, 3), None)]
     for lo_, hi_, rank_ in ranges:
         stats_for(call_a, batch, plans).mass_in(lo_, hi_, rank_)
-    n = len(plans.entries)
+    n = len(plans)
     # the same mask object, queries and keys of "another layer": plans reused, answers unchanged
     other = AttentionCall(1, None, call_a.query.flip(1), call_a.key.flip(1), call_a.value, call_a.mask, call_a.scaling, call_a.is_causal)
     _, other.lse, _ = attention_with_statistics(other)
@@ -593,12 +594,12 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
         shared = stats_for(other, batch, plans).mass_in(lo_.clone(), hi_.clone(), None if rank_ is None else rank_.clone())
         fresh = stats_for(other, batch, LayerPlans()).mass_in(lo_, hi_, rank_)
         assert torch.equal(shared, fresh)
-    assert len(plans.entries) == n
+    assert len(plans) == n
     # another mask with the same shapes and ranges: its own plans, its own (different) answer
     for lo_, hi_, rank_ in ranges:
         shared = stats_for(call_b, batch, plans).mass_in(lo_, hi_, rank_)
         assert torch.equal(shared, stats_for(call_b, batch, LayerPlans()).mass_in(lo_, hi_, rank_))
-    assert len(plans.entries) > n
+    assert len(plans) > n
 
 
 def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
@@ -614,6 +615,34 @@ def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
     run_probes(model, prompts, [get_probe("induction"), get_probe("streaming", sink=2, recent=12)], batch_size=len(prompts), progress=False)
     assert model.n_layers > 1 and made and set(made) == {0}
     assert len(made) == 2  # the window (12 keys: banded, not named) and the echo ranges, at layer 0 only
+
+
+def test_keys_named_for_every_query_are_one_product_per_layer(tiny_models, monkeypatch):
+    """sink (the first token) and streaming (its sink keys) name keys the same for every query:
+    from the second layer on, each layer takes one product for both probes, and each probe's
+    numbers are those of a run on its own (and of the chunked reference path)."""
+    model = tiny_models["llama"]
+    prompts = prompts_for(model)[:4]
+    probes = lambda: [get_probe("sink"), get_probe("streaming", sink=2, recent=3)]  # noqa: E731
+    alone = pd.concat([run_probes(model, prompts, [p], batch_size=len(prompts), progress=False).table for p in probes()])
+    ref = run_probes(model, prompts, probes(), batch_size=len(prompts), progress=False, attention_path="chunks").table
+    shared = []
+    orig = statistics.key_products
+
+    def spy(call, key_index, *a, **k):
+        if key_index.shape[1] == 1:
+            shared.append((call.layer, key_index.shape[-1]))
+        return orig(call, key_index, *a, **k)
+
+    monkeypatch.setattr(statistics, "key_products", spy)
+    together = run_probes(model, prompts, probes(), batch_size=len(prompts), progress=False).table
+    # layer 0: the first token, then the first token and both sink keys; later layers: one product
+    assert shared == [(0, 1), (0, 3)] + [(layer, 3) for layer in range(1, model.n_layers)]
+    cols = ["metric", "layer", "head", "value"]
+    for other in (alone, ref):
+        merged = together[cols].merge(other[cols], on=["metric", "layer", "head"], suffixes=("", "_other"))
+        assert len(merged) == len(together) == len(other)
+        assert (merged["value"] - merged["value_other"]).abs().max() < TOL
 
 
 def test_layers_sharing_scratch_buffers_never_read_each_others():

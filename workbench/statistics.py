@@ -101,6 +101,9 @@ def statistics_threads(rows: int) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+SHARED_MOST = 64  # keys named for every query that one product per layer takes at most (LayerPlans.shared_keys)
+
+
 class LayerPlans:
     """What the layers of one forward share, computed at the first layer that asks and reused
     by the others: which keys each query may see in a banded product or among named keys (the
@@ -116,24 +119,46 @@ class LayerPlans:
     """
 
     def __init__(self, most: int = 64) -> None:
-        self.entries: list[tuple[tuple, Any, tuple, Any]] = []
+        self.entries: dict[tuple, list[tuple[tuple, Any]]] = {}  # (kind, mask, causal, shapes) -> [(args, value)]
         self.most = most
         self.scratch = Scratch()
+        self.shared_keys: Tensor | None = None  # [batch, 1, n]: the keys probes name for every query alike, in request order
+        self._shared_at: list[tuple[Tensor, slice]] = []
 
     def get(self, call: AttentionCall, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
-        sig = (kind, call.is_causal, tuple(call.query.shape), tuple(call.key.shape))
-        for e_sig, e_mask, e_args, value in self.entries:
-            if e_sig == sig and e_mask is call.mask and _same(e_args, args):
+        sig = (kind, id(call.mask), call.is_causal, call.query.shape, call.key.shape)
+        entries = self.entries.setdefault(sig, [])
+        for e_args, value in entries:
+            if _same(e_args, args):
                 return value
         value = compute()
-        self.entries.append((sig, call.mask, args, value))
-        if len(self.entries) > self.most:
-            self.entries.pop(0)
+        entries.append((args + (call.mask,), value))  # the mask kept alive: its id stays its own
+        if len(entries) > self.most:
+            entries.pop(0)
         return value
+
+    def __len__(self) -> int:
+        """Plans held."""
+        return sum(len(e) for e in self.entries.values())
+
+    def shared_columns(self, key_index: Int[Tensor, "batch 1 n"]) -> slice:
+        """Where the keys ``key_index`` names for every query (the first token, a block of sink
+        keys) sit among :attr:`shared_keys`, appended the first time they are asked for. Each
+        layer then takes one product for all of them (:meth:`LayerStatistics._probs`), however
+        many probes name some: ``sink`` and ``streaming`` both read the first token."""
+        for idx, cols in self._shared_at:
+            if _same((idx,), (key_index,)):
+                return cols
+        start = 0 if self.shared_keys is None else self.shared_keys.shape[-1]
+        self.shared_keys = key_index if self.shared_keys is None else torch.cat([self.shared_keys, key_index], dim=-1)
+        cols = slice(start, start + key_index.shape[-1])
+        self._shared_at.append((key_index, cols))
+        return cols
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    if len(a) != len(b):
+    """Whether the arguments ``b`` equal the stored ``a`` (which may hold more items after them)."""
+    if len(a) < len(b):
         return False
     for x, y in zip(a, b):
         if x is y:  # probes hand every layer the same index tensors (per_queries): no comparison
@@ -231,6 +256,22 @@ def _compact_order(rank: Int[Tensor, "batch pos"], lo: Int[Tensor, "batch query"
     return order, key_order, lo.gather(1, order)[:, :n_rows], hi.gather(1, order)[:, :n_rows]
 
 
+def _named_mask(call: AttentionCall, key_index: Tensor, q0: int, q1: int) -> tuple[Float[Tensor, "batch mask_head block n"], Tensor | None]:
+    """:func:`~workbench.masking.named_key_mask` with ``allowed`` as float32 0 / 1: :func:`weights`
+    multiplies by it every layer, and a boolean factor would be converted every time."""
+    allowed, additive = named_key_mask(call, key_index, q0, q1)
+    return allowed.float(), additive
+
+
+def _live_keys(idx: Int[Tensor, "batch query_or_1 n"]) -> tuple[Bool[Tensor, " n"] | None, Tensor | None]:
+    """Which of the ``n`` named keys some query sees (None when all do) and the index of those
+    alone (None when none does)."""
+    live = (idx >= 0).flatten(0, 1).any(0)
+    if bool(live.all()):
+        return None, None
+    return live, (idx[..., live] if bool(live.any()) else None)
+
+
 class LayerStatistics:
     """Attention statistics of one layer for every query of a batch (no rows materialised).
 
@@ -294,14 +335,26 @@ class LayerStatistics:
         return self._probs(key_index.view(-1, 1, 1)).squeeze(-1)
 
     def _probs(self, idx: Int[Tensor, "batch query_or_1 n"]) -> Float[Tensor, "batch head query n"]:
-        """Weights on named keys: per query (``[b, query, n]``) or the same for all (``[b, 1, n]``)."""
+        """Weights on named keys: per query (``[b, query, n]``) or the same for all (``[b, 1, n]``:
+        a view of the layer's one product over the batch's :attr:`LayerPlans.shared_keys`)."""
+        if idx.shape[1] > 1:
+            return self._named_probs(idx)
+        cols = self.plans.shared_columns(idx)
+        if cols.stop > SHARED_MOST:  # probes that name ever new keys: each its own product
+            return self._named_probs(idx)
+        have = self.__dict__.get("_shared_probs")
+        if have is None or have.shape[-1] < cols.stop:  # the first layer, while probes add their keys
+            have = self._shared_probs = self._named_probs(self.plans.shared_keys)
+        return have[..., cols]
+
+    def _named_probs(self, idx: Int[Tensor, "batch query_or_1 n"]) -> Float[Tensor, "batch head query n"]:
         b, h, n_q = self.shape
         d, n_kv, n = self.call.query.shape[3], self.call.key.shape[1], idx.shape[-1]
-        live = (idx >= 0).flatten(0, 1).any(0)  # named keys that some query sees (induction's on prose: one of three)
-        if not bool(live.all()):
+        live, some = self.plans.get(self.call, "live", (idx,), lambda: _live_keys(idx))
+        if live is not None:  # named keys that no query sees (induction's on prose: two of three) are 0
             out = self.lse.new_zeros(b, h, n_q, n)
-            if bool(live.any()):
-                out[..., live] = self._probs(idx[..., live])
+            if some is not None:
+                out[..., live] = self._named_probs(some)
             return out
         per_query = idx.shape[1] > 1
         step = max(1, self.chunk_elements // (b * (n * n_kv * d * per_query + h * n)))
@@ -311,7 +364,7 @@ class LayerStatistics:
         for q0 in range(0, n_q, step):
             q1 = min(n_q, q0 + step)
             block = idx[:, q0:q1] if per_query else idx
-            allowed, additive = self.plans.get(self.call, "named", (block, q0, q1), lambda: named_key_mask(self.call, block, q0, q1))
+            allowed, additive = self.plans.get(self.call, "named", (block, q0, q1), lambda: _named_mask(self.call, block, q0, q1))
             rows = product_rows(self.call, queries, per_query, q0, q1)
             taken = self._buffer("named_keys", (b, n_kv, rows * n if per_query else n, d + 1))
             s = key_products(self.call, block, q0, q1, queries=queries, keys=keys, key_buffer=taken)  # [b, h, block, n]: (s - lse) log2 e
