@@ -409,30 +409,30 @@ class LayerStatistics:
         qb = queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None  # in an order: gathered per call
         mass = self.lse.new_zeros(b, n_kv, n_blocks, rows * (h // n_kv))
         for c in plan.calls:
-            n_sel = c.sel.shape[0]
-            scores = self._buffer("band_scores", (n_sel, rows * (h // n_kv), c.width))
-            if c.q_cols is not None:  # in an order: every block's queries and keys, gathered once
+            n_sel, g = c.sel.shape[0], h // n_kv
+            if c.q_cols is not None:  # in an order: every block's queries and keys gathered once, contiguous: one product for all
                 q_all = take_positions(queries, c.q_cols, out=self._buffer("band_queries", (b, n_kv, n_sel * rows) + queries.shape[3:]))
-                q_all = q_all.view(b, n_kv, n_sel, rows * (h // n_kv), -1)
                 k_all = take_positions(keys, c.k_cols, out=self._buffer("band_keys", (b, n_kv, n_sel * c.width, keys.shape[3])))
-                k_all = k_all.view(b, n_kv, n_sel, c.width, -1)
-            else:
-                gathered = None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * (h // n_kv), queries.shape[-1]))
-            for i in range(b):
+                scores = self._buffer("band_scores", (b * n_kv * n_sel, rows * g, c.width))
+                torch.bmm(q_all.view(b * n_kv * n_sel, rows * g, -1), k_all.view(b * n_kv * n_sel, c.width, -1).transpose(1, 2), out=scores)
+                blocks = scores.view(b, n_kv, n_sel, rows * g, c.width).add_(c.bias)  # bias: [b, kv | 1, block, row x group, key]
+                blocks.clamp_min_(LOG2_MIN).exp2_()
+                mass.index_copy_(2, c.sel, blocks.sum(-1))
+                continue
+            scores = self._buffer("band_scores", (n_sel, rows * g, c.width))
+            gathered = None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * g, queries.shape[-1]))
+            for i in range(b):  # in column order the blocks' queries are a view of a slice, their keys a strided view: per row and KV head
                 for j in range(n_kv):
-                    if c.q_cols is not None:
-                        q, k = q_all[i, j], k_all[i, j]
+                    if c.q_first is not None:
+                        q = qb[i, j, c.q_first : c.q_first + n_sel]
                     else:
-                        if c.q_first is not None:
-                            q = qb[i, j, c.q_first : c.q_first + n_sel]
-                        else:
-                            q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
-                        k = keys[i, j]
-                        if c.k_first is not None:
-                            k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
-                        else:
-                            k = torch.index_select(k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1])))
-                            k = k.view(n_sel, c.width, -1)
+                        q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
+                    k = keys[i, j]
+                    if c.k_first is not None:
+                        k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
+                    else:
+                        k = torch.index_select(k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1])))
+                        k = k.view(n_sel, c.width, -1)
                     bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
                     torch.baddbmm(bias, q, k.transpose(1, 2), out=scores)
                     scores.clamp_min_(LOG2_MIN).exp2_()
