@@ -645,6 +645,24 @@ def test_keys_named_for_every_query_are_one_product_per_layer(tiny_models, monke
         assert (merged["value"] - merged["value_other"]).abs().max() < TOL
 
 
+def test_shared_keys_stop_growing_at_their_cap(monkeypatch):
+    """Keys named for every query join the batch's shared product only up to SHARED_MOST keys;
+    past it each request is its own product. Every answer equals a fresh computation."""
+    from workbench.statistics import LayerPlans
+
+    monkeypatch.setattr(statistics, "SHARED_MOST", 3)
+    call, batch = random_call("padding", seed=3)
+    n_vis = key_visibility(call).n_visible(call.query.shape[0], call.query.device)
+    plans = LayerPlans()
+    asks = [torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([2, 3]), torch.tensor([3, 1]), torch.tensor([0, 0])]
+    for layer in range(2):
+        stats = LayerStatistics(call, batch, n_vis, chunk_elements=64, plans=plans)
+        for key in asks:
+            fresh = LayerStatistics(call, batch, n_vis, chunk_elements=64).key_probs(key)
+            assert torch.allclose(stats.key_probs(key), fresh, rtol=1e-5, atol=1e-7)  # products of other shapes: rounding only
+    assert plans.shared_keys.shape[-1] == 3  # [0, 0], [1, 2], [2, 3]; [3, 1] would be the fourth
+
+
 def test_layers_sharing_scratch_buffers_never_read_each_others():
     """Statistics of two layers on one batch's plans, asked alternately, answer what they answer
     alone: whichever writes the shared scratch buffers makes the other drop its views of them

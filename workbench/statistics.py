@@ -141,15 +141,19 @@ class LayerPlans:
         """Plans held."""
         return sum(len(e) for e in self.entries.values())
 
-    def shared_columns(self, key_index: Int[Tensor, "batch 1 n"]) -> slice:
+    def shared_columns(self, key_index: Int[Tensor, "batch 1 n"]) -> slice | None:
         """Where the keys ``key_index`` names for every query (the first token, a block of sink
         keys) sit among :attr:`shared_keys`, appended the first time they are asked for. Each
         layer then takes one product for all of them (:meth:`LayerStatistics._probs`), however
-        many probes name some: ``sink`` and ``streaming`` both read the first token."""
+        many probes name some: ``sink`` and ``streaming`` both read the first token. None when
+        they would take the shared keys past :data:`SHARED_MOST` (the caller takes its own
+        product: a probe naming ever new keys does not grow every layer's product)."""
         for idx, cols in self._shared_at:
             if _same((idx,), (key_index,)):
                 return cols
         start = 0 if self.shared_keys is None else self.shared_keys.shape[-1]
+        if start + key_index.shape[-1] > SHARED_MOST:
+            return None
         self.shared_keys = key_index if self.shared_keys is None else torch.cat([self.shared_keys, key_index], dim=-1)
         cols = slice(start, start + key_index.shape[-1])
         self._shared_at.append((key_index, cols))
@@ -340,7 +344,7 @@ class LayerStatistics:
         if idx.shape[1] > 1:
             return self._named_probs(idx)
         cols = self.plans.shared_columns(idx)
-        if cols.stop > SHARED_MOST:  # probes that name ever new keys: each its own product
+        if cols is None:  # past SHARED_MOST keys: its own product
             return self._named_probs(idx)
         have = self.__dict__.get("_shared_probs")
         if have is None or have.shape[-1] < cols.stop:  # the first layer, while probes add their keys
@@ -384,7 +388,8 @@ class LayerStatistics:
         tokens); each block is scored only against the keys its ranges span, blocks of similar
         span together. Which blocks, spans and masks is the layer-independent :class:`_BandPlan`,
         made once per batch. Each product is one ``baddbmm`` of the :meth:`_augmented` queries
-        and keys (gathered by column in an order) onto the plan's bias, so it yields
+        and keys onto the plan's bias per batch row and KV head (in an order: one ``bmm`` of the
+        gathered queries and keys for all of them, then the bias added), so it yields
         ``(s - lse) log2 e`` with masked keys at -1e30, then ``exp2`` and a sum: four passes.
         """
         b, h, n_q = self.shape
