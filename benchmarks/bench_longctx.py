@@ -114,11 +114,9 @@ def _our_forward(wb, ids):
     """The forward ``run_probes`` runs (plain HF modules, the fused kernel asked for its lse, in
     query blocks under long boolean masks), with no probe reading anything: what ours_a and
     ours_b would cost if their statistics were free."""
-    import contextlib
-
     import torch
 
-    from workbench.attention import ForwardStopped, StopAfterLayer, hooked_run, observe
+    from workbench.attention import hooked_run, stop_after_layer
     from workbench.extraction import base_network
 
     x = torch.tensor([ids])
@@ -128,8 +126,7 @@ def _our_forward(wb, ids):
             return frozenset({"lse"})
 
     def run():
-        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True), observe(StopAfterLayer(wb.n_layers - 1)), \
-                contextlib.suppress(ForwardStopped):  # run_probes' forward ends after the last layer's attention too
+        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True), stop_after_layer(wb.n_layers - 1):  # as run_probes' forward
             base_network(wb.hf_model)(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
     return run

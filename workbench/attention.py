@@ -85,7 +85,7 @@ def observe(*observers: Any) -> Iterator[Any]:
 
 
 class ForwardStopped(Exception):
-    """Raised by :class:`StopAfterLayer` to end a forward early (caught by whoever armed it)."""
+    """Raised by :class:`StopAfterLayer` to end a forward early (:func:`stop_after_layer` catches it)."""
 
 
 @dataclass
@@ -93,14 +93,22 @@ class StopAfterLayer:
     """An observer that ends the forward once layer ``layer``'s attention call has been seen by
     every observer registered before it: what the model computes after that (the layer's output
     projection and MLP, the final norm, the head) is read by nobody. TransformerLens calls it
-    ``stop_at_layer``, nnsight ``stop()``. Register it last (:func:`observe` inside the run's
-    :func:`hooked_run`) and catch :class:`ForwardStopped` around the forward."""
+    ``stop_at_layer``, nnsight ``stop()``. Use it through :func:`stop_after_layer`."""
 
     layer: int
 
     def on_attention(self, call: AttentionCall) -> None:
         if call.layer >= self.layer:
             raise ForwardStopped(self.layer)
+
+
+@contextlib.contextmanager
+def stop_after_layer(layer: int) -> Iterator[None]:
+    """A forward run inside the block ends after layer ``layer``'s attention call (its output is
+    then not computed). Enter it inside the run's :func:`hooked_run`, so the run's observers see
+    that call first."""
+    with observe(StopAfterLayer(layer)), contextlib.suppress(ForwardStopped):
+        yield
 
 
 def _eager_output(call: AttentionCall) -> Tensor:

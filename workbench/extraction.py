@@ -36,7 +36,7 @@ import torch
 
 from torch import Tensor
 
-from workbench.attention import AttentionCall, ForwardStopped, StopAfterLayer, hooked_run, observe
+from workbench.attention import AttentionCall, hooked_run, stop_after_layer
 from workbench.context import RunContext
 from workbench.device import run_halving_on_oom
 from workbench.errors import WorkbenchError
@@ -175,7 +175,7 @@ def run_pattern_probes(
 
     def model_forward(batch: BatchInfo) -> None:
         # the probes read attention only: the forward ends after the last layer's attention call
-        with observe(StopAfterLayer(model.n_layers - 1)), contextlib.suppress(ForwardStopped):
+        with stop_after_layer(model.n_layers - 1):
             base_network(model.hf_model)(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

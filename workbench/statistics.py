@@ -119,7 +119,7 @@ class LayerPlans:
     """
 
     def __init__(self, most: int = 64) -> None:
-        self.entries: dict[tuple, list[tuple[tuple, Any]]] = {}  # (kind, mask, causal, shapes) -> [(args, value)]
+        self.entries: dict[tuple, list[tuple[tuple, Any, Any]]] = {}  # (kind, id(mask), causal, shapes) -> [(args, value, mask)]
         self.most = most
         self.scratch = Scratch()
         self.shared_keys: Tensor | None = None  # [batch, 1, n]: the keys probes name for every query alike, in request order
@@ -128,11 +128,11 @@ class LayerPlans:
     def get(self, call: AttentionCall, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
         sig = (kind, id(call.mask), call.is_causal, call.query.shape, call.key.shape)
         entries = self.entries.setdefault(sig, [])
-        for e_args, value in entries:
+        for e_args, value, _ in entries:
             if _same(e_args, args):
                 return value
         value = compute()
-        entries.append((args + (call.mask,), value))  # the mask kept alive: its id stays its own
+        entries.append((args, value, call.mask))  # the mask kept alive: its id stays its own
         if len(entries) > self.most:
             entries.pop(0)
         return value
@@ -161,8 +161,7 @@ class LayerPlans:
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    """Whether the arguments ``b`` equal the stored ``a`` (which may hold more items after them)."""
-    if len(a) < len(b):
+    if len(a) != len(b):
         return False
     for x, y in zip(a, b):
         if x is y:  # probes hand every layer the same index tensors (per_queries): no comparison
