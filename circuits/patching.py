@@ -79,6 +79,14 @@ def _repeat(batch: BatchInfo, m: int) -> BatchInfo:
     return BatchInfo(batch.prompt_ids * m, r(batch.input_ids), r(batch.attention_mask), r(batch.positions), r(batch.lengths), r(batch.first_index))
 
 
+def final_softcap(hf_model: torch.nn.Module, logits: Tensor) -> Tensor:
+    """The head's logits as the model's own forward returns them: Gemma 2 soft-caps them,
+    ``c tanh(logit / c)`` with ``c = final_logit_softcapping``; others leave them as they are."""
+    cfg = hf_model.config
+    cap = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "final_logit_softcapping", None)
+    return logits if not cap else cap * torch.tanh(logits / cap)
+
+
 def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, " rows"]:
     """LD at each prompt's last position; only the last positions go through the unembedding."""
     with hooked_run(model.hf_model, *observers, grad=grad):
@@ -86,7 +94,7 @@ def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Se
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        logits = model.hf_model.get_output_embeddings()(hidden[rows, pb.last.repeat(m)])
+        logits = final_softcap(model.hf_model, model.hf_model.get_output_embeddings()(hidden[rows, pb.last.repeat(m)]))
         return logits.gather(1, pb.correct.repeat(m)[:, None])[:, 0] - logits.gather(1, pb.incorrect.repeat(m)[:, None])[:, 0]
 
 

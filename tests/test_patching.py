@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from circuits.patching import _VariantZPatcher, activation_patching, attribution_patching, baseline, logit_diff, path_patching
+from circuits.patching import _VariantZPatcher, activation_patching, attribution_patching, baseline, logit_diff, pair_batch, path_patching
 from circuits.tasks import Pair, make_pair, make_task, read_pairs
 from tests.reference import serial_path_patching
 from workbench.errors import WorkbenchError
@@ -30,6 +30,28 @@ def tiny_pairs(model, n=4, seed=0):
     return pairs
 
 
+
+
+def test_logit_difference_is_the_models_own_under_a_final_soft_cap(tmp_path):
+    """Gemma 2 soft-caps the head's logits (``c tanh(logit / c)``) after the unembedding: the
+    logit difference every patching method reads is the one the model's own forward gives, on a
+    padded batch of unequal lengths (a cap of 0.5 keeps every logit small, so leaving it out
+    fails)."""
+    from tests.tiny_gemma import gemma_config, save_tiny
+    from workbench.models import load_model
+
+    cfg = gemma_config("gemma2")
+    cfg.final_logit_softcapping = 0.5
+    model = load_model(str(save_tiny(tmp_path, cfg)), device="cpu")
+    pb = pair_batch(model, tiny_pairs(model))
+    assert len(set(pb.clean.lengths.tolist())) > 1
+    got = logit_diff(model, pb.clean, pb)
+    with torch.no_grad():
+        logits = model.hf_model(input_ids=pb.clean.input_ids, attention_mask=pb.clean.attention_mask).logits
+    rows = torch.arange(pb.size)
+    want = logits[rows, pb.last, pb.correct] - logits[rows, pb.last, pb.incorrect]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert want.abs().max() < 1.0
 
 
 @pytest.mark.parametrize("engine", ["graph", "hooks"])
