@@ -22,6 +22,7 @@ with a target. Prompts without a ``period`` count only towards ``prev_token`` an
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -31,6 +32,17 @@ from probes.base import PatternProbe
 from workbench.atlas import Role
 from workbench.metric_kinds import MetricInfo
 from workbench.patterns import BatchInfo, PatternView, same_token_ranges
+
+
+class Targets(NamedTuple):
+    """What induction reads of a batch's queries, the same in every layer (:meth:`~probes.base.PatternProbe.per_queries`)."""
+
+    keys: Tensor  # [batch, query, 3]: previous token, earlier copy, the token after it (-1 where none)
+    echo_lo: Tensor  # [batch, query]: echo's key range, in same-token order
+    echo_hi: Tensor
+    use_named: Tensor  # [batch, 1, query, 3]: 1.0 where the query counts towards prev_token / duplicate / induction
+    use_echo: Tensor  # [batch, 1, query]: 1.0 where it counts towards echo
+    n: Tensor  # [4]: queries counted per metric, float64
 
 
 class InductionProbe(PatternProbe):
@@ -63,7 +75,7 @@ class InductionProbe(PatternProbe):
         # earlier keys holding the query's token: a key range once positions are sorted by token
         self._rank, self._echo_lo, self._echo_hi = same_token_ranges(batch)
 
-    def _targets(self, chunk: PatternView) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor], Tensor]:
+    def _targets(self, chunk: PatternView) -> Targets:
         """The layer-independent part (:meth:`per_queries`): each query's named keys (previous
         token, earlier copy, the token after it; -1 where there is none), echo's key range, and
         which queries each metric averages over (float32, for the named keys and for echo) and
@@ -78,16 +90,16 @@ class InductionProbe(PatternProbe):
         lo, hi = self._echo_lo[:, chunk.queries], self._echo_hi[:, chunk.queries]
         use = torch.stack([has_prev, rep, rep, valid & (hi > lo)], dim=-1)  # [batch, chunk, metric]
         weights = use.float().unsqueeze(1)  # [batch, 1, chunk, metric]
-        return keys, lo, hi, (weights[..., :3], weights[..., 3]), use.sum((0, 1)).double()
+        return Targets(keys, lo, hi, weights[..., :3], weights[..., 3], use.sum((0, 1)).double())
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:
-        keys, lo, hi, (use_named, use_echo), n = self.per_queries(chunk, lambda: self._targets(chunk))
-        a = chunk.probs_at(keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
-        echo = chunk.mass_in(lo, hi, self._rank)  # [batch, head, chunk]
+        t = self.per_queries(chunk, lambda: self._targets(chunk))
+        a = chunk.probs_at(t.keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
+        echo = chunk.mass_in(t.echo_lo, t.echo_hi, self._rank)  # [batch, head, chunk]
         total = self.acc("sum", len(self.metrics), self.n_layers, self.n_heads)  # [metric, layer, head], self.metrics' order
-        total[:3, chunk.layer] += (a * use_named).sum((0, 2)).T
-        total[3, chunk.layer] += (echo * use_echo).sum((0, 2))
-        self.acc("n", len(self.metrics), self.n_layers)[:, chunk.layer] += n
+        total[:3, chunk.layer] += (a * t.use_named).sum((0, 2)).T
+        total[3, chunk.layer] += (echo * t.use_echo).sum((0, 2))
+        self.acc("n", len(self.metrics), self.n_layers)[:, chunk.layer] += t.n
 
     def results(self) -> pd.DataFrame:
         frames = []

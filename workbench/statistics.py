@@ -27,7 +27,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -207,6 +207,13 @@ class _BandPlan:
     n_blocks: int
     key_end: int = 0  # one past the last key any product reads
     calls: list[_BandCall] = field(default_factory=list)
+
+
+class _NarrowKeys(NamedTuple):
+    """Ranges of a few keys as named keys (:meth:`LayerStatistics._narrow_mass`)."""
+
+    keys: Tensor | None  # [batch, 1, n] when every row's non-empty ranges are the same (then ``full``), else [batch, query, n]; -1 pads; None: every range is empty
+    full: Tensor | None  # [batch, query]: which queries have a range, for [batch, 1, n] keys
 
 
 def _blocks_of(n_q: int) -> int:
@@ -538,30 +545,28 @@ class LayerStatistics:
         named = self.plans.get(self.call, "narrow", (lo, hi, most), lambda: self._narrow_keys(lo, hi, most))
         if named is None:
             return None
-        if isinstance(named, str):  # every range empty
+        if named.keys is None:  # every range empty
             return self.lse.new_zeros(self.shape)
-        idx, full = named
-        mass = self._probs(idx).sum(-1)
-        return mass if full is None else mass * full.unsqueeze(1)
+        mass = self._probs(named.keys).sum(-1)
+        return mass if named.full is None else mass * named.full.unsqueeze(1)
 
-    def _narrow_keys(self, lo: Tensor, hi: Tensor, most: int) -> tuple[Tensor, Tensor | None] | str | None:
-        """The named keys of :meth:`_narrow_mass` (``[b, 1, n]`` when every row's ranges agree,
-        with the rows' non-empty flags; else ``[b, query, n]``), "empty", or None (too wide)."""
+    def _narrow_keys(self, lo: Tensor, hi: Tensor, most: int) -> _NarrowKeys | None:
+        """The named keys of :meth:`_narrow_mass`, or None when a range is too wide."""
         full = hi > lo
         n = int((hi - lo)[full].max()) if bool(full.any()) else 0
         if n > most:
             return None
         if n == 0:
-            return "empty"
+            return _NarrowKeys(None, None)
         big = self.n_keys + 1
         same = bool(((torch.where(full, lo, big).amin(1) == torch.where(full, lo, -1).amax(1)) | ~full.any(1)).all()
                     and ((torch.where(full, hi, big).amin(1) == torch.where(full, hi, -1).amax(1)) | ~full.any(1)).all())
         if same:  # one range per row: [b, 1, n] keys, named once
             lo_r, hi_r = torch.where(full, lo, big).amin(1, keepdim=True), torch.where(full, hi, -1).amax(1, keepdim=True)
             idx = lo_r.unsqueeze(-1) + torch.arange(n, device=lo.device)
-            return torch.where(idx < hi_r.unsqueeze(-1), idx, -1), full
+            return _NarrowKeys(torch.where(idx < hi_r.unsqueeze(-1), idx, -1), full)
         idx = lo.unsqueeze(-1) + torch.arange(n, device=lo.device)
-        return torch.where(idx < hi.unsqueeze(-1), idx, -1), None
+        return _NarrowKeys(torch.where(idx < hi.unsqueeze(-1), idx, -1), None)
 
     # -- row entropy ---------------------------------------------------------------------------
     @cached_property
