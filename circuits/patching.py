@@ -82,8 +82,7 @@ def _repeat(batch: BatchInfo, m: int) -> BatchInfo:
 def final_softcap(hf_model: torch.nn.Module, logits: Tensor) -> Tensor:
     """The head's logits as the model's own forward returns them: Gemma 2 soft-caps them,
     ``c tanh(logit / c)`` with ``c = final_logit_softcapping``; others leave them as they are."""
-    cfg = hf_model.config
-    cap = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "final_logit_softcapping", None)
+    cap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
     return logits if not cap else cap * torch.tanh(logits / cap)
 
 

@@ -30,8 +30,6 @@ def tiny_pairs(model, n=4, seed=0):
     return pairs
 
 
-
-
 def test_logit_difference_is_the_models_own_under_a_final_soft_cap(tmp_path):
     """Gemma 2 soft-caps the head's logits (``c tanh(logit / c)``) after the unembedding: the
     logit difference every patching method reads is the one the model's own forward gives, on a
