@@ -188,16 +188,16 @@ URL_COMMANDS = {
 @pytest.mark.parametrize("command", URL_COMMANDS)
 @pytest.mark.parametrize("url, message, fix", [
     ("foo://bucket", "unknown URL protocol 'foo'", "a URL fsspec knows"),
-    ("s3://bucket", "s3:// URLs need a package that is not installed", "pip install s3fs"),
+    ("gs://bucket", "gs:// URLs need a package that is not installed", "pip install gcsfs"),  # s3fs is a dev dependency (tests/test_s3_runs.py)
 ], ids=["unknown-protocol", "missing-package"])
 def test_a_url_that_cannot_be_opened_is_one_error(files, tmp_path, monkeypatch, capsys, command, url, message, fix):
     """Where URLs are accepted, one that fsspec cannot open (an unknown protocol, a protocol whose
     package is not installed) is one error naming the fix, before any work, and leaves no folder
-    named "s3:" or "foo:"."""
-    if url.startswith("s3:"):
+    named "gs:" or "foo:"."""
+    if url.startswith("gs:"):
         try:
-            import s3fs  # noqa: F401
-            pytest.skip("s3fs is installed")
+            import gcsfs  # noqa: F401
+            pytest.skip("gcsfs is installed")
         except ImportError:
             pass
     work = tmp_path / "cwd"

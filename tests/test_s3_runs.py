@@ -1,0 +1,146 @@
+"""Run folders on a real S3 protocol: moto's S3 server on loopback, reached through s3fs (the
+client our users' ``s3://`` URLs load). ``memory://`` (tests/test_url_runs.py) is fsspec's own
+in-process store; this one speaks HTTP, signs requests, lists with prefixes and delimiters,
+caches listings in the client and has no rename, so it checks what an object store does that
+``memory://`` does not. Nothing is mocked but the network: the server answers on 127.0.0.1.
+
+Skipped when moto or s3fs is not installed (both are in the ``dev`` extra)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+import pandas as pd
+import pytest
+
+moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+from workbench import runfs  # noqa: E402
+from workbench.cli import main  # noqa: E402
+from workbench.results import load_results, query  # noqa: E402
+from workbench.sweeps import run_sweep  # noqa: E402
+
+from tests.test_sweep_folder import write  # noqa: E402
+
+KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
+
+
+def quiet(*_) -> None:
+    pass
+
+
+def rows(run) -> pd.DataFrame:
+    return load_results(run).sort_values(KEYS).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint on 127.0.0.1 and fsspec configured to reach it (as a user's
+    ``FSSPEC_S3_ENDPOINT_URL`` would); yields a helper that makes a fresh bucket's URL."""
+    import boto3
+    import fsspec
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = dict(fsspec.config.conf.get("s3", {}))
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+                                "client_kwargs": {"region_name": "us-east-1"}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("s3")
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+
+    def bucket() -> str:
+        name = f"wb-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    bucket.fs = fs
+    try:
+        yield bucket
+    finally:
+        fsspec.config.conf["s3"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3runs")
+    cfg = write(root, tiny_dirs["llama"])
+    run_sweep(cfg, root / "local", progress=False, log=quiet)
+    return cfg, root / "local"
+
+
+def objects(fs, url: str) -> dict[str, bytes]:
+    """Every object under ``url`` by its key below it, read afresh from the server."""
+    fs.invalidate_cache()
+    base = url.removeprefix("s3://").rstrip("/")
+    return {k[len(base) + 1:]: fs.cat_file(k) for k in fs.find(base)}
+
+
+def test_a_sweep_into_s3_equals_the_local_one_and_resumes_without_recomputing(s3, local):
+    cfg, ref = local
+    run = f"{s3()}/runs/a"
+    summary = run_sweep(cfg, run, progress=False, log=quiet)
+    assert summary["ran"] == 3
+    stored = objects(s3.fs, run)
+    parts = sorted(k for k in stored if k.startswith("parts/"))
+    assert parts == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
+    assert set(stored) == {*parts, "run.json", "sweep.json"}, "no temporary object left"
+    manifest = json.loads(stored["run.json"])
+    for p in parts:
+        entry = manifest["parts"][p.removeprefix("parts/")]
+        assert entry["size"] == len(stored[p]) and entry["sha256"] == hashlib.sha256(stored[p]).hexdigest()
+    pd.testing.assert_frame_equal(rows(run), rows(ref))
+    said: list[str] = []
+    again = run_sweep(cfg, run, progress=False, log=said.append)
+    assert again["ran"] == 0 and again["skipped"] == 3 and "resuming: 3 of 3 units already done" in said
+    assert objects(s3.fs, run) == stored, "nothing recomputed or rewritten"
+
+
+def test_a_damaged_part_on_s3_is_set_aside_by_copy_and_delete_and_recomputed(s3, local):
+    cfg, ref = local
+    run = f"{s3()}/run"
+    run_sweep(cfg, run, progress=False, log=quiet)
+    name = next(n for n in runfs.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
+    key = f"{run.removeprefix('s3://')}/parts/{name}"
+    damaged = s3.fs.cat_file(key)[:100]
+    s3.fs.pipe_file(key, damaged)  # written by another client: this process's listing cache knows nothing of it
+    summary = run_sweep(cfg, run, progress=False, log=quiet)
+    assert summary["ran"] == 1 and summary["set_aside_corrupt"] == 1
+    stored = objects(s3.fs, run)
+    aside = [k for k in stored if k.startswith("superseded/") and k.endswith(f"/corrupt/{name}")]
+    assert len(aside) == 1 and stored[aside[0]] == damaged, "the damaged part is kept aside, not deleted"
+    assert sorted(k for k in stored if k.startswith("parts/")) == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
+    pd.testing.assert_frame_equal(rows(run), rows(ref))
+    assert run_sweep(cfg, run, progress=False, log=quiet)["ran"] == 0
+
+
+def test_query_report_and_a_probe_file_on_s3(s3, local, tiny_dirs, tmp_path, capsys):
+    cfg, ref = local
+    bucket = s3()
+    run = f"{bucket}/run"
+    assert main(["sweep", str(cfg), "--out", run, "--no-progress"]) == 0
+    sql = "select * exclude (run) from results order by model, dataset, probe, metric, layer, head"
+    for read_only in (False, True):
+        pd.testing.assert_frame_equal(query(sql, [run], read_only=read_only), query(sql, [ref], read_only=read_only))
+    assert main(["report", run, "--out", f"{bucket}/report.html"]) == 0
+    page = objects(s3.fs, bucket)["report.html"].decode()
+    assert "Attention-head report: run" in page and "prose" in page
+    out = f"{bucket}/probe/entropy.parquet"
+    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2",
+                 "--out", out, "--no-progress"]) == 0
+    table = load_results(out)
+    assert set(table.metric) == {"entropy", "entropy_norm"} and len(table) == 2 * 3 * 4
+    capsys.readouterr()
+    # a bucket that does not exist: one error naming the fix, no traceback
+    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2",
+                 "--out", f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/e.parquet", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
