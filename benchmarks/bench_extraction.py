@@ -2,14 +2,19 @@
 
 For SmolLM2-135M (float32, CPU unless CUDA is visible) at batch x tokens 4 x 512 and 1 x 4096:
 
-  (a) hf_sdpa   bare transformers forward (AutoModelForCausalLM, attn_implementation="sdpa")
+  (a) hf_sdpa   bare transformers forward (AutoModelForCausalLM, attn_implementation="sdpa"),
+                logits of the last position only (``logits_to_keep=1``: what a practitioner who
+                wants attention, not logits, would run; the full [batch, T, vocab] logits would
+                add a fifth of the forward to the baseline and flatter every ratio)
   (b) tl_cache  TransformerLens TransformerBridge.run_with_cache(names_filter=hook_pattern),
                 then entropy / sink computed from the cached patterns
   (c) workbench our `entropy,sink` probes (run_probes), metrics reduced inside the forward
 
-Each (method, shape) runs in its own process so peak RSS is that method's own; the time is the
-median of the repeats after one warm-up, model loading excluded. Ratios are against (a) of
-the same shape, measured in this same run.
+Each (method, shape) runs in its own process so peak RSS is that method's own (``--rounds``).
+Time ratios come from one more process per shape that alternates the methods (``--cycles``;
+TransformerLens left out at 1 x 4096, where its cache alone is ~20 GB), each against (a) of the
+same cycle: on a shared machine two processes minutes apart differ by 20-50%. Model loading is
+excluded everywhere; every method is warmed up once.
 
     python benchmarks/bench_extraction.py            # all shapes and methods
     python benchmarks/bench_extraction.py --quick    # 4 x 512 only
@@ -44,7 +49,9 @@ def real_text_ids(tokenizer, batch: int, tokens: int) -> list[list[int]]:
     return rows
 
 
-def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
+def _runner(method: str, batch: int, tokens: int, loaded: dict):
+    """A function running ``method`` once on ``batch`` rows of ``tokens`` prose ids (models
+    loaded once into ``loaded``, shared by the methods of one process)."""
     import torch
 
     torch.set_grad_enabled(False)
@@ -55,13 +62,20 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
     from workbench.models import load_model
 
     folder, device = str(ensure_embedded(quiet=True)), resolve_device("auto")
-    rows = real_text_ids(AutoTokenizer.from_pretrained(folder), batch, tokens)
+    if "rows" not in loaded:
+        loaded["rows"] = real_text_ids(AutoTokenizer.from_pretrained(folder), batch, tokens)
+    rows = loaded["rows"]
     ids = torch.tensor(rows, device=device)
-    if method == "hf_sdpa":  # only the plain HF model in this process, so its peak is its own
-        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").to(device).eval()
-        run = lambda: hf(ids, use_cache=False)  # noqa: E731
-    else:
-        wb = load_model("smollm2-135m", device=device)
+    if method == "hf_sdpa":  # the plain HF model, never the one the bridge wraps
+        if "hf" not in loaded:
+            loaded["hf"] = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").to(device).eval()
+        hf = loaded["hf"]
+        return lambda: hf(ids, use_cache=False, logits_to_keep=1)
+    if method not in ("tl_cache", "workbench"):
+        raise SystemExit(f"unknown method {method}")
+    if "wb" not in loaded:
+        loaded["wb"] = load_model("smollm2-135m", device=device)
+    wb = loaded["wb"]
     if method == "tl_cache":
         bridge = wb.bridge
 
@@ -74,19 +88,42 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
                 ent.append(h.mean((0, 2)))
                 sink.append((a[..., 0].sum(-1) / a.shape[-1]).mean(0))
             return torch.stack(ent), torch.stack(sink)
-    elif method == "workbench":
-        from probes import get_probe
-        from workbench.runner import run_probes
-        from workbench.prompts import TokenizedPrompt
 
-        prompts = [TokenizedPrompt(str(i), r) for i, r in enumerate(rows)]
-        run = lambda: run_probes(wb, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=batch, progress=False)  # noqa: E731
-    elif method != "hf_sdpa":
-        raise SystemExit(f"unknown method {method}")
+        return run
+    from probes import get_probe
+    from workbench.prompts import TokenizedPrompt
+    from workbench.runner import run_probes
+
+    prompts = [TokenizedPrompt(str(i), r) for i, r in enumerate(rows)]
+    return lambda: run_probes(wb, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=batch, progress=False)
+
+
+def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
+    """One method alone in this process: its median time and its own peak RSS."""
     from timing import median_time_and_peak
 
-    seconds, peak_gb = median_time_and_peak(run, repeats, warmup=True)
+    seconds, peak_gb = median_time_and_peak(_runner(method, batch, tokens, {}), repeats, warmup=True)
     return {"method": method, "batch": batch, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb, "repeats": repeats}
+
+
+def child_interleaved(methods: list[str], batch: int, tokens: int, cycles: int) -> dict:
+    """Times of the methods in one process, alternating (each cycle runs every method once, the
+    order rotated): a drift of the shared machine hits every method of a cycle alike, and the
+    ratio to ``hf_sdpa`` of the same cycle cancels it. Separate processes minutes apart differ
+    by 20-50% here, as much as what is measured. Times only: peak memory needs a process each."""
+    import time
+
+    loaded: dict = {}
+    runs = {m: _runner(m, batch, tokens, loaded) for m in methods}
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for c in range(cycles):
+        for m in methods[c % len(methods):] + methods[: c % len(methods)]:
+            t0 = time.perf_counter()
+            runs[m]()
+            times[m].append(time.perf_counter() - t0)
+    return {"batch": batch, "tokens": tokens, "cycles": cycles, "times": times}
 
 
 def main() -> None:
@@ -98,10 +135,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only 4 x 512")
     ap.add_argument("--shape", help="only this BATCHxTOKENS, e.g. 1x4096")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all methods (the machine drifts)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of one process per method: peak memory (and per-process times)")
+    ap.add_argument("--cycles", type=int, default=6, help="cycles of the methods alternating in one process: the time ratios (0: skip)")
+    ap.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.tokens, args.repeats)))
+        if args.interleaved:
+            print(json.dumps(child_interleaved(args.child.split(","), args.batch, args.tokens, args.cycles)))
+        else:
+            print(json.dumps(child(args.child, args.batch, args.tokens, args.repeats)))
         return
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shape:
@@ -110,8 +152,9 @@ def main() -> None:
     methods = args.methods.split(",")
     if methods[0] != "hf_sdpa":
         methods = ["hf_sdpa"] + [m for m in methods if m != "hf_sdpa"]
-    print(f"rounds: {args.rounds} (methods alternate within a round; ratios are per round, then the median)")
-    print(f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'time/(a)':>9} {'mem/(a)':>8}")
+    print(f"peak memory: {args.rounds} round(s) of one process per method; time: {args.cycles} cycles of the methods alternating in one "
+          "process, each ratio against hf_sdpa of the same cycle (median, min-max); 'process time/(a)': the per-process rounds")
+    print(f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'process time/(a)':>17} {'mem/(a)':>8} {'time/(a), same process':>24}")
     for batch, tokens in shapes:
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for _ in range(args.rounds):
@@ -126,6 +169,19 @@ def main() -> None:
                     print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}", flush=True)
                     continue
                 runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        same: dict[str, str] = {}
+        if args.cycles > 0:
+            # TransformerLens' cache at 4096 tokens (~20 GB) next to two more models: not in one process
+            inter = [m for m in methods if m != "tl_cache" or batch * tokens <= 2048]
+            proc = subprocess.run([sys.executable, __file__, "--child", ",".join(inter), "--interleaved", "--batch", str(batch),
+                                   "--tokens", str(tokens), "--cycles", str(args.cycles)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                t = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+                for m, ts in t.items():
+                    r = [a / b for a, b in zip(ts, t["hf_sdpa"])]
+                    same[m] = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+            else:
+                print(f"{batch:>6} x {tokens:<6} same-process cycles failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
         base = runs["hf_sdpa"]
         for method in methods:
             rs = runs[method]
@@ -135,7 +191,7 @@ def main() -> None:
             mem = max(r["peak_gb"] for r in rs)
             tr = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rs, base))
             mr = mem / max(b["peak_gb"] for b in base)
-            print(f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:8.2f}x {mr:7.2f}x", flush=True)
+            print(f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:16.2f}x {mr:7.2f}x {same.get(method, '-'):>24}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The head-level hook point: an attention implementation that lets observers see every head.
 
 TransformerLens' bridge re-implements attention eagerly so that ``hook_pattern`` can fire;
-that materialises ``[batch, head, query, key]`` for every layer and costs 1.7x the forward's
-time and memory at 512 tokens, and 9x the memory at 4096. We instead register a transformers
-attention implementation, ``"workbench"``, which
+that materialises ``[batch, head, query, key]`` for every layer and costs 2x the forward's
+time and 2.7x its memory at 4 x 512 tokens, and 17x the memory at 4096 (README, Benchmark).
+We instead register a transformers attention implementation, ``"workbench"``, which
 
 1. computes the layer's output with PyTorch SDPA (flash / memory-efficient kernels where the
    device has them), exactly as ``attn_implementation="sdpa"`` would, and
