@@ -1,7 +1,9 @@
 """Sweeps on executors: the [executor] table, Ray missing or unreachable, and a real local Ray
 cluster (started here with `ray start --head`, token authentication, loopback only) whose parts
 equal the local executor's row for row, also into a file:// URL and when the worker running a
-task is killed."""
+task is killed, and into an ``s3://`` bucket of moto's S3 server on loopback (workers configured
+the way a user's nodes are: the standard AWS variables in the environment the cluster starts
+with)."""
 from __future__ import annotations
 
 import os
@@ -100,9 +102,34 @@ def test_an_unreachable_ray_address_is_one_error(sweep_config, tmp_path, capsys)
 
 # -- a real cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_cluster():
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 and the AWS variables that reach it (what a user's nodes
+    would have for a real bucket), or None when moto / s3fs are not installed."""
+    try:
+        import boto3
+        import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    try:
+        yield {"env": env, "client": client}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
     """`ray start --head --block` on loopback with a random token; stopped by its process group
-    (our own processes only: `ray stop --force` would stop every Ray on the machine)."""
+    (our own processes only: `ray stop --force` would stop every Ray on the machine). Its workers
+    reach the loopback S3 server when there is one."""
     pytest.importorskip("ray")
     ray_bin = Path(sys.executable).parent / "ray"
     if not ray_bin.exists():
@@ -111,7 +138,8 @@ def ray_cluster():
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           **(s3_endpoint["env"] if s3_endpoint else {})}
     log = open(Path(temp) / "start.log", "w")
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--disable-usage-stats", "--include-dashboard=false", "--num-cpus=2", "--object-store-memory=100000000",
@@ -178,6 +206,34 @@ def test_a_ray_sweep_into_a_file_url_equals_the_local_one(sweep_config, ray_clus
     assert sorted(p.name for p in (folder / "parts").iterdir()) == sorted(p.name for p in (local / "parts").iterdir())
     pd.testing.assert_frame_equal(sorted_rows(load_results(url)), sorted_rows(load_results(local)))
     again = driver(ray_cluster, cfg, "--out", url)
+    assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
+
+
+def test_a_ray_sweep_into_s3_equals_the_local_one(sweep_config, ray_cluster, s3_endpoint, tmp_path, monkeypatch):
+    """Every worker writes its parts to the bucket itself, through s3fs; the driver lists them,
+    writes run.json and resumes from the bucket. The rows equal the local executor's."""
+    if s3_endpoint is None:
+        pytest.skip("moto and s3fs are not installed")
+    import s3fs
+
+    cfg, local = sweep_config
+    bucket = f"wb-ray-{secrets.token_hex(6)}"
+    s3_endpoint["client"].create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/runs/ray"
+    done = driver(ray_cluster, cfg, "--out", url, **s3_endpoint["env"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"6 units: 6 run now, 0 already done -> {url}/parts" in done.stdout
+    keys = sorted(o["Key"] for o in s3_endpoint["client"].list_objects_v2(Bucket=bucket)["Contents"])
+    parts = sorted(f"runs/ray/parts/{p.name}" for p in (local / "parts").iterdir())
+    assert keys == sorted([*parts, "runs/ray/run.json", "runs/ray/sweep.json"]), "no temporary object left"
+    for k, v in s3_endpoint["env"].items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        pd.testing.assert_frame_equal(sorted_rows(load_results(url)), sorted_rows(load_results(local)))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    again = driver(ray_cluster, cfg, "--out", url, **s3_endpoint["env"])
     assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
 
 
