@@ -107,23 +107,14 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
 
 
 def child_interleaved(methods: list[str], batch: int, tokens: int, cycles: int) -> dict:
-    """Times of the methods in one process, alternating (each cycle runs every method once, the
-    order rotated): a drift of the shared machine hits every method of a cycle alike, and the
-    ratio to ``hf_sdpa`` of the same cycle cancels it. Separate processes minutes apart differ
-    by 20-50% here, as much as what is measured. Times only: peak memory needs a process each."""
-    import time
+    """Times of the methods in one process, alternating (:func:`timing.alternating_times`): the
+    ratio to ``hf_sdpa`` of the same cycle cancels the shared machine's drift, where separate
+    processes minutes apart differ by 20-50% here, as much as what is measured."""
+    from timing import alternating_times
 
     loaded: dict = {}
     runs = {m: _runner(m, batch, tokens, loaded) for m in methods}
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for c in range(cycles):
-        for m in methods[c % len(methods):] + methods[: c % len(methods)]:
-            t0 = time.perf_counter()
-            runs[m]()
-            times[m].append(time.perf_counter() - t0)
-    return {"batch": batch, "tokens": tokens, "cycles": cycles, "times": times}
+    return {"batch": batch, "tokens": tokens, "cycles": cycles, "times": alternating_times(runs, cycles)}
 
 
 def main() -> None:

@@ -192,30 +192,19 @@ def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = Tru
 
 
 def child_interleaved(methods: list[str], model: str, tokens: int, cycles: int, warmup: bool = True) -> dict:
-    """Times of every method in one process, alternating: cycle c runs each method once (the
-    order rotated every cycle), so a drift of the shared machine hits all methods of a cycle
-    alike and the ratio to ``bare`` of the same cycle cancels it. Times only: peak memory
-    needs a process per method (:func:`child`)."""
-    import time
-
+    """Times of every method in one process, alternating (:func:`timing.alternating_times`), so
+    the ratio to ``bare`` of the same cycle cancels a drift of the shared machine. Times only:
+    peak memory needs a process per method (:func:`child`)."""
     import torch
 
     torch.set_grad_enabled(False)
+    from timing import alternating_times
     from workbench.models import resolve_source
 
     ids = _ids(resolve_source(model)[0], tokens)
     loaded: dict = {}
     runs = {m: _runner(m, model, ids, loaded) for m in methods}
-    if warmup:
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for c in range(cycles):
-        for m in methods[c % len(methods):] + methods[: c % len(methods)]:
-            t0 = time.perf_counter()
-            runs[m]()
-            times[m].append(time.perf_counter() - t0)
-    return {"tokens": tokens, "cycles": cycles, "warmup": warmup, "times": times}
+    return {"tokens": tokens, "cycles": cycles, "warmup": warmup, "times": alternating_times(runs, cycles, warmup)}
 
 
 def summarize_interleaved(results: list[dict]) -> list[dict]:
