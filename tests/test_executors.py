@@ -26,6 +26,8 @@ from workbench.errors import WorkbenchError
 from workbench.results import load_results
 from workbench.sweeps import load_config, run_sweep
 
+from tests import loopback_s3
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """models = ["{model}"]
 probes = ["entropy", "sink", "induction"]
@@ -103,26 +105,12 @@ def test_an_unreachable_ray_address_is_one_error(sweep_config, tmp_path, capsys)
 # -- a real cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 and the AWS variables that reach it (what a user's nodes
-    would have for a real bucket), or None when moto / s3fs are not installed."""
-    try:
-        import boto3
-        import s3fs  # noqa: F401
-        from moto.server import ThreadedMotoServer
-    except ImportError:
+    """The loopback S3 server (tests/loopback_s3.py), or None when moto / s3fs are not installed."""
+    if not loopback_s3.available():
         yield None
         return
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    try:
-        yield {"env": env, "client": client}
-    finally:
-        server.stop()
+    with loopback_s3.loopback_s3() as s3:
+        yield s3
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +127,7 @@ def ray_cluster(s3_endpoint):
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           **(s3_endpoint["env"] if s3_endpoint else {})}
+           **(s3_endpoint.env if s3_endpoint else {})}
     log = open(Path(temp) / "start.log", "w")
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--disable-usage-stats", "--include-dashboard=false", "--num-cpus=2", "--object-store-memory=100000000",
@@ -217,23 +205,22 @@ def test_a_ray_sweep_into_s3_equals_the_local_one(sweep_config, ray_cluster, s3_
     import s3fs
 
     cfg, local = sweep_config
-    bucket = f"wb-ray-{secrets.token_hex(6)}"
-    s3_endpoint["client"].create_bucket(Bucket=bucket)
+    bucket = s3_endpoint.bucket("wb-ray").removeprefix("s3://")
     url = f"s3://{bucket}/runs/ray"
-    done = driver(ray_cluster, cfg, "--out", url, **s3_endpoint["env"])
+    done = driver(ray_cluster, cfg, "--out", url, **s3_endpoint.env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"6 units: 6 run now, 0 already done -> {url}/parts" in done.stdout
-    keys = sorted(o["Key"] for o in s3_endpoint["client"].list_objects_v2(Bucket=bucket)["Contents"])
+    keys = sorted(o["Key"] for o in s3_endpoint.client.list_objects_v2(Bucket=bucket)["Contents"])
     parts = sorted(f"runs/ray/parts/{p.name}" for p in (local / "parts").iterdir())
     assert keys == sorted([*parts, "runs/ray/run.json", "runs/ray/sweep.json"]), "no temporary object left"
-    for k, v in s3_endpoint["env"].items():
+    for k, v in s3_endpoint.env.items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         pd.testing.assert_frame_equal(sorted_rows(load_results(url)), sorted_rows(load_results(local)))
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
-    again = driver(ray_cluster, cfg, "--out", url, **s3_endpoint["env"])
+    again = driver(ray_cluster, cfg, "--out", url, **s3_endpoint.env)
     assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
 
 

@@ -7,14 +7,12 @@ caches listings in the client and has no rename, so it checks what an object sto
 Skipped when moto or s3fs is not installed (both are in the ``dev`` extra)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 
 import pandas as pd
 import pytest
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 from workbench import runfs  # noqa: E402
@@ -22,51 +20,29 @@ from workbench.cli import main  # noqa: E402
 from workbench.results import load_results, query  # noqa: E402
 from workbench.sweeps import run_sweep  # noqa: E402
 
+from tests import loopback_s3  # noqa: E402
 from tests.test_sweep_folder import write  # noqa: E402
-
-KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
-
-
-def quiet(*_) -> None:
-    pass
-
-
-def rows(run) -> pd.DataFrame:
-    return load_results(run).sort_values(KEYS).reset_index(drop=True)
+from tests.test_url_runs import check_sweep_equals_local_and_resumes, quiet, rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on 127.0.0.1 and fsspec configured to reach it (as a user's
-    ``FSSPEC_S3_ENDPOINT_URL`` would); yields a helper that makes a fresh bucket's URL."""
-    import boto3
+def s3():
+    """The loopback S3 server (tests/loopback_s3.py) with fsspec configured to reach it (as a
+    user's ``FSSPEC_S3_ENDPOINT_URL`` would), and an s3fs file system on it."""
     import fsspec
     import s3fs
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     saved = dict(fsspec.config.conf.get("s3", {}))
-    fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-                                "client_kwargs": {"region_name": "us-east-1"}}
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = fsspec.filesystem("s3")
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-
-    def bucket() -> str:
-        name = f"wb-{uuid.uuid4().hex[:12]}"
-        client.create_bucket(Bucket=name)
-        return f"s3://{name}"
-
-    bucket.fs = fs
-    try:
-        yield bucket
-    finally:
-        fsspec.config.conf["s3"] = saved
+    with loopback_s3.loopback_s3() as server:
+        fsspec.config.conf["s3"] = {"endpoint_url": server.endpoint, "key": "testing", "secret": "testing",
+                                    "client_kwargs": {"region_name": "us-east-1"}}
         s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        server.fs = fsspec.filesystem("s3")
+        try:
+            yield server
+        finally:
+            fsspec.config.conf["s3"] = saved
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +62,12 @@ def objects(fs, url: str) -> dict[str, bytes]:
 
 def test_a_sweep_into_s3_equals_the_local_one_and_resumes_without_recomputing(s3, local):
     cfg, ref = local
-    run = f"{s3()}/runs/a"
-    summary = run_sweep(cfg, run, progress=False, log=quiet)
-    assert summary["ran"] == 3
-    stored = objects(s3.fs, run)
-    parts = sorted(k for k in stored if k.startswith("parts/"))
-    assert parts == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
-    assert set(stored) == {*parts, "run.json", "sweep.json"}, "no temporary object left"
-    manifest = json.loads(stored["run.json"])
-    for p in parts:
-        entry = manifest["parts"][p.removeprefix("parts/")]
-        assert entry["size"] == len(stored[p]) and entry["sha256"] == hashlib.sha256(stored[p]).hexdigest()
-    pd.testing.assert_frame_equal(rows(run), rows(ref))
-    said: list[str] = []
-    again = run_sweep(cfg, run, progress=False, log=said.append)
-    assert again["ran"] == 0 and again["skipped"] == 3 and "resuming: 3 of 3 units already done" in said
-    assert objects(s3.fs, run) == stored, "nothing recomputed or rewritten"
+    check_sweep_equals_local_and_resumes(cfg, ref, f"{s3.bucket()}/runs/a", lambda url: objects(s3.fs, url))
 
 
 def test_a_damaged_part_on_s3_is_set_aside_by_copy_and_delete_and_recomputed(s3, local):
     cfg, ref = local
-    run = f"{s3()}/run"
+    run = f"{s3.bucket()}/run"
     run_sweep(cfg, run, progress=False, log=quiet)
     name = next(n for n in runfs.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
     key = f"{run.removeprefix('s3://')}/parts/{name}"
@@ -124,7 +85,7 @@ def test_a_damaged_part_on_s3_is_set_aside_by_copy_and_delete_and_recomputed(s3,
 
 def test_query_report_and_a_probe_file_on_s3(s3, local, tiny_dirs, tmp_path, capsys):
     cfg, ref = local
-    bucket = s3()
+    bucket = s3.bucket()
     run = f"{bucket}/run"
     assert main(["sweep", str(cfg), "--out", run, "--no-progress"]) == 0
     sql = "select * exclude (run) from results order by model, dataset, probe, metric, layer, head"
