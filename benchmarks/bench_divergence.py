@@ -87,11 +87,11 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from workbench.conditions import context_pair
     from workbench.datasets import make_dataset
-    from workbench.context import RunContext
-    from workbench.divergence import divergence
-    from workbench.models import load_model
+    from workbench.engine.divergence import divergence
+    from workbench.inputs.conditions import context_pair
+    from workbench.models.loading import load_model
+    from workbench.protocol.run_context import RunContext
 
     torch.set_grad_enabled(False)
     model = load_model(args.model, device="cpu")

@@ -36,7 +36,7 @@ METHODS = ["hf_sdpa", "tl_cache", "workbench"]
 
 def real_text_ids(tokenizer, batch: int, tokens: int) -> list[list[int]]:
     """``batch`` rows of exactly ``tokens`` ids of real prose (different documents per row)."""
-    from workbench.datasets.prose import load_documents
+    from workbench.inputs.corpus import load_documents
 
     docs = load_documents()
     rows, i = [], 0
@@ -57,9 +57,9 @@ def _runner(method: str, batch: int, tokens: int, loaded: dict):
     torch.set_grad_enabled(False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.device import resolve_device
-    from workbench.embedded import ensure_embedded
-    from workbench.models import load_model
+    from workbench.models.device import resolve_device
+    from workbench.models.embedded import ensure_embedded
+    from workbench.models.loading import load_model
 
     folder, device = str(ensure_embedded(quiet=True)), resolve_device("auto")
     if "rows" not in loaded:
@@ -91,7 +91,7 @@ def _runner(method: str, batch: int, tokens: int, loaded: dict):
 
         return run
     from probes import get_probe
-    from workbench.prompts import TokenizedPrompt
+    from workbench.inputs.prompts import TokenizedPrompt
     from workbench.runner import run_probes
 
     prompts = [TokenizedPrompt(str(i), r) for i, r in enumerate(rows)]

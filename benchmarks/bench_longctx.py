@@ -85,13 +85,13 @@ def _ids(folder: str, tokens: int) -> list[int]:
 def _extra_pass(wb, ids):
     """A function timing one fused attention pass per layer on the layer's own queries and keys,
     keys as values (what entropy adds), with the layers' calls captured beforehand. It runs as
-    ours_b runs that pass (:func:`workbench.kernels.attend`: the float mask built inside, query
+    ours_b runs that pass (:func:`workbench.engine.kernels.attend`: the float mask built inside, query
     blocks under a long boolean mask)."""
     import torch
 
-    from workbench.attention import hooked_run
-    from workbench.extraction import base_network
-    from workbench.kernels import attend
+    from workbench.engine.attention import hooked_run
+    from workbench.engine.extraction import base_network
+    from workbench.engine.kernels import attend
 
     calls = []
 
@@ -116,8 +116,9 @@ def _our_forward(wb, ids):
     ours_b would cost if their statistics were free."""
     import torch
 
-    from workbench.attention import hooked_run, stop_after_layer
-    from workbench.extraction import base_network
+    from workbench.engine.attention import hooked_run
+    from workbench.engine.call import stop_after_layer
+    from workbench.engine.extraction import base_network
 
     x = torch.tensor([ids])
 
@@ -137,7 +138,7 @@ def _runner(method: str, model: str, ids: list[int], loaded: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workbench.models import load_model, resolve_source
+    from workbench.models.loading import load_model, resolve_source
 
     if method == "bare":  # the plain HF model, never the one the bridge wraps
         if "hf" not in loaded:
@@ -163,7 +164,7 @@ def _runner(method: str, model: str, ids: list[int], loaded: dict):
         return run
     if method in PROBES:
         from probes import get_probe
-        from workbench.prompts import TokenizedPrompt
+        from workbench.inputs.prompts import TokenizedPrompt
         from workbench.runner import run_probes
 
         prompts = [TokenizedPrompt("0", ids)]
@@ -179,7 +180,7 @@ def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = Tru
     import torch
 
     torch.set_grad_enabled(False)
-    from workbench.models import resolve_source
+    from workbench.models.loading import resolve_source
 
     ids = _ids(resolve_source(model)[0], tokens)
     run = _runner(method, model, ids, {})  # only this method's model in the process: its peak is its own
@@ -199,7 +200,8 @@ def child_interleaved(methods: list[str], model: str, tokens: int, cycles: int, 
 
     torch.set_grad_enabled(False)
     from timing import alternating_times
-    from workbench.models import resolve_source
+
+    from workbench.models.loading import resolve_source
 
     ids = _ids(resolve_source(model)[0], tokens)
     loaded: dict = {}
@@ -242,7 +244,7 @@ def _rss_gb() -> float:
 def model_shape(model: str) -> tuple[int, int]:
     from transformers import AutoConfig
 
-    from workbench.models import resolve_source
+    from workbench.models.loading import resolve_source
 
     cfg = AutoConfig.from_pretrained(resolve_source(model)[0]).get_text_config()
     return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)

@@ -83,12 +83,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from circuits.ablation import make_ablation
+    from circuits.baseline import baseline
     from circuits.edges import edge_attribution, exact_edge_effects
     from circuits.graph import graph_for
-    from circuits.patching import baseline, path_patching
+    from circuits.patching import path_patching
     from circuits.tasks import make_task
-    from workbench.models import load_model
-    from workbench.prompts import pad_token_id
+    from workbench.inputs.prompts import pad_token_id
+    from workbench.models.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

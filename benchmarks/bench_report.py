@@ -54,7 +54,7 @@ def _values(metric: str, rng: np.random.Generator, size: int) -> np.ndarray:
 
 def synthetic_run(run: Path, model: str = "smollm2-135m", n_layers: int = 30, n_heads: int = 9, seed: int = 0) -> Path:
     """Write a sweep-shaped run folder with every probe's metrics for one model."""
-    from workbench.results import run_metadata, write_parquet
+    from workbench.runs.parquet import run_metadata, write_parquet
 
     rng = np.random.default_rng(seed)
     L, H = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also a two-model comparison (30x9 vs 18x4)")
     args = ap.parse_args()
     from tests.browser import chromium, open_page, playwright_available
-    from workbench.report import write_report
+    from workbench.report.build import write_report
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [synthetic_run(Path(tmp) / "run")]

@@ -24,7 +24,7 @@ def paper_loop(model, tokenizer, prompts, stops, max_new_tokens):
     """One prompt at a time, attentions of every layer returned at every step (their method)."""
     from transformers import DynamicCache
 
-    from workbench.decoding import _cache_kwarg
+    from workbench.engine.decoding import _cache_kwarg
 
     KV = _cache_kwarg(model)
     out_scores = []
@@ -64,10 +64,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from probes.retrieval import generate_and_score, newline_token_ids
-    from workbench.context import RunContext
     from workbench.datasets import make_dataset
-    from workbench.models import load_model
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.loading import load_model
+    from workbench.protocol.run_context import RunContext
 
     torch.set_grad_enabled(False)
     wb = load_model("smollm2-135m", device="cpu")

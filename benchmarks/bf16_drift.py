@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 def prompts(model, n_prose: int, seed: int):
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     prose = make_dataset("prose", n_prompts=n_prose, seed=seed, min_words=150, max_words=400)
     rep = make_dataset("repeated-random", n_prompts=4, seed=seed, tokenizer=model.tokenizer, period=100)
@@ -32,7 +32,7 @@ def prompts(model, n_prose: int, seed: int):
 
 def niah(model, context_len: int, seed: int):
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     items = make_dataset("niah", tokenizer=model.tokenizer, context_len=context_len, depths=[0.1, 0.5, 0.9], seed=seed)
     return tokenize_prompts(items, model.tokenizer, model.n_ctx, model.vocab_size)
@@ -42,7 +42,7 @@ def run(name: str, dtype: str, n_prose: int, seed: int, retrieval_len: int | Non
     import pandas as pd
 
     from probes import get_probe
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
     from workbench.runner import run_probes
 
     model = load_model(name, device="cpu", dtype=dtype)

@@ -34,8 +34,8 @@ def child(model_name: str, length: int, depths: list[float], seed: int, max_new_
 
     from probes import get_probe
     from workbench.datasets import make_dataset
-    from workbench.models import load_model
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.loading import load_model
     from workbench.runner import run_probes
 
     torch.set_grad_enabled(False)

@@ -35,10 +35,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.tasks import Pair
-from workbench.attention import AttentionCall
+from workbench.engine.call import AttentionCall
+from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
-from workbench.patterns import collate
-from workbench.prompts import pad_token_id
+from workbench.inputs.prompts import pad_token_id
 
 ABLATIONS = ("mean", "resample", "zero", "corrupted")
 Head = tuple[int, int]
@@ -110,7 +110,7 @@ def _record_reference(model, prompts: list[list[int]], graph) -> dict:
         with torch.no_grad():
             graph.logit_diff(batch, last, zeros, zeros, record=rec)
         return {"z": rec["z"], "embed": rec["embed"], "mlp_out": rec["mlp_out"]}
-    from circuits.patching import ZRecorder, hooked_forward
+    from circuits.baseline import ZRecorder, hooked_forward
 
     rz = ZRecorder()
     hooked_forward(model, batch, [rz])
@@ -120,7 +120,7 @@ def _record_reference(model, prompts: list[list[int]], graph) -> dict:
 def make_ablation(model, base, mode: str = "mean", reference: Sequence[Pair] | None = None, seed: int = 0,
                   graph=None) -> Ablation:
     """Replacement values for ``mode`` over ``reference`` (default: the pairs' own corrupted
-    prompts). ``base`` is the pairs' :class:`~circuits.patching.Baseline`; ``graph`` (a
+    prompts). ``base`` is the pairs' :class:`~circuits.baseline.Baseline`; ``graph`` (a
     :class:`~circuits.graph.ModelGraph`, made here when the model supports it) adds the
     embeddings' and MLPs' replacement values for edge-level circuits."""
     if mode not in ABLATIONS:
@@ -160,7 +160,7 @@ class HeadAblator:
     """Attention-hook observer: ``m`` variants of the ``b`` clean rows stacked along the batch;
     ``masks[layer]`` is ``[m, head]``, True where that variant ablates that head (its z becomes
     the ablation's value at every position). Layers run on the ``b`` un-repeated rows (before
-    the variants fork, see :func:`circuits.patching._fork_at`) must ablate the same heads in
+    the variants fork, see :func:`circuits.baseline.fork_at`) must ablate the same heads in
     every variant; the first variant's mask is used there."""
 
     def __init__(self, abl: Ablation, m: int, b: int, masks: dict[int, Bool[Tensor, "m head"]]) -> None:

@@ -25,9 +25,10 @@ from typing import Sequence
 import pandas as pd
 
 from circuits.ablation import Ablation, make_ablation
+from circuits.baseline import Baseline, baseline
 from circuits.faithfulness import Evaluator
 from circuits.faithfulness import faithfulness as measure_faithfulness
-from circuits.patching import Baseline, baseline, path_patching
+from circuits.patching import path_patching
 from circuits.tasks import Pair
 from workbench.errors import WorkbenchError
 

@@ -30,7 +30,7 @@ import pandas as pd
 from torch import Tensor
 
 from circuits.ablation import Ablation, HeadAblator, masks_for
-from circuits.patching import Baseline, _fork_at, _repeat, logit_diff
+from circuits.baseline import Baseline, fork_at, logit_diff, repeat_rows
 
 Head = tuple[int, int]
 
@@ -58,8 +58,8 @@ class Evaluator:
             # the variants agree below the first layer where their ablated sets differ: run that prefix once
             common = frozenset.intersection(*chunk)
             fork = min((l for s in chunk for l, _ in s - common), default=self.model.n_layers)
-            with _fork_at(self.model, fork, m, b) as forked:
-                batch = self.base.pb.clean if forked else _repeat(self.base.pb.clean, m)
+            with fork_at(self.model, fork, m, b) as forked:
+                batch = self.base.pb.clean if forked else repeat_rows(self.base.pb.clean, m)
                 ld = logit_diff(self.model, batch, self.base.pb, m, [HeadAblator(self.abl, m, b, masks)])
             self.n_forwards += 1
             for key, row in zip(chunk, ld.view(m, b)):

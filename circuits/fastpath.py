@@ -45,9 +45,9 @@ def graph_records(g: ModelGraph, base) -> tuple[dict, dict]:
 
 
 def graph_baseline(g: ModelGraph, model, pairs):
-    """A :class:`~circuits.patching.Baseline` from the graph's own clean and corrupted runs
-    (the attention-hook runs of :func:`~circuits.patching.baseline` would repeat them)."""
-    from circuits.patching import Baseline, pair_batch
+    """A :class:`~circuits.baseline.Baseline` from the graph's own clean and corrupted runs
+    (the attention-hook runs of :func:`~circuits.baseline.baseline` would repeat them)."""
+    from circuits.baseline import Baseline, pair_batch
 
     pb = pair_batch(model, pairs)
     rc, rx = {}, {}

@@ -19,7 +19,7 @@ a plain forward), and names the graph the way the EAP / ACDC literature does:
 Supported: decoder-only models with Llama's layout (RMSNorm, rotary q/k/v projections, an
 output projection, a gated MLP): Llama, SmolLM, Mistral, Qwen2. Others raise a
 :class:`WorkbenchError`; head-level methods (activation / path patching through the hook in
-:mod:`workbench.attention`, node ablation) work on every architecture.
+:mod:`workbench.engine.attention`, node ablation) work on every architecture.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from workbench.engine.extraction import base_network
 from workbench.errors import WorkbenchError
-from workbench.extraction import base_network
-from workbench.patterns import BatchInfo
+from workbench.protocol.views import BatchInfo
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 

@@ -7,7 +7,7 @@ are reported normalised as (LD_patched - LD_clean) / (LD_clean - LD_corrupted): 
 column ``ld`` keeps the mean patched LD itself.
 
 Heads are edited at their output z (before W_O) and, for path-patching receivers, at their
-queries / keys / values, through the ``"workbench"`` attention hook (:mod:`workbench.attention`).
+queries / keys / values, through the ``"workbench"`` attention hook (:mod:`workbench.engine.attention`).
 Instead of one forward per patched head, ``m`` variants are stacked along the batch dimension
 (``m x prompts`` rows), in chunks of at most ``max_rows`` rows, and each variant's rows get
 their own edit.
@@ -26,147 +26,28 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.tasks import Pair, check_pair
-from workbench.attention import AttentionCall, hooked_run
-from workbench.errors import WorkbenchError, WorkbenchWarning
-from workbench.extraction import base_network
-from workbench.patterns import BatchInfo, collate
-from workbench.prompts import pad_token_id
+from circuits.baseline import Baseline, ZRecorder, baseline, decoder_blocks, fork_at, logit_diff, repeat_rows
+from circuits.tasks import Pair
+from workbench.engine.call import AttentionCall
+from workbench.errors import WorkbenchError
 
 Head = tuple[int, int]
+
+
 COMPONENTS = ("z", "resid_pre", "attn_out", "mlp_out")
-
-
-@dataclass
-class PairBatch:
-    clean: BatchInfo
-    corrupted: BatchInfo
-    last: Int[Tensor, " batch"]
-    correct: Int[Tensor, " batch"]
-    incorrect: Int[Tensor, " batch"]
-
-    @property
-    def size(self) -> int:
-        return self.clean.size
-
-
-def pair_batch(model, pairs: Sequence[Pair]) -> PairBatch:
-    if not pairs:
-        raise WorkbenchError("no prompt pairs", "give a non-empty task or pairs file")
-    for p in pairs:
-        check_pair(p)  # before any forward: one degenerate pair would silently dilute the mean
-        if len(p.clean) > model.n_ctx:
-            raise WorkbenchError(f"pair {p.id!r} is longer than the model's context", "shorten it")
-    pad = pad_token_id(model.tokenizer)
-    dev = model.device
-    clean = collate([p.clean for p in pairs], pad, dev)
-    corrupted = collate([p.corrupted for p in pairs], pad, dev)
-    t = lambda xs: torch.tensor(xs, device=dev)  # noqa: E731
-    return PairBatch(clean, corrupted, clean.lengths - 1, t([p.correct for p in pairs]), t([p.incorrect for p in pairs]))
-
-
-def _repeat(batch: BatchInfo, m: int) -> BatchInfo:
-    r = lambda x: x.repeat(m, *([1] * (x.dim() - 1)))  # noqa: E731
-    return BatchInfo(batch.prompt_ids * m, r(batch.input_ids), r(batch.attention_mask), r(batch.positions), r(batch.lengths), r(batch.first_index))
-
-
-def final_softcap(hf_model: torch.nn.Module, logits: Tensor) -> Tensor:
-    """The head's logits as the model's own forward returns them: Gemma 2 soft-caps them,
-    ``c tanh(logit / c)`` with ``c = final_logit_softcapping``; others leave them as they are."""
-    cap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
-    return logits if not cap else cap * torch.tanh(logits / cap)
-
-
-def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, " rows"]:
-    """LD at each prompt's last position; only the last positions go through the unembedding."""
-    with hooked_run(model.hf_model, *observers, grad=grad):
-        hidden = base_network(model.hf_model)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False
-        ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        logits = final_softcap(model.hf_model, model.hf_model.get_output_embeddings()(hidden[rows, pb.last.repeat(m)]))
-        return logits.gather(1, pb.correct.repeat(m)[:, None])[:, 0] - logits.gather(1, pb.incorrect.repeat(m)[:, None])[:, 0]
-
-
-class ZRecorder:
-    """Observer that keeps every layer's z (and, optionally, q / k / v)."""
-
-    def __init__(self, qkv_layers: set[int] = frozenset()) -> None:
-        self.z: dict[int, Tensor] = {}
-        self.qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.qkv_layers = set(qkv_layers)
-
-    def edit_qkv(self, call: AttentionCall):
-        if call.layer in self.qkv_layers:
-            self.qkv[call.layer] = (call.query.detach(), call.key.detach(), call.value.detach())
-        return call.query, call.key, call.value
-
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
-        self.z[call.layer] = z.detach()
-        return z
-
-
-@dataclass
-class Baseline:
-    pb: PairBatch
-    ld_clean: Tensor
-    ld_corrupted: Tensor
-    z_clean: dict[int, Tensor]
-    z_corrupted: dict[int, Tensor]
-    corrupted_components: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # filled on first use
-    pairs: list[Pair] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)  # per-engine records (e.g. the explicit graph's clean run)
-
-    @property
-    def denominator(self) -> float:
-        d = float(self.ld_clean.mean() - self.ld_corrupted.mean())
-        return d if abs(d) > 1e-9 else float("nan")
-
-
-def baseline(model, pairs: Sequence[Pair]) -> Baseline:
-    pb = pair_batch(model, pairs)
-    rc, rx = ZRecorder(), ZRecorder()
-    ld_c = logit_diff(model, pb.clean, pb, observers=[rc])
-    ld_x = logit_diff(model, pb.corrupted, pb, observers=[rx])
-    warn_if_flat(ld_c, ld_x)
-    return Baseline(pb, ld_c, ld_x, rc.z, rx.z, pairs=list(pairs))
-
-
-def hooked_forward(model, batch: BatchInfo, observers: Sequence[object] = ()) -> None:
-    """One forward of the base network (no LM head) with the observers attached."""
-    with hooked_run(model.hf_model, *observers):
-        base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     position_ids=batch.positions.clamp_min(0), use_cache=False)
-
-
-def warn_if_flat(ld_clean: Tensor, ld_corrupted: Tensor, rel: float = 1e-3) -> None:
-    """Warn (:class:`WorkbenchWarning`) when the mean clean and corrupted logit differences are
-    nearly equal, |LD_clean - LD_corrupted| < rel * max(1, |LD_clean|, |LD_corrupted|): the
-    normalised effects divide by that difference and mean nothing (NaN below 1e-9)."""
-    c, x = float(ld_clean.double().mean()), float(ld_corrupted.double().mean())
-    if abs(c - x) < rel * max(1.0, abs(c), abs(x)):
-        warnings.warn(
-            f"the mean logit differences of the clean ({c:.4g}) and corrupted ({x:.4g}) prompts are nearly equal, "
-            "so normalised effects (divided by their difference) are meaningless; the ld column is still valid. "
-            "Use pairs whose corruption changes the model's preference",
-            WorkbenchWarning,
-            stacklevel=3,
-        )
 
 
 class _VariantZPatcher:
     """z edits for m stacked variants: mask[layer] is [m, T or 1, H]; True = take corrupted z.
 
-    Before the variants fork (layers run on the un-repeated batch, see :func:`_fork_at`) the
+    Before the variants fork (layers run on the un-repeated batch, see :func:`fork_at`) the
     run is the clean run, so z passes through unchanged."""
 
     def __init__(self, base: Baseline, m: int, masks: dict[int, Tensor], freeze: bool) -> None:
@@ -209,34 +90,6 @@ class _QKVPatcher:
                 r = torch.arange(t.shape[0], device=t.device)
                 t[r, idx, self.last] = value[r, self.last]
         return q, k, v
-
-
-@contextlib.contextmanager
-def _fork_at(model, layer: int, m: int, b: int):
-    """Run layers before ``layer`` once on the ``b`` clean rows, then repeat every batch-shaped
-    input of the later blocks ``m`` times: the variants are identical to the clean run until
-    their first edit, so the shared prefix is computed once (a large saving when senders sit
-    in late layers)."""
-    if m == 1 or layer <= 0:
-        yield False
-        return
-
-    def grow(x):
-        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b:
-            return x.repeat(m, *([1] * (x.dim() - 1)))
-        if isinstance(x, tuple):
-            return tuple(grow(v) for v in x)
-        return x
-
-    def pre(mod, args, kwargs):
-        return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
-
-    handles = [blk.register_forward_pre_hook(pre, with_kwargs=True) for blk in _blocks(model)[layer:]]
-    try:
-        yield True
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -282,7 +135,7 @@ def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str 
     for sl in _chunks(len(units), per_chunk):
         chunk = units[sl]
         m = len(chunk)
-        batch = _repeat(base.pb.clean, m)
+        batch = repeat_rows(base.pb.clean, m)
         if component == "z":
             masks: dict[int, Tensor] = {}
             for i, (l, h, p) in enumerate(chunk):
@@ -302,10 +155,6 @@ def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str 
     if n_boot > 0:
         out["ci_low"], out["ci_high"] = lo, hi
     return out
-
-
-def _blocks(model) -> list:
-    return list(model.bridge.blocks)
 
 
 @contextlib.contextmanager
@@ -339,7 +188,7 @@ def _component_patch(model, base: Baseline, component: str, chunk: list[tuple[in
 
 
 def _hook(model, layer: int, component: str, fn):
-    block = _blocks(model)[layer]
+    block = decoder_blocks(model)[layer]
     if component == "resid_pre":
         def pre(mod, args, kwargs):
             if args:
@@ -432,8 +281,8 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
         for i, (l, h) in enumerate(chunk):
             masks.setdefault(l, torch.zeros(m, 1, model.n_heads, dtype=torch.bool, device=model.device))[i, 0, h] = True
         frozen = _VariantZPatcher(base, m, masks, freeze=True)
-        with _fork_at(model, min(l for l, _ in chunk), m, b) as forked:
-            batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
+        with fork_at(model, min(l for l, _ in chunk), m, b) as forked:
+            batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
             if not recv:
                 lds.append(logit_diff(model, batch, base.pb, m, [frozen]))
                 continue
@@ -445,8 +294,8 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
             idx = h if which == "q" else h // group
             src = {"q": q, "k": k, "v": v}[which][:, idx]
             patches.setdefault(l, []).append((which, idx, src))
-        with _fork_at(model, first_recv, m, b) as forked:
-            batch = base.pb.clean if forked else _repeat(base.pb.clean, m)
+        with fork_at(model, first_recv, m, b) as forked:
+            batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
             lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)]))
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order

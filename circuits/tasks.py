@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.prompts import json_kind, read_lines, special_prefix
+from workbench.inputs.prompts import json_kind, read_lines, special_prefix
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
          "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
@@ -216,7 +216,7 @@ def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
 
 def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
     """Write pairs as JSONL (the format :func:`read_pairs` accepts), atomically."""
-    from workbench.fileio import atomic_write_text
+    from workbench.files.atomic import atomic_write_text
 
     keys = ("clean", "corrupted", "correct", "incorrect")
     return atomic_write_text(path, "".join(

@@ -39,19 +39,18 @@ from pydantic import Field
 from torch import Tensor
 
 from probes.base import DivergenceProbe
-from probes.vhd import divergence_rows
-from workbench.atlas import Role
-from workbench.conditions import ConditionPair, check_lengths, context_pair
-from workbench.context import RunContext
-from workbench.divergence import Divergence, divergence, final_norm, head_contributions
+from workbench.engine.divergence import Divergence, divergence_rows, final_norm, head_contributions, measure
 from workbench.errors import WorkbenchError
-from workbench.metric_kinds import MetricInfo
-from workbench.params import Int, Options
-from workbench.prompts import Prompt
-from workbench.results import ProbeResult
+from workbench.inputs.conditions import ConditionPair, context_pair
+from workbench.inputs.prompts import Prompt
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.params import Int, Options
+from workbench.protocol.roles import Role
+from workbench.protocol.run_context import RunContext
+from workbench.protocol.table import ProbeResult
 
 if TYPE_CHECKING:
-    from workbench.models import LoadedModel
+    from workbench.models.loading import LoadedModel
 
 
 def first_token(tokenizer: Any, text: str) -> int:
@@ -122,11 +121,7 @@ class ContextProbe(DivergenceProbe):
         return [context_pair(model, it, self.options.separator) for it in items]
 
     def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
-        p = self.options
-        pairs = self.pairs(model, items, ctx.root)
-        check_lengths(pairs, model.n_ctx, p.max_new_tokens if p.steps == "all" else 0)
-        outcomes = divergence(model, pairs, steps=p.steps, max_new_tokens=p.max_new_tokens, ctx=ctx, keep_z=True, keep_resid=True)
-        self.outcomes = outcomes  # per item: tokens and per-step divergences, for inspection
+        outcomes = self.outcomes = measure(self, model, items, ctx, keep_z=True, keep_resid=True)  # kept for inspection
         effects, follows, ambiguous = [], [], []
         for item, out in zip(items, outcomes):
             ctx_t, mem_t = item.meta.get("target_context"), item.meta.get("target_memory")

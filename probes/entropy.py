@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 
 from probes.base import PatternProbe
-from workbench.metric_kinds import MetricInfo
-from workbench.patterns import PatternView
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.views import PatternView
 
 
 def _mean(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

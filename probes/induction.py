@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from probes.base import PatternProbe
-from workbench.atlas import Role
-from workbench.metric_kinds import MetricInfo
-from workbench.patterns import BatchInfo, PatternView, same_token_ranges
+from workbench.engine.patterns import same_token_ranges
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.roles import Role
+from workbench.protocol.views import BatchInfo, PatternView
 
 
 class Targets(NamedTuple):

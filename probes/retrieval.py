@@ -18,9 +18,9 @@ are "retrieval heads". The paper's code feeds the last prompt token as the first
 we take the top-1 key of the prefill's last query, which is the same attention row.
 
 Batching: prompts are decoded together with a KV cache by the decoding engine
-(:mod:`workbench.decoding`: left padding, prompt-by-prompt prefill with prefix reuse on CPU);
+(:mod:`workbench.engine.decoding`: left padding, prompt-by-prompt prefill with prefix reuse on CPU);
 the prefill computes only the last query's scores per layer (no pattern is materialised), each
-decoding step one row per head (:func:`workbench.masking.attention_scores`, so scaling,
+decoding step one row per head (:func:`workbench.engine.masking.attention_scores`, so scaling,
 soft-capping, grouped KV heads and sliding windows are the model's). Prompts that finished keep
 decoding in the batch but are no longer scored. Definitions: docs/metrics.md#retrieval.
 """
@@ -36,19 +36,19 @@ from pydantic import Field
 from torch import Tensor
 
 from probes.base import TokenProbe
-from workbench import params as opt
-from workbench.atlas import Role
-from workbench.attention import AttentionCall
-from workbench.context import RunContext
-from workbench.decoding import DecodeState, Prefill, greedy_decode
+from workbench.engine.call import AttentionCall
+from workbench.engine.decoding import DecodeState, Prefill, greedy_decode
+from workbench.engine.masking import attention_scores
 from workbench.errors import WorkbenchError
-from workbench.masking import attention_scores
-from workbench.metric_kinds import MetricInfo
-from workbench.prompts import TokenizedPrompt
-from workbench.results import ProbeResult
+from workbench.inputs.prompts import TokenizedPrompt
+from workbench.protocol import params as opt
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.roles import Role
+from workbench.protocol.run_context import RunContext
+from workbench.protocol.table import ProbeResult
 
 if TYPE_CHECKING:
-    from workbench.models import LoadedModel
+    from workbench.models.loading import LoadedModel
 
 SPANS = {"answer": "answer_span", "needle": "needle_span"}
 

@@ -18,10 +18,10 @@ import pandas as pd
 from pydantic import Field
 
 from probes.base import PatternProbe
-from workbench.atlas import Role
-from workbench.metric_kinds import MetricInfo
-from workbench.params import Float, Options
-from workbench.patterns import BatchInfo, PatternView
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.params import Float, Options
+from workbench.protocol.roles import Role
+from workbench.protocol.views import BatchInfo, PatternView
 
 
 class SinkProbe(PatternProbe):

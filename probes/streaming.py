@@ -19,14 +19,14 @@ import math
 
 import pandas as pd
 import torch
-from torch import Tensor
 from pydantic import Field
+from torch import Tensor
 
 from probes.base import PatternProbe
-from workbench.atlas import Role
-from workbench.metric_kinds import MetricInfo
-from workbench.params import Int, Options
-from workbench.patterns import PatternView
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.params import Int, Options
+from workbench.protocol.roles import Role
+from workbench.protocol.views import PatternView
 
 
 class StreamingProbe(PatternProbe):

@@ -19,46 +19,34 @@ Metrics:
 
 The counterfactual is "no image" (placeholder removed, text processed as a text-only prompt),
 or the item's ``counter_image`` when given. Computed with two teacher-forced batched forwards
-(:mod:`workbench.divergence`). Definitions: docs/metrics.md#vhd.
+(:mod:`workbench.engine.divergence`). Definitions: docs/metrics.md#vhd.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import pandas as pd
-import torch
 from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
-from probes.base import DivergenceProbe, Probe
-from workbench.conditions import ConditionPair, check_lengths, image_pair
-from workbench.context import RunContext
-from workbench.divergence import Divergence, divergence
-from workbench.metric_kinds import MetricInfo
-from workbench.params import Int, Options
-from workbench.prompts import Prompt
-from workbench.results import ProbeResult
+from probes.base import DivergenceProbe
+from workbench.engine.divergence import divergence_rows, measure
+from workbench.inputs.conditions import ConditionPair, image_pair
+from workbench.inputs.prompts import Prompt
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.params import Int, Options
+from workbench.protocol.run_context import RunContext
+from workbench.protocol.table import ProbeResult
 
 if TYPE_CHECKING:
-    from workbench.models import LoadedModel
+    from workbench.models.loading import LoadedModel
 
 
 def t_vhd(div: Float[Tensor, "step layer head"], top_k: int) -> Float[Tensor, " step"]:
     """``[step, layer, head]`` VHD -> ``[step]``: per layer the sum of its top-k heads, summed."""
     k = min(int(top_k), div.shape[-1])
     return div.topk(k, dim=-1).values.sum(-1).sum(-1)
-
-
-def divergence_rows(probe: Probe, model: LoadedModel, outcomes: Sequence[Divergence], metric: str, attention_metric: str) -> list[pd.DataFrame]:
-    """Per-head means over every (item, step), and the attention mass on the condition."""
-    n = sum(o.divergence.shape[0] for o in outcomes)
-    if n == 0:
-        nan = torch.full((model.n_layers, model.n_heads), float("nan"), dtype=torch.float64)
-        return [probe.rows(metric, nan, 0), probe.rows(attention_metric, nan, 0)]
-    div = torch.cat([o.divergence for o in outcomes]).double()
-    attn = torch.cat([o.condition_attention for o in outcomes]).double()
-    return [probe.rows(metric, div.mean(0), n), probe.rows(attention_metric, attn.mean(0), n)]
 
 
 class VHDProbe(DivergenceProbe):
@@ -94,10 +82,7 @@ class VHDProbe(DivergenceProbe):
     def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
         """Build each item's pair (with / without its image) and reduce the divergences."""
         p = self.options
-        pairs = self.pairs(model, items, ctx.root)
-        check_lengths(pairs, model.n_ctx, p.max_new_tokens if p.steps == "all" else 0)
-        outcomes = divergence(model, pairs, steps=p.steps, max_new_tokens=p.max_new_tokens, ctx=ctx)
-        self.outcomes = outcomes  # per item: tokens and per-step divergences, for inspection
+        outcomes = self.outcomes = measure(self, model, items, ctx)  # kept per item (tokens, per-step divergences) for inspection
         frames = divergence_rows(self, model, outcomes, "vhd", "image_attention")
         rows = []
         for o in outcomes:

@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    from workbench.tiny import make_tiny_model
+    from workbench.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(root / arch, arch, seed=1) for arch in ("llama", "gpt2")}
@@ -21,21 +21,21 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return {arch: load_model(str(path), device="cpu") for arch, path in tiny_dirs.items()}
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return load_model("smollm2-135m", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def gemma3():
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return load_model("gemma3-270m", device="cpu")
 

@@ -11,7 +11,7 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.decoding import _cache_kwarg
+from workbench.engine.decoding import _cache_kwarg
 
 
 def eager_model(source: str):

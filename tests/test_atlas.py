@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 import workbench
-from workbench import metric_kinds, plots
-from workbench.atlas import ROLES, atlas, parse_thresholds, roles_with
 from workbench.errors import WorkbenchError
+from workbench.protocol.metrics import KINDS
+from workbench.report import definitions, kinds, plots
+from workbench.report.atlas import atlas, parse_thresholds, probe_roles, roles_with
 
 DATASETS = ("prose", "repeated-random")
 
@@ -22,7 +23,7 @@ def synthetic(models=(("m3", 3, 4), ("m5", 5, 4)), seed=0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for model, n_layers, n_heads in models:
-        for metric, ds, layer, head in itertools.product(sorted({r.metric for r in ROLES} | {"entropy"}), DATASETS, range(n_layers), range(n_heads)):
+        for metric, ds, layer, head in itertools.product(sorted({r.metric for r in probe_roles()} | {"entropy"}), DATASETS, range(n_layers), range(n_heads)):
             v = rng.normal(0, 0.5) if metric == "context_direct_effect" else rng.uniform(0, 4) if metric == "entropy" else rng.random()
             if rng.random() < 0.1:
                 v = math.nan
@@ -102,17 +103,17 @@ def test_run_column_is_kept_and_circuit_roles_join():
 
 def test_every_builtin_probe_metric_declares_its_kind():
     """Each probe declares what its metrics are (metric_info), in its own module."""
-    from workbench.registry import probe_classes
+    from workbench.protocol.registry import probe_classes
 
-    known = metric_kinds.known_metrics()
+    known = kinds.known_metrics()
     for cls in probe_classes().values():
         for metric in cls.metrics:
             assert metric in cls.metric_info, f"{cls.name}.{metric} needs a MetricInfo in {cls.__name__}.metric_info"
-            assert known[metric].kind in metric_kinds.KINDS and known[metric].module.startswith("probes/")
+            assert known[metric].kind in KINDS and known[metric].module.startswith("probes/")
     for m in ("path_logits", "path_qkv", "activation_z", "activation_resid_pre", "attribution_z"):
-        assert metric_kinds.info(m).kind == "signed"
-    assert metric_kinds.infer_kind([-1, 2]) == "signed" and metric_kinds.infer_kind([0.1, 0.9]) == "bounded"
-    assert metric_kinds.infer_kind([1e-3, 5.0]) == "log" and metric_kinds.infer_kind([2, 5]) == "positive"
+        assert kinds.info(m).kind == "signed"
+    assert kinds.infer_kind([-1, 2]) == "signed" and kinds.infer_kind([0.1, 0.9]) == "bounded"
+    assert kinds.infer_kind([1e-3, 5.0]) == "log" and kinds.infer_kind([2, 5]) == "positive"
 
 
 def _heads(metric, values, model="m", dataset="d", n_heads=3):
@@ -230,22 +231,22 @@ alpha_0 <script>alert(1)</script> averaged.
 def test_definitions_come_from_the_metrics_document_by_heading(tmp_path):
     doc = tmp_path / "metrics.md"
     doc.write_text(DOC)
-    d = metric_kinds.definition("entropy", doc)
+    d = definitions.definition("entropy", doc)
     assert d.text == "Mean row entropy, *in nats*." and d.source.endswith("#entropy")
     assert d.group == "Attention entropy" and d.group_intro == "Shared text about entropy."
-    assert metric_kinds.definition("entropy_norm", doc).text.startswith("H / ln(visible keys)")
-    assert "alpha_0" in metric_kinds.definition("sink_rate", doc).text == metric_kinds.definition("sink_mass", doc).text
-    sections = metric_kinds.parse_sections(DOC)
+    assert definitions.definition("entropy_norm", doc).text.startswith("H / ln(visible keys)")
+    assert "alpha_0" in definitions.definition("sink_rate", doc).text == definitions.definition("sink_mass", doc).text
+    sections = definitions.parse_sections(DOC)
     assert sections["attention-entropy"].startswith("Shared text") and "Mean row entropy" in sections["attention-entropy"]
     assert "not a heading" not in sections, "a # line inside a code fence is not a heading"
     doc.write_text("# M\n\n## Circuits\n\nShared.\n\n<a id=\"path-patching\"></a>\n### path_patching\n\nSender to receiver.\n")
-    d = metric_kinds.definition("path_logits", doc)
+    d = definitions.definition("path_logits", doc)
     assert (d.text, d.group) == ("Sender to receiver.", "Circuits"), "patching metrics find their family's section"
 
 
 def test_definitions_fall_back_to_the_probe_docstring(tmp_path):
-    d = metric_kinds.definition("entropy_norm", tmp_path / "missing.md")
+    d = definitions.definition("entropy_norm", tmp_path / "missing.md")
     assert d.text.startswith("- `entropy_norm`: mean of H_q / ln(n_visible(q))") and d.source == "probes/entropy.py (docstring)"
-    d = metric_kinds.definition("streaming", tmp_path / "missing.md")
+    d = definitions.definition("streaming", tmp_path / "missing.md")
     assert "DuoAttention" in d.text and "S_q" in d.text and d.group is None
-    assert metric_kinds.definition("no_such_metric", tmp_path / "missing.md") is None
+    assert definitions.definition("no_such_metric", tmp_path / "missing.md") is None

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from circuits.ablation import ABLATIONS, make_ablation, reference_sources
+from circuits.baseline import baseline
 from circuits.edges import circuit_ld, edge_attribution, exact_edge_effects, prune_dead
 from circuits.faithfulness import Evaluator, completeness, faithfulness, head_curve, minimality, prune_heads
 from circuits.graph import ModelGraph, graph_for
-from circuits.patching import baseline, path_patching
+from circuits.patching import path_patching
 from circuits.tasks import Pair
-from tests.reference import (eager_model, reference_edge_circuit_ld, reference_head_ablation_ld, reference_outputs,
-                             serial_path_patching)
+from tests.reference import eager_model, reference_edge_circuit_ld, reference_head_ablation_ld, reference_outputs, serial_path_patching
 from workbench.errors import WorkbenchError
 
 
@@ -337,7 +337,7 @@ def test_pruning_dead_edges_changes_nothing(edge_setup):
 def word_pairs_file(path, n: int, seed: int):
     """IOI-shaped pairs in two templates from words the tiny word-level vocabulary knows (the
     IOI task's names are not in it), with their template, as a --pairs JSONL file."""
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     tok = load_model("tiny-llama").tokenizer
     vocab = tok.get_vocab()
@@ -358,7 +358,7 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     import json
 
     from workbench.cli import main
-    from workbench.results import read_parquet
+    from workbench.runs.parquet import read_parquet
 
     out = tmp_path / "circ"
     pairs, ref = word_pairs_file(tmp_path / "pairs.jsonl", 6, seed=2), word_pairs_file(tmp_path / "ref.jsonl", 16, seed=1)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workbench.cli import main
-from workbench.results import read_parquet
+from workbench.runs.parquet import read_parquet
 
 
 def run_cli(capsys, *argv):
@@ -144,7 +144,7 @@ def test_unwritable_output_directory(tmp_path, capsys):
 
 def test_failed_write_leaves_no_file(tiny_dirs, tmp_path, capsys, monkeypatch):
     """A crash while writing leaves neither the final file nor a temp file."""
-    import workbench.results as results
+    import workbench.runs.parquet as results
 
     def boom(table, f, **kw):
         f.write(b"PAR1 partial")
@@ -241,7 +241,7 @@ def test_patching_near_equal_baselines_print_one_warning_line(tmp_path, capsys):
     ])
     import warnings
 
-    from circuits import patching
+    from circuits import baseline as patching
     from workbench.errors import WorkbenchWarning
 
     real = patching.baseline

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probes import get_probe
-from workbench.runner import run_probes
 from tests.reference import reference_head_z
-from workbench.prompts import Prompt
+from workbench import get_probe
+from workbench.inputs.prompts import Prompt
+from workbench.runner import run_probes
 
 ITEMS = [
     Prompt("a", text="and he said unto", meta={"context": "the lord God of the land", "target_context": " lord", "target_memory": " God"}),

@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from workbench.datasets import DATASETS, make_dataset
-from workbench.datasets import counterfact
+from workbench.datasets import DATASETS, counterfact, make_dataset
 from workbench.errors import WorkbenchError
 
 

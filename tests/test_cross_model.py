@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from workbench.cli import main
-from workbench.sweeps import load_config
+from workbench.runs.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+DOC = Path(__file__).resolve().parents[1] / "workbench" / "report" / "metrics.md"  # package data; docs/metrics.md includes it
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 
 
 def probe_metrics() -> dict[str, tuple[str, ...]]:
     """Each registered probe's name -> the metrics it reports."""
-    from workbench.registry import probe_classes
+    from workbench.protocol.registry import probe_classes
 
     return {name: tuple(cls.metrics) for name, cls in probe_classes().items()}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from tests.test_retrieval import copy_prompts
-from workbench.experiments import retrieval_ablation
+from workbench.experiments.retrieval_heads import retrieval_ablation
 
 
 def test_retrieval_ablation_conditions(tiny_models):
@@ -22,7 +22,7 @@ def test_retrieval_ablation_conditions(tiny_models):
 
 def test_retrieval_ablation_cli_writes_both_tables(tmp_path, capsys):
     from workbench.cli import main
-    from workbench.results import read_parquet
+    from workbench.runs.parquet import read_parquet
 
     out = tmp_path / "ra.parquet"
     assert main(["retrieval-ablation", "--model", "tiny-llama", "--n-prompts", "2", "--context-len", "100", "--k", "2", "--draws", "1", "--out", str(out)]) == 0

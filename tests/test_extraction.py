@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probes import get_probe
 from probes.base import PatternProbe
 from tests.test_metrics import lookup, random_prompts
+from workbench import get_probe
+from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
-from workbench.batching import plan_batches
+from workbench.inputs.batching import plan_batches
 from workbench.runner import run_probes
-from workbench.patterns import collate
 
 
 class ChunkSpy(PatternProbe):
@@ -123,10 +123,10 @@ def test_unwrapped_forward_is_the_bridged_one(tiny_models, arch, tmp_path):
     wrapped and its hook fires."""
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-    from workbench.attention import native_attention
-    from workbench.extraction import base_network
-    from workbench.models import load_model
-    from workbench.tiny import make_tiny_model
+    from workbench.engine.attention import native_attention
+    from workbench.engine.extraction import base_network
+    from workbench.models.loading import load_model
+    from workbench.models.tiny import make_tiny_model
 
     model = tiny_models.get(arch) or load_model(str(make_tiny_model(tmp_path / arch, arch, seed=1)), device="cpu")
     model.bridge  # booted: its wrappers are what unwrapping takes out
@@ -154,7 +154,7 @@ def test_unwrapped_forward_is_the_bridged_one(tiny_models, arch, tmp_path):
 
 
 def test_lower_precision_runs_and_stays_close(tiny_dirs):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     prompts = random_prompts(512, [12, 30, 7], seed=9)
     full = run_probes(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False).table
@@ -175,8 +175,8 @@ def test_the_forward_ends_after_the_last_layers_attention(tiny_models, arch):
     """Pattern probes read attention only: run_probes' forward ends once the last layer's
     attention has been observed, so that layer's MLP and the final norm never run; every layer
     is still seen, and a forward after the run computes everything again."""
-    from workbench.attention import native_attention
-    from workbench.extraction import base_network
+    from workbench.engine.attention import native_attention
+    from workbench.engine.extraction import base_network
 
     model = tiny_models[arch]
     spy = ChunkSpy()

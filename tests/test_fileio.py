@@ -11,10 +11,11 @@ import pytest
 
 from circuits.tasks import Pair, write_pairs
 from workbench.errors import WorkbenchError
-from workbench.fileio import atomic_write, atomic_write_text, current_umask
-from workbench.prompts import Prompt, read_prompts, write_prompts
-from workbench.report import write_report
-from workbench.results import read_parquet, tidy, write_parquet
+from workbench.files.atomic import atomic_write, atomic_write_text, current_umask
+from workbench.inputs.prompts import Prompt, read_prompts, write_prompts
+from workbench.protocol.table import tidy
+from workbench.report.build import write_report
+from workbench.runs.parquet import read_parquet, write_parquet
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ import random
 import pytest
 import torch
 
-from circuits.patching import baseline, path_patching
+from circuits.baseline import baseline
+from circuits.patching import path_patching
 from circuits.tasks import Pair, make_task
-from probes import get_probe
 from probes.retrieval import generate_and_score, newline_token_ids
 from tests.reference import (
     attention_windows,
@@ -35,18 +35,19 @@ from tests.reference import (
     streaming_reference,
 )
 from tests.test_metrics import TOL, lookup
-from workbench import embedded
+from workbench import get_probe
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
-from workbench.context import RunContext
+from workbench.inputs.prompts import Prompt, TokenizedPrompt, tokenize_prompts
+from workbench.models import embedded
+from workbench.protocol.run_context import RunContext
 from workbench.runner import run_probes
-from workbench.prompts import Prompt, TokenizedPrompt, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
-    from workbench.models import load_model
-    from workbench.tiny import make_tiny_model
+    from workbench.models.loading import load_model
+    from workbench.models.tiny import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "gemma3_text", "gemma3_text", seed=1)
     return load_model(str(folder), device="cpu")
@@ -70,7 +71,7 @@ def test_tiny_gemma3_text_has_what_breaks_head_code(tiny_gemma, tiny_gemma_eager
 
 
 def test_tiny_gemma3_text_is_a_known_model():
-    from workbench.models import KNOWN_MODELS, TINY_NAMES
+    from workbench.models.loading import KNOWN_MODELS, TINY_NAMES
 
     assert TINY_NAMES["tiny-gemma3-text"] == "gemma3_text" and "tiny-gemma3-text" in KNOWN_MODELS
 
@@ -176,7 +177,7 @@ def attractor_token(model, n=40, seed=0) -> int:
     """The token a random tiny model emits most often, greedy, after random prompts."""
     from collections import Counter
 
-    from workbench.attention import hooked_run
+    from workbench.engine.attention import hooked_run
 
     rng = random.Random(seed)
     ids = torch.tensor([[rng.randrange(4, model.vocab_size) for _ in range(30)] for _ in range(n)])
@@ -193,7 +194,7 @@ def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(tiny_gemma, tin
     With ``piece`` the prefill runs in pieces of that many tokens through the sliding-window
     cache (as 32k-token prompts do in 4096-token pieces): same answers and scores."""
     if piece is not None:
-        from workbench import decoding
+        from workbench.engine import decoding
 
         monkeypatch.setattr(decoding, "PREFILL_CHUNK", piece)
     model, W = tiny_gemma, 8
@@ -241,7 +242,7 @@ def test_tiny_gemma3_path_patching_equals_serial(tiny_gemma, tiny_gemma_eager, r
 def test_token_space_prompts_start_with_the_tokenizers_default_bos(tiny_gemma, tiny_models):
     """niah prompts and task pairs are built from token pieces; they start with what the
     tokenizer's defaults put first (BOS for Gemma, nothing for the Llama-style tokenizers)."""
-    from workbench.prompts import special_prefix
+    from workbench.inputs.prompts import special_prefix
 
     tok, bos = tiny_gemma.tokenizer, tiny_gemma.tokenizer.bos_token_id
     assert special_prefix(tok) == [bos] and special_prefix(tiny_models["llama"].tokenizer) == []

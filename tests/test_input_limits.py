@@ -11,8 +11,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from workbench.conditions import load_image
 from workbench.errors import WorkbenchError
+from workbench.inputs.conditions import load_image
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -136,13 +136,13 @@ def tiny_tok(tiny_dirs):
 def smol_tok():
     from transformers import AutoTokenizer
 
-    from workbench.embedded import ensure_embedded
+    from workbench.models.embedded import ensure_embedded
 
     return AutoTokenizer.from_pretrained(ensure_embedded(quiet=True))
 
 
 def _assert_rejected_without_tokenizing(tok, text: str, n_ctx: int) -> None:
-    from workbench.prompts import Prompt, tokenize_prompts
+    from workbench.inputs.prompts import Prompt, tokenize_prompts
 
     spy = SpyTokenizer(tok)
     with pytest.raises(WorkbenchError, match=CONTEXT_ERROR) as err:
@@ -159,7 +159,7 @@ def test_a_50mb_prompt_fails_the_context_check_without_tokenizing_it_tiny(tiny_t
 def test_texts_short_for_a_lossy_tokenizer_are_not_rejected_as_long(tiny_tok):
     """The tiny word-level vocabulary drops whitespace and maps a whole unknown word to one [UNK]:
     millions of spaces are 0 tokens and millions of letters 1 token for it, not "too long"."""
-    from workbench.prompts import Prompt, tokenize_prompts
+    from workbench.inputs.prompts import Prompt, tokenize_prompts
 
     with pytest.raises(WorkbenchError, match="is empty"):
         tokenize_prompts([Prompt("spaces", text=" " * 1_000_000)], tiny_tok, n_ctx=256, vocab_size=len(tiny_tok))
@@ -174,7 +174,7 @@ def test_a_50mb_prompt_fails_the_context_check_without_tokenizing_it_smollm2(smo
 
 
 def test_a_normal_too_long_prompt_gives_the_exact_count(tiny_tok):
-    from workbench.prompts import Prompt, tokenize_prompts
+    from workbench.inputs.prompts import Prompt, tokenize_prompts
 
     text = " ".join(["the king said"] * 90)  # 270 tokens
     with pytest.raises(WorkbenchError, match=r"prompt 'huge' has 270 tokens, longer than the model's context of 256"):
@@ -183,7 +183,7 @@ def test_a_normal_too_long_prompt_gives_the_exact_count(tiny_tok):
 
 
 def test_huge_token_lists_are_rejected_before_they_are_copied():
-    from workbench.prompts import Prompt, tokenize_prompts
+    from workbench.inputs.prompts import Prompt, tokenize_prompts
 
     class Tokens(list):
         def __iter__(self):
@@ -194,7 +194,7 @@ def test_huge_token_lists_are_rejected_before_they_are_copied():
 
 
 def _sample_texts() -> list[str]:
-    from workbench.datasets.prose import load_documents
+    from workbench.inputs.corpus import load_documents
 
     docs = [d["text"] for d in load_documents()[:40]]
     return docs + [
@@ -209,7 +209,7 @@ def _sample_texts() -> list[str]:
 
 @pytest.mark.parametrize("which", ["tiny", pytest.param("smollm2", marks=pytest.mark.smollm2)])
 def test_the_lower_bound_never_exceeds_the_real_count(tiny_tok, which, request):
-    from workbench.token_bounds import min_tokens
+    from workbench.inputs.token_bounds import min_tokens
 
     tok = tiny_tok if which == "tiny" else request.getfixturevalue("smol_tok")
     for text in _sample_texts():
@@ -221,14 +221,14 @@ def test_the_lower_bound_never_exceeds_the_real_count(tiny_tok, which, request):
 
 @pytest.mark.smollm2
 def test_the_bound_is_not_vacuous_on_smollm2(smol_tok):
-    from workbench.token_bounds import min_tokens
+    from workbench.inputs.token_bounds import min_tokens
 
     assert min_tokens(smol_tok, "the king said " * 100_000, 8192) > 8192
     assert min_tokens(smol_tok, "a" * 10_000_000, 8192) > 8192  # one pre-token: the byte bound
 
 
 def test_read_prompts_handles_a_50mb_line_and_many_lines(tmp_path):
-    from workbench.prompts import read_prompts
+    from workbench.inputs.prompts import read_prompts
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "huge", "text": "' + "the king said " * (LONG // 14) + '"}\n', encoding="utf-8")
@@ -241,8 +241,8 @@ def test_read_prompts_handles_a_50mb_line_and_many_lines(tmp_path):
 def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     from types import SimpleNamespace
 
-    from workbench.conditions import context_pair
-    from workbench.prompts import Prompt
+    from workbench.inputs.conditions import context_pair
+    from workbench.inputs.prompts import Prompt
 
     spy = SpyTokenizer(tiny_tok)
     model = SimpleNamespace(tokenizer=spy, n_ctx=256)
@@ -266,7 +266,7 @@ def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     ],
 )
 def test_bad_prompt_lines_name_file_and_line(tmp_path, line, message):
-    from workbench.prompts import read_prompts
+    from workbench.inputs.prompts import read_prompts
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n", encoding="utf-8")
@@ -276,7 +276,7 @@ def test_bad_prompt_lines_name_file_and_line(tmp_path, line, message):
 
 
 def test_prompts_file_not_utf8_names_the_line_and_a_bom_is_fine(tmp_path):
-    from workbench.prompts import read_prompts
+    from workbench.inputs.prompts import read_prompts
 
     f = tmp_path / "p.jsonl"
     f.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')

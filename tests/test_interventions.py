@@ -6,9 +6,10 @@ import torch
 
 from tests.reference import eager_model
 from tests.test_metrics import random_prompts
-from workbench.attention import native_attention, observe
+from workbench.engine.attention import native_attention
+from workbench.engine.call import observe
+from workbench.engine.interventions import HeadAblation, head_means, parse_heads
 from workbench.errors import WorkbenchError
-from workbench.interventions import HeadAblation, head_means, parse_heads
 
 HEADS = [(0, 1), (1, 3), (2, 0)]
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from workbench.attention import AttentionCall
-from workbench.masking import attention_probs, attention_scores, first_visible_key, key_visibility
-from workbench.patterns import collate, iter_pattern_chunks
+from workbench.engine.call import AttentionCall
+from workbench.engine.masking import attention_probs, attention_scores, first_visible_key, key_visibility
+from workbench.engine.patterns import collate, iter_pattern_chunks
 
 
 def naive_probs(q, k, scaling, allowed, softcap=None):
@@ -118,7 +118,7 @@ def test_pattern_chunks_use_the_same_masking(qk):
 def test_visible_counts_count_in_row_blocks(kind):
     """visible_counts equals the plain count on a mask large enough to be counted in several
     blocks of rows (the whole-mask sum made an int64 copy of it: 2 GB at 16k tokens)."""
-    from workbench.masking import visible_counts
+    from workbench.engine.masking import visible_counts
 
     g = torch.Generator().manual_seed(0)
     n = 3000  # 2 x 3000 x 3000 elements: more than one 4M-element block
@@ -132,7 +132,7 @@ def test_take_positions_writes_into_any_view():
     """``take_positions(x, index, out=...)`` equals plain indexing, also into strided views: the
     first rows of a longer buffer, and columns of a wider one (trailing dimensions that cannot be
     flattened into one without a copy, which would take the writes)."""
-    from workbench.masking import take_positions
+    from workbench.engine.masking import take_positions
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 4, 5)

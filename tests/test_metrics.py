@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from probes import get_probe
 from tests.reference import eager_model, entropy_reference, patterns, sink_reference
+from workbench import get_probe
+from workbench.inputs.prompts import TokenizedPrompt
 from workbench.runner import run_probes
-from workbench.prompts import TokenizedPrompt
 
 TOL = 1e-4
 
@@ -79,7 +79,7 @@ def test_prompt_values_do_not_depend_on_batch(tiny_models):
 @pytest.mark.smollm2
 def test_smollm2_matches_reference(smollm2):
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     prompts = make_dataset("prose", n_prompts=3, seed=7, min_words=5, max_words=40)
     tok = tokenize_prompts(prompts, smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
@@ -89,15 +89,16 @@ def test_smollm2_matches_reference(smollm2):
 
 def test_softcapped_attention_falls_back_to_eager_and_matches_hf(tmp_path):
     """Gemma 2 soft-caps attention logits, which SDPA cannot do: the hook computes those layers
-    from :func:`workbench.masking.attention_probs`; logits equal HF's eager forward, on a padded
+    from :func:`workbench.engine.masking.attention_probs`; logits equal HF's eager forward, on a padded
     batch, and ``attention_probs`` of the last rows equals the last rows of the full pattern."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_gemma import gemma_config, save_tiny
-    from workbench.attention import AttentionCall, hooked_run
-    from workbench.masking import attention_probs
-    from workbench.models import load_model
+    from workbench.engine.attention import hooked_run
+    from workbench.engine.call import AttentionCall
+    from workbench.engine.masking import attention_probs
+    from workbench.models.loading import load_model
 
     save_tiny(tmp_path, gemma_config("gemma2"))
     ours = load_model(str(tmp_path), device="cpu")

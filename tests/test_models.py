@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import embedded
 from workbench.errors import WorkbenchError
-from workbench.models import hub_unreachable_reason, load_model, resolve_source
+from workbench.models import embedded
+from workbench.models.loading import hub_unreachable_reason, load_model, resolve_source
 
 
 def test_local_folder_loads_as_bridge_with_untouched_tokenizer(tiny_dirs):
@@ -81,7 +81,7 @@ def test_hub_id_loads_through_the_hub_code_path_from_the_hub_cache(tiny_dirs, tm
     (refs / "main").write_text("0" * 40)
     code = textwrap.dedent(
         """
-        from workbench.models import load_model
+        from workbench.models.loading import load_model
         m = load_model("tiny-org/tiny-llama", device="cpu")
         print(m.info["kind"], m.n_layers, m.n_heads)
         """
@@ -112,7 +112,7 @@ def test_manifest_detects_truncation_and_missing_files(tiny_dirs, tmp_path):
 def test_missing_gguf_package_names_the_exact_pip_command(name, monkeypatch, tmp_path):
     """Point the model's package lookup at a module that does not exist: loading it, building it
     and listing it all name the exact install command."""
-    from workbench.models import list_models, load_model
+    from workbench.models.loading import list_models, load_model
 
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))  # no cached build to fall back on
     spec = embedded.EMBEDDED[name]
@@ -175,7 +175,7 @@ def test_models_listing(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gemma3-text"))
-    from workbench.models import list_models
+    from workbench.models.loading import list_models
 
     rows = {r["name"]: r["status"] for r in list_models()}
     assert rows["gemma3-270m"].startswith(("ready", "installed", "not installed"))
@@ -225,9 +225,9 @@ def test_probe_runs_never_import_transformer_lens():
     this one has imported TransformerLens long ago."""
     code = textwrap.dedent("""
         import sys
-        from probes import get_probe
-        from workbench.models import load_model
-        from workbench.prompts import TokenizedPrompt
+        from workbench import get_probe
+        from workbench.models.loading import load_model
+        from workbench.inputs.prompts import TokenizedPrompt
         from workbench.runner import run_probes
         m = load_model("tiny-llama", device="cpu")
         prompts = [TokenizedPrompt(str(i), list(range(5, 5 + n))) for i, n in enumerate([9, 6])]
@@ -243,8 +243,8 @@ def test_probe_runs_never_import_transformer_lens():
 def test_probe_numbers_do_not_depend_on_whether_the_bridge_was_booted(name):
     """The same probes on the same prompts give the same table before and after the bridge
     wrapped the model's modules (the engine unwraps them for its run)."""
-    from probes import get_probe
-    from workbench.prompts import TokenizedPrompt
+    from workbench import get_probe
+    from workbench.inputs.prompts import TokenizedPrompt
     from workbench.runner import run_probes
 
     m = load_model(name, device="cpu")

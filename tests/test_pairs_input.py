@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 import pytest
 
-from circuits.patching import _effects, activation_patching, baseline, path_patching
+from circuits.baseline import baseline
+from circuits.patching import _effects, activation_patching, path_patching
 from circuits.tasks import Pair, colored_objects, ioi, make_pair, read_pairs
 from tests.test_patching import tiny_pairs
 from workbench.errors import WorkbenchError, WorkbenchWarning
@@ -122,7 +123,7 @@ def test_built_in_tasks_refuse_a_vocabulary_without_their_words(tok):
 def test_built_in_tasks_have_no_degenerate_pairs_on_smollm2():
     from transformers import AutoTokenizer
 
-    from workbench.embedded import ensure_embedded
+    from workbench.models.embedded import ensure_embedded
 
     tok = AutoTokenizer.from_pretrained(ensure_embedded(quiet=True))
     pairs = ioi(tok, n=16, seed=3) + colored_objects(tok, n=16, seed=3)

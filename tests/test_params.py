@@ -14,7 +14,7 @@ from pydantic import Field
 
 from workbench.datasets import DATASETS, OPTIONS, make_dataset
 from workbench.errors import WorkbenchError
-from workbench.params import Float, Int, Options, parse_cli_value, validate_options
+from workbench.protocol.params import Float, Int, Options, parse_cli_value, validate_options
 
 
 class SinkLike(Options):

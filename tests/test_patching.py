@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from circuits.patching import _VariantZPatcher, activation_patching, attribution_patching, baseline, logit_diff, pair_batch, path_patching
+from circuits.baseline import baseline, logit_diff, pair_batch
+from circuits.patching import _VariantZPatcher, activation_patching, attribution_patching, path_patching
 from circuits.tasks import Pair, make_pair, make_task, read_pairs
 from tests.reference import serial_path_patching
 from workbench.errors import WorkbenchError
@@ -36,7 +37,7 @@ def test_logit_difference_is_the_models_own_under_a_final_soft_cap(tmp_path):
     padded batch of unequal lengths (a cap of 0.5 keeps every logit small, so leaving it out
     fails)."""
     from tests.tiny_gemma import gemma_config, save_tiny
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     cfg = gemma_config("gemma2")
     cfg.final_logit_softcapping = 0.5
@@ -238,7 +239,7 @@ TINY_PAIRS = [
 
 def test_patch_cli(tmp_path, capsys):
     from workbench.cli import main
-    from workbench.results import read_parquet
+    from workbench.runs.parquet import read_parquet
 
     out = tmp_path / "p.parquet"
     pairs = tmp_path / "tiny_pairs.jsonl"
@@ -289,7 +290,7 @@ def test_task_export_round_trips(tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from workbench.cli import main
-    from workbench.embedded import ensure_embedded
+    from workbench.models.embedded import ensure_embedded
 
     tok = AutoTokenizer.from_pretrained(ensure_embedded(quiet=True))
     out = tmp_path / "ioi.jsonl"

@@ -5,13 +5,13 @@ import random
 
 import pytest
 
-from probes import get_probe
 from tests.reference import eager_model, induction_reference, patterns, streaming_reference
 from tests.test_metrics import TOL, lookup
+from workbench import get_probe
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
+from workbench.inputs.prompts import TokenizedPrompt, tokenize_prompts
 from workbench.runner import run_probes
-from workbench.prompts import TokenizedPrompt, tokenize_prompts
 
 
 def mixed_prompts(model, seed=0):

@@ -18,10 +18,11 @@ import pytest
 
 from tests.reference import eager_model, patterns
 from tests.test_metrics import random_prompts
-from workbench import registry
 from workbench.errors import WorkbenchError
-from workbench.results import load_results, read_parquet
+from workbench.protocol import registry
 from workbench.runner import run_probes
+from workbench.runs.load import load_results
+from workbench.runs.parquet import read_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +32,9 @@ import pandas as pd
 from pydantic import Field
 
 from probes.base import ItemProbe, PatternProbe
-from workbench.atlas import Role
-from workbench.metric_kinds import MetricInfo
-from workbench.params import Options
+from workbench.protocol.roles import Role
+from workbench.protocol.metrics import MetricInfo
+from workbench.protocol.params import Options
 
 
 class FirstKeyProbe(PatternProbe):
@@ -132,10 +133,10 @@ def test_plugin_pattern_probe_numbers_and_fusion(plugin, tiny_models):
     with pytest.raises(WorkbenchError, match="plugin-first.scale"):
         registry.get_probe("plugin-first", scale=-1)
     # its own declarations reach captions and the atlas, with no edit to this repository
-    from workbench import metric_kinds
-    from workbench.atlas import atlas
+    from workbench.report import kinds
+    from workbench.report.atlas import atlas
 
-    assert metric_kinds.info("plugin_first").what == "pooled attention on the first token"
+    assert kinds.info("plugin_first").what == "pooled attention on the first token"
     roles = atlas(res.table.assign(model="m", dataset="d"), thresholds={"sink": None})
     assert "first-key" in set(roles.role)
 
@@ -183,7 +184,7 @@ def test_plugin_probes_through_the_cli_a_sweep_and_a_report(plugin, tiny_dirs, t
 
 def test_runner_runs_every_kind_in_one_call(tiny_models):
     """Pattern and item probes in one call: one table, each probe's lines."""
-    from workbench.prompts import Prompt
+    from workbench.inputs.prompts import Prompt
 
     model = tiny_models["llama"]
     items = [Prompt("a", text="and he said unto them", meta={"context": "the lord spake"}),
@@ -209,7 +210,7 @@ def test_workbench_never_imports_probes():
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "probes" or n.startswith("probes.")]
     assert offenders == []
-    code = "import sys, workbench.cli, workbench.runner, workbench.sweeps, workbench.report; print('probes' in sys.modules)"
+    code = "import sys, workbench.cli, workbench.runner, workbench.runs.config, workbench.report; print('probes' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.stdout.strip() == "False", res.stderr
 
@@ -228,7 +229,7 @@ def test_no_probe_module_is_dispatched_on_by_name():
 
     names = set(registry.probe_classes()) | {"pattern"}
     cli = ROOT / "workbench" / "cli"
-    for path in [cli / "probe.py", cli / "common.py", cli / "runs.py", ROOT / "workbench" / "sweeps.py"]:
+    for path in [cli / "probe.py", cli / "common.py", cli / "runs.py", *sorted((ROOT / "workbench" / "runs").glob("*.py"))]:
         text = path.read_text()
         for bad in ["takes_items", "generates", "run_items"]:
             assert bad not in text, f"{path.name} mentions {bad}"

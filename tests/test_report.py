@@ -15,8 +15,8 @@ import pytest
 
 from tests.browser import chromium, open_page, playwright_available
 from workbench.cli import main
-from workbench.report import build_report, top_heads_table
-from workbench.results import load_results
+from workbench.report.build import build_report, top_heads_table
+from workbench.runs.load import load_results
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 XSS = "<script>alert(1)</script>"
@@ -49,7 +49,7 @@ def report_run(tiny_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def depth_runs(tmp_path_factory):
     """Tiny Llamas of 3 and 5 layers: one sweep over both, and one run per model."""
-    from workbench.tiny import make_tiny_model
+    from workbench.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("depth")
     m3 = make_tiny_model(root / "llama3", "llama", seed=2, n_layers=3)
@@ -97,7 +97,7 @@ def section_positions(text: str, ids: list[str]) -> list[int]:
 
 def test_summary_first_then_atlas_then_figures_and_raw_metadata_last(report_run, tiny_models):
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     text = (report_run / "report.html").read_text()
     body = text.split("<body>")[1]
@@ -118,7 +118,7 @@ def test_summary_first_then_atlas_then_figures_and_raw_metadata_last(report_run,
 
 def test_summary_states_recorded_timing(tmp_path):
     from benchmarks.bench_report import synthetic_run
-    from workbench.results import read_parquet, write_parquet
+    from workbench.runs.parquet import read_parquet, write_parquet
 
     run = synthetic_run(tmp_path / "run", n_layers=2, n_heads=2)
     for i, f in enumerate(sorted((run / "parts").glob("*.parquet"))):
@@ -133,7 +133,7 @@ def test_summary_counts_groups_that_share_their_timing_values(tmp_path):
     """Two quick groups can start and finish in the same second with the same rounded duration
     (it made the report fixture flaky on an idle machine): the recorded group name tells them apart."""
     from benchmarks.bench_report import synthetic_run
-    from workbench.results import read_parquet, write_parquet
+    from workbench.runs.parquet import read_parquet, write_parquet
 
     run = synthetic_run(tmp_path / "run", n_layers=2, n_heads=2)
     parts = sorted((run / "parts").glob("*.parquet"))
@@ -147,8 +147,8 @@ def test_summary_counts_groups_that_share_their_timing_values(tmp_path):
 
 
 def test_findings_count_roles_and_their_overlaps(tmp_path):
-    from benchmarks.bench_report import synthetic_run
     import workbench
+    from benchmarks.bench_report import synthetic_run
 
     run = synthetic_run(tmp_path / "run", n_layers=6, n_heads=4, seed=3)
     text = build_report(run)
@@ -181,7 +181,7 @@ def test_top_heads_and_atlas_agree_with_the_table(report_run):
     cells = re.findall(r'<td tabindex="0" data-s="0" data-l="(\d+)" data-h="(\d+)"( class="has")?>', text)
     assert len(cells) == 12
     import workbench
-    from workbench.atlas import parse_thresholds
+    from workbench.report.atlas import parse_thresholds
 
     roles = workbench.atlas(table, thresholds=parse_thresholds(ROLES))
     assert roles.groupby(["layer", "head"]).size().max() >= 2, "some head has several roles"
@@ -376,3 +376,30 @@ def test_comparison_report_renders_without_errors(depth_runs, tmp_path):
         s.page.locator('table.atlas[data-series="1"] td[data-l="4"][data-h="3"]').hover()
         assert "llama5: layer 4, head 3 (relative depth 1.00)" in s.page.locator("#atlas-tip").inner_text()
         assert not [c for c in s.console if c.startswith("error")] and not s.errors
+
+
+@pytest.mark.parametrize("text, message", [
+    ('runs = "runs/a"\n', "top level.runs: expected a list"),
+    ('runs = ["a"]\ncolour = "red"\n', "top level: unknown key 'colour'"),
+    ('runs = ["a"]\n[roles]\nsink = [1]\n', "top level.roles"),
+    ("runs = [", "is not valid TOML"),
+])
+def test_bad_report_configs_are_one_error_naming_the_key(tmp_path, text, message):
+    from workbench.errors import WorkbenchError
+    from workbench.report.config import load_report_config
+
+    cfg = tmp_path / "report.toml"
+    cfg.write_text(text)
+    with pytest.raises(WorkbenchError, match=re.escape(message)):
+        load_report_config(cfg)
+
+
+def test_report_config_paths_are_beside_the_file(tmp_path):
+    from workbench.report.config import load_report_config
+
+    cfg = tmp_path / "sub" / "report.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('runs = ["a", "/abs/b", "s3://bucket/c"]\nout = "r.html"\n[roles]\nsink = 0.6\necho = "off"\n')
+    got = load_report_config(cfg)
+    assert got["runs"] == [str(cfg.parent / "a"), "/abs/b", "s3://bucket/c"] and got["out"] == str(cfg.parent / "r.html")
+    assert got["thresholds"] == {"sink": 0.6, "echo": None}

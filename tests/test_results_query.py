@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.results import load_results, query, tidy, write_parquet
+from workbench.protocol.table import tidy
+from workbench.runs.load import load_results
+from workbench.runs.parquet import write_parquet
+from workbench.runs.query import query
 
 README_QUERY = "select probe, metric, layer, head, value from results order by value desc limit 10"
 

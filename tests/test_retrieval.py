@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from probes.retrieval import RetrievalProbe, generate_and_score, newline_token_ids, rouge1_recall
-from workbench.context import RunContext
-from workbench.runner import run_probes
 from tests.reference import eager_model, retrieval_reference
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
-from workbench.prompts import TokenizedPrompt, tokenize_prompts
+from workbench.inputs.prompts import TokenizedPrompt, tokenize_prompts
+from workbench.protocol.run_context import RunContext
+from workbench.runner import run_probes
 
 
 def favourite_tokens(model, seed=0):
@@ -115,7 +115,7 @@ def test_smollm2_retrieval_matches_reference_and_retrieves(smollm2):
 def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models, arch):
     """CPU prefill reuses the KV cache of a shared prefix (niah on one haystack); the scores and
     answers equal the paper loop's, prompt by prompt."""
-    from workbench import decoding
+    from workbench.engine import decoding
 
     model = tiny_models[arch]
     base = copy_prompts(model, [60, 52, 45], seed=3)
@@ -139,7 +139,7 @@ def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models
 
 def test_niah_shared_haystack_prompts_share_the_prefix_before_the_needle(tiny_models, tmp_path, capsys):
     from workbench.cli import main
-    from workbench.prompts import read_prompts
+    from workbench.inputs.prompts import read_prompts
 
     out = tmp_path / "n.jsonl"
     assert main(["dataset", "niah", "--model", "tiny-llama", "--context-len", "120", "--depths", "0.2,0.9",
@@ -156,8 +156,8 @@ def test_long_prompts_prefill_in_pieces_and_score_the_same(tiny_models, prefill,
     """Prompts longer than PREFILL_CHUNK are prefilled chunk by chunk through the cache: no
     attention call sees more than a chunk of queries (so no [T, T] mask), and the answers and
     scores are still the paper loop's."""
-    from workbench import decoding
-    from workbench.attention import AttentionCall  # noqa: F401
+    from workbench.engine import decoding
+    from workbench.engine.call import AttentionCall  # noqa: F401
 
     monkeypatch.setattr(decoding, "PREFILL_CHUNK", 7)
     model = tiny_models["llama"]

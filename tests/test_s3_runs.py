@@ -15,14 +15,14 @@ import pytest
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
-from workbench import runfs  # noqa: E402
-from workbench.cli import main  # noqa: E402
-from workbench.results import load_results, query  # noqa: E402
-from workbench.sweeps import run_sweep  # noqa: E402
-
 from tests import loopback_s3  # noqa: E402
 from tests.test_sweep_folder import write  # noqa: E402
 from tests.test_url_runs import check_sweep_equals_local_and_resumes, quiet, rows  # noqa: E402
+from workbench.cli import main  # noqa: E402
+from workbench.files import targets  # noqa: E402
+from workbench.runs.load import load_results
+from workbench.runs.query import query  # noqa: E402
+from workbench.runs.sweep import run_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_a_damaged_part_on_s3_is_set_aside_by_copy_and_delete_and_recomputed(s3,
     cfg, ref = local
     run = f"{s3.bucket()}/run"
     run_sweep(cfg, run, progress=False, log=quiet)
-    name = next(n for n in runfs.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
+    name = next(n for n in targets.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
     key = f"{run.removeprefix('s3://')}/parts/{name}"
     damaged = s3.fs.cat_file(key)[:100]
     s3.fs.pipe_file(key, damaged)  # written by another client: this process's listing cache knows nothing of it

@@ -16,17 +16,17 @@ import pandas as pd
 import pytest
 import torch
 
-from probes import get_probe
 from tests.test_metrics import TOL, lookup
-from workbench import kernels, statistics
-from workbench.attention import AttentionCall
-from workbench.extraction import ChunkFeeder
-from workbench.kernels import attention_with_statistics, choose_kernel
-from workbench.masking import attention_probs, key_visibility
-from workbench.patterns import collate, iter_pattern_chunks, same_token_ranges
-from workbench.prompts import TokenizedPrompt
+from workbench import get_probe
+from workbench.engine import kernels, statistics
+from workbench.engine.call import AttentionCall
+from workbench.engine.extraction import ChunkFeeder
+from workbench.engine.kernels import attention_with_statistics, choose_kernel
+from workbench.engine.masking import attention_probs, key_visibility
+from workbench.engine.patterns import collate, iter_pattern_chunks, same_token_ranges
+from workbench.engine.statistics import LayerStatistics
+from workbench.inputs.prompts import TokenizedPrompt
 from workbench.runner import run_probes
-from workbench.statistics import LayerStatistics
 
 ALL = ("entropy", "sink", "induction", "streaming")
 
@@ -38,7 +38,7 @@ def probes(**streaming):
 def prompts_for(model, lengths=(40, 13, 29, 8, 1), seed=0):
     """Random prompts of unequal lengths, one with repeats (echo) and two repeated-random ones."""
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     rng = random.Random(seed)
     out = [TokenizedPrompt(f"r{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate(lengths)]
@@ -90,7 +90,7 @@ def test_both_paths_agree_with_small_budgets(tiny_models):
 
 def _save(tmp_path, cfg, scale_qk=4.0):
     from tests.tiny_gemma import save_tiny
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return load_model(str(save_tiny(tmp_path, cfg, scale_qk)), device="cpu")
 
@@ -136,8 +136,8 @@ def test_both_paths_agree_on_tiny_gemma3_text(tmp_path, monkeypatch):
     """The project's tiny Gemma 3 text model (window 8 on layers 0, 1, 3, global layer 2, 4 query
     heads on 2 KV heads, BOS) with prompts several windows long, padded, in two batch sizes."""
     from tests.test_gemma3 import tiny_prompts
-    from workbench.models import load_model
-    from workbench.tiny import make_tiny_model
+    from workbench.models.loading import load_model
+    from workbench.models.tiny import make_tiny_model
 
     model = load_model(str(make_tiny_model(tmp_path / "g", "gemma3_text", seed=1)), device="cpu")
     assert model.n_kv_heads < model.n_heads
@@ -173,7 +173,7 @@ def test_both_paths_agree_on_gemma3_beyond_the_window(gemma3, monkeypatch):
 @pytest.mark.smollm2
 def test_both_paths_agree_on_smollm2(smollm2):
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     prose = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=20, max_words=120), smollm2.tokenizer,
                              smollm2.n_ctx, smollm2.vocab_size)
@@ -343,7 +343,7 @@ def test_kernel_output_is_sdpa(mask_kind):
     want, _ = sdpa_attention_forward(Module(), call.query, call.key, call.value, call.mask, scaling=call.scaling,
                                      is_causal=call.is_causal or None)
     assert torch.equal(z, want)
-    from workbench.masking import attention_scores
+    from workbench.engine.masking import attention_scores
 
     s, _ = attention_scores(call)
     ref = torch.logsumexp(s, -1)
@@ -353,7 +353,7 @@ def test_kernel_output_is_sdpa(mask_kind):
 
 def test_models_give_the_same_logits_with_statistics_on(tiny_models):
     """Asking for statistics changes how a layer's output is computed, not what it is."""
-    from workbench.attention import hooked_run
+    from workbench.engine.attention import hooked_run
 
     model = tiny_models["llama"]
     ids = torch.randint(4, 500, (2, 17))
@@ -481,7 +481,7 @@ def test_run_probes_on_a_simulated_gpu(tiny_dirs, monkeypatch):
     """The whole engine on the simulated GPU with a bf16 model: a padded batch (mask: the
     memory-efficient kernel) and an unpadded one (no mask: flash), float32 statistics, and the
     numbers of the chunked path on the same bf16 model."""
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16")
     ps = prompts_for(model, lengths=(30, 12, 7))
@@ -510,7 +510,7 @@ def test_run_probes_on_a_simulated_gpu(tiny_dirs, monkeypatch):
 def test_bfloat16_models_keep_float32_statistics(tiny_dirs, monkeypatch):
     """A bf16 model: the statistics are float32 (lse from the kernel, E_A[k] from a float32
     pass), and both paths agree closely (they read the same bf16 queries and keys)."""
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     model = load_model(str(tiny_dirs["llama"]), dtype="bfloat16")
     dtypes = set()
@@ -534,7 +534,7 @@ def test_weights_zero_masked_keys_and_keep_tiny_ones():
     """``weights`` of the log-weights s - lse = exp(s - lse) where allowed, exactly 0 elsewhere
     (given in base 2), exactly 0 elsewhere (also where the score is -inf from a float mask), no
     NaN, and weights under 2^-126 off by less than 2e-38 each."""
-    from workbench.statistics import LOG2_MIN, LOG2E, weights
+    from workbench.engine.statistics import LOG2_MIN, LOG2E, weights
 
     torch.manual_seed(0)
     s = torch.randn(2, 3, 5, 7) * 30
@@ -552,7 +552,7 @@ def test_weights_zero_masked_keys_and_keep_tiny_ones():
 
 
 def test_statistics_threads_single_for_small_layers_on_a_busy_machine_only(monkeypatch):
-    from workbench.statistics import SMALL_LAYER, statistics_threads
+    from workbench.engine.statistics import SMALL_LAYER, statistics_threads
 
     n = torch.get_num_threads()
     if n == 1:
@@ -573,7 +573,7 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
     """A plan (blocks, spans, masks) made for one call serves another call with the same mask
     object and ranges, and gives what a fresh plan gives; a call with another mask (or other
     ranges) gets its own plan."""
-    from workbench.statistics import LayerPlans
+    from workbench.engine.statistics import LayerPlans
 
     def stats_for(call, batch, plans):
         return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
@@ -605,7 +605,7 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
 def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
     """The banded plan of streaming's window and induction's echo is made once per batch, not
     once per layer (the point of LayerPlans)."""
-    from workbench.statistics import LayerStatistics as LS
+    from workbench.engine.statistics import LayerStatistics as LS
 
     model = tiny_models["llama"]
     made = []
@@ -648,7 +648,7 @@ def test_keys_named_for_every_query_are_one_product_per_layer(tiny_models, monke
 def test_shared_keys_stop_growing_at_their_cap(monkeypatch):
     """Keys named for every query join the batch's shared product only up to SHARED_MOST keys;
     past it each request is its own product. Every answer equals a fresh computation."""
-    from workbench.statistics import LayerPlans
+    from workbench.engine.statistics import LayerPlans
 
     monkeypatch.setattr(statistics, "SHARED_MOST", 3)
     call, batch = random_call("padding", seed=3)
@@ -668,7 +668,7 @@ def test_layers_sharing_scratch_buffers_never_read_each_others():
     alone: whichever writes the shared scratch buffers makes the other drop its views of them
     (the reuse would otherwise hand layer A layer B's queries). And a second layer reuses the
     first one's buffers instead of allocating its own."""
-    from workbench.statistics import LayerPlans
+    from workbench.engine.statistics import LayerPlans
 
     def stats_for(call, batch, plans):
         return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
@@ -697,7 +697,7 @@ def test_layers_sharing_scratch_buffers_never_read_each_others():
 
 
 def test_scratch_grows_and_hands_out_views():
-    from workbench.scratch import Scratch
+    from workbench.engine.scratch import Scratch
 
     s = Scratch()
     x = s.get("x", (2, 3), torch.float32, torch.device("cpu"))
@@ -794,7 +794,7 @@ def test_blocked_kernel_keeps_a_models_numbers(tmp_path, monkeypatch):
     with statistics on are the plain forward's."""
     from transformers import Gemma3TextConfig
 
-    from workbench.attention import hooked_run
+    from workbench.engine.attention import hooked_run
 
     cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=6,

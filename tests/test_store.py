@@ -16,8 +16,8 @@ import torch
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.prompts import TokenizedPrompt
-from workbench.registry import get_probe
+from workbench.inputs.prompts import TokenizedPrompt
+from workbench.protocol.registry import get_probe
 from workbench.runner import run_probes
 from workbench.store import open as open_store
 from workbench.store.capture import cache_activations
@@ -92,7 +92,7 @@ def test_replay_from_store_gives_the_live_numbers_gqa(llama_store):
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_replay_keeps_sliding_windows_softcaps_and_scaling(arch, tmp_path):
     from tests.reference import eager_model, patterns, sink_reference
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     folder = gemma_folder(tmp_path, arch)
     model = load_model(str(folder), device="cpu")
@@ -170,7 +170,7 @@ def test_cli_cache_then_probe_from_store(tiny_dirs, tmp_path, capsys):
     store = open_store(out)
     assert store.layers == [1, 2] and store.index["command"].startswith("workbench cache --model")
     assert main(["probe", "entropy,sink", "--from-store", str(out), "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path / "e.parquet")]) == 0
-    from workbench.results import read_parquet
+    from workbench.runs.parquet import read_parquet
 
     table, meta = read_parquet(tmp_path / "e.parquet")
     assert set(table.layer) == {1, 2} and meta["config"]["store"] == str(out)
@@ -225,7 +225,7 @@ def test_sigkill_mid_cache_then_resume_equals_an_uninterrupted_store(tiny_dirs, 
 
 
 def test_a_damaged_shard_is_rewritten_on_resume(tiny_dirs, tmp_path):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     model = load_model(str(tiny_dirs["llama"]), device="cpu")
     prompts = random_prompts(model.vocab_size, LENGTHS, seed=4)
@@ -273,7 +273,7 @@ def test_stores_that_cannot_serve_the_probes(llama_store, tiny_dirs, tmp_path, c
     assert "was cached from" in err
     other = tmp_path / "other-tok"
     shutil.copytree(tiny_dirs["llama"], other)
-    from workbench.tiny import _tiny_tokenizer
+    from workbench.models.tiny import _tiny_tokenizer
 
     _tiny_tokenizer(300).save_pretrained(other)
     err = run_cli(capsys, ["probe", "entropy", "--from-store", out, "--model", other, "--out", tmp_path / "o.parquet"])
@@ -308,7 +308,7 @@ def test_smollm2_pattern_probes_from_a_store_equal_the_live_run(smollm2, tmp_pat
     """The real model (GQA 9:3, rotary): float32 store replay equals the live run to 1e-4; a
     float16 store stays within F16_TOL on the continuous metrics."""
     from workbench.datasets import make_dataset
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.prompts import tokenize_prompts
 
     prompts = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=5, max_words=40), smollm2.tokenizer, smollm2.n_ctx,
                                smollm2.vocab_size)

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from workbench.cli import main
-from workbench.results import load_results
-from workbench.sweeps import load_config, run_sweep
+from workbench.runs.config import load_config
+from workbench.runs.load import load_results
+from workbench.runs.sweep import run_sweep
 
 BASE = """models = ["{model}"]
 probes = ["entropy", "sink", "induction"]
@@ -81,7 +82,7 @@ def test_parts_of_an_earlier_config_are_set_aside_never_mixed_in(tiny_dirs, tmp_
     assert (after[after.probe == "sink"].n == 5).all() and (before[before.probe == "sink"].n == 3).all()
     pd.testing.assert_frame_equal(after[after.probe == "induction"], before[before.probe == "induction"])
     assert len(list((run / "superseded").rglob("*.parquet"))) == 2
-    from workbench.results import query
+    from workbench.runs.query import query
 
     n = query("select count(*) as n from results where probe = 'sink'", [run]).n.iloc[0]
     assert n == 2 * 3 * 4  # two sink metrics x 3 layers x 4 heads: no stale rows
@@ -124,7 +125,7 @@ def test_every_setting_that_changes_numbers_changes_the_key(tiny_dirs, tmp_path,
         w = next(model.glob("*.safetensors"))
         os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
     elif change == "probe_version":
-        from workbench.registry import probe_class
+        from workbench.protocol.registry import probe_class
 
         monkeypatch.setattr(probe_class("sink"), "version", 2)
     after = keys(cfg)
@@ -149,11 +150,11 @@ BAD = [
     ('batch_size = "many"\n', "batch_size must be a whole number or auto"),
     ("batch_size = 0\n", "batch_size must be at least 1"),
     ('dtype = "float8"\n', "unknown dtype"),
-    ("dtype = 3\n", "dtype must be a string"),
+    ("dtype = 3\n", "top level.dtype: expected a string, got 3"),
     ('device = "cuda:7"\n', "no CUDA GPU is visible"),
-    ("seed = -1\n", "seed must be a whole number >= 0"),
-    ('seed = "x"\n', "seed must be a whole number >= 0"),
-    ("prepend_bos = 1\n", "prepend_bos must be true or false"),
+    ("seed = -1\n", "top level.seed: must be >= 0, got -1"),
+    ('seed = "x"\n', "top level.seed: expected a whole number"),
+    ("prepend_bos = 1\n", "top level.prepend_bos: expected true or false, got 1"),
 ]
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.results import load_results, query
-from workbench.sweeps import run_sweep
+from workbench.runs.load import load_results
+from workbench.runs.query import query
+from workbench.runs.sweep import run_sweep
 
 MINIMAL = """models = ["{model}"]
 probes = ["entropy", "sink"]
@@ -90,11 +91,11 @@ def test_query_across_runs(tiny_dirs, tmp_path):
     "text, message",
     [
         ("models = [", "not valid TOML"),
-        ('models = ["m"]\nprobes = ["entropy"]\nfrobnicate = 1\n[datasets.prose]\n', "unknown key(s) 'frobnicate'"),
+        ('models = ["m"]\nprobes = ["entropy"]\nfrobnicate = 1\n[datasets.prose]\n', "top level: unknown key 'frobnicate'"),
         ('models = ["m"]\nprobes = ["nope"]\n[datasets.prose]\n', "unknown probe 'nope'"),
         ('models = ["m"]\nprobes = ["entropy"]\n[datasets.nope]\n', "unknown dataset 'nope'"),
-        ('models = ["m"]\nprobes = ["entropy"]\n', "missing 'datasets'"),
-        ('models = []\nprobes = ["entropy"]\n[datasets.prose]\n', "'models' must be a non-empty list"),
+        ('models = ["m"]\nprobes = ["entropy"]\n', "top level.datasets: missing"),
+        ('models = []\nprobes = ["entropy"]\n[datasets.prose]\n', "top level.models: list should have at least 1 item"),
         ('models = ["m"]\nprobes = ["entropy"]\n[datasets.x]\npath = "missing.jsonl"\n', "does not exist"),
     ],
 )

@@ -18,13 +18,13 @@ import fsspec
 import pandas as pd
 import pytest
 
-from workbench import runfs
+from tests.test_sweep_folder import write
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.results import load_results, query
-from workbench.sweeps import run_sweep
-
-from tests.test_sweep_folder import write
+from workbench.files import targets
+from workbench.runs.load import load_results
+from workbench.runs.query import query
+from workbench.runs.sweep import run_sweep
 
 KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
 MEM = fsspec.filesystem("memory")
@@ -58,7 +58,7 @@ def mem():
 
 def files(url: str) -> dict[str, bytes]:
     """Every object under ``url`` by its path below it."""
-    base = runfs.filesystem(url)[1].rstrip("/")
+    base = targets.filesystem(url)[1].rstrip("/")
     return {p[len(base) + 1:]: MEM.cat_file(p) for p in MEM.find(base)}
 
 
@@ -93,10 +93,10 @@ def test_a_damaged_part_under_a_url_is_set_aside_and_recomputed(local, mem):
     cfg, ref = local
     run = f"{mem}/run"
     run_sweep(cfg, run, progress=False, log=quiet)
-    name = next(n for n in runfs.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
-    good = MEM.cat_file(runfs.filesystem(f"{run}/parts/{name}")[1])
+    name = next(n for n in targets.list_names(f"{run}/parts", ".parquet") if "__prose__sink__" in n)
+    good = MEM.cat_file(targets.filesystem(f"{run}/parts/{name}")[1])
     damaged = good[: len(good) // 2]
-    MEM.pipe_file(runfs.filesystem(f"{run}/parts/{name}")[1], damaged)  # a truncated upload, a bad copy
+    MEM.pipe_file(targets.filesystem(f"{run}/parts/{name}")[1], damaged)  # a truncated upload, a bad copy
     said: list[str] = []
     summary = run_sweep(cfg, run, progress=False, log=said.append)
     assert summary["ran"] == 1 and summary["set_aside_corrupt"] == 1
@@ -107,8 +107,8 @@ def test_a_damaged_part_under_a_url_is_set_aside_and_recomputed(local, mem):
     assert [(m["part"], m["why"], m["to"]) for m in moves] == [(name, "corrupt", f"{run}/{aside[0]}")]
     pd.testing.assert_frame_equal(rows(run), rows(ref))
     # a damaged part with no record (run.json lost) is found by reading it
-    MEM.rm(runfs.filesystem(f"{run}/run.json")[1])
-    MEM.pipe_file(runfs.filesystem(f"{run}/parts/{name}")[1], b"PAR1 not really")
+    MEM.rm(targets.filesystem(f"{run}/run.json")[1])
+    MEM.pipe_file(targets.filesystem(f"{run}/parts/{name}")[1], b"PAR1 not really")
     summary = run_sweep(cfg, run, progress=False, log=quiet)
     assert summary["ran"] == 1 and summary["set_aside_corrupt"] == 1
     pd.testing.assert_frame_equal(rows(run), rows(ref))
@@ -183,24 +183,24 @@ def test_a_failed_write_leaves_nothing_on_an_object_store(mem):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        runfs.write_file(f"{mem}/x.bin", boom)
-    assert not MEM.exists(runfs.filesystem(mem)[1])
-    runfs.write_text(f"{mem}/x.bin", "whole")
-    assert runfs.read_bytes(f"{mem}/x.bin") == b"whole" and runfs.size(f"{mem}/x.bin") == 5
+        targets.write_file(f"{mem}/x.bin", boom)
+    assert not MEM.exists(targets.filesystem(mem)[1])
+    targets.write_text(f"{mem}/x.bin", "whole")
+    assert targets.read_bytes(f"{mem}/x.bin") == b"whole" and targets.size(f"{mem}/x.bin") == 5
 
 
 def test_a_file_url_is_written_by_rename_with_the_normal_mode(tmp_path, monkeypatch):
     old = os.umask(0o027)
     try:
         url = (tmp_path / "deep" / "a.txt").as_uri()
-        runfs.write_text(url, "hello")
+        targets.write_text(url, "hello")
     finally:
         os.umask(old)
     out = tmp_path / "deep" / "a.txt"
     assert out.read_text() == "hello" and stat.S_IMODE(out.stat().st_mode) == 0o640
     assert [p.name for p in (tmp_path / "deep").iterdir()] == ["a.txt"], "no temporary file left"
     monkeypatch.chdir(tmp_path)  # a relative file:// URL is made absolute before it travels to a worker
-    assert runfs.absolute("file://deep/a.txt") == f"file://{tmp_path}/deep/a.txt"
+    assert targets.absolute("file://deep/a.txt") == f"file://{tmp_path}/deep/a.txt"
 
 
 def test_a_file_system_that_is_not_an_object_store_writes_a_temporary_name_then_moves(tmp_path):
@@ -210,8 +210,8 @@ def test_a_file_system_that_is_not_an_object_store_writes_a_temporary_name_then_
     from fsspec.implementations.local import LocalFileSystem
 
     fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())
-    assert not runfs.writes_whole_objects(fs)
-    runfs.write_to_fs(fs, "sub/a.bin", lambda f: f.write(b"data"))
+    assert not targets.writes_whole_objects(fs)
+    targets.write_to_fs(fs, "sub/a.bin", lambda f: f.write(b"data"))
     assert (tmp_path / "sub" / "a.bin").read_bytes() == b"data"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.bin"], "the temporary name is gone"
 
@@ -219,13 +219,13 @@ def test_a_file_system_that_is_not_an_object_store_writes_a_temporary_name_then_
         raise RuntimeError("no")
 
     with pytest.raises(RuntimeError):
-        runfs.write_to_fs(fs, "sub/b.bin", boom)
+        targets.write_to_fs(fs, "sub/b.bin", boom)
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.bin"]
 
 
 def test_url_helpers_keep_urls_whole():
-    assert runfs.is_url("s3://b/k") and runfs.is_url("memory://x") and runfs.is_url("simplecache::s3://b/k")
-    assert not runfs.is_url("runs/a") and not runfs.is_url("C:/runs/a") and not runfs.is_url("/tmp/s3:/x")
-    assert runfs.join("s3://b/runs/", "parts", "a.parquet") == "s3://b/runs/parts/a.parquet"
-    assert runfs.name("s3://b/runs/a/") == "a" and runfs.as_target("s3://b//x") == "s3://b//x"
-    assert runfs.process_local("memory://x") and not runfs.process_local("file:///x")
+    assert targets.is_url("s3://b/k") and targets.is_url("memory://x") and targets.is_url("simplecache::s3://b/k")
+    assert not targets.is_url("runs/a") and not targets.is_url("C:/runs/a") and not targets.is_url("/tmp/s3:/x")
+    assert targets.join("s3://b/runs/", "parts", "a.parquet") == "s3://b/runs/parts/a.parquet"
+    assert targets.name("s3://b/runs/a/") == "a" and targets.as_target("s3://b//x") == "s3://b//x"
+    assert targets.process_local("memory://x") and not targets.process_local("file:///x")

@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from probes import get_probe
-from workbench.runner import run_probes
 from tests.reference import reference_condition_attention, reference_vhd
-from workbench.conditions import load_image
+from workbench import get_probe
 from workbench.datasets import make_dataset
-from workbench.prompts import Prompt
+from workbench.inputs.conditions import load_image
+from workbench.inputs.prompts import Prompt
+from workbench.runner import run_probes
 
 FAMILIES = ["llava", "gemma3"]
 IMAGE_TOKENS = {"llava": ["<image>"], "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]}
@@ -19,7 +19,7 @@ IMAGE_TOKENS = {"llava": ["<image>"], "gemma3": ["<start_of_image>", "<image_sof
 
 @pytest.fixture(scope="module")
 def vlm_dirs(tmp_path_factory):
-    from workbench.tiny import make_tiny_model
+    from workbench.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("vlm")
     return {arch: make_tiny_model(root / arch, arch, seed=2) for arch in FAMILIES}
@@ -27,7 +27,7 @@ def vlm_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlms(vlm_dirs):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return {arch: load_model(str(path), device="cpu") for arch, path in vlm_dirs.items()}
 
@@ -109,16 +109,16 @@ def test_image_replaced_by_itself_gives_zero_and_batching_changes_nothing(arch, 
 
 @pytest.mark.parametrize("positions", ["first", "all"])
 def test_head_scaling_matches_a_hand_made_o_proj_hook(positions, vlms, plain, items):
-    from workbench.attention import hooked_run
-    from workbench.conditions import image_pair
-    from workbench.divergence import collate
-    from workbench.interventions import HeadScaling
+    from workbench.engine.attention import hooked_run
+    from workbench.engine.divergence import left_padded_inputs
+    from workbench.engine.interventions import HeadScaling
+    from workbench.inputs.conditions import image_pair
 
     model, (hf, processor) = vlms["llava"], plain["llava"]
     heads, alpha = [(1, 2), (2, 0), (2, 3)], 2.5
     item = items[0]
     pair = image_pair(model, item)
-    inputs, _ = collate([pair.cond], [[]], 1, "cpu")
+    inputs, _ = left_padded_inputs([pair.cond], [[]], 1, "cpu")
     with hooked_run(model.hf_model, HeadScaling(heads, alpha, positions)):
         ours = model.hf_model(**inputs).logits[0]
     d = hf.config.text_config.head_dim
@@ -149,7 +149,7 @@ def test_head_scaling_matches_a_hand_made_o_proj_hook(positions, vlms, plain, it
 
 
 def test_vhr_head_selection_follows_the_paper_rule():
-    from workbench.interventions import default_vhr_layers, vhr_heads
+    from workbench.experiments.vhr import default_vhr_layers, vhr_heads
 
     rows = []
     vhd = {0: [1, 2, 3, 4], 1: [4, 3, 2, 1], 2: [1, 1, 9, 2]}
@@ -180,15 +180,16 @@ def test_vlm_loads_by_hub_id_from_the_hub_cache(vlm_dirs, tmp_path):
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("0" * 40)
     img = tmp_path / "x.png"
-    from workbench.datasets.shapes import draw
     import random
+
+    from workbench.datasets.shapes import draw
 
     draw("circle", (200, 0, 0), random.Random(0)).save(img)
     code = textwrap.dedent(
         f"""
-        from workbench.models import load_model
-        from workbench.prompts import Prompt
-        from probes import get_probe
+        from workbench.models.loading import load_model
+        from workbench.inputs.prompts import Prompt
+        from workbench import get_probe
         from workbench.runner import run_probes
         m = load_model("llava-hf/tiny-llava", device="cpu")
         df = run_probes(m, [Prompt("a", text="USER: <image> what ASSISTANT:", meta={{"image": {str(img)!r}}})], [get_probe("vhd")]).table
@@ -205,9 +206,9 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items)
     """GPU out-of-memory, simulated: any forward over more than one item fails inside the
     attention hook; the engine halves batches down to single items and the numbers equal a
     batch-1 run."""
-    from workbench.conditions import image_pair
-    from workbench.context import RunContext
-    from workbench.divergence import divergence
+    from workbench.engine.divergence import divergence
+    from workbench.inputs.conditions import image_pair
+    from workbench.protocol.run_context import RunContext
 
     class OOMAboveOne:
         def on_attention(self, call):

@@ -8,7 +8,7 @@ import pytest
 
 from tests.test_cli import run_cli, write_jsonl
 from workbench.datasets.shapes import draw
-from workbench.results import read_parquet
+from workbench.runs.parquet import read_parquet
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_vhd_from_a_folder_of_images_writes_head_and_token_rows(image_dir, tmp_p
     tv = df[df.metric == "t_vhd"]
     assert len(tv) == 9 and set(tv["item"]) == {"0", "1", "2"} and tv["token"].notna().all()
     assert meta["model"]["multimodal"] is True and "3 items" in stdout
-    from workbench.report import build_report
+    from workbench.report.build import build_report
 
     page = build_report(out)
     assert "t_vhd per generated token" in page and "vhd per head" in page

@@ -1,5 +1,5 @@
 """Tiny Gemma 2 / Gemma 3 text models built from explicit configs, for the tests that need what
-``workbench.tiny``'s models do not have: a logit soft-cap (Gemma 2), or a window and a layer
+``workbench.models.tiny``'s models do not have: a logit soft-cap (Gemma 2), or a window and a layer
 pattern chosen by the test. One builder, so every such test means the same model."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def save_tiny(folder: Path, cfg, scale_qk: float = 8.0) -> Path:
     write it with the tiny word-level tokenizer to ``folder``."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.tiny import _tiny_tokenizer
+    from workbench.models.tiny import _tiny_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -21,3 +21,8 @@ class WorkbenchWarning(UserWarning):
 
     Raised with :func:`warnings.warn`; the CLI prints each as one ``warning:`` line. Python
     users can filter or escalate them by this category."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), for one-line errors."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

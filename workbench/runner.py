@@ -6,7 +6,7 @@
 
 Given the probes of a run, the runner
 
-1. fuses every *pattern* probe into one forward per batch (:mod:`workbench.extraction`), so
+1. fuses every *pattern* probe into one forward per batch (:mod:`workbench.engine.extraction`), so
    each layer's attention chunks are computed once for all of them;
 2. runs every *token* probe (its own forwards or decoding) on the same tokenized prompts;
 3. hands *item* probes the items as given (image or context + text), with ``root`` for
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
 
-from workbench.batching import BatchSize
-from workbench.context import RunContext
+from workbench.engine.extraction import RunStats, run_pattern_probes
 from workbench.errors import WorkbenchError
-from workbench.extraction import RunStats, run_pattern_probes
-from workbench.prompts import Prompt, TokenizedPrompt, tokenize_prompts
-from workbench.results import ProbeResult
+from workbench.inputs.batching import BatchSize
+from workbench.inputs.prompts import Prompt, TokenizedPrompt, tokenize_prompts
+from workbench.protocol.run_context import RunContext
+from workbench.protocol.table import ProbeResult
 
 if TYPE_CHECKING:
-    from workbench.models import LoadedModel
+    from workbench.models.loading import LoadedModel
 
 
 @dataclass
@@ -75,11 +75,11 @@ def run_probes(
     """Run ``probes`` (of any kind) over ``prompts`` on ``model``; one :class:`RunResult`.
 
     Args:
-        model: a :class:`~workbench.models.LoadedModel`.
-        prompts: :class:`~workbench.prompts.Prompt` s (raw: text or token ids, plus fields such as
+        model: a :class:`~workbench.models.loading.LoadedModel`.
+        prompts: :class:`~workbench.inputs.prompts.Prompt` s (raw: text or token ids, plus fields such as
             ``image`` / ``context`` that item probes read) or, for runs without item probes,
-            already :class:`~workbench.prompts.TokenizedPrompt` s.
-        probes: probe instances (``workbench.registry.get_probe``); names must be unique.
+            already :class:`~workbench.inputs.prompts.TokenizedPrompt` s.
+        probes: probe instances (``workbench.protocol.registry.get_probe``); names must be unique.
         batch_size: items per forward, or ``"auto"`` (a padded-token budget, ``max_batch_tokens``).
         prepend_bos: add BOS to text prompts (never twice).
         interventions: observers active in every forward (``HeadAblation``, ``HeadScaling``).

@@ -70,7 +70,7 @@ def devil_documents() -> list[dict]:
 
 def main() -> None:
     docs = devil_documents() + kjv_documents()
-    out = HERE / "prose.jsonl.gz"
+    out = HERE.parents[1] / "workbench" / "inputs" / "prose.jsonl.gz"
     with open(out, "wb") as raw_f:
         with gzip.GzipFile(fileobj=raw_f, mode="wb", mtime=0, filename="") as gz:
             for d in docs:

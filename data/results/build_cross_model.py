@@ -134,7 +134,7 @@ def write_bos_prompts(folder: Path, model: str = "gemma3-270m", n_prompts: int =
     from transformers import AutoTokenizer
 
     from workbench.datasets import make_dataset
-    from workbench.embedded import embedded_folder
+    from workbench.models.embedded import embedded_folder
 
     tok = AutoTokenizer.from_pretrained(embedded_folder(model))
     folder.mkdir(parents=True, exist_ok=True)

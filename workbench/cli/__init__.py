@@ -26,34 +26,11 @@ import warnings
 from typing import Sequence
 
 from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs, store
-from workbench.cli.common import Parser, UsageError
+from workbench.cli.common import Parser, UsageError, check_out
 from workbench.errors import WorkbenchError, WorkbenchWarning
 
 COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
-# Commands whose --out may be an fsspec URL (s3://, gs://, file://): a sweep's run folder, and
-# single files written whole (workbench.runfs). The others write local files, for the reason given.
-URL_OUTPUTS = {"sweep", "report", "probe", "patch", "reinforce", "retrieval-ablation"}
-LOCAL_OUTPUTS = {
-    "cache": "the activation store is read memory-mapped, which needs a file system",
-    "circuit": "a circuit folder is written as a temporary folder renamed into place",
-    "dataset": "a prompts file is an input of other commands (--prompts), which read local files",
-    "task": "a pairs file is an input of other commands (--pairs), which read local files",
-}
-
-
-def check_out(command: str, out: str) -> None:
-    """Every command's --out, before any work (a model load, a 4-minute discovery): a URL with an
-    unknown protocol or a missing package (s3fs) is one error, as is a URL where only a path will do."""
-    from workbench.fileio import refuse_url
-    from workbench.runfs import check_url
-
-    if command in URL_OUTPUTS:
-        check_url(out)
-    else:
-        refuse_url(out, f"`workbench {command}` --out", LOCAL_OUTPUTS.get(command, "it is written as local files"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="workbench",

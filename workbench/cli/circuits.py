@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from workbench.cli.common import add_command, add_model_args, check_parquet_out, number, whole
+from workbench.cli.common import add_command, add_model_args, check_parquet_out, number, whole, write_table
 from workbench.errors import WorkbenchError
 
 
@@ -40,9 +40,10 @@ def _receivers(raw: str | None, model) -> list | None:
 def cmd_patch(args: argparse.Namespace) -> int:
     from scipy.stats import spearmanr
 
-    from circuits.patching import activation_patching, attribution_patching, baseline, path_patching
-    from workbench.models import load_model
-    from workbench.results import COLUMNS, run_metadata, write_parquet
+    from circuits.baseline import baseline
+    from circuits.patching import activation_patching, attribution_patching, path_patching
+    from workbench.models.loading import load_model
+    from workbench.protocol.table import COLUMNS
 
     check_parquet_out(args.out)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -68,11 +69,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
         print(f"attribution vs exact activation patching: Spearman rho = {rho:.3f}; top-10 overlap {extra['top10_overlap_vs_exact']:.0%}")
     df["model"], df["dataset"], df["probe"], df["metric"], df["n"] = args.model, dataset, f"patch-{args.kind}", metric, len(pairs)
     df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
-    meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_pairs": len(pairs), "seed": args.seed,
-                        "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())},
-                        config={"kind": args.kind, "component": args.component, "receivers": args.receivers, "bootstrap": args.bootstrap,
-                                "receiver_positions": args.receiver_positions, "engine": args.engine}, summary=extra, command=sys.argv)
-    write_parquet(df, args.out, meta)
+    write_table(df, args.out, model=model.describe(),
+                dataset={"name": dataset, "n_pairs": len(pairs), "seed": args.seed,
+                         "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())},
+                config={"kind": args.kind, "component": args.component, "receivers": args.receivers, "bootstrap": args.bootstrap,
+                        "receiver_positions": args.receiver_positions, "engine": args.engine}, summary=extra)
     print(f"LD clean {float(base.ld_clean.mean()):.3f}, corrupted {float(base.ld_corrupted.mean()):.3f} over {len(pairs)} pairs")
     cols = [c for c in ("layer", "head", "position", "value", "ci_low", "ci_high") if c in df.columns]
     print(df.reindex(df.value.abs().sort_values(ascending=False).index)[cols].head(args.top).to_string(index=False))
@@ -134,17 +135,17 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from circuits.ablation import ABLATIONS
+    from circuits.baseline import baseline
     from circuits.discovery import discover_circuit, faithfulness, find_circuit, label_roles, overlap, roles_for
     from circuits.graph import ModelGraph
-    from circuits.patching import baseline
     from circuits.tasks import make_task, read_pairs
     from workbench.datasets import make_dataset
-    from workbench.models import load_model
-    from workbench.prompts import tokenize_prompts
-    from workbench.fileio import atomic_write_text
-    from workbench.registry import get_probe
-    from workbench.results import run_metadata, write_parquet
+    from workbench.files.atomic import atomic_write_text
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.loading import load_model
+    from workbench.protocol.registry import get_probe
     from workbench.runner import run_probes
+    from workbench.runs.parquet import run_metadata, write_parquet
 
     if args.ablation not in ABLATIONS:
         raise WorkbenchError(f"unknown ablation {args.ablation!r}", f"choose from: {', '.join(ABLATIONS)}")
@@ -219,8 +220,8 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 
 def cmd_task(args: argparse.Namespace) -> int:
     from circuits.tasks import make_task, write_pairs
-    from workbench.models import load_model
-    from workbench.results import check_writable
+    from workbench.models.loading import load_model
+    from workbench.runs.parquet import check_writable
 
     check_writable(args.out)
     pairs = make_task(args.name, load_model(args.model).tokenizer, n=args.n_prompts, seed=args.seed)

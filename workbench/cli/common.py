@@ -12,9 +12,9 @@ import argparse
 import os
 from typing import Any, Sequence
 
-from workbench.batching import parse_batch_size  # noqa: F401  (re-exported for the command modules)
 from workbench.errors import WorkbenchError
-from workbench.params import parse_cli_value
+from workbench.inputs.batching import parse_batch_size  # noqa: F401  (re-exported for the command modules
+from workbench.protocol.params import parse_cli_value
 
 MODEL_HELP = "known name (see `workbench models`), local HF folder or hub id (default smollm2-135m)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -139,7 +139,7 @@ def int_ranges(raw: str, flag: str) -> list[int]:
 
 def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``--param sink.epsilon=0.2`` (repeatable) -> ``{"sink": {"epsilon": 0.2}}``."""
-    from workbench.registry import probe_class
+    from workbench.protocol.registry import probe_class
 
     params: dict[str, dict[str, Any]] = {n: {} for n in probe_names}
     for item in items or []:
@@ -154,7 +154,7 @@ def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, 
 
 
 def check_parquet_out(path: str) -> None:
-    from workbench.results import check_writable
+    from workbench.runs.parquet import check_writable
 
     if not str(path).endswith(".parquet"):
         raise WorkbenchError(f"--out {path} should end in .parquet", "e.g. --out results.parquet")
@@ -189,7 +189,7 @@ def load_inputs(args: argparse.Namespace, model=None):
     from pathlib import Path
 
     from workbench.datasets import NEEDS_TOKENIZER, make_dataset
-    from workbench.prompts import Prompt, read_prompts
+    from workbench.inputs.prompts import Prompt, read_prompts
 
     images = getattr(args, "images", None)
     if sum(bool(x) for x in (images, args.prompts, args.dataset)) > 1:
@@ -221,7 +221,7 @@ def load_inputs(args: argparse.Namespace, model=None):
 
 def make_interventions(args: argparse.Namespace, model) -> list:
     """``--ablate L.H,... --ablation zero|mean|first`` as head-ablation observers."""
-    from workbench.interventions import HeadAblation, head_means, parse_heads
+    from workbench.engine.interventions import HeadAblation, head_means, parse_heads
 
     if not getattr(args, "ablate", None):
         return []
@@ -229,11 +229,34 @@ def make_interventions(args: argparse.Namespace, model) -> list:
     means = None
     if args.ablation == "mean":
         from workbench.datasets import make_dataset
-        from workbench.prompts import tokenize_prompts
+        from workbench.inputs.prompts import tokenize_prompts
 
         ref = tokenize_prompts(make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size)
         means = head_means(model, ref)
     return [HeadAblation(heads, args.ablation, means)]
+
+
+def write_table(table: Any, out: str, **meta: Any) -> Any:
+    """The tail of every command that writes a results table: the run's metadata (``meta`` plus
+    package versions, time and this command line, :func:`workbench.runs.parquet.run_metadata`) and
+    the atomic write of ``table`` to ``out`` (a path or an fsspec URL). Returns where it was written."""
+    import sys
+
+    from workbench.runs.parquet import run_metadata, write_parquet
+
+    return write_parquet(table, out, run_metadata(**meta, command=sys.argv))
+
+
+def finish_probe_run(table: Any, result: Any, probes: Sequence[Any], out: str, model_name: str, top: int, facts: str,
+                     **meta: Any) -> None:
+    """The tail of the commands that run probes: write ``table`` with ``meta`` (:func:`write_table`),
+    print the top heads per metric with the run's ``facts``, then each probe's own lines."""
+    from workbench.protocol.table import top_heads
+
+    write_table(table, out, probes=[p.config() for p in probes], summaries=result.summaries(), **meta)
+    print_top(top_heads(table, top), model_name, top, facts)
+    for line in result.lines():
+        print(line)
 
 
 def print_top(top, model_name: str, k: int, footer: str) -> None:
@@ -249,3 +272,25 @@ def print_top(top, model_name: str, k: int, footer: str) -> None:
         table.add_row(row.probe, row.metric, f"{row.layer}.{row.head}", f"{row.value:.4f}", str(row.n))
     console.print(table)
     console.print(footer)
+
+
+# Commands whose --out may be an fsspec URL (s3://, gs://, file://): a sweep's run folder, and
+# single files written whole (workbench.files.targets). The others write local files, for the reason given.
+URL_OUTPUTS = {"sweep", "report", "probe", "patch", "reinforce", "retrieval-ablation"}
+LOCAL_OUTPUTS = {
+    "cache": "the activation store is read memory-mapped, which needs a file system",
+    "circuit": "a circuit folder is written as a temporary folder renamed into place",
+    "dataset": "a prompts file is an input of other commands (--prompts), which read local files",
+    "task": "a pairs file is an input of other commands (--pairs), which read local files",
+}
+
+
+def check_out(command: str, out: str) -> None:
+    """Every command's --out, before any work (a model load, a 4-minute discovery): a URL with an
+    unknown protocol or a missing package (s3fs) is one error, as is a URL where only a path will do."""
+    from workbench.files.targets import check_url, refuse_url
+
+    if command in URL_OUTPUTS:
+        check_url(out)
+    else:
+        refuse_url(out, f"`workbench {command}` --out", LOCAL_OUTPUTS.get(command, "it is written as local files"))

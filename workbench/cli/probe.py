@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from workbench.cli.common import (
@@ -13,20 +12,20 @@ from workbench.cli.common import (
     add_model_args,
     check_parquet_out,
     dataset_options,
+    finish_probe_run,
     load_inputs,
     make_interventions,
     parse_batch_size,
     parse_params,
-    print_top,
     whole,
 )
 from workbench.errors import WorkbenchError
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from workbench.models import load_model
-    from workbench.registry import get_probe, parse_probe_list
-    from workbench.results import run_metadata, tidy, top_heads, write_parquet
+    from workbench.models.loading import load_model
+    from workbench.protocol.registry import get_probe, parse_probe_list
+    from workbench.protocol.table import tidy
     from workbench.runner import run_probes
 
     names = parse_probe_list(args.probes)
@@ -53,23 +52,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
                         attention_path=args.attention_path)
     table = tidy(result.table, model=args.model, dataset=dataset)
     stats = result.stats
-    meta = run_metadata(
+    t_run = time.perf_counter() - t0 - t_load
+    facts = f"{stats.n_prompts} prompts" + (f", {stats.n_tokens} tokens" if stats.n_tokens else "") + (f", {stats.n_batches} batches" if stats.n_batches else "")
+    finish_probe_run(
+        table, result, probes, args.out, args.model, args.top, f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}",
         model=model.describe(),
         dataset={"name": dataset, "n_prompts": len(prompts), "n_tokens": stats.n_tokens, "seed": args.seed,
                  "options": dataset_options(args), "prepend_bos": bool(args.prepend_bos),
                  "tokenization": "token ids as given" if prompts[0].tokens is not None else "tokenizer defaults" + (" + BOS" if args.prepend_bos else "")},
-        probes=[p.config() for p in probes],
         config={"batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                 "ablate": args.ablate, "ablation": args.ablation if args.ablate else None, "attention_path": args.attention_path},
-        summaries=result.summaries(),
-        command=sys.argv,
     )
-    write_parquet(table, args.out, meta)
-    t_run = time.perf_counter() - t0 - t_load
-    facts = f"{stats.n_prompts} prompts" + (f", {stats.n_tokens} tokens" if stats.n_tokens else "") + (f", {stats.n_batches} batches" if stats.n_batches else "")
-    print_top(top_heads(table, args.top), args.model, args.top, f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}")
-    for line in result.lines():
-        print(line)
     return 0
 
 
@@ -77,7 +70,7 @@ def check_store_model(store, name: str) -> None:
     """A store read with ``--model`` must come from that model and its tokenizer."""
     from transformers import AutoTokenizer
 
-    from workbench.models import model_identity, resolve_source
+    from workbench.models.loading import model_identity, resolve_source
     from workbench.store.layout import tokenizer_identity
 
     source, _ = resolve_source(name)
@@ -95,8 +88,8 @@ def check_store_model(store, name: str) -> None:
 
 def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
     """``workbench probe ... --from-store STORE``: pattern probes on stored queries and keys, no model weights."""
-    from workbench.device import resolve_device
-    from workbench.results import run_metadata, tidy, top_heads, write_parquet
+    from workbench.models.device import resolve_device
+    from workbench.protocol.table import tidy
     from workbench.store import open_store
     from workbench.store.replay import check_replayable, run_probes_from_store
 
@@ -115,24 +108,19 @@ def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
     dataset = str(store.index.get("source", {}).get("dataset") or "store")
     table = tidy(result.table, model=store.index["model"], dataset=dataset)
     stats = result.stats
-    meta = run_metadata(
+    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); run {time.perf_counter() - t0:.1f}s"
+    finish_probe_run(
+        table, result, probes, args.out, store.index["model"], args.top, f"{facts} -> {args.out}",
         model={**store.index.get("model_info", {}), "from_store": str(store.path)},
         dataset={**store.index.get("source", {}), "name": dataset, "n_prompts": stats.n_prompts, "n_tokens": stats.n_tokens},
-        probes=[p.config() for p in probes],
         config={"batch_size": batch_size, "device": str(device), "store": str(store.path), "store_dtype": store.index["dtype"],
                 "layers": store.layers},
-        summaries=result.summaries(), command=sys.argv,
     )
-    write_parquet(table, args.out, meta)
-    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); run {time.perf_counter() - t0:.1f}s"
-    print_top(top_heads(table, args.top), store.index["model"], args.top, f"{facts} -> {args.out}")
-    for line in result.lines():
-        print(line)
     return 0
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
-    from workbench.registry import broken_probes, probe_classes
+    from workbench.protocol.registry import broken_probes, probe_classes
 
     for name, cls in probe_classes().items():
         print(f"{name:12s} ({cls.kind}) metrics: {', '.join(cls.metrics)}")
@@ -146,7 +134,7 @@ def cmd_probes(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from workbench.models import list_models
+    from workbench.models.loading import list_models
 
     for row in list_models():
         print(f"{row['name']:40s} {row['status']}")
@@ -163,14 +151,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from workbench.prompts import write_prompts
-    from workbench.results import check_writable
+    from workbench.inputs.prompts import write_prompts
+    from workbench.runs.parquet import check_writable
 
     args.prompts, args.dataset = None, args.name
     check_writable(args.out)
     prompts, _, _ = load_inputs(args)
     if prompts is None:
-        from workbench.models import load_model
+        from workbench.models.loading import load_model
 
         prompts, _, _ = load_inputs(args, load_model(args.model))
     write_prompts(prompts, args.out)

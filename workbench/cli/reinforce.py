@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from workbench.cli.common import add_command, add_input_args, add_model_args, check_parquet_out, int_ranges, load_inputs, number, parse_batch_size, whole
+from workbench.cli.common import (
+    add_command,
+    add_input_args,
+    add_model_args,
+    check_parquet_out,
+    int_ranges,
+    load_inputs,
+    number,
+    parse_batch_size,
+    whole,
+    write_table,
+)
 from workbench.errors import WorkbenchError
 
 
 def divergence_probe_for(model):
     """The registered divergence probe whose condition fits ``model`` (images for a VLM, a
     context passage for a text model): any item probe declaring ``divergence_metric``."""
-    from workbench.registry import probe_classes
+    from workbench.protocol.registry import probe_classes
 
     fits = [cls for cls in probe_classes().values() if getattr(cls, "divergence_metric", None) and cls.accepts(model)]
     if not fits:
@@ -21,12 +31,13 @@ def divergence_probe_for(model):
 
 def cmd_reinforce(args: argparse.Namespace) -> int:
     """VHR: scale the outputs of vision-aware (or context) heads and compare the answers."""
-    from workbench.conditions import check_lengths
-    from workbench.experiments import reinforce
-    from workbench.interventions import default_vhr_layers, parse_heads, vhr_heads
-    from workbench.models import load_model
-    from workbench.results import read_parquet, run_metadata, tidy, write_parquet
+    from workbench.engine.interventions import parse_heads
+    from workbench.experiments.vhr import default_vhr_layers, reinforce, vhr_heads
+    from workbench.inputs.conditions import check_lengths
+    from workbench.models.loading import load_model
+    from workbench.protocol.table import tidy
     from workbench.runner import run_probes
+    from workbench.runs.parquet import read_parquet
 
     check_parquet_out(args.out)
     if args.positions not in ("first", "all"):
@@ -61,11 +72,10 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
             raise WorkbenchError("no head is above its layer's median divergence in the chosen layers", "choose other --layers or give --heads")
     rows, answers = reinforce(model, pairs, heads, args.alpha, args.positions, args.max_new_tokens, batch_size)
     table = tidy(rows, model=args.model, dataset=dataset)
-    meta = run_metadata(model=model.describe(), dataset={"name": dataset, "n_items": len(items)},
-                        config={"alpha": args.alpha, "positions": args.positions, "heads": [f"{l}.{h}" for l, h in heads],
-                                "heads_from": source, "max_new_tokens": args.max_new_tokens},
-                        answers=answers, command=sys.argv)
-    write_parquet(table, args.out, meta)
+    write_table(table, args.out, model=model.describe(), dataset={"name": dataset, "n_items": len(items)},
+                config={"alpha": args.alpha, "positions": args.positions, "heads": [f"{l}.{h}" for l, h in heads],
+                        "heads_from": source, "max_new_tokens": args.max_new_tokens},
+                answers=answers)
     changed = sum(a["changed"] for a in answers)
     print(f"reinforced {len(heads)} heads x {args.alpha:g} ({args.positions} position) from {source}")
     for a in answers[: args.show]:

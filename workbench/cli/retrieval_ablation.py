@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from workbench.cli.common import add_command, add_model_args, dataset_options, parse_batch_size, whole
+from workbench.cli.common import add_command, add_model_args, dataset_options, parse_batch_size, whole, write_table
 from workbench.errors import WorkbenchError
 
 
 def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
     from workbench.datasets import make_dataset
-    from workbench.experiments import retrieval_ablation
-    from workbench.models import load_model
-    from workbench.prompts import tokenize_prompts
-    from workbench.results import COLUMNS, check_writable, run_metadata, write_parquet
+    from workbench.experiments.retrieval_heads import retrieval_ablation
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.loading import load_model
+    from workbench.protocol.table import COLUMNS
+    from workbench.runs.parquet import check_writable
 
     check_writable(args.out)
     try:
@@ -35,11 +35,11 @@ def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
                                        seed=args.seed, batch_size=int(parse_batch_size(args.batch_size)) if args.batch_size != "auto" else 4)
     table["model"], table["dataset"] = args.model, "niah"
     table = table[COLUMNS + ["condition", "k", "draw", "heads"]]
-    meta = run_metadata(model=model.describe(), dataset={"name": "niah", "n_prompts": args.n_prompts, "seed": args.seed, "options": opts},
-                        config={"k": ks, "draws": args.draws, "ablation": args.ablation}, command=sys.argv)
-    write_parquet(table, args.out, meta)
+    meta = {"model": model.describe(), "dataset": {"name": "niah", "n_prompts": args.n_prompts, "seed": args.seed, "options": opts},
+            "config": {"k": ks, "draws": args.draws, "ablation": args.ablation}}
+    write_table(table, args.out, **meta)
     scores_out = str(args.out).removesuffix(".parquet") + ".scores.parquet"
-    write_parquet(scores.assign(model=args.model, dataset="niah")[COLUMNS], scores_out, meta)
+    write_table(scores.assign(model=args.model, dataset="niah")[COLUMNS], scores_out, **meta)
     summary = table.groupby(["condition", "k"]).value.mean().reset_index()
     print(summary.to_string(index=False))
     print(f"-> {args.out} (retrieval scores per head: {scores_out})")

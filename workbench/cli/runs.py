@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command, whole
+from workbench.cli.common import add_command, check_out, whole
 from workbench.errors import WorkbenchError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from workbench.results import load_results, top_heads
-    from workbench.sweeps import run_sweep
+    from workbench.protocol.table import top_heads
+    from workbench.runs.load import load_results
+    from workbench.runs.sweep import run_sweep
 
     summary = run_sweep(args.config, args.out, progress=args.progress, log=lambda line: print(line, file=sys.stderr),
                         executor=args.executor, address=args.address)
@@ -27,7 +28,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from workbench.results import query
+    from workbench.runs.query import query
 
     runs = args.runs
     if not runs:
@@ -43,41 +44,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_config(path: str) -> dict:
-    """``--config report.toml``: runs = [...], optional labels = [...], title, out, [roles]."""
-    import tomllib
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise WorkbenchError(f"report config {file} does not exist", "check the path")
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"{file} is not valid TOML: {exc}", 'e.g. runs = ["runs/a", "runs/b"] and a [roles] table') from None
-    unknown = sorted(set(raw) - {"runs", "labels", "title", "out", "roles"})
-    if unknown:
-        raise WorkbenchError(f"{file}: unknown key(s) {', '.join(map(repr, unknown))}", "allowed: runs, labels, title, out, [roles]")
-    runs = raw.get("runs", [])
-    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
-        raise WorkbenchError(f"{file}: 'runs' must be a list of run folders", 'e.g. runs = ["runs/a", "runs/b"]')
-    roles = raw.get("roles", {})
-    if not isinstance(roles, dict):
-        raise WorkbenchError(f"{file}: 'roles' must be a table", "e.g. [roles] with sink = 0.6 and echo = \"off\"")
-    thresholds = {k: (None if isinstance(v, str) and v.lower() in ("off", "none") else v) for k, v in roles.items()}
-    from workbench.runfs import is_url
-
-    beside = lambda r: r if is_url(r) or Path(r).is_absolute() else str(file.parent / r)  # noqa: E731  (relative to the config)
-    return {"runs": [beside(r) for r in runs], "labels": raw.get("labels"),
-            "title": raw.get("title"), "out": raw.get("out") and beside(raw["out"]), "thresholds": thresholds}
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from workbench import runfs
-    from workbench.atlas import parse_thresholds, roles_with
-    from workbench.report import write_report
+    from workbench.files import targets
+    from workbench.report.atlas import parse_thresholds, roles_with
+    from workbench.report.build import write_report
+    from workbench.report.config import load_report_config
 
-    cfg = _report_config(args.config) if args.config else {"runs": [], "labels": None, "title": None, "out": None, "thresholds": {}}
+    cfg = load_report_config(args.config) if args.config else {"runs": [], "labels": None, "title": None, "out": None, "thresholds": {}}
     runs = list(args.runs) or cfg["runs"]
     if not runs:
         raise WorkbenchError("no run given", "name one or more run folders (workbench report runs/a runs/b --out r.html) or --config report.toml")
@@ -88,11 +61,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     roles_with(thresholds)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else cfg["labels"]
     if out != args.out:
-        from workbench.cli import check_out
-
         check_out("report", out)  # --out was checked before the command ran; out = ... in the config is checked here
     path = write_report(runs, out, title=args.title or cfg["title"], thresholds=thresholds, labels=labels)
-    print(f"report -> {path} ({runfs.size(path) / 1e6:.1f} MB)")
+    print(f"report -> {path} ({targets.size(path) / 1e6:.1f} MB)")
     return 0
 
 

@@ -33,10 +33,10 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from workbench.batching import parse_batch_size
-    from workbench.device import resolve_device, resolve_dtype
-    from workbench.models import load_model
-    from workbench.prompts import tokenize_prompts
+    from workbench.inputs.batching import parse_batch_size
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.device import resolve_device, resolve_dtype
+    from workbench.models.loading import load_model
     from workbench.store.capture import cache_activations
     from workbench.store.layout import HOOKS, STORE_DTYPES
 

@@ -1,7 +1,7 @@
 """Shipped and generated prompt sets, by name.
 
 Each dataset is a function ``make(n_prompts, seed, **options) -> list[Prompt]`` with an option
-schema (``Options``, :mod:`workbench.params`) next to it; the output can be written as a prompts
+schema (``Options``, :mod:`workbench.protocol.params`) next to it; the output can be written as a prompts
 JSONL file and read back with ``--prompts``.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from workbench.errors import WorkbenchError
-from workbench.params import validate_options
-from workbench.prompts import Prompt
+from workbench.inputs.prompts import Prompt
+from workbench.protocol.params import validate_options
 
 from . import counterfact, niah, prose, repeated, shapes
 from .options import MAX_PROMPTS

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import random
 import re
-
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from workbench.errors import WorkbenchError
-from workbench.prompts import Prompt
+from workbench.inputs.prompts import Prompt
 
 from .options import DatasetOptions, check_template
 

@@ -16,18 +16,16 @@ gives "{word} {word} {number}" instead, which SmolLM2-135M recalls only partly).
 from __future__ import annotations
 
 import random
-from typing import Any
-
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.params import Float, Int
-from workbench.prompts import Prompt, special_prefix
+from workbench.inputs.corpus import load_documents
+from workbench.inputs.prompts import Prompt, special_prefix
+from workbench.protocol.params import Float, Int
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions, check_template
-from .prose import load_documents
 
 DESCRIPTION = "needle-in-a-haystack over the prose corpus: grid of context length x depth, for the retrieval score"
 PLACES = ["old lighthouse", "blue door", "northern gate", "river house", "clock tower", "stone bridge", "green library", "harbor office"]

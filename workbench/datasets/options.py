@@ -3,7 +3,7 @@ check of text templates with ``{placeholders}``.
 
 Each dataset module defines ``class Options(DatasetOptions)`` next to its ``make()``, with one
 field per ``make()`` parameter (the tokenizer aside) and the same default; ``make_dataset``
-validates through it before any work (:mod:`workbench.params`).
+validates through it before any work (:mod:`workbench.protocol.params`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import string
 
 from pydantic import Field
 
-from workbench.params import Int, Options
+from workbench.protocol.params import Int, Options
 
 MAX_PROMPTS = 1_000_000  # a typo such as --n-prompts 100000000 fails at once, not after hours
 MAX_TOKENS = 1 << 20  # the longest prompt a dataset builds (tokens)

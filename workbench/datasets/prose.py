@@ -1,4 +1,4 @@
-"""The shipped English prose corpus (public domain; see data/README.md).
+"""Passages of the shipped English prose corpus (:mod:`workbench.inputs.corpus`; public domain).
 
 ``make`` cuts passages of whole sentences from random documents: lengths vary between
 ``min_words`` and ``max_words`` on purpose, so every run exercises padded batches. The corpus
@@ -6,39 +6,20 @@ is also the filler for needle-in-a-haystack prompts.
 """
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import random
 import re
-from functools import lru_cache
-from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.params import Int
-from workbench.prompts import Prompt
+from workbench.inputs.corpus import load_documents
+from workbench.inputs.prompts import Prompt
+from workbench.protocol.params import Int
 
 from .options import DatasetOptions
 
 DESCRIPTION = "passages of public-domain English prose (King James Bible, The Devil's Dictionary)"
 _SENT = re.compile(r"(?<=[.!?;:])\s+")
-
-
-def data_dir() -> Path:
-    """The repository's ``data/`` folder, or ``$WORKBENCH_DATA``."""
-    env = os.environ.get("WORKBENCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
-
-
-@lru_cache(maxsize=1)
-def load_documents() -> list[dict]:
-    path = data_dir() / "prose" / "prose.jsonl.gz"
-    if not path.is_file():
-        raise WorkbenchError(f"the prose corpus is missing ({path})", "install from a full checkout (pip install -e .) or set WORKBENCH_DATA")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 class Options(DatasetOptions):

@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.params import Int
-from workbench.prompts import Prompt, special_prefix
+from workbench.inputs.prompts import Prompt, special_prefix
+from workbench.protocol.params import Int
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions
 

@@ -3,7 +3,7 @@
 Each item is a PNG drawn with PIL (a circle, square or triangle in one of eight colours, at a
 random place and size, on a light background with noise so no two images are alike) and the
 text ``USER: <image>\\nWhat color is the shape? ASSISTANT:``. ``<image>`` is the generic
-placeholder: :func:`workbench.conditions.image_pair` swaps it for the model's own (Gemma 3's
+placeholder: :func:`workbench.inputs.conditions.image_pair` swaps it for the model's own (Gemma 3's
 ``<start_of_image>``, ...). Images are written once per seed under the workbench cache (or
 ``folder``); item paths are absolute. Metadata: ``color``, ``shape``.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field
 
-from workbench.params import Int
-from workbench.prompts import Prompt
+from workbench.inputs.prompts import Prompt
+from workbench.protocol.params import Int
 
 from .options import DatasetOptions
 
@@ -59,9 +58,9 @@ class Options(DatasetOptions):
 
 
 def make(n_prompts: int | None = None, seed: int = 0, question: str = "color", folder: str | None = None) -> list[Prompt]:
-    from workbench.embedded import cache_root
     from workbench.errors import WorkbenchError
-    from workbench.fileio import atomic_write
+    from workbench.files.atomic import atomic_write
+    from workbench.models.embedded import cache_root
 
     if question not in QUESTIONS:
         raise WorkbenchError(f"unknown shapes question {question!r}", f"choose from: {', '.join(QUESTIONS)}")

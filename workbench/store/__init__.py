@@ -19,7 +19,7 @@ many small files per array suit object stores more than the atomic-rename we rel
 Layout of ``store/`` (:mod:`workbench.store.layout`):
 
 - ``index.json``: written once, before the first shard: what the store holds (model name and
-  :func:`~workbench.models.model_identity`, tokenizer hash, hooks, layers, dtype, shapes per
+  :func:`~workbench.models.loading.model_identity`, tokenizer hash, hooks, layers, dtype, shapes per
   token), the attention geometry of every layer (heads, KV heads, head size, scaling, logit
   soft-cap, causal / sliding window, positional encoding: whether keys are post-rotary), and
   the plan: every prompt's id, metadata, token count, shard and row.

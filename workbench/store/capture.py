@@ -5,7 +5,7 @@ budget each), checks that the disk can hold what is left to write, writes ``inde
 for each missing shard runs its prompts in padded batches (right padding, explicit positions,
 as the pattern engine does) and keeps only the real positions of each prompt:
 
-- ``q``, ``k``, ``v``: from the ``"workbench"`` attention hook (:mod:`workbench.attention`),
+- ``q``, ``k``, ``v``: from the ``"workbench"`` attention hook (:mod:`workbench.engine.attention`),
   the tensors the kernel used, post-rotary where the model rotates;
 - ``z``: the per-head output the same hook hands to ``edit_z`` (returned unchanged);
 - ``resid_pre`` / ``resid_post``: the bridge's ``hook_in`` / ``hook_out`` of each block (the
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,9 +30,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from workbench.attention import AttentionCall, hooked_run
-from workbench.context import RunContext
+from workbench.engine.attention import hooked_run
+from workbench.engine.call import AttentionCall
 from workbench.errors import WorkbenchError
+from workbench.files.hashing import sha256_file
+from workbench.protocol.run_context import RunContext
 from workbench.store import layout
 from workbench.store.geometry import layer_geometry, mask_agrees, positional_encoding
 
@@ -43,7 +43,7 @@ MARGIN = 1.02  # safetensors headers, the index and manifest: well under 2 %
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _blocks(base: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_blocks(base: torch.nn.Module) -> list[torch.nn.Module]:
     for name in ("layers", "h", "blocks"):
         mods = getattr(base, name, None)
         if isinstance(mods, torch.nn.ModuleList):
@@ -57,7 +57,7 @@ def residual_hooks(base: torch.nn.Module, layers: Sequence[int], on_resid: Calla
     the bridge's ``hook_in`` / ``hook_out`` where the block has them, else the block's own input
     and output."""
     handles = []
-    blocks = _blocks(base)
+    blocks = decoder_blocks(base)
     for layer in layers:
         block = blocks[layer]
         if hasattr(block, "hook_in") and hasattr(block, "hook_out"):
@@ -123,9 +123,9 @@ class Capture:
 
 
 def _forward(model, ids: list[list[int]]):
-    from workbench.extraction import base_network
-    from workbench.patterns import collate
-    from workbench.prompts import pad_token_id
+    from workbench.engine.extraction import base_network
+    from workbench.engine.patterns import collate
+    from workbench.inputs.prompts import pad_token_id
 
     batch = collate(ids, pad_token_id(model.tokenizer), model.device)
     base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -154,7 +154,7 @@ def probe_geometry(model, ids: list[int]) -> dict[str, Any]:
 
 
 def _base(model) -> torch.nn.Module:
-    from workbench.extraction import base_network
+    from workbench.engine.extraction import base_network
 
     return base_network(model.hf_model)
 
@@ -181,26 +181,12 @@ def _free_bytes(path: Path) -> int:
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file written whole or not at all: temp file, fsync, normal mode, rename."""
+    """safetensors file written whole or not at all (:func:`workbench.files.atomic.atomic_write_named`)."""
     from safetensors.torch import save_file
 
-    from workbench.fileio import _fsync_dir, new_file_mode
+    from workbench.files.atomic import atomic_write_named
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": layout.FORMAT})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise WorkbenchError(f"cannot write {path}: {exc.strerror or exc}", "free some space or choose another --out") from None
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_named(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": layout.FORMAT}))
 
 
 def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -228,10 +214,10 @@ def cache_activations(
     progress: bool = False,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Write (or resume) the store at ``out`` for ``prompts`` (:class:`~workbench.prompts.TokenizedPrompt`);
+    """Write (or resume) the store at ``out`` for ``prompts`` (:class:`~workbench.inputs.prompts.TokenizedPrompt`);
     returns the manifest. Nothing is written when the input is bad or the disk too small."""
-    from workbench.device import run_halving_on_oom
-    from workbench.models import model_identity
+    from workbench.models.device import run_halving_on_oom
+    from workbench.models.loading import model_identity
 
     out = Path(out)
     hooks = list(dict.fromkeys(hooks))
@@ -295,7 +281,7 @@ def cache_activations(
     done = {}
     for s in shards:
         rec, path = manifest["shards"].get(s["name"]), shard_dir / s["name"]
-        if rec and path.is_file() and path.stat().st_size == rec.get("size") and layout.sha256_file(path) == rec.get("sha256"):
+        if rec and path.is_file() and path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256"):
             done[s["name"]] = rec
     manifest["shards"] = done
     todo = [s for s in shards if s["name"] not in done]
@@ -350,7 +336,7 @@ def cache_activations(
                 path = shard_dir / s["name"]
                 _write_shard(path, tensors)
                 cap.buffers = {}
-                manifest["shards"][s["name"]] = {"size": path.stat().st_size, "sha256": layout.sha256_file(path),
+                manifest["shards"][s["name"]] = {"size": path.stat().st_size, "sha256": sha256_file(path),
                                                   "n_tokens": s["n_tokens"], "prompts": s["prompts"]}
                 manifest["mask_mismatch"].update({str(k): v for k, v in cap.mismatch.items()})
                 layout.write_json(out / layout.MANIFEST, manifest)

@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from workbench.attention import AttentionCall
-from workbench.masking import key_visibility
+from workbench.engine.call import AttentionCall
+from workbench.engine.masking import key_visibility
 
 
 def positional_encoding(hf_model: torch.nn.Module) -> str:

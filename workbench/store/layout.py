@@ -34,14 +34,6 @@ def tensor_name(hook: str, layer: int) -> str:
     return f"{hook}.{layer}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     """A hash of what maps text to ids: the fast tokenizer's full definition (vocabulary, merges,
     normalizer, pre-tokenizer) when there is one, else the vocabulary, plus the special tokens."""
@@ -69,7 +61,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from workbench.fileio import atomic_write_text
+    from workbench.files.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from workbench.errors import WorkbenchError
+from workbench.files.hashing import sha256_file
 from workbench.store import layout
 
 
@@ -79,7 +80,7 @@ class ActivationStore:
         bad = []
         for s in self.index["shards"]:
             rec, path = self.manifest.get("shards", {}).get(s["name"]), self.path / layout.SHARDS / s["name"]
-            if not rec or not path.is_file() or path.stat().st_size != rec.get("size") or layout.sha256_file(path) != rec.get("sha256"):
+            if not rec or not path.is_file() or path.stat().st_size != rec.get("size") or sha256_file(path) != rec.get("sha256"):
                 bad.append(s["name"])
         return bad
 

@@ -4,8 +4,8 @@ The store holds each layer's post-rotary queries and keys at every real position
 layer's geometry (scaling, soft-cap, causal, sliding window, KV groups). For each batch the
 pattern engine plans, :func:`store_calls` pads the prompts' stored queries and keys on the
 right, rebuilds the mask from the geometry (:func:`workbench.store.geometry.visible_keys`) and
-yields one :class:`~workbench.attention.AttentionCall` per stored layer; the engine
-(:func:`workbench.extraction.run_pattern_probes` with ``calls=``) hands them to the probes
+yields one :class:`~workbench.engine.call.AttentionCall` per stored layer; the engine
+(:func:`workbench.engine.extraction.run_pattern_probes` with ``calls=``) hands them to the probes
 through the same path a live forward takes, so every pattern probe gives the live run's
 numbers: the same code computes them from the same queries and keys.
 
@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from workbench.attention import AttentionCall
+from workbench.engine.call import AttentionCall
 from workbench.errors import WorkbenchError
-from workbench.patterns import BatchInfo
+from workbench.protocol.views import BatchInfo
 from workbench.store.geometry import visible_keys
 from workbench.store.reader import ActivationStore
 
@@ -102,7 +102,7 @@ def store_calls(store: ActivationStore, batch: BatchInfo, dtype: torch.dtype | N
 
 
 def store_prompts(store: ActivationStore, n_prompts: int | None = None) -> list:
-    from workbench.prompts import TokenizedPrompt
+    from workbench.inputs.prompts import TokenizedPrompt
 
     ids = store.prompt_ids[:n_prompts] if n_prompts else store.prompt_ids
     return [TokenizedPrompt(pid, store.tokens(pid), store.meta(pid)) for pid in ids]
@@ -115,8 +115,8 @@ def run_probes_from_store(store: ActivationStore | str, probes: Sequence[Any], *
     whose rows cover the store's layers."""
     import pandas as pd
 
-    from workbench.context import RunContext
-    from workbench.extraction import run_pattern_probes
+    from workbench.engine.extraction import run_pattern_probes
+    from workbench.protocol.run_context import RunContext
     from workbench.runner import RunResult
 
     if not isinstance(store, ActivationStore):

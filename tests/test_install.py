@@ -1,0 +1,84 @@
+"""The package works from a normal (non-editable) install, run from outside the checkout.
+
+Builds the wheel, installs it into a fresh virtual environment, and runs ``probe``, ``sweep``,
+``report`` and ``query`` from a folder that is not the checkout, so the prose corpus and the
+metric definitions must come from the installed package (package data), not from files beside it.
+
+The new environment borrows this environment's third-party packages (torch, transformers, ...)
+through a path entry, so nothing is downloaded; the workbench itself (``workbench``, ``probes``,
+``circuits`` and its entry points) comes from the wheel only: the borrowed folder's own ``.pth``
+files, which would put the checkout on the path for an editable install, are not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = """models = ["tiny-llama"]
+probes = ["entropy", "sink"]
+[datasets.prose]
+n_prompts = 4
+"""
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A venv with the wheel installed; returns (its bin folder, an env without the checkout)."""
+    tmp = tmp_path_factory.mktemp("install")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["WORKBENCH_HOME"] = str(tmp / "home")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(ROOT)], tmp, env)
+    wheel = next((tmp / "dist").glob("attention_head_workbench-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "workbench/inputs/prose.jsonl.gz" in names and "workbench/report/metrics.md" in names, "package data left out of the wheel"
+    assert not any(n.startswith(("tests/", "docs/", "benchmarks/")) for n in names)
+    venv = tmp / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, env)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    # this environment's packages, as a plain path entry (its .pth files, the editable install's among them, are not run)
+    (purelib / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)], tmp, env)
+    return venv / "bin", env, tmp
+
+
+def test_the_installed_package_is_the_wheel_not_the_checkout(installed):
+    bin_dir, env, tmp = installed
+    out = _run([str(bin_dir / "python"), "-c", "import workbench, probes, circuits; print(workbench.__file__, probes.__file__)"], tmp, env)
+    assert str(ROOT) not in out.stdout and str(tmp / "venv") in out.stdout, out.stdout
+
+
+def test_probe_sweep_report_and_query_from_another_folder(installed):
+    bin_dir, env, tmp = installed
+    work = tmp / "elsewhere"
+    work.mkdir()
+    workbench = str(bin_dir / "workbench")
+    probe = _run([workbench, "probe", "entropy,sink", "--model", "tiny-llama", "--dataset", "prose", "--n-prompts", "4",
+                  "--out", "prose.parquet"], work, env)
+    assert (work / "prose.parquet").is_file() and "entropy" in probe.stdout
+    (work / "s.toml").write_text(SWEEP)
+    _run([workbench, "sweep", "s.toml", "--out", "run", "--no-progress"], work, env)
+    assert len(list((work / "run" / "parts").glob("*.parquet"))) == 2
+    _run([workbench, "report", "run", "--out", "report.html"], work, env)
+    page = (work / "report.html").read_text(encoding="utf-8")
+    # the definitions section is copied from the packaged metrics.md, not the module docstrings' fallback
+    assert "Copied from docs/metrics.md" in page and "(docstring)" not in page
+    q = _run([workbench, "query", "select count(*) as n from results", "--runs", "run"], work, env)
+    assert q.stdout.split()[-1].isdigit() and int(q.stdout.split()[-1]) > 0
+    listing = _run([workbench, "probes"], work, env)
+    assert "entropy" in listing.stdout and "retrieval" in listing.stdout
+    assert json.loads((work / "run" / "run.json").read_text())

@@ -1,0 +1,150 @@
+"""Head interventions: ablate chosen heads during any probe run or generation.
+
+An intervention is an observer of the ``"workbench"`` attention hook (see
+:mod:`workbench.engine.attention`) that edits the per-head output z (before ``W_O``) of chosen
+``(layer, head)`` pairs, at every query position:
+
+- ``zero``: z = 0 (the head's contribution removed; W_O has no bias in most models).
+- ``mean``: z = the head's mean output over a reference set of prompts (mean ablation keeps the
+  head's average contribution, removing only what depends on the input).
+- ``first``: attention redirected entirely to the prompt's first token, so z = v(first token)
+  of the head's KV group (the active-dormant test of Guo et al.: a dormant head already puts
+  nearly all its attention there, so the change measures what the head does when active).
+
+Use from Python with ``run_probes(..., interventions=[HeadAblation(...)])`` or any generation
+under :func:`workbench.engine.call.observe`; from the CLI with ``--ablate 12.3,14.0
+--ablation zero``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from workbench.engine.call import AttentionCall
+from workbench.engine.masking import first_visible_key
+from workbench.errors import WorkbenchError
+
+MODES = ("zero", "mean", "first")
+
+
+def parse_heads(spec: str | Iterable, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """``"12.3,14.0"`` (or pairs) -> ``[(12, 3), (14, 0)]``, checked against the model's shape."""
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    heads: list[tuple[int, int]] = []
+    for item in items:
+        try:
+            layer, head = (int(x) for x in (item.split(".") if isinstance(item, str) else item))
+        except (ValueError, TypeError):
+            raise WorkbenchError(f"bad head {item!r}", "write heads as LAYER.HEAD, e.g. --ablate 12.3,14.0") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise WorkbenchError(
+                f"head {layer}.{head} is out of range: the model has layers 0-{n_layers - 1} and heads 0-{n_heads - 1}",
+                "pick heads inside that range",
+            )
+        heads.append((layer, head))
+    if not heads:
+        raise WorkbenchError("no heads to ablate", "give LAYER.HEAD pairs, e.g. --ablate 12.3")
+    return list(dict.fromkeys(heads))
+
+
+class HeadAblation:
+    """Edit the output z of chosen heads; an observer for :func:`workbench.engine.call.observe`."""
+
+    def __init__(self, heads: Sequence[tuple[int, int]], mode: str = "zero", means: Tensor | None = None) -> None:
+        if mode not in MODES:
+            raise WorkbenchError(f"unknown ablation {mode!r}", f"choose from: {', '.join(MODES)}")
+        if mode == "mean" and means is None:
+            raise WorkbenchError("mean ablation needs head means", "compute them with head_means(model, prompts)")
+        self.mode = mode
+        self.means = means
+        self.by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            self.by_layer.setdefault(int(layer), []).append(int(head))
+
+    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+        heads = self.by_layer.get(call.layer)
+        if not heads:
+            return z
+        z = z.clone()
+        idx = torch.tensor(heads, device=z.device)
+        if self.mode == "zero":
+            z[:, :, idx] = 0
+        elif self.mode == "mean":
+            z[:, :, idx] = self.means[call.layer, idx].to(z.dtype)
+        else:  # first: attention all on the first visible key of each prompt
+            first = first_visible_key(call)
+            group = call.query.shape[1] // call.key.shape[1]
+            v = call.value[torch.arange(z.shape[0], device=z.device), :, first]  # [batch, kv_head, d]
+            z[:, :, idx] = v[:, idx // group].unsqueeze(1).to(z.dtype)
+        return z
+
+
+class _MeanRecorder:
+    def __init__(self, n_layers: int, n_heads: int, d_head: int, device) -> None:
+        self.sum = torch.zeros(n_layers, n_heads, d_head, dtype=torch.float64, device=device)
+        self.count = 0
+        self.valid: Tensor | None = None
+
+    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+        v = self.valid[:, -z.shape[1]:].to(z.dtype).view(z.shape[0], z.shape[1], 1, 1)
+        self.sum[call.layer] += (z * v).sum((0, 1)).double()
+        if call.layer == 0:
+            self.count += int(v.sum())
+        return z
+
+
+def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head d_head"]:
+    """Each head's mean output z over every real token of ``prompts`` (for mean ablation)."""
+    from workbench.engine.attention import hooked_run
+    from workbench.engine.extraction import base_network
+    from workbench.engine.patterns import collate
+    from workbench.inputs.prompts import pad_token_id
+
+    d_head = model.d_head
+    rec = _MeanRecorder(model.n_layers, model.n_heads, d_head, model.device)
+    pad = pad_token_id(model.tokenizer)
+    base = base_network(model.hf_model)
+    with hooked_run(model.hf_model, rec):
+        for i in range(0, len(prompts), batch_size):
+            batch = collate([p.ids for p in prompts[i : i + batch_size]], pad, model.device)
+            rec.valid = batch.valid
+            base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False)
+    return (rec.sum / max(rec.count, 1)).float()
+
+
+class HeadScaling:
+    """Scale the output z of chosen heads by ``alpha`` (VHR-style head reinforcement).
+
+    ``positions="first"`` (VHR, He et al. 2025: "at the first generated token"): only the query
+    position that generates the first token, i.e. the last prompt position of the prefill (a
+    forward whose queries cover all its keys); decoding steps are left alone.
+    ``positions="all"``: every query position of every forward.
+    """
+
+    def __init__(self, heads: Sequence[tuple[int, int]], alpha: float = 2.0, positions: str = "first") -> None:
+        if positions not in ("first", "all"):
+            raise WorkbenchError(f"unknown positions {positions!r}", "use 'first' or 'all'")
+        self.alpha = float(alpha)
+        self.positions = positions
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            self.by_layer.setdefault(layer, []).append(head)
+
+    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+        heads = self.by_layer.get(call.layer)
+        if not heads:
+            return z
+        prefill = call.query.shape[2] == call.key.shape[2]
+        if self.positions == "first" and not prefill:
+            return z
+        z = z.clone()
+        idx = torch.tensor(heads, device=z.device)
+        if self.positions == "first":
+            z[:, -1, idx] = z[:, -1, idx] * self.alpha
+        else:
+            z[:, :, idx] = z[:, :, idx] * self.alpha
+        return z

@@ -1,0 +1,112 @@
+"""Atomic file writes with the mode a normal new file gets.
+
+Every output (results, reports, prompt and pair files, sweep configs) is written to a temporary
+file in the destination folder, flushed to disk and renamed into place, so a crash or Ctrl-C
+never leaves a partial file under the final name. ``mkstemp`` creates its file 0600 and the
+rename keeps that mode, so the temp file's mode is set first to what ``open(path, "w")`` would
+give: the existing file's mode when overwriting, else ``0o666 & ~umask``.
+
+Outputs that may be fsspec URLs (run folders, reports, single results files) go through
+:mod:`workbench.files.targets`, which uses :func:`atomic_write` for local paths and ``file://`` URLs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from workbench.errors import WorkbenchError
+
+_umask_lock = threading.Lock()
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: ``/proc/self/status``); elsewhere it
+    is set and put back at once, under a lock, as no call reads it without setting it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: str | Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave ``path`` with."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~current_umask()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform opens folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` that becomes ``path`` when the block ends without error:
+    fsync, the normal new-file mode, rename, fsync of the folder. On any error the temporary file
+    is removed and ``path`` is untouched; an OS error (unwritable folder, disk full) is a
+    :class:`WorkbenchError`."""
+    if path.is_dir():
+        raise WorkbenchError(f"cannot write {path}: it is a directory", "give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WorkbenchError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable output path") from None
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode(path))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise WorkbenchError(f"cannot write {path}: {exc.strerror or exc}", "free some space or choose another output path") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` through ``write(binary_file)`` atomically: temp file in the same folder,
+    fsync, normal mode, rename. On any error the temp file is removed and ``path`` is untouched;
+    an OS error (unwritable folder, disk full, ``path`` a folder) is a :class:`WorkbenchError`."""
+    path = Path(path)
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return path
+
+
+def atomic_write_named(path: str | Path, write: Callable[[str], object]) -> Path:
+    """:func:`atomic_write` for libraries that write to a file *name* (``safetensors.save_file``):
+    ``write(temporary_name)``, then the same fsync, mode and rename."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        write(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write` of one string."""
+    data = text.encode(encoding)
+    return atomic_write(path, lambda f: f.write(data))

@@ -1,0 +1,38 @@
+"""How a run is asked to go, shared by every probe and engine in it.
+
+A :class:`RunContext` carries what is not the model, the inputs or the probes: the batch size
+(a whole number, or ``"auto"``: a padded-token budget, see :mod:`workbench.inputs.batching`),
+interventions active in every forward (head ablation, scaling), progress display, the chunk
+budget of the pattern engine and its attention path (``"auto"``: each pattern probe gets the
+cheapest view that answers what it reads; ``"chunks"``: every probe reads full pattern chunks,
+the exact reference path), and the folder that relative file paths in items start from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from workbench.inputs.batching import BatchSize, batch_token_budget, plan_batches
+
+
+@dataclass
+class RunContext:
+    batch_size: BatchSize = "auto"
+    max_batch_tokens: int | None = None  # the "auto" budget; default per device
+    chunk_elements: int | None = None  # pattern engine: scores per chunk; default per device
+    attention_path: Literal["auto", "chunks"] = "auto"  # pattern engine: statistics where they suffice, or chunks
+    interventions: Sequence[Any] = field(default_factory=tuple)  # observers active in every forward
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    root: Path | None = None  # where relative paths in items (images) start
+
+    def plan(self, lengths: Sequence[int], device: torch.device | str) -> list[list[int]]:
+        """Batches of item indices for items of these lengths (padded tokens each will take)."""
+        return plan_batches(lengths, self.batch_size, batch_token_budget(device, self.max_batch_tokens))
+
+    def show_progress(self) -> bool:
+        import sys
+
+        return bool(self.progress) if self.progress is not None else sys.stderr.isatty()
