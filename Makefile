@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast bench docs clean
+.PHONY: install browser demo test test-fast bench docs lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP) browser
 	$(BIN)/python benchmarks/bench_retrieval.py
 	$(BIN)/python benchmarks/bench_report.py
 	$(BIN)/python benchmarks/bench_divergence.py
+
+# ruff: pyflakes, import order, line length and complexity (pyproject.toml [tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff check workbench probes circuits tests benchmarks data docs/_ext
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict turns every warning (a dead link,
 # a module the API reference cannot load) into a failure.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workbench.report.kinds import info
 
-METRICS_DOC = Path(__file__).with_name("metrics.md")  # package data; docs/metrics.md includes it
+METRICS_DOC = Path(__file__).with_name("metrics.md")  # package data (in the checkout, a link to docs/metrics.md)
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
