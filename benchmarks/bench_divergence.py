@@ -14,6 +14,7 @@ outputs captured in the attention hook at the answer positions only.
 Text model + ``counterfact`` items (no pretrained VLM is downloadable here; the engine is the
 same for images). Prints items per second, the ratios, and the max difference in divergence.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _z_hooks(hf, store):
     layers = hf.get_decoder().layers
-    return [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: store.__setitem__(i, a[0][0].detach()))
-            for i, layer in enumerate(layers)]
+    return [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: store.__setitem__(i, a[0][0].detach()))
+        for i, layer in enumerate(layers)
+    ]
 
 
 def _greedy(hf, ids, max_new_tokens, pad, eos):
     """Batch-1 greedy answer with the condition, up to and including EOS."""
     ids = torch.tensor([ids])
-    seq = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
-    gen = seq[0, ids.shape[1]:].tolist()
+    seq = hf.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    gen = seq[0, ids.shape[1] :].tolist()
     return gen[: next((n + 1 for n, t in enumerate(gen) if t == eos), len(gen))]
 
 
@@ -70,7 +79,9 @@ def tl_loop(model, pairs, max_new_tokens, pad, eos):
         gen = _greedy(hf, p.cond.input_ids, max_new_tokens, pad, eos)
         zs = []
         for row in (p.cond.input_ids, p.base.input_ids):
-            _, cache = bridge.run_with_cache(torch.tensor([row + gen[:-1]]), names_filter=lambda n: n.endswith("attn.hook_z"))
+            _, cache = bridge.run_with_cache(
+                torch.tensor([row + gen[:-1]]), names_filter=lambda n: n.endswith("attn.hook_z")
+            )
             pos = list(range(len(row) - 1, len(row) - 1 + len(gen)))
             z = torch.stack([cache[f"blocks.{i}.attn.hook_z"][0, pos] for i in range(model.n_layers)], 1)
             zs.append(z.double())
@@ -111,7 +122,9 @@ def main() -> None:
     tl = tl_loop(model, pairs, args.max_new_tokens, pad, eos)
     times["tl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = divergence(model, pairs, steps="all", max_new_tokens=args.max_new_tokens, ctx=RunContext(batch_size=args.batch_size))
+    ours = divergence(
+        model, pairs, steps="all", max_new_tokens=args.max_new_tokens, ctx=RunContext(batch_size=args.batch_size)
+    )
     times["ours"] = time.perf_counter() - t0
     same = [o for o, r in zip(ours, ref) if o.divergence.shape == r.shape]
     diff = max(float((o.divergence - r).abs().max()) for o, r in zip(ours, ref) if o.divergence.shape == r.shape)
@@ -120,9 +133,13 @@ def main() -> None:
     print(f"{n} counterfact items, up to {args.max_new_tokens} answer tokens, {args.model}, CPU")
     print(f"plain HF loop (batch 1, o_proj hooks):        {n / times['plain']:.2f} items/s ({times['plain']:.1f} s)")
     print(f"TransformerLens run_with_cache loop (batch 1): {n / times['tl']:.2f} items/s ({times['tl']:.1f} s)")
-    print(f"workbench (batch {args.batch_size}, two teacher-forced forwards): {n / times['ours']:.2f} items/s ({times['ours']:.1f} s)")
-    print(f"speed-up: {times['plain'] / times['ours']:.2f}x vs plain loop, {times['tl'] / times['ours']:.2f}x vs TL; "
-          f"{len(same)}/{n} items decoded identically; max |divergence diff| {diff:.2e} (TL vs plain {diff_tl:.2e})")
+    print(
+        f"workbench (batch {args.batch_size}, two teacher-forced forwards): {n / times['ours']:.2f} items/s ({times['ours']:.1f} s)"
+    )
+    print(
+        f"speed-up: {times['plain'] / times['ours']:.2f}x vs plain loop, {times['tl'] / times['ours']:.2f}x vs TL; "
+        f"{len(same)}/{n} items decoded identically; max |divergence diff| {diff:.2e} (TL vs plain {diff_tl:.2e})"
+    )
 
 
 if __name__ == "__main__":

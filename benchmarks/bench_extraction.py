@@ -19,6 +19,7 @@ excluded everywhere; every method is warmed up once.
     python benchmarks/bench_extraction.py            # all shapes and methods
     python benchmarks/bench_extraction.py --quick    # 4 x 512 only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,14 @@ def child(method: str, batch: int, tokens: int, repeats: int) -> dict:
     from timing import median_time_and_peak
 
     seconds, peak_gb = median_time_and_peak(_runner(method, batch, tokens, {}), repeats, warmup=True)
-    return {"method": method, "batch": batch, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb, "repeats": repeats}
+    return {
+        "method": method,
+        "batch": batch,
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_gb": peak_gb,
+        "repeats": repeats,
+    }
 
 
 def child_interleaved(methods: list[str], batch: int, tokens: int, cycles: int) -> dict:
@@ -126,8 +134,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only 4 x 512")
     ap.add_argument("--shape", help="only this BATCHxTOKENS, e.g. 1x4096")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of one process per method: peak memory (and per-process times)")
-    ap.add_argument("--cycles", type=int, default=6, help="cycles of the methods alternating in one process: the time ratios (0: skip)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of one process per method: peak memory (and per-process times)"
+    )
+    ap.add_argument(
+        "--cycles",
+        type=int,
+        default=6,
+        help="cycles of the methods alternating in one process: the time ratios (0: skip)",
+    )
     ap.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -143,20 +158,40 @@ def main() -> None:
     methods = args.methods.split(",")
     if methods[0] != "hf_sdpa":
         methods = ["hf_sdpa"] + [m for m in methods if m != "hf_sdpa"]
-    print(f"peak memory: {args.rounds} round(s) of one process per method; time: {args.cycles} cycles of the methods alternating in one "
-          "process, each ratio against hf_sdpa of the same cycle (median, min-max); 'process time/(a)': the per-process rounds")
-    print(f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'process time/(a)':>17} {'mem/(a)':>8} {'time/(a), same process':>24}")
+    print(
+        f"peak memory: {args.rounds} round(s) of one process per method; time: {args.cycles} cycles of the methods alternating in one "
+        "process, each ratio against hf_sdpa of the same cycle (median, min-max); 'process time/(a)': the per-process rounds"
+    )
+    print(
+        f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'process time/(a)':>17} {'mem/(a)':>8} {'time/(a), same process':>24}"
+    )
     for batch, tokens in shapes:
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for _ in range(args.rounds):
             for method in methods:
                 repeats = args.repeats if tokens <= 1024 else 1
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", method, "--batch", str(batch), "--tokens", str(tokens), "--repeats", str(repeats)],
-                    capture_output=True, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        method,
+                        "--batch",
+                        str(batch),
+                        "--tokens",
+                        str(tokens),
+                        "--repeats",
+                        str(repeats),
+                    ],
+                    capture_output=True,
+                    text=True,
                 )
                 if proc.returncode != 0:
-                    why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    why = (
+                        "killed (out of memory?)"
+                        if proc.returncode < 0
+                        else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    )
                     print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}", flush=True)
                     continue
                 runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -164,15 +199,33 @@ def main() -> None:
         if args.cycles > 0:
             # TransformerLens' cache at 4096 tokens (~20 GB) next to two more models: not in one process
             inter = [m for m in methods if m != "tl_cache" or batch * tokens <= 2048]
-            proc = subprocess.run([sys.executable, __file__, "--child", ",".join(inter), "--interleaved", "--batch", str(batch),
-                                   "--tokens", str(tokens), "--cycles", str(args.cycles)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    ",".join(inter),
+                    "--interleaved",
+                    "--batch",
+                    str(batch),
+                    "--tokens",
+                    str(tokens),
+                    "--cycles",
+                    str(args.cycles),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode == 0:
                 t = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
                 for m, ts in t.items():
                     r = [a / b for a, b in zip(ts, t["hf_sdpa"])]
                     same[m] = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
             else:
-                print(f"{batch:>6} x {tokens:<6} same-process cycles failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+                print(
+                    f"{batch:>6} x {tokens:<6} same-process cycles failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+                    flush=True,
+                )
         base = runs["hf_sdpa"]
         for method in methods:
             rs = runs[method]
@@ -182,7 +235,10 @@ def main() -> None:
             mem = max(r["peak_gb"] for r in rs)
             tr = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rs, base))
             mr = mem / max(b["peak_gb"] for b in base)
-            print(f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:16.2f}x {mr:7.2f}x {same.get(method, '-'):>24}", flush=True)
+            print(
+                f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:16.2f}x {mr:7.2f}x {same.get(method, '-'):>24}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

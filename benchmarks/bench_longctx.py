@@ -40,6 +40,7 @@ only by simulation.
     python benchmarks/bench_longctx.py --model /root/.cache/workbench/models/gemma3-270m \\
         --lengths 512,2048,8192,16384,32768 --methods bare,ours_a,ours_b,extra_pass
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,7 +128,10 @@ def _our_forward(wb, ids):
             return frozenset({"lse"})
 
     def run():
-        with hooked_run(wb.hf_model, AsksForLse(), unwrap=True), stop_after_layer(wb.n_layers - 1):  # as run_probes' forward
+        with (
+            hooked_run(wb.hf_model, AsksForLse(), unwrap=True),
+            stop_after_layer(wb.n_layers - 1),
+        ):  # as run_probes' forward
             base_network(wb.hf_model)(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
 
     return run
@@ -142,8 +146,9 @@ def _runner(method: str, model: str, ids: list[int], loaded: dict):
 
     if method == "bare":  # the plain HF model, never the one the bridge wraps
         if "hf" not in loaded:
-            loaded["hf"] = AutoModelForCausalLM.from_pretrained(resolve_source(model)[0], attn_implementation="sdpa",
-                                                                dtype=torch.float32).eval()
+            loaded["hf"] = AutoModelForCausalLM.from_pretrained(
+                resolve_source(model)[0], attn_implementation="sdpa", dtype=torch.float32
+            ).eval()
         hf, x = loaded["hf"], torch.tensor([ids])
         return lambda: hf(x, use_cache=False, logits_to_keep=1)
     if "wb" not in loaded:
@@ -188,8 +193,15 @@ def child(method: str, model: str, tokens: int, repeats: int, warmup: bool = Tru
     from timing import median_time_and_peak
 
     seconds, peak_gb = median_time_and_peak(run, repeats, warmup)
-    return {"method": method, "tokens": tokens, "seconds": seconds, "peak_gb": peak_gb,
-            "run_gb": peak_gb - loaded_gb, "repeats": repeats, "warmup": warmup}
+    return {
+        "method": method,
+        "tokens": tokens,
+        "seconds": seconds,
+        "peak_gb": peak_gb,
+        "run_gb": peak_gb - loaded_gb,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
 
 
 def child_interleaved(methods: list[str], model: str, tokens: int, cycles: int, warmup: bool = True) -> dict:
@@ -220,19 +232,44 @@ def summarize_interleaved(results: list[dict]) -> list[dict]:
         base = t["bare"]
         for m, ts in t.items():
             ratios = [a / b for a, b in zip(ts, base)]
-            out.append({"tokens": r["tokens"], "method": m, "n": len(ratios), "median_seconds": statistics.median(ts),
-                        "time_ratio": [min(ratios), max(ratios)], "median_ratio": statistics.median(ratios)})
+            out.append(
+                {
+                    "tokens": r["tokens"],
+                    "method": m,
+                    "n": len(ratios),
+                    "median_seconds": statistics.median(ts),
+                    "time_ratio": [min(ratios), max(ratios)],
+                    "median_ratio": statistics.median(ratios),
+                }
+            )
         if "ours_b" in t and "extra_pass" in t:
             fr = [b_ / (a + e) for b_, a, e in zip(t["ours_b"], base, t["extra_pass"])]
-            out.append({"tokens": r["tokens"], "method": "ours_b / (bare + extra_pass)", "n": len(fr),
-                        "time_ratio": [min(fr), max(fr)], "median_ratio": statistics.median(fr)})
+            out.append(
+                {
+                    "tokens": r["tokens"],
+                    "method": "ours_b / (bare + extra_pass)",
+                    "n": len(fr),
+                    "time_ratio": [min(fr), max(fr)],
+                    "median_ratio": statistics.median(fr),
+                }
+            )
         if "ours_fwd" in t:  # the statistics' own cost, on our forward of the same cycle
-            for m, floor in (("ours_a", t["ours_fwd"]), ("ours_b", [f + e for f, e in zip(t["ours_fwd"], t.get("extra_pass", []))])):
+            for m, floor in (
+                ("ours_a", t["ours_fwd"]),
+                ("ours_b", [f + e for f, e in zip(t["ours_fwd"], t.get("extra_pass", []))]),
+            ):
                 if m in t and len(floor) == len(t[m]):
                     fr = [a / f for a, f in zip(t[m], floor)]
                     name = "ours_a / ours_fwd" if m == "ours_a" else "ours_b / (ours_fwd + extra_pass)"
-                    out.append({"tokens": r["tokens"], "method": name, "n": len(fr),
-                                "time_ratio": [min(fr), max(fr)], "median_ratio": statistics.median(fr)})
+                    out.append(
+                        {
+                            "tokens": r["tokens"],
+                            "method": name,
+                            "n": len(fr),
+                            "time_ratio": [min(fr), max(fr)],
+                            "median_ratio": statistics.median(fr),
+                        }
+                    )
     return out
 
 
@@ -263,15 +300,30 @@ def summarize(runs: list[dict]) -> list[dict]:
             tr = [r["seconds"] / base[r["round"]]["seconds"] for r in rs]
             mr = [r["peak_gb"] / base[r["round"]]["peak_gb"] for r in rs]
             rr = [r["run_gb"] / base[r["round"]]["run_gb"] for r in rs]
-            out.append({"tokens": tokens, "method": method, "n": len(rs),
-                        "seconds": [min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)],
-                        "peak_gb": [min(r["peak_gb"] for r in rs), max(r["peak_gb"] for r in rs)],
-                        "time_ratio": [min(tr), max(tr)], "mem_ratio": [min(mr), max(mr)], "run_mem_ratio": [min(rr), max(rr)]})
+            out.append(
+                {
+                    "tokens": tokens,
+                    "method": method,
+                    "n": len(rs),
+                    "seconds": [min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)],
+                    "peak_gb": [min(r["peak_gb"] for r in rs), max(r["peak_gb"] for r in rs)],
+                    "time_ratio": [min(tr), max(tr)],
+                    "mem_ratio": [min(mr), max(mr)],
+                    "run_mem_ratio": [min(rr), max(rr)],
+                }
+            )
         extra = {r["round"]: r for r in at if r["method"] == "extra_pass"}
         b_runs = [r for r in at if r["method"] == "ours_b" and r["round"] in base and r["round"] in extra]
         if b_runs:  # (b) against its floor, bare + one extra pass, round by round
             fr = [r["seconds"] / (base[r["round"]]["seconds"] + extra[r["round"]]["seconds"]) for r in b_runs]
-            out.append({"tokens": tokens, "method": "ours_b / (bare + extra_pass)", "n": len(fr), "time_ratio": [min(fr), max(fr)]})
+            out.append(
+                {
+                    "tokens": tokens,
+                    "method": "ours_b / (bare + extra_pass)",
+                    "n": len(fr),
+                    "time_ratio": [min(fr), max(fr)],
+                }
+            )
     return out
 
 
@@ -283,7 +335,9 @@ def figure(summary: list[dict], title: str, path: Path, interleaved: list[dict] 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("time / bare forward", "peak memory / bare forward"))
     for method in [m for m in METHODS if m != "bare"] + RATIOS:
         for col, key in ((1, "time_ratio"), (2, "mem_ratio")):
-            source = interleaved if col == 1 and interleaved and any(s["method"] == method for s in interleaved) else summary
+            source = (
+                interleaved if col == 1 and interleaved and any(s["method"] == method for s in interleaved) else summary
+            )
             rows = [s for s in source if s["method"] == method and key in s]
             if not rows or (key == "mem_ratio" and method == "extra_pass"):
                 continue
@@ -291,9 +345,24 @@ def figure(summary: list[dict], title: str, path: Path, interleaved: list[dict] 
             lo = [s[key][0] for s in rows]
             hi = [s[key][1] for s in rows]
             mid = [s.get("median_ratio", (a + b) / 2) for s, a, b in zip(rows, lo, hi)]
-            fig.add_trace(go.Scatter(x=x, y=mid, mode="lines+markers", name=method, legendgroup=method, showlegend=col == 1,
-                                     error_y=dict(type="data", symmetric=False, array=[h - m for h, m in zip(hi, mid)],
-                                                  arrayminus=[m - lo_ for m, lo_ in zip(mid, lo)])), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=mid,
+                    mode="lines+markers",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=col == 1,
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=[h - m for h, m in zip(hi, mid)],
+                        arrayminus=[m - lo_ for m, lo_ in zip(mid, lo)],
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
     for col, target in ((1, 1.10), (2, 1.10)):
         fig.add_hline(y=target, line_dash="dot", line_color="grey", row=1, col=col)
     fig.update_xaxes(type="log", title_text="tokens (T)")
@@ -307,7 +376,9 @@ def _run_child(argv: list[str]) -> tuple[dict | None, str]:
     it failed: killed, or its last line of stderr)."""
     proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
-        return None, "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return None, "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[
+            -1
+        ]
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
@@ -319,20 +390,40 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--repeats", type=int, default=0, help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="timed repeats per process after one warm-up (median); 0: 4096 // T, at least 1",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="rounds of one process per method (peak memory, and times)")
-    ap.add_argument("--cycles", type=int, default=3,
-                    help="cycles of the one-process interleaved timing per length (every method but tl_cache); 0: none")
+    ap.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="cycles of the one-process interleaved timing per length (every method but tl_cache); 0: none",
+    )
     ap.add_argument("--tl-max-gb", type=float, default=10.0)
-    ap.add_argument("--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens")
+    ap.add_argument(
+        "--warmup-max", type=int, default=8192, help="warm up (one untimed run) only up to this many tokens"
+    )
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/longctx-MODEL)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.model, args.tokens, args.repeats, args.tokens <= args.warmup_max)))
         return
     if args.child_interleaved:
-        print(json.dumps(child_interleaved(args.child_interleaved.split(","), args.model, args.tokens, args.cycles,
-                                           args.tokens <= args.warmup_max)))
+        print(
+            json.dumps(
+                child_interleaved(
+                    args.child_interleaved.split(","),
+                    args.model,
+                    args.tokens,
+                    args.cycles,
+                    args.tokens <= args.warmup_max,
+                )
+            )
+        )
         return
     methods = args.methods.split(",")
     methods = ["bare"] + [m for m in methods if m != "bare"]
@@ -343,7 +434,9 @@ def main() -> None:
     runs: list[dict] = []
     interleaved: list[dict] = []
     notes: list[str] = []
-    print(f"model {args.model}: {n_layers} layers x {n_heads} heads; rounds {args.rounds}; cpu threads {os.cpu_count()}")
+    print(
+        f"model {args.model}: {n_layers} layers x {n_heads} heads; rounds {args.rounds}; cpu threads {os.cpu_count()}"
+    )
     for tokens in lengths:
         for rnd in range(args.rounds):
             for method in methods:
@@ -356,41 +449,92 @@ def main() -> None:
                             print(note, flush=True)
                         continue
                 repeats = args.repeats or max(1, 4096 // tokens)
-                r, why = _run_child(["--child", method, "--model", args.model, "--tokens", str(tokens),
-                                     "--repeats", str(repeats), "--warmup-max", str(args.warmup_max)])
+                r, why = _run_child(
+                    [
+                        "--child",
+                        method,
+                        "--model",
+                        args.model,
+                        "--tokens",
+                        str(tokens),
+                        "--repeats",
+                        str(repeats),
+                        "--warmup-max",
+                        str(args.warmup_max),
+                    ]
+                )
                 if r is None:
                     print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
                     notes.append(f"{method} at T={tokens} failed: {why}")
                     continue
                 r |= {"round": rnd}
                 runs.append(r)
-                print(f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
-                      f"  (run {r['run_gb']:5.2f} GB)", flush=True)
+                print(
+                    f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
+                    f"  (run {r['run_gb']:5.2f} GB)",
+                    flush=True,
+                )
         timed = [m for m in methods if m != "tl_cache"]
         if args.cycles and len(timed) > 1:
-            r, why = _run_child(["--child-interleaved", ",".join(timed), "--model", args.model, "--tokens", str(tokens),
-                                 "--cycles", str(args.cycles), "--warmup-max", str(args.warmup_max)])
+            r, why = _run_child(
+                [
+                    "--child-interleaved",
+                    ",".join(timed),
+                    "--model",
+                    args.model,
+                    "--tokens",
+                    str(tokens),
+                    "--cycles",
+                    str(args.cycles),
+                    "--warmup-max",
+                    str(args.warmup_max),
+                ]
+            )
             if r is None:
                 print(f"T={tokens:<6} interleaved failed: {why}", flush=True)
                 notes.append(f"interleaved timing at T={tokens} failed: {why}")
             else:
                 interleaved.append(r)
-                print(f"T={tokens:<6} interleaved " + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()), flush=True)
+                print(
+                    f"T={tokens:<6} interleaved "
+                    + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()),
+                    flush=True,
+                )
         summary = summarize(runs)
         inter = summarize_interleaved(interleaved)
-        (out / "results.json").write_text(json.dumps({"model": args.model, "runs": runs, "summary": summary, "interleaved": interleaved,
-                                                      "interleaved_summary": inter, "notes": notes}, indent=1))
-        figure(summary, f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)", out / "scaling.html", inter)
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "runs": runs,
+                    "summary": summary,
+                    "interleaved": interleaved,
+                    "interleaved_summary": inter,
+                    "notes": notes,
+                },
+                indent=1,
+            )
+        )
+        figure(
+            summary,
+            f"{args.model}: head statistics against a bare SDPA forward (CPU, float32, batch 1)",
+            out / "scaling.html",
+            inter,
+        )
     print(f"\n{'T':>6} {'method':>34} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
     for s in summarize(runs):
         mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
         run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
-        print(f"{s['tokens']:>6} {s['method']:>34} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}")
+        print(
+            f"{s['tokens']:>6} {s['method']:>34} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}"
+        )
     if interleaved:
         print(f"\ntime in one process, methods alternating ({args.cycles} cycles; ratio to bare of the same cycle)")
         print(f"{'T':>6} {'method':>34} {'median':>8} {'min-max':>14}")
         for s in summarize_interleaved(interleaved):
-            print(f"{s['tokens']:>6} {s['method']:>34} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x")
+            print(
+                f"{s['tokens']:>6} {s['method']:>34} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x"
+            )
     print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
 
 

@@ -12,6 +12,7 @@ between sender and logits); and, for reference, the same function through the at
 
     python benchmarks/bench_patching.py [--n-prompts 8] [--senders all|N] [--rounds 2] [--edges 100] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ def arena_path_patching(hf, pairs, senders, pad_id: int) -> dict:
         mask = torch.zeros(len(pairs), T, dtype=torch.long)
         for i, p in enumerate(pairs):
             row = getattr(p, key)
-            ids[i, T - len(row):] = torch.tensor(row)
-            mask[i, T - len(row):] = 1
+            ids[i, T - len(row) :] = torch.tensor(row)
+            mask[i, T - len(row) :] = 1
         return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
     clean, corrupted = batch("clean"), batch("corrupted")
@@ -47,7 +48,14 @@ def arena_path_patching(hf, pairs, senders, pad_id: int) -> dict:
 
     def run(inputs, pre=None):
         ids, mask, pos = inputs
-        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(l, a[0])) for l, layer in enumerate(layers)] if pre else []
+        hooks = (
+            [
+                layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(l, a[0]))
+                for l, layer in enumerate(layers)
+            ]
+            if pre
+            else []
+        )
         try:
             with torch.no_grad():
                 logits = hf(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
@@ -61,11 +69,13 @@ def arena_path_patching(hf, pairs, senders, pad_id: int) -> dict:
     run(corrupted, lambda l, z: z_corr.__setitem__(l, z.clone()))
     out = {}
     for sl, sh in senders:
+
         def freeze(l, z, sl=sl, sh=sh):
             new = z_clean[l].clone()
             if l == sl:
                 new[..., sh * d : (sh + 1) * d] = z_corr[l][..., sh * d : (sh + 1) * d]
             return (new,)
+
         out[(sl, sh)] = float(run(clean, freeze).mean())
     return out
 
@@ -75,7 +85,9 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--senders", default="all", help="all, or N heads spread over the layers (quicker)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (each times every method once)")
-    ap.add_argument("--edges", type=int, default=100, help="edges for the exact-edge-patching timing (0 = skip the edge part)")
+    ap.add_argument(
+        "--edges", type=int, default=100, help="edges for the exact-edge-patching timing (0 = skip the edge part)"
+    )
     ap.add_argument("--no-hooks", action="store_true", help="skip the attention-hook engine")
     ap.add_argument("--threads", type=int, help="torch threads for every method (default: torch's)")
     args = ap.parse_args()
@@ -101,7 +113,9 @@ def main() -> None:
     if args.senders != "all":
         step = max(1, len(senders) // int(args.senders))
         senders = senders[::step][: int(args.senders)]
-    print(f"{len(senders)} senders -> logits, {len(pairs)} IOI pairs, SmolLM2-135M, CPU float32, {torch.get_num_threads()} threads")
+    print(
+        f"{len(senders)} senders -> logits, {len(pairs)} IOI pairs, SmolLM2-135M, CPU float32, {torch.get_num_threads()} threads"
+    )
     pad = pad_token_id(model.tokenizer)
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
@@ -134,16 +148,26 @@ def main() -> None:
             ig = edge_attribution(g, base, abl, "eap-ig", steps=5)
             t_ig = time.perf_counter() - t0
             ranked = ig.ranked()
-            sample = ranked[: args.edges // 2] + ranked[args.edges // 2 :: max(1, len(ranked) // max(1, args.edges - args.edges // 2))][: args.edges - args.edges // 2]
+            sample = (
+                ranked[: args.edges // 2]
+                + ranked[args.edges // 2 :: max(1, len(ranked) // max(1, args.edges - args.edges // 2))][
+                    : args.edges - args.edges // 2
+                ]
+            )
             t0 = time.perf_counter()
             exact = exact_edge_effects(g, base, abl, sample).double().mean(1) - base.ld_clean.double().mean()
             t_exact = time.perf_counter() - t0
             per_edge = t_exact / len(sample)
             all_exact = per_edge * g.n_edges
-            rho = {k: spearmanr([float(s.scores[v, u]) for v, u in sample], exact.numpy()).statistic for k, s in (("EAP", eap), ("EAP-IG", ig))}
-            print(f"edges round {rnd}: {g.n_edges} edges; EAP {t_eap:.1f} s, EAP-IG (5 steps) {t_ig:.1f} s for all; exact edge patching "
-                  f"{per_edge * 1000:.0f} ms per edge ({len(sample)} timed) = {all_exact / 3600:.1f} h for all: EAP {all_exact / t_eap:.0f}x, "
-                  f"EAP-IG {all_exact / t_ig:.0f}x faster; Spearman vs exact: EAP {rho['EAP']:.3f}, EAP-IG {rho['EAP-IG']:.3f}")
+            rho = {
+                k: spearmanr([float(s.scores[v, u]) for v, u in sample], exact.numpy()).statistic
+                for k, s in (("EAP", eap), ("EAP-IG", ig))
+            }
+            print(
+                f"edges round {rnd}: {g.n_edges} edges; EAP {t_eap:.1f} s, EAP-IG (5 steps) {t_ig:.1f} s for all; exact edge patching "
+                f"{per_edge * 1000:.0f} ms per edge ({len(sample)} timed) = {all_exact / 3600:.1f} h for all: EAP {all_exact / t_eap:.0f}x, "
+                f"EAP-IG {all_exact / t_ig:.0f}x faster; Spearman vs exact: EAP {rho['EAP']:.3f}, EAP-IG {rho['EAP-IG']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and draw one figure on the same machine (shared machines vary several-fold with 
 ``--compare`` builds the same run twice (the second with 18 layers x 4 heads, as Gemma-3-270M)
 and reports the comparison page.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,65 @@ def synthetic_run(run: Path, model: str = "smollm2-135m", n_layers: int = 30, n_
     rng = np.random.default_rng(seed)
     L, H = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     for probe, dataset, metrics in PARTS:
-        frames = [pd.DataFrame({"model": model, "dataset": dataset, "probe": probe, "metric": m, "layer": L.ravel(), "head": H.ravel(),
-                                "value": _values(m, rng, L.size), "n": 100}) for m in metrics]
+        frames = [
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "dataset": dataset,
+                    "probe": probe,
+                    "metric": m,
+                    "layer": L.ravel(),
+                    "head": H.ravel(),
+                    "value": _values(m, rng, L.size),
+                    "n": 100,
+                }
+            )
+            for m in metrics
+        ]
         if probe == "context":
-            frames += [pd.DataFrame({"model": model, "dataset": dataset, "probe": probe, "metric": m, "layer": -1, "head": -1,
-                                     "value": rng.integers(0, 2, 41).astype(float), "n": 1, "item": [f"cf-{i}" for i in range(41)]})
-                       for m in ("follows_context", "follows_memory")]
+            frames += [
+                pd.DataFrame(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "probe": probe,
+                        "metric": m,
+                        "layer": -1,
+                        "head": -1,
+                        "value": rng.integers(0, 2, 41).astype(float),
+                        "n": 1,
+                        "item": [f"cf-{i}" for i in range(41)],
+                    }
+                )
+                for m in ("follows_context", "follows_memory")
+            ]
         if probe == "vhd":
-            frames.append(pd.DataFrame({"model": model, "dataset": dataset, "probe": probe, "metric": "t_vhd", "layer": -1, "head": -1,
-                                        "value": rng.uniform(1, 5, 40), "n": 1, "item": [str(i // 8) for i in range(40)],
-                                        "step": [i % 8 for i in range(40)], "token": [f" tok{i}" for i in range(40)]}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "model": model,
+                        "dataset": dataset,
+                        "probe": probe,
+                        "metric": "t_vhd",
+                        "layer": -1,
+                        "head": -1,
+                        "value": rng.uniform(1, 5, 40),
+                        "n": 1,
+                        "item": [str(i // 8) for i in range(40)],
+                        "step": [i % 8 for i in range(40)],
+                        "token": [f" tok{i}" for i in range(40)],
+                    }
+                )
+            )
         df = pd.concat(frames, ignore_index=True)
         if "item" in df.columns:
             df = df.astype({"item": "string", **({"step": "Int64", "token": "string"} if "step" in df.columns else {})})
-        meta = run_metadata(model={"model": model, "n_layers": n_layers, "n_heads": n_heads, "architecture": "LlamaForCausalLM"},
-                            dataset={"name": dataset, "n_prompts": 16}, probes=[{"name": probe}],
-                            prompts=[{"id": "p", "tokens": ["The", " cat"], "ids": [1, 2], "text": "The cat"}])
+        meta = run_metadata(
+            model={"model": model, "n_layers": n_layers, "n_heads": n_heads, "architecture": "LlamaForCausalLM"},
+            dataset={"name": dataset, "n_prompts": 16},
+            probes=[{"name": probe}],
+            prompts=[{"id": "p", "tokens": ["The", " cat"], "ids": [1, 2], "text": "The cat"}],
+        )
         write_parquet(df, run / "parts" / f"{model}__{dataset}__{probe}.parquet", meta)
     return run
 
@@ -102,9 +146,11 @@ def main() -> None:
         base = Path(tmp) / "plotly-alone.html"
         from plotly.offline import get_plotlyjs
 
-        base.write_text(f"<html><body><div id='a'></div><script>{get_plotlyjs()}</script><script>Plotly.newPlot('a', [{{z: [[1, 2]], "
-                        "type: 'heatmap'}]).then(function(){document.body.setAttribute('data-rendered-ms', String(Math.round(performance.now())))})"
-                        "</script></body></html>")
+        base.write_text(
+            f"<html><body><div id='a'></div><script>{get_plotlyjs()}</script><script>Plotly.newPlot('a', [{{z: [[1, 2]], "
+            "type: 'heatmap'}]).then(function(){document.body.setAttribute('data-rendered-ms', String(Math.round(performance.now())))})"
+            "</script></body></html>"
+        )
         with open_page(base) as s:
             floor = int(s.page.get_attribute("body", "data-rendered-ms"))
         t0 = time.perf_counter()
@@ -114,9 +160,11 @@ def main() -> None:
             first = s.page.get_attribute("body", "data-first-figure-ms")
             n = s.page.locator(".js-plotly-plot").count()
             errors = [c for c in s.console if c.startswith("error")] + s.errors
-        print(f"chromium: {n} figures; first figure at {int(first) / 1000 if first else float('nan'):.2f} s, all rendered at {ms / 1000:.2f} s "
-              f"(target < 3 s); whole headless browser {wall:.1f} s; console errors: {len(errors)}; "
-              f"plotly.js alone with one figure: {floor / 1000:.2f} s (os.getloadavg: {os.getloadavg()[0]:.1f})")
+        print(
+            f"chromium: {n} figures; first figure at {int(first) / 1000 if first else float('nan'):.2f} s, all rendered at {ms / 1000:.2f} s "
+            f"(target < 3 s); whole headless browser {wall:.1f} s; console errors: {len(errors)}; "
+            f"plotly.js alone with one figure: {floor / 1000:.2f} s (os.getloadavg: {os.getloadavg()[0]:.1f})"
+        )
 
 
 if __name__ == "__main__":

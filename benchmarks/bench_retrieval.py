@@ -8,6 +8,7 @@ Prints prompts per second for both and their ratio, and checks the per-head scor
 the same with the prefill as one padded batch (the GPU default) against the CPU default (prompt
 by prompt, shared prefixes reused).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,11 @@ def main() -> None:
     ap.add_argument("--context-len", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--shared-haystack", action="store_true",
-                    help="the paper's grid: one haystack, needles at n evenly spaced depths (prefixes shared)")
+    ap.add_argument(
+        "--shared-haystack",
+        action="store_true",
+        help="the paper's grid: one haystack, needles at n evenly spaced depths (prefixes shared)",
+    )
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -72,10 +76,21 @@ def main() -> None:
     torch.set_grad_enabled(False)
     wb = load_model("smollm2-135m", device="cpu")
     prompts = tokenize_prompts(
-        make_dataset("niah", n_prompts=args.n_prompts, seed=5, tokenizer=wb.tokenizer, context_len=args.context_len,
-                     **({"shared_haystack": True, "depths": [i / max(1, args.n_prompts - 1) for i in range(args.n_prompts)]}
-                        if args.shared_haystack else {})),
-        wb.tokenizer, wb.n_ctx, wb.vocab_size,
+        make_dataset(
+            "niah",
+            n_prompts=args.n_prompts,
+            seed=5,
+            tokenizer=wb.tokenizer,
+            context_len=args.context_len,
+            **(
+                {"shared_haystack": True, "depths": [i / max(1, args.n_prompts - 1) for i in range(args.n_prompts)]}
+                if args.shared_haystack
+                else {}
+            ),
+        ),
+        wb.tokenizer,
+        wb.n_ctx,
+        wb.vocab_size,
     )
     eager = AutoModelForCausalLM.from_pretrained(wb.source, attn_implementation="eager").eval()
     stops = newline_token_ids(wb.tokenizer) | {wb.tokenizer.eos_token_id}
@@ -85,22 +100,38 @@ def main() -> None:
     ref = paper_loop(eager, wb.tokenizer, prompts, stops, args.max_new_tokens)
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, require_correct=False, ctx=RunContext(batch_size=args.batch_size))
+    ours = generate_and_score(
+        wb,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        require_correct=False,
+        ctx=RunContext(batch_size=args.batch_size),
+    )
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    padded = generate_and_score(wb, prompts, max_new_tokens=args.max_new_tokens, ctx=RunContext(batch_size=args.batch_size),
-                                require_correct=False, prefill="batched")
+    padded = generate_and_score(
+        wb,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        ctx=RunContext(batch_size=args.batch_size),
+        require_correct=False,
+        prefill="batched",
+    )
     t_padded = time.perf_counter() - t0
     diff = max(float((r.scores - s).abs().max()) for r, s in zip(ours, ref))
     n = len(prompts)
     kind = "one shared haystack, evenly spaced depths" if args.shared_haystack else "a haystack per prompt"
-    print(f"{n} niah prompts x {args.context_len} tokens ({kind}), up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU")
+    print(
+        f"{n} niah prompts x {args.context_len} tokens ({kind}), up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU"
+    )
     print(f"paper-style loop (batch 1, eager, output_attentions): {n / t_ref:.3f} prompts/s ({t_ref:.1f} s)")
     print(f"workbench (batch {args.batch_size}, SDPA + last-row scores): {n / t_ours:.3f} prompts/s ({t_ours:.1f} s)")
     print(f"speed-up: {t_ref / t_ours:.2f}x; max abs score difference {diff:.2e}")
     diff_p = max(float((a.scores - b.scores).abs().max()) for a, b in zip(padded, ours))
-    print(f"same, prefill as one padded batch (the GPU default): {n / t_padded:.3f} prompts/s ({t_padded:.1f} s), "
-          f"{t_padded / t_ours:.2f}x the time of the CPU default; max abs score difference {diff_p:.2e}")
+    print(
+        f"same, prefill as one padded batch (the GPU default): {n / t_padded:.3f} prompts/s ({t_padded:.1f} s), "
+        f"{t_padded / t_ours:.2f}x the time of the CPU default; max abs score difference {diff_p:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ model's dtype): what moves is the model's own bf16 arithmetic (queries, keys, re
     python benchmarks/bf16_drift.py                  # prose + repeated-random + niah at 1k
     python benchmarks/bf16_drift.py --no-retrieval   # pattern metrics only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,20 @@ def run(name: str, dtype: str, n_prose: int, seed: int, retrieval_len: int | Non
     from workbench.runner import run_probes
 
     model = load_model(name, device="cpu", dtype=dtype)
-    table = run_probes(model, prompts(model, n_prose, seed), [get_probe(p) for p in ("entropy", "sink", "induction", "streaming")],
-                       progress=False).table
+    table = run_probes(
+        model,
+        prompts(model, n_prose, seed),
+        [get_probe(p) for p in ("entropy", "sink", "induction", "streaming")],
+        progress=False,
+    ).table
     answers = {}
     if retrieval_len:
-        res = run_probes(model, niah(model, retrieval_len, seed), [get_probe("retrieval", max_new_tokens=20, require_correct=False)],
-                         progress=False)
+        res = run_probes(
+            model,
+            niah(model, retrieval_len, seed),
+            [get_probe("retrieval", max_new_tokens=20, require_correct=False)],
+            progress=False,
+        )
         table = pd.concat([table, res.table], ignore_index=True)
         answers = res.results["retrieval"].summary["responses"]
     return table, answers
@@ -67,8 +76,16 @@ def drift(a, b) -> list[dict]:
         d = (x - y).abs()
         spread = float(x.max() - x.min()) or 1.0
         top_x, top_y = set(x.nlargest(10).index), set(y.nlargest(10).index)
-        out.append({"metric": metric, "heads": int(ok.sum()), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-                    "max_rel_spread": float(d.max()) / spread, "top10_kept": len(top_x & top_y)})
+        out.append(
+            {
+                "metric": metric,
+                "heads": int(ok.sum()),
+                "max_abs": float(d.max()),
+                "mean_abs": float(d.mean()),
+                "max_rel_spread": float(d.max()) / spread,
+                "top10_kept": len(top_x & top_y),
+            }
+        )
     return out
 
 
@@ -87,12 +104,16 @@ def main() -> None:
     rows = drift(full, half)
     print(f"{'metric':>14} {'heads':>6} {'max |d|':>9} {'mean |d|':>9} {'max/spread':>10} {'top-10 kept':>11}")
     for r in rows:
-        print(f"{r['metric']:>14} {r['heads']:>6} {r['max_abs']:9.4f} {r['mean_abs']:9.5f} {r['max_rel_spread']:10.3f} {r['top10_kept']:>8}/10")
+        print(
+            f"{r['metric']:>14} {r['heads']:>6} {r['max_abs']:9.4f} {r['mean_abs']:9.5f} {r['max_rel_spread']:10.3f} {r['top10_kept']:>8}/10"
+        )
     if ans32:
         same = sum(ans32[k] == ans16.get(k) for k in ans32)
         print(f"retrieval answers identical in {same}/{len(ans32)} niah prompts")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows, "answers": {"float32": ans32, "bfloat16": ans16}}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"model": args.model, "rows": rows, "answers": {"float32": ans32, "bfloat16": ans16}}, indent=1)
+        )
 
 
 if __name__ == "__main__":

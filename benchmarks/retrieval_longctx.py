@@ -15,6 +15,7 @@ top heads, and the peak RSS. ``notebooks/07_long_context.ipynb`` reads that file
 answer at all; nothing for SmolLM2). Lengths already in the output file are skipped, so a
 grid can be extended run by run (each length records the depths it ran).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def child(model_name: str, length: int, depths: list[float], seed: int, max_new_
 
     torch.set_grad_enabled(False)
     model = load_model(model_name, device="cpu", dtype="float32")
-    items = make_dataset("niah", tokenizer=model.tokenizer, context_len=length, depths=depths, seed=seed, n_ctx=model.n_ctx)
+    items = make_dataset(
+        "niah", tokenizer=model.tokenizer, context_len=length, depths=depths, seed=seed, n_ctx=model.n_ctx
+    )
     prompts = tokenize_prompts(items, model.tokenizer, model.n_ctx, model.vocab_size)
     probe = get_probe("retrieval", max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
@@ -56,11 +59,22 @@ def child(model_name: str, length: int, depths: list[float], seed: int, max_new_
         "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "n_layers": model.n_layers,
         "n_heads": model.n_heads,
-        "prompts": [{"id": o.prompt_id, "depth": by_prompt[o.prompt_id].meta["depth"], "answer": by_prompt[o.prompt_id].meta["answer"],
-                     "response": o.response, "recall": o.recall, "counted": o.counted} for o in probe.outcomes],
+        "prompts": [
+            {
+                "id": o.prompt_id,
+                "depth": by_prompt[o.prompt_id].meta["depth"],
+                "answer": by_prompt[o.prompt_id].meta["answer"],
+                "response": o.response,
+                "recall": o.recall,
+                "counted": o.counted,
+            }
+            for o in probe.outcomes
+        ],
         "n_counted": len(counted),
         # mean score per head over the correctly answered prompts, [layer][head] (None: nothing counted)
-        "scores": None if not counted else table.pivot(index="layer", columns="head", values="value").values.round(5).tolist(),
+        "scores": None
+        if not counted
+        else table.pivot(index="layer", columns="head", values="value").values.round(5).tolist(),
     }
 
 
@@ -80,14 +94,30 @@ def main() -> None:
         return
     out = Path(args.out or ROOT / "data" / "results" / f"longctx_retrieval_{Path(args.model).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = json.loads(out.read_text()) if out.exists() else {"model": Path(args.model).name, "depths": depths, "lengths": []}
+    done = (
+        json.loads(out.read_text())
+        if out.exists()
+        else {"model": Path(args.model).name, "depths": depths, "lengths": []}
+    )
     have = {r["length"] for r in done["lengths"]}
     for length in [int(x) for x in args.lengths.split(",")]:
         if length in have:
             print(f"L={length}: already in {out}")
             continue
-        cmd = [sys.executable, __file__, "--child", str(length), "--model", args.model, "--depths", args.depths,
-               "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(length),
+            "--model",
+            args.model,
+            "--depths",
+            args.depths,
+            "--seed",
+            str(args.seed),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             why = "killed (out of memory?)" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -97,8 +127,11 @@ def main() -> None:
         done["lengths"] = sorted(done["lengths"] + [r], key=lambda x: x["length"])
         out.write_text(json.dumps(done, separators=(",", ":")))
         acc = sum(p["recall"] > 0.5 for p in r["prompts"]) / len(r["prompts"])
-        print(f"L={length}: accuracy {acc:.0%} ({r['n_counted']} counted), {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB; "
-              f"answers {[p['response'] for p in r['prompts']]}", flush=True)
+        print(
+            f"L={length}: accuracy {acc:.0%} ({r['n_counted']} counted), {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB; "
+            f"answers {[p['response'] for p in r['prompts']]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ replacement token embeddings and MLP outputs (the other nodes of the edge graph)
 :class:`HeadAblator` applies head ablations through the attention hook, for any architecture,
 to many stacked variants at once.
 """
+
 from __future__ import annotations
 
 import random
@@ -86,7 +87,7 @@ def reference_sources(pairs: Sequence[Pair], reference: Sequence[Pair], mode: st
             what = f"template {key[0]!r}, {key[1]} tokens" if key[0] is not None else f"{key[1]} tokens"
             raise WorkbenchError(
                 f"pair {p.id!r}: no {'other ' if mode == 'resample' else ''}reference prompt shares its template ({what})",
-                "give more reference prompts of every template (--reference-prompts), or pairs with a \"template\" field",
+                'give more reference prompts of every template (--reference-prompts), or pairs with a "template" field',
             )
         out.append(members if mode == "mean" else [rng.choice(members)])
     return out
@@ -117,8 +118,9 @@ def _record_reference(model, prompts: list[list[int]], graph) -> dict:
     return {"z": rz.z}
 
 
-def make_ablation(model, base, mode: str = "mean", reference: Sequence[Pair] | None = None, seed: int = 0,
-                  graph=None) -> Ablation:
+def make_ablation(
+    model, base, mode: str = "mean", reference: Sequence[Pair] | None = None, seed: int = 0, graph=None
+) -> Ablation:
     """Replacement values for ``mode`` over ``reference`` (default: the pairs' own corrupted
     prompts). ``base`` is the pairs' :class:`~circuits.baseline.Baseline`; ``graph`` (a
     :class:`~circuits.graph.ModelGraph`, made here when the model supports it) adds the

@@ -7,6 +7,7 @@ with a soft-capped model's final cap applied (:func:`final_softcap`). :func:`for
 stacked variants share the layers before their first edit. Both engines of :mod:`circuits.patching`
 (hooks, and the explicit graph of :mod:`circuits.fastpath`) build on this module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,12 +54,21 @@ def pair_batch(model, pairs: Sequence[Pair]) -> PairBatch:
     clean = collate([p.clean for p in pairs], pad, dev)
     corrupted = collate([p.corrupted for p in pairs], pad, dev)
     t = lambda xs: torch.tensor(xs, device=dev)  # noqa: E731
-    return PairBatch(clean, corrupted, clean.lengths - 1, t([p.correct for p in pairs]), t([p.incorrect for p in pairs]))
+    return PairBatch(
+        clean, corrupted, clean.lengths - 1, t([p.correct for p in pairs]), t([p.incorrect for p in pairs])
+    )
 
 
 def repeat_rows(batch: BatchInfo, m: int) -> BatchInfo:
     r = lambda x: x.repeat(m, *([1] * (x.dim() - 1)))  # noqa: E731
-    return BatchInfo(batch.prompt_ids * m, r(batch.input_ids), r(batch.attention_mask), r(batch.positions), r(batch.lengths), r(batch.first_index))
+    return BatchInfo(
+        batch.prompt_ids * m,
+        r(batch.input_ids),
+        r(batch.attention_mask),
+        r(batch.positions),
+        r(batch.lengths),
+        r(batch.first_index),
+    )
 
 
 def final_softcap(hf_model: torch.nn.Module, logits: Tensor) -> Tensor:
@@ -68,15 +78,23 @@ def final_softcap(hf_model: torch.nn.Module, logits: Tensor) -> Tensor:
     return logits if not cap else cap * torch.tanh(logits / cap)
 
 
-def logit_diff(model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False) -> Float[Tensor, " rows"]:
+def logit_diff(
+    model, batch: BatchInfo, pb: PairBatch, m: int = 1, observers: Sequence[object] = (), grad: bool = False
+) -> Float[Tensor, " rows"]:
     """LD at each prompt's last position; only the last positions go through the unembedding."""
     with hooked_run(model.hf_model, *observers, grad=grad):
         hidden = base_network(model.hf_model)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.clamp_min(0),
+            use_cache=False,
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         logits = final_softcap(model.hf_model, model.hf_model.get_output_embeddings()(hidden[rows, pb.last.repeat(m)]))
-        return logits.gather(1, pb.correct.repeat(m)[:, None])[:, 0] - logits.gather(1, pb.incorrect.repeat(m)[:, None])[:, 0]
+        return (
+            logits.gather(1, pb.correct.repeat(m)[:, None])[:, 0]
+            - logits.gather(1, pb.incorrect.repeat(m)[:, None])[:, 0]
+        )
 
 
 class ZRecorder:
@@ -126,8 +144,12 @@ def baseline(model, pairs: Sequence[Pair]) -> Baseline:
 def hooked_forward(model, batch: BatchInfo, observers: Sequence[object] = ()) -> None:
     """One forward of the base network (no LM head) with the observers attached."""
     with hooked_run(model.hf_model, *observers):
-        base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     position_ids=batch.positions.clamp_min(0), use_cache=False)
+        base_network(model.hf_model)(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.clamp_min(0),
+            use_cache=False,
+        )
 
 
 def warn_if_flat(ld_clean: Tensor, ld_corrupted: Tensor, rel: float = 1e-3) -> None:

@@ -17,6 +17,7 @@ position mean over the corrupted prompts by default). :func:`overlap`: Jaccard i
 Roles: :func:`label_roles` names heads from the graph (direct effect on the logits, writers
 into a logit head's query) and from the pattern scores of the ``induction`` probe.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,8 +50,16 @@ class Circuit:
         return {"nodes": self.nodes.to_dict("records"), "edges": self.edges.to_dict("records"), **self.info}
 
 
-def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float = 0.05, max_rounds: int = 3,
-                     max_receivers: int = 6, max_rows: int = 512, log=lambda *a: None, inner_threshold: float | None = None) -> Circuit:
+def discover_circuit(
+    model,
+    pairs: Sequence[Pair] | Baseline,
+    threshold: float = 0.05,
+    max_rounds: int = 3,
+    max_receivers: int = 6,
+    max_rows: int = 512,
+    log=lambda *a: None,
+    inner_threshold: float | None = None,
+) -> Circuit:
     """``threshold`` applies to paths into the logits; ``inner_threshold`` (default threshold / 2)
     to paths into a receiver head's q/k/v, which carry only part of that head's effect."""
     inner = threshold / 2 if inner_threshold is None else inner_threshold
@@ -62,8 +71,16 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
     for r in direct.itertuples():
         if abs(r.value) > threshold:
             nodes[(r.layer, r.head)] = {"layer": r.layer, "head": r.head, "effect": r.value, "round": 1}
-            edges.append({"sender_layer": r.layer, "sender_head": r.head, "receiver_layer": model.n_layers, "receiver_head": -1,
-                          "receiver": "logits", "effect": r.value})
+            edges.append(
+                {
+                    "sender_layer": r.layer,
+                    "sender_head": r.head,
+                    "receiver_layer": model.n_layers,
+                    "receiver_head": -1,
+                    "receiver": "logits",
+                    "effect": r.value,
+                }
+            )
             frontier.append((r.layer, r.head, abs(r.value)))
     log(f"round 1: {len(nodes)} heads act on the logits directly")
     for rnd in range(2, max_rounds + 1):
@@ -75,8 +92,16 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
             res = path_patching(model, base, receivers=[(l, h, w) for w in ("q", "k", "v")], max_rows=max_rows)
             for r in res.itertuples():
                 if abs(r.value) > inner:
-                    edges.append({"sender_layer": r.layer, "sender_head": r.head, "receiver_layer": l, "receiver_head": h,
-                                  "receiver": f"{l}.{h}", "effect": r.value})
+                    edges.append(
+                        {
+                            "sender_layer": r.layer,
+                            "sender_head": r.head,
+                            "receiver_layer": l,
+                            "receiver_head": h,
+                            "receiver": f"{l}.{h}",
+                            "effect": r.value,
+                        }
+                    )
                     if (r.layer, r.head) not in nodes:
                         nodes[(r.layer, r.head)] = {"layer": r.layer, "head": r.head, "effect": r.value, "round": rnd}
                         new.append((r.layer, r.head, abs(r.value)))
@@ -85,13 +110,25 @@ def discover_circuit(model, pairs: Sequence[Pair] | Baseline, threshold: float =
             break
         frontier = new
     node_df = pd.DataFrame(list(nodes.values()), columns=["layer", "head", "effect", "round"])
-    edge_df = pd.DataFrame(edges, columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "receiver", "effect"])
-    info = {"threshold": threshold, "inner_threshold": inner, "ld_clean": float(base.ld_clean.mean()), "ld_corrupted": float(base.ld_corrupted.mean())}
+    edge_df = pd.DataFrame(
+        edges, columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "receiver", "effect"]
+    )
+    info = {
+        "threshold": threshold,
+        "inner_threshold": inner,
+        "ld_clean": float(base.ld_clean.mean()),
+        "ld_corrupted": float(base.ld_corrupted.mean()),
+    }
     return Circuit(node_df.sort_values(["layer", "head"]).reset_index(drop=True), edge_df, info)
 
 
-def faithfulness(model, pairs: Sequence[Pair] | Baseline, heads: Sequence[Head], ablation: str | Ablation = "mean",
-                 reference: Sequence[Pair] | None = None) -> dict:
+def faithfulness(
+    model,
+    pairs: Sequence[Pair] | Baseline,
+    heads: Sequence[Head],
+    ablation: str | Ablation = "mean",
+    reference: Sequence[Pair] | None = None,
+) -> dict:
     """F(C) / F(M) with every head outside ``heads`` ablated (default: per-template-position mean
     over the corrupted prompts of ``reference``, else of the pairs); see :mod:`circuits.faithfulness`."""
     base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
@@ -102,15 +139,27 @@ def faithfulness(model, pairs: Sequence[Pair] | Baseline, heads: Sequence[Head],
 def overlap(a: Sequence[Head], b: Sequence[Head]) -> dict:
     sa, sb = set(map(tuple, a)), set(map(tuple, b))
     inter = len(sa & sb)
-    return {"jaccard": inter / max(1, len(sa | sb)), "recall_a_in_b": inter / max(1, len(sa)), "recall_b_in_a": inter / max(1, len(sb)),
-            "shared": sorted(sa & sb), "n_a": len(sa), "n_b": len(sb)}
+    return {
+        "jaccard": inter / max(1, len(sa | sb)),
+        "recall_a_in_b": inter / max(1, len(sa)),
+        "recall_b_in_a": inter / max(1, len(sb)),
+        "shared": sorted(sa & sb),
+        "n_a": len(sa),
+        "n_b": len(sb),
+    }
 
 
-def label_roles(circuit: Circuit, pattern_scores: pd.DataFrame | None = None, task: str = "ioi", cutoff: float = 0.3) -> pd.DataFrame:
+def label_roles(
+    circuit: Circuit, pattern_scores: pd.DataFrame | None = None, task: str = "ioi", cutoff: float = 0.3
+) -> pd.DataFrame:
     """Name each node by the evidence: its direct effect on the logits, whether it writes into a
     logit head, and its induction-probe scores (prev_token / duplicate / induction > cutoff)."""
     nodes = circuit.nodes.copy()
-    direct = {(int(e.sender_layer), int(e.sender_head)): e.effect for e in circuit.edges.itertuples() if e.receiver == "logits"}
+    direct = {
+        (int(e.sender_layer), int(e.sender_head)): e.effect
+        for e in circuit.edges.itertuples()
+        if e.receiver == "logits"
+    }
     logit_heads = {f"{l}.{h}" for l, h in direct}
     feeds = {(int(e.sender_layer), int(e.sender_head)) for e in circuit.edges.itertuples() if e.receiver in logit_heads}
     scores = {}
@@ -128,7 +177,11 @@ def label_roles(circuit: Circuit, pattern_scores: pd.DataFrame | None = None, ta
         if key in feeds:  # writes into a logit head's q/k/v; IOI calls the indirect ones S-inhibition
             tags.append("S-inhibition" if task == "ioi" and key not in direct else "feeds a logit head")
         sc = scores.get(key, {})
-        for metric, name in (("induction", "induction"), ("duplicate", "duplicate-token"), ("prev_token", "previous-token")):
+        for metric, name in (
+            ("induction", "induction"),
+            ("duplicate", "duplicate-token"),
+            ("prev_token", "previous-token"),
+        ):
             if sc.get(metric, 0) > cutoff:
                 tags.append(name)
         roles.append(", ".join(tags) or "other")
@@ -158,10 +211,23 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
 
-def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None = None, ablation: str = "mean",
-                 method: str = "eap-ig", steps: int = 5, target: float = 0.8, n_validate: int = 200,
-                 completeness_random: int = 20, greedy_steps: int = 10, minimality_random: int = 10,
-                 prune: bool = True, max_rows: int = 512, seed: int = 0, log=lambda *a: None) -> CircuitReport:
+def find_circuit(
+    model,
+    pairs: Sequence[Pair],
+    reference: Sequence[Pair] | None = None,
+    ablation: str = "mean",
+    method: str = "eap-ig",
+    steps: int = 5,
+    target: float = 0.8,
+    n_validate: int = 200,
+    completeness_random: int = 20,
+    greedy_steps: int = 10,
+    minimality_random: int = 10,
+    prune: bool = True,
+    max_rows: int = 512,
+    seed: int = 0,
+    log=lambda *a: None,
+) -> CircuitReport:
     """Score every edge (EAP and EAP-IG), check both against exact edge patching on a sample,
     then find the smallest head circuit and the smallest edge circuit with F(C)/F(M) >= target
     under ``ablation``; completeness and minimality of the head circuit."""
@@ -186,16 +252,22 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
     base = baseline(model, pairs)
     ld_clean, ld_corr = float(base.ld_clean.mean()), float(base.ld_corrupted.mean())
     if abs(ld_clean) < 1e-6 or abs(ld_clean - ld_corr) < 1e-6:
-        raise WorkbenchError(f"the model shows no behaviour to explain (mean LD clean {ld_clean:.2e}, corrupted {ld_corr:.2e})",
-                             "use a task the model solves (clean LD clearly above the corrupted one), or check the answer tokens")
+        raise WorkbenchError(
+            f"the model shows no behaviour to explain (mean LD clean {ld_clean:.2e}, corrupted {ld_corr:.2e})",
+            "use a task the model solves (clean LD clearly above the corrupted one), or check the answer tokens",
+        )
     abl = make_ablation(model, base, ablation, reference, seed, graph=g)
     lap("baseline_and_ablation")
     solved = float((base.ld_clean > 0).float().mean())
-    log(f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs (correct answer preferred in {solved:.0%}); "
-        f"ablation: {abl.describe()}")
+    log(
+        f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs (correct answer preferred in {solved:.0%}); "
+        f"ablation: {abl.describe()}"
+    )
     if solved < 0.8:
-        log(f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; a faithfulness ratio to so small "
-            "a behaviour is not meaningful")
+        log(
+            f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; a faithfulness ratio to so small "
+            "a behaviour is not meaningful"
+        )
     eap = edge_attribution(g, base, abl, "eap")
     lap("eap")
     ig = edge_attribution(g, base, abl, "eap-ig", steps)
@@ -208,20 +280,33 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
     pick = rng.choice(len(rest), size=min(len(rest), n_validate - n_top), replace=False) if rest else []
     sample = ranked[:n_top] + [rest[i] for i in sorted(pick)]
     t0 = time.perf_counter()
-    exact = (exact_edge_effects(g, base, abl, sample, max_rows=max_rows).double().mean(1) - base.ld_clean.double().mean()).cpu().numpy()
+    exact = (
+        (exact_edge_effects(g, base, abl, sample, max_rows=max_rows).double().mean(1) - base.ld_clean.double().mean())
+        .cpu()
+        .numpy()
+    )
     t_exact = time.perf_counter() - t0
     lap("exact_edges")
     est = {name: np.array([float(sc.scores[v, u]) for v, u in sample]) for name, sc in (("eap", eap), (ig.method, ig))}
-    validation = {"n_edges": len(sample), "n_top": n_top, "n_random": len(sample) - n_top, "sample": "top edges by |score| + uniform random others",
-                  "spearman": {k: _spearman(v, exact) for k, v in est.items()},
-                  "spearman_top": {k: _spearman(v[:n_top], exact[:n_top]) for k, v in est.items()},
-                  "spearman_random": {k: _spearman(v[n_top:], exact[n_top:]) for k, v in est.items()},
-                  "exact_seconds": round(t_exact, 3), "exact_seconds_per_edge": t_exact / max(1, len(sample)),
-                  "exact_all_edges_seconds_extrapolated": t_exact / max(1, len(sample)) * g.n_edges,
-                  "eap_seconds": timing["eap"], "eap_ig_seconds": timing["eap_ig"]}
-    log(f"{g.n_edges} edges scored; vs exact edge patching on {len(sample)} edges: "
+    validation = {
+        "n_edges": len(sample),
+        "n_top": n_top,
+        "n_random": len(sample) - n_top,
+        "sample": "top edges by |score| + uniform random others",
+        "spearman": {k: _spearman(v, exact) for k, v in est.items()},
+        "spearman_top": {k: _spearman(v[:n_top], exact[:n_top]) for k, v in est.items()},
+        "spearman_random": {k: _spearman(v[n_top:], exact[n_top:]) for k, v in est.items()},
+        "exact_seconds": round(t_exact, 3),
+        "exact_seconds_per_edge": t_exact / max(1, len(sample)),
+        "exact_all_edges_seconds_extrapolated": t_exact / max(1, len(sample)) * g.n_edges,
+        "eap_seconds": timing["eap"],
+        "eap_ig_seconds": timing["eap_ig"],
+    }
+    log(
+        f"{g.n_edges} edges scored; vs exact edge patching on {len(sample)} edges: "
         + ", ".join(f"{k} Spearman {v:.3f}" for k, v in validation["spearman"].items())
-        + f"; EAP {timing['eap']:.1f} s, {ig.method} {timing['eap_ig']:.1f} s for all edges, exact {t_exact:.1f} s for {len(sample)}")
+        + f"; EAP {timing['eap']:.1f} s, {ig.method} {timing['eap_ig']:.1f} s for all edges, exact {t_exact:.1f} s for {len(sample)}"
+    )
 
     # head circuits: heads by |first-order effect of ablating them| (sum of their out-edge scores)
     node = main.node_scores()
@@ -239,48 +324,88 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
         circuit = prune_heads(ev, circuit, target)
     lap("head_prune")
     faith = measure_faithfulness(ev, circuit)
-    log(f"head circuit: {len(circuit)} heads (top-{k} by {main.method}, then pruned), F(C)/F(M) = {faith['faithfulness']:.3f} "
-        f"(LD {faith['ld_circuit']:.2f} of {faith['ld_clean']:.2f}; every head ablated {faith['ld_all_heads_ablated']:.2f})")
+    log(
+        f"head circuit: {len(circuit)} heads (top-{k} by {main.method}, then pruned), F(C)/F(M) = {faith['faithfulness']:.3f} "
+        f"(LD {faith['ld_circuit']:.2f} of {faith['ld_clean']:.2f}; every head ablated {faith['ld_all_heads_ablated']:.2f})"
+    )
     comp = completeness(ev, circuit, n_random=completeness_random, greedy_steps=greedy_steps, seed=seed)
     lap("completeness")
     mini = minimality(ev, circuit, n_random=minimality_random, seed=seed)
     lap("minimality")
-    log(f"completeness: max |F(C\\K) - F(M\\K)| = {comp['max_score']:.3f} ({comp['max_relative']:.1%} of F(M)); "
-        f"random K mean {comp['random_mean_relative']:.1%}, greedy max {comp['greedy_max_relative']:.1%}")
-    log(f"minimality: median {mini.relative.median():.1%} of F(C), smallest {mini.relative.min():.1%} "
-        f"({int(mini.layer[mini.relative.idxmin()])}.{int(mini['head'][mini.relative.idxmin()])})" if len(mini) else "minimality: empty circuit")
+    log(
+        f"completeness: max |F(C\\K) - F(M\\K)| = {comp['max_score']:.3f} ({comp['max_relative']:.1%} of F(M)); "
+        f"random K mean {comp['random_mean_relative']:.1%}, greedy max {comp['greedy_max_relative']:.1%}"
+    )
+    log(
+        f"minimality: median {mini.relative.median():.1%} of F(C), smallest {mini.relative.min():.1%} "
+        f"({int(mini.layer[mini.relative.idxmin()])}.{int(mini['head'][mini.relative.idxmin()])})"
+        if len(mini)
+        else "minimality: empty circuit"
+    )
 
     ecurve, chosen = edge_curve(g, base, abl, main, target=target, log=log)
     lap("edge_curve")
     if chosen is not None:
         keep = chosen.pop("keep")
         vs, us = torch.nonzero(keep, as_tuple=True)
-        edges = pd.DataFrame({"upstream": [g.upstream_name(int(u)) for u in us], "downstream": [g.downstream_name(int(v)) for v in vs],
-                              "score": main.scores[vs, us].numpy()})
+        edges = pd.DataFrame(
+            {
+                "upstream": [g.upstream_name(int(u)) for u in us],
+                "downstream": [g.downstream_name(int(v)) for v in vs],
+                "score": main.scores[vs, us].numpy(),
+            }
+        )
     else:
         edges = pd.DataFrame(columns=["upstream", "downstream", "score"])
 
     direct = {x: float(main.scores[g.logits_input, g.head_node(*x)]) for x in circuit}
-    nodes = pd.DataFrame({"layer": [x[0] for x in circuit], "head": [x[1] for x in circuit],
-                          "score": [float(node[g.head_node(*x)]) for x in circuit], "direct": [direct[x] for x in circuit]})
-    nodes = nodes.merge(mini[["layer", "head", "score_alone", "score", "relative"]].rename(
-        columns={"score": "minimality", "score_alone": "minimality_alone", "relative": "minimality_relative"}), on=["layer", "head"], how="left")
+    nodes = pd.DataFrame(
+        {
+            "layer": [x[0] for x in circuit],
+            "head": [x[1] for x in circuit],
+            "score": [float(node[g.head_node(*x)]) for x in circuit],
+            "direct": [direct[x] for x in circuit],
+        }
+    )
+    nodes = nodes.merge(
+        mini[["layer", "head", "score_alone", "score", "relative"]].rename(
+            columns={"score": "minimality", "score_alone": "minimality_alone", "relative": "minimality_relative"}
+        ),
+        on=["layer", "head"],
+        how="left",
+    )
     feeds = {}
     for x in circuit:
         for y in circuit:
             if y[0] > x[0] and abs(direct[y]) > 0.05 * abs(ld_clean):
-                s = sum(float(main.scores[v, g.head_node(*x)]) for v in (g.q_input(*y), g.k_input(y[0], y[1] // g.group), g.v_input(y[0], y[1] // g.group)))
+                s = sum(
+                    float(main.scores[v, g.head_node(*x)])
+                    for v in (g.q_input(*y), g.k_input(y[0], y[1] // g.group), g.v_input(y[0], y[1] // g.group))
+                )
                 if abs(s) > 0.025 * abs(ld_clean):
                     feeds.setdefault(x, []).append(f"{y[0]}.{y[1]}")
     nodes["feeds"] = [",".join(feeds.get(x, [])) for x in circuit]
     nodes = nodes.sort_values(["layer", "head"]).reset_index(drop=True)
     info = {
-        "n_pairs": len(pairs), "n_reference": abl.n_reference, "ld_clean": ld_clean, "ld_corrupted": ld_corr, "share_correct": solved,
-        "ablation": {"mode": abl.mode, "detail": abl.describe()}, "target": target, "method": main.method,
+        "n_pairs": len(pairs),
+        "n_reference": abl.n_reference,
+        "ld_clean": ld_clean,
+        "ld_corrupted": ld_corr,
+        "share_correct": solved,
+        "ablation": {"mode": abl.mode, "detail": abl.describe()},
+        "target": target,
+        "method": main.method,
         "graph": {"n_edges": g.n_edges, "n_upstream": g.n_upstream, "n_downstream": g.n_downstream},
         "edge_validation": validation,
-        "head_circuit": {"heads": [list(x) for x in circuit], "reached_target": reached, "prefix_size": k, "pruned": prune and reached,
-                         **faith, "completeness": comp, "minimality": mini.to_dict("records")},
+        "head_circuit": {
+            "heads": [list(x) for x in circuit],
+            "reached_target": reached,
+            "prefix_size": k,
+            "pruned": prune and reached,
+            **faith,
+            "completeness": comp,
+            "minimality": mini.to_dict("records"),
+        },
         "edge_circuit": chosen,
         "curves": {"heads": hcurve.to_dict("records"), "edges": ecurve.to_dict("records")},
         "timing": {**timing, "total": round(sum(timing.values()), 3), "head_forwards": ev.n_forwards},
@@ -288,7 +413,9 @@ def find_circuit(model, pairs: Sequence[Pair], reference: Sequence[Pair] | None 
     return CircuitReport(info, nodes, edges, hcurve, ecurve, main)
 
 
-def roles_for(nodes: pd.DataFrame, pattern_scores: pd.DataFrame | None, task: str, ld_clean: float, cutoff: float = 0.3) -> list[str]:
+def roles_for(
+    nodes: pd.DataFrame, pattern_scores: pd.DataFrame | None, task: str, ld_clean: float, cutoff: float = 0.3
+) -> list[str]:
     """Role tags from the evidence: direct effect on the logits (removing the head's edge to the
     logits lowers LD: name mover for IOI; raises it: negative name mover), feeding a direct
     head's q/k/v (S-inhibition for IOI when not direct itself), and induction-probe scores."""
@@ -307,7 +434,11 @@ def roles_for(nodes: pd.DataFrame, pattern_scores: pd.DataFrame | None, task: st
         if r.feeds:
             tags.append("S-inhibition" if task == "ioi" and not is_direct else f"feeds {r.feeds}")
         sc = scores.get((int(r.layer), int(r.head)), {})
-        for metric, name in (("induction", "induction"), ("duplicate", "duplicate-token"), ("prev_token", "previous-token")):
+        for metric, name in (
+            ("induction", "induction"),
+            ("duplicate", "duplicate-token"),
+            ("prev_token", "previous-token"),
+        ):
             if sc.get(metric, 0) > cutoff:
                 tags.append(name)
         out.append(", ".join(tags) or "other")

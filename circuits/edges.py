@@ -19,6 +19,7 @@ An **edge circuit** keeps a set of edges; every other edge is removed at once
 a_u'``. :func:`prune_dead` drops edges into components whose output reaches the logits through
 no kept edge (they cannot change the result; the size is counted after this).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ from workbench.errors import WorkbenchError
 
 def _need_graph_values(abl: Ablation) -> None:
     if abl.embed is None or abl.mlp_out is None:
-        raise WorkbenchError("this ablation has no embedding / MLP values (the model is not Llama-family)",
-                             "edge-level methods need a model circuits.graph supports")
+        raise WorkbenchError(
+            "this ablation has no embedding / MLP values (the model is not Llama-family)",
+            "edge-level methods need a model circuits.graph supports",
+        )
 
 
 def node_deltas(g: ModelGraph, base, abl: Ablation) -> Float[Tensor, "upstream batch pos d_model"]:
@@ -113,10 +116,16 @@ class EdgeScores:
     def frame(self) -> pd.DataFrame:
         g = self.graph
         vs, us = torch.nonzero(torch.isfinite(self.scores), as_tuple=True)
-        return pd.DataFrame({
-            "upstream": [g.upstream_name(int(u)) for u in us], "downstream": [g.downstream_name(int(v)) for v in vs],
-            "u": us.numpy(), "v": vs.numpy(), "score": self.scores[vs, us].numpy(), "method": self.method,
-        })
+        return pd.DataFrame(
+            {
+                "upstream": [g.upstream_name(int(u)) for u in us],
+                "downstream": [g.downstream_name(int(v)) for v in vs],
+                "u": us.numpy(),
+                "v": vs.numpy(),
+                "score": self.scores[vs, us].numpy(),
+                "method": self.method,
+            }
+        )
 
     def node_scores(self) -> Float[Tensor, " upstream"]:
         """Sum over each upstream node's out-edges: the first-order effect of ablating the node."""
@@ -158,7 +167,9 @@ def exact_edge_effects(g: ModelGraph, base, abl: Ablation, edges: list[tuple[int
     by_layer: dict[int, list[int]] = {}
     for i, (v, u) in enumerate(edges):
         if not (0 <= v < g.n_downstream and 0 <= u < g.n_readable(v)):
-            raise WorkbenchError(f"no edge {u} -> {v} in this graph", "edges go from an earlier writer to a later reader")
+            raise WorkbenchError(
+                f"no edge {u} -> {v} in this graph", "edges go from an earlier writer to a later reader"
+            )
         by_layer.setdefault(g.downstream_layer(v), []).append(i)
     final = rc["resid_pre"][g.L][bi, pb.last]
     for i in by_layer.pop(g.L, []):
@@ -300,7 +311,11 @@ def circuit_size(g: ModelGraph, keep: Tensor) -> dict:
     """Edges, and heads / MLPs with a kept out-edge, of a pruned edge circuit."""
     writers = torch.nonzero(keep.any(0)).flatten().tolist()
     names = [g.upstream_name(u) for u in writers if u > 0]
-    return {"edges": int(keep.sum()), "heads": sum(n.startswith("a") for n in names), "mlps": sum(n.startswith("m") for n in names)}
+    return {
+        "edges": int(keep.sum()),
+        "heads": sum(n.startswith("a") for n in names),
+        "mlps": sum(n.startswith("m") for n in names),
+    }
 
 
 def keep_top(g: ModelGraph, ranked: list[tuple[int, int]], k: int) -> Tensor:
@@ -311,8 +326,15 @@ def keep_top(g: ModelGraph, ranked: list[tuple[int, int]], k: int) -> Tensor:
     return keep
 
 
-def edge_curve(g: ModelGraph, base, abl: Ablation, scores: EdgeScores, sizes: list[int] | None = None,
-               target: float | None = None, log=lambda *a: None) -> tuple[pd.DataFrame, dict | None]:
+def edge_curve(
+    g: ModelGraph,
+    base,
+    abl: Ablation,
+    scores: EdgeScores,
+    sizes: list[int] | None = None,
+    target: float | None = None,
+    log=lambda *a: None,
+) -> tuple[pd.DataFrame, dict | None]:
     """Faithfulness F(C)/F(M) of the top-k edge circuits on a log grid of k; with ``target``,
     the smallest k reaching it (bisection between the grid points around the first crossing).
     Returns the curve and the chosen circuit (``None`` when no size reaches the target)."""
@@ -347,7 +369,9 @@ def edge_curve(g: ModelGraph, base, abl: Ablation, scores: EdgeScores, sizes: li
                     lo = mid
             ld, keep = cache[hi]
             chosen = {"k": hi, "keep": keep, "ld": ld, "faithfulness": ld / ld_clean, **circuit_size(g, keep)}
-            log(f"edge circuit: {chosen['edges']} edges ({chosen['heads']} heads, {chosen['mlps']} MLPs) reach F = {chosen['faithfulness']:.3f} >= {target}")
+            log(
+                f"edge circuit: {chosen['edges']} edges ({chosen['heads']} heads, {chosen['mlps']} MLPs) reach F = {chosen['faithfulness']:.3f} >= {target}"
+            )
         else:
             log(f"edge circuit: no size reaches F >= {target} (best {max(r['faithfulness'] for r in rows):.3f})")
     curve = pd.DataFrame(rows).sort_values("k").reset_index(drop=True)

@@ -20,6 +20,7 @@ by the set of ablated heads. :func:`head_curve` measures ``F`` for the top-k hea
 on a grid of k and finds the smallest k reaching a target; :func:`prune_heads` then drops heads
 whose removal keeps ``F`` at the target (lowest-ranked first).
 """
+
 from __future__ import annotations
 
 import random
@@ -87,15 +88,23 @@ def faithfulness(ev: Evaluator, heads: Iterable[Head], n_boot: int = 1000, seed:
     idx = np.random.default_rng(seed).integers(0, len(m), size=(n_boot, len(m)))
     with np.errstate(divide="ignore", invalid="ignore"):
         boots = c[idx].mean(1) / m[idx].mean(1)
-    return {"ablation": ev.abl.mode, "ablation_detail": ev.abl.describe(), "n_heads": len(heads), "n_pairs": len(m),
-            "ld_clean": f_m, "ld_circuit": f_c, "ld_all_heads_ablated": f_none,
-            "faithfulness": f_c / f_m if abs(f_m) > 1e-9 else float("nan"),
-            "ci95": [float(np.nanpercentile(boots, 2.5)), float(np.nanpercentile(boots, 97.5))] if n_boot else None,
-            "normalized_faithfulness": (f_c - f_none) / (f_m - f_none) if abs(f_m - f_none) > 1e-9 else float("nan")}
+    return {
+        "ablation": ev.abl.mode,
+        "ablation_detail": ev.abl.describe(),
+        "n_heads": len(heads),
+        "n_pairs": len(m),
+        "ld_clean": f_m,
+        "ld_circuit": f_c,
+        "ld_all_heads_ablated": f_none,
+        "faithfulness": f_c / f_m if abs(f_m) > 1e-9 else float("nan"),
+        "ci95": [float(np.nanpercentile(boots, 2.5)), float(np.nanpercentile(boots, 97.5))] if n_boot else None,
+        "normalized_faithfulness": (f_c - f_none) / (f_m - f_none) if abs(f_m - f_none) > 1e-9 else float("nan"),
+    }
 
 
-def head_curve(ev: Evaluator, ranking: Sequence[Head], sizes: Sequence[int] | None = None,
-               target: float | None = None) -> tuple[pd.DataFrame, int | None]:
+def head_curve(
+    ev: Evaluator, ranking: Sequence[Head], sizes: Sequence[int] | None = None, target: float | None = None
+) -> tuple[pd.DataFrame, int | None]:
     """F(top-k heads)/F(M) on a grid of k (all sizes when the model is small); with ``target``,
     the smallest k reaching it (bisection between the grid points around the first crossing)."""
     n = len(ranking)
@@ -134,7 +143,9 @@ def prune_heads(ev: Evaluator, heads: Sequence[Head], target: float, max_passes:
     return kept
 
 
-def completeness(ev: Evaluator, circuit: Sequence[Head], n_random: int = 20, greedy_steps: int = 10, seed: int = 0) -> dict:
+def completeness(
+    ev: Evaluator, circuit: Sequence[Head], n_random: int = 20, greedy_steps: int = 10, seed: int = 0
+) -> dict:
     """Incompleteness |F(C \\ K) - F(M \\ K)| for K = empty, random subsets and a greedy search."""
     C = [tuple(h) for h in circuit]
     outside = ev.all - set(C)
@@ -143,13 +154,21 @@ def completeness(ev: Evaluator, circuit: Sequence[Head], n_random: int = 20, gre
 
     def score(Ks: list[frozenset]) -> list[tuple[float, float]]:
         lds = ev.lds([outside | K for K in Ks] + list(Ks))
-        return list(zip(lds[: len(Ks)], lds[len(Ks):]))
+        return list(zip(lds[: len(Ks)], lds[len(Ks) :]))
 
     def add(kind: str, K: frozenset, fc: float, fm: float) -> None:
-        records.append({"kind": kind, "K": sorted(K), "size": len(K), "f_circuit_minus_k": fc, "f_model_minus_k": fm,
-                        "score": abs(fc - fm)})
+        records.append(
+            {
+                "kind": kind,
+                "K": sorted(K),
+                "size": len(K),
+                "f_circuit_minus_k": fc,
+                "f_model_minus_k": fm,
+                "score": abs(fc - fm),
+            }
+        )
 
-    (fc, fm), = score([frozenset()])
+    ((fc, fm),) = score([frozenset()])
     add("empty", frozenset(), fc, fm)
     Ks = [frozenset(h for h in C if rng.random() < 0.5) for _ in range(n_random)]
     for K, (fc, fm) in zip(Ks, score(Ks)):
@@ -163,10 +182,14 @@ def completeness(ev: Evaluator, circuit: Sequence[Head], n_random: int = 20, gre
         add("greedy", K, *res[best])
     f_m = ev.ld_clean
     by = lambda kind: [r["score"] for r in records if r["kind"] == kind]  # noqa: E731
-    return {"records": records, "ld_clean": f_m,
-            "max_score": max(r["score"] for r in records), "max_relative": max(r["score"] for r in records) / f_m,
-            "random_mean_relative": float(np.mean(by("random"))) / f_m if by("random") else float("nan"),
-            "greedy_max_relative": max(by("greedy")) / f_m if by("greedy") else float("nan")}
+    return {
+        "records": records,
+        "ld_clean": f_m,
+        "max_score": max(r["score"] for r in records),
+        "max_relative": max(r["score"] for r in records) / f_m,
+        "random_mean_relative": float(np.mean(by("random"))) / f_m if by("random") else float("nan"),
+        "greedy_max_relative": max(by("greedy")) / f_m if by("greedy") else float("nan"),
+    }
 
 
 def minimality(ev: Evaluator, circuit: Sequence[Head], n_random: int = 10, seed: int = 0) -> pd.DataFrame:
@@ -194,7 +217,19 @@ def minimality(ev: Evaluator, circuit: Sequence[Head], n_random: int = 10, seed:
                 alone = s
             if s > best:
                 best, best_k = s, K
-        rows.append({"layer": v[0], "head": v[1], "score_alone": alone, "score": best, "K": sorted(best_k),
-                     "relative": best / f_c if abs(f_c) > 1e-9 else float("nan")})
-    frame = pd.DataFrame(rows, columns=["layer", "head", "score_alone", "score", "K", "relative"])  # columns even when C is empty
-    return frame.astype({"layer": "int64", "head": "int64", "score_alone": "float64", "score": "float64", "relative": "float64"})
+        rows.append(
+            {
+                "layer": v[0],
+                "head": v[1],
+                "score_alone": alone,
+                "score": best,
+                "K": sorted(best_k),
+                "relative": best / f_c if abs(f_c) > 1e-9 else float("nan"),
+            }
+        )
+    frame = pd.DataFrame(
+        rows, columns=["layer", "head", "score_alone", "score", "K", "relative"]
+    )  # columns even when C is empty
+    return frame.astype(
+        {"layer": "int64", "head": "int64", "score_alone": "float64", "score": "float64", "relative": "float64"}
+    )

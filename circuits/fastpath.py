@@ -19,6 +19,7 @@ position alone). Hence:
 :func:`tests.test_patching` proves both equal to full recomputation (the attention-hook
 implementation and a serial one with plain transformers hooks).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -88,15 +89,21 @@ def to_logits(g: ModelGraph, base, senders: Sequence[Head], max_rows: int = 1 <<
                 heads = [senders[i][1] for i in new]
                 dz = (rx["z"][layer] - rc["z"][layer])[bi, last][:, heads]  # [B, n, d_head]
                 delta = g.head_out(layer, dz[:, None], heads)[:, 0]  # [B, n, d]
-                h[-len(new):] += delta.transpose(0, 1)
+                h[-len(new) :] += delta.transpose(0, 1)
             h = h + g.mlp(layer, h)
         out[ids] = g.unembed_diff(h, pb.correct, pb.incorrect)
     return out
 
 
 @torch.no_grad()
-def to_receivers(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequence[tuple[int, int, str]],
-                 max_rows: int = 512, positions: str = "all") -> Tensor:
+def to_receivers(
+    g: ModelGraph,
+    base,
+    senders: Sequence[Head],
+    receivers: Sequence[tuple[int, int, str]],
+    max_rows: int = 512,
+    positions: str = "all",
+) -> Tensor:
     """Patched LD ``[sender, prompt]`` of sender -> receiver q / k / v paths (patched together),
     the receivers' inputs patched at every position, or with ``positions="last"`` at the
     read-out position only (Wang et al.'s END)."""
@@ -134,7 +141,9 @@ def to_receivers(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequen
         # run 2: the clean run with the receivers' inputs patched, from the first receiver's layer
         patches: dict[int, list[tuple[str, int, Tensor]]] = {}
         for (lr, hr, which), val in got.items():
-            patches.setdefault(lr, []).append((which, hr if which == "q" else hr // g.group, val.reshape(m * B, *val.shape[2:])))
+            patches.setdefault(lr, []).append(
+                (which, hr if which == "q" else hr // g.group, val.reshape(m * B, *val.shape[2:]))
+            )
 
         def edit(layer, _h, q, k, v):
             todo = patches.get(layer)
@@ -153,7 +162,9 @@ def to_receivers(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequen
 
 
 @torch.no_grad()
-def _to_receivers_last(g: ModelGraph, base, senders: Sequence[Head], receivers: Sequence[tuple[int, int, str]]) -> Tensor:
+def _to_receivers_last(
+    g: ModelGraph, base, senders: Sequence[Head], receivers: Sequence[tuple[int, int, str]]
+) -> Tensor:
     """Receivers patched at the read-out position only: both runs live at that one position.
 
     Run 1 is :func:`to_logits` stopped at the receivers' layer. In run 2 only the read-out
@@ -198,7 +209,9 @@ def _to_receivers_last(g: ModelGraph, base, senders: Sequence[Head], receivers: 
         h[started] = h[started] + g.mlp(layer, h[started])
     # run 2: clean run from the first receiver's layer, the read-out position recomputed alone
     x = rc["resid_pre"][first][bi, last].expand(S, B, g.d).reshape(S * B, 1, g.d)
-    rm = Rows(cos.repeat(S, 1, 1, 1), sin.repeat(S, 1, 1, 1), rows.mask[bi, :, last][:, :, None].repeat(S, 1, 1, 1), None)
+    rm = Rows(
+        cos.repeat(S, 1, 1, 1), sin.repeat(S, 1, 1, 1), rows.mask[bi, :, last][:, :, None].repeat(S, 1, 1, 1), None
+    )
     rr = torch.arange(S * B, device=x.device)
     lastm = last.repeat(S)
     for layer in range(first, g.L):

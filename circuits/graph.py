@@ -21,6 +21,7 @@ output projection, a gated MLP): Llama, SmolLM, Mistral, Qwen2. Others raise a
 :class:`WorkbenchError`; head-level methods (activation / path patching through the hook in
 :mod:`workbench.engine.attention`, node ablation) work on every architecture.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -128,23 +129,38 @@ class ModelGraph:
             blk = _orig(layer)
             attn, mlp = _orig(blk.self_attn), _orig(blk.mlp)
             if getattr(attn, "q_norm", None) is not None or getattr(attn, "sliding_window", None):
-                raise WorkbenchError(f"{model.name}: attention with q/k norms or sliding windows is not supported here",
-                                     "use a Llama / SmolLM / Qwen2 model")
+                raise WorkbenchError(
+                    f"{model.name}: attention with q/k norms or sliding windows is not supported here",
+                    "use a Llama / SmolLM / Qwen2 model",
+                )
             ln1, ln2 = _orig(blk.input_layernorm), _orig(blk.post_attention_layernorm)
             wo = w(_orig(attn.o_proj).weight)
             H, Hkv, dh, d = self.H, self.Hkv, self.dh, self.d
-            self.layers.append(_Layer(
-                ln1=w(ln1.weight), eps1=float(getattr(ln1, "variance_epsilon", getattr(ln1, "eps", 1e-6))),
-                wq=w(_orig(attn.q_proj).weight).view(H, dh, d), bq=opt(_bias(attn.q_proj)),
-                wk=w(_orig(attn.k_proj).weight).view(Hkv, dh, d), bk=opt(_bias(attn.k_proj)),
-                wv=w(_orig(attn.v_proj).weight).view(Hkv, dh, d), bv=opt(_bias(attn.v_proj)),
-                wo=wo, wo_h=wo.view(d, H, dh).permute(1, 0, 2).contiguous(), bo=opt(_bias(attn.o_proj)),
-                ln2=w(ln2.weight), eps2=float(getattr(ln2, "variance_epsilon", getattr(ln2, "eps", 1e-6))),
-                gate=w(_orig(mlp.gate_proj).weight), up=w(_orig(mlp.up_proj).weight), down=w(_orig(mlp.down_proj).weight),
-                scaling=float(getattr(attn, "scaling", dh ** -0.5)),
-            ))
+            self.layers.append(
+                _Layer(
+                    ln1=w(ln1.weight),
+                    eps1=float(getattr(ln1, "variance_epsilon", getattr(ln1, "eps", 1e-6))),
+                    wq=w(_orig(attn.q_proj).weight).view(H, dh, d),
+                    bq=opt(_bias(attn.q_proj)),
+                    wk=w(_orig(attn.k_proj).weight).view(Hkv, dh, d),
+                    bk=opt(_bias(attn.k_proj)),
+                    wv=w(_orig(attn.v_proj).weight).view(Hkv, dh, d),
+                    bv=opt(_bias(attn.v_proj)),
+                    wo=wo,
+                    wo_h=wo.view(d, H, dh).permute(1, 0, 2).contiguous(),
+                    bo=opt(_bias(attn.o_proj)),
+                    ln2=w(ln2.weight),
+                    eps2=float(getattr(ln2, "variance_epsilon", getattr(ln2, "eps", 1e-6))),
+                    gate=w(_orig(mlp.gate_proj).weight),
+                    up=w(_orig(mlp.up_proj).weight),
+                    down=w(_orig(mlp.down_proj).weight),
+                    scaling=float(getattr(attn, "scaling", dh**-0.5)),
+                )
+            )
             if _bias(mlp.down_proj) is not None or _bias(mlp.gate_proj) is not None:
-                raise WorkbenchError(f"{model.name}: MLP biases are not supported here", "use a Llama / SmolLM / Qwen2 model")
+                raise WorkbenchError(
+                    f"{model.name}: MLP biases are not supported here", "use a Llama / SmolLM / Qwen2 model"
+                )
         norm = _orig(base.norm)
         self.ln_f, self.eps_f = w(norm.weight), float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         self.w_e = w(_orig(base.embed_tokens).weight)
@@ -245,18 +261,26 @@ class ModelGraph:
         lw = self.layers[layer]
         return _rms(x, lw.ln1, lw.eps1)
 
-    def q_of(self, layer: int, normed: Tensor, rows: Rows, heads: slice | list | None = None, split: bool = False) -> Tensor:
+    def q_of(
+        self, layer: int, normed: Tensor, rows: Rows, heads: slice | list | None = None, split: bool = False
+    ) -> Tensor:
         """Rotated queries ``[..., pos, head, d_head]`` from normed inputs ``[..., pos, d]`` (shared),
         or with ``split`` ``[..., pos, head, d]`` (one input per head)."""
         lw = self.layers[layer]
         wq = lw.wq if heads is None else lw.wq[heads]
-        bq = None if lw.bq is None else (lw.bq.view(self.H, self.dh) if heads is None else lw.bq.view(self.H, self.dh)[heads])
+        bq = (
+            None
+            if lw.bq is None
+            else (lw.bq.view(self.H, self.dh) if heads is None else lw.bq.view(self.H, self.dh)[heads])
+        )
         q = torch.einsum("...phd,hed->...phe", normed, wq) if split else torch.einsum("...pd,hed->...phe", normed, wq)
         if bq is not None:
             q = q + bq
         return q * rows.cos + _rotate_half(q) * rows.sin
 
-    def kv_of(self, layer: int, normed: Tensor, rows: Rows, which: str, heads: slice | list | None = None, split: bool = False) -> Tensor:
+    def kv_of(
+        self, layer: int, normed: Tensor, rows: Rows, which: str, heads: slice | list | None = None, split: bool = False
+    ) -> Tensor:
         lw = self.layers[layer]
         w, b = (lw.wk, lw.bk) if which == "k" else (lw.wv, lw.bv)
         if heads is not None:
@@ -280,7 +304,9 @@ class ModelGraph:
         lw = self.layers[layer]
         return F.linear(z.flatten(-2), lw.wo, lw.bo)
 
-    def head_out(self, layer: int, z: Tensor, heads: slice | list | None = None) -> Float[Tensor, "... pos head d_model"]:
+    def head_out(
+        self, layer: int, z: Tensor, heads: slice | list | None = None
+    ) -> Float[Tensor, "... pos head d_model"]:
         """Each head's own write into the residual stream, W_O^h z_h (no bias)."""
         wo = self.layers[layer].wo_h if heads is None else self.layers[layer].wo_h[heads]
         return torch.einsum("...phe,hde->...phd", z, wo)
@@ -300,9 +326,18 @@ class ModelGraph:
         return out
 
     # -- the forward ---------------------------------------------------------------------------
-    def forward(self, h: Tensor, rows: Rows, start: int = 0, stop: int | None = None, *,
-                edit_qkv: Callable | None = None, edit_z: Callable | None = None,
-                edit_mlp_in: Callable | None = None, record: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        rows: Rows,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        edit_qkv: Callable | None = None,
+        edit_z: Callable | None = None,
+        edit_mlp_in: Callable | None = None,
+        record: dict | None = None,
+    ) -> Tensor:
         """Run layers ``[start, stop)`` on the residual ``h`` ``[rows, pos, d]``; returns the residual.
 
         ``edit_qkv(layer, h, q, k, v) -> (q, k, v)`` and ``edit_z(layer, z) -> z`` edit a layer's
@@ -316,7 +351,11 @@ class ModelGraph:
             if record is not None:
                 record.setdefault("resid_pre", {})[layer] = h
             normed = self.norm1(layer, h)
-            q, k, v = self.q_of(layer, normed, rows), self.kv_of(layer, normed, rows, "k"), self.kv_of(layer, normed, rows, "v")
+            q, k, v = (
+                self.q_of(layer, normed, rows),
+                self.kv_of(layer, normed, rows, "k"),
+                self.kv_of(layer, normed, rows, "v"),
+            )
             if edit_qkv is not None:
                 q, k, v = edit_qkv(layer, h, q, k, v)
             z = self.attend(layer, q, k, v, rows)
@@ -340,8 +379,17 @@ class ModelGraph:
     def read_out(self, h: Tensor, rows: Rows) -> Tensor:
         return h[torch.arange(h.shape[0], device=h.device), rows.last]
 
-    def logit_diff(self, batch: BatchInfo, last: Tensor, correct: Tensor, incorrect: Tensor, *,
-                   record: dict | None = None, embeds: Tensor | None = None, **edits) -> Tensor:
+    def logit_diff(
+        self,
+        batch: BatchInfo,
+        last: Tensor,
+        correct: Tensor,
+        incorrect: Tensor,
+        *,
+        record: dict | None = None,
+        embeds: Tensor | None = None,
+        **edits,
+    ) -> Tensor:
         """LD at each row's read-out position from a full explicit forward."""
         rows = self.rows(batch, last)
         h = self.embed(batch.input_ids) if embeds is None else embeds

@@ -22,6 +22,7 @@ their own edit.
 - :func:`attribution_patching`: grad(LD) . (z' - z) for every head from one forward and one
   backward on the clean prompts (Nanda's first-order approximation).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,8 +115,15 @@ def _effects(base: Baseline, ld: Tensor, n_boot: int, seed: int = 0) -> tuple[np
         return eff, np.nanpercentile(boots, 2.5, axis=1), np.nanpercentile(boots, 97.5, axis=1)
 
 
-def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str = "z", per_position: bool = False,
-                        heads: Sequence[Head] | None = None, max_rows: int = 512, n_boot: int = 0) -> pd.DataFrame:
+def activation_patching(
+    model,
+    pairs: Sequence[Pair] | Baseline,
+    component: str = "z",
+    per_position: bool = False,
+    heads: Sequence[Head] | None = None,
+    max_rows: int = 512,
+    n_boot: int = 0,
+) -> pd.DataFrame:
     """Patch one head (or one layer component) at a time from the corrupted run into the clean run.
 
     Returns tidy rows: ``component, layer, head (-1 for layer components), position (-1 = all),
@@ -127,7 +135,11 @@ def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str 
     b, T = base.pb.size, base.pb.clean.input_ids.shape[1]
     positions = list(range(T)) if per_position else [-1]
     if component == "z":
-        units = [(l, h, p) for l, h in (heads or [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]) for p in positions]
+        units = [
+            (l, h, p)
+            for l, h in (heads or [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)])
+            for p in positions
+        ]
     else:
         units = [(l, -1, p) for l in range(model.n_layers) for p in positions]
     per_chunk = max(1, max_rows // b)
@@ -150,8 +162,16 @@ def activation_patching(model, pairs: Sequence[Pair] | Baseline, component: str 
                 lds.append(logit_diff(model, batch, base.pb, m))
     ld = torch.cat(lds).view(len(units), b)
     eff, lo, hi = _effects(base, ld, n_boot)
-    out = pd.DataFrame({"component": component, "layer": [u[0] for u in units], "head": [u[1] for u in units],
-                        "position": [u[2] for u in units], "value": eff, "ld": ld.double().mean(1).cpu().numpy()})
+    out = pd.DataFrame(
+        {
+            "component": component,
+            "layer": [u[0] for u in units],
+            "head": [u[1] for u in units],
+            "position": [u[2] for u in units],
+            "value": eff,
+            "ld": ld.double().mean(1).cpu().numpy(),
+        }
+    )
     if n_boot > 0:
         out["ci_low"], out["ci_high"] = lo, hi
     return out
@@ -190,11 +210,13 @@ def _component_patch(model, base: Baseline, component: str, chunk: list[tuple[in
 def _hook(model, layer: int, component: str, fn):
     block = decoder_blocks(model)[layer]
     if component == "resid_pre":
+
         def pre(mod, args, kwargs):
             if args:
                 return (fn(args[0]), *args[1:]), kwargs
             kwargs["hidden_states"] = fn(kwargs["hidden_states"])
             return args, kwargs
+
         return block.register_forward_pre_hook(pre, with_kwargs=True)
     target = block.attn.original_component if component == "attn_out" else block.mlp
 
@@ -202,12 +224,15 @@ def _hook(model, layer: int, component: str, fn):
         if isinstance(output, tuple):
             return (fn(output[0]), *output[1:])
         return fn(output)
+
     return target.register_forward_hook(post)
 
 
 def _record_components(model, base: Baseline, component: str) -> dict[int, Tensor]:
     store: dict[int, Tensor] = {}
-    handles = [_hook(model, l, component, lambda t, l=l: store.__setitem__(l, t.detach()) or t) for l in range(model.n_layers)]
+    handles = [
+        _hook(model, l, component, lambda t, l=l: store.__setitem__(l, t.detach()) or t) for l in range(model.n_layers)
+    ]
     try:
         logit_diff(model, base.pb.corrupted, base.pb)
     finally:
@@ -216,9 +241,16 @@ def _record_components(model, base: Baseline, component: str) -> dict[int, Tenso
     return store
 
 
-def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Head] | None = None,
-                  receivers: Sequence[tuple[int, int, str]] | None = None, max_rows: int = 512, n_boot: int = 0,
-                  engine: str = "auto", positions: str = "all") -> pd.DataFrame:
+def path_patching(
+    model,
+    pairs: Sequence[Pair] | Baseline,
+    senders: Sequence[Head] | None = None,
+    receivers: Sequence[tuple[int, int, str]] | None = None,
+    max_rows: int = 512,
+    n_boot: int = 0,
+    engine: str = "auto",
+    positions: str = "all",
+) -> pd.DataFrame:
     """Effect of each sender head on the receiver through paths that avoid every other head.
 
     ``receivers``: ``None`` for the logits, else ``(layer, head, which)`` with ``which`` in
@@ -250,7 +282,9 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
     recv = list(receivers or [])
     for l, h, which in recv:
         if which not in ("q", "k", "v") or not (0 <= l < model.n_layers and 0 <= h < model.n_heads):
-            raise WorkbenchError(f"bad receiver {l}.{h}.{which}", "receivers are LAYER.HEAD with q, k or v, inside the model")
+            raise WorkbenchError(
+                f"bad receiver {l}.{h}.{which}", "receivers are LAYER.HEAD with q, k or v, inside the model"
+            )
     first_recv = min((l for l, _, _ in recv), default=model.n_layers)
     if senders is None:
         senders = [(l, h) for l in range(first_recv) for h in range(model.n_heads)]
@@ -259,14 +293,20 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
         raise WorkbenchError("no sender heads precede the receivers", "choose receivers in later layers")
     late = [s for s in senders if s[0] >= first_recv]
     if late:
-        raise WorkbenchError(f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
-                             "receivers must be in later layers than all senders")
+        raise WorkbenchError(
+            f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
+            "receivers must be in later layers than all senders",
+        )
     if positions not in ("all", "last"):
         raise WorkbenchError(f"unknown receiver positions {positions!r}", "use all or last")
     if g is not None:
         from circuits import fastpath
 
-        ld = fastpath.to_receivers(g, base, senders, recv, max_rows, positions) if recv else fastpath.to_logits(g, base, senders)
+        ld = (
+            fastpath.to_receivers(g, base, senders, recv, max_rows, positions)
+            if recv
+            else fastpath.to_logits(g, base, senders)
+        )
         return _path_frame(base, senders, ld, recv, n_boot)
     b = base.pb.size
     group = model.n_heads // model.n_kv_heads
@@ -296,7 +336,15 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
             patches.setdefault(l, []).append((which, idx, src))
         with fork_at(model, first_recv, m, b) as forked:
             batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
-            lds.append(logit_diff(model, batch, base.pb, m, [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)]))
+            lds.append(
+                logit_diff(
+                    model,
+                    batch,
+                    base.pb,
+                    m,
+                    [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)],
+                )
+            )
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
     senders = [senders[order.index(i)] for i in range(len(order))]
@@ -305,9 +353,15 @@ def path_patching(model, pairs: Sequence[Pair] | Baseline, senders: Sequence[Hea
 
 def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_boot: int) -> pd.DataFrame:
     eff, lo, hi = _effects(base, ld, n_boot)
-    out = pd.DataFrame({"layer": [s[0] for s in senders], "head": [s[1] for s in senders], "value": eff,
-                        "ld": ld.double().mean(1).cpu().numpy(),
-                        "receiver": "logits" if not recv else ",".join(f"{l}.{h}.{w}" for l, h, w in recv)})
+    out = pd.DataFrame(
+        {
+            "layer": [s[0] for s in senders],
+            "head": [s[1] for s in senders],
+            "value": eff,
+            "ld": ld.double().mean(1).cpu().numpy(),
+            "receiver": "logits" if not recv else ",".join(f"{l}.{h}.{w}" for l, h, w in recv),
+        }
+    )
     if n_boot > 0:
         out["ci_low"], out["ci_high"] = lo, hi
     return out

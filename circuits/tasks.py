@@ -17,6 +17,7 @@ is the logit difference ``logit(correct) - logit(incorrect)`` at the last positi
 Prompts start with the tokenizer's default special prefix (BOS for Gemma, nothing for SmolLM2),
 as text prompts do; answers are single tokens without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,36 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import json_kind, read_lines, special_prefix
 
-NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Paul", "Anna", "David", "Emma", "Mark", "Lisa", "Kate",
-         "Mike", "Laura", "Peter", "Jane", "Daniel", "Rachel", "Chris", "Steve", "Ben", "Sam", "Linda", "George", "Lucy", "Adam"]
+NAMES = [
+    "Mary",
+    "John",
+    "Alice",
+    "Bob",
+    "Tom",
+    "James",
+    "Sarah",
+    "Paul",
+    "Anna",
+    "David",
+    "Emma",
+    "Mark",
+    "Lisa",
+    "Kate",
+    "Mike",
+    "Laura",
+    "Peter",
+    "Jane",
+    "Daniel",
+    "Rachel",
+    "Chris",
+    "Steve",
+    "Ben",
+    "Sam",
+    "Linda",
+    "George",
+    "Lucy",
+    "Adam",
+]
 PLACES = ["store", "park", "school", "office", "restaurant", "hospital", "station", "market", "garden", "library"]
 OBJECTS = ["drink", "book", "ring", "letter", "ball", "gift", "key", "bag", "phone", "pen"]
 IOI_TEMPLATES = [
@@ -70,9 +99,14 @@ def _answer_id(tokenizer, text: str, what: str, pid: str) -> int:
     if tid is None:
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n == 1:
-            raise WorkbenchError(f"pair {pid!r}: the {what} answer {text!r} is not in the tokenizer's vocabulary (it becomes the unknown token)",
-                                 "use answers that are single tokens of this model's vocabulary")
-        raise WorkbenchError(f"pair {pid!r}: the {what} answer {text!r} is {n} tokens, not one", "use answers that are single tokens (mind the leading space)")
+            raise WorkbenchError(
+                f"pair {pid!r}: the {what} answer {text!r} is not in the tokenizer's vocabulary (it becomes the unknown token)",
+                "use answers that are single tokens of this model's vocabulary",
+            )
+        raise WorkbenchError(
+            f"pair {pid!r}: the {what} answer {text!r} is {n} tokens, not one",
+            "use answers that are single tokens (mind the leading space)",
+        )
     return tid
 
 
@@ -89,27 +123,39 @@ def check_pair(p: Pair) -> None:
         )
     texts = p.meta
     if p.correct == p.incorrect:
-        answers = f" ({texts['correct']!r} and {texts['incorrect']!r})" if "correct" in texts and "incorrect" in texts else ""
+        answers = (
+            f" ({texts['correct']!r} and {texts['incorrect']!r})" if "correct" in texts and "incorrect" in texts else ""
+        )
         raise WorkbenchError(
             f"pair {p.id!r}: the correct and incorrect answers{answers} are the same token (id {p.correct}), so the logit difference is always 0",
             "give two answers that are different tokens for this model",
         )
     if list(p.clean) == list(p.corrupted):
-        prompts = f" ({texts['clean']!r} and {texts['corrupted']!r})" if "clean" in texts and "corrupted" in texts else ""
+        prompts = (
+            f" ({texts['clean']!r} and {texts['corrupted']!r})" if "clean" in texts and "corrupted" in texts else ""
+        )
         raise WorkbenchError(
             f"pair {p.id!r}: the clean and corrupted prompts{prompts} are the same tokens, so patching cannot change anything",
             "corrupt the prompt with a word the tokenizer knows (a different token)",
         )
 
 
-def make_pair(tokenizer, pid: str, clean: str, corrupted: str, correct: str, incorrect: str, meta: dict | None = None) -> Pair:
+def make_pair(
+    tokenizer, pid: str, clean: str, corrupted: str, correct: str, incorrect: str, meta: dict | None = None
+) -> Pair:
     prefix = special_prefix(tokenizer)
     c = tokenizer(clean, add_special_tokens=False)["input_ids"]
     x = tokenizer(corrupted, add_special_tokens=False)["input_ids"]
     if not c or not x:
         raise WorkbenchError(f"pair {pid!r} has an empty prompt", "give clean and corrupted text")
-    pair = Pair(pid, prefix + list(c), prefix + list(x), _answer_id(tokenizer, correct, "correct", pid), _answer_id(tokenizer, incorrect, "incorrect", pid),
-                {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect, **(meta or {})})
+    pair = Pair(
+        pid,
+        prefix + list(c),
+        prefix + list(x),
+        _answer_id(tokenizer, correct, "correct", pid),
+        _answer_id(tokenizer, incorrect, "incorrect", pid),
+        {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect, **(meta or {})},
+    )
     check_pair(pair)
     return pair
 
@@ -118,7 +164,9 @@ def ioi(tokenizer, n: int = 32, seed: int = 0, templates: list[str] | None = Non
     rng = random.Random(seed)
     names = [nm for nm in NAMES if _single(tokenizer, " " + nm) is not None]
     if len(names) < 3:
-        raise WorkbenchError("fewer than 3 names are single tokens for this tokenizer", "bring your own pairs (--pairs FILE.jsonl)")
+        raise WorkbenchError(
+            "fewer than 3 names are single tokens for this tokenizer", "bring your own pairs (--pairs FILE.jsonl)"
+        )
     templates = templates or IOI_TEMPLATES
     pairs = []
     for i in range(n):
@@ -128,7 +176,11 @@ def ioi(tokenizer, n: int = 32, seed: int = 0, templates: list[str] | None = Non
         fill = {"PLACE": rng.choice(PLACES), "OBJECT": rng.choice(OBJECTS)}
         clean = t.format(A=a, B=b, C=s, **fill)
         corrupted = t.format(A=a, B=b, C=c, **fill)
-        pairs.append(make_pair(tokenizer, f"ioi-{seed}-{i:04d}", clean, corrupted, " " + io, " " + s, {"template": i % len(templates)}))
+        pairs.append(
+            make_pair(
+                tokenizer, f"ioi-{seed}-{i:04d}", clean, corrupted, " " + io, " " + s, {"template": i % len(templates)}
+            )
+        )
     return pairs
 
 
@@ -137,8 +189,10 @@ def colored_objects(tokenizer, n: int = 32, seed: int = 0) -> list[Pair]:
     colors = [c for c in COLORS if _single(tokenizer, " " + c) is not None]
     things = [t for t in THINGS if _single(tokenizer, " " + t) is not None]
     if len(colors) < 3 or len(things) < 3:
-        raise WorkbenchError(f"fewer than 3 colours or objects are single tokens for this tokenizer ({len(colors)} colours, {len(things)} objects)",
-                             "bring your own pairs (--pairs FILE.jsonl)")
+        raise WorkbenchError(
+            f"fewer than 3 colours or objects are single tokens for this tokenizer ({len(colors)} colours, {len(things)} objects)",
+            "bring your own pairs (--pairs FILE.jsonl)",
+        )
     pairs = []
     for i in range(n):
         cs, os_ = rng.sample(colors, 3), rng.sample(things, 3)
@@ -170,19 +224,29 @@ def _pair_from_line(obj: Any, lineno: int, tokenizer) -> Pair:
         raise WorkbenchError(f"expected a JSON object, got {json_kind(obj)}", f"one pair per line: {PAIR_FORMAT}")
     missing = [k for k in PAIR_FIELDS if k not in obj]
     if missing:
-        raise WorkbenchError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}", f"give every pair {PAIR_FORMAT}")
+        raise WorkbenchError(
+            f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}",
+            f"give every pair {PAIR_FORMAT}",
+        )
     pid = obj.get("id", lineno)
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise WorkbenchError(f"'id' must be a string or an integer, got {json_kind(pid)}", 'e.g. "id": "p1"')
     for k in PAIR_FIELDS:
         if not isinstance(obj[k], str):
-            raise WorkbenchError(f"'{k}' must be a string, got {json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."')
+            raise WorkbenchError(
+                f"'{k}' must be a string, got {json_kind(obj[k])}", f'quote the text, e.g. "{k}": "..."'
+            )
         if not obj[k].strip():
-            raise WorkbenchError(f"'{k}' is empty", "give clean and corrupted prompts and two single-token answers (with their leading space)")
+            raise WorkbenchError(
+                f"'{k}' is empty",
+                "give clean and corrupted prompts and two single-token answers (with their leading space)",
+            )
     template = obj.get("template")
     if template is not None and (isinstance(template, bool) or not isinstance(template, (str, int))):
-        raise WorkbenchError(f"'template' must be a string or an integer, got {json_kind(template)}",
-                             'name the template the pair was made from, e.g. "template": 3 (pairs of one template align token by token)')
+        raise WorkbenchError(
+            f"'template' must be a string or an integer, got {json_kind(template)}",
+            'name the template the pair was made from, e.g. "template": 3 (pairs of one template align token by token)',
+        )
     meta = {"template": template} if template is not None else None
     return make_pair(tokenizer, str(pid), obj["clean"], obj["corrupted"], obj["correct"], obj["incorrect"], meta)
 
@@ -201,7 +265,9 @@ def read_pairs(path: str | Path, tokenizer) -> list[Pair]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise WorkbenchError(f"not valid JSON ({exc.msg})", f"one JSON object per line: {PAIR_FORMAT}") from None
+                raise WorkbenchError(
+                    f"not valid JSON ({exc.msg})", f"one JSON object per line: {PAIR_FORMAT}"
+                ) from None
             pair = _pair_from_line(obj, lineno, tokenizer)
             if pair.id in seen:
                 raise WorkbenchError(f"duplicate pair id {pair.id!r}", "give every pair its own id")
@@ -219,6 +285,17 @@ def write_pairs(pairs: list[Pair], path: str | Path) -> Path:
     from workbench.files.atomic import atomic_write_text
 
     keys = ("clean", "corrupted", "correct", "incorrect")
-    return atomic_write_text(path, "".join(
-        json.dumps({"id": p.id, **{k: p.meta[k] for k in keys}, **({"template": p.meta["template"]} if p.meta.get("template") is not None else {})}) + "\n"
-        for p in pairs))
+    return atomic_write_text(
+        path,
+        "".join(
+            json.dumps(
+                {
+                    "id": p.id,
+                    **{k: p.meta[k] for k in keys},
+                    **({"template": p.meta["template"]} if p.meta.get("template") is not None else {}),
+                }
+            )
+            + "\n"
+            for p in pairs
+        ),
+    )

@@ -7,6 +7,7 @@ packages have always imported::
 
     from probes.base import PatternProbe, MetricInfo, Role
 """
+
 from __future__ import annotations
 
 from workbench.protocol import *  # noqa: F403

@@ -28,6 +28,7 @@ the direct effects and ``follows_*`` (listed in the summary), not of the diverge
 passage's first token, where sink heads put nearly all their weight without reading anything.
 Definitions: docs/metrics.md#context_divergence.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -57,7 +58,9 @@ def first_token(tokenizer: Any, text: str) -> int:
     """The first token id of ``text`` (no special tokens); an empty target is an error."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise WorkbenchError(f"target {text!r} tokenizes to nothing", "give a non-empty target (with its leading space)")
+        raise WorkbenchError(
+            f"target {text!r} tokenizes to nothing", "give a non-empty target (with its leading space)"
+        )
     return int(ids[0])
 
 
@@ -89,27 +92,56 @@ class ContextProbe(DivergenceProbe):
     metrics = ("context_divergence", "context_attention", "context_direct_effect", "follows_context", "follows_memory")
     description = "context-aware head divergence |z(with passage) - z(without)|; heads that follow context vs memory"
     metric_info = {
-        "context_divergence": MetricInfo("log", "distance between the head's output with and without the context passage",
-                                     "the passage changes what the head writes"),
-        "context_attention": MetricInfo("bounded", "attention mass on the passage at the answer position", "the head reads the passage",
-                                    module="probes/context.py"),
-        "context_direct_effect": MetricInfo("signed", "the head's direct effect on logit(context answer) - logit(memory answer)",
-                                        "the head pushes towards the passage's answer (context head)",
-                                        "the head pushes towards the remembered answer (memory head)", rank="abs", unit="logits",
-                                        module="probes/context.py"),
+        "context_divergence": MetricInfo(
+            "log",
+            "distance between the head's output with and without the context passage",
+            "the passage changes what the head writes",
+        ),
+        "context_attention": MetricInfo(
+            "bounded",
+            "attention mass on the passage at the answer position",
+            "the head reads the passage",
+            module="probes/context.py",
+        ),
+        "context_direct_effect": MetricInfo(
+            "signed",
+            "the head's direct effect on logit(context answer) - logit(memory answer)",
+            "the head pushes towards the passage's answer (context head)",
+            "the head pushes towards the remembered answer (memory head)",
+            rank="abs",
+            unit="logits",
+            module="probes/context.py",
+        ),
         "follows_context": MetricInfo("bounded", "share of items whose greedy answer starts with the passage's answer"),
         "follows_memory": MetricInfo("bounded", "share of items whose greedy answer starts with the remembered answer"),
     }
     roles = (
-        Role("context", "C", "context_direct_effect", 0.2, "#b15928", "pushes the answer towards the passage (direct effect)"),
-        Role("memory", "M", "context_direct_effect", 0.2, "#6a51a3", "pushes the answer towards what the model remembers", sign=-1),
+        Role(
+            "context",
+            "C",
+            "context_direct_effect",
+            0.2,
+            "#b15928",
+            "pushes the answer towards the passage (direct effect)",
+        ),
+        Role(
+            "memory",
+            "M",
+            "context_direct_effect",
+            0.2,
+            "#6a51a3",
+            "pushes the answer towards what the model remembers",
+            sign=-1,
+        ),
     )
-    scatter_pairs = (('context_attention', 'context_direct_effect'),)
+    scatter_pairs = (("context_attention", "context_direct_effect"),)
     divergence_metric = "context_divergence"
     attention_metric = "context_attention"
 
     class Params(Options):
-        steps: Literal["first", "all"] = Field("first", description="first: the first answer token; all: every answer token")
+        steps: Literal["first", "all"] = Field(
+            "first", description="first: the first answer token; all: every answer token"
+        )
         max_new_tokens: Int = Field(8, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
         separator: str = Field("\n", description="text placed between the passage and the question")
 
@@ -137,8 +169,20 @@ class ContextProbe(DivergenceProbe):
         frames = divergence_rows(self, model, outcomes, "context_divergence", "context_attention")
         if effects:
             frames.append(self.rows("context_direct_effect", torch.stack(effects).mean(0), len(effects)))
-        rows = [{"metric": f"follows_{m}", "layer": -1, "head": -1, "value": f[m], "n": 1, "item": f["item"], "step": 0, "token": None}
-                for f in follows for m in ("context", "memory")]
+        rows = [
+            {
+                "metric": f"follows_{m}",
+                "layer": -1,
+                "head": -1,
+                "value": f[m],
+                "n": 1,
+                "item": f["item"],
+                "step": 0,
+                "token": None,
+            }
+            for f in follows
+            for m in ("context", "memory")
+        ]
         if rows:
             frames.append(pd.DataFrame(rows))
         n = len(follows)
@@ -152,7 +196,11 @@ class ContextProbe(DivergenceProbe):
         }
         lines = [f"context: {len(outcomes)} items"]
         if n:
-            lines.append(f"context: follows the context on {summary['follows_context']:.0%}, memory on {summary['follows_memory']:.0%} of {n} items")
+            lines.append(
+                f"context: follows the context on {summary['follows_context']:.0%}, memory on {summary['follows_memory']:.0%} of {n} items"
+            )
         if ambiguous:
-            lines.append(f"context: {len(ambiguous)} items not scored for direct effects (their two targets start with the same token for this tokenizer)")
+            lines.append(
+                f"context: {len(ambiguous)} items not scored for direct effects (their two targets start with the same token for this tokenizer)"
+            )
         return self.finish(pd.concat(frames, ignore_index=True), summary, lines)

@@ -10,6 +10,7 @@
 Means are pooled over all (prompt, query) pairs, so long prompts weigh more; ``n`` is the number
 of query positions averaged.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,21 @@ class EntropyProbe(PatternProbe):
     description = "mean attention entropy per query (nats) and entropy / ln(visible keys)"
     needs = ("row_entropy",)
     metric_info = {
-        "entropy": MetricInfo("positive", "mean entropy of a query's attention row, in nats", "attention spread over many keys",
-                          "attention focused on few keys", rank="low", unit="nats"),
-        "entropy_norm": MetricInfo("bounded", "attention entropy divided by ln(number of visible keys)", "near-uniform attention over what the query sees",
-                               "attention on one key", rank="low"),
+        "entropy": MetricInfo(
+            "positive",
+            "mean entropy of a query's attention row, in nats",
+            "attention spread over many keys",
+            "attention focused on few keys",
+            rank="low",
+            unit="nats",
+        ),
+        "entropy_norm": MetricInfo(
+            "bounded",
+            "attention entropy divided by ln(number of visible keys)",
+            "near-uniform attention over what the query sees",
+            "attention on one key",
+            rank="low",
+        ),
     }
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:

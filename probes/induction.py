@@ -19,6 +19,7 @@ the second half"), so a perfect head scores 1; TL's number is ours times the sha
 with a target. Prompts without a ``period`` count only towards ``prev_token`` and ``echo``.
 ``n`` is the number of queries averaged.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,11 +53,19 @@ class InductionProbe(PatternProbe):
     description = "attention to the previous token, the earlier copy (duplicate), the token after it (induction), earlier same tokens (echo)"
     metric_info = {
         "prev_token": MetricInfo("bounded", "mean attention to the previous token", "a previous-token head"),
-        "duplicate": MetricInfo("bounded", "mean attention to the earlier copy of the current token, on repeated random tokens",
-                            "a duplicate-token head"),
-        "induction": MetricInfo("bounded", "mean attention to the token after the earlier copy of the current token, on repeated random tokens",
-                            "an induction head"),
-        "echo": MetricInfo("bounded", "attention on earlier occurrences of the current token (any text)", "an echo head"),
+        "duplicate": MetricInfo(
+            "bounded",
+            "mean attention to the earlier copy of the current token, on repeated random tokens",
+            "a duplicate-token head",
+        ),
+        "induction": MetricInfo(
+            "bounded",
+            "mean attention to the token after the earlier copy of the current token, on repeated random tokens",
+            "an induction head",
+        ),
+        "echo": MetricInfo(
+            "bounded", "attention on earlier occurrences of the current token (any text)", "an echo head"
+        ),
     }
     roles = (
         Role("previous-token", "P", "prev_token", 0.4, "#1f78b4", "attends to the previous token"),
@@ -64,7 +73,7 @@ class InductionProbe(PatternProbe):
         Role("induction", "I", "induction", 0.3, "#e31a1c", "attends to the token after the earlier copy (induction)"),
         Role("echo", "E", "echo", 0.3, "#b2df8a", "attends to earlier occurrences of the current token"),
     )
-    scatter_pairs = (('prev_token', 'induction'),)
+    scatter_pairs = (("prev_token", "induction"),)
     needs = ("key_weights",)
 
     def begin_batch(self, batch: BatchInfo) -> None:
@@ -86,8 +95,14 @@ class InductionProbe(PatternProbe):
         none = torch.full_like(qpos, -1)
         has_prev = valid & (qpos >= 1)
         rep = valid & (self._period > 0) & (qpos - self._offset >= self._period)
-        keys = torch.stack([torch.where(has_prev, first + qpos - 1, none), torch.where(rep, first + qpos - self._period, none),
-                            torch.where(rep, first + qpos - self._period + 1, none)], dim=-1)
+        keys = torch.stack(
+            [
+                torch.where(has_prev, first + qpos - 1, none),
+                torch.where(rep, first + qpos - self._period, none),
+                torch.where(rep, first + qpos - self._period + 1, none),
+            ],
+            dim=-1,
+        )
         lo, hi = self._echo_lo[:, chunk.queries], self._echo_hi[:, chunk.queries]
         use = torch.stack([has_prev, rep, rep, valid & (hi > lo)], dim=-1)  # [batch, chunk, metric]
         weights = use.float().unsqueeze(1)  # [batch, 1, chunk, metric]
@@ -97,7 +112,9 @@ class InductionProbe(PatternProbe):
         t = self.per_queries(chunk, lambda: self._targets(chunk))
         a = chunk.probs_at(t.keys)  # [batch, head, chunk, 3]: previous token, earlier copy, the token after it
         echo = chunk.mass_in(t.echo_lo, t.echo_hi, self._rank)  # [batch, head, chunk]
-        total = self.acc("sum", len(self.metrics), self.n_layers, self.n_heads)  # [metric, layer, head], self.metrics' order
+        total = self.acc(
+            "sum", len(self.metrics), self.n_layers, self.n_heads
+        )  # [metric, layer, head], self.metrics' order
         total[:3, chunk.layer] += (a * t.use_named).sum((0, 2)).T
         total[3, chunk.layer] += (echo * t.use_echo).sum((0, 2))
         self.acc("n", len(self.metrics), self.n_layers)[:, chunk.layer] += t.n

@@ -24,6 +24,7 @@ decoding step one row per head (:func:`workbench.engine.masking.attention_scores
 soft-capping, grouped KV heads and sliding windows are the model's). Prompts that finished keep
 decoding in the batch but are no longer scored. Definitions: docs/metrics.md#retrieval.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ class CopyScorer:
         lo = torch.tensor([p.meta[self.span_key][0] for p in state.prompts], device=dev)
         hi = torch.tensor([p.meta[self.span_key][1] for p in state.prompts], device=dev)
         width = max(len(p) for p in state.prompts)
-        ids = torch.tensor([p.ids + [-1] * (width - len(p)) for p in state.prompts], device=dev)  # in-prompt coordinates
+        ids = torch.tensor(
+            [p.ids + [-1] * (width - len(p)) for p in state.prompts], device=dev
+        )  # in-prompt coordinates
         for layer in range(self.n_layers):
             top = self.top[layer]  # [b, h]
             tok_at = ids.gather(1, top.clamp(0, width - 1))
@@ -127,7 +130,9 @@ def check_niah(prompts: Sequence[TokenizedPrompt], span_key: str) -> None:
             )
         s, e = p.meta[span_key]
         if not 0 <= s < e <= len(p):
-            raise WorkbenchError(f"prompt {p.id!r}: {span_key} {p.meta[span_key]} is outside its {len(p)} tokens", "fix the span")
+            raise WorkbenchError(
+                f"prompt {p.id!r}: {span_key} {p.meta[span_key]} is outside its {len(p)} tokens", "fix the span"
+            )
 
 
 def generate_and_score(
@@ -158,12 +163,16 @@ def generate_and_score(
         for r, p in enumerate(st.prompts):
             per_prompt[id(p)] = scorer.scores[r].cpu()
 
-    tokens = greedy_decode(model, prompts, max_new_tokens, stops, ctx, observers=[scorer], on_step=on_step, state=state, prefill=prefill)
+    tokens = greedy_decode(
+        model, prompts, max_new_tokens, stops, ctx, observers=[scorer], on_step=on_step, state=state, prefill=prefill
+    )
     results = []
     for p, toks in zip(prompts, tokens):
         response = tok.decode(toks, skip_special_tokens=True).strip()
         recall = rouge1_recall(p.meta["answer"], response)
-        results.append(RetrievalOutcome(p.id, response, recall, recall > 0.5 or not require_correct, len(toks), per_prompt[id(p)]))
+        results.append(
+            RetrievalOutcome(p.id, response, recall, recall > 0.5 or not require_correct, len(toks), per_prompt[id(p)])
+        )
     return results
 
 
@@ -174,20 +183,33 @@ class RetrievalProbe(TokenProbe):
     metrics = ("retrieval",)
     description = "Wu et al. retrieval score on niah prompts: copy-paste attention during greedy decoding"
     metric_info = {
-        "retrieval": MetricInfo("bounded", "share of the needle the head copied while the model answered (Wu et al.)",
-                            "a retrieval head (above 0.1 in the paper)"),
+        "retrieval": MetricInfo(
+            "bounded",
+            "share of the needle the head copied while the model answered (Wu et al.)",
+            "a retrieval head (above 0.1 in the paper)",
+        ),
     }
     roles = (
-        Role("retrieval", "R", "retrieval", 0.1, "#ff7f00", "copies needle tokens while the model answers", strict=True),
+        Role(
+            "retrieval", "R", "retrieval", 0.1, "#ff7f00", "copies needle tokens while the model answers", strict=True
+        ),
     )
-    scatter_pairs = (('induction', 'retrieval'), ('streaming', 'retrieval'))
+    scatter_pairs = (("induction", "retrieval"), ("streaming", "retrieval"))
 
     class Params(opt.Options):
-        max_new_tokens: opt.Int = Field(50, ge=1, le=4096, description="greedy tokens to decode at most (the paper: ~50)")
-        span: Literal["answer", "needle"] = Field("answer", description="answer (the paper's real_needle) or the whole needle sentence")
-        stop_at_newline: bool = Field(True, description="stop after the first token containing a newline (as the paper)")
+        max_new_tokens: opt.Int = Field(
+            50, ge=1, le=4096, description="greedy tokens to decode at most (the paper: ~50)"
+        )
+        span: Literal["answer", "needle"] = Field(
+            "answer", description="answer (the paper's real_needle) or the whole needle sentence"
+        )
+        stop_at_newline: bool = Field(
+            True, description="stop after the first token containing a newline (as the paper)"
+        )
         require_correct: bool = Field(True, description="count only prompts answered with ROUGE-1 recall > 0.5")
-        prefill: Literal["auto", "batched", "separate"] = Field("auto", description="prompt forward: one padded batch, or prompt by prompt (CPU default)")
+        prefill: Literal["auto", "batched", "separate"] = Field(
+            "auto", description="prompt forward: one padded batch, or prompt by prompt (CPU default)"
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -207,6 +229,8 @@ class RetrievalProbe(TokenProbe):
             "share_above_0.1": share,
             "responses": {o.prompt_id: o.response for o in self.outcomes},
         }
-        lines = [f"retrieval: {n}/{len(self.outcomes)} prompts counted (answered correctly: {summary['accuracy']:.0%}); "
-                 f"{share:.1%} of heads score above 0.1"]
+        lines = [
+            f"retrieval: {n}/{len(self.outcomes)} prompts counted (answered correctly: {summary['accuracy']:.0%}); "
+            f"{share:.1%} of heads score above 0.1"
+        ]
         return self.finish(table, summary, lines)

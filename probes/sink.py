@@ -12,6 +12,7 @@ including q = 0 where A[0,0] = 1.
 ``n`` is the number of prompts. "First token" is the prompt's first real token, wherever
 padding put it.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -31,22 +32,26 @@ class SinkProbe(PatternProbe):
     needs = ("key_weights",)
     metric_info = {
         "sink_mass": MetricInfo("bounded", "mean attention on the prompt's first token (alpha_0)", "an attention sink"),
-        "sink_rate": MetricInfo("bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts"),
+        "sink_rate": MetricInfo(
+            "bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts"
+        ),
     }
-    roles = (
-        Role("sink", "S", "sink_mass", 0.5, "#9e9ac8", "puts most of its attention on the first token"),
-    )
-    scatter_pairs = (('entropy', 'sink_mass'),)
+    roles = (Role("sink", "S", "sink_mass", 0.5, "#9e9ac8", "puts most of its attention on the first token"),)
+    scatter_pairs = (("entropy", "sink_mass"),)
 
     class Params(Options):
-        epsilon: Float = Field(0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]")
+        epsilon: Float = Field(
+            0.3, ge=0.0, le=1.0, description="sink_rate counts prompts with alpha_0 > epsilon, a share in [0, 1]"
+        )
 
     @property
     def epsilon(self) -> float:
         return self.options.epsilon
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:
-        valid = self.per_queries(chunk, lambda: chunk.query_valid.float().unsqueeze(1))  # [batch, 1, chunk], the same in every layer
+        valid = self.per_queries(
+            chunk, lambda: chunk.query_valid.float().unsqueeze(1)
+        )  # [batch, 1, chunk], the same in every layer
         a0 = chunk.key_probs(chunk.batch.first_index)  # [batch, head, chunk]
         self.acc("col0", chunk.batch.size, self.n_layers, self.n_heads)[:, chunk.layer] += (a0 * valid).sum(-1)
 

@@ -13,6 +13,7 @@ queries would score 1 whatever the head does, so they are left out. Near 1: the 
 streaming (sink + window) KV cache; low: it reads the middle of the context. ``n`` = queries.
 Positions are in-prompt positions (padding and left-padding offsets removed).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,17 +35,30 @@ class StreamingProbe(PatternProbe):
     metrics = ("streaming",)
     description = "share of attention on the first `sink` tokens plus the last `recent` tokens (DuoAttention)"
     metric_info = {
-        "streaming": MetricInfo("bounded", "share of attention on the first tokens plus a recent window (DuoAttention)",
-                            "the head could run on a sink + window KV cache", "the head reads the middle of the context"),
+        "streaming": MetricInfo(
+            "bounded",
+            "share of attention on the first tokens plus a recent window (DuoAttention)",
+            "the head could run on a sink + window KV cache",
+            "the head reads the middle of the context",
+        ),
     }
     needs = ("key_weights",)
     roles = (
-        Role("streaming", "W", "streaming", 0.95, "#bdbdbd", "attends almost only to the first tokens and a recent window"),
+        Role(
+            "streaming",
+            "W",
+            "streaming",
+            0.95,
+            "#bdbdbd",
+            "attends almost only to the first tokens and a recent window",
+        ),
     )
 
     class Params(Options):
         sink: Int = Field(4, ge=0, description="number of initial (sink) tokens, a whole number >= 0")
-        recent: Int = Field(64, ge=1, description="size of the recent window, a whole number >= 1 (the current token included)")
+        recent: Int = Field(
+            64, ge=1, description="size of the recent window, a whole number >= 1 (the current token included)"
+        )
 
     def __init__(self, **params: int) -> None:
         super().__init__(**params)
@@ -58,8 +72,14 @@ class StreamingProbe(PatternProbe):
         first = chunk.batch.first_index.view(-1, 1)
         zero = torch.zeros_like(chunk.query_pos)
         at = first + chunk.query_pos
-        return (first.expand_as(at), (first + self.sink).expand_as(at),  # the same keys for every query
-                torch.where(use, at - self.recent + 1, zero), torch.where(use, at + 1, zero), use.float().unsqueeze(1), use.sum().double())
+        return (
+            first.expand_as(at),
+            (first + self.sink).expand_as(at),  # the same keys for every query
+            torch.where(use, at - self.recent + 1, zero),
+            torch.where(use, at + 1, zero),
+            use.float().unsqueeze(1),
+            use.sum().double(),
+        )
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:
         sink_lo, sink_hi, lo, hi, use, n = self.per_queries(chunk, lambda: self._ranges(chunk))

@@ -21,6 +21,7 @@ The counterfactual is "no image" (placeholder removed, text processed as a text-
 or the item's ``counter_image`` when given. Computed with two teacher-forced batched forwards
 (:mod:`workbench.engine.divergence`). Definitions: docs/metrics.md#vhd.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -56,19 +57,33 @@ class VHDProbe(DivergenceProbe):
     metrics = ("vhd", "image_attention", "t_vhd")
     description = "vision-aware head divergence: |z(with image) - z(without)| per head; T-VHD per generated token"
     metric_info = {
-        "vhd": MetricInfo("log", "distance between the head's output with and without the image (VHD)", "the image changes what the head writes",
-                      module="probes/vhd.py"),
-        "image_attention": MetricInfo("bounded", "attention mass on the image tokens at the generation positions", "the head reads the image",
-                                  module="probes/vhd.py"),
-        "t_vhd": MetricInfo("positive", "per generated token: sum over layers of the layer's top-k VHD", "the token depends on the image",
-                        "the token is produced with little regard to the image (hallucination signal)"),
+        "vhd": MetricInfo(
+            "log",
+            "distance between the head's output with and without the image (VHD)",
+            "the image changes what the head writes",
+            module="probes/vhd.py",
+        ),
+        "image_attention": MetricInfo(
+            "bounded",
+            "attention mass on the image tokens at the generation positions",
+            "the head reads the image",
+            module="probes/vhd.py",
+        ),
+        "t_vhd": MetricInfo(
+            "positive",
+            "per generated token: sum over layers of the layer's top-k VHD",
+            "the token depends on the image",
+            "the token is produced with little regard to the image (hallucination signal)",
+        ),
     }
-    scatter_pairs = (('image_attention', 'vhd'),)
+    scatter_pairs = (("image_attention", "vhd"),)
     divergence_metric = "vhd"
     attention_metric = "image_attention"
 
     class Params(Options):
-        steps: Literal["first", "all"] = Field("first", description="first: the first generated token (the paper); all: every answer token")
+        steps: Literal["first", "all"] = Field(
+            "first", description="first: the first generated token (the paper); all: every answer token"
+        )
         max_new_tokens: Int = Field(16, ge=1, le=4096, description="answer tokens to generate at most (steps=all)")
         top_k: Int = Field(5, ge=1, description="T-VHD: sum of each layer's top-k head divergences")
 
@@ -82,15 +97,30 @@ class VHDProbe(DivergenceProbe):
     def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
         """Build each item's pair (with / without its image) and reduce the divergences."""
         p = self.options
-        outcomes = self.outcomes = measure(self, model, items, ctx)  # kept per item (tokens, per-step divergences) for inspection
+        outcomes = self.outcomes = measure(
+            self, model, items, ctx
+        )  # kept per item (tokens, per-step divergences) for inspection
         frames = divergence_rows(self, model, outcomes, "vhd", "image_attention")
         rows = []
         for o in outcomes:
             for step, value in enumerate(t_vhd(o.divergence, p.top_k).tolist()):
                 tok = model.tokenizer.decode([o.tokens[step]]) if step < len(o.tokens) else ""
-                rows.append({"metric": "t_vhd", "layer": -1, "head": -1, "value": value, "n": 1,
-                             "item": o.id, "step": step, "token": tok})
+                rows.append(
+                    {
+                        "metric": "t_vhd",
+                        "layer": -1,
+                        "head": -1,
+                        "value": value,
+                        "n": 1,
+                        "item": o.id,
+                        "step": step,
+                        "token": tok,
+                    }
+                )
         frames.append(pd.DataFrame(rows, columns=["metric", "layer", "head", "value", "n", "item", "step", "token"]))
         answers = {o.id: model.tokenizer.decode(o.tokens) for o in outcomes}
-        return self.finish(pd.concat(frames, ignore_index=True), {"n_items": len(outcomes), "answers": answers},
-                           [f"vhd: {len(outcomes)} items ({p.steps} generated token{'s' if p.steps == 'all' else ''})"])
+        return self.finish(
+            pd.concat(frames, ignore_index=True),
+            {"n_items": len(outcomes), "answers": answers},
+            [f"vhd: {len(outcomes)} items ({p.steps} generated token{'s' if p.steps == 'all' else ''})"],
+        )

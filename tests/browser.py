@@ -4,6 +4,7 @@ Driven with Playwright for Python (the ``dev`` extra): it launches the system ch
 (``executable_path``; no ``playwright install``), collects console messages, page errors and
 requests, waits until every figure rendered and lets tests hover and query elements.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-quic"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def chromium() -> str | None:

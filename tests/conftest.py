@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built from configs (fast), and the real SmolLM2 and Gemma-3-270M
 (marked ``smollm2`` / ``gemma3``)."""
+
 from __future__ import annotations
 
 import os

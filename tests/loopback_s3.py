@@ -1,5 +1,6 @@
 """moto's S3 server on 127.0.0.1, for the tests that run folders on a real S3 protocol
 (tests/test_s3_runs.py through s3fs in this process, tests/test_executors.py from Ray workers)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,19 @@ def loopback_s3() -> Iterator[LoopbackS3]:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                              region_name="us-east-1")
+        env = {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         yield LoopbackS3(endpoint, env, client)
     finally:
         server.stop()

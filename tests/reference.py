@@ -4,6 +4,7 @@ One prompt at a time, unpadded, through a *separate* plain transformers model lo
 ``attn_implementation="eager"`` and ``output_attentions=True``; metrics computed with Python
 loops over positions from the returned ``[head, query, key]`` patterns, in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ def check_visibility(all_patterns: list[list[torch.Tensor]], windows: list[int |
                 assert torch.allclose(A[:, q, keys].sum(-1), torch.ones((), dtype=A.dtype), atol=1e-6)
 
 
-def entropy_reference(all_patterns: list[list[torch.Tensor]], windows: list[int | None] | None = None) -> tuple[dict, dict, int]:
+def entropy_reference(
+    all_patterns: list[list[torch.Tensor]], windows: list[int | None] | None = None
+) -> tuple[dict, dict, int]:
     """entropy[(l,h)], entropy_norm[(l,h)] and n: means over queries q >= 1 of
     H_q = -sum_{k visible} A[q,k] ln A[q,k] (0 ln 0 = 0) and of H_q / ln(number of keys q may
     see), which is q + 1 under a causal mask and min(q + 1, W) on a layer with a sliding window
@@ -209,7 +212,9 @@ def serial_path_patching(source, pairs, senders, receivers=None, last_only=False
             with torch.no_grad():
                 hidden = model.base_model(torch.tensor([ids])).last_hidden_state[0, -1]
                 rows = list(answers)
-                logits = torch.nn.functional.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+                logits = torch.nn.functional.linear(
+                    hidden, head.weight[rows], None if head.bias is None else head.bias[rows]
+                )
                 cap = getattr(cfg, "final_logit_softcapping", None)
                 if cap:
                     logits = cap * torch.tanh(logits / cap)
@@ -228,6 +233,7 @@ def serial_path_patching(source, pairs, senders, receivers=None, last_only=False
         ld_c.append(float(lc[0] - lc[1]))
         ld_x.append(float(lx[0] - lx[1]))
         for s in senders:
+
             def freeze(l, z, s=s):
                 z = zc[l].clone()
                 if l == s[0]:
@@ -271,8 +277,10 @@ def reference_head_z(hf, inputs: dict, positions: list[int]):
     n_heads = cfg.num_attention_heads
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     got = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: got.__setitem__(i, args[0][0, positions].detach()))
-               for i, m in enumerate(_o_proj_modules(hf))]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, i=i: got.__setitem__(i, args[0][0, positions].detach()))
+        for i, m in enumerate(_o_proj_modules(hf))
+    ]
     try:
         with torch.no_grad():
             out = hf(**inputs)
@@ -292,7 +300,7 @@ def reference_vhd(hf, processor, text: str, image, counter_image=None, max_new_t
     cond = processor(text=[text], images=[[image]], return_tensors="pt")
     with torch.no_grad():
         seq = hf.generate(**cond, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=1)
-    gen = seq[0, cond["input_ids"].shape[1]:].tolist()
+    gen = seq[0, cond["input_ids"].shape[1] :].tolist()
     eos = hf.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
     cut = next((n + 1 for n, t in enumerate(gen) if t in eos), len(gen))
@@ -306,7 +314,9 @@ def reference_vhd(hf, processor, text: str, image, counter_image=None, max_new_t
         ids = torch.cat([enc["input_ids"], torch.tensor([gen[:-1]], dtype=torch.long)], dim=1)
         inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         if "token_type_ids" in inputs:
-            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros(1, len(gen) - 1, dtype=torch.long)], 1)
+            inputs["token_type_ids"] = torch.cat(
+                [inputs["token_type_ids"], torch.zeros(1, len(gen) - 1, dtype=torch.long)], 1
+            )
         n = enc["input_ids"].shape[1]
         z, _ = reference_head_z(hf, {"input_ids": ids, **inputs}, list(range(n - 1, n - 1 + len(gen))))
         zs.append(z)
@@ -332,10 +342,18 @@ def reference_outputs(model, ids: list[int]) -> dict:
     H = cfg.num_attention_heads
     d = cfg.hidden_size // H
     z, mlp, emb = {}, {}, {}
-    hooks = [model.model.embed_tokens.register_forward_hook(lambda m, a, out: emb.__setitem__(0, out[0].detach().clone()))]
+    hooks = [
+        model.model.embed_tokens.register_forward_hook(lambda m, a, out: emb.__setitem__(0, out[0].detach().clone()))
+    ]
     for l, layer in enumerate(model.model.layers):
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: z.__setitem__(l, a[0][0].detach().clone())))
-        hooks.append(layer.mlp.register_forward_hook(lambda m, a, out, l=l: mlp.__setitem__(l, out[0].detach().clone())))
+        hooks.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, l=l: z.__setitem__(l, a[0][0].detach().clone())
+            )
+        )
+        hooks.append(
+            layer.mlp.register_forward_hook(lambda m, a, out, l=l: mlp.__setitem__(l, out[0].detach().clone()))
+        )
     try:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, -1]
@@ -359,12 +377,15 @@ def reference_head_ablation_ld(model, pair, ablate: set, z_replacement: dict) ->
 
     def pre(m, args, l):
         z = args[0].clone()
-        for (al, ah) in ablate:
+        for al, ah in ablate:
             if al == l:
                 z[0, :, ah * d : (ah + 1) * d] = z_replacement[l][:, ah * d : (ah + 1) * d]
         return (z,)
 
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(m, a, l)) for l, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(m, a, l))
+        for l, layer in enumerate(model.model.layers)
+    ]
     try:
         with torch.no_grad():
             logits = model(torch.tensor([pair.clean])).logits[0, -1]

@@ -1,5 +1,6 @@
 """Circuits: ablations, faithfulness / completeness / minimality, the explicit graph, edge
 scores and edge circuits, each against a slow recomputation from the definition."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,13 @@ from circuits.faithfulness import Evaluator, completeness, faithfulness, head_cu
 from circuits.graph import ModelGraph, graph_for
 from circuits.patching import path_patching
 from circuits.tasks import Pair
-from tests.reference import eager_model, reference_edge_circuit_ld, reference_head_ablation_ld, reference_outputs, serial_path_patching
+from tests.reference import (
+    eager_model,
+    reference_edge_circuit_ld,
+    reference_head_ablation_ld,
+    reference_outputs,
+    serial_path_patching,
+)
 from workbench.errors import WorkbenchError
 
 
@@ -87,7 +94,9 @@ def test_head_ablation_equals_hand_written_o_proj_hooks(llama, hf_llama, setup, 
 def test_reference_sources_and_their_errors(llama):
     pairs, ref = template_pairs(llama, 4, seed=1), template_pairs(llama, 6, seed=2)
     mean = reference_sources(pairs, ref, "mean")
-    assert all(all(ref[i].meta["template"] == p.meta["template"] for i in src) and len(src) == 3 for p, src in zip(pairs, mean))
+    assert all(
+        all(ref[i].meta["template"] == p.meta["template"] for i in src) and len(src) == 3 for p, src in zip(pairs, mean)
+    )
     # resampling from the pairs themselves never takes a pair's own corrupted prompt
     own = reference_sources(pairs, pairs, "resample", seed=5)
     assert all(pairs[src[0]].corrupted != p.corrupted for p, src in zip(pairs, own))
@@ -127,7 +136,11 @@ def test_faithfulness_completeness_minimality_follow_their_definitions(llama, se
         v = (r.layer, r.head)
         assert r.score_alone == pytest.approx(abs(F(set(C) - {v}) - F(C)))
         K = set(map(tuple, r.K))
-        assert v not in K and r.score == pytest.approx(abs(F(set(C) - K - {v}) - F(set(C) - K))) and r.score >= r.score_alone - 1e-12
+        assert (
+            v not in K
+            and r.score == pytest.approx(abs(F(set(C) - K - {v}) - F(set(C) - K)))
+            and r.score >= r.score_alone - 1e-12
+        )
     assert mini.score.max() > 1e-4
     # an empty circuit (the target met with every head ablated) is a result, not a crash
     empty = minimality(ev, [], n_random=2)
@@ -165,9 +178,18 @@ def test_graph_forward_equals_the_model(llama, tiny_models):
     assert graph_for(tiny_models["gpt2"]) is None
 
 
-@pytest.mark.parametrize("receivers,positions", [
-    (None, "all"), ([(2, 1, "q")], "all"), ([(2, 3, "k"), (2, 3, "v")], "all"), ([(1, 0, "q"), (2, 2, "v")], "all"),
-    ([(2, 1, "q")], "last"), ([(2, 3, "k"), (2, 0, "v")], "last"), ([(1, 0, "q"), (2, 2, "v")], "last")])
+@pytest.mark.parametrize(
+    "receivers,positions",
+    [
+        (None, "all"),
+        ([(2, 1, "q")], "all"),
+        ([(2, 3, "k"), (2, 3, "v")], "all"),
+        ([(1, 0, "q"), (2, 2, "v")], "all"),
+        ([(2, 1, "q")], "last"),
+        ([(2, 3, "k"), (2, 0, "v")], "last"),
+        ([(1, 0, "q"), (2, 2, "v")], "last"),
+    ],
+)
 def test_read_out_positions_path_patching_equals_full_recomputation(llama, receivers, positions):
     """The fast engine (read-out positions only, no attention between sender and receiver)
     against full forwards through the attention hook and the serial plain-HF loop."""
@@ -177,8 +199,12 @@ def test_read_out_positions_path_patching_equals_full_recomputation(llama, recei
     base = baseline(llama, pairs)
     first = min((r[0] for r in receivers or []), default=llama.n_layers)
     senders = [(l, h) for l in range(first) for h in range(llama.n_heads)]
-    fast = path_patching(llama, base, senders=senders, receivers=receivers, engine="graph", max_rows=8, positions=positions)
-    full = path_patching(llama, base, senders=senders, receivers=receivers, engine="hooks", max_rows=8, positions=positions)
+    fast = path_patching(
+        llama, base, senders=senders, receivers=receivers, engine="graph", max_rows=8, positions=positions
+    )
+    full = path_patching(
+        llama, base, senders=senders, receivers=receivers, engine="hooks", max_rows=8, positions=positions
+    )
     assert (fast.ld - full.ld).abs().max() < 1e-5
     assert (fast.value - full.value).abs().max() < 1e-4
     assert fast.ld.std() > 1e-4
@@ -274,12 +300,18 @@ def _plain_node_attribution(hf, base, abl, alphas) -> dict:
             zs, ms = {}, {}
             hooks = []
             for l, layer in enumerate(hf.model.layers):
+
                 def pre(m, args, l=l):
                     z = args[0]
                     z.retain_grad()
                     zs[l] = z
+
                 hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
-                hooks.append(layer.mlp.register_forward_hook(lambda m, a_, out, l=l: (out.retain_grad(), ms.__setitem__(l, out))[1]))
+                hooks.append(
+                    layer.mlp.register_forward_hook(
+                        lambda m, a_, out, l=l: (out.retain_grad(), ms.__setitem__(l, out))[1]
+                    )
+                )
             try:
                 logits = hf(inputs_embeds=emb[None]).logits[0, -1]
                 (logits[p.correct] - logits[p.incorrect]).backward()
@@ -292,7 +324,9 @@ def _plain_node_attribution(hf, base, abl, alphas) -> dict:
                 for h in range(H):
                     sl = slice(h * d, (h + 1) * d)
                     contrib[f"a{l}.{h}"] = float((dz[:, sl] * zs[l].grad[0, :, sl]).sum())
-                contrib[f"m{l}"] = float(((abl.mlp_out[l][b, :T] - clean_out["outputs"][f"m{l}"]) * ms[l].grad[0]).sum())
+                contrib[f"m{l}"] = float(
+                    ((abl.mlp_out[l][b, :T] - clean_out["outputs"][f"m{l}"]) * ms[l].grad[0]).sum()
+                )
             for k, v in contrib.items():
                 totals[k] = totals.get(k, 0.0) + v / len(alphas) / len(base.pairs)
     return totals
@@ -307,7 +341,9 @@ def test_edge_scores_add_up_to_plain_autograd_node_attribution(hf_llama, edge_se
     want = _plain_node_attribution(hf_llama, base, abl, alphas)
     node = sc.node_scores()
     for u in range(g.n_upstream):
-        assert abs(float(node[u]) - want[g.upstream_name(u)]) < 1e-4 * max(1.0, abs(want[g.upstream_name(u)])), g.upstream_name(u)
+        assert abs(float(node[u]) - want[g.upstream_name(u)]) < 1e-4 * max(1.0, abs(want[g.upstream_name(u)])), (
+            g.upstream_name(u)
+        )
     assert max(abs(v) for v in want.values()) > 1e-3
 
 
@@ -342,14 +378,27 @@ def word_pairs_file(path, n: int, seed: int):
     tok = load_model("tiny-llama").tokenizer
     vocab = tok.get_vocab()
     words = [w for w in sorted(vocab, key=vocab.get) if w.isalpha() and w.islower() and len(w) > 3][:40]
-    templates = ["{a} and {b} went to the {c} , then {s} gave a book to", "when {a} and {b} saw the {c} , {s} said that"]
+    templates = [
+        "{a} and {b} went to the {c} , then {s} gave a book to",
+        "when {a} and {b} saw the {c} , {s} said that",
+    ]
     rng = random.Random(seed)
     lines = []
     for i in range(n):
         a, b, c, d = rng.sample(words, 4)
         t = templates[i % 2]
-        lines.append(json.dumps({"id": f"w{seed}-{i}", "template": i % 2, "clean": t.format(a=a, b=b, c=c, s=b),
-                                 "corrupted": t.format(a=a, b=b, c=c, s=d), "correct": " " + a, "incorrect": " " + b}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"w{seed}-{i}",
+                    "template": i % 2,
+                    "clean": t.format(a=a, b=b, c=c, s=b),
+                    "corrupted": t.format(a=a, b=b, c=c, s=d),
+                    "correct": " " + a,
+                    "incorrect": " " + b,
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -361,11 +410,40 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     from workbench.runs.parquet import read_parquet
 
     out = tmp_path / "circ"
-    pairs, ref = word_pairs_file(tmp_path / "pairs.jsonl", 6, seed=2), word_pairs_file(tmp_path / "ref.jsonl", 16, seed=1)
-    assert main(["circuit", "--model", "tiny-llama", "--pairs", str(pairs), "--reference-pairs", str(ref), "--n-prompts", "4",
-                 "--heldout-pairs", str(word_pairs_file(tmp_path / "held.jsonl", 4, seed=3)),
-                 "--validate-edges", "10", "--greedy-steps", "2", "--completeness-random", "2", "--minimality-random", "2",
-                 "--ig-steps", "2", "--out", str(out)]) == 0
+    pairs, ref = (
+        word_pairs_file(tmp_path / "pairs.jsonl", 6, seed=2),
+        word_pairs_file(tmp_path / "ref.jsonl", 16, seed=1),
+    )
+    assert (
+        main(
+            [
+                "circuit",
+                "--model",
+                "tiny-llama",
+                "--pairs",
+                str(pairs),
+                "--reference-pairs",
+                str(ref),
+                "--n-prompts",
+                "4",
+                "--heldout-pairs",
+                str(word_pairs_file(tmp_path / "held.jsonl", 4, seed=3)),
+                "--validate-edges",
+                "10",
+                "--greedy-steps",
+                "2",
+                "--completeness-random",
+                "2",
+                "--minimality-random",
+                "2",
+                "--ig-steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "per template position" in text and "Spearman" in text and "completeness" in text
     doc = json.loads((out / "pairs.jsonl" / "circuit.json").read_text())
@@ -381,7 +459,9 @@ def test_circuit_cli_writes_curves_completeness_minimality(tmp_path, capsys):
     scores, _ = read_parquet(out / "pairs.jsonl" / "edge_scores.parquet")
     assert len(scores) == doc["graph"]["n_edges"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
-    assert main(["report", str(out), "--out", str(tmp_path / "circ.html")]) == 0  # the report shows what the circuit explains
+    assert (
+        main(["report", str(out), "--out", str(tmp_path / "circ.html")]) == 0
+    )  # the report shows what the circuit explains
     page = (tmp_path / "circ.html").read_text()
     assert "faithfulness vs circuit size" in page and "Faithfulness against size" in page
     assert "under mean ablation (mean over 16 corrupted prompts, per template position)" in page and "Spearman" in page
@@ -415,7 +495,9 @@ def test_smollm2_graph_ablation_and_edge_circuit(smollm2):
         members = [r for r in ref if r.meta["template"] == p.meta["template"] and len(r.corrupted) == len(p.clean)]
         zs = [reference_outputs(hf, r.corrupted)["z"] for r in members]
         z_rep = {l: sum(z[l] for z in zs) / len(zs) for l in zs[0]}
-        assert abs(float(ev.per_prompt[frozenset(outside)][b]) - reference_head_ablation_ld(hf, p, outside, z_rep)) < 1e-3
+        assert (
+            abs(float(ev.per_prompt[frozenset(outside)][b]) - reference_head_ablation_ld(hf, p, outside, z_rep)) < 1e-3
+        )
     keep = g.edge_mask().clone()
     for l, h in outside:
         keep[:, g.head_node(l, h)] = False

@@ -1,4 +1,5 @@
 """The command line: a good run, and one clear message + non-zero exit for every bad input."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,21 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def test_probe_run_writes_tidy_parquet_with_metadata(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "sub" / "res.parquet"
-    rc, stdout, err = run_cli(capsys, "probe", "entropy,sink", "--model", str(tiny_dirs["llama"]), "--n-prompts", "5",
-                              "--param", "sink.epsilon=0.2", "--seed", "3", "--out", str(out))
+    rc, stdout, err = run_cli(
+        capsys,
+        "probe",
+        "entropy,sink",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--n-prompts",
+        "5",
+        "--param",
+        "sink.epsilon=0.2",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
     df, meta = read_parquet(out)
     assert list(df.columns) == ["model", "dataset", "probe", "metric", "layer", "head", "value", "n"]
@@ -47,27 +61,72 @@ def test_attention_path_flag_gives_the_same_numbers(tiny_dirs, tmp_path, capsys)
     tables = {}
     for path in ("auto", "chunks"):
         out = tmp_path / f"{path}.parquet"
-        rc, _, err = run_cli(capsys, "probe", "entropy,sink,induction,streaming", "--model", str(tiny_dirs["llama"]), "--n-prompts", "4",
-                             "--attention-path", path, "--no-progress", "--out", str(out))
+        rc, _, err = run_cli(
+            capsys,
+            "probe",
+            "entropy,sink,induction,streaming",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--n-prompts",
+            "4",
+            "--attention-path",
+            path,
+            "--no-progress",
+            "--out",
+            str(out),
+        )
         assert rc == 0, err
         tables[path], meta = read_parquet(out)
         assert meta["config"]["attention_path"] == path
     both = tables["auto"].merge(tables["chunks"], on=["probe", "metric", "layer", "head"])
     assert len(both) == len(tables["auto"]) and (both.value_x - both.value_y).abs().max() <= 1e-4
-    rc, _, err = run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--attention-path", "rows", "--out", str(tmp_path / "x.parquet"))
+    rc, _, err = run_cli(
+        capsys,
+        "probe",
+        "sink",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--attention-path",
+        "rows",
+        "--out",
+        str(tmp_path / "x.parquet"),
+    )
     assert rc == 2 and "error:" in err
 
 
 def test_token_prompts_are_used_exactly_and_bos_is_explicit(tiny_dirs, tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "tokens": [5, 6, 7, 8]}, {"id": "b", "text": "the king said"}])
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "a", "tokens": [5, 6, 7, 8]}, {"id": "b", "text": "the king said"}]
+    )
     out = tmp_path / "r.parquet"
-    assert run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))[0] == 0
+    assert (
+        run_cli(
+            capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out)
+        )[0]
+        == 0
+    )
     df, meta = read_parquet(out)
     assert df[df.metric == "entropy"].n.iloc[0] == (4 - 1) + (3 - 1)
     assert meta["dataset"]["prepend_bos"] is False
-    assert run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--prepend-bos", "--out", str(out))[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "probe",
+            "entropy",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--prompts",
+            str(prompts),
+            "--prepend-bos",
+            "--out",
+            str(out),
+        )[0]
+        == 0
+    )
     df, meta = read_parquet(out)
-    assert df[df.metric == "entropy"].n.iloc[0] == (4 - 1) + 3, "BOS prepended once to the text prompt, token ids kept as given"
+    assert df[df.metric == "entropy"].n.iloc[0] == (4 - 1) + 3, (
+        "BOS prepended once to the text prompt, token ids kept as given"
+    )
     assert meta["dataset"]["prepend_bos"] is True
 
 
@@ -88,7 +147,9 @@ def test_bad_prompts_fail_cleanly(tiny_dirs, tmp_path, capsys, case):
     rows, message = BAD_PROMPTS[case]
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "r.parquet"
-    rc, _, err = run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))
+    rc, _, err = run_cli(
+        capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out)
+    )
     assert rc == 2
     assert message in err and err.startswith("error:") and "fix:" in err
     assert "Traceback" not in err
@@ -107,12 +168,27 @@ def test_bad_prompts_fail_cleanly(tiny_dirs, tmp_path, capsys, case):
         (["probe", "entropy", "--out", "{tmp}/r.csv"], "should end in .parquet"),
         (["probe", "entropy", "--n-prompts", "0", "--out", "{tmp}/r.parquet"], "--n-prompts: must be >= 1"),
         (["probe", "entropy", "--batch-size", "zero", "--out", "{tmp}/r.parquet"], "--batch-size must be"),
-        (["probe", "sink", "--param", "sink.bogus=1", "--model", "tiny-llama", "--out", "{tmp}/r.parquet"], "sink: unknown parameter 'bogus'"),
-        (["probe", "sink", "--param", "sink.epsilon=abc", "--out", "{tmp}/r.parquet"], "sink.epsilon: expected a number, got 'abc'"),
-        (["probe", "sink", "--param", "sink.epsilon=5", "--out", "{tmp}/r.parquet"], "sink.epsilon: must be <= 1, got 5"),
-        (["probe", "sink", "--param", "sink.epsilon=NaN", "--out", "{tmp}/r.parquet"], "sink.epsilon: must be a finite number"),
+        (
+            ["probe", "sink", "--param", "sink.bogus=1", "--model", "tiny-llama", "--out", "{tmp}/r.parquet"],
+            "sink: unknown parameter 'bogus'",
+        ),
+        (
+            ["probe", "sink", "--param", "sink.epsilon=abc", "--out", "{tmp}/r.parquet"],
+            "sink.epsilon: expected a number, got 'abc'",
+        ),
+        (
+            ["probe", "sink", "--param", "sink.epsilon=5", "--out", "{tmp}/r.parquet"],
+            "sink.epsilon: must be <= 1, got 5",
+        ),
+        (
+            ["probe", "sink", "--param", "sink.epsilon=NaN", "--out", "{tmp}/r.parquet"],
+            "sink.epsilon: must be a finite number",
+        ),
         (["probe", "streaming", "--param", "streaming.recent=true", "--out", "{tmp}/r.parquet"], "streaming.recent"),
-        (["probe", "retrieval", "--param", "retrieval.span=everything", "--out", "{tmp}/r.parquet"], "retrieval.span: must be one of"),
+        (
+            ["probe", "retrieval", "--param", "retrieval.span=everything", "--out", "{tmp}/r.parquet"],
+            "retrieval.span: must be one of",
+        ),
         (["probe", "sink", "--param", "entropy.x=1", "--out", "{tmp}/r.parquet"], "not in this run"),
         (["probe", "entropy", "--dtype", "float8", "--out", "{tmp}/r.parquet"], "unknown dtype"),
     ],
@@ -152,14 +228,18 @@ def test_failed_write_leaves_no_file(tiny_dirs, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(results.pq, "write_table", boom)
     out = tmp_path / "r.parquet"
-    rc, _, err = run_cli(capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--n-prompts", "2", "--out", str(out))
+    rc, _, err = run_cli(
+        capsys, "probe", "entropy", "--model", str(tiny_dirs["llama"]), "--n-prompts", "2", "--out", str(out)
+    )
     assert rc != 0 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_console_script_exit_code_and_listing(tmp_path):
     exe = Path(sys.executable).parent / "workbench"
-    res = subprocess.run([str(exe), "probe", "nope", "--out", str(tmp_path / "r.parquet")], capture_output=True, text=True)
+    res = subprocess.run(
+        [str(exe), "probe", "nope", "--out", str(tmp_path / "r.parquet")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "unknown probe 'nope'" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([str(exe), "probes"], capture_output=True, text=True)
     assert res.returncode == 0 and "entropy_norm" in res.stdout and "sink_rate" in res.stdout
@@ -171,7 +251,12 @@ def test_dataset_export_round_trips(tiny_dirs, tmp_path, capsys):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 3 and all(r["text"] and r["id"] for r in rows)
     out = tmp_path / "r.parquet"
-    assert run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--prompts", str(path), "--out", str(out))[0] == 0
+    assert (
+        run_cli(capsys, "probe", "sink", "--model", str(tiny_dirs["llama"]), "--prompts", str(path), "--out", str(out))[
+            0
+        ]
+        == 0
+    )
     assert pq.read_table(out).num_rows == 2 * 3 * 4
 
 
@@ -180,28 +265,98 @@ def test_retrieval_cli_errors(tiny_dirs, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "probe", "retrieval", "--dataset", "niah", "--depths", "0,1.5", "--out", str(out))
     assert rc == 2 and "depth 1.5 is outside [0, 1]" in err
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "no needle here"}])
-    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out))
+    rc, _, err = run_cli(
+        capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(prompts), "--out", str(out)
+    )
     assert rc == 2 and "needs niah prompts" in err
-    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--dataset", "niah", "--context-len", "20", "--out", str(out))
+    rc, _, err = run_cli(
+        capsys,
+        "probe",
+        "retrieval",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--dataset",
+        "niah",
+        "--context-len",
+        "20",
+        "--out",
+        str(out),
+    )
     assert rc == 2 and "too short" in err
-    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--dataset", "niah", "--context-len", "999", "--out", str(out))
+    rc, _, err = run_cli(
+        capsys,
+        "probe",
+        "retrieval",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--dataset",
+        "niah",
+        "--context-len",
+        "999",
+        "--out",
+        str(out),
+    )
     assert rc == 2 and "exceeds the model's context of 256" in err
     assert not out.exists()
 
 
 def test_retrieval_and_induction_from_the_cli(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "r.parquet"
-    rc, stdout, err = run_cli(capsys, "probe", "retrieval,sink", "--model", str(tiny_dirs["llama"]), "--dataset", "niah",
-                              "--context-len", "120", "--depths", "0.5", "--n-prompts", "2", "--param", "retrieval.max_new_tokens=3", "--out", str(out))
+    rc, stdout, err = run_cli(
+        capsys,
+        "probe",
+        "retrieval,sink",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--dataset",
+        "niah",
+        "--context-len",
+        "120",
+        "--depths",
+        "0.5",
+        "--n-prompts",
+        "2",
+        "--param",
+        "retrieval.max_new_tokens=3",
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
     df, meta = read_parquet(out)
     assert set(df.probe) == {"retrieval", "sink"}
     assert meta["summaries"]["retrieval"]["n_prompts"] == 2 and "prompts counted" in stdout
     niah = tmp_path / "niah.jsonl"
-    assert run_cli(capsys, "dataset", "niah", "--model", str(tiny_dirs["llama"]), "--context-len", "100", "--n-prompts", "2", "--out", str(niah))[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "dataset",
+            "niah",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--context-len",
+            "100",
+            "--n-prompts",
+            "2",
+            "--out",
+            str(niah),
+        )[0]
+        == 0
+    )
     rows = [json.loads(line) for line in niah.read_text().splitlines()]
     assert all("answer_span" in r and "tokens" in r for r in rows)
-    rc, _, err = run_cli(capsys, "probe", "retrieval", "--model", str(tiny_dirs["llama"]), "--prompts", str(niah), "--param", "retrieval.max_new_tokens=2", "--out", str(out))
+    rc, _, err = run_cli(
+        capsys,
+        "probe",
+        "retrieval",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--prompts",
+        str(niah),
+        "--param",
+        "retrieval.max_new_tokens=2",
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
 
 
@@ -218,8 +373,21 @@ def test_help_lists_every_command_and_each_has_an_example(capsys):
         assert cmd.description and cmd.epilog and cmd.epilog.startswith("example:\n  workbench "), name
         help_line = next(a.help for a in sub._choices_actions if a.dest == name)
         assert help_line and len(help_line) < 100, name
-    assert {"probe", "probes", "models", "datasets", "dataset", "patch", "task", "circuit", "sweep", "query", "report",
-            "reinforce", "retrieval-ablation"} <= set(sub.choices)
+    assert {
+        "probe",
+        "probes",
+        "models",
+        "datasets",
+        "dataset",
+        "patch",
+        "task",
+        "circuit",
+        "sweep",
+        "query",
+        "report",
+        "reinforce",
+        "retrieval-ablation",
+    } <= set(sub.choices)
 
 
 def test_a_closed_pipe_is_not_an_internal_error(tmp_path):
@@ -227,7 +395,13 @@ def test_a_closed_pipe_is_not_an_internal_error(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        res = subprocess.run([sys.executable, "-m", "workbench", "probes"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "workbench", "probes"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(write_end)
     assert res.returncode == 0 and res.stderr == "", res.stderr
@@ -236,9 +410,12 @@ def test_a_closed_pipe_is_not_an_internal_error(tmp_path):
 def test_patching_near_equal_baselines_print_one_warning_line(tmp_path, capsys):
     """Pairs whose clean and corrupted logit differences are nearly equal: the effects mean
     little, and the CLI says so in one `warning:` line (no library warnings, no traceback)."""
-    pairs = write_jsonl(tmp_path / "p.jsonl", [
-        {"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " the", "incorrect": " and"},
-    ])
+    pairs = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " the", "incorrect": " and"},
+        ],
+    )
     import warnings
 
     from circuits import baseline as patching
@@ -253,8 +430,20 @@ def test_patching_near_equal_baselines_print_one_warning_line(tmp_path, capsys):
 
     patching.baseline = flat
     try:
-        rc, _, err = run_cli(capsys, "patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(tmp_path / "o.parquet"))
+        rc, _, err = run_cli(
+            capsys,
+            "patch",
+            "path",
+            "--model",
+            "tiny-llama",
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(tmp_path / "o.parquet"),
+        )
     finally:
         patching.baseline = real
     assert rc == 0, err
-    assert [line for line in err.splitlines() if line.strip()] == ["warning: clean and corrupted logit differences are nearly equal"], err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "warning: clean and corrupted logit differences are nearly equal"
+    ], err

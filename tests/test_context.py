@@ -1,5 +1,6 @@
 """Context-aware divergence and context-vs-memory direct effects on a tiny Llama, against a plain
 HF recomputation (o_proj inputs, the final RMSNorm written out by hand)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,21 @@ from workbench.inputs.prompts import Prompt
 from workbench.runner import run_probes
 
 ITEMS = [
-    Prompt("a", text="and he said unto", meta={"context": "the lord God of the land", "target_context": " lord", "target_memory": " God"}),
-    Prompt("b", text="the king", meta={"context": "in the day that the king said", "target_context": " said", "target_memory": " king"}),
-    Prompt("c", text="and the people of the land said unto them", meta={"context": "God", "target_context": " people", "target_memory": " land"}),
+    Prompt(
+        "a",
+        text="and he said unto",
+        meta={"context": "the lord God of the land", "target_context": " lord", "target_memory": " God"},
+    ),
+    Prompt(
+        "b",
+        text="the king",
+        meta={"context": "in the day that the king said", "target_context": " said", "target_memory": " king"},
+    ),
+    Prompt(
+        "c",
+        text="and the people of the land said unto them",
+        meta={"context": "God", "target_context": " people", "target_memory": " land"},
+    ),
 ]
 
 
@@ -22,7 +35,9 @@ def plain_llama(tiny_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = tiny_dirs["llama"]
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _rmsnorm(norm, x):
@@ -92,7 +107,9 @@ def test_context_batched_equals_one_at_a_time(tiny_models):
 
 
 def test_items_whose_targets_share_a_first_token_are_listed_not_scored(tiny_models):
-    same = Prompt("z", text="and he said", meta={"context": "the lord", "target_context": " Zorblax", "target_memory": " Quuxian"})
+    same = Prompt(
+        "z", text="and he said", meta={"context": "the lord", "target_context": " Zorblax", "target_memory": " Quuxian"}
+    )
     probe = get_probe("context")
     res = run_probes(tiny_models["llama"], [ITEMS[0], same], [probe])  # both unknown words -> [UNK]
     df = res.table

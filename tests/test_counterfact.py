@@ -1,4 +1,5 @@
 """The ``counterfact`` knowledge-conflict dataset: structure, and that SmolLM2 knows its facts."""
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,9 @@ def test_items_have_the_context_fields():
         assert ctx.startswith(" ") and mem.startswith(" ")
         assert ctx.strip() != mem.strip()
         assert it.meta["context"].endswith(ctx + ".")
-        assert not re.search(rf"\b{mem.strip()}\b", it.meta["context"]), it.id  # the passage never gives the true answer
+        assert not re.search(rf"\b{mem.strip()}\b", it.meta["context"]), (
+            it.id
+        )  # the passage never gives the true answer
         assert it.text.startswith("Q: ") and not it.text.endswith(" ")
         assert it.meta["relation"] in counterfact.RELATIONS
 

@@ -1,5 +1,6 @@
 """The cross-model study's files: shipped sweep configs parse, the distil script builds the notebook's table
 (relative depth, each layer's attention kind), and the shipped table has what notebooks/06 reads."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_script():
-    spec = importlib.util.spec_from_file_location("build_cross_model", ROOT / "data" / "results" / "build_cross_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_cross_model", ROOT / "data" / "results" / "build_cross_model.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -29,8 +32,10 @@ def test_shipped_sweep_configs_load(path):
 
 def test_build_from_a_tiny_two_family_sweep(tiny_dirs, tmp_path):
     cfg = tmp_path / "cross.toml"
-    cfg.write_text(f'models = ["{tiny_dirs["llama"]}", "tiny-gemma3-text"]\nprobes = ["entropy", "sink"]\n'
-                   '[datasets.prose]\nn_prompts = 3\n')
+    cfg.write_text(
+        f'models = ["{tiny_dirs["llama"]}", "tiny-gemma3-text"]\nprobes = ["entropy", "sink"]\n'
+        "[datasets.prose]\nn_prompts = 3\n"
+    )
     assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     t = build_script().build(tmp_path / "run")
     heads = t[t.kind == "head"]
@@ -50,8 +55,14 @@ def test_the_shipped_table_has_what_the_notebook_reads():
     heads = t[t.kind == "head"]
     gemma = heads[heads.model == "gemma3-270m"]
     assert sorted(gemma[gemma.attention == "global"].layer.unique()) == [5, 11, 17]
-    for dataset, metric in [("prose", "sink_mass"), ("long-prose", "entropy_norm"), ("repeated-random", "induction"),
-                            ("niah-1k", "retrieval"), ("bos-prose", "sink_mass"), ("no-bos-prose", "sink_mass")]:
+    for dataset, metric in [
+        ("prose", "sink_mass"),
+        ("long-prose", "entropy_norm"),
+        ("repeated-random", "induction"),
+        ("niah-1k", "retrieval"),
+        ("bos-prose", "sink_mass"),
+        ("no-bos-prose", "sink_mass"),
+    ]:
         assert len(heads[(heads.dataset == dataset) & (heads.metric == metric)]) > 0, (dataset, metric)
     summary = t[t.kind == "summary"]
     assert set(summary[summary.dataset == "ioi"].metric) == {"ld_clean", "ld_corrupted"}

@@ -3,12 +3,15 @@
 Probe docstrings, the README and HTML reports link to ``docs/metrics.md#METRIC``; a metric without
 a heading of its own name would be a dead link and an undocumented number.
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"  # also package data: workbench/report/metrics.md links to it
+DOC = (
+    Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+)  # also package data: workbench/report/metrics.md links to it
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 
 
@@ -79,12 +82,21 @@ def test_the_api_reference_covers_every_module():
     import pkgutil
 
     root = Path(__file__).resolve().parents[1]
-    documented = {m for f in (root / "docs" / "reference").glob("*.md") for m in re.findall(r"^::: ([\w.]+)", f.read_text(), re.M)}
+    documented = {
+        m for f in (root / "docs" / "reference").glob("*.md") for m in re.findall(r"^::: ([\w.]+)", f.read_text(), re.M)
+    }
     modules = []
     for pkg in ("workbench", "probes", "circuits"):
         modules += [pkg, *(i.name for i in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + "."))]
     exempt = ("workbench.cli", "workbench.__main__", "workbench.datasets.", "probes.base")
-    packages_only = {"workbench.engine", "workbench.experiments", "workbench.files", "workbench.inputs", "workbench.report", "workbench.runs"}
+    packages_only = {
+        "workbench.engine",
+        "workbench.experiments",
+        "workbench.files",
+        "workbench.inputs",
+        "workbench.report",
+        "workbench.runs",
+    }
     missing = [m for m in modules if not m.startswith(exempt) and m not in packages_only and m not in documented]
     assert not missing, f"add to docs/reference/*.md: {', '.join(missing)}"
     stale = [m for m in documented if m not in modules]

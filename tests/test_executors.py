@@ -4,6 +4,7 @@ equal the local executor's row for row, also into a file:// URL and when the wor
 task is killed, and into an ``s3://`` bucket of moto's S3 server on loopback (workers configured
 the way a user's nodes are: the standard AWS variables in the environment the cluster starts
 with)."""
+
 from __future__ import annotations
 
 import os
@@ -68,14 +69,24 @@ def test_the_executor_table_is_validated_and_kept_out_of_the_keys(sweep_config, 
     cfg = load_config(cfg_path)
     assert cfg.executor == {"cpus": 1, "memory": 200_000_000, "retries": 2}
     plain = tmp_path / "plain.toml"
-    plain.write_text("\n".join(line for line in cfg_path.read_text().splitlines() if line.split(" ")[0] not in ("[executor]", "cpus", "memory", "retries")))
+    plain.write_text(
+        "\n".join(
+            line
+            for line in cfg_path.read_text().splitlines()
+            if line.split(" ")[0] not in ("[executor]", "cpus", "memory", "retries")
+        )
+    )
     assert [u.filename for u in load_config(plain).units()] == [u.filename for u in cfg.units()]
-    for table, message in (("gpus = -1", "[executor].gpus: must be >= 0"), ("cpus = true", "[executor].cpus: expected a number"),
-                           ("retries = 1.5", "[executor].retries: expected a whole number"),
-                           ('memory = "8 parsecs"', "[executor].memory: must be bytes or a size"), ("nodes = 3", "[executor]: unknown key 'nodes'")):
+    for table, message in (
+        ("gpus = -1", "[executor].gpus: must be >= 0"),
+        ("cpus = true", "[executor].cpus: expected a number"),
+        ("retries = 1.5", "[executor].retries: expected a whole number"),
+        ('memory = "8 parsecs"', "[executor].memory: must be bytes or a size"),
+        ("nodes = 3", "[executor]: unknown key 'nodes'"),
+    ):
         bad = tmp_path / "bad.toml"
         head, _, tail = cfg_path.read_text().partition("[executor]\n")
-        bad.write_text(head + "[executor]\n" + table + "\n" + tail[tail.index("[datasets"):])
+        bad.write_text(head + "[executor]\n" + table + "\n" + tail[tail.index("[datasets") :])
         with pytest.raises(WorkbenchError, match=re.escape(message)):
             load_config(bad)
     big = tmp_path / "big.toml"
@@ -96,7 +107,21 @@ def test_an_unreachable_ray_address_is_one_error(sweep_config, tmp_path, capsys)
     pytest.importorskip("ray")
     cfg, _ = sweep_config
     t0 = time.time()
-    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--executor", "ray", "--address", f"127.0.0.1:{free_port()}"]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                str(cfg),
+                "--out",
+                str(tmp_path / "run"),
+                "--executor",
+                "ray",
+                "--address",
+                f"127.0.0.1:{free_port()}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no Ray cluster answers at 127.0.0.1:" in err and "ray start --head" in err and "Traceback" not in err
     assert time.time() - t0 < 30 and not (tmp_path / "run").exists()
@@ -127,13 +152,34 @@ def ray_cluster(s3_endpoint):
     token = secrets.token_hex(16)
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           **(s3_endpoint.env if s3_endpoint else {})}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        **(s3_endpoint.env if s3_endpoint else {}),
+    }
     log = open(Path(temp) / "start.log", "w")
-    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--disable-usage-stats", "--include-dashboard=false", "--num-cpus=2", "--object-store-memory=100000000",
-                             f"--temp-dir={temp}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            "--include-dashboard=false",
+            "--num-cpus=2",
+            "--object-store-memory=100000000",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def stop() -> None:
         if proc.poll() is None:
@@ -163,11 +209,33 @@ def ray_cluster(s3_endpoint):
 def driver(cluster: dict, *argv: str, token: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """`workbench sweep ... --executor ray --address ADDR` in its own process (Ray reads its auth
     settings once per process), with the cluster's token unless another is given."""
-    full = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token or cluster["token"],
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **env}
+    full = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token or cluster["token"],
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        **env,
+    }
     full.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "workbench", "sweep", *map(str, argv), "--executor", "ray", "--address", cluster["address"],
-                           "--no-progress"], env=full, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "sweep",
+            *map(str, argv),
+            "--executor",
+            "ray",
+            "--address",
+            cluster["address"],
+            "--no-progress",
+        ],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_a_ray_sweep_equals_the_local_one_row_for_row(sweep_config, ray_cluster, tmp_path):
@@ -229,7 +297,9 @@ def test_a_ray_sweep_into_s3_equals_the_local_one(sweep_config, ray_cluster, s3_
 def test_a_memory_url_is_refused_for_ray(sweep_config, ray_cluster):
     cfg, _ = sweep_config
     done = driver(ray_cluster, cfg, "--out", "memory://wb/run")
-    assert done.returncode == 2 and "lives in this process's memory" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        done.returncode == 2 and "lives in this process's memory" in done.stderr and "Traceback" not in done.stderr
+    ), done.stderr[-3000:]
 
 
 def test_a_killed_worker_is_retried_without_losing_or_duplicating_rows(sweep_config, ray_cluster, tmp_path):
@@ -268,7 +338,10 @@ def test_a_wrong_token_is_refused(sweep_config, ray_cluster, tmp_path):
     cfg, _ = sweep_config
     done = driver(ray_cluster, cfg, "--out", tmp_path / "run", token=secrets.token_hex(16))
     assert done.returncode == 2
-    assert "error: the Ray cluster at 127.0.0.1:" in done.stderr and "refused this driver's authentication token" in done.stderr
+    assert (
+        "error: the Ray cluster at 127.0.0.1:" in done.stderr
+        and "refused this driver's authentication token" in done.stderr
+    )
     assert "fix: set RAY_AUTH_TOKEN" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
 
@@ -277,9 +350,14 @@ def test_a_task_that_fails_on_bad_input_is_one_error_not_retried(ray_cluster, ti
     """The context length is known only once a task loads the model: its WorkbenchError comes back
     to the driver as the same one error line, and no part is recorded."""
     cfg = tmp_path / "niah.toml"
-    cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["entropy"]\n[executor]\nretries = 3\n'
-                   "[datasets.niah]\nn_prompts = 2\ncontext_len = [1000]\n")
+    cfg.write_text(
+        f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["entropy"]\n[executor]\nretries = 3\n'
+        "[datasets.niah]\nn_prompts = 2\ncontext_len = [1000]\n"
+    )
     done = driver(ray_cluster, cfg, "--out", tmp_path / "run")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "error: context length 1000 exceeds the model's context of 256" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "error: context length 1000 exceeds the model's context of 256" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert not list((tmp_path / "run" / "parts").glob("*.parquet"))

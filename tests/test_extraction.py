@@ -1,4 +1,5 @@
 """The extraction engine: batching, bounded memory, OOM back-off, and leaving the bridge intact."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,14 @@ def test_chunks_respect_the_memory_budget_and_come_layer_by_layer(tiny_models):
     model = tiny_models["llama"]
     spy = ChunkSpy()
     budget = 4 * model.n_heads * 60  # a few query rows at a time for 60-token prompts
-    run_probes(model, random_prompts(model.vocab_size, [60, 50, 40, 30]), [spy], batch_size=2, chunk_elements=budget, progress=False)
+    run_probes(
+        model,
+        random_prompts(model.vocab_size, [60, 50, 40, 30]),
+        [spy],
+        batch_size=2,
+        chunk_elements=budget,
+        progress=False,
+    )
     assert max(n for _, n, _, _ in spy.events) <= budget
     layers = [layer for layer, *_ in spy.events]
     assert sorted(set(layers)) == list(range(model.n_layers))
@@ -67,15 +75,24 @@ def test_oom_backoff_splits_batches_and_counts_nothing_twice(tiny_models):
     them, and the probes' numbers equal an unbatched run."""
     model = tiny_models["llama"]
     prompts = random_prompts(model.vocab_size, [20, 11, 31, 7, 16], seed=4)
-    reference = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False).table
+    reference = run_probes(
+        model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False
+    ).table
     base = model.hf_model.base_model
 
     def flaky_forward(batch):
-        base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False)
+        base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.clamp_min(0),
+            use_cache=False,
+        )
         if batch.size > 1:  # fail after the probes already saw every layer of this batch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    _res = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=4, progress=False, forward=flaky_forward)
+    _res = run_probes(
+        model, prompts, [get_probe("entropy"), get_probe("sink")], batch_size=4, progress=False, forward=flaky_forward
+    )
 
     table, stats = _res.table, _res.stats
     assert stats.n_oom_splits >= 2 and stats.n_batches == len(prompts)
@@ -91,7 +108,9 @@ def test_oom_on_a_single_prompt_is_a_clear_error(tiny_models):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(WorkbenchError, match="out of memory on a single prompt"):
-        run_probes(model, random_prompts(model.vocab_size, [5, 6]), [get_probe("sink")], forward=always_oom, progress=False)
+        run_probes(
+            model, random_prompts(model.vocab_size, [5, 6]), [get_probe("sink")], forward=always_oom, progress=False
+        )
 
 
 def test_bridge_is_restored_after_runs_and_failures(tiny_models):
@@ -110,7 +129,9 @@ def test_bridge_is_restored_after_runs_and_failures(tiny_models):
     assert type(hf.model.layers[0].original_component.self_attn) is attn_before
     assert hf.config._attn_implementation == impl_before
     # TransformerLens' own hooks still work afterwards
-    _, cache = model.bridge.run_with_cache(torch.tensor([[5, 6, 7, 8]]), names_filter=lambda n: n.endswith("hook_pattern"))
+    _, cache = model.bridge.run_with_cache(
+        torch.tensor([[5, 6, 7, 8]]), names_filter=lambda n: n.endswith("hook_pattern")
+    )
     assert cache["blocks.0.attn.hook_pattern"].shape == (1, 4, 4, 4)
 
 
@@ -157,8 +178,12 @@ def test_lower_precision_runs_and_stays_close(tiny_dirs):
     from workbench.models.loading import load_model
 
     prompts = random_prompts(512, [12, 30, 7], seed=9)
-    full = run_probes(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False).table
-    half = run_probes(load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, [get_probe("entropy")], progress=False).table
+    full = run_probes(
+        load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, [get_probe("entropy")], progress=False
+    ).table
+    half = run_probes(
+        load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, [get_probe("entropy")], progress=False
+    ).table
     a, b = lookup(full, "entropy_norm"), lookup(half, "entropy_norm")
     assert max(abs(a[k][0] - b[k][0]) for k in a) < 0.05
 
@@ -181,10 +206,15 @@ def test_the_forward_ends_after_the_last_layers_attention(tiny_models, arch):
     model = tiny_models[arch]
     spy = ChunkSpy()
     ran = []
-    with native_attention(model.hf_model, unwrap=True):  # the plain HF modules, as run_probes runs them (a booted bridge wraps them)
+    with native_attention(
+        model.hf_model, unwrap=True
+    ):  # the plain HF modules, as run_probes runs them (a booted bridge wraps them)
         modules = dict(base_network(model.hf_model).named_modules())
         layers = "layers" if arch == "llama" else "h"
-        last_mlp, final_norm = modules[f"{layers}.{model.n_layers - 1}.mlp"], modules["norm" if arch == "llama" else "ln_f"]
+        last_mlp, final_norm = (
+            modules[f"{layers}.{model.n_layers - 1}.mlp"],
+            modules["norm" if arch == "llama" else "ln_f"],
+        )
         watched = [modules[f"{layers}.{i}.mlp"] for i in range(model.n_layers)] + [final_norm]
         handles = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in watched]
         try:

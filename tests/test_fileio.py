@@ -1,5 +1,6 @@
 """Atomic writes give the mode a normal new file gets (issue 10, item 9): temp file + rename used
 to keep mkstemp's 0600 under umask 022."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,11 @@ def mode(path: Path) -> int:
 
 
 def _table() -> pd.DataFrame:
-    return tidy(pd.DataFrame({"probe": "entropy", "metric": "entropy", "layer": [0], "head": [0], "value": [0.5], "n": [3]}), "m", "prose")
+    return tidy(
+        pd.DataFrame({"probe": "entropy", "metric": "entropy", "layer": [0], "head": [0], "value": [0.5], "n": [3]}),
+        "m",
+        "prose",
+    )
 
 
 def _writers(tmp_path: Path):

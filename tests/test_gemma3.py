@@ -11,6 +11,7 @@ tests/reference.py, in padded batches of unequal lengths, to 1e-4:
 The references take the visible keys from the plain HF model's config (``layer_types``,
 ``sliding_window``) and check that the eager patterns put no weight outside them.
 """
+
 from __future__ import annotations
 
 import random
@@ -78,13 +79,24 @@ def test_tiny_gemma3_text_is_a_known_model():
 
 # -- token pattern metrics ----------------------------------------------------------------------
 def pattern_probes(sink: int, recent: int):
-    return [get_probe("entropy"), get_probe("sink"), get_probe("induction"), get_probe("streaming", sink=sink, recent=recent)]
+    return [
+        get_probe("entropy"),
+        get_probe("sink"),
+        get_probe("induction"),
+        get_probe("streaming", sink=sink, recent=recent),
+    ]
 
 
 def check_pattern_metrics(model, ref_model, prompts, batch_size, sink, recent, chunk_elements=None):
     """All nine token metrics equal the eager recomputation; returns the eager patterns."""
-    res = run_probes(model, prompts, pattern_probes(sink, recent), batch_size=batch_size, progress=False,
-                     chunk_elements=chunk_elements)
+    res = run_probes(
+        model,
+        prompts,
+        pattern_probes(sink, recent),
+        batch_size=batch_size,
+        progress=False,
+        chunk_elements=chunk_elements,
+    )
     table = res.table
     windows = attention_windows(ref_model)
     pats = [patterns(ref_model, p.ids) for p in prompts]
@@ -92,8 +104,14 @@ def check_pattern_metrics(model, ref_model, prompts, batch_size, sink, recent, c
     ent, ent_norm, n_q = entropy_reference(pats, windows)
     mass, rate, n_p = sink_reference(pats)
     stream, n_s = streaming_reference(pats, sink=sink, recent=recent)
-    expected = {"entropy": (ent, n_q), "entropy_norm": (ent_norm, n_q), "sink_mass": (mass, n_p), "sink_rate": (rate, n_p),
-                **induction_reference(pats, [p.ids for p in prompts], [p.meta for p in prompts]), "streaming": (stream, n_s)}
+    expected = {
+        "entropy": (ent, n_q),
+        "entropy_norm": (ent_norm, n_q),
+        "sink_mass": (mass, n_p),
+        "sink_rate": (rate, n_p),
+        **induction_reference(pats, [p.ids for p in prompts], [p.meta for p in prompts]),
+        "streaming": (stream, n_s),
+    }
     assert set(table.metric) == set(expected)
     for metric, (ref, n) in expected.items():
         got = lookup(table, metric)
@@ -139,8 +157,9 @@ def test_tiny_gemma3_pattern_metrics_match_reference(tiny_gemma, tiny_gemma_eage
     prompts = tiny_prompts(tiny_gemma)
     assert prompts[2].ids[0] == tiny_gemma.tokenizer.bos_token_id  # text: BOS from the tokenizer
     assert len({len(p) for p in prompts}) == len(prompts) and max(len(p) for p in prompts) > 4 * 8
-    pats, windows = check_pattern_metrics(tiny_gemma, tiny_gemma_eager, prompts, batch_size, sink=2, recent=5,
-                                          chunk_elements=chunk_elements)
+    pats, windows = check_pattern_metrics(
+        tiny_gemma, tiny_gemma_eager, prompts, batch_size, sink=2, recent=5, chunk_elements=chunk_elements
+    )
     assert mass_beyond_window(pats, windows, layer_is_sliding=False) > 1.0  # the global layer reads far back
 
 
@@ -152,12 +171,19 @@ def stop_ids(tok):
     return ids
 
 
-def check_retrieval(model, ref_model, prompts, max_new_tokens, batch_size, prefill="batched", require_correct=True,
-                    check_generate=True):
+def check_retrieval(
+    model, ref_model, prompts, max_new_tokens, batch_size, prefill="batched", require_correct=True, check_generate=True
+):
     """Batched scores, answers and step counts equal the paper's one-prompt loop; the loop's
     greedy tokens equal HF ``generate`` with the model's own (sliding-window) cache."""
-    res = generate_and_score(model, prompts, max_new_tokens=max_new_tokens, ctx=RunContext(batch_size=batch_size),
-                             require_correct=require_correct, prefill=prefill)
+    res = generate_and_score(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        ctx=RunContext(batch_size=batch_size),
+        require_correct=require_correct,
+        prefill=prefill,
+    )
     stops = stop_ids(model.tokenizer)
     for p, r in zip(prompts, res):
         ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stops, max_new_tokens)
@@ -169,7 +195,7 @@ def check_retrieval(model, ref_model, prompts, max_new_tokens, batch_size, prefi
         with torch.no_grad():
             ids = torch.tensor([p.ids])
             gen = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(out), do_sample=False)
-        assert gen[0, len(p.ids):].tolist() == out
+        assert gen[0, len(p.ids) :].tolist() == out
     return res
 
 
@@ -187,7 +213,9 @@ def attractor_token(model, n=40, seed=0) -> int:
 
 
 @pytest.mark.parametrize("prefill,piece", [("batched", None), ("separate", None), ("batched", 5), ("separate", 11)])
-def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(tiny_gemma, tiny_gemma_eager, prefill, piece, monkeypatch):
+def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(
+    tiny_gemma, tiny_gemma_eager, prefill, piece, monkeypatch
+):
     """The answer span ends a window before the first decoded token's query: sliding layers
     cannot attend to it (their scores are 0), the global layer can. Prompts are mostly the
     model's favourite token, so its greedy output copies from the span often enough to score.
@@ -204,7 +232,9 @@ def test_tiny_gemma3_retrieval_with_the_needle_beyond_the_window(tiny_gemma, tin
     for i, n in enumerate([40, 29, 35, 31]):
         ids = [fav if rng.random() < 0.7 else rng.randrange(4, model.vocab_size) for _ in range(n)]
         prompts.append(TokenizedPrompt(f"n{i}", ids, {"answer_span": [0, n - W], "answer": "x"}))
-    res = check_retrieval(model, tiny_gemma_eager, prompts, max_new_tokens=12, batch_size=3, prefill=prefill, require_correct=False)
+    res = check_retrieval(
+        model, tiny_gemma_eager, prompts, max_new_tokens=12, batch_size=3, prefill=prefill, require_correct=False
+    )
     scores = torch.stack([r.scores for r in res])  # [prompt, layer, head]
     assert scores[:, 2].sum() > 0, "the global layer must score some copy hits for the test to mean anything"
     assert scores[:, [0, 1, 3]].abs().max() == 0
@@ -233,7 +263,9 @@ def test_tiny_gemma3_path_patching_equals_serial(tiny_gemma, tiny_gemma_eager, r
     want, ld_clean, ld_corrupted = serial_path_patching(tiny_gemma_eager, pairs, senders, receivers)
     for r in got.itertuples():
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
-        assert abs(r.value - (want[(r.layer, r.head)] - ld_clean) / (ld_clean - ld_corrupted)) < 1e-3 * max(1, abs(r.value))
+        assert abs(r.value - (want[(r.layer, r.head)] - ld_clean) / (ld_clean - ld_corrupted)) < 1e-3 * max(
+            1, abs(r.value)
+        )
     # senders must differ in effect by well over the tolerance for the test to mean anything
     assert got.ld.std() > 5e-4
 
@@ -249,12 +281,17 @@ def test_token_space_prompts_start_with_the_tokenizers_default_bos(tiny_gemma, t
     for p in make_dataset("niah", tokenizer=tok, context_len=120, depths=[0, 0.5, 1]):
         assert len(p.tokens) == 120 and p.tokens[0] == bos and p.tokens.count(bos) == 1
         s, e = p.meta["answer_span"]
-        assert tok.decode(p.tokens[s:e]).replace(" ", "") == p.meta["answer"].replace(" ", "") or "[UNK]" in tok.decode(p.tokens[s:e])
+        assert tok.decode(p.tokens[s:e]).replace(" ", "") == p.meta["answer"].replace(" ", "") or "[UNK]" in tok.decode(
+            p.tokens[s:e]
+        )
     assert make_dataset("niah", tokenizer=tok, context_len=120, depths=[0])[0].meta["needle_span"][0] == 1
     from circuits.tasks import make_pair
 
     # (the tiny word-level vocabularies know too few single-token names for `ioi`: pairs of known words)
-    for pair in [make_pair(tok, "a", "the king said", "the man said", " king", " man"), make_pair(tok, "b", "and the old man", "and the good man", " old", " good")]:
+    for pair in [
+        make_pair(tok, "a", "the king said", "the man said", " king", " man"),
+        make_pair(tok, "b", "and the old man", "and the good man", " old", " good"),
+    ]:
         assert pair.clean[0] == pair.corrupted[0] == bos and len(pair.clean) == len(pair.corrupted)
         assert pair.clean[1:] == tok(pair.meta["clean"], add_special_tokens=False)["input_ids"]
 
@@ -268,10 +305,15 @@ def test_prompt_longer_than_the_context_is_refused(tiny_gemma):
     n_ctx = tiny_gemma.n_ctx
     assert n_ctx == 256
     too_long = [Prompt("long", tokens=[5] * (n_ctx + 1))]
-    with pytest.raises(WorkbenchError, match=f"has {n_ctx + 1} tokens, longer than the model's context of {n_ctx}") as info:
+    with pytest.raises(
+        WorkbenchError, match=f"has {n_ctx + 1} tokens, longer than the model's context of {n_ctx}"
+    ) as info:
         tokenize_prompts(too_long, tiny_gemma.tokenizer, n_ctx, tiny_gemma.vocab_size)
     assert "shorten" in info.value.fix
-    assert len(tokenize_prompts([Prompt("ok", tokens=[5] * n_ctx)], tiny_gemma.tokenizer, n_ctx, tiny_gemma.vocab_size)[0]) == n_ctx
+    assert (
+        len(tokenize_prompts([Prompt("ok", tokens=[5] * n_ctx)], tiny_gemma.tokenizer, n_ctx, tiny_gemma.vocab_size)[0])
+        == n_ctx
+    )
 
 
 def test_gemma_requirements_are_pinned_and_match_the_makefile():
@@ -293,7 +335,9 @@ def test_gemma3_facts(gemma3, gemma3_eager):
     assert (cfg.head_dim, cfg.hidden_size, cfg.vocab_size, gemma3.vocab_size) == (256, 640, 262144, 262144)
     windows = attention_windows(gemma3_eager)
     assert [l for l, w in enumerate(windows) if w is None] == [5, 11, 17] and set(windows) == {512, None}
-    assert cfg.query_pre_attn_scalar == 256 and cfg.final_logit_softcapping is None and cfg.attn_logit_softcapping is None
+    assert (
+        cfg.query_pre_attn_scalar == 256 and cfg.final_logit_softcapping is None and cfg.attn_logit_softcapping is None
+    )
     assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
     assert cfg.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
     tok = gemma3.tokenizer
@@ -303,7 +347,7 @@ def test_gemma3_facts(gemma3, gemma3_eager):
     assert embedded.verify_folder(embedded.embedded_folder("gemma3-270m"), full=True) is None
     with torch.no_grad():
         out = gemma3_eager.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
-    assert tok.decode(out[0, len(ids):]).startswith(" the capital of")
+    assert tok.decode(out[0, len(ids) :]).startswith(" the capital of")
 
 
 def gemma_prompts(model) -> list[TokenizedPrompt]:
@@ -330,7 +374,9 @@ def test_gemma3_retrieval_matches_the_paper_loop(gemma3, gemma3_eager):
     """A short niah prompt and one whose needle is more than a window before the question, in
     one left-padded batch (6 decoding steps: the 5-digit answer; the tiny-model test covers
     HF generate's sliding-window cache)."""
-    prompts = make_dataset("niah", n_prompts=2, tokenizer=gemma3.tokenizer, context_len=[200, 700], depths=[0.1], seed=1)
+    prompts = make_dataset(
+        "niah", n_prompts=2, tokenizer=gemma3.tokenizer, context_len=[200, 700], depths=[0.1], seed=1
+    )
     tok = tokenize_prompts(prompts, gemma3.tokenizer, gemma3.n_ctx, gemma3.vocab_size)
     assert all(p.ids[0] == gemma3.tokenizer.bos_token_id for p in tok)
     res = check_retrieval(gemma3, gemma3_eager, tok, max_new_tokens=6, batch_size=2, check_generate=False)
@@ -352,7 +398,10 @@ def test_gemma3_ioi_path_patching_equals_serial(gemma3, gemma3_eager):
     for receivers in (None, [(14, 2, "q"), (16, 0, "k"), (16, 0, "v")]):  # one KV head: k / v serve all 4 heads
         got = path_patching(gemma3, base, senders=senders, receivers=receivers)
         want, ld_clean, ld_corrupted = serial_path_patching(gemma3_eager, pairs, senders, receivers)
-        assert abs(ld_clean - float(base.ld_clean.mean())) < 1e-4 and abs(ld_corrupted - float(base.ld_corrupted.mean())) < 1e-4
+        assert (
+            abs(ld_clean - float(base.ld_clean.mean())) < 1e-4
+            and abs(ld_corrupted - float(base.ld_corrupted.mean())) < 1e-4
+        )
         for r in got.itertuples():
             assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4, (receivers, r)
         assert got.ld.std() > 1e-3

@@ -1,6 +1,7 @@
 """Cheap checks first, and oversized inputs as WorkbenchErrors (issue 10, items 7 and 8):
 images over PIL's pixel limit or with corrupt data, prompts far over the context, absurd
 dataset sizes."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A few dozen bytes: a PNG header that declares ``width x height`` RGB pixels, and almost no data."""
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def real_png(width: int, height: int) -> bytes:
@@ -146,7 +151,9 @@ def _assert_rejected_without_tokenizing(tok, text: str, n_ctx: int) -> None:
 
     spy = SpyTokenizer(tok)
     with pytest.raises(WorkbenchError, match=CONTEXT_ERROR) as err:
-        tokenize_prompts([Prompt("ok", text="the king said"), Prompt("huge", text=text)], spy, n_ctx=n_ctx, vocab_size=len(tok))
+        tokenize_prompts(
+            [Prompt("ok", text="the king said"), Prompt("huge", text=text)], spy, n_ctx=n_ctx, vocab_size=len(tok)
+        )
     assert err.value.fix.startswith("shorten or split the prompt")
     assert spy.lengths and max(spy.lengths) < 1_000_000, f"the tokenizer saw {max(spy.lengths)} characters"
 
@@ -247,7 +254,9 @@ def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     spy = SpyTokenizer(tiny_tok)
     model = SimpleNamespace(tokenizer=spy, n_ctx=256)
     item = Prompt("huge", text="what did the king say?", meta={"context": "the king said unto them " * 2_000_000})
-    with pytest.raises(WorkbenchError, match=r"item 'huge' has at least \d+ tokens, longer than the model's context of 256"):
+    with pytest.raises(
+        WorkbenchError, match=r"item 'huge' has at least \d+ tokens, longer than the model's context of 256"
+    ):
         context_pair(model, item)
     assert max(spy.lengths, default=0) < 1_000_000
     ok = context_pair(model, Prompt("ok", text="what did the king say?", meta={"context": "the king said unto them"}))

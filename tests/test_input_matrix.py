@@ -6,6 +6,7 @@ probability of 5), a wrong type in a config, a file that is missing / not UTF-8 
 that is not an object / a field of the wrong type, an absurd size, an unknown name, an
 unwritable or wrong output path.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,11 @@ import pytest
 from workbench.cli import main
 
 NON_UTF8 = b'{"id": "a", "text": "caf\xe9"}\n'
-NOT_OBJECT = '[1, 2]\n'
+NOT_OBJECT = "[1, 2]\n"
 BAD_FIELD_PAIRS = '{"id": "a", "clean": 3, "corrupted": "x", "correct": " a", "incorrect": " b"}\n'
-GOOD_PAIRS = '{"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"}\n'
+GOOD_PAIRS = (
+    '{"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"}\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,12 @@ def files(tmp_path_factory):
     (root / "pairs.jsonl").write_text(GOOD_PAIRS)
     (root / "nonutf8.toml").write_bytes(b'models = ["caf\xe9"]\n')
     (root / "good.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[datasets.prose]\nn_prompts = 2\n')
-    (root / "badexec.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\ncpus = 0\n[datasets.prose]\nn_prompts = 2\n')
-    (root / "badmem.toml").write_text('models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\nmemory = "lots"\n[datasets.prose]\nn_prompts = 2\n')
+    (root / "badexec.toml").write_text(
+        'models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\ncpus = 0\n[datasets.prose]\nn_prompts = 2\n'
+    )
+    (root / "badmem.toml").write_text(
+        'models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\nmemory = "lots"\n[datasets.prose]\nn_prompts = 2\n'
+    )
     (root / "afile").write_text("x")
     (root / "run" / "parts").mkdir(parents=True)
     return root
@@ -101,7 +108,10 @@ CASES = {
         (["sweep", "{files}/nonutf8.toml", "--out", "{tmp}/run"], "not valid TOML"),
         (["sweep", "{files}/pairs.jsonl", "--out", "{tmp}/run"], "not valid TOML"),
         (["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--executor", "nope"], "unknown executor 'nope'"),
-        (["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--address", "127.0.0.1:6379"], "--address names a cluster"),
+        (
+            ["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--address", "127.0.0.1:6379"],
+            "--address names a cluster",
+        ),
         (["sweep", "{files}/badexec.toml", "--out", "{tmp}/run"], "[executor] cpus must be a number > 0"),
         (["sweep", "{files}/badmem.toml", "--out", "{tmp}/run"], "[executor] memory must be bytes"),
     ],
@@ -156,12 +166,16 @@ def test_bad_input_is_one_clear_error(files, tmp_path, capsys, cmd, i, argv, mes
     assert not [p for p in tmp_path.iterdir() if p.name != "c"], "nothing written"
 
 
-@pytest.mark.parametrize("argv, why", [
-    (["cache", *M, "--out", "s3://bucket/store"], "the activation store is read memory-mapped"),
-    (["circuit", *M, "--out", "s3://bucket/circuits"], "a temporary folder renamed into place"),
-    (["task", "ioi", *M, "--out", "gs://bucket/t.jsonl"], "input of other commands (--pairs)"),
-    (["dataset", "prose", "--out", "s3://bucket/d.jsonl"], "input of other commands (--prompts)"),
-], ids=["cache", "circuit", "task", "dataset"])
+@pytest.mark.parametrize(
+    "argv, why",
+    [
+        (["cache", *M, "--out", "s3://bucket/store"], "the activation store is read memory-mapped"),
+        (["circuit", *M, "--out", "s3://bucket/circuits"], "a temporary folder renamed into place"),
+        (["task", "ioi", *M, "--out", "gs://bucket/t.jsonl"], "input of other commands (--pairs)"),
+        (["dataset", "prose", "--out", "s3://bucket/d.jsonl"], "input of other commands (--prompts)"),
+    ],
+    ids=["cache", "circuit", "task", "dataset"],
+)
 def test_a_url_where_only_a_path_will_do_is_refused(tmp_path, monkeypatch, capsys, argv, why):
     """These outputs stay local (the reason is in the error, with what does take URLs), and no
     folder named "s3:" appears in the working directory."""
@@ -186,10 +200,18 @@ URL_COMMANDS = {
 
 
 @pytest.mark.parametrize("command", URL_COMMANDS)
-@pytest.mark.parametrize("url, message, fix", [
-    ("foo://bucket", "unknown URL protocol 'foo'", "a URL fsspec knows"),
-    ("gs://bucket", "gs:// URLs need a package that is not installed", "pip install gcsfs"),  # s3fs is a dev dependency (tests/test_s3_runs.py)
-], ids=["unknown-protocol", "missing-package"])
+@pytest.mark.parametrize(
+    "url, message, fix",
+    [
+        ("foo://bucket", "unknown URL protocol 'foo'", "a URL fsspec knows"),
+        (
+            "gs://bucket",
+            "gs:// URLs need a package that is not installed",
+            "pip install gcsfs",
+        ),  # s3fs is a dev dependency (tests/test_s3_runs.py)
+    ],
+    ids=["unknown-protocol", "missing-package"],
+)
 def test_a_url_that_cannot_be_opened_is_one_error(files, tmp_path, monkeypatch, capsys, command, url, message, fix):
     """Where URLs are accepted, one that fsspec cannot open (an unknown protocol, a protocol whose
     package is not installed) is one error naming the fix, before any work, and leaves no folder
@@ -197,13 +219,17 @@ def test_a_url_that_cannot_be_opened_is_one_error(files, tmp_path, monkeypatch, 
     if url.startswith("gs:"):
         try:
             import gcsfs  # noqa: F401
+
             pytest.skip("gcsfs is installed")
         except ImportError:
             pass
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    argv = [a.replace("{url}", url).replace("{files}", str(files)).replace("{tmp}", str(tmp_path)) for a in URL_COMMANDS[command]]
+    argv = [
+        a.replace("{url}", url).replace("{files}", str(files)).replace("{tmp}", str(tmp_path))
+        for a in URL_COMMANDS[command]
+    ]
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and message in err and fix in err.split("fix:", 1)[-1], err

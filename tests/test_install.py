@@ -9,6 +9,7 @@ through a path entry, so nothing is downloaded; the workbench itself (``workbenc
 ``circuits`` and its entry points) comes from the wheel only: the borrowed folder's own ``.pth``
 files, which would put the checkout on the path for an editable install, are not run.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ n_prompts = 4
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done
 
 
@@ -42,11 +45,28 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["WORKBENCH_HOME"] = str(tmp / "home")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(ROOT)], tmp, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(ROOT),
+        ],
+        tmp,
+        env,
+    )
     wheel = next((tmp / "dist").glob("attention_head_workbench-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        assert "workbench/inputs/prose.jsonl.gz" in names and "workbench/report/metrics.md" in names, "package data left out of the wheel"
+        assert "workbench/inputs/prose.jsonl.gz" in names and "workbench/report/metrics.md" in names, (
+            "package data left out of the wheel"
+        )
         # in the checkout metrics.md is a link to docs/metrics.md; the wheel holds the text itself
         assert zf.read("workbench/report/metrics.md") == (ROOT / "docs" / "metrics.md").read_bytes()
     assert not any(n.startswith(("tests/", "docs/", "benchmarks/")) for n in names)
@@ -55,13 +75,35 @@ def installed(tmp_path_factory):
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     # this environment's packages, as a plain path entry (its .pth files, the editable install's among them, are not run)
     (purelib / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q", str(wheel)], tmp, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
+        tmp,
+        env,
+    )
     return venv / "bin", env, tmp
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(installed):
     bin_dir, env, tmp = installed
-    out = _run([str(bin_dir / "python"), "-c", "import workbench, probes, circuits; print(workbench.__file__, probes.__file__)"], tmp, env)
+    out = _run(
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import workbench, probes, circuits; print(workbench.__file__, probes.__file__)",
+        ],
+        tmp,
+        env,
+    )
     assert str(ROOT) not in out.stdout and str(tmp / "venv") in out.stdout, out.stdout
 
 
@@ -70,8 +112,23 @@ def test_probe_sweep_report_and_query_from_another_folder(installed):
     work = tmp / "elsewhere"
     work.mkdir()
     workbench = str(bin_dir / "workbench")
-    probe = _run([workbench, "probe", "entropy,sink", "--model", "tiny-llama", "--dataset", "prose", "--n-prompts", "4",
-                  "--out", "prose.parquet"], work, env)
+    probe = _run(
+        [
+            workbench,
+            "probe",
+            "entropy,sink",
+            "--model",
+            "tiny-llama",
+            "--dataset",
+            "prose",
+            "--n-prompts",
+            "4",
+            "--out",
+            "prose.parquet",
+        ],
+        work,
+        env,
+    )
     assert (work / "prose.parquet").is_file() and "entropy" in probe.stdout
     (work / "s.toml").write_text(SWEEP)
     _run([workbench, "sweep", "s.toml", "--out", "run", "--no-progress"], work, env)

@@ -1,4 +1,5 @@
 """Head ablations against the same edit made by hand on a plain transformers model."""
+
 from __future__ import annotations
 
 import pytest
@@ -65,7 +66,12 @@ def test_head_means_equal_a_direct_average(tiny_models):
     got = head_means(model, prompts, batch_size=2)
     ref = eager_model(model.source)
     zs = {}
-    hooks = [ref.model.layers[l].self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: zs.setdefault(l, []).append(a[0][0])) for l in range(3)]
+    hooks = [
+        ref.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, l=l: zs.setdefault(l, []).append(a[0][0])
+        )
+        for l in range(3)
+    ]
     with torch.no_grad():
         for p in prompts:
             ref(torch.tensor([p.ids]))
@@ -86,6 +92,19 @@ def test_parse_heads():
 def test_cli_ablate_out_of_range(tmp_path, capsys):
     from workbench.cli import main
 
-    rc = main(["probe", "entropy", "--model", "tiny-llama", "--n-prompts", "2", "--ablate", "7.1", "--out", str(tmp_path / "r.parquet")])
+    rc = main(
+        [
+            "probe",
+            "entropy",
+            "--model",
+            "tiny-llama",
+            "--n-prompts",
+            "2",
+            "--ablate",
+            "7.1",
+            "--out",
+            str(tmp_path / "r.parquet"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "head 7.1 is out of range" in err and not (tmp_path / "r.parquet").exists()

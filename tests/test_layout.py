@@ -11,6 +11,7 @@ below it, never above)::
 ``protocol`` (what probes, interventions and the runner agree on) sits below the engine, the run
 folders and the report; a plugin author reads it without the rest of the house.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,17 +28,23 @@ PACKAGES = ("workbench", "probes", "circuits")
 
 # Rank of each layer: an import may go to the same or a lower rank only.
 LAYERS = {
-    "errors": 0, "compat": 0,
+    "errors": 0,
+    "compat": 0,
     "files": 1,
     "inputs": 2,
     "models": 3,
     "protocol": 4,
-    "datasets": 5, "engine": 5,
-    "runner": 6, "probes": 6, "circuits": 6,
-    "store": 7, "experiments": 7,
+    "datasets": 5,
+    "engine": 5,
+    "runner": 6,
+    "probes": 6,
+    "circuits": 6,
+    "store": 7,
+    "experiments": 7,
     "runs": 8,
     "report": 9,
-    "cli": 10, "__main__": 10,
+    "cli": 10,
+    "__main__": 10,
 }
 
 
@@ -183,8 +190,13 @@ def test_no_old_import_path_is_used_inside_the_project():
             if path.name in ("compat.py", "test_public_api.py"):
                 continue
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else []
+                )
                 bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n in old]
     assert not bad, "\n".join(bad)
 
@@ -215,5 +227,7 @@ print("FAILED " + " ".join(failed) if failed else "OK")
 def test_every_module_imports_on_its_own():
     names = [m for m in modules() if not m.endswith("__main__")]
     assert len(names) > 80
-    run = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert run.stdout.strip() == "OK", run.stdout + run.stderr[-3000:]

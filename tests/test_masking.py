@@ -1,5 +1,6 @@
 """The one masking helper against a naive recomputation: causal, padding, sliding window,
 additive masks, soft-capping, grouped KV heads, and decode steps (fewer queries than keys)."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def naive_probs(q, k, scaling, allowed, softcap=None):
 
 
 def call(q, k, mask=None, is_causal=True, softcap=None, scaling=0.3):
-    return AttentionCall(layer=0, module=None, query=q, key=k, value=k, mask=mask, scaling=scaling, is_causal=is_causal, softcap=softcap)
+    return AttentionCall(
+        layer=0, module=None, query=q, key=k, value=k, mask=mask, scaling=scaling, is_causal=is_causal, softcap=softcap
+    )
 
 
 @pytest.fixture
@@ -101,7 +104,9 @@ def test_pattern_chunks_use_the_same_masking(qk):
     """Chunked patterns (any chunk size) equal the helper's full pattern, and count visible keys."""
     q, k = qk
     pad = torch.tensor([0, 3])
-    mask = torch.tensor([[[[j >= pad[b] and j <= i and i - j < 4 for j in range(7)] for i in range(7)]] for b in range(2)])
+    mask = torch.tensor(
+        [[[[j >= pad[b] and j <= i and i - j < 4 for j in range(7)] for i in range(7)]] for b in range(2)]
+    )
     c = call(q, k, mask=mask, is_causal=False)
     full = attention_probs(c)
     batch = collate([[1] * 7, [1] * 7], 0)
@@ -124,7 +129,9 @@ def test_visible_counts_count_in_row_blocks(kind):
     n = 3000  # 2 x 3000 x 3000 elements: more than one 4M-element block
     allowed = torch.rand(2, 1, n, n, generator=g) > 0.3
     mask = allowed if kind == "bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
-    call = AttentionCall(0, None, torch.zeros(2, 2, n, 4), torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), mask, 1.0, False)
+    call = AttentionCall(
+        0, None, torch.zeros(2, 2, n, 4), torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4), mask, 1.0, False
+    )
     assert torch.equal(visible_counts(call), allowed[:, 0].sum(-1))
 
 

@@ -1,4 +1,5 @@
 """Probe values against the slow reference, on padded batches of unequal lengths."""
+
 from __future__ import annotations
 
 import random
@@ -24,13 +25,25 @@ def lookup(table, metric):
 
 
 def check_against_reference(model, prompts, batch_size, epsilon=0.3, **kw):
-    table = run_probes(model, prompts, [get_probe("entropy"), get_probe("sink", epsilon=epsilon)], batch_size=batch_size, progress=False, **kw).table
+    table = run_probes(
+        model,
+        prompts,
+        [get_probe("entropy"), get_probe("sink", epsilon=epsilon)],
+        batch_size=batch_size,
+        progress=False,
+        **kw,
+    ).table
     ref_model = eager_model(model.source)
     pats = [patterns(ref_model, p.ids) for p in prompts]
     ent, ent_norm, n_q = entropy_reference(pats)
     mass, rate, n_p = sink_reference(pats, epsilon)
     assert len(table) == 4 * model.n_layers * model.n_heads
-    for metric, ref, n in (("entropy", ent, n_q), ("entropy_norm", ent_norm, n_q), ("sink_mass", mass, n_p), ("sink_rate", rate, n_p)):
+    for metric, ref, n in (
+        ("entropy", ent, n_q),
+        ("entropy_norm", ent_norm, n_q),
+        ("sink_mass", mass, n_p),
+        ("sink_rate", rate, n_p),
+    ):
         got = lookup(table, metric)
         assert set(got) == set(ref)
         worst = max(abs(got[k][0] - ref[k]) for k in ref)
@@ -68,8 +81,12 @@ def test_prompt_values_do_not_depend_on_batch(tiny_models):
     others = random_prompts(model.vocab_size, [40, 25], seed=12)
     alone = run_probes(model, target, [get_probe("entropy"), get_probe("sink")], batch_size=1, progress=False).table
     # the others are run too, so isolate the target by running it with and without them
-    both = run_probes(model, target + others, [get_probe("entropy"), get_probe("sink")], batch_size=3, progress=False).table
-    only_others = run_probes(model, others, [get_probe("entropy"), get_probe("sink")], batch_size=2, progress=False).table
+    both = run_probes(
+        model, target + others, [get_probe("entropy"), get_probe("sink")], batch_size=3, progress=False
+    ).table
+    only_others = run_probes(
+        model, others, [get_probe("entropy"), get_probe("sink")], batch_size=2, progress=False
+    ).table
     for metric in ("sink_mass",):  # per-prompt mean: both = (target + 2 * others) / 3
         a, b, o = lookup(alone, metric), lookup(both, metric), lookup(only_others, metric)
         for k in a:
@@ -124,7 +141,9 @@ def test_softcapped_attention_falls_back_to_eager_and_matches_hf(tmp_path):
 
     # no mask tensor: causal, queries aligned to the last keys
     q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
-    call = AttentionCall(layer=0, module=None, query=q, key=k, value=k, mask=None, scaling=0.25, is_causal=True, softcap=5.0)
+    call = AttentionCall(
+        layer=0, module=None, query=q, key=k, value=k, mask=None, scaling=0.25, is_causal=True, softcap=5.0
+    )
     s = 5.0 * torch.tanh((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25 / 5.0)
     s = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
     assert torch.allclose(attention_probs(call), torch.softmax(s, -1), atol=1e-6)

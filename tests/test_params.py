@@ -1,6 +1,7 @@
 """Option validation (issue 10, items 5, 7 and 8): probe parameters and dataset options of the
 wrong type or outside their meaning are one WorkbenchError naming the option; good values give
 the same prompts as before; absurd sizes fail before any work."""
+
 from __future__ import annotations
 
 import hashlib
@@ -79,13 +80,29 @@ def test_lax_cli_values_are_read():
     assert (got.max_new_tokens, got.greedy, got.name, got.sizes) == (3, False, "12", [1, 2])
     with pytest.raises(WorkbenchError, match="x.name: expected a string, got 12"):
         validate_options(Mixed, {"name": 12}, "x")  # a number in a TOML file is not a folder name
-    assert validate_options(Mixed, {}, "x").model_dump() == {"steps": "first", "max_new_tokens": 8, "greedy": True, "name": "x", "sizes": 4}
+    assert validate_options(Mixed, {}, "x").model_dump() == {
+        "steps": "first",
+        "max_new_tokens": 8,
+        "greedy": True,
+        "name": "x",
+        "sizes": 4,
+    }
 
 
 @pytest.mark.parametrize(
     "raw, value",
-    [("0.2", 0.2), ("true", True), ("3", 3), ("[1, 2]", [1, 2]), ('"x"', "x"), ("abc", "abc"), ("", ""), ("0,0.5", "0,0.5"),
-     ("NaN", "nan"), ("[" * 100_000, "[" * 100_000)],
+    [
+        ("0.2", 0.2),
+        ("true", True),
+        ("3", 3),
+        ("[1, 2]", [1, 2]),
+        ('"x"', "x"),
+        ("abc", "abc"),
+        ("", ""),
+        ("0,0.5", "0,0.5"),
+        ("NaN", "nan"),
+        ("[" * 100_000, "[" * 100_000),
+    ],
 )
 def test_parse_cli_value(raw, value):
     got = parse_cli_value(raw)
@@ -105,12 +122,16 @@ def test_parse_cli_value_leaves_text_options_as_typed():
 
 def test_bare_number_fields_refuse_booleans_too():
     """A plugin author writing plain int / float gets the same strictness as Int / Float."""
+
     class Plain(Options):
         n: int = 3
         x: float = 0.5
         either: int | bool = 1
 
-    for values, message in (({"n": True}, "x.n: expected a whole number, got true"), ({"x": False}, "x.x: expected a number, got false")):
+    for values, message in (
+        ({"n": True}, "x.n: expected a whole number, got true"),
+        ({"x": False}, "x.x: expected a number, got false"),
+    ):
         with pytest.raises(WorkbenchError) as exc:
             validate_options(Plain, values, "x")
         assert exc.value.message == message
@@ -148,7 +169,11 @@ BAD = [
     ("repeated-random", {"period": 1}, "repeated-random.period: must be >= 2, got 1"),
     ("repeated-random", {"period": "x"}, "repeated-random.period: expected a whole number, got 'x'"),
     ("repeated-random", {"repeats": 10**9}, "repeated-random: each prompt would be 50000000000 tokens"),
-    ("repeated-random", {"prepend_bos": "perhaps"}, "repeated-random.prepend_bos: expected true or false, got 'perhaps'"),
+    (
+        "repeated-random",
+        {"prepend_bos": "perhaps"},
+        "repeated-random.prepend_bos: expected true or false, got 'perhaps'",
+    ),
     ("repeated-random", {"vocab_size": 0}, "repeated-random.vocab_size: must be >= 1, got 0"),
     ("repeated-random", {"period": 100_000}, "period 100000 exceeds the"),
     ("niah", {"depths": [0, 1.5]}, "niah.depths[1]: must be <= 1, got 1.5"),
@@ -171,10 +196,22 @@ BAD = [
     ("shapes", {"n_prompts": 20_000}, "shapes.n_prompts: must be <= 10000, got 20000"),
     ("shapes", {"folder": 3.5}, "shapes.folder: expected a string, got 3.5"),
     ("counterfact", {"template": "essay"}, "counterfact.template: must be one of 'qa', 'cloze', got 'essay'"),
-    ("counterfact", {"relations": ["capital", "colour"]}, "counterfact.relations[1]: must be one of 'capital', 'language', 'continent', 'city', got 'colour'"),
-    ("counterfact", {"relations": "colour"}, "counterfact.relations: must be one of 'capital', 'language', 'continent', 'city', got 'colour'"),
+    (
+        "counterfact",
+        {"relations": ["capital", "colour"]},
+        "counterfact.relations[1]: must be one of 'capital', 'language', 'continent', 'city', got 'colour'",
+    ),
+    (
+        "counterfact",
+        {"relations": "colour"},
+        "counterfact.relations: must be one of 'capital', 'language', 'continent', 'city', got 'colour'",
+    ),
     ("counterfact", {"relations": []}, "counterfact.relations: list should have at least 1 item"),
-    ("counterfact", {"context": "no placeholders"}, "counterfact.context: needs the placeholders {statement}, {answer}"),
+    (
+        "counterfact",
+        {"context": "no placeholders"},
+        "counterfact.context: needs the placeholders {statement}, {answer}",
+    ),
     ("counterfact", {"context": "{statement} {answer} {x}"}, "counterfact.context: unknown placeholder {x}"),
     ("counterfact", {"n_prompts": 500}, "counterfact has 41 facts, asked for 500"),
 ]
@@ -223,12 +260,24 @@ def test_schemas_match_the_make_signatures():
 GOOD = {
     "prose-default": ("prose", {}, "d8afbda19170e25f"),
     "prose-opts": ("prose", dict(n_prompts=5, seed=3, min_words=10, max_words=30), "1c6b588f2564543d"),
-    "repeated": ("repeated-random", dict(n_prompts=4, seed=1, period=20, repeats=3, prepend_bos=True), "16d9b24460131bf3"),
-    "niah-grid": ("niah", dict(n_prompts=6, seed=2, context_len=[128, 200], depths=[0, 0.5, 1], shared_haystack=True), "4a8550ae045a7ee9"),
+    "repeated": (
+        "repeated-random",
+        dict(n_prompts=4, seed=1, period=20, repeats=3, prepend_bos=True),
+        "16d9b24460131bf3",
+    ),
+    "niah-grid": (
+        "niah",
+        dict(n_prompts=6, seed=2, context_len=[128, 200], depths=[0, 0.5, 1], shared_haystack=True),
+        "4a8550ae045a7ee9",
+    ),
     "niah-words": ("niah", dict(n_prompts=2, context_len=300, depths=0.25, answer_digits=0), "a75d238833821b32"),
     "shapes": ("shapes", dict(n_prompts=4, seed=5, question="shape"), "f51f521b83615e4f"),
     "counterfact-default": ("counterfact", {}, "5b36b494b6d0c78a"),
-    "counterfact-opts": ("counterfact", dict(n_prompts=10, seed=4, template="cloze", relations=["capital", "city"]), "8642d1171e950557"),
+    "counterfact-opts": (
+        "counterfact",
+        dict(n_prompts=10, seed=4, template="cloze", relations=["capital", "city"]),
+        "8642d1171e950557",
+    ),
     "counterfact-one": ("counterfact", dict(relations="language"), "f5dd58c6a06057d6"),
 }
 

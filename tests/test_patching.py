@@ -1,4 +1,5 @@
 """Patching: batched equals the plain serial way; identities that must hold exactly."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,9 @@ def test_batched_path_patching_equals_serial(tiny_models, receivers, engine):
     model = tiny_models["llama"]
     pairs = tiny_pairs(model)
     senders = [(0, 0), (0, 3), (1, 1), (1, 2)]
-    got = path_patching(model, pairs, senders=senders, receivers=receivers, max_rows=8, engine=engine)  # 2 senders per chunk
+    got = path_patching(
+        model, pairs, senders=senders, receivers=receivers, max_rows=8, engine=engine
+    )  # 2 senders per chunk
     want, ld_clean, ld_corrupted = serial_path_patching(model.source, pairs, senders, receivers)
     for r in got.itertuples():
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
@@ -142,7 +145,9 @@ def _plain_attribution(source, pairs) -> dict:
         def record(l):
             def hook(mod, args):
                 zs[l] = args[0].detach()
+
             return hook
+
         hooks = [layer.self_attn.o_proj.register_forward_pre_hook(record(l)) for l, layer in enumerate(hf.model.layers)]
         with torch.no_grad():
             lx = hf(torch.tensor([pair.corrupted])).logits[0, -1]
@@ -154,7 +159,9 @@ def _plain_attribution(source, pairs) -> dict:
             def hook(mod, args):  # the total derivative: z stays in the graph, its grad retained
                 args[0].retain_grad()
                 leaves[l] = args[0]
+
             return hook
+
         hooks = [layer.self_attn.o_proj.register_forward_pre_hook(keep(l)) for l, layer in enumerate(hf.model.layers)]
         hooks.append(hf.get_input_embeddings().register_forward_hook(lambda mod, a, out: out.requires_grad_(True)))
         lc = hf(torch.tensor([pair.clean])).logits[0, -1]
@@ -182,7 +189,12 @@ def test_attribution_patching_equals_its_definition(tiny_models):
     scale = max(abs(v) for v in want.values())
     assert scale > 1e-3
     for r in got.itertuples():
-        assert abs(r.value - want[(r.layer, r.head)]) < 1e-4 * max(1.0, scale), (r.layer, r.head, r.value, want[(r.layer, r.head)])
+        assert abs(r.value - want[(r.layer, r.head)]) < 1e-4 * max(1.0, scale), (
+            r.layer,
+            r.head,
+            r.value,
+            want[(r.layer, r.head)],
+        )
 
 
 def test_bad_patching_input(tiny_models, tmp_path):
@@ -198,7 +210,12 @@ def test_bad_patching_input(tiny_models, tmp_path):
     with pytest.raises(WorkbenchError, match="not one"):
         make_pair(tok, "x", "the king said", "the man said", " king said", " said")
     f = tmp_path / "pairs.jsonl"
-    f.write_text(json.dumps({"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"}) + "\n")
+    f.write_text(
+        json.dumps(
+            {"id": "a", "clean": "the king said", "corrupted": "the man said", "correct": " king", "incorrect": " man"}
+        )
+        + "\n"
+    )
     assert len(read_pairs(f, tok)) == 1
     with pytest.raises(WorkbenchError, match="unknown task"):
         make_task("nope", tok)
@@ -222,8 +239,14 @@ def test_discovery_faithfulness_and_overlap(tiny_models):
     part = faithfulness(model, base, circ.heads)
     assert part["n_heads"] == len(circ.heads) and part["ld_clean"] == full["ld_clean"]
     roles = label_roles(circ, None, task="ioi")
-    assert set(roles.role) <= {"name mover", "negative name mover", "S-inhibition", "name mover, feeds a logit head",
-                               "negative name mover, feeds a logit head", "other"}
+    assert set(roles.role) <= {
+        "name mover",
+        "negative name mover",
+        "S-inhibition",
+        "name mover, feeds a logit head",
+        "negative name mover, feeds a logit head",
+        "other",
+    }
     ov = overlap([(1, 1), (2, 3), (0, 0)], [(2, 3), (0, 0), (1, 2), (1, 3)])
     assert ov["jaccard"] == 2 / 5 and ov["recall_a_in_b"] == 2 / 3 and ov["recall_b_in_a"] == 0.5
 
@@ -247,15 +270,37 @@ def test_patch_cli(tmp_path, capsys):
     assert main(["patch", "attribution", "--model", "tiny-llama", "--pairs", str(pairs), "--out", str(out)]) == 0
     df, meta = read_parquet(out)
     assert {"layer", "head", "value", "exact"} <= set(df.columns) and "spearman_vs_exact" in meta["summary"]
-    assert main(["patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--n-prompts", "3", "--receivers", "2.1.q", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "patch",
+                "path",
+                "--model",
+                "tiny-llama",
+                "--pairs",
+                str(pairs),
+                "--n-prompts",
+                "3",
+                "--receivers",
+                "2.1.q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     df, _ = read_parquet(out)
     assert df.layer.max() < 2
     rc = main(["patch", "activation", "--model", "tiny-llama", "--task", "ioi", "--out", str(out)])
     assert rc == 2 and "fewer than 3 names" in capsys.readouterr().err
-    rc = main(["patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--receivers", "9.1", "--out", str(out)])
+    rc = main(
+        ["patch", "path", "--model", "tiny-llama", "--pairs", str(pairs), "--receivers", "9.1", "--out", str(out)]
+    )
     assert rc == 2 and "not a head of this model" in capsys.readouterr().err
     bad = tmp_path / "pairs.jsonl"
-    bad.write_text('{"clean": "the king said", "corrupted": "the king said unto them", "correct": " king", "incorrect": " said"}\n')
+    bad.write_text(
+        '{"clean": "the king said", "corrupted": "the king said unto them", "correct": " king", "incorrect": " said"}\n'
+    )
     rc = main(["patch", "activation", "--model", "tiny-llama", "--pairs", str(bad), "--out", str(out)])
     assert rc == 2 and "positions must align" in capsys.readouterr().err
     bad.write_text("")
@@ -276,8 +321,22 @@ def test_smollm2_ioi_and_path_patching_equals_serial(smollm2):
         assert abs(r.ld - want[(r.layer, r.head)]) < 1e-4
     assert ld_clean > 2, "SmolLM2 solves IOI"
     for positions in ("all", "last"):
-        got = path_patching(smollm2, base, senders=[(9, 4), (12, 1)], receivers=[(23, 3, "q"), (20, 0, "k")], positions=positions, engine="graph")
-        full = path_patching(smollm2, base, senders=[(9, 4), (12, 1)], receivers=[(23, 3, "q"), (20, 0, "k")], positions=positions, engine="hooks")
+        got = path_patching(
+            smollm2,
+            base,
+            senders=[(9, 4), (12, 1)],
+            receivers=[(23, 3, "q"), (20, 0, "k")],
+            positions=positions,
+            engine="graph",
+        )
+        full = path_patching(
+            smollm2,
+            base,
+            senders=[(9, 4), (12, 1)],
+            receivers=[(23, 3, "q"), (20, 0, "k")],
+            positions=positions,
+            engine="hooks",
+        )
         assert (got.ld - full.ld).abs().max() < 1e-5
     want, _, _ = serial_path_patching(smollm2.source, pairs, [(9, 4), (12, 1)], [(23, 3, "q")])
     got = path_patching(smollm2, base, senders=[(9, 4), (12, 1)], receivers=[(23, 3, "q")])
@@ -297,6 +356,8 @@ def test_task_export_round_trips(tmp_path, capsys):
     assert main(["task", "ioi", "--model", "smollm2-135m", "--n-prompts", "5", "--seed", "2", "--out", str(out)]) == 0
     back = read_pairs(out, tok)
     orig = make_task("ioi", tok, n=5, seed=2)
-    assert [(p.clean, p.corrupted, p.correct, p.incorrect) for p in back] == [(p.clean, p.corrupted, p.correct, p.incorrect) for p in orig]
+    assert [(p.clean, p.corrupted, p.correct, p.incorrect) for p in back] == [
+        (p.clean, p.corrupted, p.correct, p.incorrect) for p in orig
+    ]
     assert main(["task", "ioi", "--model", "tiny-llama", "--out", str(tmp_path / "tiny.jsonl")]) == 2
     assert "fewer than 3 names" in capsys.readouterr().err and not (tmp_path / "tiny.jsonl").exists()

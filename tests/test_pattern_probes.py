@@ -1,4 +1,5 @@
 """induction / streaming probes against direct loops, on padded batches of unequal lengths."""
+
 from __future__ import annotations
 
 import random
@@ -17,7 +18,9 @@ from workbench.runner import run_probes
 def mixed_prompts(model, seed=0):
     """Repeated-random prompts of different periods (one with BOS) plus plain text with repeats."""
     rep = make_dataset("repeated-random", n_prompts=2, seed=seed, tokenizer=model.tokenizer, period=9)
-    rep += make_dataset("repeated-random", n_prompts=1, seed=seed + 1, tokenizer=model.tokenizer, period=6, repeats=3, prepend_bos=True)
+    rep += make_dataset(
+        "repeated-random", n_prompts=1, seed=seed + 1, tokenizer=model.tokenizer, period=6, repeats=3, prepend_bos=True
+    )
     out = tokenize_prompts(rep, model.tokenizer, model.n_ctx, model.vocab_size)
     rng = random.Random(seed)
     out.append(TokenizedPrompt("text", [rng.randrange(4, 20) for _ in range(23)]))  # small alphabet: many echoes
@@ -75,8 +78,13 @@ def test_what_probes_keep_per_batch_is_remade_for_the_next_batch(tiny_models, pa
 def test_streaming_matches_reference(tiny_models, arch):
     model = tiny_models[arch]
     rng = random.Random(2)
-    prompts = [TokenizedPrompt(f"p{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate([40, 13, 29, 8])]
-    table = run_probes(model, prompts, [get_probe("streaming", sink=2, recent=5)], batch_size=3, progress=False, chunk_elements=300).table
+    prompts = [
+        TokenizedPrompt(f"p{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)])
+        for i, n in enumerate([40, 13, 29, 8])
+    ]
+    table = run_probes(
+        model, prompts, [get_probe("streaming", sink=2, recent=5)], batch_size=3, progress=False, chunk_elements=300
+    ).table
     pats = [patterns(eager_model(model.source), p.ids) for p in prompts]
     values, n = streaming_reference(pats, sink=2, recent=5)
     compare(table, "streaming", values, n)

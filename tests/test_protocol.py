@@ -4,6 +4,7 @@ A tiny plugin package (one pattern probe, one item probe) is made visible throug
 ``*.dist-info/entry_points.txt`` on ``sys.path`` (the same mechanism ``pip install`` uses), then
 run through the CLI, a sweep and a report with no edit to this repository.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,7 +81,9 @@ def plugin(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "wb_plugin_demo-0.1.dist-info").mkdir(parents=True)
     (site / "wb_plugin_demo.py").write_text(PLUGIN)
-    (site / "wb_plugin_demo-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: wb-plugin-demo\nVersion: 0.1\n")
+    (site / "wb_plugin_demo-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: wb-plugin-demo\nVersion: 0.1\n"
+    )
     (site / "wb_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text(
         "[workbench.probes]\nplugin-first = wb_plugin_demo:FirstKeyProbe\nplugin-length = wb_plugin_demo:LengthProbe\n"
         "plugin-broken = wb_plugin_demo:NotAProbe\nplugin-missing = wb_plugin_demo_nope:Gone\n"
@@ -93,7 +96,9 @@ def plugin(tmp_path, monkeypatch):
 
 
 def cli(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *argv], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_builtin_probes_register_through_entry_points():
@@ -121,7 +126,9 @@ def test_plugin_pattern_probe_numbers_and_fusion(plugin, tiny_models):
     pooled attention on the first token recomputed from eager patterns."""
     model = tiny_models["llama"]
     prompts = random_prompts(model.vocab_size, [9, 23, 4], seed=8)
-    res = run_probes(model, prompts, [registry.get_probe("plugin-first", scale=2.0), registry.get_probe("sink")], batch_size=3)
+    res = run_probes(
+        model, prompts, [registry.get_probe("plugin-first", scale=2.0), registry.get_probe("sink")], batch_size=3
+    )
     assert res.stats.n_batches == 1, "one forward for both pattern probes"
     got = res.table[res.table.metric == "plugin_first"].set_index(["layer", "head"])["value"]
     pats = [patterns(eager_model(model.source), p.ids) for p in prompts]
@@ -144,22 +151,47 @@ def test_plugin_pattern_probe_numbers_and_fusion(plugin, tiny_models):
 def test_plugin_probes_through_the_cli_a_sweep_and_a_report(plugin, tiny_dirs, tmp_path):
     model = str(tiny_dirs["llama"])
     out = tmp_path / "cli.parquet"
-    res = cli("probe", "plugin-first,entropy", "--model", model, "--n-prompts", "3", "--param", "plugin-first.scale=0.5",
-              "--no-progress", "--out", str(out))
+    res = cli(
+        "probe",
+        "plugin-first,entropy",
+        "--model",
+        model,
+        "--n-prompts",
+        "3",
+        "--param",
+        "plugin-first.scale=0.5",
+        "--no-progress",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     df, meta = read_parquet(out)
     assert set(df.probe) == {"plugin-first", "entropy"} and (df[df.probe == "plugin-first"].value <= 0.5 + 1e-9).all()
     assert {"name": "plugin-first", "scale": 0.5} in meta["probes"]
     items = tmp_path / "items.jsonl"
-    items.write_text(json.dumps({"id": "a", "text": "the king said"}) + "\n" + json.dumps({"id": "bb", "text": "and it came"}) + "\n")
-    res = cli("probe", "plugin-length", "--model", model, "--prompts", str(items), "--out", str(tmp_path / "items.parquet"))
+    items.write_text(
+        json.dumps({"id": "a", "text": "the king said"}) + "\n" + json.dumps({"id": "bb", "text": "and it came"}) + "\n"
+    )
+    res = cli(
+        "probe", "plugin-length", "--model", model, "--prompts", str(items), "--out", str(tmp_path / "items.parquet")
+    )
     assert res.returncode == 0, res.stderr
     assert "plugin-length: 2 items measured" in res.stdout
-    bad = cli("probe", "plugin-first", "--model", model, "--param", "plugin-first.scale=abc", "--out", str(tmp_path / "x.parquet"))
+    bad = cli(
+        "probe",
+        "plugin-first",
+        "--model",
+        model,
+        "--param",
+        "plugin-first.scale=abc",
+        "--out",
+        str(tmp_path / "x.parquet"),
+    )
     assert bad.returncode == 2 and "plugin-first.scale" in bad.stderr and "Traceback" not in bad.stderr
 
     cfg = tmp_path / "s.toml"
-    cfg.write_text(textwrap.dedent(f"""
+    cfg.write_text(
+        textwrap.dedent(f"""
         models = ["{model}"]
         probes = ["plugin-first", "plugin-length", "sink"]
         [datasets.prose]
@@ -170,7 +202,8 @@ def test_plugin_probes_through_the_cli_a_sweep_and_a_report(plugin, tiny_dirs, t
         probes = ["plugin-length"]
         [probe_params.plugin-first]
         scale = 3.0
-    """))
+    """)
+    )
     res = cli("sweep", str(cfg), "--out", str(tmp_path / "run"), "--no-progress")
     assert res.returncode == 0, res.stderr
     table = load_results(tmp_path / "run")
@@ -187,8 +220,10 @@ def test_runner_runs_every_kind_in_one_call(tiny_models):
     from workbench.inputs.prompts import Prompt
 
     model = tiny_models["llama"]
-    items = [Prompt("a", text="and he said unto them", meta={"context": "the lord spake"}),
-             Prompt("b", text="the king went", meta={"context": "it came to pass that"})]
+    items = [
+        Prompt("a", text="and he said unto them", meta={"context": "the lord spake"}),
+        Prompt("b", text="the king went", meta={"context": "it came to pass that"}),
+    ]
     res = run_probes(model, items, [registry.get_probe("entropy"), registry.get_probe("context")], batch_size=2)
     assert set(res.table.probe) == {"entropy", "context"}
     assert list(res.results) == ["entropy", "context"]
@@ -218,9 +253,16 @@ def test_workbench_never_imports_probes():
 def _code_strings(path: Path) -> set[str]:
     """String constants in a module's code (docstrings left out)."""
     tree = ast.parse(path.read_text())
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)}
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs}
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body and isinstance(n.body[0], ast.Expr)
+    }
+    return {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    }
 
 
 def test_no_probe_module_is_dispatched_on_by_name():
@@ -229,7 +271,12 @@ def test_no_probe_module_is_dispatched_on_by_name():
 
     names = set(registry.probe_classes()) | {"pattern"}
     cli = ROOT / "workbench" / "cli"
-    for path in [cli / "probe.py", cli / "common.py", cli / "runs.py", *sorted((ROOT / "workbench" / "runs").glob("*.py"))]:
+    for path in [
+        cli / "probe.py",
+        cli / "common.py",
+        cli / "runs.py",
+        *sorted((ROOT / "workbench" / "runs").glob("*.py")),
+    ]:
         text = path.read_text()
         for bad in ["takes_items", "generates", "run_items"]:
             assert bad not in text, f"{path.name} mentions {bad}"

@@ -5,6 +5,7 @@ change, and old module paths stay importable as aliases for one release (:mod:`w
 with a DeprecationWarning that names the new place. This file is the list: a name that disappears
 or an alias that stops resolving fails here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,18 +18,64 @@ import pytest
 import workbench
 
 PUBLIC = {
-    "workbench": ["WorkbenchError", "load_model", "run_probes", "get_probe", "load_results", "atlas", "store", "plots", "__version__"],
+    "workbench": [
+        "WorkbenchError",
+        "load_model",
+        "run_probes",
+        "get_probe",
+        "load_results",
+        "atlas",
+        "store",
+        "plots",
+        "__version__",
+    ],
     "workbench.store": ["open", "open_store", "ActivationStore", "TokenActivations", "HOOKS"],
-    "workbench.plots": ["head_heatmap", "layer_curve", "metric_scatter", "compare_runs", "depth_profile", "depth_overview",
-                        "head_grids", "patching_heatmap", "circuit_graph", "token_curve", "faithfulness_curve"],
+    "workbench.plots": [
+        "head_heatmap",
+        "layer_curve",
+        "metric_scatter",
+        "compare_runs",
+        "depth_profile",
+        "depth_overview",
+        "head_grids",
+        "patching_heatmap",
+        "circuit_graph",
+        "token_curve",
+        "faithfulness_curve",
+    ],
     "workbench.models": ["load_model", "LoadedModel", "list_models", "resolve_source", "model_identity"],
     "workbench.datasets": ["make_dataset", "DATASETS"],
     "workbench.report": ["build_report", "write_report"],
     "workbench.experiments": ["retrieval_ablation", "needle_accuracy", "reinforce"],
-    "workbench.protocol": ["Probe", "PatternProbe", "TokenProbe", "ItemProbe", "DivergenceProbe", "NoParams", "Need", "BatchInfo",
-                           "PatternView", "MetricInfo", "Role", "ProbeResult", "head_rows", "Options", "RunContext"],
+    "workbench.protocol": [
+        "Probe",
+        "PatternProbe",
+        "TokenProbe",
+        "ItemProbe",
+        "DivergenceProbe",
+        "NoParams",
+        "Need",
+        "BatchInfo",
+        "PatternView",
+        "MetricInfo",
+        "Role",
+        "ProbeResult",
+        "head_rows",
+        "Options",
+        "RunContext",
+    ],
     # plugin authors have always imported the protocol from here
-    "probes.base": ["Probe", "PatternProbe", "TokenProbe", "ItemProbe", "DivergenceProbe", "NoParams", "MetricInfo", "Role", "Options"],
+    "probes.base": [
+        "Probe",
+        "PatternProbe",
+        "TokenProbe",
+        "ItemProbe",
+        "DivergenceProbe",
+        "NoParams",
+        "MetricInfo",
+        "Role",
+        "Options",
+    ],
     "circuits.patching": ["activation_patching", "path_patching", "attribution_patching", "baseline", "Baseline"],
     "circuits.baseline": ["baseline", "Baseline", "logit_diff", "pair_batch"],
     "circuits.tasks": ["Pair"],
@@ -50,8 +97,18 @@ def test_public_names(module):
 
 
 def test_workbench_atlas_is_callable_and_get_probe_builds_probes():
-    table = pd.DataFrame({"model": "m", "dataset": "d", "probe": "sink", "metric": "sink_mass", "layer": [0, 0], "head": [0, 1],
-                          "value": [0.9, 0.1], "n": 4})
+    table = pd.DataFrame(
+        {
+            "model": "m",
+            "dataset": "d",
+            "probe": "sink",
+            "metric": "sink_mass",
+            "layer": [0, 0],
+            "head": [0, 1],
+            "value": [0.9, 0.1],
+            "n": 4,
+        }
+    )
     roles = workbench.atlas(table)
     assert list(roles["head"]) == [0] and list(roles["role"]) == ["sink"]
     assert workbench.get_probe("sink", epsilon=0.3).params["epsilon"] == 0.3
@@ -72,8 +129,22 @@ def test_cli_commands():
     from workbench.cli import COMMANDS, build_parser
 
     build_parser()
-    assert set(COMMANDS) >= {"probe", "probes", "models", "datasets", "dataset", "sweep", "query", "report", "cache", "patch", "task",
-                             "circuit", "reinforce", "retrieval-ablation"}
+    assert set(COMMANDS) >= {
+        "probe",
+        "probes",
+        "models",
+        "datasets",
+        "dataset",
+        "sweep",
+        "query",
+        "report",
+        "cache",
+        "patch",
+        "task",
+        "circuit",
+        "reinforce",
+        "retrieval-ablation",
+    }
 
 
 # Old module path -> a name it must still give, and where that name lives now.
@@ -124,8 +195,18 @@ def test_old_callable_atlas_module():
     sys.modules.pop("workbench.atlas", None)
     with pytest.warns(DeprecationWarning):
         old = importlib.import_module("workbench.atlas")
-    table = pd.DataFrame({"model": "m", "dataset": "d", "probe": "sink", "metric": "sink_mass", "layer": [0], "head": [0],
-                          "value": [0.9], "n": 4})
+    table = pd.DataFrame(
+        {
+            "model": "m",
+            "dataset": "d",
+            "probe": "sink",
+            "metric": "sink_mass",
+            "layer": [0],
+            "head": [0],
+            "value": [0.9],
+            "n": 4,
+        }
+    )
     assert list(old(table).role) == ["sink"]
 
 
@@ -136,4 +217,6 @@ def test_results_written_by_an_earlier_version_still_load():
     from workbench.runs.load import load_results
 
     table = load_results(Path(__file__).resolve().parents[1] / "data" / "results" / "cross_model.parquet")
-    assert {"model", "dataset", "probe", "metric", "layer", "head", "value", "n"} <= set(table.columns) and len(table) > 100
+    assert {"model", "dataset", "probe", "metric", "layer", "head", "value", "n"} <= set(table.columns) and len(
+        table
+    ) > 100

@@ -1,6 +1,7 @@
 """Reports: summary first, head atlas, figures that fit the metric, comparisons on relative
 depth, navigation; one self-contained file with user text inert, rendered in headless Chromium
 (driven with Playwright: no console errors, the atlas tooltip appears on hover)."""
+
 from __future__ import annotations
 
 import base64
@@ -22,14 +23,19 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 XSS = "<script>alert(1)</script>"
 ROLES = "sink=0.3,streaming=0.5,echo=0.1"  # low enough that tiny random heads get several roles each
 
-needs_browser = pytest.mark.skipif((chromium() is None or not playwright_available()) and not os.environ.get("CI"),
-                                   reason="chromium or playwright not installed (make test installs both)")
+needs_browser = pytest.mark.skipif(
+    (chromium() is None or not playwright_available()) and not os.environ.get("CI"),
+    reason="chromium or playwright not installed (make test installs both)",
+)
 
 
 def sweep(root: Path, name: str, models: list[str], extra: str = "") -> Path:
     cfg = root / f"{name}.toml"
-    cfg.write_text(f"models = {json.dumps([str(m) for m in models])}\nprobes = [\"entropy\", \"sink\", \"induction\", \"streaming\"]\n"
-                   "[datasets.prose]\nn_prompts = 6\n[datasets.repeated-random]\nn_prompts = 2\nperiod = 12\nprobes = [\"induction\"]\n" + extra)
+    cfg.write_text(
+        f'models = {json.dumps([str(m) for m in models])}\nprobes = ["entropy", "sink", "induction", "streaming"]\n'
+        '[datasets.prose]\nn_prompts = 6\n[datasets.repeated-random]\nn_prompts = 2\nperiod = 12\nprobes = ["induction"]\n'
+        + extra
+    )
     assert main(["sweep", str(cfg), "--out", str(root / name), "--no-progress"]) == 0
     return root / name
 
@@ -38,7 +44,11 @@ def sweep(root: Path, name: str, models: list[str], extra: str = "") -> Path:
 def report_run(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     (root / "p.jsonl").write_text(
-        '{"id": "xss ' + XSS.replace('"', '\\"') + '", "text": "the king said ' + XSS.replace('"', '\\"') + ' unto them"}\n'
+        '{"id": "xss '
+        + XSS.replace('"', '\\"')
+        + '", "text": "the king said '
+        + XSS.replace('"', '\\"')
+        + ' unto them"}\n'
         '{"id": "plain", "text": "and it came to pass that the people went"}\n'
     )
     sweep(root, "run", [tiny_dirs["llama"]], '[datasets.mine]\npath = "p.jsonl"\nprobes = ["entropy", "sink"]\n')
@@ -54,7 +64,12 @@ def depth_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("depth")
     m3 = make_tiny_model(root / "llama3", "llama", seed=2, n_layers=3)
     m5 = make_tiny_model(root / "llama5", "llama", seed=3, n_layers=5)
-    return {"both": sweep(root, "both", [m3, m5]), "a": sweep(root, "a", [m3]), "b": sweep(root, "b", [m5]), "root": root}
+    return {
+        "both": sweep(root, "both", [m3, m5]),
+        "a": sweep(root, "a", [m3]),
+        "b": sweep(root, "b", [m5]),
+        "root": root,
+    }
 
 
 def figures(page: str) -> list[dict]:
@@ -76,12 +91,16 @@ def test_report_is_self_contained_and_escaped(report_run):
     assert {f["id"] for f in figs} == set(re.findall(r'<div id="(fig\d+)" class="figure"', text))
     assert not re.search(r"<script[^>]*\bsrc=", text), "plotly.js is inlined, not loaded"
     markup = re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
-    assert not re.search(r"""(href|src)=["']?(https?:)?//""", markup), "no link or resource outside the page (the browser test checks requests)"
+    assert not re.search(r"""(href|src)=["']?(https?:)?//""", markup), (
+        "no link or resource outside the page (the browser test checks requests)"
+    )
     assert text.count("<script") == text.count("</script>")
     assert XSS not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     umask = os.umask(0)
     os.umask(umask)
-    assert (report_run / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask, "a page to share is not private to its writer"
+    assert (report_run / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask, (
+        "a page to share is not private to its writer"
+    )
 
 
 def test_user_text_in_labels_and_titles_is_inert(report_run):
@@ -104,15 +123,26 @@ def test_summary_first_then_atlas_then_figures_and_raw_metadata_last(report_run,
     pos = section_positions(body, ["summary", "findings", "top-heads", "atlas", "probe-entropy", "definitions", "raw"])
     assert pos == sorted(pos)
     assert body.index('id="toc"') < pos[0] and body.index('class="figure"') > pos[3]
-    assert "<pre" not in body[:pos[-2]], "no raw JSON before the collapsed section (definitions may show formulas)"
-    raw = body[pos[-1]:]
+    assert "<pre" not in body[: pos[-2]], "no raw JSON before the collapsed section (definitions may show formulas)"
+    raw = body[pos[-1] :]
     assert re.search(r"<details class=\"raw\"><summary>", raw) and "&quot;models&quot;" in raw
     summary = re.search(r'<p class="run-summary">(.*?)</p>', body, re.S).group(1)
     model = tiny_models["llama"]
-    tokens = sum(len(p.ids) for p in tokenize_prompts(make_dataset("prose", n_prompts=6, seed=0), model.tokenizer, model.n_ctx, model.vocab_size))
-    for want in ["3 layers x 4 heads = 12 heads", "LlamaForCausalLM", f"prose (6 prompts, {tokens:,} tokens)",
-                 "repeated-random (2 prompts", "mine (2 prompts", "Probes: entropy, sink (epsilon=0.3), induction, streaming (sink=4, recent=64)",
-                 "s of computation over 3 model x dataset group(s)"]:
+    tokens = sum(
+        len(p.ids)
+        for p in tokenize_prompts(
+            make_dataset("prose", n_prompts=6, seed=0), model.tokenizer, model.n_ctx, model.vocab_size
+        )
+    )
+    for want in [
+        "3 layers x 4 heads = 12 heads",
+        "LlamaForCausalLM",
+        f"prose (6 prompts, {tokens:,} tokens)",
+        "repeated-random (2 prompts",
+        "mine (2 prompts",
+        "Probes: entropy, sink (epsilon=0.3), induction, streaming (sink=4, recent=64)",
+        "s of computation over 3 model x dataset group(s)",
+    ]:
         assert want in summary, want
 
 
@@ -123,10 +153,17 @@ def test_summary_states_recorded_timing(tmp_path):
     run = synthetic_run(tmp_path / "run", n_layers=2, n_heads=2)
     for i, f in enumerate(sorted((run / "parts").glob("*.parquet"))):
         df, meta = read_parquet(f)
-        meta["timing"] = {"started": f"2026-01-01T10:0{i % 2}:00+00:00", "finished": f"2026-01-01T10:0{i % 2}:30+00:00", "seconds": 30.0}
+        meta["timing"] = {
+            "started": f"2026-01-01T10:0{i % 2}:00+00:00",
+            "finished": f"2026-01-01T10:0{i % 2}:30+00:00",
+            "seconds": 30.0,
+        }
         write_parquet(df, f, meta)
     text = build_report(run)
-    assert "Ran from 2026-01-01 10:00 UTC to 2026-01-01 10:01 UTC: 60 s of computation over 2 model x dataset group(s)." in text
+    assert (
+        "Ran from 2026-01-01 10:00 UTC to 2026-01-01 10:01 UTC: 60 s of computation over 2 model x dataset group(s)."
+        in text
+    )
 
 
 def test_summary_counts_groups_that_share_their_timing_values(tmp_path):
@@ -140,8 +177,12 @@ def test_summary_counts_groups_that_share_their_timing_values(tmp_path):
     assert len(parts) >= 2
     for i, f in enumerate(parts):
         df, meta = read_parquet(f)
-        meta["timing"] = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:00:00+00:00", "seconds": 0.05,
-                          "group": f"model x dataset{i % 2}"}
+        meta["timing"] = {
+            "started": "2026-01-01T10:00:00+00:00",
+            "finished": "2026-01-01T10:00:00+00:00",
+            "seconds": 0.05,
+            "group": f"model x dataset{i % 2}",
+        }
         write_parquet(df, f, meta)
     assert "of computation over 2 model x dataset group(s)." in build_report(run)
 
@@ -168,15 +209,25 @@ def test_top_heads_and_atlas_agree_with_the_table(report_run):
     table = load_results(report_run / "run")
     top = top_heads_table(table)
     for r in top.itertuples():
-        sub = table[(table.metric == r.metric) & (table.dataset == r.dataset) & (table.layer >= 0)].dropna(subset=["value"])
-        best = sub.value.abs().max() if r.metric.startswith("context_direct") else sub.value.min() if r.metric.startswith("entropy") else sub.value.max()
+        sub = table[(table.metric == r.metric) & (table.dataset == r.dataset) & (table.layer >= 0)].dropna(
+            subset=["value"]
+        )
+        best = (
+            sub.value.abs().max()
+            if r.metric.startswith("context_direct")
+            else sub.value.min()
+            if r.metric.startswith("entropy")
+            else sub.value.max()
+        )
         assert r._5[0][2] == pytest.approx(best), r.metric
     text = (report_run / "report.html").read_text()
     data = json.loads(re.search(r'<script id="wb-atlas" type="application/json">(.*?)</script>', text, re.S).group(1))
     (grid,) = data
     assert grid["n_layers"] == 3 and len(grid["vals"]) == 3 and len(grid["vals"][0]) == 4
     col = grid["cols"].index(["sink_mass", "prose"])
-    row = table[(table.metric == "sink_mass") & (table.dataset == "prose") & (table.layer == 2) & (table["head"] == 1)].value.iloc[0]
+    row = table[
+        (table.metric == "sink_mass") & (table.dataset == "prose") & (table.layer == 2) & (table["head"] == 1)
+    ].value.iloc[0]
     assert grid["vals"][2][1][col] == pytest.approx(row, rel=1e-3)
     cells = re.findall(r'<td tabindex="0" data-s="0" data-l="(\d+)" data-h="(\d+)"( class="has")?>', text)
     assert len(cells) == 12
@@ -188,7 +239,9 @@ def test_top_heads_and_atlas_agree_with_the_table(report_run):
     assert {(int(l), int(h)) for l, h, has in cells if has} == set(zip(roles.layer, roles["head"]))
     for (l, h), g in roles.groupby(["layer", "head"]):
         cell = re.search(rf'data-l="{l}" data-h="{h}" class="has">(.*?)</td>', text).group(1)
-        assert re.findall(r">(\w+)</span>", cell) == [{"sink": "S", "streaming": "W", "echo": "E", "previous-token": "P"}.get(r, "?") for r in g.role]
+        assert re.findall(r">(\w+)</span>", cell) == [
+            {"sink": "S", "streaming": "W", "echo": "E", "previous-token": "P"}.get(r, "?") for r in g.role
+        ]
     assert "sink_mass &gt;= 0.3" in text and "streaming &gt;= 0.5" in text
 
 
@@ -209,8 +262,11 @@ def test_toc_links_and_captions_resolve(report_run):
 
 def test_figures_fit_their_metric(report_run):
     figs = {f["layout"]["title"]["text"]: f for f in figures((report_run / "report.html").read_text())}
-    sink = figs["sink_mass per head (tiny: one panel per dataset)"] if "sink_mass per head (tiny: one panel per dataset)" in figs else \
-        next(f for t, f in figs.items() if t.startswith("sink_mass per head"))
+    sink = (
+        figs["sink_mass per head (tiny: one panel per dataset)"]
+        if "sink_mass per head (tiny: one panel per dataset)" in figs
+        else next(f for t, f in figs.items() if t.startswith("sink_mass per head"))
+    )
     assert (sink["layout"]["coloraxis"]["cmin"], sink["layout"]["coloraxis"]["cmax"]) == (0, 1)
     ent = next(f for t, f in figs.items() if t.startswith("entropy per head"))
     assert ent["layout"]["coloraxis"].get("cmin") is None, "entropy (nats) is not forced into [0, 1]"
@@ -221,15 +277,22 @@ def test_figures_fit_their_metric(report_run):
 
 def test_definitions_are_copied_from_the_metrics_document(report_run, tmp_path):
     doc = tmp_path / "metrics.md"
-    doc.write_text("# Metrics\n\n## Conventions\n\nPadding never counts.\n\n## Probe sink\n\nSource: Gu et al.\n\n"
-                   "## `sink_mass`\n\nThe first token's share, see [entropy](#entropy), [conventions](#conventions) and [x](#nowhere). "
-                   "<b>bold</b>\n\n## entropy\n\nRow entropy in nats.\n")
+    doc.write_text(
+        "# Metrics\n\n## Conventions\n\nPadding never counts.\n\n## Probe sink\n\nSource: Gu et al.\n\n"
+        "## `sink_mass`\n\nThe first token's share, see [entropy](#entropy), [conventions](#conventions) and [x](#nowhere). "
+        "<b>bold</b>\n\n## entropy\n\nRow entropy in nats.\n"
+    )
     text = build_report(report_run / "run", docs=doc)
     sec = re.search(r'<section class="def" id="def-sink_mass">(.*?)</section>', text, re.S).group(1)
     assert "The first token&#x27;s share" in sec or "The first token's share" in sec
     assert 'href="#def-entropy"' in sec and "<b>bold</b>" not in sec, "links rewritten, raw HTML escaped"
-    assert 'href="#doc-conventions"' in sec and '<section class="def" id="doc-conventions"><h4>Conventions</h4><p>Padding never counts.' in text
-    assert "nowhere" not in sec and ">x<" not in sec.replace("<p>", ""), "a link to a section the page lacks keeps only its text"
+    assert (
+        'href="#doc-conventions"' in sec
+        and '<section class="def" id="doc-conventions"><h4>Conventions</h4><p>Padding never counts.' in text
+    )
+    assert "nowhere" not in sec and ">x<" not in sec.replace("<p>", ""), (
+        "a link to a section the page lacks keeps only its text"
+    )
     assert "metrics.md#sink_mass" in sec
     # a metric the document lacks falls back to the probe's docstring
     assert "probes/induction.py (docstring)" in re.search(r'id="def-prev_token">(.*?)</section>', text, re.S).group(1)
@@ -237,12 +300,21 @@ def test_definitions_are_copied_from_the_metrics_document(report_run, tmp_path):
 
 def test_roles_flag_changes_the_atlas_and_bad_flags_fail_cleanly(report_run, tmp_path, capsys):
     out = tmp_path / "r.html"
-    assert main(["report", str(report_run / "run"), "--out", str(out), "--roles", "sink=0.05,induction=off,prev_token=0.99"]) == 0
+    assert (
+        main(
+            ["report", str(report_run / "run"), "--out", str(out), "--roles", "sink=0.05,induction=off,prev_token=0.99"]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "sink_mass &gt;= 0.05" in text and "prev_token &gt;= 0.99" in text
     assert ">induction</td>" not in text.split('id="atlas-thresholds"')[1].split("</table>")[0]
     assert "induction=off" not in text and "off here: induction" in text
-    for flags, msg in [(["--roles", "bogus=1"], "unknown role"), (["--roles", "sink=x"], "not a number"), (["--labels", "a,b"], "2 labels for 1 runs")]:
+    for flags, msg in [
+        (["--roles", "bogus=1"], "unknown role"),
+        (["--roles", "sink=x"], "not a number"),
+        (["--labels", "a,b"], "2 labels for 1 runs"),
+    ]:
         bad = tmp_path / "bad.html"
         assert main(["report", str(report_run / "run"), "--out", str(bad), *flags]) == 2
         err = capsys.readouterr().err
@@ -254,7 +326,9 @@ def test_roles_flag_changes_the_atlas_and_bad_flags_fail_cleanly(report_run, tmp
 
 def depth_traces(text: str, metric: str = "entropy") -> dict[str, list[float]]:
     (prof,) = [f for f in figures(text) if f["layout"]["title"]["text"] == f"{metric} by relative depth"]
-    return {t["name"].split(":")[0]: array(t["x"]).tolist() for t in prof["data"] if t["name"].endswith("mean over heads")}
+    return {
+        t["name"].split(":")[0]: array(t["x"]).tolist() for t in prof["data"] if t["name"].endswith("mean over heads")
+    }
 
 
 @pytest.mark.parametrize("layout", ["one sweep", "two runs"])
@@ -278,13 +352,17 @@ def test_compare_two_runs_of_one_model_per_head_and_by_config(depth_runs, tmp_pa
     copy = tmp_path / "a-again"
     shutil.copytree(depth_runs["a"], copy)
     cfg = tmp_path / "report.toml"
-    cfg.write_text(f'runs = ["{depth_runs["a"]}", "a-again"]\nlabels = ["first", "second"]\ntitle = "two seeds"\nout = "cfg.html"\n[roles]\nsink = 0.9\necho = "off"\n')
+    cfg.write_text(
+        f'runs = ["{depth_runs["a"]}", "a-again"]\nlabels = ["first", "second"]\ntitle = "two seeds"\nout = "cfg.html"\n[roles]\nsink = 0.9\necho = "off"\n'
+    )
     assert main(["report", "--config", str(cfg)]) == 0
     text = (tmp_path / "cfg.html").read_text()
-    assert "<h1 id=\"top\">two seeds</h1>" in text and "sink_mass &gt;= 0.9" in text and "off here: echo" in text
+    assert '<h1 id="top">two seeds</h1>' in text and "sink_mass &gt;= 0.9" in text and "off here: echo" in text
     assert re.findall(r'<div class="atlas-title">(.*?)</div>', text) == ["first · llama3", "second · llama3"]
     diffs = [f for f in figures(text) if "minus" in f["layout"]["title"]["text"] and f["data"][0]["type"] == "heatmap"]
-    assert diffs and all(np.nan_to_num(array(f["data"][0]["z"])).max() == 0 for f in diffs), "same shape: per-head difference, 0 here"
+    assert diffs and all(np.nan_to_num(array(f["data"][0]["z"])).max() == 0 for f in diffs), (
+        "same shape: per-head difference, 0 here"
+    )
     assert all(array(f["data"][0]["z"]).shape == (3, 4) for f in diffs)
     assert diffs[0]["data"][0]["zmid"] == 0
 
@@ -294,20 +372,46 @@ def test_circuits_in_a_run_folder_join_the_atlas_and_get_a_graph(report_run, tmp
     shutil.copytree(report_run / "run", run)
     model = str(load_results(run).model.iloc[0])
     (run / "circuits" / "ioi").mkdir(parents=True)
-    (run / "circuits" / "ioi" / "circuit.json").write_text(json.dumps({
-        "task": "ioi", "model": model,
-        "nodes": [{"layer": 2, "head": 3, "effect": -0.6, "round": 1, "role": "name mover, induction"},
-                  {"layer": 1, "head": 0, "effect": 0.2, "round": 2, "role": "S-inhibition"}],
-        "edges": [{"sender_layer": 2, "sender_head": 3, "receiver_layer": 3, "receiver_head": -1, "receiver": "logits", "effect": -0.6},
-                  {"sender_layer": 1, "sender_head": 0, "receiver_layer": 2, "receiver_head": 3, "receiver": "2.3", "effect": 0.2}],
-        "faithfulness": {"faithfulness": 0.8, "ld_circuit": 2.4, "ld_clean": 3.0, "ld_all_heads_ablated": 0.1}}))
+    (run / "circuits" / "ioi" / "circuit.json").write_text(
+        json.dumps(
+            {
+                "task": "ioi",
+                "model": model,
+                "nodes": [
+                    {"layer": 2, "head": 3, "effect": -0.6, "round": 1, "role": "name mover, induction"},
+                    {"layer": 1, "head": 0, "effect": 0.2, "round": 2, "role": "S-inhibition"},
+                ],
+                "edges": [
+                    {
+                        "sender_layer": 2,
+                        "sender_head": 3,
+                        "receiver_layer": 3,
+                        "receiver_head": -1,
+                        "receiver": "logits",
+                        "effect": -0.6,
+                    },
+                    {
+                        "sender_layer": 1,
+                        "sender_head": 0,
+                        "receiver_layer": 2,
+                        "receiver_head": 3,
+                        "receiver": "2.3",
+                        "effect": 0.2,
+                    },
+                ],
+                "faithfulness": {"faithfulness": 0.8, "ld_circuit": 2.4, "ld_clean": 3.0, "ld_all_heads_ablated": 0.1},
+            }
+        )
+    )
     text = build_report(run)
     assert 'id="circuits"' in text and "faithfulness 0.8 (logit difference 2.4 with only the circuit of 3 clean" in text
     graph = next(f for f in figures(text) if f["layout"]["title"]["text"] == "ioi circuit (llama)")
     negative = next(t for t in graph["data"] if t.get("text", "").endswith("-0.600"))
     assert negative["line"]["color"] == "crimson" and "red = patching the path lowers the logit difference" in text
     data = json.loads(re.search(r'<script id="wb-atlas" type="application/json">(.*?)</script>', text, re.S).group(1))
-    assert [r[0] for r in data[0]["roles"]["2.3"]][-1] == "name mover" and data[0]["roles"]["1.0"][-1][0] == "S-inhibition"
+    assert [r[0] for r in data[0]["roles"]["2.3"]][-1] == "name mover" and data[0]["roles"]["1.0"][-1][
+        0
+    ] == "S-inhibition"
     assert "circuit discovery label" in text
 
 
@@ -356,7 +460,9 @@ def test_report_renders_in_headless_chromium(report_run):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.content()
         errors = [c for c in s.console if re.match(r"(error|warning)", c)] + s.errors
         assert not errors, errors
-        assert not [u for u in s.requests if not u.startswith(("file:", "data:", "blob:", "about:"))], "offline: no network requests"
+        assert not [u for u in s.requests if not u.startswith(("file:", "data:", "blob:", "about:"))], (
+            "offline: no network requests"
+        )
     assert int(page_attr(html_file)) > 0
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
@@ -378,12 +484,15 @@ def test_comparison_report_renders_without_errors(depth_runs, tmp_path):
         assert not [c for c in s.console if c.startswith("error")] and not s.errors
 
 
-@pytest.mark.parametrize("text, message", [
-    ('runs = "runs/a"\n', "top level.runs: expected a list"),
-    ('runs = ["a"]\ncolour = "red"\n', "top level: unknown key 'colour'"),
-    ('runs = ["a"]\n[roles]\nsink = [1]\n', "top level.roles"),
-    ("runs = [", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('runs = "runs/a"\n', "top level.runs: expected a list"),
+        ('runs = ["a"]\ncolour = "red"\n', "top level: unknown key 'colour'"),
+        ('runs = ["a"]\n[roles]\nsink = [1]\n', "top level.roles"),
+        ("runs = [", "is not valid TOML"),
+    ],
+)
 def test_bad_report_configs_are_one_error_naming_the_key(tmp_path, text, message):
     from workbench.errors import WorkbenchError
     from workbench.report.config import load_report_config
@@ -401,5 +510,7 @@ def test_report_config_paths_are_beside_the_file(tmp_path):
     cfg.parent.mkdir()
     cfg.write_text('runs = ["a", "/abs/b", "s3://bucket/c"]\nout = "r.html"\n[roles]\nsink = 0.6\necho = "off"\n')
     got = load_report_config(cfg)
-    assert got["runs"] == [str(cfg.parent / "a"), "/abs/b", "s3://bucket/c"] and got["out"] == str(cfg.parent / "r.html")
+    assert got["runs"] == [str(cfg.parent / "a"), "/abs/b", "s3://bucket/c"] and got["out"] == str(
+        cfg.parent / "r.html"
+    )
     assert got["thresholds"] == {"sink": 0.6, "echo": None}

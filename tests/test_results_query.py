@@ -1,5 +1,6 @@
 """Loading and querying results whose parts have different column sets; query errors; the
 read-only query mode for untrusted SQL (issue 10, items 1, 7 and 10)."""
+
 from __future__ import annotations
 
 import warnings
@@ -18,22 +19,50 @@ README_QUERY = "select probe, metric, layer, head, value from results order by v
 
 
 def _per_head(model: str = "m") -> pd.DataFrame:
-    rows = [{"probe": "entropy", "metric": "entropy", "layer": l, "head": h, "value": 0.1 * (2 * l + h), "n": 4}
-            for l in range(2) for h in range(2)]
+    rows = [
+        {"probe": "entropy", "metric": "entropy", "layer": l, "head": h, "value": 0.1 * (2 * l + h), "n": 4}
+        for l in range(2)
+        for h in range(2)
+    ]
     return tidy(pd.DataFrame(rows), model, "prose")
 
 
 def _per_item(model: str = "m") -> pd.DataFrame:
-    rows = [{"probe": "vhd", "metric": "t_vhd", "layer": -1, "head": -1, "value": v, "n": 1, "item": "a", "step": s, "token": t}
-            for s, (v, t) in enumerate([(0.9, " red"), (0.05, "</s>")])]
+    rows = [
+        {
+            "probe": "vhd",
+            "metric": "t_vhd",
+            "layer": -1,
+            "head": -1,
+            "value": v,
+            "n": 1,
+            "item": "a",
+            "step": s,
+            "token": t,
+        }
+        for s, (v, t) in enumerate([(0.9, " red"), (0.05, "</s>")])
+    ]
     return tidy(pd.DataFrame(rows), model, "shapes")
 
 
 def _patching(model: str = "m") -> pd.DataFrame:
     """What `workbench patch` writes: the COLUMNS plus component / position / ld / CIs / receiver."""
-    return pd.DataFrame({"model": model, "dataset": "ioi", "probe": "patch-activation", "metric": "logit_diff",
-                         "layer": [0, 1], "head": [0, 1], "value": [-0.5, 0.25], "n": 8,
-                         "component": "z", "position": [-1, 3], "ld": [1.5, 2.0], "receiver": "logits"})
+    return pd.DataFrame(
+        {
+            "model": model,
+            "dataset": "ioi",
+            "probe": "patch-activation",
+            "metric": "logit_diff",
+            "layer": [0, 1],
+            "head": [0, 1],
+            "value": [-0.5, 0.25],
+            "n": 8,
+            "component": "z",
+            "position": [-1, 3],
+            "ld": [1.5, 2.0],
+            "receiver": "logits",
+        }
+    )
 
 
 def make_run(folder: Path, order: tuple[str, ...] = ("a", "b", "c"), model: str = "m") -> Path:
@@ -74,7 +103,9 @@ def test_readme_query_on_mixed_parts(tmp_path):
 def test_query_uses_every_run(tmp_path):
     make_run(tmp_path / "a", ("a", "b"), model="m1")
     make_run(tmp_path / "b", ("c", "a"), model="m2")  # other parts, other columns
-    df = query("select run, model, count(*) as n from results group by all order by run", [tmp_path / "a", tmp_path / "b"])
+    df = query(
+        "select run, model, count(*) as n from results group by all order by run", [tmp_path / "a", tmp_path / "b"]
+    )
     assert df.run.tolist() == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert df.model.tolist() == ["m1", "m2"] and df.n.tolist() == [6, 6]
     one = query("select count(*) as n from results", [tmp_path / "b"])
@@ -128,10 +159,15 @@ def test_read_only_mode_runs_normal_selects(run, tmp_path):
     make_run(tmp_path / "other", ("a",), model="m2")
     df = query(README_QUERY, [run, tmp_path / "other"], read_only=True)
     assert len(df) == 10 and df.value.tolist() == sorted(df.value, reverse=True)
-    n = query("select run, count(*) n from results group by run order by run", [run, tmp_path / "other"], read_only=True)
+    n = query(
+        "select run, count(*) n from results group by run order by run", [run, tmp_path / "other"], read_only=True
+    )
     assert n.n.tolist() == [4, 8]  # other, run
-    agg = query("with t as (select metric, avg(value) v from results group by metric) select * from t order by metric",
-                [run], read_only=True)
+    agg = query(
+        "with t as (select metric, avg(value) v from results group by metric) select * from t order by metric",
+        [run],
+        read_only=True,
+    )
     assert agg.metric.tolist() == ["entropy", "logit_diff", "t_vhd"]
 
 
@@ -200,7 +236,16 @@ def test_query_cli_takes_repeated_runs_and_a_read_only_flag(tmp_path, capsys):
 
     make_run(tmp_path / "a", model="ma")
     make_run(tmp_path / "b", model="mb")
-    rc = main(["query", "select distinct model from results order by model", "--runs", str(tmp_path / "a"), "--runs", str(tmp_path / "b")])
+    rc = main(
+        [
+            "query",
+            "select distinct model from results order by model",
+            "--runs",
+            str(tmp_path / "a"),
+            "--runs",
+            str(tmp_path / "b"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "ma" in out and "mb" in out
     rc = main(["query", README_QUERY, "--runs", str(tmp_path / "a")])

@@ -1,4 +1,5 @@
 """Retrieval score: batched decoding against the paper's one-prompt loop, and the niah dataset."""
+
 from __future__ import annotations
 
 import random
@@ -48,11 +49,15 @@ def stop_ids(tok):
 def test_batched_scores_equal_the_paper_loop(tiny_models, arch, prefill):
     model = tiny_models[arch]
     prompts = copy_prompts(model, [25, 9, 17, 30], seed=1)
-    res = generate_and_score(model, prompts, max_new_tokens=12, require_correct=False, prefill=prefill, ctx=RunContext(batch_size=3))
+    res = generate_and_score(
+        model, prompts, max_new_tokens=12, require_correct=False, prefill=prefill, ctx=RunContext(batch_size=3)
+    )
     ref_model = eager_model(model.source)
     total = 0.0
     for p, r in zip(prompts, res):
-        ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 12)
+        ref, out = retrieval_reference(
+            ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 12
+        )
         assert r.n_steps == len(out)
         assert r.response == model.tokenizer.decode(out, skip_special_tokens=True).strip()
         assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
@@ -93,18 +98,26 @@ def test_niah_spans_point_at_the_answer(tiny_models):
     for p in prompts:
         assert len(p.tokens) == 200
         s, e = p.meta["answer_span"]
-        assert tok.decode(p.tokens[s:e]).replace(" ", "") == p.meta["answer"].replace(" ", "") or "[UNK]" in tok.decode(p.tokens[s:e])
-    assert prompts[0].meta["needle_span"][0] == 0 and prompts[2].meta["needle_span"][0] > prompts[1].meta["needle_span"][0]
+        assert tok.decode(p.tokens[s:e]).replace(" ", "") == p.meta["answer"].replace(" ", "") or "[UNK]" in tok.decode(
+            p.tokens[s:e]
+        )
+    assert (
+        prompts[0].meta["needle_span"][0] == 0 and prompts[2].meta["needle_span"][0] > prompts[1].meta["needle_span"][0]
+    )
 
 
 @pytest.mark.smollm2
 def test_smollm2_retrieval_matches_reference_and_retrieves(smollm2):
-    prompts = make_dataset("niah", n_prompts=3, tokenizer=smollm2.tokenizer, context_len=[300, 420], depths=[0.3, 0.7], seed=1)
+    prompts = make_dataset(
+        "niah", n_prompts=3, tokenizer=smollm2.tokenizer, context_len=[300, 420], depths=[0.3, 0.7], seed=1
+    )
     tok = tokenize_prompts(prompts, smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
     res = generate_and_score(smollm2, tok, max_new_tokens=20, ctx=RunContext(batch_size=3))
     ref_model = eager_model(smollm2.source)
     for p, r in zip(tok, res):
-        ref, out = retrieval_reference(ref_model, smollm2.tokenizer, p.ids, p.meta["answer_span"], stop_ids(smollm2.tokenizer), 20)
+        ref, out = retrieval_reference(
+            ref_model, smollm2.tokenizer, p.ids, p.meta["answer_span"], stop_ids(smollm2.tokenizer), 20
+        )
         assert r.n_steps == len(out)
         assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
     assert sum(r.counted for r in res) >= 2, [r.response for r in res]
@@ -120,19 +133,25 @@ def test_prompts_sharing_a_prefix_reuse_its_cache_and_score_the_same(tiny_models
     model = tiny_models[arch]
     base = copy_prompts(model, [60, 52, 45], seed=3)
     prefix = base[0].ids[:40]
-    prompts = [base[0]] + [TokenizedPrompt(p.id, prefix + p.ids[40:] if len(p.ids) > 40 else prefix + p.ids, p.meta) for p in base[1:]]
+    prompts = [base[0]] + [
+        TokenizedPrompt(p.id, prefix + p.ids[40:] if len(p.ids) > 40 else prefix + p.ids, p.meta) for p in base[1:]
+    ]
     prompts = [TokenizedPrompt(p.id, p.ids, {**p.meta, "answer_span": [1, len(p.ids) - 1]}) for p in prompts]
     calls = []
     original = decoding._common_prefix
     decoding._common_prefix = lambda a, b, limit: calls.append(original(a, b, limit)) or calls[-1]
     try:
-        res = generate_and_score(model, prompts, max_new_tokens=10, require_correct=False, prefill="separate", ctx=RunContext(batch_size=3))
+        res = generate_and_score(
+            model, prompts, max_new_tokens=10, require_correct=False, prefill="separate", ctx=RunContext(batch_size=3)
+        )
     finally:
         decoding._common_prefix = original
     assert max(calls) >= 40  # the prefix was shared
     ref_model = eager_model(model.source)
     for p, r in zip(prompts, res):
-        ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 10)
+        ref, out = retrieval_reference(
+            ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 10
+        )
         assert r.n_steps == len(out)
         assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
 
@@ -142,12 +161,30 @@ def test_niah_shared_haystack_prompts_share_the_prefix_before_the_needle(tiny_mo
     from workbench.inputs.prompts import read_prompts
 
     out = tmp_path / "n.jsonl"
-    assert main(["dataset", "niah", "--model", "tiny-llama", "--context-len", "120", "--depths", "0.2,0.9",
-                 "--shared-haystack", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "dataset",
+                "niah",
+                "--model",
+                "tiny-llama",
+                "--context-len",
+                "120",
+                "--depths",
+                "0.2,0.9",
+                "--shared-haystack",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     a, b = read_prompts(out)
     cut = a.meta["needle_span"][0]
     assert cut > 0 and a.tokens[:cut] == b.tokens[:cut]
-    default = make_dataset("niah", n_prompts=2, tokenizer=tiny_models["llama"].tokenizer, context_len=120, depths=[0.2, 0.9])
+    default = make_dataset(
+        "niah", n_prompts=2, tokenizer=tiny_models["llama"].tokenizer, context_len=120, depths=[0.2, 0.9]
+    )
     assert default[0].tokens[:cut] != default[1].tokens[:cut]  # default: a haystack per prompt
 
 
@@ -168,11 +205,19 @@ def test_long_prompts_prefill_in_pieces_and_score_the_same(tiny_models, prefill,
         def on_attention(self, call):
             widest.append(call.query.shape[2])
 
-    res = generate_and_score(model, prompts, max_new_tokens=8, require_correct=False, prefill=prefill,
-                             ctx=RunContext(batch_size=3, interventions=(Widest(),)))
+    res = generate_and_score(
+        model,
+        prompts,
+        max_new_tokens=8,
+        require_correct=False,
+        prefill=prefill,
+        ctx=RunContext(batch_size=3, interventions=(Widest(),)),
+    )
     assert max(widest) == 7
     ref_model = eager_model(model.source)
     for p, r in zip(prompts, res):
-        ref, out = retrieval_reference(ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 8)
+        ref, out = retrieval_reference(
+            ref_model, model.tokenizer, p.ids, p.meta["answer_span"], stop_ids(model.tokenizer), 8
+        )
         assert r.response == model.tokenizer.decode(out, skip_special_tokens=True).strip()
         assert torch.allclose(r.scores, torch.tensor(ref, dtype=torch.float64), atol=1e-4)

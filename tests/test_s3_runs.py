@@ -5,6 +5,7 @@ caches listings in the client and has no rename, so it checks what an object sto
 ``memory://`` does not. Nothing is mocked but the network: the server answers on 127.0.0.1.
 
 Skipped when moto or s3fs is not installed (both are in the ``dev`` extra)."""
+
 from __future__ import annotations
 
 import uuid
@@ -34,8 +35,12 @@ def s3():
 
     saved = dict(fsspec.config.conf.get("s3", {}))
     with loopback_s3.loopback_s3() as server:
-        fsspec.config.conf["s3"] = {"endpoint_url": server.endpoint, "key": "testing", "secret": "testing",
-                                    "client_kwargs": {"region_name": "us-east-1"}}
+        fsspec.config.conf["s3"] = {
+            "endpoint_url": server.endpoint,
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
         s3fs.S3FileSystem.clear_instance_cache()
         server.fs = fsspec.filesystem("s3")
         try:
@@ -57,7 +62,7 @@ def objects(fs, url: str) -> dict[str, bytes]:
     """Every object under ``url`` by its key below it, read afresh from the server."""
     fs.invalidate_cache()
     base = url.removeprefix("s3://").rstrip("/")
-    return {k[len(base) + 1:]: fs.cat_file(k) for k in fs.find(base)}
+    return {k[len(base) + 1 :]: fs.cat_file(k) for k in fs.find(base)}
 
 
 def test_a_sweep_into_s3_equals_the_local_one_and_resumes_without_recomputing(s3, local):
@@ -78,7 +83,9 @@ def test_a_damaged_part_on_s3_is_set_aside_by_copy_and_delete_and_recomputed(s3,
     stored = objects(s3.fs, run)
     aside = [k for k in stored if k.startswith("superseded/") and k.endswith(f"/corrupt/{name}")]
     assert len(aside) == 1 and stored[aside[0]] == damaged, "the damaged part is kept aside, not deleted"
-    assert sorted(k for k in stored if k.startswith("parts/")) == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
+    assert sorted(k for k in stored if k.startswith("parts/")) == sorted(
+        f"parts/{p.name}" for p in (ref / "parts").iterdir()
+    )
     pd.testing.assert_frame_equal(rows(run), rows(ref))
     assert run_sweep(cfg, run, progress=False, log=quiet)["ran"] == 0
 
@@ -95,13 +102,45 @@ def test_query_report_and_a_probe_file_on_s3(s3, local, tiny_dirs, tmp_path, cap
     page = objects(s3.fs, bucket)["report.html"].decode()
     assert "Attention-head report: run" in page and "prose" in page
     out = f"{bucket}/probe/entropy.parquet"
-    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2",
-                 "--out", out, "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "entropy",
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--dataset",
+                "prose",
+                "--n-prompts",
+                "2",
+                "--out",
+                out,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     table = load_results(out)
     assert set(table.metric) == {"entropy", "entropy_norm"} and len(table) == 2 * 3 * 4
     capsys.readouterr()
     # a bucket that does not exist: one error naming the fix, no traceback
-    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2",
-                 "--out", f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/e.parquet", "--no-progress"]) != 0
+    assert (
+        main(
+            [
+                "probe",
+                "entropy",
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--dataset",
+                "prose",
+                "--n-prompts",
+                "2",
+                "--out",
+                f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/e.parquet",
+                "--no-progress",
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err

@@ -7,6 +7,7 @@ views are also compared one method at a time on random calls with every kind of 
 kernel's output is SDPA's; the CUDA branch is checked by simulation (which kernel, shapes,
 dtypes), GPU timings are not measured here.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,12 @@ ALL = ("entropy", "sink", "induction", "streaming")
 
 
 def probes(**streaming):
-    return [get_probe("entropy"), get_probe("sink"), get_probe("induction"), get_probe("streaming", **(streaming or {"sink": 2, "recent": 5}))]
+    return [
+        get_probe("entropy"),
+        get_probe("sink"),
+        get_probe("induction"),
+        get_probe("streaming", **(streaming or {"sink": 2, "recent": 5})),
+    ]
 
 
 def prompts_for(model, lengths=(40, 13, 29, 8, 1), seed=0):
@@ -41,7 +47,9 @@ def prompts_for(model, lengths=(40, 13, 29, 8, 1), seed=0):
     from workbench.inputs.prompts import tokenize_prompts
 
     rng = random.Random(seed)
-    out = [TokenizedPrompt(f"r{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate(lengths)]
+    out = [
+        TokenizedPrompt(f"r{i}", [rng.randrange(4, model.vocab_size) for _ in range(n)]) for i, n in enumerate(lengths)
+    ]
     out.append(TokenizedPrompt("small-alphabet", [rng.randrange(4, 12) for _ in range(37)]))
     rep = make_dataset("repeated-random", n_prompts=2, seed=seed, tokenizer=model.tokenizer, period=7)
     return out + tokenize_prompts(rep, model.tokenizer, model.n_ctx, model.vocab_size)
@@ -63,7 +71,9 @@ class Count:
 
 def compare_paths(model, prompts, batch_size=4, **kw):
     auto = run_probes(model, prompts, probes(), batch_size=batch_size, progress=False, **kw).table
-    ref = run_probes(model, prompts, probes(), batch_size=batch_size, progress=False, attention_path="chunks", **kw).table
+    ref = run_probes(
+        model, prompts, probes(), batch_size=batch_size, progress=False, attention_path="chunks", **kw
+    ).table
     metrics = sorted(set(ref.metric))
     assert len(metrics) == 9 and len(auto) == len(ref)
     for metric in metrics:
@@ -100,10 +110,22 @@ def test_both_paths_agree_on_sliding_window_layers(tmp_path, monkeypatch):
     global one, grouped KV heads, query_pre_attn_scalar scaling."""
     from transformers import Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=6,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16,
-                           bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    cfg = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=16,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
     model = _save(tmp_path, cfg)
     seen = []
 
@@ -175,10 +197,18 @@ def test_both_paths_agree_on_smollm2(smollm2):
     from workbench.datasets import make_dataset
     from workbench.inputs.prompts import tokenize_prompts
 
-    prose = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=20, max_words=120), smollm2.tokenizer,
-                             smollm2.n_ctx, smollm2.vocab_size)
-    rep = tokenize_prompts(make_dataset("repeated-random", n_prompts=2, seed=1, tokenizer=smollm2.tokenizer, period=40),
-                           smollm2.tokenizer, smollm2.n_ctx, smollm2.vocab_size)
+    prose = tokenize_prompts(
+        make_dataset("prose", n_prompts=3, seed=7, min_words=20, max_words=120),
+        smollm2.tokenizer,
+        smollm2.n_ctx,
+        smollm2.vocab_size,
+    )
+    rep = tokenize_prompts(
+        make_dataset("repeated-random", n_prompts=2, seed=1, tokenizer=smollm2.tokenizer, period=40),
+        smollm2.tokenizer,
+        smollm2.n_ctx,
+        smollm2.vocab_size,
+    )
     assert len({len(p) for p in prose}) == 3
     compare_paths(smollm2, prose + rep, batch_size=5)
 
@@ -186,7 +216,11 @@ def test_both_paths_agree_on_smollm2(smollm2):
 # -- the two views, one method at a time, on random calls -------------------------------------
 def random_call(mask_kind, b=2, h=4, kv=2, n=23, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g)
+    q, k, v = (
+        torch.randn(b, h, n, d, generator=g) * 2,
+        torch.randn(b, kv, n, d, generator=g) * 2,
+        torch.randn(b, kv, n, d, generator=g),
+    )
     lengths = [n, n - 9]
     batch = collate([list(range(4, 4 + m)) for m in lengths], 0)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
@@ -219,7 +253,9 @@ def chunked(call, batch, fn, budget=40):
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "window", "additive"])
 def test_views_answer_the_same(mask_kind):
     call, batch = random_call(mask_kind)
-    stats = LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64)
+    stats = LayerStatistics(
+        call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64
+    )
     valid = stats.query_valid.unsqueeze(1)
     b, n = batch.input_ids.shape
     pos = batch.positions
@@ -230,10 +266,14 @@ def test_views_answer_the_same(mask_kind):
     first = torch.tensor([0, 1])
     assert close(stats.key_probs(first), chunked(call, batch, lambda c: c.key_probs(first)))
     for lo, hi in ((pos - 6, pos + 1), (torch.zeros_like(pos), torch.full_like(pos, 3)), (pos - 13, pos - 2)):
-        assert close(stats.mass_in(lo, hi), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries])))
+        assert close(
+            stats.mass_in(lo, hi), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries]))
+        )
     rank, lo, hi = same_token_ranges(batch)
     assert bool((hi > lo).any())
-    assert close(stats.mass_in(lo, hi, rank), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries], rank)))
+    assert close(
+        stats.mass_in(lo, hi, rank), chunked(call, batch, lambda c: c.mass_in(lo[:, c.queries], hi[:, c.queries], rank))
+    )
     # against the pattern itself: the weight on every key, summed, is 1 per visible row
     every = torch.arange(n).expand(b, n, n)
     assert close(stats.probs_at(every).sum(-1), torch.ones(b, 1, n))
@@ -255,7 +295,9 @@ def test_banded_products_over_many_blocks(monkeypatch, mask_kind, merge):
     monkeypatch.setattr(statistics, "MERGE_SCORES", merge)
     for seed in range(3):
         call, batch = random_call(mask_kind, n=29, seed=seed)
-        stats = LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=1 << 14)
+        stats = LayerStatistics(
+            call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=1 << 14
+        )
         valid = stats.query_valid.unsqueeze(1)
         pos = batch.positions
         late = pos >= 11  # ranges of more than 8 keys: banded products, not named keys
@@ -340,8 +382,9 @@ def test_kernel_output_is_sdpa(mask_kind):
         num_key_value_groups, is_causal = 2, True
 
     z, lse, _ = attention_with_statistics(call)
-    want, _ = sdpa_attention_forward(Module(), call.query, call.key, call.value, call.mask, scaling=call.scaling,
-                                     is_causal=call.is_causal or None)
+    want, _ = sdpa_attention_forward(
+        Module(), call.query, call.key, call.value, call.mask, scaling=call.scaling, is_causal=call.is_causal or None
+    )
     assert torch.equal(z, want)
     from workbench.engine.masking import attention_scores
 
@@ -382,8 +425,10 @@ def test_models_give_the_same_logits_with_statistics_on(tiny_models):
 # The engine's own code (kernel choice, KV-head repetition, bias alignment, lse cut, float32
 # statistics) runs unchanged. GPU timings are not measured here.
 _CPU_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_SCHEMAS = {name: getattr(torch.ops.aten, name).default._schema
-            for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")}
+_SCHEMAS = {
+    name: getattr(torch.ops.aten, name).default._schema
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")
+}
 
 
 def _bind(name, args, kwargs) -> dict:
@@ -411,8 +456,15 @@ class FakeCudaOps:
         q, k, v = a["query"], a["key"], a["value"]
         assert q.shape[:2] == k.shape[:2] == v.shape[:2], "CUDA kernels get as many KV heads as query heads"
         assert a.get("dropout_p", 0.0) == 0.0
-        self.calls.append({"name": name, "dtype": q.dtype, "shape": tuple(q.shape), "causal": a.get("is_causal", False),
-                           "bias": None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride())})
+        self.calls.append(
+            {
+                "name": name,
+                "dtype": q.dtype,
+                "shape": tuple(q.shape),
+                "causal": a.get("is_causal", False),
+                "bias": None if bias is None else (bias.dtype, tuple(bias.shape), bias.stride()),
+            }
+        )
         f = lambda t: None if t is None else t.float()  # noqa: E731
         out, lse = _CPU_OP(f(q), f(k), f(v), 0.0, a.get("is_causal", False), attn_mask=f(bias), scale=a.get("scale"))
         return out.to(q.dtype), lse
@@ -461,7 +513,10 @@ def test_cuda_dispatch_shapes_and_dtypes(monkeypatch, mask_kind):
     assert kernels.fusable(call)
     z, lse, km = attention_with_statistics(call, key_mean=True)
     first, second = ops.calls
-    assert first["name"] == ("cuda_flash" if mask_kind == "none" else "cuda_efficient") and first["dtype"] == torch.bfloat16
+    assert (
+        first["name"] == ("cuda_flash" if mask_kind == "none" else "cuda_efficient")
+        and first["dtype"] == torch.bfloat16
+    )
     assert first["shape"] == (2, 4, 21, 8) and first["causal"] == (mask_kind == "none")
     assert second["name"] == "cuda_efficient" and second["dtype"] == torch.float32  # E_A[k] in float32
     if mask_kind != "none":
@@ -564,7 +619,9 @@ def test_statistics_threads_single_for_small_layers_on_a_busy_machine_only(monke
     assert torch.get_num_threads() == n
     with statistics_threads(SMALL_LAYER):
         assert torch.get_num_threads() == n
-    monkeypatch.setattr(statistics.os, "getloadavg", lambda: (float(cpus), 0.0, 0.0))  # our own threads only: the process's threads
+    monkeypatch.setattr(
+        statistics.os, "getloadavg", lambda: (float(cpus), 0.0, 0.0)
+    )  # our own threads only: the process's threads
     with statistics_threads(SMALL_LAYER - 1):
         assert torch.get_num_threads() == n
 
@@ -576,7 +633,13 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
     from workbench.engine.statistics import LayerPlans
 
     def stats_for(call, batch, plans):
-        return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
+        return LayerStatistics(
+            call,
+            batch,
+            key_visibility(call).n_visible(call.query.shape[0], call.query.device),
+            chunk_elements=64,
+            plans=plans,
+        )
 
     call_a, batch = random_call("window")
     call_b, _ = random_call("padding")
@@ -588,10 +651,14 @@ def test_layers_of_a_forward_share_their_plans_and_only_when_the_mask_is_the_sam
         stats_for(call_a, batch, plans).mass_in(lo_, hi_, rank_)
     n = len(plans)
     # the same mask object, queries and keys of "another layer": plans reused, answers unchanged
-    other = AttentionCall(1, None, call_a.query.flip(1), call_a.key.flip(1), call_a.value, call_a.mask, call_a.scaling, call_a.is_causal)
+    other = AttentionCall(
+        1, None, call_a.query.flip(1), call_a.key.flip(1), call_a.value, call_a.mask, call_a.scaling, call_a.is_causal
+    )
     _, other.lse, _ = attention_with_statistics(other)
     for lo_, hi_, rank_ in ranges:
-        shared = stats_for(other, batch, plans).mass_in(lo_.clone(), hi_.clone(), None if rank_ is None else rank_.clone())
+        shared = stats_for(other, batch, plans).mass_in(
+            lo_.clone(), hi_.clone(), None if rank_ is None else rank_.clone()
+        )
         fresh = stats_for(other, batch, LayerPlans()).mass_in(lo_, hi_, rank_)
         assert torch.equal(shared, fresh)
     assert len(plans) == n
@@ -612,7 +679,13 @@ def test_run_probes_makes_each_plan_once_per_batch(tiny_models, monkeypatch):
     orig = LS._band_plan
     monkeypatch.setattr(LS, "_band_plan", lambda self, *a: made.append(self.layer) or orig(self, *a))
     prompts = prompts_for(model)[:4]
-    run_probes(model, prompts, [get_probe("induction"), get_probe("streaming", sink=2, recent=12)], batch_size=len(prompts), progress=False)
+    run_probes(
+        model,
+        prompts,
+        [get_probe("induction"), get_probe("streaming", sink=2, recent=12)],
+        batch_size=len(prompts),
+        progress=False,
+    )
     assert model.n_layers > 1 and made and set(made) == {0}
     assert len(made) == 2  # the window (12 keys: banded, not named) and the echo ranges, at layer 0 only
 
@@ -624,7 +697,9 @@ def test_keys_named_for_every_query_are_one_product_per_layer(tiny_models, monke
     model = tiny_models["llama"]
     prompts = prompts_for(model)[:4]
     probes = lambda: [get_probe("sink"), get_probe("streaming", sink=2, recent=3)]  # noqa: E731
-    alone = pd.concat([run_probes(model, prompts, [p], batch_size=len(prompts), progress=False).table for p in probes()])
+    alone = pd.concat(
+        [run_probes(model, prompts, [p], batch_size=len(prompts), progress=False).table for p in probes()]
+    )
     ref = run_probes(model, prompts, probes(), batch_size=len(prompts), progress=False, attention_path="chunks").table
     shared = []
     orig = statistics.key_products
@@ -654,12 +729,20 @@ def test_shared_keys_stop_growing_at_their_cap(monkeypatch):
     call, batch = random_call("padding", seed=3)
     n_vis = key_visibility(call).n_visible(call.query.shape[0], call.query.device)
     plans = LayerPlans()
-    asks = [torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([2, 3]), torch.tensor([3, 1]), torch.tensor([0, 0])]
+    asks = [
+        torch.tensor([0, 0]),
+        torch.tensor([1, 2]),
+        torch.tensor([2, 3]),
+        torch.tensor([3, 1]),
+        torch.tensor([0, 0]),
+    ]
     for layer in range(2):
         stats = LayerStatistics(call, batch, n_vis, chunk_elements=64, plans=plans)
         for key in asks:
             fresh = LayerStatistics(call, batch, n_vis, chunk_elements=64).key_probs(key)
-            assert torch.allclose(stats.key_probs(key), fresh, rtol=1e-5, atol=1e-7)  # products of other shapes: rounding only
+            assert torch.allclose(
+                stats.key_probs(key), fresh, rtol=1e-5, atol=1e-7
+            )  # products of other shapes: rounding only
     assert plans.shared_keys.shape[-1] == 3  # [0, 0], [1, 2], [2, 3]; [3, 1] would be the fourth
 
 
@@ -671,16 +754,28 @@ def test_layers_sharing_scratch_buffers_never_read_each_others():
     from workbench.engine.statistics import LayerPlans
 
     def stats_for(call, batch, plans):
-        return LayerStatistics(call, batch, key_visibility(call).n_visible(call.query.shape[0], call.query.device), chunk_elements=64, plans=plans)
+        return LayerStatistics(
+            call,
+            batch,
+            key_visibility(call).n_visible(call.query.shape[0], call.query.device),
+            chunk_elements=64,
+            plans=plans,
+        )
 
     call_a, batch = random_call("padding", seed=1)
     call_b, _ = random_call("padding", seed=2)
     pos = batch.positions
     rank, lo, hi = same_token_ranges(batch)
     keys = torch.stack([pos - 1, pos - 3], dim=-1)
-    asks = [lambda s: s.mass_in(pos - 6, pos + 1), lambda s: s.mass_in(lo, hi, rank), lambda s: s.probs_at(keys),
-            lambda s: s.key_probs(torch.tensor([0, 1]))]
-    alone = {name: [ask(stats_for(c, batch, LayerPlans())) for ask in asks] for name, c in (("a", call_a), ("b", call_b))}
+    asks = [
+        lambda s: s.mass_in(pos - 6, pos + 1),
+        lambda s: s.mass_in(lo, hi, rank),
+        lambda s: s.probs_at(keys),
+        lambda s: s.key_probs(torch.tensor([0, 1])),
+    ]
+    alone = {
+        name: [ask(stats_for(c, batch, LayerPlans())) for ask in asks] for name, c in (("a", call_a), ("b", call_b))
+    }
     assert not torch.allclose(alone["a"][0], alone["b"][0])
     plans = LayerPlans()
     a, b = stats_for(call_a, batch, plans), stats_for(call_b, batch, plans)
@@ -711,7 +806,9 @@ def test_scratch_grows_and_hands_out_views():
     assert small.get("a", (20,), torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()
     b = small.get("b", (10,), torch.float32, torch.device("cpu"))  # 80 + 40 > 100: a fresh tensor each time
     assert b.shape == (10,) and small.nbytes == 80
-    assert small.get("b", (10,), torch.float32, torch.device("cpu")).data_ptr() != b.data_ptr()  # b is alive: not its memory
+    assert (
+        small.get("b", (10,), torch.float32, torch.device("cpu")).data_ptr() != b.data_ptr()
+    )  # b is alive: not its memory
 
     class User:
         released = 0
@@ -735,14 +832,18 @@ def test_query_blocks_give_the_whole_calls_answer(monkeypatch, mask_kind):
     per mask object, and a mask edited in place gets new ones."""
     b, h, kv, n, d = 2, 4, 2, 200, 8
     g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(b, h, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g) * 2, torch.randn(b, kv, n, d, generator=g)
+    q, k, v = (
+        torch.randn(b, h, n, d, generator=g) * 2,
+        torch.randn(b, kv, n, d, generator=g) * 2,
+        torch.randn(b, kv, n, d, generator=g),
+    )
     i = torch.arange(n)
     causal = i[:, None] >= i[None, :]
     real = torch.ones(b, n, dtype=torch.bool)
     if mask_kind == "left_padded_window":
         real[1, :37] = False
     else:
-        real[1, n - 51:] = False
+        real[1, n - 51 :] = False
     window = (i[:, None] - i[None, :] < 24) if "window" in mask_kind else torch.ones(n, n, dtype=torch.bool)
     mask = (causal & window)[None, None] & real[:, None, None, :]
     if mask_kind == "left_padded_window":
@@ -785,7 +886,12 @@ def test_query_blocks_only_where_they_skip_enough(monkeypatch):
     assert kernels.query_blocks(causal[..., :31, :31]) is None
     assert kernels.query_blocks(causal[0, 0]) is None  # a 2-d mask broadcast by SDPA: left to one call
     blocks = kernels.query_blocks(causal)
-    assert [b_[:2] for b_ in blocks] == [(0, 16), (16, 32), (32, 48), (48, 64)] and [b_[3] for b_ in blocks] == [16, 32, 48, 64]
+    assert [b_[:2] for b_ in blocks] == [(0, 16), (16, 32), (32, 48), (48, 64)] and [b_[3] for b_ in blocks] == [
+        16,
+        32,
+        48,
+        64,
+    ]
 
 
 def test_blocked_kernel_keeps_a_models_numbers(tmp_path, monkeypatch):
@@ -796,14 +902,30 @@ def test_blocked_kernel_keeps_a_models_numbers(tmp_path, monkeypatch):
 
     from workbench.engine.attention import hooked_run
 
-    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=6,
-                           layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16,
-                           bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    cfg = Gemma3TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=16,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
     model = _save(tmp_path, cfg)
     monkeypatch.setattr(kernels, "BLOCK_QUERIES", 8)
     used = []
-    monkeypatch.setattr(kernels, "query_blocks", lambda m, orig=kernels.query_blocks: (lambda r: used.append(r is not None) or r)(orig(m)))
+    monkeypatch.setattr(
+        kernels,
+        "query_blocks",
+        lambda m, orig=kernels.query_blocks: (lambda r: used.append(r is not None) or r)(orig(m)),
+    )
     compare_paths(model, prompts_for(model, lengths=(60, 33, 47, 8, 1)))
     assert any(used)
     ids = torch.randint(4, 500, (2, 50))

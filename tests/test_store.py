@@ -1,4 +1,5 @@
 """The activation store: what it holds, pattern probes from it against the live run, resume and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,12 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0, period: int | 
 
 
 def pattern_probes():
-    return [get_probe("entropy"), get_probe("sink", epsilon=0.1), get_probe("induction"), get_probe("streaming", sink=2, recent=4)]
+    return [
+        get_probe("entropy"),
+        get_probe("sink", epsilon=0.1),
+        get_probe("induction"),
+        get_probe("streaming", sink=2, recent=4),
+    ]
 
 
 def assert_same_rows(live, replayed, tol, skip=()):
@@ -97,7 +103,9 @@ def test_replay_keeps_sliding_windows_softcaps_and_scaling(arch, tmp_path):
     folder = gemma_folder(tmp_path, arch)
     model = load_model(str(folder), device="cpu")
     prompts = random_prompts(512, LENGTHS, seed=2, period=5)
-    cache_activations(model, prompts, tmp_path / "store", hooks=["q", "k"], batch_size=3, shard_bytes=10_000, log=lambda *_: None)
+    cache_activations(
+        model, prompts, tmp_path / "store", hooks=["q", "k"], batch_size=3, shard_bytes=10_000, log=lambda *_: None
+    )
     store = open_store(tmp_path / "store")
     layers = store.geometry["layers"]
     assert layers["0"]["sliding_window"] == 6 and layers["1"]["sliding_window"] is None
@@ -163,26 +171,88 @@ def test_float16_store_drift(tiny_models, tmp_path):
 
 def test_cli_cache_then_probe_from_store(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "store"
-    argv = ["cache", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "5", "--hooks", "q,k,resid_post",
-            "--layers", "1-2", "--shard-mb", "0.02", "--no-progress", "--out", str(out)]
+    argv = [
+        "cache",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--dataset",
+        "prose",
+        "--n-prompts",
+        "5",
+        "--hooks",
+        "q,k,resid_post",
+        "--layers",
+        "1-2",
+        "--shard-mb",
+        "0.02",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "shards" in capsys.readouterr().out
     store = open_store(out)
     assert store.layers == [1, 2] and store.index["command"].startswith("workbench cache --model")
-    assert main(["probe", "entropy,sink", "--from-store", str(out), "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path / "e.parquet")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "entropy,sink",
+                "--from-store",
+                str(out),
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--out",
+                str(tmp_path / "e.parquet"),
+            ]
+        )
+        == 0
+    )
     from workbench.runs.parquet import read_parquet
 
     table, meta = read_parquet(tmp_path / "e.parquet")
     assert set(table.layer) == {1, 2} and meta["config"]["store"] == str(out)
     live = tmp_path / "live.parquet"
-    assert main(["probe", "entropy,sink", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "5", "--out", str(live)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "entropy,sink",
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--dataset",
+                "prose",
+                "--n-prompts",
+                "5",
+                "--out",
+                str(live),
+            ]
+        )
+        == 0
+    )
     want, _ = read_parquet(live)
     assert_same_rows(want[want.layer >= 1], table, 1e-4)
 
 
 def _cache_argv(model_dir, out, n_prompts=40):
-    return ["cache", "--model", str(model_dir), "--dataset", "prose", "--n-prompts", str(n_prompts), "--hooks", ",".join(ALL_HOOKS),
-            "--shard-mb", "0.3", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    return [
+        "cache",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "prose",
+        "--n-prompts",
+        str(n_prompts),
+        "--hooks",
+        ",".join(ALL_HOOKS),
+        "--shard-mb",
+        "0.3",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def test_sigkill_mid_cache_then_resume_equals_an_uninterrupted_store(tiny_dirs, tmp_path, capsys):
@@ -190,9 +260,16 @@ def test_sigkill_mid_cache_then_resume_equals_an_uninterrupted_store(tiny_dirs, 
     assert main(_cache_argv(tiny_dirs["llama"], clean)) == 0
     total = len(json.loads((clean / "manifest.json").read_text())["shards"])
     assert total >= 6
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", *_cache_argv(tiny_dirs["llama"], crashed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench", *_cache_argv(tiny_dirs["llama"], crashed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = crashed / "manifest.json"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -205,7 +282,9 @@ def test_sigkill_mid_cache_then_resume_equals_an_uninterrupted_store(tiny_dirs, 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = json.loads(manifest.read_text())
-    assert written["complete"] is False and 0 < len(written["shards"]) < total, f"kill landed after {len(written['shards'])} of {total} shards"
+    assert written["complete"] is False and 0 < len(written["shards"]) < total, (
+        f"kill landed after {len(written['shards'])} of {total} shards"
+    )
     # an interrupted store is visibly incomplete, and probes refuse it with the command that resumes it
     capsys.readouterr()
     assert main(["probe", "entropy", "--from-store", str(crashed), "--out", str(tmp_path / "x.parquet")]) == 2
@@ -221,7 +300,9 @@ def test_sigkill_mid_cache_then_resume_equals_an_uninterrupted_store(tiny_dirs, 
     for key in ("created", "command"):
         ia.pop(key), ib.pop(key)
     assert ia == ib
-    assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(p.name for p in (clean / "shards").iterdir())
+    assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(
+        p.name for p in (clean / "shards").iterdir()
+    )
 
 
 def test_a_damaged_shard_is_rewritten_on_resume(tiny_dirs, tmp_path):
@@ -269,7 +350,9 @@ def test_stores_that_cannot_serve_the_probes(llama_store, tiny_dirs, tmp_path, c
     err = run_cli(capsys, ["probe", "entropy", "--from-store", tmp_path / "resid", "--out", tmp_path / "o.parquet"])
     assert "need the post-rotary queries and keys (q, k)" in err and "--hooks q,k" in err
     # a store of another model (same tokenizer), and of another tokenizer
-    err = run_cli(capsys, ["probe", "entropy", "--from-store", out, "--model", tiny_dirs["gpt2"], "--out", tmp_path / "o.parquet"])
+    err = run_cli(
+        capsys, ["probe", "entropy", "--from-store", out, "--model", tiny_dirs["gpt2"], "--out", tmp_path / "o.parquet"]
+    )
     assert "was cached from" in err
     other = tmp_path / "other-tok"
     shutil.copytree(tiny_dirs["llama"], other)
@@ -281,7 +364,9 @@ def test_stores_that_cannot_serve_the_probes(llama_store, tiny_dirs, tmp_path, c
     # not a store at all; inputs that cannot apply to a store
     err = run_cli(capsys, ["probe", "entropy", "--from-store", tmp_path, "--out", tmp_path / "o.parquet"])
     assert "is not an activation store" in err
-    err = run_cli(capsys, ["probe", "entropy", "--from-store", out, "--dataset", "prose", "--out", tmp_path / "o.parquet"])
+    err = run_cli(
+        capsys, ["probe", "entropy", "--from-store", out, "--dataset", "prose", "--out", tmp_path / "o.parquet"]
+    )
     assert "--dataset cannot apply" in err
     assert not (tmp_path / "o.parquet").exists()
 
@@ -291,7 +376,9 @@ def test_a_store_is_resumed_only_with_its_own_settings(llama_store, tmp_path):
     with pytest.raises(WorkbenchError, match="different hooks"):
         cache_activations(model, prompts, out, hooks=["q"], batch_size=3, shard_bytes=40_000, log=lambda *_: None)
     with pytest.raises(WorkbenchError, match="different prompts"):
-        cache_activations(model, prompts[:3], out, hooks=ALL_HOOKS, batch_size=3, shard_bytes=40_000, log=lambda *_: None)
+        cache_activations(
+            model, prompts[:3], out, hooks=ALL_HOOKS, batch_size=3, shard_bytes=40_000, log=lambda *_: None
+        )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(WorkbenchError, match="holds no store"):
@@ -310,12 +397,18 @@ def test_smollm2_pattern_probes_from_a_store_equal_the_live_run(smollm2, tmp_pat
     from workbench.datasets import make_dataset
     from workbench.inputs.prompts import tokenize_prompts
 
-    prompts = tokenize_prompts(make_dataset("prose", n_prompts=3, seed=7, min_words=5, max_words=40), smollm2.tokenizer, smollm2.n_ctx,
-                               smollm2.vocab_size)
+    prompts = tokenize_prompts(
+        make_dataset("prose", n_prompts=3, seed=7, min_words=5, max_words=40),
+        smollm2.tokenizer,
+        smollm2.n_ctx,
+        smollm2.vocab_size,
+    )
     assert len({len(p) for p in prompts}) > 1
     live = run_probes(smollm2, prompts, pattern_probes(), batch_size=4, progress=False).table
     for dtype, tol, skip in (("float32", 1e-4, ()), ("float16", F16_TOL, F16_SKIP)):
-        cache_activations(smollm2, prompts, tmp_path / dtype, hooks=["q", "k"], dtype=dtype, batch_size=2, log=lambda *_: None)
+        cache_activations(
+            smollm2, prompts, tmp_path / dtype, hooks=["q", "k"], dtype=dtype, batch_size=2, log=lambda *_: None
+        )
         assert_same_rows(live, run_probes_from_store(tmp_path / dtype, pattern_probes(), batch_size=3).table, tol, skip)
 
 
@@ -333,4 +426,6 @@ def test_resume_removes_the_temp_file_of_a_shard_killed_mid_write(tiny_dirs, tmp
     manifest["complete"] = False
     (crashed / "manifest.json").write_text(json.dumps(manifest))
     assert main(_cache_argv(tiny_dirs["llama"], crashed, n_prompts=8)) == 0
-    assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(p.name for p in (clean / "shards").iterdir())
+    assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(
+        p.name for p in (clean / "shards").iterdir()
+    )

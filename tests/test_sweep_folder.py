@@ -1,6 +1,7 @@
 """A run folder reports exactly its current config: damaged parts are recomputed, parts of an
 earlier config are set aside, every setting that changes numbers is in a unit's key, and configs
 are validated before anything is written (issue 10, items 2-5)."""
+
 from __future__ import annotations
 
 import json
@@ -92,9 +93,21 @@ def keys(cfg):
     return {(u.dataset, u.probe): u.key for u in load_config(cfg).units()}
 
 
-@pytest.mark.parametrize("change", [
-    "seed", "n_prompts", "period", "dtype", "prepend_bos", "probe_param", "prompts_file", "model_folder", "model_weights", "probe_version",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "seed",
+        "n_prompts",
+        "period",
+        "dtype",
+        "prepend_bos",
+        "probe_param",
+        "prompts_file",
+        "model_folder",
+        "model_weights",
+        "probe_version",
+    ],
+)
 def test_every_setting_that_changes_numbers_changes_the_key(tiny_dirs, tmp_path, change, monkeypatch):
     model = tmp_path / "model"
     shutil.copytree(tiny_dirs["llama"], model)
@@ -132,9 +145,15 @@ def test_every_setting_that_changes_numbers_changes_the_key(tiny_dirs, tmp_path,
     changed = {k for k in base if base[k] != after[k]}
     expect = {
         "seed": set(base) - {("mine", "entropy")},  # a prompts file is used as given: no seed
-        "dtype": set(base), "prepend_bos": set(base), "model_folder": set(base), "model_weights": set(base),
-        "n_prompts": {("repeated-random", "induction")}, "period": {("repeated-random", "induction")},
-        "probe_param": {("prose", "sink")}, "prompts_file": {("mine", "entropy")}, "probe_version": {("prose", "sink")},
+        "dtype": set(base),
+        "prepend_bos": set(base),
+        "model_folder": set(base),
+        "model_weights": set(base),
+        "n_prompts": {("repeated-random", "induction")},
+        "period": {("repeated-random", "induction")},
+        "probe_param": {("prose", "sink")},
+        "prompts_file": {("mine", "entropy")},
+        "probe_version": {("prose", "sink")},
     }[change]
     assert changed == expect
 
@@ -142,7 +161,9 @@ def test_every_setting_that_changes_numbers_changes_the_key(tiny_dirs, tmp_path,
 def test_what_does_not_change_numbers_does_not_change_the_key(tiny_dirs, tmp_path):
     cfg = write(tmp_path, tiny_dirs["llama"])
     base = keys(cfg)
-    cfg.write_text("batch_size = 1\n" + cfg.read_text().replace('[datasets.prose]\n', '[datasets.prose]\nmin_words = 40\n'))
+    cfg.write_text(
+        "batch_size = 1\n" + cfg.read_text().replace("[datasets.prose]\n", "[datasets.prose]\nmin_words = 40\n")
+    )
     assert keys(cfg) == base, "batch size and options given at their default value leave the key alone"
 
 
@@ -168,19 +189,22 @@ def test_bad_top_level_values_fail_before_anything_is_written(tiny_dirs, tmp_pat
     assert not run.exists()
 
 
-@pytest.mark.parametrize("table, message", [
-    ("[datasets.prose]\nn_prompts = \"many\"\n", "[datasets.prose].n_prompts: expected a whole number"),
-    ("[datasets.prose]\nn_prompts = 0\n", "[datasets.prose].n_prompts: must be >= 1"),
-    ("[datasets.repeated-random]\nperiod = 1.5\n", "[datasets.repeated-random].period"),
-    ("[datasets.niah]\ndepths = [2.0]\n", "[datasets.niah].depths[0]: must be <= 1"),
-    ("[datasets.prose]\nbogus = 1\n", "unknown option 'bogus'"),
-    ("[datasets.mine]\npath = 3\n", "path must be a string"),
-    ("[datasets.mine]\ndataset = \"nope\"\n", "unknown dataset 'nope' in [datasets.mine]"),
-    ("[datasets.prose]\n[probe_params.sink]\nepsilon = \"abc\"\n", "sink.epsilon: expected a number"),
-    ("[datasets.prose]\n[probe_params.sink]\nepsilon = 5\n", "sink.epsilon: must be <= 1"),
-    ("[datasets.prose]\n[probe_params.sink]\nepsilon = nan\n", "sink.epsilon: must be a finite number"),
-    ("[datasets.prose]\nprobes = [\"retrieval\"]\n", "probes must list probes of this sweep"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('[datasets.prose]\nn_prompts = "many"\n', "[datasets.prose].n_prompts: expected a whole number"),
+        ("[datasets.prose]\nn_prompts = 0\n", "[datasets.prose].n_prompts: must be >= 1"),
+        ("[datasets.repeated-random]\nperiod = 1.5\n", "[datasets.repeated-random].period"),
+        ("[datasets.niah]\ndepths = [2.0]\n", "[datasets.niah].depths[0]: must be <= 1"),
+        ("[datasets.prose]\nbogus = 1\n", "unknown option 'bogus'"),
+        ("[datasets.mine]\npath = 3\n", "path must be a string"),
+        ('[datasets.mine]\ndataset = "nope"\n', "unknown dataset 'nope' in [datasets.mine]"),
+        ('[datasets.prose]\n[probe_params.sink]\nepsilon = "abc"\n', "sink.epsilon: expected a number"),
+        ("[datasets.prose]\n[probe_params.sink]\nepsilon = 5\n", "sink.epsilon: must be <= 1"),
+        ("[datasets.prose]\n[probe_params.sink]\nepsilon = nan\n", "sink.epsilon: must be a finite number"),
+        ('[datasets.prose]\nprobes = ["retrieval"]\n', "probes must list probes of this sweep"),
+    ],
+)
 def test_bad_dataset_and_probe_values_fail_with_the_cli_rules(tiny_dirs, tmp_path, capsys, table, message):
     cfg = tmp_path / "s.toml"
     cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["entropy", "sink"]\n' + table)
@@ -221,4 +245,8 @@ def test_the_same_generator_twice_and_timing_in_the_metadata(tiny_dirs, tmp_path
     table, metas = load_results(run, with_metadata=True)
     assert set(table.dataset) == {"rep-short", "rep-long"}
     for m in metas:
-        assert m["timing"]["seconds"] >= 0 and m["dataset"]["n_tokens"] > 0 and m["dataset"]["generator"] == "repeated-random"
+        assert (
+            m["timing"]["seconds"] >= 0
+            and m["dataset"]["n_tokens"] > 0
+            and m["dataset"]["generator"] == "repeated-random"
+        )

@@ -1,4 +1,5 @@
 """Sweeps: the minimal config, crash-resume equivalence, queries and config errors."""
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,9 @@ def test_minimal_config_and_rerun_skips(tiny_dirs, tmp_path, capsys):
 
 
 def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_rows(tiny_dirs, tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto them"}\n{"id": "b", "tokens": [5, 6, 7, 5, 6, 7]}\n')
+    (tmp_path / "p.jsonl").write_text(
+        '{"id": "a", "text": "the king said unto them"}\n{"id": "b", "tokens": [5, 6, 7, 5, 6, 7]}\n'
+    )
     cfg = tmp_path / "grid.toml"
     cfg.write_text(GRID.format(model=tiny_dirs["llama"]))
     clean = tmp_path / "clean"
@@ -81,7 +84,10 @@ def test_query_across_runs(tiny_dirs, tmp_path):
     cfg.write_text(MINIMAL.format(model=tiny_dirs["llama"]))
     run_sweep(cfg, tmp_path / "a", progress=False)
     run_sweep(cfg, tmp_path / "b", progress=False)
-    df = query("select run, metric, count(*) as n from results group by all order by run, metric", [tmp_path / "a", tmp_path / "b"])
+    df = query(
+        "select run, metric, count(*) as n from results group by all order by run, metric",
+        [tmp_path / "a", tmp_path / "b"],
+    )
     assert len(df) == 8 and set(df.n) == {12}
     with pytest.raises(WorkbenchError, match="query failed"):
         query("select nope from results", [tmp_path / "a"])
@@ -91,7 +97,10 @@ def test_query_across_runs(tiny_dirs, tmp_path):
     "text, message",
     [
         ("models = [", "not valid TOML"),
-        ('models = ["m"]\nprobes = ["entropy"]\nfrobnicate = 1\n[datasets.prose]\n', "top level: unknown key 'frobnicate'"),
+        (
+            'models = ["m"]\nprobes = ["entropy"]\nfrobnicate = 1\n[datasets.prose]\n',
+            "top level: unknown key 'frobnicate'",
+        ),
         ('models = ["m"]\nprobes = ["nope"]\n[datasets.prose]\n', "unknown probe 'nope'"),
         ('models = ["m"]\nprobes = ["entropy"]\n[datasets.nope]\n', "unknown dataset 'nope'"),
         ('models = ["m"]\nprobes = ["entropy"]\n', "top level.datasets: missing"),
@@ -123,8 +132,10 @@ def test_sweep_runs_item_probes_on_their_datasets(tmp_path):
     """vhd on generated images for a VLM and context on counterfact items for a text model, in one
     sweep; the per-token rows keep their item / step / token columns."""
     cfg = tmp_path / "vlm.toml"
-    cfg.write_text('models = ["tiny-llava"]\nprobes = ["vhd"]\n[datasets.shapes]\nn_prompts = 3\n'
-                   '[probe_params.vhd]\nsteps = "all"\nmax_new_tokens = 2\n')
+    cfg.write_text(
+        'models = ["tiny-llava"]\nprobes = ["vhd"]\n[datasets.shapes]\nn_prompts = 3\n'
+        '[probe_params.vhd]\nsteps = "all"\nmax_new_tokens = 2\n'
+    )
     run_sweep(cfg, tmp_path / "run", progress=False)
     df = load_results(tmp_path / "run")
     assert set(df.metric) == {"vhd", "image_attention", "t_vhd"}

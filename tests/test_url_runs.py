@@ -5,6 +5,7 @@ aside the parts of an earlier config, and reads back through load_results, query
 ``file://`` and a file system that is neither local nor an object store write through a
 temporary name. (The cross-process case, a Ray sweep into a ``file://`` URL, is in
 tests/test_executors.py.)"""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,7 @@ def mem():
 def files(url: str) -> dict[str, bytes]:
     """Every object under ``url`` by its path below it."""
     base = targets.filesystem(url)[1].rstrip("/")
-    return {p[len(base) + 1:]: MEM.cat_file(p) for p in MEM.find(base)}
+    return {p[len(base) + 1 :]: MEM.cat_file(p) for p in MEM.find(base)}
 
 
 def check_sweep_equals_local_and_resumes(cfg, ref, run: str, read: Callable[[str], dict[str, bytes]]) -> None:
@@ -132,7 +133,9 @@ def test_a_changed_config_sets_the_parts_of_the_earlier_one_aside(local, mem, tm
     stored = files(run)
     assert len([k for k in stored if k.startswith("superseded/") and "/stale/" in k]) == 2
     assert len([k for k in stored if k.startswith("parts/")]) == 3
-    assert query("select count(*) as n from results where probe = 'sink'", [run]).n.iloc[0] == 2 * 3 * 4  # no stale rows
+    assert (
+        query("select count(*) as n from results where probe = 'sink'", [run]).n.iloc[0] == 2 * 3 * 4
+    )  # no stale rows
 
 
 def test_load_results_query_and_report_read_a_url_run(local, mem, tmp_path, capsys):
@@ -158,7 +161,9 @@ def test_load_results_query_and_report_read_a_url_run(local, mem, tmp_path, caps
     assert "Attention-head report: run" in page and "prose" in page
     assert main(["report", run, "--out", f"{mem}/report.html"]) == 0
     assert f"report -> {mem}/report.html" in capsys.readouterr().out
-    assert files(mem)["report.html"].decode().count("Attention-head report: run") == page.count("Attention-head report: run")
+    assert files(mem)["report.html"].decode().count("Attention-head report: run") == page.count(
+        "Attention-head report: run"
+    )
     # URLs in a report config are kept as given, not joined to the config's folder
     conf = tmp_path / "conf" / "report.toml"
     conf.parent.mkdir()
@@ -169,8 +174,24 @@ def test_load_results_query_and_report_read_a_url_run(local, mem, tmp_path, caps
 
 def test_a_probe_writes_its_results_file_to_a_url(tiny_dirs, mem, capsys):
     out = f"{mem}/probe/entropy.parquet"
-    assert main(["probe", "entropy", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "2", "--out", out,
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "entropy",
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--dataset",
+                "prose",
+                "--n-prompts",
+                "2",
+                "--out",
+                out,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert set(files(mem)) == {"probe/entropy.parquet"}
     table = load_results(out)
     assert set(table.metric) == {"entropy", "entropy_norm"} and len(table) == 2 * 3 * 4

@@ -1,5 +1,6 @@
 """Vision-aware head divergence on tiny LLaVA and Gemma 3 (real processors, generated images),
 against plain two-forward recomputations; image replaced by itself; batching; VHR scaling."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -49,8 +50,12 @@ def items(tmp_path_factory):
     """Shapes images, and prompts of different lengths around the placeholder."""
     folder = tmp_path_factory.mktemp("shapes")
     shapes = make_dataset("shapes", n_prompts=4, seed=5, folder=str(folder))
-    texts = ["USER: <image>\nWhat color is the shape? ASSISTANT:", "<image> the lord said",
-             "and the king of the land said unto them <image> what is it", "USER: <image>\nWhat shape ASSISTANT:"]
+    texts = [
+        "USER: <image>\nWhat color is the shape? ASSISTANT:",
+        "<image> the lord said",
+        "and the king of the land said unto them <image> what is it",
+        "USER: <image>\nWhat shape ASSISTANT:",
+    ]
     return [Prompt(s.id, text=t, meta=dict(s.meta)) for s, t in zip(shapes, texts)]
 
 
@@ -66,8 +71,13 @@ def test_vhd_equals_two_plain_forwards(arch, steps, vlms, plain, items):
     df = run_probes(model, items, [probe], batch_size=3).table  # mixed lengths in one batch
     divs, atts = [], []
     for item, out in zip(items, probe.outcomes):
-        gen, ref = reference_vhd(hf, processor, _text(model, item.text), load_image(item.meta["image"]),
-                                 max_new_tokens=3 if steps == "all" else 1)
+        gen, ref = reference_vhd(
+            hf,
+            processor,
+            _text(model, item.text),
+            load_image(item.meta["image"]),
+            max_new_tokens=3 if steps == "all" else 1,
+        )
         assert out.tokens == gen
         assert out.divergence.shape == ref.shape
         assert torch.allclose(out.divergence, ref, atol=1e-4), (out.divergence - ref).abs().max()
@@ -132,7 +142,10 @@ def test_head_scaling_matches_a_hand_made_o_proj_hook(positions, vlms, plain, it
         return (x,)
 
     layers = hf.get_decoder().layers
-    handles = [layers[i].self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: scale(m, a, i)) for i in range(len(layers))]
+    handles = [
+        layers[i].self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: scale(m, a, i))
+        for i in range(len(layers))
+    ]
     try:
         enc = processor(text=[_text(model, item.text)], images=[[load_image(item.meta["image"])]], return_tensors="pt")
         with torch.no_grad():
@@ -153,7 +166,7 @@ def test_vhr_head_selection_follows_the_paper_rule():
 
     rows = []
     vhd = {0: [1, 2, 3, 4], 1: [4, 3, 2, 1], 2: [1, 1, 9, 2]}
-    img = {0: [.5] * 4, 1: [.5] * 4, 2: [.5, .5, .01, .5]}  # 2.2: high VHD and high text attention
+    img = {0: [0.5] * 4, 1: [0.5] * 4, 2: [0.5, 0.5, 0.01, 0.5]}  # 2.2: high VHD and high text attention
     for layer in vhd:
         for head in range(4):
             rows.append({"metric": "vhd", "layer": layer, "head": head, "value": vhd[layer][head]})
@@ -217,7 +230,9 @@ def test_out_of_memory_batches_are_halved_and_give_the_same_numbers(vlms, items)
 
     model = vlms["llava"]
     pairs = [image_pair(model, it) for it in items]
-    got = divergence(model, pairs, steps="all", max_new_tokens=3, ctx=RunContext(batch_size=4), observers=[OOMAboveOne()])
+    got = divergence(
+        model, pairs, steps="all", max_new_tokens=3, ctx=RunContext(batch_size=4), observers=[OOMAboveOne()]
+    )
     ref = divergence(model, pairs, steps="all", max_new_tokens=3, ctx=RunContext(batch_size=1))
     for a, b in zip(got, ref):
         assert a.tokens == b.tokens and torch.allclose(a.divergence, b.divergence, atol=1e-6)

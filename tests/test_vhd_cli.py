@@ -1,5 +1,6 @@
 """``workbench probe vhd|context`` and ``workbench reinforce`` from the command line: a good run,
 and one clear message + exit 2 for each bad input the issue names."""
+
 from __future__ import annotations
 
 import random
@@ -23,9 +24,23 @@ def image_dir(tmp_path_factory):
 
 def test_vhd_from_a_folder_of_images_writes_head_and_token_rows(image_dir, tmp_path, capsys):
     out = tmp_path / "vhd.parquet"
-    rc, stdout, err = run_cli(capsys, "probe", "vhd", "--model", "tiny-llava", "--images", str(image_dir),
-                              "--text", "USER: <image>\nWhat color is it? ASSISTANT:", "--param", "vhd.steps=all",
-                              "--param", "vhd.max_new_tokens=3", "--out", str(out))
+    rc, stdout, err = run_cli(
+        capsys,
+        "probe",
+        "vhd",
+        "--model",
+        "tiny-llava",
+        "--images",
+        str(image_dir),
+        "--text",
+        "USER: <image>\nWhat color is it? ASSISTANT:",
+        "--param",
+        "vhd.steps=all",
+        "--param",
+        "vhd.max_new_tokens=3",
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
     df, meta = read_parquet(out)
     assert set(df.metric) == {"vhd", "image_attention", "t_vhd"}
@@ -41,9 +56,24 @@ def test_vhd_from_a_folder_of_images_writes_head_and_token_rows(image_dir, tmp_p
 
 def test_reinforce_changes_answers_and_records_them(image_dir, tmp_path, capsys):
     out = tmp_path / "vhr.parquet"
-    rc, stdout, err = run_cli(capsys, "reinforce", "--model", "tiny-llava", "--images", str(image_dir), "--text",
-                              "USER: <image>\nWhat is it? ASSISTANT:", "--alpha", "8", "--layers", "1-2",
-                              "--max-new-tokens", "4", "--out", str(out))
+    rc, stdout, err = run_cli(
+        capsys,
+        "reinforce",
+        "--model",
+        "tiny-llava",
+        "--images",
+        str(image_dir),
+        "--text",
+        "USER: <image>\nWhat is it? ASSISTANT:",
+        "--alpha",
+        "8",
+        "--layers",
+        "1-2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+    )
     assert rc == 0, err
     df, meta = read_parquet(out)
     assert set(df.metric) == {"answer_changed"} and len(df) == 3
@@ -84,8 +114,20 @@ def test_bad_vhd_input_gives_one_clear_message(case, message, image_dir, tmp_pat
 
 
 def test_text_probes_refuse_image_items_and_vhd_needs_images(tmp_path, capsys):
-    rc, _, err = run_cli(capsys, "probe", "vhd,entropy", "--model", "tiny-llava", "--dataset", "shapes", "--out", str(tmp_path / "o.parquet"))
+    rc, _, err = run_cli(
+        capsys,
+        "probe",
+        "vhd,entropy",
+        "--model",
+        "tiny-llava",
+        "--dataset",
+        "shapes",
+        "--out",
+        str(tmp_path / "o.parquet"),
+    )
     assert rc == 2 and "carry images" in err and "fix:" in err
-    rc, _, err = run_cli(capsys, "probe", "vhd", "--model", "tiny-llava", "--out", str(tmp_path / "o.parquet"))  # prose: no images
+    rc, _, err = run_cli(
+        capsys, "probe", "vhd", "--model", "tiny-llava", "--out", str(tmp_path / "o.parquet")
+    )  # prose: no images
     assert rc == 2 and "placeholder" in err
     assert not (tmp_path / "o.parquet").exists()

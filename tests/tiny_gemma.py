@@ -1,6 +1,7 @@
 """Tiny Gemma 2 / Gemma 3 text models built from explicit configs, for the tests that need what
 ``workbench.models.tiny``'s models do not have: a logit soft-cap (Gemma 2), or a window and a layer
 pattern chosen by the test. One builder, so every such test means the same model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,22 @@ def gemma_config(arch: str):
     layer 1), GQA 4:2, head_dim 16, query_pre_attn_scalar 16, BOS 2 / EOS 3 / PAD 1."""
     from transformers import Gemma2Config, Gemma3TextConfig
 
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, max_position_embeddings=128, sliding_window=6, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3,
-                  pad_token_id=1, layer_types=["sliding_attention", "full_attention"])
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=6,
+        query_pre_attn_scalar=16,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     return Gemma2Config(attn_logit_softcapping=5.0, **common) if arch == "gemma2" else Gemma3TextConfig(**common)
 
 

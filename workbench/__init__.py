@@ -27,6 +27,7 @@ Probes (``probes/``) are plugins registered as entry points (:mod:`workbench.pro
 Old import paths (``workbench.results``, ``workbench.sweeps``, ...) are aliases until 0.3
 (:mod:`workbench.compat`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,7 +37,17 @@ from workbench import compat
 from workbench.errors import WorkbenchError
 
 __version__ = "0.1.0"
-__all__ = ["WorkbenchError", "atlas", "get_probe", "load_model", "load_results", "plots", "run_probes", "store", "__version__"]
+__all__ = [
+    "WorkbenchError",
+    "atlas",
+    "get_probe",
+    "load_model",
+    "load_results",
+    "plots",
+    "run_probes",
+    "store",
+    "__version__",
+]
 
 compat.install()
 

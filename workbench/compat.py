@@ -16,6 +16,7 @@ place:
 
 The aliases are removed in 0.3. Nothing inside the package imports an old path (a test checks).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,8 +58,18 @@ MOVED = {
 PUBLIC = {"workbench.plots": "workbench.report.plots"}
 # Modules that were split: old name -> the new modules that hold its names, searched in order.
 SPLIT = {
-    "workbench.results": ("workbench.protocol.table", "workbench.runs.parquet", "workbench.runs.load", "workbench.runs.query"),
-    "workbench.sweeps": ("workbench.runs.config", "workbench.runs.folder", "workbench.runs.group", "workbench.runs.sweep"),
+    "workbench.results": (
+        "workbench.protocol.table",
+        "workbench.runs.parquet",
+        "workbench.runs.load",
+        "workbench.runs.query",
+    ),
+    "workbench.sweeps": (
+        "workbench.runs.config",
+        "workbench.runs.folder",
+        "workbench.runs.group",
+        "workbench.runs.sweep",
+    ),
     "workbench.metric_kinds": ("workbench.protocol.metrics", "workbench.report.kinds", "workbench.report.definitions"),
     "workbench.atlas": ("workbench.report.atlas", "workbench.protocol.roles"),
     "workbench.interventions": ("workbench.engine.interventions", "workbench.experiments.vhr"),
@@ -69,7 +80,9 @@ REMOVED_IN = "0.3"
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(f"{old} moved to {new}; the old path is an alias until workbench {REMOVED_IN}", DeprecationWarning, stacklevel=4)
+    warnings.warn(
+        f"{old} moved to {new}; the old path is an alias until workbench {REMOVED_IN}", DeprecationWarning, stacklevel=4
+    )
 
 
 class SplitModule(types.ModuleType):
@@ -87,7 +100,9 @@ class SplitModule(types.ModuleType):
             module = importlib.import_module(home)
             if hasattr(module, attr):
                 return getattr(module, attr)
-        raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r} (it moved to one of: {', '.join(self.__homes)})")
+        raise AttributeError(
+            f"module {self.__name__!r} has no attribute {attr!r} (it moved to one of: {', '.join(self.__homes)})"
+        )
 
     def __dir__(self) -> list[str]:
         return sorted({n for h in self.__homes for n in dir(importlib.import_module(h)) if not n.startswith("_")})
@@ -121,7 +136,9 @@ class _Loader(importlib.abc.Loader):
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname in MOVED or fullname in SPLIT or fullname in PUBLIC:
-            return importlib.machinery.ModuleSpec(fullname, _Loader(fullname), is_package=fullname == "workbench.executors")
+            return importlib.machinery.ModuleSpec(
+                fullname, _Loader(fullname), is_package=fullname == "workbench.executors"
+            )
         return None
 
 

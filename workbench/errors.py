@@ -4,6 +4,7 @@ Every user-facing failure (unknown model, malformed prompts file, prompt too lon
 output, ...) is a :class:`WorkbenchError` whose message says what is wrong *and* how to fix it.
 The CLI turns it into one line on stderr and a non-zero exit; Python users can catch it.
 """
+
 from __future__ import annotations
 
 

@@ -15,6 +15,7 @@ Given the probes of a run, the runner
 tokenizing only when some probe takes tokens (with the tokenizer's own defaults; BOS only when
 asked). It dispatches on the ``kind`` each probe declares (``probes/base.py``), never on names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,11 +50,15 @@ class RunResult:
         return {name: r.summary for name, r in self.results.items() if r.summary}
 
 
-def _tokens(model: LoadedModel, prompts: Sequence[Prompt | TokenizedPrompt], prepend_bos: bool) -> list[TokenizedPrompt]:
+def _tokens(
+    model: LoadedModel, prompts: Sequence[Prompt | TokenizedPrompt], prepend_bos: bool
+) -> list[TokenizedPrompt]:
     if all(isinstance(p, TokenizedPrompt) for p in prompts):
         return list(prompts)  # type: ignore[arg-type]
     if not all(isinstance(p, Prompt) for p in prompts):
-        raise WorkbenchError("prompts mix raw and tokenized items", "give all prompts as Prompt or all as TokenizedPrompt")
+        raise WorkbenchError(
+            "prompts mix raw and tokenized items", "give all prompts as Prompt or all as TokenizedPrompt"
+        )
     return tokenize_prompts(list(prompts), model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=prepend_bos)  # type: ignore[arg-type]
 
 
@@ -95,10 +100,18 @@ def run_probes(
         raise WorkbenchError("no prompts to run", "give a non-empty prompt set")
     names = [p.name for p in probes]
     if len(set(names)) != len(names):
-        raise WorkbenchError(f"a probe appears twice in one run: {names}", "give each probe once (its parameters apply to the whole run)")
-    ctx = RunContext(batch_size=batch_size, max_batch_tokens=max_batch_tokens, chunk_elements=chunk_elements,
-                     attention_path=attention_path,  # type: ignore[arg-type]
-                     interventions=tuple(interventions), progress=progress, root=Path(root) if root is not None else None)
+        raise WorkbenchError(
+            f"a probe appears twice in one run: {names}", "give each probe once (its parameters apply to the whole run)"
+        )
+    ctx = RunContext(
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        chunk_elements=chunk_elements,
+        attention_path=attention_path,  # type: ignore[arg-type]
+        interventions=tuple(interventions),
+        progress=progress,
+        root=Path(root) if root is not None else None,
+    )
     wants_tokens = [p for p in probes if p.kind in ("pattern", "tokens")]
     if wants_tokens and any(isinstance(p, Prompt) and "image" in p.meta for p in prompts):
         raise WorkbenchError(
@@ -107,8 +120,10 @@ def run_probes(
         )
     tokenized = _tokens(model, prompts, prepend_bos) if wants_tokens else []
     if any(p.kind == "items" for p in probes) and not all(isinstance(p, Prompt) for p in prompts):
-        raise WorkbenchError("item probes read raw items (text with an image or a context), not token ids",
-                             "pass Prompt items (e.g. from read_prompts or make_dataset), not tokenized prompts")
+        raise WorkbenchError(
+            "item probes read raw items (text with an image or a context), not token ids",
+            "pass Prompt items (e.g. from read_prompts or make_dataset), not tokenized prompts",
+        )
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in tokenized) if tokenized else None)
     done: dict[str, ProbeResult] = {}
     pattern = [p for p in probes if p.kind == "pattern"]

@@ -14,6 +14,7 @@ Sources (both public domain, copyright expired):
 The output is one JSON object per line: ``{"id", "source", "text"}``, gzip-compressed with a
 fixed mtime so rebuilding gives the same bytes.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,9 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def kjv_documents() -> list[dict]:
-    raw = subprocess.run(
-        ["bible", "Genesis 1:1-Revelation 22:21"], capture_output=True, text=True, check=True
-    ).stdout
+    raw = subprocess.run(["bible", "Genesis 1:1-Revelation 22:21"], capture_output=True, text=True, check=True).stdout
     docs: list[dict] = []
     chapter, verses = None, []
 

@@ -27,6 +27,7 @@ Columns added to every row: ``n_layers``, ``n_heads``, ``depth`` = layer / (n_la
 relative depth; NaN on summary rows), ``attention`` = ``"global"`` or ``"sliding"`` (the layer's kind from the
 model config's ``layer_types``; every layer is global in a model without a sliding window).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,21 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-COLUMNS = ["kind", "model", "dataset", "probe", "metric", "layer", "head", "value", "n",
-           "n_layers", "n_heads", "depth", "attention"]
+COLUMNS = [
+    "kind",
+    "model",
+    "dataset",
+    "probe",
+    "metric",
+    "layer",
+    "head",
+    "value",
+    "n",
+    "n_layers",
+    "n_heads",
+    "depth",
+    "attention",
+]
 SUMMARY_KEYS = ["accuracy", "n_counted", "share_above_0.1"]
 
 
@@ -71,9 +85,22 @@ def _part_rows(path: Path, models: dict) -> list[pd.DataFrame]:
     out = [heads[keep].assign(kind="head")]
     # a sweep part has one probe's "summary"; `workbench probe` writes "summaries" by probe
     summaries = meta.get("summaries") or {p["name"]: meta.get("summary") or {} for p in meta.get("probes", [])}
-    rows = [{"kind": "summary", "model": m["model"], "dataset": meta["dataset"]["name"].removesuffix(".jsonl"), "probe": probe,
-             "metric": k, "layer": -1, "head": -1, "value": float(summary[k]), "n": summary.get("n_prompts")}
-            for probe, summary in summaries.items() for k in SUMMARY_KEYS if k in summary]
+    rows = [
+        {
+            "kind": "summary",
+            "model": m["model"],
+            "dataset": meta["dataset"]["name"].removesuffix(".jsonl"),
+            "probe": probe,
+            "metric": k,
+            "layer": -1,
+            "head": -1,
+            "value": float(summary[k]),
+            "n": summary.get("n_prompts"),
+        }
+        for probe, summary in summaries.items()
+        for k in SUMMARY_KEYS
+        if k in summary
+    ]
     if rows:
         out.append(pd.DataFrame(rows))
     return out
@@ -91,13 +118,37 @@ def _ioi_rows(folder: Path, models: dict) -> list[pd.DataFrame]:
         if model not in models and m:
             models[model] = {"n_layers": m["n_layers"], "n_heads": m["n_heads"], "layer_types": _layer_types(m)}
         heads = table[(table.layer >= 0) & (table["head"] >= 0)]
-        out.append(pd.DataFrame({"kind": "head", "model": model, "dataset": "ioi", "probe": "path_patching",
-                                 "metric": heads.metric, "layer": heads.layer, "head": heads["head"],
-                                 "value": heads.value, "n": heads.n}))
+        out.append(
+            pd.DataFrame(
+                {
+                    "kind": "head",
+                    "model": model,
+                    "dataset": "ioi",
+                    "probe": "path_patching",
+                    "metric": heads.metric,
+                    "layer": heads.layer,
+                    "head": heads["head"],
+                    "value": heads.value,
+                    "n": heads.n,
+                }
+            )
+        )
         ds = meta.get("dataset") or {}
-        rows = [{"kind": "summary", "model": model, "dataset": "ioi", "probe": "path_patching", "metric": k,
-                 "layer": -1, "head": -1, "value": float(ds[k]), "n": ds.get("n_pairs")}
-                for k in ("ld_clean", "ld_corrupted") if k in ds]
+        rows = [
+            {
+                "kind": "summary",
+                "model": model,
+                "dataset": "ioi",
+                "probe": "path_patching",
+                "metric": k,
+                "layer": -1,
+                "head": -1,
+                "value": float(ds[k]),
+                "n": ds.get("n_pairs"),
+            }
+            for k in ("ld_clean", "ld_corrupted")
+            if k in ds
+        ]
         if rows:
             out.append(pd.DataFrame(rows))
     return out
@@ -151,9 +202,13 @@ def write_bos_prompts(folder: Path, model: str = "gemma3-270m", n_prompts: int =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, nargs="?", help="the sweep's output folder (runs/cross)")
-    ap.add_argument("--bos-prompts", type=Path, help="only write the BOS experiment's two prompt files into this folder")
+    ap.add_argument(
+        "--bos-prompts", type=Path, help="only write the BOS experiment's two prompt files into this folder"
+    )
     ap.add_argument("--ioi", type=Path, help="folder with <model>__path.parquet from `workbench patch path`")
-    ap.add_argument("--extra", type=Path, action="append", help="folder of `workbench probe` outputs to add (repeatable)")
+    ap.add_argument(
+        "--extra", type=Path, action="append", help="folder of `workbench probe` outputs to add (repeatable)"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("cross_model.parquet"))
     args = ap.parse_args()
     if args.bos_prompts:

@@ -16,6 +16,7 @@ has loaded every object (nothing in the Python files changes):
 Loaded by mkdocs.yml: ``extensions: [docs/_ext/griffe_rst.py:RstDocstrings]`` (a path relative
 to the repository root, where ``mkdocs build`` runs).
 """
+
 from __future__ import annotations
 
 import re
@@ -131,7 +132,9 @@ def _blocks(text: str) -> str:
             if j < len(lines) and len(lines[j]) - len(lines[j].lstrip()) > base:
                 block_indent = len(lines[j]) - len(lines[j].lstrip())
                 k, body = j, []
-                while k < len(lines) and (not lines[k].strip() or len(lines[k]) - len(lines[k].lstrip()) >= block_indent):
+                while k < len(lines) and (
+                    not lines[k].strip() or len(lines[k]) - len(lines[k].lstrip()) >= block_indent
+                ):
                     body.append(lines[k][block_indent:] if lines[k].strip() else "")
                     k += 1
                 while body and not body[-1]:

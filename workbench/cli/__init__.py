@@ -17,6 +17,7 @@ traceback: every :class:`~workbench.errors.WorkbenchError` becomes one ``error:`
 ``fix:`` line) on stderr and exit status 2. Inputs are validated before the model is loaded
 where possible, and results are written atomically, so a failed run leaves no file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,8 @@ from workbench.errors import WorkbenchError, WorkbenchWarning
 
 COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="workbench",

@@ -6,6 +6,7 @@ flags (prompts file / dataset / items), batch size, probe parameters and the out
 Parsers here raise :class:`~workbench.errors.WorkbenchError` so a bad value becomes one
 ``error:`` line naming the fix, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,9 @@ def number(minimum: float | None = None, maximum: float | None = None, above: fl
     return parse
 
 
-def add_command(sub: argparse._SubParsersAction, name: str, summary: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
+def add_command(
+    sub: argparse._SubParsersAction, name: str, summary: str, example: str, description: str | None = None
+) -> argparse.ArgumentParser:
     """A subcommand with a one-line purpose (shown by ``workbench --help``) and an example."""
     return sub.add_parser(
         name,
@@ -97,23 +100,33 @@ def add_dataset_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--context-len", help="niah: context lengths in tokens, comma list (default 1024)")
     group.add_argument("--depths", help="niah: needle depths in [0, 1], comma list (default 0,0.25,0.5,0.75,1)")
     group.add_argument("--period", type=whole(2), help="repeated-random: length of the repeated block (default 50)")
-    group.add_argument("--shared-haystack", action="store_true", help="niah: one haystack for every prompt (the paper's grid)")
+    group.add_argument(
+        "--shared-haystack", action="store_true", help="niah: one haystack for every prompt (the paper's grid)"
+    )
 
 
 def add_input_args(parser: argparse.ArgumentParser, items: bool = False) -> None:
     """--prompts / --dataset / --n-prompts / --seed (+ dataset options; + --images/--text)."""
     group = parser.add_argument_group("inputs")
-    group.add_argument("--prompts", help="JSONL file: one {id, text|tokens} object per line (items: + image or context)")
+    group.add_argument(
+        "--prompts", help="JSONL file: one {id, text|tokens} object per line (items: + image or context)"
+    )
     group.add_argument("--dataset", help="shipped or generated dataset (see `workbench datasets`; default prose)")
-    group.add_argument("--n-prompts", type=whole(1), help="how many prompts (dataset size, or the first N of --prompts)")
+    group.add_argument(
+        "--n-prompts", type=whole(1), help="how many prompts (dataset size, or the first N of --prompts)"
+    )
     group.add_argument("--seed", type=whole(0), default=0)
     if items:
-        group.add_argument("--images", help="an image file or a folder of images, each run with --text (vision-language models)")
+        group.add_argument(
+            "--images", help="an image file or a folder of images, each run with --text (vision-language models)"
+        )
         group.add_argument("--text", help="with --images: the prompt, with the image placeholder (e.g. <image>)")
 
 
 def add_batch_size(parser: argparse.ArgumentParser, default: str = "auto") -> None:
-    parser.add_argument("--batch-size", default=default, help="items per forward pass, or auto (a token budget per batch)")
+    parser.add_argument(
+        "--batch-size", default=default, help="items per forward pass, or auto (a token budget per batch)"
+    )
 
 
 def float_list(raw: str | None, flag: str) -> list[float] | None:
@@ -148,7 +161,10 @@ def parse_params(items: Sequence[str], probe_names: Sequence[str]) -> dict[str, 
         if not sep or not dot or not pname:
             raise WorkbenchError(f"bad --param {item!r}", "write --param PROBE.NAME=VALUE, e.g. sink.epsilon=0.2")
         if probe not in params:
-            raise WorkbenchError(f"--param {item!r} names probe {probe!r}, which is not in this run", f"probes in this run: {', '.join(probe_names)}")
+            raise WorkbenchError(
+                f"--param {item!r} names probe {probe!r}, which is not in this run",
+                f"probes in this run: {', '.join(probe_names)}",
+            )
         params[probe][pname] = parse_cli_value(raw, probe_class(probe).Params, pname)
     return params
 
@@ -171,7 +187,9 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     if depths is not None:
         bad = [d for d in depths if not 0.0 <= d <= 1.0]
         if bad:
-            raise WorkbenchError(f"depth {bad[0]:g} is outside [0, 1]", "give depths as fractions of the context, e.g. --depths 0,0.5,1")
+            raise WorkbenchError(
+                f"depth {bad[0]:g} is outside [0, 1]", "give depths as fractions of the context, e.g. --depths 0,0.5,1"
+            )
         opts["depths"] = depths
     if getattr(args, "period", None) is not None:
         opts["period"] = args.period
@@ -207,7 +225,11 @@ def load_inputs(args: argparse.Namespace, model=None):
         return items[: args.n_prompts] if args.n_prompts else items, path.name, None
     if args.prompts:
         prompts = read_prompts(args.prompts)
-        return (prompts[: args.n_prompts] if args.n_prompts else prompts), os.path.basename(args.prompts), Path(args.prompts).resolve().parent
+        return (
+            (prompts[: args.n_prompts] if args.n_prompts else prompts),
+            os.path.basename(args.prompts),
+            Path(args.prompts).resolve().parent,
+        )
     name = args.dataset or "prose"
     opts = dataset_options(args)
     if name in NEEDS_TOKENIZER:
@@ -231,7 +253,9 @@ def make_interventions(args: argparse.Namespace, model) -> list:
         from workbench.datasets import make_dataset
         from workbench.inputs.prompts import tokenize_prompts
 
-        ref = tokenize_prompts(make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size)
+        ref = tokenize_prompts(
+            make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size
+        )
         means = head_means(model, ref)
     return [HeadAblation(heads, args.ablation, means)]
 
@@ -247,8 +271,9 @@ def write_table(table: Any, out: str, **meta: Any) -> Any:
     return write_parquet(table, out, run_metadata(**meta, command=sys.argv))
 
 
-def finish_probe_run(table: Any, result: Any, probes: Sequence[Any], out: str, model_name: str, top: int, facts: str,
-                     **meta: Any) -> None:
+def finish_probe_run(
+    table: Any, result: Any, probes: Sequence[Any], out: str, model_name: str, top: int, facts: str, **meta: Any
+) -> None:
     """The tail of the commands that run probes: write ``table`` with ``meta`` (:func:`write_table`),
     print the top heads per metric with the run's ``facts``, then each probe's own lines."""
     from workbench.protocol.table import top_heads

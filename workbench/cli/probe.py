@@ -1,4 +1,5 @@
 """``workbench probe`` and the catalogue commands: ``probes``, ``models``, ``datasets``, ``dataset``."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,21 +48,53 @@ def cmd_probe(args: argparse.Namespace) -> int:
         prompts, dataset, root = load_inputs(args, model)
     interventions = make_interventions(args, model)
     t_load = time.perf_counter() - t0
-    result = run_probes(model, prompts, probes, batch_size=batch_size, prepend_bos=args.prepend_bos,
-                        interventions=interventions, root=root, progress=None if args.progress else False,
-                        attention_path=args.attention_path)
+    result = run_probes(
+        model,
+        prompts,
+        probes,
+        batch_size=batch_size,
+        prepend_bos=args.prepend_bos,
+        interventions=interventions,
+        root=root,
+        progress=None if args.progress else False,
+        attention_path=args.attention_path,
+    )
     table = tidy(result.table, model=args.model, dataset=dataset)
     stats = result.stats
     t_run = time.perf_counter() - t0 - t_load
-    facts = f"{stats.n_prompts} prompts" + (f", {stats.n_tokens} tokens" if stats.n_tokens else "") + (f", {stats.n_batches} batches" if stats.n_batches else "")
+    facts = (
+        f"{stats.n_prompts} prompts"
+        + (f", {stats.n_tokens} tokens" if stats.n_tokens else "")
+        + (f", {stats.n_batches} batches" if stats.n_batches else "")
+    )
     finish_probe_run(
-        table, result, probes, args.out, args.model, args.top, f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}",
+        table,
+        result,
+        probes,
+        args.out,
+        args.model,
+        args.top,
+        f"{facts}; load {t_load:.1f}s, run {t_run:.1f}s -> {args.out}",
         model=model.describe(),
-        dataset={"name": dataset, "n_prompts": len(prompts), "n_tokens": stats.n_tokens, "seed": args.seed,
-                 "options": dataset_options(args), "prepend_bos": bool(args.prepend_bos),
-                 "tokenization": "token ids as given" if prompts[0].tokens is not None else "tokenizer defaults" + (" + BOS" if args.prepend_bos else "")},
-        config={"batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-                "ablate": args.ablate, "ablation": args.ablation if args.ablate else None, "attention_path": args.attention_path},
+        dataset={
+            "name": dataset,
+            "n_prompts": len(prompts),
+            "n_tokens": stats.n_tokens,
+            "seed": args.seed,
+            "options": dataset_options(args),
+            "prepend_bos": bool(args.prepend_bos),
+            "tokenization": "token ids as given"
+            if prompts[0].tokens is not None
+            else "tokenizer defaults" + (" + BOS" if args.prepend_bos else ""),
+        },
+        config={
+            "batch_size": batch_size,
+            "device": str(model.device),
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "ablate": args.ablate,
+            "ablation": args.ablation if args.ablate else None,
+            "attention_path": args.attention_path,
+        },
     )
     return 0
 
@@ -77,13 +110,19 @@ def check_store_model(store, name: str) -> None:
     try:
         tok = tokenizer_identity(AutoTokenizer.from_pretrained(source))
     except Exception as exc:
-        raise WorkbenchError(f"cannot load the tokenizer of {name}: {type(exc).__name__}: {exc}", "check the model name") from None
+        raise WorkbenchError(
+            f"cannot load the tokenizer of {name}: {type(exc).__name__}: {exc}", "check the model name"
+        ) from None
     if tok["sha256"] != store.index.get("tokenizer", {}).get("sha256"):
-        raise WorkbenchError(f"{store.path} was tokenized by a different tokenizer than {name}'s ({store.index.get('tokenizer', {}).get('class')})",
-                             f"cache {name} again: workbench cache --model {name} ... --out NEW_STORE")
+        raise WorkbenchError(
+            f"{store.path} was tokenized by a different tokenizer than {name}'s ({store.index.get('tokenizer', {}).get('class')})",
+            f"cache {name} again: workbench cache --model {name} ... --out NEW_STORE",
+        )
     if model_identity(name) != store.index.get("model_identity"):
-        raise WorkbenchError(f"{store.path} was cached from {store.index['model']}, not from {name}",
-                             f"drop --model, or cache {name}: workbench cache --model {name} ... --out NEW_STORE")
+        raise WorkbenchError(
+            f"{store.path} was cached from {store.index['model']}, not from {name}",
+            f"drop --model, or cache {name}: workbench cache --model {name} ... --out NEW_STORE",
+        )
 
 
 def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
@@ -93,28 +132,61 @@ def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
     from workbench.store import open_store
     from workbench.store.replay import check_replayable, run_probes_from_store
 
-    given = [flag for flag, v in (("--prompts", args.prompts), ("--dataset", args.dataset), ("--images", args.images), ("--ablate", args.ablate)) if v]
+    given = [
+        flag
+        for flag, v in (
+            ("--prompts", args.prompts),
+            ("--dataset", args.dataset),
+            ("--images", args.images),
+            ("--ablate", args.ablate),
+        )
+        if v
+    ]
     if given:
-        raise WorkbenchError(f"--from-store runs on the store's own prompts and activations; {', '.join(given)} cannot apply",
-                             "drop " + ", ".join(given) + " (or run live with --model)")
+        raise WorkbenchError(
+            f"--from-store runs on the store's own prompts and activations; {', '.join(given)} cannot apply",
+            "drop " + ", ".join(given) + " (or run live with --model)",
+        )
     device = resolve_device(args.device)
     store = open_store(args.from_store)
     check_replayable(store, probes)
     if args.model:
         check_store_model(store, args.model)
     t0 = time.perf_counter()
-    result = run_probes_from_store(store, probes, batch_size=batch_size, device=device, n_prompts=args.n_prompts,
-                                   progress=None if args.progress else False)
+    result = run_probes_from_store(
+        store,
+        probes,
+        batch_size=batch_size,
+        device=device,
+        n_prompts=args.n_prompts,
+        progress=None if args.progress else False,
+    )
     dataset = str(store.index.get("source", {}).get("dataset") or "store")
     table = tidy(result.table, model=store.index["model"], dataset=dataset)
     stats = result.stats
     facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); run {time.perf_counter() - t0:.1f}s"
     finish_probe_run(
-        table, result, probes, args.out, store.index["model"], args.top, f"{facts} -> {args.out}",
+        table,
+        result,
+        probes,
+        args.out,
+        store.index["model"],
+        args.top,
+        f"{facts} -> {args.out}",
         model={**store.index.get("model_info", {}), "from_store": str(store.path)},
-        dataset={**store.index.get("source", {}), "name": dataset, "n_prompts": stats.n_prompts, "n_tokens": stats.n_tokens},
-        config={"batch_size": batch_size, "device": str(device), "store": str(store.path), "store_dtype": store.index["dtype"],
-                "layers": store.layers},
+        dataset={
+            **store.index.get("source", {}),
+            "name": dataset,
+            "n_prompts": stats.n_prompts,
+            "n_tokens": stats.n_tokens,
+        },
+        config={
+            "batch_size": batch_size,
+            "device": str(device),
+            "store": str(store.path),
+            "store_dtype": store.index["dtype"],
+            "layers": store.layers,
+        },
     )
     return 0
 
@@ -167,11 +239,15 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "probe", "run probes over prompts or items and write one tidy Parquet table",
-                    "workbench probe entropy,sink --model smollm2-135m --dataset prose --n-prompts 64 --out runs/prose.parquet\n"
-                    "workbench probe retrieval --dataset niah --context-len 1000 --out retrieval.parquet\n"
-                    "workbench probe context --dataset counterfact --out ctx.parquet\n"
-                    "workbench probe entropy,sink --from-store store/ --out entropy.parquet")
+    p = add_command(
+        sub,
+        "probe",
+        "run probes over prompts or items and write one tidy Parquet table",
+        "workbench probe entropy,sink --model smollm2-135m --dataset prose --n-prompts 64 --out runs/prose.parquet\n"
+        "workbench probe retrieval --dataset niah --context-len 1000 --out retrieval.parquet\n"
+        "workbench probe context --dataset counterfact --out ctx.parquet\n"
+        "workbench probe entropy,sink --from-store store/ --out entropy.parquet",
+    )
     p.add_argument("probes", help="comma list of probes, e.g. entropy,sink (see `workbench probes`)")
     add_model_args(p)
     add_input_args(p, items=True)
@@ -180,27 +256,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_batch_size(run)
     run.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to text prompts")
     run.add_argument("--ablate", help="heads to ablate during the run, LAYER.HEAD comma list, e.g. 12.3,14.0")
-    run.add_argument("--ablation", default="zero", help="how to ablate: zero, mean (over prose) or first (attention to the first token)")
-    run.add_argument("--param", action="append", default=[], metavar="PROBE.NAME=VALUE", help="probe parameter, e.g. sink.epsilon=0.2")
-    run.add_argument("--attention-path", choices=("auto", "chunks"), default="auto",
-                     help="pattern probes: auto (statistics from the attention kernel's log-sum-exp where they suffice; "
-                          "the default) or chunks (full pattern rows for every probe: the exact reference, slower at long T)")
+    run.add_argument(
+        "--ablation",
+        default="zero",
+        help="how to ablate: zero, mean (over prose) or first (attention to the first token)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="PROBE.NAME=VALUE",
+        help="probe parameter, e.g. sink.epsilon=0.2",
+    )
+    run.add_argument(
+        "--attention-path",
+        choices=("auto", "chunks"),
+        default="auto",
+        help="pattern probes: auto (statistics from the attention kernel's log-sum-exp where they suffice; "
+        "the default) or chunks (full pattern rows for every probe: the exact reference, slower at long T)",
+    )
     run.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--top", type=whole(0), default=5, help="heads to print per metric")
-    p.add_argument("--from-store", metavar="STORE", help="run pattern probes on an activation store (`workbench cache`) instead of the model")
+    p.add_argument(
+        "--from-store",
+        metavar="STORE",
+        help="run pattern probes on an activation store (`workbench cache`) instead of the model",
+    )
     p.add_argument("--out", required=True, help="output .parquet file (a path or an fsspec URL: s3://, gs://, file://)")
-    p.set_defaults(func=cmd_probe, model=None)  # None: smollm2-135m live; with --from-store, the store's model is checked
+    p.set_defaults(
+        func=cmd_probe, model=None
+    )  # None: smollm2-135m live; with --from-store, the store's model is checked
 
     add_command(sub, "probes", "list probes and their metrics", "workbench probes").set_defaults(func=cmd_probes)
-    add_command(sub, "models", "list known models and what is installed", "workbench models").set_defaults(func=cmd_models)
-    add_command(sub, "datasets", "list shipped and generated datasets", "workbench datasets").set_defaults(func=cmd_datasets)
+    add_command(sub, "models", "list known models and what is installed", "workbench models").set_defaults(
+        func=cmd_models
+    )
+    add_command(sub, "datasets", "list shipped and generated datasets", "workbench datasets").set_defaults(
+        func=cmd_datasets
+    )
 
-    d = add_command(sub, "dataset", "write a shipped or generated dataset as prompts JSONL (read back with --prompts)",
-                    "workbench dataset niah --context-len 2000 --depths 0,0.5,1 --n-prompts 12 --out niah.jsonl")
+    d = add_command(
+        sub,
+        "dataset",
+        "write a shipped or generated dataset as prompts JSONL (read back with --prompts)",
+        "workbench dataset niah --context-len 2000 --depths 0,0.5,1 --n-prompts 12 --out niah.jsonl",
+    )
     d.add_argument("name", help="dataset name (see `workbench datasets`)")
     d.add_argument("--n-prompts", type=whole(1))
     d.add_argument("--seed", type=whole(0), default=0)
-    d.add_argument("--model", default="smollm2-135m", help="token-space datasets (niah, repeated-random) use its tokenizer")
+    d.add_argument(
+        "--model", default="smollm2-135m", help="token-space datasets (niah, repeated-random) use its tokenizer"
+    )
     add_dataset_options(d.add_argument_group("dataset options"))
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_dataset)

@@ -1,4 +1,5 @@
 """``workbench retrieval-ablation``: Wu et al.'s causal test of retrieval heads."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,18 +26,33 @@ def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
     opts = dataset_options(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if max(ks) > model.n_layers * model.n_heads:
-        raise WorkbenchError(f"--k {max(ks)} exceeds the model's {model.n_layers * model.n_heads} heads", "use smaller k")
+        raise WorkbenchError(
+            f"--k {max(ks)} exceeds the model's {model.n_layers * model.n_heads} heads", "use smaller k"
+        )
 
     def niah(seed):
-        ps = make_dataset("niah", n_prompts=args.n_prompts, seed=seed, tokenizer=model.tokenizer, n_ctx=model.n_ctx, **opts)
+        ps = make_dataset(
+            "niah", n_prompts=args.n_prompts, seed=seed, tokenizer=model.tokenizer, n_ctx=model.n_ctx, **opts
+        )
         return tokenize_prompts(ps, model.tokenizer, model.n_ctx, model.vocab_size)
 
-    scores, table = retrieval_ablation(model, niah(args.seed), niah(args.seed + 1000), ks=ks, draws=args.draws, mode=args.ablation,
-                                       seed=args.seed, batch_size=int(parse_batch_size(args.batch_size)) if args.batch_size != "auto" else 4)
+    scores, table = retrieval_ablation(
+        model,
+        niah(args.seed),
+        niah(args.seed + 1000),
+        ks=ks,
+        draws=args.draws,
+        mode=args.ablation,
+        seed=args.seed,
+        batch_size=int(parse_batch_size(args.batch_size)) if args.batch_size != "auto" else 4,
+    )
     table["model"], table["dataset"] = args.model, "niah"
     table = table[COLUMNS + ["condition", "k", "draw", "heads"]]
-    meta = {"model": model.describe(), "dataset": {"name": "niah", "n_prompts": args.n_prompts, "seed": args.seed, "options": opts},
-            "config": {"k": ks, "draws": args.draws, "ablation": args.ablation}}
+    meta = {
+        "model": model.describe(),
+        "dataset": {"name": "niah", "n_prompts": args.n_prompts, "seed": args.seed, "options": opts},
+        "config": {"k": ks, "draws": args.draws, "ablation": args.ablation},
+    }
     write_table(table, args.out, **meta)
     scores_out = str(args.out).removesuffix(".parquet") + ".scores.parquet"
     write_table(scores.assign(model=args.model, dataset="niah")[COLUMNS], scores_out, **meta)
@@ -47,10 +63,19 @@ def cmd_retrieval_ablation(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    r = add_command(sub, "retrieval-ablation", "needle accuracy with the top-k retrieval heads vs k random heads ablated",
-                    "workbench retrieval-ablation --n-prompts 20 --context-len 1000,2000 --k 5,10,20 --draws 3 --out ablation.parquet")
+    r = add_command(
+        sub,
+        "retrieval-ablation",
+        "needle accuracy with the top-k retrieval heads vs k random heads ablated",
+        "workbench retrieval-ablation --n-prompts 20 --context-len 1000,2000 --k 5,10,20 --draws 3 --out ablation.parquet",
+    )
     add_model_args(r)
-    r.add_argument("--n-prompts", type=whole(1), default=20, help="niah prompts for detection, and as many (other seed) for evaluation")
+    r.add_argument(
+        "--n-prompts",
+        type=whole(1),
+        default=20,
+        help="niah prompts for detection, and as many (other seed) for evaluation",
+    )
     r.add_argument("--context-len", default="1000,2000")
     r.add_argument("--depths")
     r.add_argument("--k", default="5,10,20", help="numbers of heads to ablate")

@@ -4,6 +4,7 @@ Each dataset is a function ``make(n_prompts, seed, **options) -> list[Prompt]`` 
 schema (``Options``, :mod:`workbench.protocol.params`) next to it; the output can be written as a prompts
 JSONL file and read back with ``--prompts``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -35,7 +36,9 @@ OPTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-def make_dataset(name: str, n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, **options) -> list[Prompt]:
+def make_dataset(
+    name: str, n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, **options
+) -> list[Prompt]:
     """Build the named dataset; unknown names and options, values of the wrong type or out of
     range, and absurd sizes fail (one WorkbenchError naming the option) before any work.
 
@@ -47,8 +50,10 @@ def make_dataset(name: str, n_prompts: int | None = None, seed: int = 0, tokeniz
         if n_prompts < 1:
             raise WorkbenchError(f"--n-prompts must be at least 1, got {n_prompts}", "ask for 1 or more prompts")
         if n_prompts > MAX_PROMPTS:
-            raise WorkbenchError(f"--n-prompts must be at most {MAX_PROMPTS}, got {n_prompts}",
-                                 f"ask for at most {MAX_PROMPTS} prompts (n_prompts in a sweep config), or split the work into several runs")
+            raise WorkbenchError(
+                f"--n-prompts must be at most {MAX_PROMPTS}, got {n_prompts}",
+                f"ask for at most {MAX_PROMPTS} prompts (n_prompts in a sweep config), or split the work into several runs",
+            )
     opts = validate_options(OPTIONS[name], {"n_prompts": n_prompts, "seed": seed, **options}, name, noun="option")
     kwargs = opts.model_dump(exclude_unset=True)
     if name in NEEDS_TOKENIZER:

@@ -19,6 +19,7 @@ items before running the probe (notebooks/05_context_divergence.ipynb does).
 Fields (in ``meta``): ``context``, ``target_context``, ``target_memory`` (with the leading
 space), ``relation``, ``subject``. Item ids name the fact, so they do not depend on the seed.
 """
+
 from __future__ import annotations
 
 import random
@@ -116,8 +117,13 @@ class Options(DatasetOptions):
         return check_template(text, required=("statement", "answer"))
 
 
-def make(n_prompts: int | None = None, seed: int = 0, template: str = "qa", context: str = CONTEXT,
-         relations: str | list[str] | None = None) -> list[Prompt]:
+def make(
+    n_prompts: int | None = None,
+    seed: int = 0,
+    template: str = "qa",
+    context: str = CONTEXT,
+    relations: str | list[str] | None = None,
+) -> list[Prompt]:
     """``n_prompts`` facts (default: all of them) in an order shuffled by ``seed``.
 
     ``template``: ``qa`` (question, then the answer sentence) or ``cloze`` (the sentence alone).
@@ -128,8 +134,10 @@ def make(n_prompts: int | None = None, seed: int = 0, template: str = "qa", cont
     if template not in TEMPLATES:
         raise WorkbenchError(f"unknown counterfact template {template!r}", f"choose from: {', '.join(TEMPLATES)}")
     if "{statement}" not in context or "{answer}" not in context:
-        raise WorkbenchError("the counterfact context needs {statement} and {answer} placeholders",
-                             "e.g. 'In this story, {statement} {answer}.'")
+        raise WorkbenchError(
+            "the counterfact context needs {statement} and {answer} placeholders",
+            "e.g. 'In this story, {statement} {answer}.'",
+        )
     if relations is not None:
         relations = [relations] if isinstance(relations, str) else list(relations)
         bad = [r for r in relations if r not in RELATIONS]
@@ -144,8 +152,16 @@ def make(n_prompts: int | None = None, seed: int = 0, template: str = "qa", cont
     for relation, subject, true, false in facts[:n]:
         question, statement = RELATIONS[relation]
         statement = statement.format(s=subject)
-        text = TEMPLATES[template].format(question=_upper_first(question.format(s=subject)), Statement=_upper_first(statement))
+        text = TEMPLATES[template].format(
+            question=_upper_first(question.format(s=subject)), Statement=_upper_first(statement)
+        )
         passage = context.format(statement=statement, answer=false)
-        meta = {"context": passage, "target_context": " " + false, "target_memory": " " + true, "relation": relation, "subject": subject}
+        meta = {
+            "context": passage,
+            "target_context": " " + false,
+            "target_memory": " " + true,
+            "relation": relation,
+            "subject": subject,
+        }
         prompts.append(Prompt(id=f"counterfact-{relation}-{_slug(subject)}", text=text, meta=meta))
     return prompts

@@ -13,6 +13,7 @@ The default needle follows the paper's structure with a random answer:
 "The secret passphrase for the {place} is {number}." (a 5-digit number; ``answer_digits=0``
 gives "{word} {word} {number}" instead, which SmolLM2-135M recalls only partly).
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,32 @@ from workbench.protocol.params import Float, Int
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions, check_template
 
 DESCRIPTION = "needle-in-a-haystack over the prose corpus: grid of context length x depth, for the retrieval score"
-PLACES = ["old lighthouse", "blue door", "northern gate", "river house", "clock tower", "stone bridge", "green library", "harbor office"]
-WORDS = ["amber", "falcon", "velvet", "cactus", "marble", "orchid", "pepper", "saffron", "tundra", "walnut", "zephyr", "copper", "lantern", "meadow"]
+PLACES = [
+    "old lighthouse",
+    "blue door",
+    "northern gate",
+    "river house",
+    "clock tower",
+    "stone bridge",
+    "green library",
+    "harbor office",
+]
+WORDS = [
+    "amber",
+    "falcon",
+    "velvet",
+    "cactus",
+    "marble",
+    "orchid",
+    "pepper",
+    "saffron",
+    "tundra",
+    "walnut",
+    "zephyr",
+    "copper",
+    "lantern",
+    "meadow",
+]
 NEEDLE = "\nThe secret passphrase for the {place} is {answer}.\n"
 QUESTION = "\nBased on the content of the book, what is the secret passphrase for the {place}?\nAnswer: The secret passphrase for the {place} is"
 
@@ -63,7 +88,9 @@ class Options(DatasetOptions):
         n_depths = len(self.depths) if isinstance(self.depths, list) else 1 if self.depths is not None else 5
         total = max(lengths) * (self.n_prompts or len(lengths) * n_depths)
         if total > MAX_TOTAL_TOKENS:
-            raise ValueError(f"the prompts would be up to {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts")
+            raise ValueError(
+                f"the prompts would be up to {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts"
+            )
         return self
 
 
@@ -82,9 +109,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, context_len: int | list[int] = 1024,
-         depths: float | list[float] | None = None, needle: str = NEEDLE, question: str = QUESTION,
-         n_ctx: int | None = None, answer_digits: int = 5, shared_haystack: bool = False) -> list[Prompt]:
+def make(
+    n_prompts: int | None = None,
+    seed: int = 0,
+    tokenizer: Any = None,
+    context_len: int | list[int] = 1024,
+    depths: float | list[float] | None = None,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
+    n_ctx: int | None = None,
+    answer_digits: int = 5,
+    shared_haystack: bool = False,
+) -> list[Prompt]:
     """A grid of ``context_len`` x ``depths``, cycled until ``n_prompts`` (default: the grid once).
 
     ``shared_haystack=True`` builds every prompt on the same haystack text (as the paper does:
@@ -94,12 +130,18 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
     if tokenizer is None:
         raise WorkbenchError("niah needs the model's tokenizer", "pass tokenizer= or --model")
     lengths = [int(x) for x in (context_len if isinstance(context_len, (list, tuple)) else [context_len])]
-    depths = [0.0, 0.25, 0.5, 0.75, 1.0] if depths is None else (list(depths) if isinstance(depths, (list, tuple)) else [depths])
+    depths = (
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+        if depths is None
+        else (list(depths) if isinstance(depths, (list, tuple)) else [depths])
+    )
     for d in depths:
         if not 0.0 <= float(d) <= 1.0:
             raise WorkbenchError(f"depth {d} is outside [0, 1]", "give depths as fractions, e.g. 0,0.5,1")
     if "{answer}" not in needle or "{place}" not in needle:
-        raise WorkbenchError("the needle wording needs {place} and {answer} placeholders", "e.g. 'The code for the {place} is {answer}.'")
+        raise WorkbenchError(
+            "the needle wording needs {place} and {answer} placeholders", "e.g. 'The code for the {place} is {answer}.'"
+        )
     grid = [(L, float(d)) for L in lengths for d in depths]
     n_prompts = len(grid) if n_prompts is None else n_prompts
     rng = random.Random(seed)
@@ -110,7 +152,11 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
     for i in range(n_prompts):
         L, depth = grid[i % len(grid)]
         place = rng.choice(PLACES)
-        answer = str(rng.randrange(10 ** (answer_digits - 1), 10**answer_digits)) if answer_digits else f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000, 10000)}"
+        answer = (
+            str(rng.randrange(10 ** (answer_digits - 1), 10**answer_digits))
+            if answer_digits
+            else f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randrange(1000, 10000)}"
+        )
         head, tail = needle.split("{answer}")
         pre_ids = _encode(tokenizer, head.format(place=place))
         ans_ids = _encode(tokenizer, " " + answer if not head.endswith(" ") else answer)
@@ -124,7 +170,9 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, con
                 "use a longer --context-len",
             )
         if n_ctx is not None and L > n_ctx:
-            raise WorkbenchError(f"context length {L} exceeds the model's context of {n_ctx}", "use a shorter --context-len")
+            raise WorkbenchError(
+                f"context length {L} exceeds the model's context of {n_ctx}", "use a shorter --context-len"
+            )
         hay = _haystack_ids(tokenizer, n_hay, random.Random(hay_seed) if shared_haystack else rng)
         cut = int(round(n_hay * depth))
         if 0 < cut < n_hay:  # back up to a sentence end, as the paper's code does

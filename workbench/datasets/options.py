@@ -5,6 +5,7 @@ Each dataset module defines ``class Options(DatasetOptions)`` next to its ``make
 field per ``make()`` parameter (the tokenizer aside) and the same default; ``make_dataset``
 validates through it before any work (:mod:`workbench.protocol.params`).
 """
+
 from __future__ import annotations
 
 import string
@@ -19,11 +20,15 @@ MAX_TOTAL_TOKENS = 100_000_000  # all prompts of a token-space dataset together
 
 
 class DatasetOptions(Options):
-    n_prompts: Int | None = Field(None, ge=1, le=MAX_PROMPTS, json_schema_extra={"fix": f"ask for 1 to {MAX_PROMPTS} prompts"})
+    n_prompts: Int | None = Field(
+        None, ge=1, le=MAX_PROMPTS, json_schema_extra={"fix": f"ask for 1 to {MAX_PROMPTS} prompts"}
+    )
     seed: Int = 0
 
 
-def check_template(text: str, required: tuple[str, ...], allowed: tuple[str, ...] = (), once: tuple[str, ...] = ()) -> str:
+def check_template(
+    text: str, required: tuple[str, ...], allowed: tuple[str, ...] = (), once: tuple[str, ...] = ()
+) -> str:
     """``text`` must name every ``required`` placeholder, no other than ``required + allowed``,
     and ``once`` ones exactly once, literally (the code splits the text at them)."""
     try:
@@ -32,7 +37,9 @@ def check_template(text: str, required: tuple[str, ...], allowed: tuple[str, ...
         raise ValueError(f"is not a valid template ({exc}); write braces as {{{{ and }}}}") from None
     missing = [n for n in required if n not in names]
     if missing:
-        raise ValueError(f"needs the placeholders {', '.join('{' + n + '}' for n in required)} (missing {', '.join('{' + n + '}' for n in missing)})")
+        raise ValueError(
+            f"needs the placeholders {', '.join('{' + n + '}' for n in required)} (missing {', '.join('{' + n + '}' for n in missing)})"
+        )
     unknown = [n for n in names if n not in required + allowed]
     if unknown:
         known = ", ".join("{" + n + "}" for n in required + allowed)

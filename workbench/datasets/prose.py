@@ -4,6 +4,7 @@
 ``min_words`` and ``max_words`` on purpose, so every run exercises padded batches. The corpus
 is also the filler for needle-in-a-haystack prompts.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,13 +38,17 @@ def make(n_prompts: int | None = None, seed: int = 0, min_words: int = 40, max_w
     """``n_prompts`` passages (default 16) of ``min_words``..``max_words`` words, reproducible by seed."""
     n_prompts = 16 if n_prompts is None else n_prompts
     if not 1 <= min_words <= max_words:
-        raise WorkbenchError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}", "fix the dataset options")
+        raise WorkbenchError(
+            f"need 1 <= min_words <= max_words, got {min_words}, {max_words}", "fix the dataset options"
+        )
     rng = random.Random(seed)
     docs = [d for d in load_documents() if len(d["text"].split()) >= min_words]
     if not docs:
         longest = max(len(d["text"].split()) for d in load_documents())
-        raise WorkbenchError(f"prose.min_words: no document has {min_words} words (the longest has {longest})",
-                             f"use min_words of at most {longest}")
+        raise WorkbenchError(
+            f"prose.min_words: no document has {min_words} words (the longest has {longest})",
+            f"use min_words of at most {longest}",
+        )
     prompts = []
     for i in range(n_prompts):
         doc = rng.choice(docs)

@@ -7,6 +7,7 @@ of the first random token). Like every prompt built in token space, a prompt sta
 the tokenizer's own defaults put before text (BOS for Gemma, nothing for SmolLM2 / GPT-2):
 ``prepend_bos`` unset; ``true`` forces a BOS, ``false`` forces none.
 """
+
 from __future__ import annotations
 
 import random
@@ -20,7 +21,9 @@ from workbench.protocol.params import Int
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions
 
-DESCRIPTION = "random token sequences repeated (period n, default 2 copies): induction / duplicate / previous-token / echo heads"
+DESCRIPTION = (
+    "random token sequences repeated (period n, default 2 copies): induction / duplicate / previous-token / echo heads"
+)
 
 
 class Options(DatasetOptions):
@@ -36,14 +39,25 @@ class Options(DatasetOptions):
             raise ValueError(f"each prompt would be {length} tokens (period x repeats), more than {MAX_TOKENS}")
         total = length * (self.n_prompts or 16)
         if total > MAX_TOTAL_TOKENS:
-            raise ValueError(f"the prompts would be {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts")
+            raise ValueError(
+                f"the prompts would be {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts"
+            )
         return self
 
 
-def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, period: int = 50, repeats: int = 2,
-         prepend_bos: bool | None = None, vocab_size: int | None = None) -> list[Prompt]:
+def make(
+    n_prompts: int | None = None,
+    seed: int = 0,
+    tokenizer: Any = None,
+    period: int = 50,
+    repeats: int = 2,
+    prepend_bos: bool | None = None,
+    vocab_size: int | None = None,
+) -> list[Prompt]:
     if tokenizer is None and vocab_size is None:
-        raise WorkbenchError("repeated-random needs the model's tokenizer (to know the vocabulary)", "pass tokenizer= or --model")
+        raise WorkbenchError(
+            "repeated-random needs the model's tokenizer (to know the vocabulary)", "pass tokenizer= or --model"
+        )
     if period < 2 or repeats < 2:
         raise WorkbenchError(f"need period >= 2 and repeats >= 2, got {period}, {repeats}", "e.g. period=50, repeats=2")
     n_prompts = 16 if n_prompts is None else n_prompts
@@ -67,5 +81,9 @@ def make(n_prompts: int | None = None, seed: int = 0, tokenizer: Any = None, per
     prompts = []
     for i in range(n_prompts):
         seq = rng.sample(pool, period)
-        prompts.append(Prompt(id=f"rep-{seed}-{i:04d}", tokens=prefix + seq * repeats, meta={"period": period, "offset": len(prefix)}))
+        prompts.append(
+            Prompt(
+                id=f"rep-{seed}-{i:04d}", tokens=prefix + seq * repeats, meta={"period": period, "offset": len(prefix)}
+            )
+        )
     return prompts

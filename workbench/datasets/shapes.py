@@ -7,6 +7,7 @@ placeholder: :func:`workbench.inputs.conditions.image_pair` swaps it for the mod
 ``<start_of_image>``, ...). Images are written once per seed under the workbench cache (or
 ``folder``); item paths are absolute. Metadata: ``color``, ``shape``.
 """
+
 from __future__ import annotations
 
 import random
@@ -23,8 +24,16 @@ from .options import DatasetOptions
 MAX_IMAGES = 10_000
 
 DESCRIPTION = "generated images of a coloured shape + a question about it (items for the vhd probe)"
-COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 20),
-          "purple": (130, 40, 170), "orange": (245, 130, 20), "black": (15, 15, 15), "pink": (240, 110, 180)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (130, 40, 170),
+    "orange": (245, 130, 20),
+    "black": (15, 15, 15),
+    "pink": (240, 110, 180),
+}
 SHAPES = ("circle", "square", "triangle")
 QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?"}
 
@@ -52,12 +61,16 @@ def draw(shape: str, color: tuple[int, int, int], rng: random.Random, size: int 
 
 
 class Options(DatasetOptions):
-    n_prompts: Int | None = Field(None, ge=1, le=MAX_IMAGES, json_schema_extra={"fix": f"ask for 1 to {MAX_IMAGES} items (each is an image file)"})
+    n_prompts: Int | None = Field(
+        None, ge=1, le=MAX_IMAGES, json_schema_extra={"fix": f"ask for 1 to {MAX_IMAGES} items (each is an image file)"}
+    )
     question: Literal["color", "shape"] = "color"
     folder: str | None = None
 
 
-def make(n_prompts: int | None = None, seed: int = 0, question: str = "color", folder: str | None = None) -> list[Prompt]:
+def make(
+    n_prompts: int | None = None, seed: int = 0, question: str = "color", folder: str | None = None
+) -> list[Prompt]:
     from workbench.errors import WorkbenchError
     from workbench.files.atomic import atomic_write
     from workbench.models.embedded import cache_root
@@ -69,7 +82,9 @@ def make(n_prompts: int | None = None, seed: int = 0, question: str = "color", f
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WorkbenchError(f"cannot create the shapes image folder {out}: {exc.strerror or exc}", "give a writable folder (folder=...)") from None
+        raise WorkbenchError(
+            f"cannot create the shapes image folder {out}: {exc.strerror or exc}", "give a writable folder (folder=...)"
+        ) from None
     rng = random.Random(seed)
     items = []
     for i in range(n):
@@ -78,6 +93,11 @@ def make(n_prompts: int | None = None, seed: int = 0, question: str = "color", f
         img = draw(shape, COLORS[color], rng)
         if not path.is_file():  # atomic: concurrent runs of the same seed never see half a PNG
             atomic_write(path, lambda f, img=img: img.save(f, format="PNG"))
-        items.append(Prompt(f"shape-{i}", text=f"USER: <image>\n{QUESTIONS[question]} ASSISTANT:",
-                            meta={"image": str(path.resolve()), "color": color, "shape": shape}))
+        items.append(
+            Prompt(
+                f"shape-{i}",
+                text=f"USER: <image>\n{QUESTIONS[question]} ASSISTANT:",
+                meta={"image": str(path.resolve()), "color": color, "shape": shape},
+            )
+        )
     return items

@@ -25,6 +25,7 @@ fires, except in the pattern engine's runs, which unwrap every bridge component 
 Because the hook sits at the attention-function seam, it works for every architecture
 transformers implements with the attention interface (Llama, Qwen, Gemma, Mistral, GPT-2, ...).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -176,8 +177,14 @@ def _hooked_modules(modules: list[torch.nn.Module]) -> set[int]:
     (``_capture_hook_handles``), wiring between wrappers, not somebody's hook. One pass over the
     modules, so a run without hooks (the pattern engine's) checks no component further."""
     internal = {h.id for m in modules for h in vars(m).get("_capture_hook_handles", ())}
-    return {id(m) for m in modules
-            if any(set(d) - internal for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks))}
+    return {
+        id(m)
+        for m in modules
+        if any(
+            set(d) - internal
+            for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+        )
+    }
 
 
 @contextlib.contextmanager
@@ -211,7 +218,9 @@ def native_attention(hf_model: torch.nn.Module, unwrap: bool = False) -> Iterato
                 original = child.original_component if isinstance(child, GeneralizedComponent) else None
                 if original is None:
                     continue
-                if isinstance(child, AttentionBridge) or (unwrap and isinstance(child, GeneralizedComponent) and not _hooked(child, hooked)):
+                if isinstance(child, AttentionBridge) or (
+                    unwrap and isinstance(child, GeneralizedComponent) and not _hooked(child, hooked)
+                ):
                     swaps.append((parent, cname, child))
                     setattr(parent, cname, original)
         for cfg in configs:
@@ -225,8 +234,10 @@ def native_attention(hf_model: torch.nn.Module, unwrap: bool = False) -> Iterato
 
 
 @contextlib.contextmanager
-def hooked_run(hf_model: torch.nn.Module, *observers: Any, grad: bool = False, unwrap: bool = False) -> Iterator[torch.nn.Module]:
+def hooked_run(
+    hf_model: torch.nn.Module, *observers: Any, grad: bool = False, unwrap: bool = False
+) -> Iterator[torch.nn.Module]:
     """The one way a run is set up: grad mode, native attention (``unwrap``: the plain HF
     modules throughout, :func:`native_attention`), then the observers."""
-    with (torch.enable_grad() if grad else torch.no_grad()), native_attention(hf_model, unwrap), observe(*observers):
+    with torch.enable_grad() if grad else torch.no_grad(), native_attention(hf_model, unwrap), observe(*observers):
         yield hf_model

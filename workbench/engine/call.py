@@ -6,6 +6,7 @@ call of the ``"workbench"`` attention function (:mod:`workbench.engine.attention
 block, in order; :func:`stop_after_layer` ends a forward once a layer's call has been seen.
 This module is what the masking, kernels and statistics code agree on: it imports none of them.
 """
+
 from __future__ import annotations
 
 import contextlib

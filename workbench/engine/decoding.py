@@ -20,6 +20,7 @@ paper's grid, share everything before the earlier needle) reuses that prefix's K
 Prompts longer than ``PREFILL_CHUNK`` tokens are prefilled in pieces through the cache, so no
 ``[T, T]`` mask is ever built (32k-token prompts fit in a few GB; see :func:`_forward`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -148,8 +149,12 @@ def _separate_prefill(model: LoadedModel, batch: BatchInfo, state: DecodeState) 
                     cache.update(kv.keys[..., :shared, :], kv.values[..., :shared, :], layer)
             state.rows = torch.tensor([r], device=dev)
             state.key_offset = torch.zeros(1, dtype=torch.long, device=dev)
-            caches[r], logits[r] = _forward(model, cache, input_ids=torch.tensor([ids[shared:]], device=dev),
-                                            position_ids=torch.arange(shared, len(ids), device=dev)[None])
+            caches[r], logits[r] = _forward(
+                model,
+                cache,
+                input_ids=torch.tensor([ids[shared:]], device=dev),
+                position_ids=torch.arange(shared, len(ids), device=dev)[None],
+            )
     finally:
         state.rows, state.key_offset = None, batch.first_index
     merged = DynamicCache()
@@ -165,16 +170,32 @@ def _separate_prefill(model: LoadedModel, batch: BatchInfo, state: DecodeState) 
 
 
 def _decode_batch(
-    model: LoadedModel, prompts: list[TokenizedPrompt], max_new_tokens: int, stops: set[int], separate: bool,
-    state: DecodeState, on_step: StepCallback | None,
+    model: LoadedModel,
+    prompts: list[TokenizedPrompt],
+    max_new_tokens: int,
+    stops: set[int],
+    separate: bool,
+    state: DecodeState,
+    on_step: StepCallback | None,
 ) -> list[list[int]]:
     from transformers import DynamicCache
 
     dev = model.device
-    batch = collate([p.ids for p in prompts], pad_token_id(model.tokenizer), dev, padding_side="left",
-                    prompt_ids=[p.id for p in prompts])
+    batch = collate(
+        [p.ids for p in prompts],
+        pad_token_id(model.tokenizer),
+        dev,
+        padding_side="left",
+        prompt_ids=[p.id for p in prompts],
+    )
     b = batch.size
-    state.prompts, state.batch, state.rows, state.key_offset, state.step = list(prompts), batch, None, batch.first_index, 0
+    state.prompts, state.batch, state.rows, state.key_offset, state.step = (
+        list(prompts),
+        batch,
+        None,
+        batch.first_index,
+        0,
+    )
     mask = batch.attention_mask
     pos = batch.positions.clamp_min(0)
     active = torch.ones(b, dtype=torch.bool, device=dev)
@@ -233,6 +254,8 @@ def greedy_decode(
     out: dict[int, list[int]] = {}
     with hooked_run(model.hf_model, *observers, *ctx.interventions):
         for idx in ctx.plan([len(p) + max_new_tokens for p in prompts], model.device):
-            for i, toks in zip(idx, _decode_batch(model, [prompts[i] for i in idx], max_new_tokens, stops, separate, state, on_step)):
+            for i, toks in zip(
+                idx, _decode_batch(model, [prompts[i] for i in idx], max_new_tokens, stops, separate, state, on_step)
+            ):
                 out[i] = toks
     return [out[i] for i in range(len(prompts))]

@@ -16,6 +16,7 @@ columns' logits are computed) with explicit ``position_ids`` from the attention 
 padded row computes what it computes alone. Head outputs are captured inside the attention hook
 (:mod:`workbench.engine.attention`) at those columns only; nothing of size ``[query, key]`` is kept.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,10 @@ class HeadOutputs:
 
 
 def left_padded_inputs(
-    rows: Sequence[Condition], suffixes: Sequence[Sequence[int]], pad_id: int, device: torch.device | str,
+    rows: Sequence[Condition],
+    suffixes: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
     dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, Tensor], Bool[Tensor, "batch pos"]]:
     """Left-pad ``rows[i] + suffixes[i]`` into model inputs (with ``position_ids``) and the
@@ -129,14 +133,18 @@ def head_outputs(
     own_positions = _uses_own_positions(hf)
 
     def run(idx: list[int]) -> None:
-        inputs, cond = left_padded_inputs([rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device, model.dtype)
+        inputs, cond = left_padded_inputs(
+            [rows[i] for i in idx], [suffixes[i] for i in idx], pad, model.device, model.dtype
+        )
         if own_positions:
             inputs.pop("position_ids")
         t_max = max(n_steps[i] for i in idx)
         cap = _CaptureSteps(model.n_layers, t_max, cond)
         resid: list[Tensor] = []
         handle = (
-            final_norm(hf).register_forward_pre_hook(lambda mod, args: resid.append(args[0][:, -t_max:].detach().float()))
+            final_norm(hf).register_forward_pre_hook(
+                lambda mod, args: resid.append(args[0][:, -t_max:].detach().float())
+            )
             if keep_resid
             else None
         )
@@ -152,8 +160,11 @@ def head_outputs(
         for j, i in enumerate(idx):
             t = n_steps[i]
             out[i] = HeadOutputs(
-                z[j, t_max - t :].cpu(), attn[j, t_max - t :].double().cpu(), top[j, t_max - t :].cpu(),
-                resid[0][j, t_max - t :].cpu() if resid else None, list(cap.modules),
+                z[j, t_max - t :].cpu(),
+                attn[j, t_max - t :].double().cpu(),
+                top[j, t_max - t :].cpu(),
+                resid[0][j, t_max - t :].cpu() if resid else None,
+                list(cap.modules),
             )
 
     batches = ctx.plan([len(r) + len(s) for r, s in zip(rows, suffixes)], model.device)
@@ -187,9 +198,7 @@ def output_projection(attention_module: Any) -> torch.nn.Module:
     raise ValueError(f"cannot find the output projection of {type(attention_module).__name__}")
 
 
-def head_contributions(
-    attention_module: Any, z: Float[Tensor, "head d_head"]
-) -> Float[Tensor, "head d_model"]:
+def head_contributions(attention_module: Any, z: Float[Tensor, "head d_head"]) -> Float[Tensor, "head d_model"]:
     """Each head's write to the residual stream, z_h W_O[h] (bias excluded)."""
     proj = output_projection(attention_module)
     h, d = z.shape
@@ -224,8 +233,15 @@ def greedy_continuations(
         width = inputs["input_ids"].shape[1]
         with hooked_run(hf, *observers):
             seq = hf.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                eos_token_id=sorted(eos) or None, temperature=None, top_p=None, top_k=None,
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos) or None,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
         for j, i in enumerate(idx):
             toks = seq[j, width:].tolist()
@@ -319,7 +335,9 @@ def divergence(
     return out
 
 
-def measure(probe: DivergenceProbe, model: Any, items: Sequence[Any], ctx: RunContext, **keep: bool) -> list[Divergence]:
+def measure(
+    probe: DivergenceProbe, model: Any, items: Sequence[Any], ctx: RunContext, **keep: bool
+) -> list[Divergence]:
     """What every divergence probe's run starts with: each item's pair (the probe's ``pairs``:
     with / without its image or context), the length check, and :func:`divergence` with the
     probe's ``steps`` and ``max_new_tokens`` (``keep``: ``keep_z``, ``keep_resid``)."""
@@ -329,7 +347,9 @@ def measure(probe: DivergenceProbe, model: Any, items: Sequence[Any], ctx: RunCo
     return divergence(model, pairs, steps=p.steps, max_new_tokens=p.max_new_tokens, ctx=ctx, **keep)
 
 
-def divergence_rows(probe: Probe, model: Any, outcomes: Sequence[Divergence], metric: str, attention_metric: str) -> list[pd.DataFrame]:
+def divergence_rows(
+    probe: Probe, model: Any, outcomes: Sequence[Divergence], metric: str, attention_metric: str
+) -> list[pd.DataFrame]:
     """Per-head means over every (item, step), and the attention mass on the condition."""
     n = sum(o.divergence.shape[0] for o in outcomes)
     if n == 0:

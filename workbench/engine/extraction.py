@@ -26,6 +26,7 @@ On CUDA an out-of-memory batch is split in half and retried, the probes' batch a
 :func:`workbench.runner.run_probes` to run probes of any kind; this module is its engine for
 pattern probes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,9 @@ class ChunkFeeder:
     """The attention observer: turns each attention call into what each probe reads (layer
     statistics or pattern chunks), computing each once per layer for all probes."""
 
-    def __init__(self, probes: Sequence[PatternProbe], chunk_elements: int, attention_path: AttentionPath = "auto") -> None:
+    def __init__(
+        self, probes: Sequence[PatternProbe], chunk_elements: int, attention_path: AttentionPath = "auto"
+    ) -> None:
         if attention_path not in ("auto", "chunks"):
             raise WorkbenchError(f"unknown attention path {attention_path!r}", "use auto or chunks")
         self.probes = list(probes)
@@ -103,7 +106,9 @@ class ChunkFeeder:
         with torch.no_grad():
             rows = list(self.probes)
             if call.lse is not None and self.stat_probes:
-                served = [p for p in self.stat_probes if "row_entropy" not in self._needs[p] or call.key_mean is not None]
+                served = [
+                    p for p in self.stat_probes if "row_entropy" not in self._needs[p] or call.key_mean is not None
+                ]
                 with statistics_threads(call.query.shape[0] * call.query.shape[1] * call.query.shape[2]):
                     stats = LayerStatistics(call, self._batch, self.n_visible(call), self.chunk_elements, self._plans)
                     for probe in served:
@@ -174,10 +179,16 @@ def run_pattern_probes(
             feeder.on_attention(call)
 
     if calls is not None and ctx.interventions:
-        raise WorkbenchError("interventions edit a model's forward; replayed attention has none", "run interventions on the live model")
+        raise WorkbenchError(
+            "interventions edit a model's forward; replayed attention has none", "run interventions on the live model"
+        )
     forward = forward or (replay if calls is not None else model_forward)
     # attention observers only: the plain HF modules, without the bridge's wrappers around them
-    session = contextlib.nullcontext() if calls is not None else hooked_run(model.hf_model, feeder, *ctx.interventions, unwrap=True)
+    session = (
+        contextlib.nullcontext()
+        if calls is not None
+        else hooked_run(model.hf_model, feeder, *ctx.interventions, unwrap=True)
+    )
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
     bar = None
     if ctx.show_progress():
@@ -187,8 +198,11 @@ def run_pattern_probes(
 
     def run(idx: list[int]) -> None:
         batch = collate(
-            [prompts[i].ids for i in idx], pad_id, device,
-            prompt_ids=[prompts[i].id for i in idx], metas=[prompts[i].meta for i in idx],
+            [prompts[i].ids for i in idx],
+            pad_id,
+            device,
+            prompt_ids=[prompts[i].id for i in idx],
+            metas=[prompts[i].meta for i in idx],
         )
         feeder.batch = batch
         for p in probes:

@@ -15,6 +15,7 @@ Use from Python with ``run_probes(..., interventions=[HeadAblation(...)])`` or a
 under :func:`workbench.engine.call.observe`; from the CLI with ``--ablate 12.3,14.0
 --ablation zero``.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -89,7 +90,7 @@ class _MeanRecorder:
         self.valid: Tensor | None = None
 
     def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
-        v = self.valid[:, -z.shape[1]:].to(z.dtype).view(z.shape[0], z.shape[1], 1, 1)
+        v = self.valid[:, -z.shape[1] :].to(z.dtype).view(z.shape[0], z.shape[1], 1, 1)
         self.sum[call.layer] += (z * v).sum((0, 1)).double()
         if call.layer == 0:
             self.count += int(v.sum())
@@ -111,7 +112,12 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
         for i in range(0, len(prompts), batch_size):
             batch = collate([p.ids for p in prompts[i : i + batch_size]], pad, model.device)
             rec.valid = batch.valid
-            base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.positions.clamp_min(0), use_cache=False)
+            base(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.positions.clamp_min(0),
+                use_cache=False,
+            )
     return (rec.sum / max(rec.count, 1)).float()
 
 

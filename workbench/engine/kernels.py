@@ -43,6 +43,7 @@ The log-sum-exp is float32 whatever the inputs (the kernels accumulate in float3
 keys-as-values pass for entropy runs in float32 even for bf16 / fp16 models, since ``E_A[k]``
 in half precision would cost the entropy two or three significant digits.
 """
+
 from __future__ import annotations
 
 import threading
@@ -90,19 +91,25 @@ def _cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, sca
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
 
 
-def _cuda_flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _cuda_flash(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return out[0], out[1]
 
 
-def _cuda_efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _cuda_efficient(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
     return out[0], out[1]
 
 
 # name -> kernel; tests replace entries to simulate a GPU on CPU tensors
 KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "cpu_flash": _cpu, "cuda_flash": _cuda_flash, "cuda_efficient": _cuda_efficient,
+    "cpu_flash": _cpu,
+    "cuda_flash": _cuda_flash,
+    "cuda_efficient": _cuda_efficient,
 }
 
 
@@ -161,7 +168,7 @@ def _spans(mask: Bool[Tensor, "batch mask_head query key"], block: int) -> list[
     starts = range(0, n_q, block)
     seen = torch.empty(len(starts), n_k, dtype=torch.bool, device=mask.device)
     for i, q0 in enumerate(starts):  # keys any row of the block (in any batch row, mask head) sees
-        torch.any(mask[..., q0:q0 + block, :].flatten(0, -3), dim=(0, 1), out=seen[i])
+        torch.any(mask[..., q0 : q0 + block, :].flatten(0, -3), dim=(0, 1), out=seen[i])
     ar = torch.arange(n_k, device=mask.device)
     first = torch.where(seen, ar, n_k).amin(-1)
     last = torch.where(seen, ar, -1).amax(-1)
@@ -189,7 +196,7 @@ class _PerMask:
                     return blocks
         blocks = make()
         with self.lock:
-            self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1):]
+            self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1) :]
             self.entries.append((weakref.ref(mask), mask._version, block, blocks))
         return blocks
 
@@ -211,7 +218,9 @@ def query_blocks(mask: Tensor | None) -> list[Block] | None:
 Pass = tuple[Tensor, Tensor, Tensor]  # (query, key, value) of one attention pass over the call's mask
 
 
-def attend(call: AttentionCall, *passes: Pass) -> list[tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]]:
+def attend(
+    call: AttentionCall, *passes: Pass
+) -> list[tuple[Float[Tensor, "batch head query d_v"], Float[Tensor, "batch head query"]]]:
     """Attention of each pass's query over its key / value under the call's mask, and the float32
     row lse: one kernel call per pass, or one per pass and query block under a long boolean mask
     (:func:`query_blocks`). The mask's additive bias is built once and shared by consecutive
@@ -228,7 +237,9 @@ def attend(call: AttentionCall, *passes: Pass) -> list[tuple[Float[Tensor, "batc
     for q0, q1, k0, k1 in blocks:
         bias = _Bias(lambda dtype: boolean_bias(call.mask[..., q0:q1, k0:k1], dtype))  # noqa: B023  (used in this iteration only)
         for (q, k, v), (out, lse) in zip(passes, outs):
-            o, s = attention_with_lse(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias(q.dtype), False, call.scaling)
+            o, s = attention_with_lse(
+                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias(q.dtype), False, call.scaling
+            )
             out[:, q0:q1] = o.transpose(1, 2)
             lse[:, :, q0:q1] = s
     return [(out.transpose(1, 2), lse) for out, lse in outs]
@@ -266,4 +277,3 @@ def attention_with_statistics(
         mean, lse = results[1]
         mean = mean.float()
     return out.transpose(1, 2).contiguous(), lse, mean
-

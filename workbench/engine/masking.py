@@ -30,6 +30,7 @@ applies the soft-cap and a float mask's values).
 :func:`additive_mask` gives the mask as the float tensor fused kernels take (what SDPA builds
 from a boolean mask itself).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,8 +91,9 @@ def key_visibility(call: AttentionCall, q0: int = 0, q1: int | None = None) -> K
         allowed, additive = m > torch.finfo(m.dtype).min / 2, m
     cols = allowed.any(dim=0).any(dim=0).any(dim=0).nonzero()
     k_end = int(cols.max()) + 1 if cols.numel() else 1
-    return KeyVisibility(q0, q1, k_end, offset, allowed[..., :k_end], False,
-                         additive[..., :k_end] if additive is not None else None)
+    return KeyVisibility(
+        q0, q1, k_end, offset, allowed[..., :k_end], False, additive[..., :k_end] if additive is not None else None
+    )
 
 
 def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
@@ -118,7 +120,10 @@ def visible_counts(call: AttentionCall) -> Int[Tensor, "batch query"]:
 
 
 def attention_scores(
-    call: AttentionCall, q0: int = 0, q1: int | None = None, fill: float = float("-inf"),
+    call: AttentionCall,
+    q0: int = 0,
+    q1: int | None = None,
+    fill: float = float("-inf"),
     vis: KeyVisibility | None = None,
 ) -> tuple[Float[Tensor, "batch head block key"], KeyVisibility]:
     """Float32 scores of queries ``[q0, q1)`` against keys ``[0, k_end)``, masked with ``fill``.
@@ -151,6 +156,7 @@ def attention_scores(
 def _mask_at(mask: Tensor, rows: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
     """``mask[row, :, query, key]`` for index tensors that broadcast together (the mask-head
     dimension last); broadcast dimensions of the mask are read at 0."""
+
     def at(dim: int, idx: Tensor) -> Tensor:
         return idx.clamp(0, mask.shape[dim] - 1) if mask.shape[dim] > 1 else torch.zeros_like(idx)
 
@@ -183,7 +189,9 @@ def biased(call: AttentionCall, s: Tensor, additive: Tensor | None) -> Tensor:
     return s
 
 
-def grouped_queries(call: AttentionCall, out: Tensor | None = None, factor: float = 1.0) -> Float[Tensor, "batch kv query group d"]:
+def grouped_queries(
+    call: AttentionCall, out: Tensor | None = None, factor: float = 1.0
+) -> Float[Tensor, "batch kv query group d"]:
     """The call's queries, float32, multiplied by the scaling (and ``factor``) and grouped by
     the KV head they read: one copy, into ``out`` when given (any float32
     ``[batch, kv, query, group, d]`` view), else a new contiguous tensor."""
@@ -237,8 +245,14 @@ def product_rows(call: AttentionCall, queries: Tensor, per_query: bool, q0: int,
 
 
 def key_products(
-    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
-    *, queries: Float[Tensor, "batch kv pos group d"], keys: Float[Tensor, "batch kv key d"], key_buffer: Tensor | None = None,
+    call: AttentionCall,
+    key_index: Int[Tensor, "batch block n"],
+    q0: int = 0,
+    q1: int | None = None,
+    *,
+    queries: Float[Tensor, "batch kv pos group d"],
+    keys: Float[Tensor, "batch kv key d"],
+    key_buffer: Tensor | None = None,
 ) -> Float[Tensor, "batch head block n"]:
     """Float32 products ``q . k`` of the queries ``[q0, q1)`` against the ``n`` keys each names
     (``key_index``, on the call's key axis; out-of-range indices read a clamped key, which
@@ -274,7 +288,9 @@ def key_products(
     if whole and n == 1:  # one key per query: a dot product per (query, head)
         s = torch.linalg.vecdot(qg, ks.view(b, n_kv, rows, 1, d)).unsqueeze(-1)[:, :, :n_q]
     elif whole:  # [b x kv x rows] products of [g, d] and [d, n]
-        s = torch.bmm(qg.flatten(0, 2), ks.view(b * n_kv * rows, n, d).transpose(1, 2)).view(b, n_kv, rows, g, n)[:, :, :n_q]
+        s = torch.bmm(qg.flatten(0, 2), ks.view(b * n_kv * rows, n, d).transpose(1, 2)).view(b, n_kv, rows, g, n)[
+            :, :, :n_q
+        ]
     else:
         s = torch.empty((b, n_kv, n_q, g, n), dtype=torch.float32, device=kf.device)
         for i in range(b):  # per row and KV head: [block, g, d] of a row is contiguous even when qg is a slice
@@ -284,7 +300,10 @@ def key_products(
 
 
 def named_key_mask(
-    call: AttentionCall, key_index: Int[Tensor, "batch block n"], q0: int = 0, q1: int | None = None,
+    call: AttentionCall,
+    key_index: Int[Tensor, "batch block n"],
+    q0: int = 0,
+    q1: int | None = None,
 ) -> tuple[Bool[Tensor, "batch mask_head block n"], Float[Tensor, "batch mask_head block n"] | None]:
     """Whether query ``q0 + i`` may attend to key ``key_index[b, i, j]`` (a negative or
     out-of-range index may not) by :func:`attention_scores`' rules, and a float mask's additive
@@ -299,9 +318,17 @@ def named_key_mask(
 
 
 def band_mask(
-    call: AttentionCall, q_starts: Int[Tensor, " block"], rows: int, k_starts: Int[Tensor, " block"], width: int,
-    order: tuple[Int[Tensor, "batch query"], Int[Tensor, "batch pos"]] | None = None, keep: Bool[Tensor, "batch block row key"] | None = None,
-) -> tuple[Bool[Tensor, "batch kv_or_1 block row group_or_1 key"], Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None]:
+    call: AttentionCall,
+    q_starts: Int[Tensor, " block"],
+    rows: int,
+    k_starts: Int[Tensor, " block"],
+    width: int,
+    order: tuple[Int[Tensor, "batch query"], Int[Tensor, "batch pos"]] | None = None,
+    keep: Bool[Tensor, "batch block row key"] | None = None,
+) -> tuple[
+    Bool[Tensor, "batch kv_or_1 block row group_or_1 key"],
+    Float[Tensor, "batch kv_or_1 block row group_or_1 key"] | None,
+]:
     """Whether query ``q_starts[i] + r`` (block i, row r) may attend to key ``k_starts[i] + j``
     by :func:`attention_scores`' rules and ``keep`` (keys past the end may not), laid out as a
     banded product's scores (KV head, block, row, group, key); and a float mask's
@@ -320,7 +347,9 @@ def band_mask(
         qcol, kcol = qi.view(1, n_b, rows, 1), ki.view(1, n_b, 1, width)
     else:
         query_order, key_order = order
-        qcol = query_order.gather(1, qi.clamp(0, query_order.shape[1] - 1).view(1, -1).expand(b, -1)).view(b, n_b, rows, 1)
+        qcol = query_order.gather(1, qi.clamp(0, query_order.shape[1] - 1).view(1, -1).expand(b, -1)).view(
+            b, n_b, rows, 1
+        )
         kcol = key_order.gather(1, ki.clamp(0, n_k - 1).view(1, -1).expand(b, -1)).view(b, n_b, 1, width)
         kcol = torch.where(((ki >= 0) & (ki < n_k)).view(1, n_b, 1, width), kcol, -1)
     allowed, additive = _visible(call, r, qcol, kcol)  # [b, block, row, key, mask_head]

@@ -18,6 +18,7 @@ query of the layer at once without its rows, and answers only what names its key
 (``key_probs``, ``probs_at``, ``mass_in``) or needs the row's entropy. A probe that reads only
 those runs unchanged on either view (``needs`` in ``probes/base.py``).
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -67,7 +68,9 @@ def collate(
     )
 
 
-def same_token_ranges(batch: BatchInfo) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+def same_token_ranges(
+    batch: BatchInfo,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Earlier occurrences of each query's token as a key range in a per-row order: ``(rank,
     lo, hi)`` such that the real keys of row b holding the token of query column q at an earlier
     position are exactly the columns k with ``lo[b, q] <= rank[b, k] < hi[b, q]``.
@@ -166,8 +169,12 @@ class PatternChunk:
         sel = keys[..., : self.n_keys].to(self._exp.dtype).unsqueeze(1)
         return (self._exp * sel).sum(-1) / self._z
 
-    def mass_in(self, lo: Int[Tensor, "batch chunk"], hi: Int[Tensor, "batch chunk"],
-                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head chunk"]:
+    def mass_in(
+        self,
+        lo: Int[Tensor, "batch chunk"],
+        hi: Int[Tensor, "batch chunk"],
+        rank: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch head chunk"]:
         """sum_k A[q, k] over the keys k with ``lo[b, q] <= rank[b, k] < hi[b, q]``: a key range
         per query, in column order by default or in the per-row order ``rank`` gives."""
         r = torch.arange(self.n_keys, device=lo.device) if rank is None else rank[:, None, : self.n_keys]
@@ -192,9 +199,7 @@ class PatternChunk:
         return self.batch.input_ids[:, self._qo + self.q_start : self._qo + self.q_end]
 
 
-def iter_pattern_chunks(
-    call: AttentionCall, batch: BatchInfo, chunk_elements: int = 1 << 22
-) -> Iterator[PatternChunk]:
+def iter_pattern_chunks(call: AttentionCall, batch: BatchInfo, chunk_elements: int = 1 << 22) -> Iterator[PatternChunk]:
     """Yield the layer's attention pattern in chunks of query rows (float32, exact masking,
     :func:`workbench.engine.masking.attention_scores`)."""
     b, h, n_q, _ = call.query.shape

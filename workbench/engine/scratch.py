@@ -19,6 +19,7 @@ Long prompts' buffers are large (Gemma-3 at 32k tokens: ~370 MB) and would raise
 peak, while their page faults cost nothing next to such layers (a fault per 4 kB, ~1 us,
 against seconds of attention).
 """
+
 from __future__ import annotations
 
 import math

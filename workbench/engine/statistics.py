@@ -21,6 +21,7 @@ When the fused kernel computed a layer's output (:mod:`workbench.engine.kernels`
 once, so a probe's reduction is the same code on both. Everything is float32 whatever the model's
 dtype; extra memory stays within the chunk budget.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.engine.call import AttentionCall
-from workbench.engine.masking import NEG, band_mask, grouped_queries, key_products, named_key_mask, product_rows, take_positions
+from workbench.engine.masking import (
+    NEG,
+    band_mask,
+    grouped_queries,
+    key_products,
+    named_key_mask,
+    product_rows,
+    take_positions,
+)
 from workbench.engine.scratch import Scratch
 from workbench.protocol.views import BatchInfo
 
@@ -119,10 +128,14 @@ class LayerPlans:
     """
 
     def __init__(self, most: int = 64) -> None:
-        self.entries: dict[tuple, list[tuple[tuple, Any, Any]]] = {}  # (kind, id(mask), causal, shapes) -> [(args, value, mask)]
+        self.entries: dict[
+            tuple, list[tuple[tuple, Any, Any]]
+        ] = {}  # (kind, id(mask), causal, shapes) -> [(args, value, mask)]
         self.most = most
         self.scratch = Scratch()
-        self.shared_keys: Tensor | None = None  # [batch, 1, n]: the keys probes name for every query alike, in request order
+        self.shared_keys: Tensor | None = (
+            None  # [batch, 1, n]: the keys probes name for every query alike, in request order
+        )
         self._shared_at: list[tuple[Tensor, slice]] = []
 
     def get(self, call: AttentionCall, kind: str, args: tuple, compute: Callable[[], Any]) -> Any:
@@ -167,7 +180,13 @@ def _same(a: tuple, b: tuple) -> bool:
         if x is y:  # probes hand every layer the same index tensors (per_queries): no comparison
             continue
         if isinstance(x, Tensor) or isinstance(y, Tensor):
-            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)):
+            if not (
+                isinstance(x, Tensor)
+                and isinstance(y, Tensor)
+                and x.shape == y.shape
+                and x.dtype == y.dtype
+                and torch.equal(x, y)
+            ):
                 return False
         elif x != y:
             return False
@@ -212,7 +231,9 @@ class _BandPlan:
 class _NarrowKeys(NamedTuple):
     """Ranges of a few keys as named keys (:meth:`LayerStatistics._narrow_mass`)."""
 
-    keys: Tensor | None  # [batch, 1, n] when every row's non-empty ranges are the same (then ``full``), else [batch, query, n]; -1 pads; None: every range is empty
+    keys: (
+        Tensor | None
+    )  # [batch, 1, n] when every row's non-empty ranges are the same (then ``full``), else [batch, query, n]; -1 pads; None: every range is empty
     full: Tensor | None  # [batch, query]: which queries have a range, for [batch, 1, n] keys
 
 
@@ -240,8 +261,9 @@ def band_widths(spans: Int[Tensor, " block"], rows: int, group: int) -> Int[Tens
     return width_of
 
 
-def _compact_order(rank: Int[Tensor, "batch pos"], lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"]
-                   ) -> tuple[Int[Tensor, "batch query"], Int[Tensor, "batch pos"], Int[Tensor, "batch row"], Int[Tensor, "batch row"]]:
+def _compact_order(
+    rank: Int[Tensor, "batch pos"], lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"]
+) -> tuple[Int[Tensor, "batch query"], Int[Tensor, "batch pos"], Int[Tensor, "batch row"], Int[Tensor, "batch row"]]:
     """Key ranges in an order (``lo[b, q] <= rank[b, k] < hi[b, q]``), with what no range needs
     left out: the queries whose range is empty and the keys no range covers (on prose, echo's
     first occurrences and words seen once: most of them). Returns ``(order, key_order, lo, hi)``:
@@ -266,7 +288,9 @@ def _compact_order(rank: Int[Tensor, "batch pos"], lo: Int[Tensor, "batch query"
     return order, key_order, lo.gather(1, order)[:, :n_rows], hi.gather(1, order)[:, :n_rows]
 
 
-def _named_mask(call: AttentionCall, key_index: Tensor, q0: int, q1: int) -> tuple[Float[Tensor, "batch mask_head block n"], Tensor | None]:
+def _named_mask(
+    call: AttentionCall, key_index: Tensor, q0: int, q1: int
+) -> tuple[Float[Tensor, "batch mask_head block n"], Tensor | None]:
     """:func:`~workbench.engine.masking.named_key_mask` with ``allowed`` as float32 0 / 1: :func:`weights`
     multiplies by it every layer, and a boolean factor would be converted every time."""
     allowed, additive = named_key_mask(call, key_index, q0, q1)
@@ -290,12 +314,20 @@ class LayerStatistics:
     ``plans``: the :class:`LayerPlans` of the batch, shared by its layers.
     """
 
-    def __init__(self, call: AttentionCall, batch: BatchInfo, n_visible: Int[Tensor, "batch query"], chunk_elements: int = 1 << 22,
-                 plans: LayerPlans | None = None) -> None:
+    def __init__(
+        self,
+        call: AttentionCall,
+        batch: BatchInfo,
+        n_visible: Int[Tensor, "batch query"],
+        chunk_elements: int = 1 << 22,
+        plans: LayerPlans | None = None,
+    ) -> None:
         if call.lse is None:
             raise ValueError("LayerStatistics needs the kernel's log-sum-exp (call.lse)")
         if call.softcap is not None:
-            raise ValueError("LayerStatistics needs a layer the fused kernel computed exactly: a soft-capped one takes pattern chunks")
+            raise ValueError(
+                "LayerStatistics needs a layer the fused kernel computed exactly: a soft-capped one takes pattern chunks"
+            )
         self.call = call
         self.layer = call.layer
         self.batch = batch
@@ -374,17 +406,25 @@ class LayerStatistics:
         for q0 in range(0, n_q, step):
             q1 = min(n_q, q0 + step)
             block = idx[:, q0:q1] if per_query else idx
-            allowed, additive = self.plans.get(self.call, "named", (block, q0, q1), lambda: _named_mask(self.call, block, q0, q1))
+            allowed, additive = self.plans.get(
+                self.call, "named", (block, q0, q1), lambda: _named_mask(self.call, block, q0, q1)
+            )
             rows = product_rows(self.call, queries, per_query, q0, q1)
             taken = self._buffer("named_keys", (b, n_kv, rows * n if per_query else n, d + 1))
-            s = key_products(self.call, block, q0, q1, queries=queries, keys=keys, key_buffer=taken)  # [b, h, block, n]: (s - lse) log2 e
+            s = key_products(
+                self.call, block, q0, q1, queries=queries, keys=keys, key_buffer=taken
+            )  # [b, h, block, n]: (s - lse) log2 e
             if additive is not None:
                 s.add_(additive, alpha=LOG2E)
             out.append(weights(s, allowed))
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
-    def mass_in(self, lo: Int[Tensor, "batch query"], hi: Int[Tensor, "batch query"],
-                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head query"]:
+    def mass_in(
+        self,
+        lo: Int[Tensor, "batch query"],
+        hi: Int[Tensor, "batch query"],
+        rank: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch head query"]:
         """sum_k A[q, k] over the keys k with ``lo[b, q] <= rank[b, k] < hi[b, q]`` (empty where
         ``hi <= lo``): a key range per query, in column order by default or in the per-row order
         ``rank`` gives (a permutation of each row's columns; queries and keys the same columns).
@@ -410,29 +450,49 @@ class LayerStatistics:
         order, rows, n_blocks = plan.order, plan.rows, plan.n_blocks
         self.plans.scratch.claim(self)
         queries, keys = self._augmented
-        if plan.key_end > keys.shape[2] + BLOCK:  # the last blocks' widths reach past the zero keys after the last: more of them
+        if (
+            plan.key_end > keys.shape[2] + BLOCK
+        ):  # the last blocks' widths reach past the zero keys after the last: more of them
             padded = self._buffer("padded_keys", (b, n_kv, plan.key_end, keys.shape[3]))
             padded[:, :, : keys.shape[2]] = keys
             padded[:, :, keys.shape[2] :] = 0.0
             keys = padded
         elif plan.key_end > keys.shape[2]:  # into the zero keys :meth:`_augmented` keeps after the last (masked)
             keys = keys.as_strided(keys.shape[:2] + (plan.key_end, keys.shape[3]), keys.stride(), keys.storage_offset())
-        qb = queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None  # in an order: gathered per call
+        qb = (
+            queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None
+        )  # in an order: gathered per call
         mass = self.lse.new_zeros(b, n_kv, n_blocks, rows * (h // n_kv))
         for c in plan.calls:
             n_sel, g = c.sel.shape[0], h // n_kv
-            if c.q_cols is not None:  # in an order: every block's queries and keys gathered once, contiguous: one product for all
-                q_all = take_positions(queries, c.q_cols, out=self._buffer("band_queries", (b, n_kv, n_sel * rows) + queries.shape[3:]))
-                k_all = take_positions(keys, c.k_cols, out=self._buffer("band_keys", (b, n_kv, n_sel * c.width, keys.shape[3])))
+            if (
+                c.q_cols is not None
+            ):  # in an order: every block's queries and keys gathered once, contiguous: one product for all
+                q_all = take_positions(
+                    queries, c.q_cols, out=self._buffer("band_queries", (b, n_kv, n_sel * rows) + queries.shape[3:])
+                )
+                k_all = take_positions(
+                    keys, c.k_cols, out=self._buffer("band_keys", (b, n_kv, n_sel * c.width, keys.shape[3]))
+                )
                 scores = self._buffer("band_scores", (b * n_kv * n_sel, rows * g, c.width))
-                torch.bmm(q_all.view(b * n_kv * n_sel, rows * g, -1), k_all.view(b * n_kv * n_sel, c.width, -1).transpose(1, 2), out=scores)
-                blocks = scores.view(b, n_kv, n_sel, rows * g, c.width).add_(c.bias)  # bias: [b, kv | 1, block, row x group, key]
+                torch.bmm(
+                    q_all.view(b * n_kv * n_sel, rows * g, -1),
+                    k_all.view(b * n_kv * n_sel, c.width, -1).transpose(1, 2),
+                    out=scores,
+                )
+                blocks = scores.view(b, n_kv, n_sel, rows * g, c.width).add_(
+                    c.bias
+                )  # bias: [b, kv | 1, block, row x group, key]
                 blocks.clamp_min_(LOG2_MIN).exp2_()
                 mass.index_copy_(2, c.sel, blocks.sum(-1))
                 continue
             scores = self._buffer("band_scores", (n_sel, rows * g, c.width))
-            gathered = None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * g, queries.shape[-1]))
-            for i in range(b):  # in column order the blocks' queries are a view of a slice, their keys a strided view: per row and KV head
+            gathered = (
+                None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * g, queries.shape[-1]))
+            )
+            for i in range(
+                b
+            ):  # in column order the blocks' queries are a view of a slice, their keys a strided view: per row and KV head
                 for j in range(n_kv):
                     if c.q_first is not None:
                         q = qb[i, j, c.q_first : c.q_first + n_sel]
@@ -440,9 +500,13 @@ class LayerStatistics:
                         q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
                     k = keys[i, j]
                     if c.k_first is not None:
-                        k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
+                        k = k[c.k_first :].as_strided(
+                            (n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1)
+                        )
                     else:
-                        k = torch.index_select(k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1])))
+                        k = torch.index_select(
+                            k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1]))
+                        )
                         k = k.view(n_sel, c.width, -1)
                     bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
                     torch.baddbmm(bias, q, k.transpose(1, 2), out=scores)
@@ -519,23 +583,45 @@ class LayerStatistics:
                     if bool(((aligned >= 0) & (aligned <= k0) & (aligned + width >= ends[sel])).all()):
                         k0 = aligned
                 keys_at = (k0.view(-1, 1) + torch.arange(width, device=k0.device)).view(1, -1, 1, width)
-                inside = (keys_at >= lo_b.index_select(1, sel)) & (keys_at < hi_b.index_select(1, sel))  # [b, block, row, key]
-                allowed, additive = band_mask(self.call, sel * rows, rows, k0, width, None if order is None else (order, key_order), keep=inside)
-                bias = torch.where(allowed, 0.0 if additive is None else additive * LOG2E, NEG)  # [b, kv|1, block, row, g|1, key]
+                inside = (keys_at >= lo_b.index_select(1, sel)) & (
+                    keys_at < hi_b.index_select(1, sel)
+                )  # [b, block, row, key]
+                allowed, additive = band_mask(
+                    self.call, sel * rows, rows, k0, width, None if order is None else (order, key_order), keep=inside
+                )
+                bias = torch.where(
+                    allowed, 0.0 if additive is None else additive * LOG2E, NEG
+                )  # [b, kv|1, block, row, g|1, key]
                 bias = bias.expand(-1, -1, -1, -1, h // n_kv, -1).reshape(b, bias.shape[1], sel.shape[0], -1, width)
                 if order is not None:
                     q_at = (sel.view(-1, 1) * rows + torch.arange(rows, device=sel.device)).flatten().clamp(max=n_q - 1)
                     k_at = keys_at.flatten().clamp(0, self.n_keys - 1)
-                    plan.calls.append(_BandCall(sel, width, bias.contiguous(), None, None, None,
-                                                order.gather(1, q_at.expand(b, -1)), key_order.gather(1, k_at.expand(b, -1))))
+                    plan.calls.append(
+                        _BandCall(
+                            sel,
+                            width,
+                            bias.contiguous(),
+                            None,
+                            None,
+                            None,
+                            order.gather(1, q_at.expand(b, -1)),
+                            key_order.gather(1, k_at.expand(b, -1)),
+                        )
+                    )
                     continue
                 consecutive = bool((sel.diff() == 1).all())
                 regular = consecutive and bool((k0.diff() == rows).all())
                 plan.key_end = max(plan.key_end, int(k0.max()) + width)
-                plan.calls.append(_BandCall(
-                    sel, width, bias.contiguous(), int(sel[0]) if consecutive else None, int(k0[0]) if regular else None,
-                    None if regular else keys_at.flatten().clamp(0, self.n_keys - 1),
-                ))
+                plan.calls.append(
+                    _BandCall(
+                        sel,
+                        width,
+                        bias.contiguous(),
+                        int(sel[0]) if consecutive else None,
+                        int(k0[0]) if regular else None,
+                        None if regular else keys_at.flatten().clamp(0, self.n_keys - 1),
+                    )
+                )
         return plan
 
     def _narrow_mass(self, lo: Tensor, hi: Tensor, most: int = 8) -> Tensor | None:
@@ -559,10 +645,15 @@ class LayerStatistics:
         if n == 0:
             return _NarrowKeys(None, None)
         big = self.n_keys + 1
-        same = bool(((torch.where(full, lo, big).amin(1) == torch.where(full, lo, -1).amax(1)) | ~full.any(1)).all()
-                    and ((torch.where(full, hi, big).amin(1) == torch.where(full, hi, -1).amax(1)) | ~full.any(1)).all())
+        same = bool(
+            ((torch.where(full, lo, big).amin(1) == torch.where(full, lo, -1).amax(1)) | ~full.any(1)).all()
+            and ((torch.where(full, hi, big).amin(1) == torch.where(full, hi, -1).amax(1)) | ~full.any(1)).all()
+        )
         if same:  # one range per row: [b, 1, n] keys, named once
-            lo_r, hi_r = torch.where(full, lo, big).amin(1, keepdim=True), torch.where(full, hi, -1).amax(1, keepdim=True)
+            lo_r, hi_r = (
+                torch.where(full, lo, big).amin(1, keepdim=True),
+                torch.where(full, hi, -1).amax(1, keepdim=True),
+            )
             idx = lo_r.unsqueeze(-1) + torch.arange(n, device=lo.device)
             return _NarrowKeys(torch.where(idx < hi_r.unsqueeze(-1), idx, -1), full)
         idx = lo.unsqueeze(-1) + torch.arange(n, device=lo.device)
@@ -582,5 +673,6 @@ class LayerStatistics:
         if name in ("probs", "mass_on", "key_positions", "key_tokens", "n_keys_visible"):
             raise AttributeError(
                 f"LayerStatistics has no {name!r}: it holds no attention rows. A probe that reads "
-                "whole rows declares needs = ('rows',) (probes/base.py) and receives PatternChunks")
+                "whole rows declares needs = ('rows',) (probes/base.py) and receives PatternChunks"
+            )
         raise AttributeError(name)

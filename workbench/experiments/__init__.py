@@ -8,12 +8,18 @@
 ``from workbench.experiments import retrieval_ablation, needle_accuracy, reinforce`` keeps working
 (the functions of the one-module ``workbench.experiments`` of 0.1).
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_FUNCTIONS = {"needle_accuracy": "retrieval_heads", "retrieval_ablation": "retrieval_heads", "reinforce": "vhr", "vhr_heads": "vhr"}
+_FUNCTIONS = {
+    "needle_accuracy": "retrieval_heads",
+    "retrieval_ablation": "retrieval_heads",
+    "reinforce": "vhr",
+    "vhr_heads": "vhr",
+}
 
 
 def __getattr__(name: str) -> Any:

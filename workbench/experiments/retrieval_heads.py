@@ -11,6 +11,7 @@ breaks; mask as many random heads and it does not.
 The result is a tidy table (``metric = needle_accuracy``, ``layer = head = -1``) with the
 columns ``condition`` (none / top / random), ``k``, ``draw`` and ``heads`` (the ablated heads).
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,14 @@ if TYPE_CHECKING:
     from workbench.models.loading import LoadedModel
 
 
-def needle_accuracy(model: LoadedModel, prompts: Sequence[TokenizedPrompt], heads: Sequence[tuple[int, int]], mode: str = "zero",
-                    batch_size: BatchSize = "auto", max_new_tokens: int = 20) -> float:
+def needle_accuracy(
+    model: LoadedModel,
+    prompts: Sequence[TokenizedPrompt],
+    heads: Sequence[tuple[int, int]],
+    mode: str = "zero",
+    batch_size: BatchSize = "auto",
+    max_new_tokens: int = 20,
+) -> float:
     """Share of prompts answered (ROUGE-1 recall > 0.5) with ``heads`` ablated."""
     interventions = [HeadAblation(list(heads), mode)] if heads else []
     probe = get_probe("retrieval", max_new_tokens=max_new_tokens, require_correct=False)
@@ -37,11 +44,23 @@ def needle_accuracy(model: LoadedModel, prompts: Sequence[TokenizedPrompt], head
     return float(result.results["retrieval"].summary["accuracy"])
 
 
-def retrieval_ablation(model: LoadedModel, detect: Sequence[TokenizedPrompt], evaluate: Sequence[TokenizedPrompt], ks: Sequence[int] = (5, 10, 20),
-                       draws: int = 3, threshold: float = 0.1, mode: str = "zero", seed: int = 0, batch_size: BatchSize = "auto",
-                       max_new_tokens: int = 20, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+def retrieval_ablation(
+    model: LoadedModel,
+    detect: Sequence[TokenizedPrompt],
+    evaluate: Sequence[TokenizedPrompt],
+    ks: Sequence[int] = (5, 10, 20),
+    draws: int = 3,
+    threshold: float = 0.1,
+    mode: str = "zero",
+    seed: int = 0,
+    batch_size: BatchSize = "auto",
+    max_new_tokens: int = 20,
+    log=print,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Returns (retrieval scores per head, needle accuracy per condition)."""
-    detection = run_probes(model, detect, [get_probe("retrieval", max_new_tokens=max_new_tokens)], batch_size=batch_size, progress=False)
+    detection = run_probes(
+        model, detect, [get_probe("retrieval", max_new_tokens=max_new_tokens)], batch_size=batch_size, progress=False
+    )
     scores = detection.table
     ranked = scores.fillna({"value": -1.0}).sort_values("value", ascending=False)
     order = [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
@@ -51,12 +70,22 @@ def retrieval_ablation(model: LoadedModel, detect: Sequence[TokenizedPrompt], ev
 
     def record(condition: str, k: int, draw: int, heads: list[tuple[int, int]]) -> None:
         acc = needle_accuracy(model, evaluate, heads, mode, batch_size, max_new_tokens)
-        rows.append({"condition": condition, "k": k, "draw": draw, "heads": ",".join(f"{l}.{h}" for l, h in heads),
-                     "value": acc, "n": len(evaluate)})
+        rows.append(
+            {
+                "condition": condition,
+                "k": k,
+                "draw": draw,
+                "heads": ",".join(f"{l}.{h}" for l, h in heads),
+                "value": acc,
+                "n": len(evaluate),
+            }
+        )
         log(f"  {condition:6s} k={k:<3d} draw={draw}: needle accuracy {acc:.0%}")
 
-    log(f"detection: {detection.results['retrieval'].summary['n_counted']}/{len(detect)} prompts answered; "
-        f"{sum(v > threshold for v in value.values())} heads score above {threshold}")
+    log(
+        f"detection: {detection.results['retrieval'].summary['n_counted']}/{len(detect)} prompts answered; "
+        f"{sum(v > threshold for v in value.values())} heads score above {threshold}"
+    )
     record("none", 0, 0, [])
     for k in ks:
         top = order[:k]

@@ -6,6 +6,7 @@ heads whose divergence is above the layer's median, as in the paper); :func:`rei
 each item greedily without and with those heads scaled by ``alpha``
 (:class:`workbench.engine.interventions.HeadScaling`).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
@@ -46,8 +47,19 @@ def reinforce(
     answers, rows = [], []
     for p, a, b in zip(pairs, base, scaled):
         answers.append({"item": p.id, "baseline": tok.decode(a), "reinforced": tok.decode(b), "changed": a != b})
-        rows.append({"probe": "vhr", "metric": "answer_changed", "layer": -1, "head": -1, "value": float(a != b), "n": 1,
-                     "item": p.id, "step": 0, "token": tok.decode(b)})
+        rows.append(
+            {
+                "probe": "vhr",
+                "metric": "answer_changed",
+                "layer": -1,
+                "head": -1,
+                "value": float(a != b),
+                "n": 1,
+                "item": p.id,
+                "step": 0,
+                "token": tok.decode(b),
+            }
+        )
     return pd.DataFrame(rows), answers
 
 
@@ -58,7 +70,10 @@ def default_vhr_layers(n_layers: int) -> list[int]:
 
 
 def vhr_heads(
-    table, layers: Sequence[int] | None = None, metric: str = "vhd", attention_metric: str = "image_attention",
+    table,
+    layers: Sequence[int] | None = None,
+    metric: str = "vhd",
+    attention_metric: str = "image_attention",
     set_aside: bool = True,
 ) -> list[tuple[int, int]]:
     """The heads VHR reinforces, from a probe table with per-head ``vhd`` (and ``image_attention``).
@@ -71,7 +86,9 @@ def vhr_heads(
 
     df = table[(table["metric"] == metric) & (table["layer"] >= 0)]
     if df.empty:
-        raise WorkbenchError(f"the table has no per-head {metric!r} rows", "run the vhd (or context) probe first and pass its table")
+        raise WorkbenchError(
+            f"the table has no per-head {metric!r} rows", "run the vhd (or context) probe first and pass its table"
+        )
     n_layers = int(df["layer"].max()) + 1
     layers = list(layers) if layers is not None else default_vhr_layers(n_layers)
     df = df[df["layer"].isin(layers)].groupby(["layer", "head"], as_index=False)["value"].mean()

@@ -9,6 +9,7 @@ give: the existing file's mode when overwriting, else ``0o666 & ~umask``.
 Outputs that may be fsspec URLs (run folders, reports, single results files) go through
 :mod:`workbench.files.targets`, which uses :func:`atomic_write` for local paths and ``file://`` URLs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,8 @@ from typing import BinaryIO, Callable, Iterator
 from workbench.errors import WorkbenchError
 
 _umask_lock = threading.Lock()
+
+
 def current_umask() -> int:
     """The process umask, read without changing it (Linux: ``/proc/self/status``); elsewhere it
     is set and put back at once, under a lock, as no call reads it without setting it."""
@@ -82,7 +85,9 @@ def _replacing(path: Path) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise WorkbenchError(f"cannot write {path}: {exc.strerror or exc}", "free some space or choose another output path") from None
+            raise WorkbenchError(
+                f"cannot write {path}: {exc.strerror or exc}", "free some space or choose another output path"
+            ) from None
         raise
     _fsync_dir(path.parent)
 

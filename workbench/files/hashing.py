@@ -3,6 +3,7 @@ builds, activation-store shards, run-folder parts).
 
 Read in 1 MiB blocks, so a multi-GB shard or GGUF never sits in memory.
 """
+
 from __future__ import annotations
 
 import hashlib

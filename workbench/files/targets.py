@@ -21,6 +21,7 @@ How a URL write stays atomic depends on the file system behind it (:func:`write_
 A move on an object store is a copy and a delete (:func:`move`); the run folder records in its
 ``run.json`` what it moved where.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,12 +73,16 @@ def filesystem(url: str) -> tuple[Any, str]:
         module = str(known_implementations.get(protocol, {}).get("class", "")).split(".")[0]
         named = re.search(r"\"([A-Za-z0-9_.-]+)\"|install ([A-Za-z0-9_.-]+)", str(exc), re.I)
         package = module if module and module != "fsspec" else (named and (named.group(1) or named.group(2)))
-        raise WorkbenchError(f"{url!r}: {protocol}:// URLs need a package that is not installed ({exc})",
-                             f"pip install {package}" if package else "install the fsspec implementation for this protocol") from None
+        raise WorkbenchError(
+            f"{url!r}: {protocol}:// URLs need a package that is not installed ({exc})",
+            f"pip install {package}" if package else "install the fsspec implementation for this protocol",
+        ) from None
     except ValueError as exc:
         if "protocol not known" in str(exc).lower():
-            raise WorkbenchError(f"{url!r}: unknown URL protocol {protocol!r}",
-                                 "give a local path, or a URL fsspec knows (s3://, gs://, az://, file://, ...)") from None
+            raise WorkbenchError(
+                f"{url!r}: unknown URL protocol {protocol!r}",
+                "give a local path, or a URL fsspec knows (s3://, gs://, az://, file://, ...)",
+            ) from None
         raise WorkbenchError(f"{url!r} is not a usable URL: {exc}", "check the URL") from None
 
 
@@ -176,7 +181,11 @@ def list_names(folder: Target, suffix: str) -> list[str]:
     fs, path = _fresh(str(folder))
     if not fs.isdir(path):
         return []
-    return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*{suffix}")) if n.endswith(suffix))
+    return sorted(
+        n
+        for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*{suffix}"))
+        if n.endswith(suffix)
+    )
 
 
 def glob(base: Target, pattern: str) -> list[Target]:
@@ -185,7 +194,11 @@ def glob(base: Target, pattern: str) -> list[Target]:
         return sorted(Path(base).glob(pattern))
     fs, path = _fresh(str(base))
     root = path.rstrip("/")
-    return [join(base, *p[len(root) + 1:].split("/")) for p in sorted(fs.glob(f"{root}/{pattern}")) if p.startswith(root + "/")]
+    return [
+        join(base, *p[len(root) + 1 :].split("/"))
+        for p in sorted(fs.glob(f"{root}/{pattern}"))
+        if p.startswith(root + "/")
+    ]
 
 
 @contextlib.contextmanager
@@ -221,8 +234,10 @@ def sha256(target: Target) -> str:
 
 def _fs_error(what: str, target: Target, exc: BaseException) -> WorkbenchError:
     detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return WorkbenchError(f"cannot {what} {target}: {detail}",
-                          "check the URL, your credentials (fsspec reads them from the environment and its config) and that the bucket exists")
+    return WorkbenchError(
+        f"cannot {what} {target}: {detail}",
+        "check the URL, your credentials (fsspec reads them from the environment and its config) and that the bucket exists",
+    )
 
 
 def write_file(target: Target, write: Callable[[IO[bytes]], object]) -> Target:

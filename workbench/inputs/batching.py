@@ -7,6 +7,7 @@ unless given. The extraction engine, the decoding engine and the divergence engi
 with :func:`plan_batches`; an out-of-memory batch is then halved by
 :func:`workbench.models.device.run_halving_on_oom`.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Sequence, Union
@@ -40,7 +41,9 @@ def batch_token_budget(device: torch.device | str, max_tokens: int | None = None
     """The padded-token budget of an ``"auto"`` batch on ``device``."""
     if max_tokens is not None:
         if int(max_tokens) < 1:
-            raise WorkbenchError(f"the batch token budget must be at least 1, got {max_tokens}", "give a positive number of tokens")
+            raise WorkbenchError(
+                f"the batch token budget must be at least 1, got {max_tokens}", "give a positive number of tokens"
+            )
         return int(max_tokens)
     return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_BATCH_TOKENS["cpu"])
 
@@ -58,5 +61,8 @@ def plan_batches(lengths: Sequence[int], batch_size: BatchSize, max_tokens: int)
                 batches.append([i])
         return batches
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise WorkbenchError(f"batch size must be a whole number of at least 1 or 'auto', got {batch_size!r}", "use --batch-size N or auto")
+        raise WorkbenchError(
+            f"batch size must be a whole number of at least 1 or 'auto', got {batch_size!r}",
+            "use --batch-size N or auto",
+        )
     return [order[j : j + batch_size] for j in range(0, len(order), batch_size)]

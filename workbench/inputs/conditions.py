@@ -20,6 +20,7 @@ Items are ordinary prompts-JSONL lines (:mod:`workbench.inputs.prompts`) with ex
   ``"target_memory"`` (the answer the passage implies and the one the model knows). The
   conditioned prompt is ``context + separator + text``; the counterfactual is ``text`` alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
             f"write the text like 'USER: {placeholder}\\nWhat is in the image? ASSISTANT:'",
         )
     if "image" not in item.meta:
-        raise WorkbenchError(f"item {item.id!r} has no 'image' field", "add \"image\": \"path/to/file.png\" to each line")
+        raise WorkbenchError(f"item {item.id!r} has no 'image' field", 'add "image": "path/to/file.png" to each line')
     _refuse_far_too_long(model.processor.tokenizer, item.id, text, model.n_ctx)
     root = Path(root) if root is not None else Path(".")
     image = load_image(root / str(item.meta["image"]))
@@ -186,7 +187,7 @@ def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
         raise WorkbenchError(f"item {item.id!r} has no text", "give each item a 'text' (the question)")
     context = item.meta.get("context")
     if not isinstance(context, str) or not context.strip():
-        raise WorkbenchError(f"item {item.id!r} has no 'context' passage", "add \"context\": \"...\" to each line")
+        raise WorkbenchError(f"item {item.id!r} has no 'context' passage", 'add "context": "..." to each line')
     tok = model.tokenizer
     prefix = context + separator
     _refuse_far_too_long(tok, item.id, prefix + item.text, model.n_ctx)
@@ -198,7 +199,9 @@ def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
     # (a BOS, or, in models that prepend none such as SmolLM2, the passage's first word), so
     # counting it would credit sink heads with reading the passage.
     mask = [0 < i < n_prefix for i in range(len(cond_ids))]
-    return ConditionPair(item.id, Condition(cond_ids, {}, mask), Condition(base_ids, {}, [False] * len(base_ids)), dict(item.meta))
+    return ConditionPair(
+        item.id, Condition(cond_ids, {}, mask), Condition(base_ids, {}, [False] * len(base_ids)), dict(item.meta)
+    )
 
 
 def check_lengths(pairs: list[ConditionPair], n_ctx: int, extra: int = 0) -> None:

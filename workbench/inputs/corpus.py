@@ -6,6 +6,7 @@ it. The ``prose`` dataset cuts passages from it, needle-in-a-haystack prompts us
 and tiny test models train their word-level tokenizer on it. It ships inside the wheel, so a
 normal (non-editable) install has it.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,6 +23,9 @@ CORPUS = Path(__file__).with_name("prose.jsonl.gz")
 def load_documents() -> list[dict]:
     """Every document of the corpus, in file order."""
     if not CORPUS.is_file():
-        raise WorkbenchError(f"the prose corpus is missing ({CORPUS})", "reinstall the package: pip install --force-reinstall attention-head-workbench")
+        raise WorkbenchError(
+            f"the prose corpus is missing ({CORPUS})",
+            "reinstall the package: pip install --force-reinstall attention-head-workbench",
+        )
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -8,6 +8,7 @@ other fields are kept in ``Prompt.meta`` (datasets put spans and answers there).
 
 Every problem is reported with the file, line and prompt id, before any model runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,12 +65,16 @@ def read_lines(path: Path, what: str) -> list[str]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise WorkbenchError(f"cannot read {what} file {path}: {exc.strerror or exc}", "check the path and its permissions") from None
+        raise WorkbenchError(
+            f"cannot read {what} file {path}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from None
     try:
         return raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         lineno = raw.count(b"\n", 0, exc.start) + 1
-        raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x})", f"save the {what} file as UTF-8 JSON lines") from None
+        raise WorkbenchError(
+            f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x})", f"save the {what} file as UTF-8 JSON lines"
+        ) from None
 
 
 def json_kind(value: Any) -> str:
@@ -123,11 +128,15 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 def _prompt_from_obj(obj: Any, where: str) -> Prompt:
     if not isinstance(obj, dict):
-        raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}", 'use {"id": ..., "text": ...}')
+        raise WorkbenchError(
+            f"{where}: expected a JSON object, got {type(obj).__name__}", 'use {"id": ..., "text": ...}'
+        )
     if "id" not in obj:
         raise WorkbenchError(f"{where}: missing field 'id'", "every prompt needs an id")
     if isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
-        raise WorkbenchError(f"{where}: 'id' must be a string or an integer, got {json_kind(obj['id'])}", 'e.g. "id": "p1"')
+        raise WorkbenchError(
+            f"{where}: 'id' must be a string or an integer, got {json_kind(obj['id'])}", 'e.g. "id": "p1"'
+        )
     pid = str(obj["id"])
     has_text, has_tokens = "text" in obj, "tokens" in obj
     if has_text == has_tokens:

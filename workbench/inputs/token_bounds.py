@@ -22,6 +22,7 @@ tokenizing the text. Two bounds, each used only where its premise holds for the 
 
 Both are computed once per tokenizer object (cached) and only for texts longer than the context.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -71,7 +72,9 @@ def _bounds(tokenizer: Any) -> _Bounds:
     specials = tuple(sorted({str(getattr(a, "content", a)) for a in added} - {""}))
     stripping = tuple(str(a.content) for a in added if getattr(a, "lstrip", False) or getattr(a, "rstrip", False))
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    max_bytes = max([len(str(t).encode("utf-8")) for t in vocab if t is not None] + [len(s.encode("utf-8")) for s in specials] + [1])
+    max_bytes = max(
+        [len(str(t).encode("utf-8")) for t in vocab if t is not None] + [len(s.encode("utf-8")) for s in specials] + [1]
+    )
     lossless = _round_trips(tokenizer)
     model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
     kind = type(model).__name__
@@ -125,9 +128,9 @@ def _pretoken_bound(tokenizer: Any, text: str, enough: int, b: _Bounds) -> int:
     reach = max((len(sp) for sp in b.specials), default=0)  # a special token straddling a cut is seen
     total = 0
     for start in range(0, len(text), step):
-        if any(sp in text[start: start + step + reach] for sp in b.specials):
+        if any(sp in text[start : start + step + reach] for sp in b.specials):
             return 0
-        n = _pretokens(tokenizer, text[start: start + step])
+        n = _pretokens(tokenizer, text[start : start + step])
         if n is None:
             return 0
         total += n if len(text) <= step else max(0, n - 2 * _SLACK)

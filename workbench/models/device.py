@@ -5,6 +5,7 @@
 whatever the model's dtype, so lower precision only affects the forward pass itself.
 Out-of-memory back-off (:func:`run_halving_on_oom`) is shared by every batched engine.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -48,9 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise WorkbenchError(
-            f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16"
-        ) from None
+        raise WorkbenchError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16") from None
 
 
 def is_oom(exc: BaseException) -> bool:

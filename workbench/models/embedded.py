@@ -26,6 +26,7 @@ The folder is written to a temporary sibling and renamed into place only when co
 the wrong size (a killed build, a truncated copy, a full disk) is detected on every load and
 rebuilt rather than loaded; ``verify_folder(full=True)`` also checks the hashes.
 """
+
 from __future__ import annotations
 
 import importlib

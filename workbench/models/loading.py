@@ -33,6 +33,7 @@ Nothing here installs packages at run time: TransformerLens 4.3 pip-installs tor
 a multimodal processor fails to load, which can replace torch with a multi-GB CUDA build; we
 disable that hook before every boot.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,11 @@ from workbench.models import embedded
 from workbench.models.device import resolve_device, resolve_dtype
 
 TINY_NAMES = {
-    "tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-gemma3-text": "gemma3_text", "tiny-llava": "llava", "tiny-gemma3": "gemma3",
+    "tiny-llama": "llama",
+    "tiny-gpt2": "gpt2",
+    "tiny-gemma3-text": "gemma3_text",
+    "tiny-llava": "llava",
+    "tiny-gemma3": "gemma3",
 }
 KNOWN_MODELS: dict[str, str] = {
     **{name: spec.summary for name, spec in embedded.EMBEDDED.items()},
@@ -60,7 +65,14 @@ KNOWN_MODELS: dict[str, str] = {
     "tiny-gemma3": "random tiny Gemma 3 multimodal (SigLIP tower) with a real Gemma3Processor, for tests",
 }
 # where a config keeps its context length, in the order TransformerLens' bridge looks
-_CTX_FIELDS = ("n_positions", "max_position_embeddings", "max_context_length", "max_length", "seq_length", "max_sequence_length")
+_CTX_FIELDS = (
+    "n_positions",
+    "max_position_embeddings",
+    "max_context_length",
+    "max_length",
+    "seq_length",
+    "max_sequence_length",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -89,14 +101,15 @@ def _no_runtime_installs() -> None:
     tl_source.load_modality_processor = lambda *args, **kwargs: None
 
 
-
 def _first(cfg: Any, *names: str) -> Any:
     """The first of ``names`` that ``cfg`` sets (not None)."""
     for n in names:
         v = getattr(cfg, n, None)
         if v is not None:
             return v
-    raise WorkbenchError(f"{type(cfg).__name__} has none of {', '.join(names)}", "load a model whose config names its shape")
+    raise WorkbenchError(
+        f"{type(cfg).__name__} has none of {', '.join(names)}", "load a model whose config names its shape"
+    )
 
 
 @dataclass
@@ -228,8 +241,10 @@ def model_identity(name: str) -> dict:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise WorkbenchError(f"{name} is not a Hugging Face model folder (no config.json in it)",
-                                 "point the model at a folder written by save_pretrained")
+            raise WorkbenchError(
+                f"{name} is not a Hugging Face model folder (no config.json in it)",
+                "point the model at a folder written by save_pretrained",
+            )
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
             if not f.is_file():
@@ -290,7 +305,11 @@ def _from_pretrained(loader: Any, source: str, kind: str, what: str, **kwargs: A
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors ...
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if kind == "hub":
-            why = f"the hub is unreachable ({offline}) and it is not in the local hub cache" if offline else f"the Hugging Face hub could not provide its {what} ({type(exc).__name__}: {cause})"
+            why = (
+                f"the hub is unreachable ({offline}) and it is not in the local hub cache"
+                if offline
+                else f"the Hugging Face hub could not provide its {what} ({type(exc).__name__}: {cause})"
+            )
             raise WorkbenchError(
                 f"unknown model {source!r}: not a known name or local folder, and {why}",
                 f"check the id and your network (HF_HUB_OFFLINE, HF_TOKEN), pass a local folder, "
@@ -345,7 +364,11 @@ def load_model(
             processor = _from_pretrained(AutoProcessor, source, kind, "processor", backend="pil")
         hf = _from_pretrained(
             AutoModelForImageTextToText if multimodal else AutoModelForCausalLM,
-            source, kind, "weights", dtype=dt, attn_implementation="eager",
+            source,
+            kind,
+            "weights",
+            dtype=dt,
+            attn_implementation="eager",
         )
     finally:
         if bars:
@@ -368,8 +391,13 @@ def _boot_bridge(model: LoadedModel) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(model.source, hf_model=model.hf_model, tokenizer=_for_bridge(model.tokenizer),
-                                                         device=model.device, dtype=model.dtype)
+            bridge = TransformerBridge.boot_transformers(
+                model.source,
+                hf_model=model.hf_model,
+                tokenizer=_for_bridge(model.tokenizer),
+                device=model.device,
+                dtype=model.dtype,
+            )
     except Exception as exc:
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkbenchError(

@@ -21,6 +21,7 @@ in the cache on first use.
 The VLM processors use the PIL image backend, as :func:`workbench.models.loading.load_model` does for
 every VLM (no torchvision needed; the same pixels on every machine).
 """
+
 from __future__ import annotations
 
 import os
@@ -139,18 +140,31 @@ def tiny_vlm(arch: str, vocab_size: int = 512, n_ctx: int = 256):
 
         text = tiny_config("llama", vocab_size=n_vocab, n_ctx=n_ctx)
         vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
         )
         cfg = LlavaConfig(
-            vision_config=vision, text_config=text, image_token_index=ids["image_token"],
-            vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=1,
+            vision_config=vision,
+            text_config=text,
+            image_token_index=ids["image_token"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=1,
         )
         model = LlavaForConditionalGeneration(cfg)
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=8,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            image_token="<image>",
         )
         return model, processor
     if arch == "gemma3":
@@ -158,16 +172,35 @@ def tiny_vlm(arch: str, vocab_size: int = 512, n_ctx: int = 256):
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
         text = Gemma3TextConfig(
-            vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=n_ctx,
-            sliding_window=12, query_pre_attn_scalar=16, bos_token_id=2, eos_token_id=3, pad_token_id=1,
+            vocab_size=n_vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=n_ctx,
+            sliding_window=12,
+            query_pre_attn_scalar=16,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
         )
         vision = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         )
         cfg = Gemma3Config(
-            text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids["boi_token"],
-            eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"],
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            boi_token_index=ids["boi_token"],
+            eoi_token_index=ids["eoi_token"],
+            image_token_index=ids["image_token"],
         )
         model = Gemma3ForConditionalGeneration(cfg)
         processor = Gemma3Processor(

@@ -14,18 +14,32 @@
 This package imports nothing of the engine, the run folders or the report (a test checks it).
 Its names load lazily: ``workbench probes`` and option validation do not pay for torch.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _WHERE = {
-    "Probe": "probes", "PatternProbe": "probes", "TokenProbe": "probes", "ItemProbe": "probes",
-    "DivergenceProbe": "probes", "NoParams": "probes", "Need": "probes",
-    "BatchInfo": "views", "PatternView": "views",
-    "MetricInfo": "metrics", "KINDS": "metrics", "Role": "roles",
-    "ProbeResult": "table", "COLUMNS": "table", "ITEM_COLUMNS": "table", "head_rows": "table", "tidy": "table",
-    "Options": "params", "RunContext": "run_context",
+    "Probe": "probes",
+    "PatternProbe": "probes",
+    "TokenProbe": "probes",
+    "ItemProbe": "probes",
+    "DivergenceProbe": "probes",
+    "NoParams": "probes",
+    "Need": "probes",
+    "BatchInfo": "views",
+    "PatternView": "views",
+    "MetricInfo": "metrics",
+    "KINDS": "metrics",
+    "Role": "roles",
+    "ProbeResult": "table",
+    "COLUMNS": "table",
+    "ITEM_COLUMNS": "table",
+    "head_rows": "table",
+    "tidy": "table",
+    "Options": "params",
+    "RunContext": "run_context",
 }
 __all__ = sorted(_WHERE)
 

@@ -14,6 +14,7 @@ Every metric has a *kind* (one of :data:`KINDS`), which decides its colour scale
 A probe declares ``metric_info = {name: MetricInfo(...)}``; :mod:`workbench.report.kinds` answers
 for any metric name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ one :class:`~workbench.errors.WorkbenchError`::
     sink.epsilon: must be <= 1, got 5
     sink: unknown parameter 'bogus' (known: epsilon)
 """
+
 from __future__ import annotations
 
 import json
@@ -135,8 +136,14 @@ def _where(what: str, loc: tuple) -> str:
 
 
 _TYPE_WORDS = {
-    "int": "a whole number", "float": "a number", "bool": "true or false", "string": "a string",
-    "list": "a list", "tuple": "a list", "dict": "a table", "literal": "one of the choices",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "tuple": "a list",
+    "dict": "a table",
+    "literal": "one of the choices",
 }
 
 
@@ -181,7 +188,12 @@ def _message(err: dict, schema: type[BaseModel], what: str, noun: str) -> str:
         return f"{where}: must be a finite number, got {got}"
     if kind == "int_from_float":
         return f"{where}: expected a whole number, got {got}"
-    bounds = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"), "greater_than": (">", "gt"), "less_than": ("<", "lt")}
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "less_than_equal": ("<=", "le"),
+        "greater_than": (">", "gt"),
+        "less_than": ("<", "lt"),
+    }
     if kind in bounds:
         op, key = bounds[kind]
         limit = ctx.get(key)
@@ -208,13 +220,17 @@ def describe_options(schema: type[BaseModel]) -> str:
     return ", ".join(parts) or "none"
 
 
-def validate_options(schema: type[M], values: dict[str, Any], what: str, fix: str | None = None, noun: str = "parameter") -> M:
+def validate_options(
+    schema: type[M], values: dict[str, Any], what: str, fix: str | None = None, noun: str = "parameter"
+) -> M:
     """``schema(**values)``, or a :class:`WorkbenchError` naming ``what.option``, the problem and
     the value given (the first problem only). A field may carry its own fix as
     ``Field(json_schema_extra={"fix": "..."})``; else the fix lists the valid options."""
     if not isinstance(values, dict):
-        raise WorkbenchError(f"{what} must be a table of name = value pairs, got {_show(values)}",
-                             fix or f"{what} options: {describe_options(schema)}")
+        raise WorkbenchError(
+            f"{what} must be a table of name = value pairs, got {_show(values)}",
+            fix or f"{what} options: {describe_options(schema)}",
+        )
     try:
         return schema(**values)
     except ValidationError as exc:

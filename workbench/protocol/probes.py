@@ -44,6 +44,7 @@ on names needs an edit. Minimal pattern probe (mean attention to the previous to
 
 Metric definitions: ``docs/metrics.md`` (the docs site's metrics page).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -102,7 +103,9 @@ class Probe(ABC):
         """Tidy rows for one ``[layer, head]`` metric tensor."""
         return head_rows(metric, value, n)
 
-    def finish(self, table: pd.DataFrame, summary: dict[str, Any] | None = None, lines: Sequence[str] = ()) -> ProbeResult:
+    def finish(
+        self, table: pd.DataFrame, summary: dict[str, Any] | None = None, lines: Sequence[str] = ()
+    ) -> ProbeResult:
         """The probe's result: ``table`` with the ``probe`` column in front."""
         table = table.copy()
         table.insert(0, "probe", self.name)

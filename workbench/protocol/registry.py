@@ -13,6 +13,7 @@ so a probe defined in another installed package appears in ``workbench probes``,
 A plugin that fails to import does not break the others: its error is kept and raised, with
 the plugin named, only when that probe is asked for.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -62,7 +63,9 @@ def _load() -> dict[str, Any]:
         where = f"{ep.value} (from {dist})"
         if ep.name in found:  # the same distribution may be visible twice (e.g. an editable install's metadata)
             if dists[ep.name] != dist:
-                found[ep.name] = _Broken(ep.name, where, f"probe {ep.name!r} is registered twice: by {dists[ep.name]} and by {dist}")
+                found[ep.name] = _Broken(
+                    ep.name, where, f"probe {ep.name!r} is registered twice: by {dists[ep.name]} and by {dist}"
+                )
             continue
         try:
             cls = ep.load()
@@ -71,11 +74,15 @@ def _load() -> dict[str, Any]:
             continue
         problem = _check(ep.name, cls, where)
         found[ep.name], dists[ep.name] = (_Broken(ep.name, where, problem) if problem else cls), dist
-    return dict(sorted(found.items(), key=lambda kv: (kv[0] not in _BUILTIN_ORDER, _BUILTIN_ORDER.get(kv[0], 0), kv[0])))
+    return dict(
+        sorted(found.items(), key=lambda kv: (kv[0] not in _BUILTIN_ORDER, _BUILTIN_ORDER.get(kv[0], 0), kv[0]))
+    )
 
 
 # the order `workbench probes` lists the built-ins in (pattern probes first); plugins follow by name
-_BUILTIN_ORDER = {n: i for i, n in enumerate(["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"])}
+_BUILTIN_ORDER = {
+    n: i for i, n in enumerate(["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"])
+}
 
 
 def refresh() -> None:
@@ -103,8 +110,10 @@ def probe_class(name: str) -> type:
     found = _load()
     entry = found.get(name)
     if isinstance(entry, _Broken):
-        raise WorkbenchError(f"probe {name!r} is registered but cannot be loaded: {entry.where}: {entry.reason}",
-                             "fix or reinstall the package that provides it")
+        raise WorkbenchError(
+            f"probe {name!r} is registered but cannot be loaded: {entry.where}: {entry.reason}",
+            "fix or reinstall the package that provides it",
+        )
     if entry is None:
         names = ", ".join(probe_classes())
         raise WorkbenchError(f"unknown probe {name!r}", f"choose from: {names} (see `workbench probes`)")

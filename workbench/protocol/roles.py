@@ -3,6 +3,7 @@
 A probe lists ``roles = (Role(...), ...)``; :func:`workbench.report.atlas.atlas` gives a head every
 role whose rule its scores pass.
 """
+
 from __future__ import annotations
 
 import math

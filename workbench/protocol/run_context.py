@@ -7,6 +7,7 @@ budget of the pattern engine and its attention path (``"auto"``: each pattern pr
 cheapest view that answers what it reads; ``"chunks"``: every probe reads full pattern chunks,
 the exact reference path), and the folder that relative file paths in items start from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

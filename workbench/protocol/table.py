@@ -5,6 +5,7 @@ with the value and ``n``, the number of items averaged. :class:`ProbeResult` is 
 kind returns; :func:`head_rows` turns a ``[layer, head]`` tensor into rows and :func:`tidy` adds
 the run's identity columns. Writing and reading the table on disk is :mod:`workbench.runs.parquet`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,4 +71,8 @@ def tidy(df: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:
 def top_heads(df: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     """The ``k`` highest-valued heads for each (probe, metric); per-item rows (layer -1) are not heads."""
     ranked = df[df["layer"] >= 0].dropna(subset=["value"]).sort_values("value", ascending=False)
-    return ranked.groupby(["probe", "metric"], sort=False).head(k).sort_values(["probe", "metric", "value"], ascending=[True, True, False])
+    return (
+        ranked.groupby(["probe", "metric"], sort=False)
+        .head(k)
+        .sort_values(["probe", "metric", "value"], ascending=[True, True, False])
+    )

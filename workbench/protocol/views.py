@@ -8,6 +8,7 @@ statistics for every query at once (:class:`workbench.engine.statistics.LayerSta
 rows: only what names its keys or needs the row's entropy). This module declares the shapes; the
 engine implements them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,5 +60,9 @@ class PatternView(Protocol):
 
     def probs_at(self, key_index: Tensor) -> Tensor: ...
 
-    def mass_in(self, lo: Int[Tensor, "batch chunk"], hi: Int[Tensor, "batch chunk"],
-                rank: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head chunk"]: ...
+    def mass_in(
+        self,
+        lo: Int[Tensor, "batch chunk"],
+        hi: Int[Tensor, "batch chunk"],
+        rank: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch head chunk"]: ...

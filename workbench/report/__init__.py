@@ -8,6 +8,7 @@
 - :mod:`~workbench.report.kinds` and :mod:`~workbench.report.definitions`: how each metric is
   drawn and where its definition is (``metrics.md``, shipped in this package).
 """
+
 from __future__ import annotations
 
 from typing import Any

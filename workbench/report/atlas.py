@@ -21,6 +21,7 @@ role off); keys are role names or metric names (a metric name sets every role it
 ``context_direct_effect=0.5`` sets context and memory). ``parse_thresholds("sink=0.6,echo=off")``
 reads the command-line form.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,10 @@ def roles_with(thresholds: Mapping[str, float | None] | None = None) -> list[Rol
     known = set(role_names) | {r.metric for r in all_roles}
     unknown = sorted(k for k in thresholds if _norm(k) not in known)
     if unknown:
-        raise WorkbenchError(f"unknown role or metric {unknown[0]!r} in role thresholds",
-                             f"roles: {', '.join(role_names)}; or a metric: {', '.join(dict.fromkeys(r.metric for r in all_roles))}")
+        raise WorkbenchError(
+            f"unknown role or metric {unknown[0]!r} in role thresholds",
+            f"roles: {', '.join(role_names)}; or a metric: {', '.join(dict.fromkeys(r.metric for r in all_roles))}",
+        )
     norm = {_norm(k): v for k, v in thresholds.items()}
     out = []
     for r in all_roles:
@@ -85,7 +88,9 @@ def roles_with(thresholds: Mapping[str, float | None] | None = None) -> list[Rol
         if t is None:
             continue
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise WorkbenchError(f"threshold for {key!r} must be a number >= 0, not {t!r}", f"e.g. {key}=0.5, or {key}=off")
+            raise WorkbenchError(
+                f"threshold for {key!r} must be a number >= 0, not {t!r}", f"e.g. {key}=0.5, or {key}=off"
+            )
         out.append(replace(r, threshold=float(t)))
     return out
 
@@ -103,7 +108,10 @@ def parse_thresholds(spec: str | None) -> dict[str, float | None]:
             continue
         key, sep, raw = item.partition("=")
         if not sep or not key.strip() or not raw.strip():
-            raise WorkbenchError(f"bad role threshold {item.strip()!r}", "write ROLE=VALUE pairs, e.g. --roles sink=0.6,induction=0.4,echo=off")
+            raise WorkbenchError(
+                f"bad role threshold {item.strip()!r}",
+                "write ROLE=VALUE pairs, e.g. --roles sink=0.6,induction=0.4,echo=off",
+            )
         raw = raw.strip().lower()
         if raw in ("off", "none"):
             out[key.strip()] = None
@@ -111,7 +119,9 @@ def parse_thresholds(spec: str | None) -> dict[str, float | None]:
         try:
             out[key.strip()] = float(raw)
         except ValueError:
-            raise WorkbenchError(f"threshold {raw!r} for {key.strip()!r} is not a number", "e.g. sink=0.6, or sink=off to hide the role") from None
+            raise WorkbenchError(
+                f"threshold {raw!r} for {key.strip()!r} is not a number", "e.g. sink=0.6, or sink=off to hide the role"
+            ) from None
     roles_with(out)  # validates names and values
     return out
 
@@ -128,13 +138,20 @@ def head_scores(table: pd.DataFrame) -> pd.DataFrame:
     if heads.empty:
         return pd.DataFrame(columns=keys + ["value", "n"])
     w = heads["n"].clip(lower=1).astype(float)
-    agg = heads.assign(_wv=heads["value"] * w, _w=w).groupby(keys, as_index=False, sort=True).agg(_wv=("_wv", "sum"), _w=("_w", "sum"), n=("n", "sum"))
+    agg = (
+        heads.assign(_wv=heads["value"] * w, _w=w)
+        .groupby(keys, as_index=False, sort=True)
+        .agg(_wv=("_wv", "sum"), _w=("_w", "sum"), n=("n", "sum"))
+    )
     agg["value"] = agg["_wv"] / agg["_w"]
     return agg.drop(columns=["_wv", "_w"])
 
 
-def atlas(table: pd.DataFrame, thresholds: Mapping[str, float | None] | None = None,
-          circuits: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
+def atlas(
+    table: pd.DataFrame,
+    thresholds: Mapping[str, float | None] | None = None,
+    circuits: Sequence[Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
     """Every role each head's scores support, one row per (model, layer, head, role).
 
     ``table``: the tidy results table (several runs: with a ``run`` column). ``circuits``: dicts
@@ -161,8 +178,14 @@ def atlas(table: pd.DataFrame, thresholds: Mapping[str, float | None] | None = N
     cols = (["run"] if "run" in keys else []) + COLUMNS
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("layer", "head") else "float64" if c in ("value", "threshold") else "object")
-                             for c in cols})
+        return pd.DataFrame(
+            {
+                c: pd.Series(
+                    dtype="int64" if c in ("layer", "head") else "float64" if c in ("value", "threshold") else "object"
+                )
+                for c in cols
+            }
+        )
     out = pd.concat(frames, ignore_index=True)
     order = {r.name: i for i, r in enumerate(probe_roles())}
     out = out.assign(_o=out["role"].map(order).fillna(len(order))).sort_values(keys + ["_o", "role"]).drop(columns="_o")
@@ -177,9 +200,18 @@ def _circuit_rows(circ: Mapping[str, Any], with_run: bool) -> pd.DataFrame:
         tags = [t.strip() for t in str(node.get("role") or "").split(",") if t.strip()]
         tags = [t for t in tags if t not in _PATTERN_TAGS] or [f"{task} circuit"]
         for tag in tags:
-            rows.append({"model": str(circ.get("model", "")), "layer": int(node["layer"]), "head": int(node["head"]), "role": tag,
-                         "metric": f"path patching effect ({task})", "value": float(node.get("effect", float("nan"))),
-                         "threshold": float(circ.get("threshold", float("nan"))), "dataset": task})
+            rows.append(
+                {
+                    "model": str(circ.get("model", "")),
+                    "layer": int(node["layer"]),
+                    "head": int(node["head"]),
+                    "role": tag,
+                    "metric": f"path patching effect ({task})",
+                    "value": float(node.get("effect", float("nan"))),
+                    "threshold": float(circ.get("threshold", float("nan"))),
+                    "dataset": task,
+                }
+            )
     df = pd.DataFrame(rows, columns=COLUMNS)
     if with_run:
         df.insert(0, "run", circ.get("run", ""))

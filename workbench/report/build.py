@@ -21,6 +21,7 @@ Modules: this one writes the sections; :mod:`workbench.report.sources` reads the
 series, timing, token counts); :mod:`workbench.report.page` is the HTML machinery (figures
 JSON, CSS, the render and tooltip script).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,12 +67,16 @@ def _scale_sentence(metric: str, scale: str) -> str:
 
 
 def _caption(metric: str, how: str, values: Iterable[float] | None = None) -> str:
-    return f"{_what(metric, values)} {how} <a href=\"#{esc(anchor('def', metric))}\">Definition</a>."
+    return f'{_what(metric, values)} {how} <a href="#{esc(anchor("def", metric))}">Definition</a>.'
 
 
-GRID_HOW = "Each cell is one head: rows are layers (first layer at the top), columns are heads; hover for the value and n."
-DEPTH_HOW = ("Solid lines: mean over a layer's heads; dotted: the layer's highest head{low}. The x axis is relative depth, "
-             "layer / (n_layers - 1), so 0 is each model's first layer and 1 its last, whatever its layer count.")
+GRID_HOW = (
+    "Each cell is one head: rows are layers (first layer at the top), columns are heads; hover for the value and n."
+)
+DEPTH_HOW = (
+    "Solid lines: mean over a layer's heads; dotted: the layer's highest head{low}. The x axis is relative depth, "
+    "layer / (n_layers - 1), so 0 is each model's first layer and 1 its last, whatever its layer count."
+)
 
 
 # -- summary ---------------------------------------------------------------------------------------
@@ -83,9 +88,21 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
     model_txt = []
     for s in mine:
         i = s.info
-        shape = f"{i['n_layers']} layers x {i['n_heads']} heads = {i['n_layers'] * i['n_heads']} heads" if i.get("n_layers") and i.get("n_heads") else "shape not recorded"
-        extra = ", ".join(x for x in (i.get("architecture"), f"{i['n_kv_heads']} KV heads" if i.get("n_kv_heads") else None,
-                                      i.get("dtype"), f"on {i['device']}" if i.get("device") else None) if x)
+        shape = (
+            f"{i['n_layers']} layers x {i['n_heads']} heads = {i['n_layers'] * i['n_heads']} heads"
+            if i.get("n_layers") and i.get("n_heads")
+            else "shape not recorded"
+        )
+        extra = ", ".join(
+            x
+            for x in (
+                i.get("architecture"),
+                f"{i['n_kv_heads']} KV heads" if i.get("n_kv_heads") else None,
+                i.get("dtype"),
+                f"on {i['device']}" if i.get("device") else None,
+            )
+            if x
+        )
         model_txt.append(f"<b>{esc(s.name)}</b> ({esc(shape)}{'; ' + esc(extra) if extra else ''})")
     by_ds: dict[str, list[tuple[str, dict]]] = {d: [] for d in ((run.config or {}).get("datasets") or {})}
     for m in run.metas:
@@ -98,7 +115,11 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
             continue
         ds = per_model[0][1]
         n_prompts = ds.get("n_prompts")
-        count = f"{n_prompts} prompts" if n_prompts is not None else (f"{ds['n_pairs']} pairs" if ds.get("n_pairs") is not None else "size not recorded")
+        count = (
+            f"{n_prompts} prompts"
+            if n_prompts is not None
+            else (f"{ds['n_pairs']} pairs" if ds.get("n_pairs") is not None else "size not recorded")
+        )
         toks = [tokens_text(run, mdl, name, d) for mdl, d in per_model]
         if len(set(toks)) > 1:
             names = {s.model: s.name for s in mine}
@@ -108,7 +129,15 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
         ds_txt.append(f"{esc(name)} ({esc(count)}, {esc(tok_txt)})")
     if not ds_txt and len(t):
         ds_txt = [esc(d) for d in dict.fromkeys(t["dataset"])]
-    probes = list(dict.fromkeys([p for p in (run.config or {}).get("probes") or [] if p in set(t["probe"])] + list(t["probe"]))) if len(t) else []
+    probes = (
+        list(
+            dict.fromkeys(
+                [p for p in (run.config or {}).get("probes") or [] if p in set(t["probe"])] + list(t["probe"])
+            )
+        )
+        if len(t)
+        else []
+    )
     params = {}
     for m in run.metas:
         for p in m.get("probes") or []:
@@ -116,14 +145,19 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
                 extra = {k: v for k, v in p.items() if k != "name"}
                 params.setdefault(p["name"], extra)
     show = lambda v: json.dumps(v) if isinstance(v, str) else str(v)  # noqa: E731  (a "\n" separator stays visible)
-    probe_txt = ", ".join(esc(p) + (f" ({esc(', '.join(f'{k}={show(v)}' for k, v in params[p].items()))})" if params.get(p) else "") for p in probes)
+    probe_txt = ", ".join(
+        esc(p) + (f" ({esc(', '.join(f'{k}={show(v)}' for k, v in params[p].items()))})" if params.get(p) else "")
+        for p in probes
+    )
     heads = t[t["layer"] >= 0]
     n_metrics = heads["metric"].nunique()
     circ = f" Circuits: {esc(', '.join(str(c.get('task')) for c in run.circuits))}." if run.circuits else ""
-    return (f"<p class=\"run-summary\"><b>Run {esc(run.label)}</b> (<code>{esc(run.path)}</code>): "
-            f"{'; '.join(model_txt) or 'no models'} on {len(ds_txt)} dataset{'s' if len(ds_txt) != 1 else ''}: {', '.join(ds_txt) or 'none'}. "
-            f"Probes: {probe_txt or 'none'}; {n_metrics} per-head metric{'s' if n_metrics != 1 else ''}, {len(heads):,} head scores"
-            f"{', ' + format(len(t) - len(heads), ',') + ' per-item rows' if len(t) > len(heads) else ''}.{circ} {esc(when_text(run.metas, run.config))}</p>")
+    return (
+        f'<p class="run-summary"><b>Run {esc(run.label)}</b> (<code>{esc(run.path)}</code>): '
+        f"{'; '.join(model_txt) or 'no models'} on {len(ds_txt)} dataset{'s' if len(ds_txt) != 1 else ''}: {', '.join(ds_txt) or 'none'}. "
+        f"Probes: {probe_txt or 'none'}; {n_metrics} per-head metric{'s' if n_metrics != 1 else ''}, {len(heads):,} head scores"
+        f"{', ' + format(len(t) - len(heads), ',') + ' per-item rows' if len(t) > len(heads) else ''}.{circ} {esc(when_text(run.metas, run.config))}</p>"
+    )
 
 
 def _layers_text(layers: Sequence[int]) -> str:
@@ -135,8 +169,13 @@ def _layers_text(layers: Sequence[int]) -> str:
     return f"layers {layers[0]}-{layers[-1]}"
 
 
-def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series], thresholds: Mapping[str, float | None] | None,
-              runs: Sequence[Run]) -> str:
+def _findings(
+    view: pd.DataFrame,
+    atlas_table: pd.DataFrame,
+    series: list[Series],
+    thresholds: Mapping[str, float | None] | None,
+    runs: Sequence[Run],
+) -> str:
     """What the run found, per model: the heads of each role (how many, where, the strongest),
     the roles measured but absent, and the per-item outcomes."""
     roles = roles_with(thresholds)
@@ -145,7 +184,9 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
     for s in series:
         items = []
         at = atlas_table[atlas_table["model"] == s.name]
-        n_layers = s.n_layers or (int(scores.loc[scores["model"] == s.name, "layer"].max()) + 1 if (scores["model"] == s.name).any() else 1)
+        n_layers = s.n_layers or (
+            int(scores.loc[scores["model"] == s.name, "layer"].max()) + 1 if (scores["model"] == s.name).any() else 1
+        )
         total = (s.n_layers or 0) * (s.n_heads or 0)
         for role in list(dict.fromkeys([r.name for r in roles] + list(at["role"]))):
             g = at[at["role"] == role]
@@ -157,22 +198,34 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
             code, colour = role_style(role)
             if len(valued):
                 best = valued.loc[valued["value"].abs().idxmax()]
-                strongest = (f'strongest <span class="hd">{int(best.layer)}.{int(best["head"])}</span> '
-                             f"({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)})")
+                strongest = (
+                    f'strongest <span class="hd">{int(best.layer)}.{int(best["head"])}</span> '
+                    f"({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)})"
+                )
             else:  # roles with no score of their own (circuit discovery labels)
-                strongest = "labelled by circuit discovery: " + ", ".join(f'<span class="hd">{int(l)}.{int(h)}</span>' for l, h in zip(g["layer"], g["head"]))
-            items.append(f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
-                         f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); {strongest}.</li>")
+                strongest = "labelled by circuit discovery: " + ", ".join(
+                    f'<span class="hd">{int(l)}.{int(h)}</span>' for l, h in zip(g["layer"], g["head"])
+                )
+            items.append(
+                f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
+                f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); {strongest}.</li>"
+            )
         # heads that hold two specific roles at once (sink / streaming / echo are too common or, on
         # repeated random tokens, the same score as duplicate, to say much)
-        heads_of = {role: set(zip(g["layer"], g["head"])) for role, g in at.groupby("role") if role not in ("sink", "streaming", "echo")}
+        heads_of = {
+            role: set(zip(g["layer"], g["head"]))
+            for role, g in at.groupby("role")
+            if role not in ("sink", "streaming", "echo")
+        }
         order = {r.name: i for i, r in enumerate(probe_roles())}
         names = sorted(heads_of, key=lambda r: (order.get(r, len(order)), r))
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 both = sorted(heads_of[a] & heads_of[b])
                 if both:
-                    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6]) + (" ..." if len(both) > 6 else "")
+                    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6]) + (
+                        " ..." if len(both) > 6 else ""
+                    )
                     verb = f"is also a {esc(b)} head" if len(both) == 1 else f"are also {esc(b)} heads"
                     items.append(f"<li>{len(both)} of the {len(heads_of[a])} {esc(a)} heads {verb}: {listed}.</li>")
         measured = set(scores.loc[scores["model"] == s.name, "metric"])
@@ -182,15 +235,29 @@ def _findings(view: pd.DataFrame, atlas_table: pd.DataFrame, series: list[Series
         run = next(r for r in runs if r.label == s.run)
         ret = scores[(scores["model"] == s.name) & (scores["metric"] == "retrieval")]
         for ds, g in ret.groupby("dataset"):
-            meta = next((m.get("dataset") for m in run.metas if (m.get("dataset") or {}).get("name") == ds
-                         and str((m.get("model") or {}).get("model")) == s.model), None) or {}
+            meta = (
+                next(
+                    (
+                        m.get("dataset")
+                        for m in run.metas
+                        if (m.get("dataset") or {}).get("name") == ds
+                        and str((m.get("model") or {}).get("model")) == s.model
+                    ),
+                    None,
+                )
+                or {}
+            )
             if meta.get("n_prompts"):
-                items.append(f"<li>Retrieval scores count {int(g['n'].max())} of {int(meta['n_prompts'])} {esc(ds)} prompts "
-                             "(those the model answered correctly).</li>")
+                items.append(
+                    f"<li>Retrieval scores count {int(g['n'].max())} of {int(meta['n_prompts'])} {esc(ds)} prompts "
+                    "(those the model answered correctly).</li>"
+                )
         per_item = view[(view["model"] == s.name) & (view["layer"] < 0)]
         for metric in _ordered_metrics(per_item["metric"]):
             v = per_item.loc[per_item["metric"] == metric, "value"].dropna()
-            if len(v) and not ("step" in per_item.columns and per_item.loc[per_item["metric"] == metric, "step"].nunique() > 1):
+            if len(v) and not (
+                "step" in per_item.columns and per_item.loc[per_item["metric"] == metric, "step"].nunique() > 1
+            ):
                 items.append(f"<li>{_metric_link(metric)}: mean {esc(fmt(v.mean()))} over {len(v)} items.</li>")
         if items:
             title = f"<p><b>{esc(s.name)}</b></p>" if len(series) > 1 else ""
@@ -227,40 +294,65 @@ def top_heads_table(view: pd.DataFrame, k: int = 3) -> pd.DataFrame:
             g = g.groupby(["layer", "head"], as_index=False)["value"].mean()
             order = g["value"].abs() if mi.rank == "abs" else g["value"]
             top = g.loc[order.sort_values(ascending=mi.rank == "low").index[:k]]
-            rows.append({"metric": metric, "model": model, "dataset": dataset,
-                         "ranked by": {"abs": "largest |value|", "low": "lowest"}.get(mi.rank, "highest"),
-                         "top heads": [(int(r.layer), int(r.head), float(r.value)) for r in top.itertuples()],
-                         "median": float(g["value"].median()), "heads": len(g)})
+            rows.append(
+                {
+                    "metric": metric,
+                    "model": model,
+                    "dataset": dataset,
+                    "ranked by": {"abs": "largest |value|", "low": "lowest"}.get(mi.rank, "highest"),
+                    "top heads": [(int(r.layer), int(r.head), float(r.value)) for r in top.itertuples()],
+                    "median": float(g["value"].median()),
+                    "heads": len(g),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _top_heads_html(top: pd.DataFrame, show_model: bool) -> str:
     if top.empty:
         return "<p>No per-head metrics in this run.</p>"
-    head = "<tr><th>metric</th>" + ("<th>model</th>" if show_model else "") + "<th>dataset</th><th>ranked by</th><th>top heads (layer.head: value)</th><th>median over heads</th><th>heads</th></tr>"
+    head = (
+        "<tr><th>metric</th>"
+        + ("<th>model</th>" if show_model else "")
+        + "<th>dataset</th><th>ranked by</th><th>top heads (layer.head: value)</th><th>median over heads</th><th>heads</th></tr>"
+    )
     body = []
     for r in top.itertuples():
         chips = " ".join(f'<span class="hd">{l}.{h}</span>&nbsp;{esc(fmt(v))}' for l, h, v in r[5])
-        body.append(f"<tr><td>{_metric_link(r.metric)}</td>" + (f"<td>{esc(r.model)}</td>" if show_model else "")
-                    + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(fmt(r.median))}</td><td>{r.heads}</td></tr>")
+        body.append(
+            f"<tr><td>{_metric_link(r.metric)}</td>"
+            + (f"<td>{esc(r.model)}</td>" if show_model else "")
+            + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(fmt(r.median))}</td><td>{r.heads}</td></tr>"
+        )
     return f'<table class="tbl" id="top-heads-table"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
 
 # -- atlas -----------------------------------------------------------------------------------------
 
 
-def _atlas_section(page: Page, view: pd.DataFrame, series: list[Series], thresholds: Mapping[str, float | None] | None,
-                   circuits: list[dict]) -> pd.DataFrame:
+def _atlas_section(
+    page: Page,
+    view: pd.DataFrame,
+    series: list[Series],
+    thresholds: Mapping[str, float | None] | None,
+    circuits: list[dict],
+) -> pd.DataFrame:
     roles = roles_with(thresholds)
     circ = [dict(c, model=_series_name(series, c.get("run"), str(c.get("model", "")))) for c in circuits]
     table = atlas(view.drop(columns=["run"]), thresholds=thresholds, circuits=circ)
     scores = head_scores(view.drop(columns=["run"]))
     page.section(2, "Head atlas", "atlas")
-    page.add("<p>One grid per model: each cell is a head (rows = layers, first at the top; columns = heads) and its letters are "
-             "<b>every</b> role its scores support under the thresholds below; a role holds when the metric passes on any dataset it "
-             "was measured on. Hover a cell (or focus it with Tab) to see all of that head's metrics."
-             + (" Grids have the same height, so rows level with each other sit at about the same relative depth." if len(series) > 1 else "")
-             + "</p>")
+    page.add(
+        "<p>One grid per model: each cell is a head (rows = layers, first at the top; columns = heads) and its letters are "
+        "<b>every</b> role its scores support under the thresholds below; a role holds when the metric passes on any dataset it "
+        "was measured on. Hover a cell (or focus it with Tab) to see all of that head's metrics."
+        + (
+            " Grids have the same height, so rows level with each other sit at about the same relative depth."
+            if len(series) > 1
+            else ""
+        )
+        + "</p>"
+    )
     measured = set(scores["metric"])
     rows = []
     unmeasured = [r for r in roles if r.metric not in measured]
@@ -273,23 +365,35 @@ def _atlas_section(page: Page, view: pd.DataFrame, series: list[Series], thresho
             n = int(((table["model"] == s.name) & (table["role"] == r.name)).sum())
             has = ((scores["model"] == s.name) & (scores["metric"] == r.metric)).any()
             counts.append(str(n) if has else "not measured")
-        rows.append(f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
-                    f'<td><a class="metric" href="#{esc(anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
-                    + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>")
+        rows.append(
+            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
+            f'<td><a class="metric" href="#{esc(anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
+            + "".join(f"<td>{esc(c)}</td>" for c in counts)
+            + "</tr>"
+        )
     for role in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"]):
         code, colour = role_style(role)
         counts = [str(int(((table["model"] == s.name) & (table["role"] == role)).sum())) for s in series]
-        rows.append(f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(role)}</td><td>circuit discovery label</td>'
-                    f'<td>from path patching (see Circuits)</td>' + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>")
+        rows.append(
+            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(role)}</td><td>circuit discovery label</td>'
+            f"<td>from path patching (see Circuits)</td>" + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>"
+        )
     off = [r.name for r in probe_roles() if r.name not in {x.name for x in roles}]
-    page.add('<table class="tbl" id="atlas-thresholds"><thead><tr><th>role</th><th>rule</th><th>meaning</th>'
-             + "".join(f"<th>heads in {esc(s.name)}</th>" for s in series) + f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    page.add(
+        '<table class="tbl" id="atlas-thresholds"><thead><tr><th>role</th><th>rule</th><th>meaning</th>'
+        + "".join(f"<th>heads in {esc(s.name)}</th>" for s in series)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
     if unmeasured:
-        page.add(f"<p class=\"note\">Not measured here, so not in the atlas: {esc(', '.join(f'{r.name} ({r.rule()})' for r in unmeasured))}.</p>")
+        page.add(
+            f'<p class="note">Not measured here, so not in the atlas: {esc(", ".join(f"{r.name} ({r.rule()})" for r in unmeasured))}.</p>'
+        )
     spec = ",".join(f"{r.name}={r.threshold:g}" for r in roles)
-    page.add(f"<p class=\"note\">Change the thresholds with <code>workbench report RUN --roles {esc(spec)}</code> "
-             f"(<code>ROLE=off</code> hides a role{'; off here: ' + esc(', '.join(off)) if off else ''}), or in Python: "
-             f"<code>workbench.report.atlas(table, thresholds={{&quot;sink&quot;: 0.6}})</code> returns this classification as a tidy table.</p>")
+    page.add(
+        f'<p class="note">Change the thresholds with <code>workbench report RUN --roles {esc(spec)}</code> '
+        f"(<code>ROLE=off</code> hides a role{'; off here: ' + esc(', '.join(off)) if off else ''}), or in Python: "
+        f"<code>workbench.report.atlas(table, thresholds={{&quot;sink&quot;: 0.6}})</code> returns this classification as a tidy table.</p>"
+    )
     grids, data = [], []
     # with several models, rows are stretched so every grid has the same height: rows level with
     # each other sit at about the same relative depth
@@ -311,9 +415,24 @@ def _atlas_section(page: Page, view: pd.DataFrame, series: list[Series], thresho
                 vals[int(r.layer)][int(r.head)][col_idx[(r.metric, r.dataset)]] = float(f"{r.value:.4g}")
         cell_roles: dict[tuple[int, int], list] = {}
         for r in at.itertuples():
-            cell_roles.setdefault((int(r.layer), int(r.head)), []).append([r.role, r.metric, float(f"{r.value:.4g}"), float(r.threshold) if pd.notna(r.threshold) else None, r.dataset])
-        data.append({"name": s.name, "n_layers": n_layers, "cols": [[m, d] for m, d in cols], "vals": vals,
-                     "roles": {f"{l}.{h}": v for (l, h), v in cell_roles.items()}})
+            cell_roles.setdefault((int(r.layer), int(r.head)), []).append(
+                [
+                    r.role,
+                    r.metric,
+                    float(f"{r.value:.4g}"),
+                    float(r.threshold) if pd.notna(r.threshold) else None,
+                    r.dataset,
+                ]
+            )
+        data.append(
+            {
+                "name": s.name,
+                "n_layers": n_layers,
+                "cols": [[m, d] for m, d in cols],
+                "vals": vals,
+                "roles": {f"{l}.{h}": v for (l, h), v in cell_roles.items()},
+            }
+        )
         di = len(data) - 1
         head_row = "".join(f"<th>{h}</th>" for h in range(n_heads))
         body = []
@@ -321,19 +440,30 @@ def _atlas_section(page: Page, view: pd.DataFrame, series: list[Series], thresho
             depth = l / (n_layers - 1) if n_layers > 1 else 0.0
             cells = []
             for h in range(n_heads):
-                chips = "".join(f'<span class="chip" style="background:{role_style(x[0])[1]}">{esc(role_style(x[0])[0])}</span>' for x in cell_roles.get((l, h), []))
+                chips = "".join(
+                    f'<span class="chip" style="background:{role_style(x[0])[1]}">{esc(role_style(x[0])[0])}</span>'
+                    for x in cell_roles.get((l, h), [])
+                )
                 has = ' class="has"' if chips else ""
                 cells.append(f'<td tabindex="0" data-s="{di}" data-l="{l}" data-h="{h}"{has}>{chips}</td>')
             style = f' style="height:{18 * tallest / n_layers:.1f}px"' if len(series) > 1 and n_layers < tallest else ""
             body.append(f'<tr{style}><th title="relative depth {depth:.2f}">{l}</th>{"".join(cells)}</tr>')
         n_roles = len({(l, h) for (l, h) in cell_roles})
-        grids.append(f'<div class="atlas-model"><div class="atlas-title">{esc(s.name)}</div><div class="atlas-sub">{n_layers} layers x {n_heads} heads; '
-                     f'{n_roles} heads with a role</div><table class="atlas" data-series="{di}"><thead><tr><th>L\\H</th>{head_row}</tr></thead>'
-                     f'<tbody>{"".join(body)}</tbody></table></div>')
+        grids.append(
+            f'<div class="atlas-model"><div class="atlas-title">{esc(s.name)}</div><div class="atlas-sub">{n_layers} layers x {n_heads} heads; '
+            f'{n_roles} heads with a role</div><table class="atlas" data-series="{di}"><thead><tr><th>L\\H</th>{head_row}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
     if grids:
-        legend = " ".join(f'<span class="chip" style="background:{r.color}">{esc(r.code)}</span>&nbsp;{esc(r.name)}' for r in roles if (table["role"] == r.name).any())
-        extra = " ".join(f'<span class="chip" style="background:{role_style(x)[1]}">{esc(role_style(x)[0])}</span>&nbsp;{esc(x)}'
-                         for x in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"]))
+        legend = " ".join(
+            f'<span class="chip" style="background:{r.color}">{esc(r.code)}</span>&nbsp;{esc(r.name)}'
+            for r in roles
+            if (table["role"] == r.name).any()
+        )
+        extra = " ".join(
+            f'<span class="chip" style="background:{role_style(x)[1]}">{esc(role_style(x)[0])}</span>&nbsp;{esc(x)}'
+            for x in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"])
+        )
         page.add(f'<p class="legend">{legend} {extra}</p><div class="atlas-row">{"".join(grids)}</div>')
         page.add(f'<script id="wb-atlas" type="application/json">{safe_json(data)}</script>')
     else:
@@ -360,8 +490,14 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
     msub = msub[msub.set_index(["model", "dataset"]).index.isin(with_values[with_values].index)]
     page.section(3, metric, anchor("metric", metric), toc=True)
     if empty:
-        page.p(f"No values for {metric} on {', '.join(empty)} (n = 0 for every head): this metric needs other prompts"
-               + (" (duplicate and induction need repeated-random's period)." if metric in ("duplicate", "induction") else "."))
+        page.p(
+            f"No values for {metric} on {', '.join(empty)} (n = 0 for every head): this metric needs other prompts"
+            + (
+                " (duplicate and induction need repeated-random's period)."
+                if metric in ("duplicate", "induction")
+                else "."
+            )
+        )
     if msub.empty:
         return
     scale = kinds.scale_for(metric, msub["value"].dropna())
@@ -369,24 +505,55 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
     datasets = list(dict.fromkeys(msub["dataset"]))
     n_layers = {s.name: s.n_layers for s in series if s.n_layers}
     facets = [c for c, vals in (("model", models), ("dataset", datasets)) if len(vals) > 1] or ["model"]
-    panel = {("model",): "one panel per model", ("dataset",): "one panel per dataset", ("model", "dataset"): "one panel per model and dataset"}[tuple(facets)]
-    ordered = msub.sort_values(["dataset", "model"], key=lambda c: c.map({v: i for i, v in enumerate(datasets if c.name == "dataset" else models)}))
-    facet_depths = {" / ".join([m] + ([d] if "dataset" in facets else [])) if "model" in facets else d: n_layers.get(m) for m in models for d in datasets}
+    panel = {
+        ("model",): "one panel per model",
+        ("dataset",): "one panel per dataset",
+        ("model", "dataset"): "one panel per model and dataset",
+    }[tuple(facets)]
+    ordered = msub.sort_values(
+        ["dataset", "model"],
+        key=lambda c: c.map({v: i for i, v in enumerate(datasets if c.name == "dataset" else models)}),
+    )
+    facet_depths = {
+        " / ".join([m] + ([d] if "dataset" in facets else [])) if "model" in facets else d: n_layers.get(m)
+        for m in models
+        for d in datasets
+    }
     single = len(models) == 1 and len(datasets) == 1
     title = f"{metric} per head" + (f" ({models[0]}, {datasets[0]})" if single else "")
     if single:
         page.row(True)
-    page.figure(plots.head_grids(ordered, metric, facet=facets, title=title, scale=scale, n_layers={k: v for k, v in facet_depths.items() if v}),
-                _caption(metric, f"{GRID_HOW} {'Panels share one colour scale (' + panel + '). ' if len(facets) > 1 or len(models) * len(datasets) > 1 else ''}"
-                         f"{'Each panel spans the same height, so rows level with each other sit at about the same relative depth. ' if len(models) > 1 else ''}"
-                         f"{_scale_sentence(metric, scale)}", msub["value"]))
+    page.figure(
+        plots.head_grids(
+            ordered,
+            metric,
+            facet=facets,
+            title=title,
+            scale=scale,
+            n_layers={k: v for k, v in facet_depths.items() if v},
+        ),
+        _caption(
+            metric,
+            f"{GRID_HOW} {'Panels share one colour scale (' + panel + '). ' if len(facets) > 1 or len(models) * len(datasets) > 1 else ''}"
+            f"{'Each panel spans the same height, so rows level with each other sit at about the same relative depth. ' if len(models) > 1 else ''}"
+            f"{_scale_sentence(metric, scale)}",
+            msub["value"],
+        ),
+    )
     series_col = msub["model"] + (" / " + msub["dataset"] if len(datasets) > 1 else "")
     curve = msub.assign(model=series_col)
     if len(models) > 1:
         depth_n = {m + (f" / {d}" if len(datasets) > 1 else ""): n_layers.get(m) for m in models for d in datasets}
-        page.figure(plots.depth_profile(curve, metric, n_layers={k: v for k, v in depth_n.items() if v}, scale=scale),
-                    _caption(metric, DEPTH_HOW.format(low="; dashed: its lowest" if scale == "signed" or kinds.info(metric).rank == "low" else ""),
-                             msub["value"]))
+        page.figure(
+            plots.depth_profile(curve, metric, n_layers={k: v for k, v in depth_n.items() if v}, scale=scale),
+            _caption(
+                metric,
+                DEPTH_HOW.format(
+                    low="; dashed: its lowest" if scale == "signed" or kinds.info(metric).rank == "low" else ""
+                ),
+                msub["value"],
+            ),
+        )
         for d in datasets:
             dsub = msub[msub["dataset"] == d]
             present = list(dict.fromkeys(dsub["model"]))
@@ -396,21 +563,49 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
             where = f" on {d}" if len(datasets) > 1 else ""
             if len(present) == 2 and len(shapes) == 1:
                 a, b = present
-                page.figure(plots.compare_runs(dsub[dsub["model"] == a], dsub[dsub["model"] == b], metric, labels=(a, b)),
-                            _caption(metric, f"Difference per head{esc(where)}, {esc(b)} minus {esc(a)} (same shape): red = higher in {esc(b)}, "
-                                     f"blue = higher in {esc(a)}, white = equal.", msub["value"]))
+                page.figure(
+                    plots.compare_runs(dsub[dsub["model"] == a], dsub[dsub["model"] == b], metric, labels=(a, b)),
+                    _caption(
+                        metric,
+                        f"Difference per head{esc(where)}, {esc(b)} minus {esc(a)} (same shape): red = higher in {esc(b)}, "
+                        f"blue = higher in {esc(a)}, white = equal.",
+                        msub["value"],
+                    ),
+                )
             else:
-                page.figure(plots.depth_difference(dsub, metric, reference=present[0], n_layers={m: n_layers[m] for m in present if m in n_layers}),
-                            _caption(metric, f"Difference view{esc(where)}: each model's layer mean minus {esc(present[0])}'s at the same relative depth "
-                                     "(linear interpolation between layers, since the layer counts differ); above 0 = higher than "
-                                     f"{esc(present[0])}.", msub["value"]))
+                page.figure(
+                    plots.depth_difference(
+                        dsub, metric, reference=present[0], n_layers={m: n_layers[m] for m in present if m in n_layers}
+                    ),
+                    _caption(
+                        metric,
+                        f"Difference view{esc(where)}: each model's layer mean minus {esc(present[0])}'s at the same relative depth "
+                        "(linear interpolation between layers, since the layer counts differ); above 0 = higher than "
+                        f"{esc(present[0])}.",
+                        msub["value"],
+                    ),
+                )
     else:
-        fig = plots.layer_curve(curve.assign(model=curve["model"] if len(datasets) > 1 else msub["dataset"]), metric, title=f"{metric} by layer")
+        fig = plots.layer_curve(
+            curve.assign(model=curve["model"] if len(datasets) > 1 else msub["dataset"]),
+            metric,
+            title=f"{metric} by layer",
+        )
         if single:  # next to its grid: same height, legend underneath
-            fig.update_layout(height=page.figures[-1]["layout"].get("height"), legend={"orientation": "h", "y": -0.15, "title": None})
+            fig.update_layout(
+                height=page.figures[-1]["layout"].get("height"), legend={"orientation": "h", "y": -0.15, "title": None}
+            )
         low = scale == "signed" or kinds.info(metric).rank == "low"
-        page.figure(fig, _caption(metric, "Solid: mean over the layer's heads; dotted: the layer's highest head"
-                                  + ("; dashed: its lowest" if low else "") + (". One colour per dataset." if len(datasets) > 1 else "."), msub["value"]))
+        page.figure(
+            fig,
+            _caption(
+                metric,
+                "Solid: mean over the layer's heads; dotted: the layer's highest head"
+                + ("; dashed: its lowest" if low else "")
+                + (". One colour per dataset." if len(datasets) > 1 else "."),
+                msub["value"],
+            ),
+        )
     if single:
         page.row(False)
 
@@ -425,16 +620,36 @@ def _item_metrics(page: Page, sub: pd.DataFrame) -> None:
         has_steps = "step" in msub.columns and msub["step"].notna().any() and msub["step"].nunique() > 1
         page.section(3, metric, anchor("metric", metric))
         if has_steps:
-            page.figure(plots.token_curve(msub, metric),
-                        _caption(metric, f"One line per item along its generated answer; hover shows the token. Low = {esc(kinds.info(metric).low)}.", msub["value"]))
-        summary = msub.groupby(["model", "dataset"], as_index=False).agg(mean=("value", "mean"), items=("value", "size"))
-        rows = "".join(f"<tr><td>{esc(r.model)}</td><td>{esc(r.dataset)}</td><td>{esc(fmt(r.mean))}</td><td>{r.items}</td></tr>" for r in summary.itertuples())
-        page.add(f'<p>{_what(metric, msub["value"])} Mean over items:</p><table class="tbl"><thead><tr><th>model</th><th>dataset</th><th>mean</th>'
-                 f"<th>rows</th></tr></thead><tbody>{rows}</tbody></table>")
-        cols = [c for c in ("model", "dataset", "item", "step", "token", "value") if c in msub.columns and msub[c].notna().any()]
+            page.figure(
+                plots.token_curve(msub, metric),
+                _caption(
+                    metric,
+                    f"One line per item along its generated answer; hover shows the token. Low = {esc(kinds.info(metric).low)}.",
+                    msub["value"],
+                ),
+            )
+        summary = msub.groupby(["model", "dataset"], as_index=False).agg(
+            mean=("value", "mean"), items=("value", "size")
+        )
+        rows = "".join(
+            f"<tr><td>{esc(r.model)}</td><td>{esc(r.dataset)}</td><td>{esc(fmt(r.mean))}</td><td>{r.items}</td></tr>"
+            for r in summary.itertuples()
+        )
+        page.add(
+            f'<p>{_what(metric, msub["value"])} Mean over items:</p><table class="tbl"><thead><tr><th>model</th><th>dataset</th><th>mean</th>'
+            f"<th>rows</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
+        cols = [
+            c
+            for c in ("model", "dataset", "item", "step", "token", "value")
+            if c in msub.columns and msub[c].notna().any()
+        ]
         shown = msub[cols].head(MAX_ITEM_ROWS)
-        page.add(f"<details><summary>{len(msub)} rows{f' (first {MAX_ITEM_ROWS} shown)' if len(msub) > MAX_ITEM_ROWS else ''}</summary>"
-                 + shown.to_html(index=False, escape=True, classes="tbl", na_rep="", float_format=lambda v: f"{v:.4g}") + "</details>")
+        page.add(
+            f"<details><summary>{len(msub)} rows{f' (first {MAX_ITEM_ROWS} shown)' if len(msub) > MAX_ITEM_ROWS else ''}</summary>"
+            + shown.to_html(index=False, escape=True, classes="tbl", na_rep="", float_format=lambda v: f"{v:.4g}")
+            + "</details>"
+        )
 
 
 def _scatters(page: Page, view: pd.DataFrame) -> None:
@@ -447,18 +662,22 @@ def _scatters(page: Page, view: pd.DataFrame) -> None:
             continue
         if not done:
             page.section(2, "Metric vs metric", "scatter")
-            page.p("Where two probes ran on the same model, one point per head places the two scores against each other: "
-                   "heads that do both jobs sit in the top-right corner.")
+            page.p(
+                "Where two probes ran on the same model, one point per head places the two scores against each other: "
+                "heads that do both jobs sit in the top-right corner."
+            )
             done = True
         sub = heads[heads["model"].isin(both) & heads["metric"].isin([x, y])]
         color = "depth" if len(both) > 1 else "layer"
         if not done_pairs and len(both) == 1:
             page.row(True)  # one model: scatters two by two
             done_pairs.append(True)
-        page.figure(plots.metric_scatter(sub, x, y, color=color),
-                    f"{_what(x)} {_what(y)} One point per head (colour: {'relative depth' if color == 'depth' else 'layer'}"
-                    f"{'; one panel per model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
-                    f"Definitions: <a href=\"#{esc(anchor('def', x))}\">{esc(x)}</a>, <a href=\"#{esc(anchor('def', y))}\">{esc(y)}</a>.")
+        page.figure(
+            plots.metric_scatter(sub, x, y, color=color),
+            f"{_what(x)} {_what(y)} One point per head (colour: {'relative depth' if color == 'depth' else 'layer'}"
+            f"{'; one panel per model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
+            f'Definitions: <a href="#{esc(anchor("def", x))}">{esc(x)}</a>, <a href="#{esc(anchor("def", y))}">{esc(y)}</a>.',
+        )
     if done_pairs:
         page.row(False)
 
@@ -478,16 +697,28 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
         edges = pd.DataFrame(c.get("edges", []))
         f = c.get("faithfulness") or {}
         if f:
-            page.p(f"{len(nodes)} heads; faithfulness {fmt(f.get('faithfulness'))} (logit difference {fmt(f.get('ld_circuit'))} with only the circuit "
-                   f"of {fmt(f.get('ld_clean'))} clean; every head ablated: {fmt(f.get('ld_all_heads_ablated'))}).")
+            page.p(
+                f"{len(nodes)} heads; faithfulness {fmt(f.get('faithfulness'))} (logit difference {fmt(f.get('ld_circuit'))} with only the circuit "
+                f"of {fmt(f.get('ld_clean'))} clean; every head ablated: {fmt(f.get('ld_all_heads_ablated'))})."
+            )
         if len(nodes) and {"layer", "head"} <= set(nodes.columns):
-            if edges.empty or not {"sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"} <= set(edges.columns):
-                edges = pd.DataFrame(columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"])
-            edges = edges.assign(receiver_head=edges["receiver_head"].where(edges["receiver_head"] >= 0, (nodes["head"].max() if len(nodes) else 0) / 2))
-            page.figure(plots.circuit_graph(nodes, edges, title=f"{task} circuit ({name})"),
-                        f"<b>{esc(task)} circuit</b>: heads found by iterative path patching, placed by layer (top = first) and head; lines are paths "
-                        "sender -> receiver (the bottom row is the logits), red = patching the path lowers the logit difference (the path "
-                        "carries the behaviour), blue = raises it; width = |effect|. <a href=\"#atlas\">Roles also appear in the atlas</a>.")
+            if edges.empty or not {"sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"} <= set(
+                edges.columns
+            ):
+                edges = pd.DataFrame(
+                    columns=["sender_layer", "sender_head", "receiver_layer", "receiver_head", "effect"]
+                )
+            edges = edges.assign(
+                receiver_head=edges["receiver_head"].where(
+                    edges["receiver_head"] >= 0, (nodes["head"].max() if len(nodes) else 0) / 2
+                )
+            )
+            page.figure(
+                plots.circuit_graph(nodes, edges, title=f"{task} circuit ({name})"),
+                f"<b>{esc(task)} circuit</b>: heads found by iterative path patching, placed by layer (top = first) and head; lines are paths "
+                "sender -> receiver (the bottom row is the logits), red = patching the path lowers the logit difference (the path "
+                'carries the behaviour), blue = raises it; width = |effect|. <a href="#atlas">Roles also appear in the atlas</a>.',
+            )
             cols = [x for x in ("layer", "head", "role", "effect", "round") if x in nodes.columns]
             page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda v: f"{v:.4g}"))
 
@@ -501,32 +732,47 @@ def _measured_circuit(page: Page, c: dict, task: str, name: str, nodes: pd.DataF
     ci_text = f" [95% CI {fmt(ci[0])} to {fmt(ci[1])}]" if len(ci) == 2 else ""
     comp = hc.get("completeness") or {}
     held = hc.get("heldout") or {}
-    text = (f"{len(hc.get('heads', []))} heads reach F(C)/F(M) = {fmt(hc.get('faithfulness'))}{ci_text} against a target of "
-            f"{fmt(c.get('target'))} under {hc.get('ablation', '')} ablation ({hc.get('ablation_detail', '')}) "
-            f"(logit difference {fmt(hc.get('ld_circuit'))} of {fmt(hc.get('ld_clean'))}; every head ablated: {fmt(hc.get('ld_all_heads_ablated'))}"
-            f"; {fmt(c.get('n_pairs'))} pairs, correct answer preferred in {fmt(100 * float(c.get('share_correct', float('nan'))))}%).")
+    text = (
+        f"{len(hc.get('heads', []))} heads reach F(C)/F(M) = {fmt(hc.get('faithfulness'))}{ci_text} against a target of "
+        f"{fmt(c.get('target'))} under {hc.get('ablation', '')} ablation ({hc.get('ablation_detail', '')}) "
+        f"(logit difference {fmt(hc.get('ld_circuit'))} of {fmt(hc.get('ld_clean'))}; every head ablated: {fmt(hc.get('ld_all_heads_ablated'))}"
+        f"; {fmt(c.get('n_pairs'))} pairs, correct answer preferred in {fmt(100 * float(c.get('share_correct', float('nan'))))}%)."
+    )
     if not hc.get("reached_target", True):
         text += " The target was NOT reached: the circuit is the best size on the curve."
     if held:
         text += f" On {fmt(held.get('n_pairs'))} held-out pairs: {fmt(held.get('faithfulness'))}."
     if comp:
-        text += (f" Completeness (Wang et al.): max |F(C\\K) - F(M\\K)| = {fmt(comp.get('max_score'))}, "
-                 f"{fmt(100 * float(comp.get('max_relative', float('nan'))))}% of F(M).")
+        text += (
+            f" Completeness (Wang et al.): max |F(C\\K) - F(M\\K)| = {fmt(comp.get('max_score'))}, "
+            f"{fmt(100 * float(comp.get('max_relative', float('nan'))))}% of F(M)."
+        )
     if ec:
         text += f" Edge circuit: {fmt(ec.get('edges'))} edges ({fmt(ec.get('heads'))} heads, {fmt(ec.get('mlps'))} MLPs), F = {fmt(ec.get('faithfulness'))}."
     page.p(text)  # p() escapes: plain text only
     curves = {f"{task} {kind}": pd.DataFrame(rows) for kind, rows in (c.get("curves") or {}).items() if rows}
     if curves:
-        page.figure(plots.faithfulness_curve(curves, target=c.get("target"), title=f"{task}: faithfulness vs circuit size ({name})"),
-                    f"<b>Faithfulness against size</b>: the top-k heads (or edges) by edge-attribution score kept, every other one "
-                    f"ablated ({esc(str(hc.get('ablation_detail', '')))}); F(C)/F(M) = 1 (dotted) is the whole model, the dashed line the "
-                    "target. A curve that dips as k grows means the ranking brought in heads that work against the answer.")
+        page.figure(
+            plots.faithfulness_curve(
+                curves, target=c.get("target"), title=f"{task}: faithfulness vs circuit size ({name})"
+            ),
+            f"<b>Faithfulness against size</b>: the top-k heads (or edges) by edge-attribution score kept, every other one "
+            f"ablated ({esc(str(hc.get('ablation_detail', '')))}); F(C)/F(M) = 1 (dotted) is the whole model, the dashed line the "
+            "target. A curve that dips as k grows means the ranking brought in heads that work against the answer.",
+        )
     v = c.get("edge_validation") or {}
     if v.get("spearman"):
-        page.p(f"Edge scores against exact edge patching on {fmt(v.get('n_edges'))} edges: "
-               + ", ".join(f"{k} Spearman {fmt(r)}" for k, r in v["spearman"].items()) + ".")
+        page.p(
+            f"Edge scores against exact edge patching on {fmt(v.get('n_edges'))} edges: "
+            + ", ".join(f"{k} Spearman {fmt(r)}" for k, r in v["spearman"].items())
+            + "."
+        )
     if len(nodes) and {"layer", "head"} <= set(nodes.columns):
-        cols = [x for x in ("layer", "head", "role", "score", "direct", "minimality", "minimality_relative") if x in nodes.columns]
+        cols = [
+            x
+            for x in ("layer", "head", "role", "score", "direct", "minimality", "minimality_relative")
+            if x in nodes.columns
+        ]
         page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda x: f"{x:.4g}"))
 
 
@@ -545,7 +791,7 @@ def _render_markdown(text: str, target: Mapping[str, str], shift: int = 3) -> st
     try:
         from markdown_it import MarkdownIt
     except ImportError:  # pragma: no cover - markdown-it comes with rich, a dependency
-        return "<pre class=\"def\">" + esc(text) + "</pre>"
+        return '<pre class="def">' + esc(text) + "</pre>"
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
@@ -558,8 +804,10 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
     if src.is_file():
         page.p(f"Copied from {'docs/metrics.md' if docs is None else src.name} so this page works offline.")
     else:
-        page.p(f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, so each definition is the "
-               "paragraph of the computing module's docstring that states it.")
+        page.p(
+            f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, so each definition is the "
+            "paragraph of the computing module's docstring that states it."
+        )
     found = {m: definitions.definition(m, docs) for m in metrics}
     target = {k: anchor("def", m) for m in metrics for k in definitions.doc_keys(m)}
     parsed = definitions.load_doc(docs)
@@ -578,15 +826,22 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
         mi = kinds.info(metric)
         if d and d.group and d.group != group:
             group = d.group
-            page.add(f'<h3 class="def-group">{esc(d.group)}</h3>' + (f'<div class="def-intro">{_render_markdown(d.group_intro, target)}</div>' if d.group_intro else ""))
+            page.add(
+                f'<h3 class="def-group">{esc(d.group)}</h3>'
+                + (f'<div class="def-intro">{_render_markdown(d.group_intro, target)}</div>' if d.group_intro else "")
+            )
         body = _render_markdown(d.text, target) if d else f"<p>{esc(mi.what)} (no definition found).</p>"
         source = f'<p class="src">Source: {esc(d.source)}. Drawn as: {esc(mi.kind)}.</p>' if d else ""
-        page.add(f'<section class="def" id="{esc(anchor("def", metric))}"><h4><code>{esc(metric)}</code></h4>{body}{source}</section>')
+        page.add(
+            f'<section class="def" id="{esc(anchor("def", metric))}"><h4><code>{esc(metric)}</code></h4>{body}{source}</section>'
+        )
     if extra:
         page.add('<h3 class="def-group">Referenced from the definitions</h3>')
         for i, a in extra.items():
             sec = parsed[0][i]
-            page.add(f'<section class="def" id="{esc(a)}"><h4>{esc(sec.title)}</h4>{_render_markdown(sec.text, target, shift=3)}</section>')
+            page.add(
+                f'<section class="def" id="{esc(a)}"><h4>{esc(sec.title)}</h4>{_render_markdown(sec.text, target, shift=3)}</section>'
+            )
 
 
 def _prompts(page: Page, runs: Sequence[Run]) -> None:
@@ -603,8 +858,12 @@ def _prompts(page: Page, runs: Sequence[Run]) -> None:
                     break
                 shown += 1
                 ids = pr.get("ids") or [""] * len(pr.get("tokens", []))
-                toks = "".join(f'<span class="tok" title="id {esc(i)}">{esc(t)}</span>' for t, i in zip(pr.get("tokens", []), ids))
-                blocks.append(f"<h4>{esc(run.label)} / {esc(ds)} / {esc(pr.get('id'))}</h4><p class=\"prompt\">{esc(pr.get('text', ''))}</p><div>tokens: {toks}</div>")
+                toks = "".join(
+                    f'<span class="tok" title="id {esc(i)}">{esc(t)}</span>' for t, i in zip(pr.get("tokens", []), ids)
+                )
+                blocks.append(
+                    f'<h4>{esc(run.label)} / {esc(ds)} / {esc(pr.get("id"))}</h4><p class="prompt">{esc(pr.get("text", ""))}</p><div>tokens: {toks}</div>'
+                )
     if blocks:
         page.section(2, "Example prompts", "prompts")
         page.p("The first prompt of each dataset as the model saw it (first 64 tokens), split into its tokens.")
@@ -615,16 +874,27 @@ def _raw(page: Page, runs: Sequence[Run]) -> None:
     page.section(2, "Raw configuration and metadata", "raw")
     for run in runs:
         metas = [{k: v for k, v in m.items() if k != "prompts"} for m in run.metas]
-        blob = {"config": run.config, "parts": metas, "circuits": [{k: v for k, v in c.items() if k not in ("nodes", "edges")} for c in run.circuits]}
-        page.add(f"<details class=\"raw\"><summary>Run {esc(run.label)}: sweep config and the metadata of its {len(run.metas)} part(s)</summary>"
-                 f"<pre>{esc(json.dumps(blob, indent=1, default=str))}</pre></details>")
+        blob = {
+            "config": run.config,
+            "parts": metas,
+            "circuits": [{k: v for k, v in c.items() if k not in ("nodes", "edges")} for c in run.circuits],
+        }
+        page.add(
+            f'<details class="raw"><summary>Run {esc(run.label)}: sweep config and the metadata of its {len(run.metas)} part(s)</summary>'
+            f"<pre>{esc(json.dumps(blob, indent=1, default=str))}</pre></details>"
+        )
 
 
 # -- assembly --------------------------------------------------------------------------------------------
 
 
-def build_report(runs: str | Path | Sequence[str | Path], title: str | None = None, thresholds: Mapping[str, float | None] | None = None,
-                 labels: Sequence[str] | None = None, docs: str | Path | None = None) -> str:
+def build_report(
+    runs: str | Path | Sequence[str | Path],
+    title: str | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
+    labels: Sequence[str] | None = None,
+    docs: str | Path | None = None,
+) -> str:
     """The report page of one run (a path) or a comparison of several (a list of paths).
 
     ``thresholds``: atlas role thresholds (see :func:`workbench.report.atlas.atlas`); ``labels``: one
@@ -632,18 +902,26 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     """
     paths = [targets.as_target(runs)] if isinstance(runs, (str, Path)) else [targets.as_target(r) for r in runs]
     if not paths:
-        raise WorkbenchError("no run given", "name one or more run folders: workbench report runs/a [runs/b ...] --out report.html")
+        raise WorkbenchError(
+            "no run given", "name one or more run folders: workbench report runs/a [runs/b ...] --out report.html"
+        )
     roles_with(thresholds)  # fail on bad thresholds before reading anything
     names = run_labels(paths, labels)
     loaded = [load_run(p, n) for p, n in zip(paths, names)]
     series = series_of(loaded)
     table = pd.concat([r.table for r in loaded], ignore_index=True)
     rename = {(s.run, s.model): s.name for s in series}
-    view = table.assign(model=[rename.get((r, str(m)), str(m)) for r, m in zip(table["run"], table["model"].astype(str))])
+    view = table.assign(
+        model=[rename.get((r, str(m)), str(m)) for r, m in zip(table["run"], table["model"].astype(str))]
+    )
     rank = {s.name: i for i, s in enumerate(series)}
     view = view.iloc[np.argsort([rank.get(m, len(rank)) for m in view["model"]], kind="stable")].reset_index(drop=True)
     # datasets in the order the sweep configs list them, then as they come
-    order = list(dict.fromkeys([d for r in loaded for d in ((r.config or {}).get("datasets") or {})] + list(view["dataset"].astype(str))))
+    order = list(
+        dict.fromkeys(
+            [d for r in loaded for d in ((r.config or {}).get("datasets") or {})] + list(view["dataset"].astype(str))
+        )
+    )
     view = view.iloc[np.argsort([order.index(str(d)) for d in view["dataset"]], kind="stable")].reset_index(drop=True)
     circuits = [c for r in loaded for c in r.circuits]
 
@@ -655,8 +933,10 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     for run in loaded:
         page.add(_run_paragraph(run, series))
     if len(series) > 1:
-        page.p(f"{len(series)} models side by side: {', '.join(s.name for s in series)}. Figures put them on relative depth "
-               "(layer / (n_layers - 1)) where their layer counts differ, and show differences against the first.")
+        page.p(
+            f"{len(series)} models side by side: {', '.join(s.name for s in series)}. Figures put them on relative depth "
+            "(layer / (n_layers - 1)) where their layer counts differ, and show differences against the first."
+        )
     findings_at = len(page.parts)
     page.section(3, "Top heads per metric", "top-heads")
     page.add(_top_heads_html(top_heads_table(view), show_model=len(series) > 1))
@@ -664,9 +944,14 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     atlas_table = _atlas_section(page, view, series, thresholds, circuits)
     findings = _findings(view, atlas_table, series, thresholds, loaded)
     if findings:
-        page.parts.insert(findings_at, f'<h3 id="findings">Findings at a glance</h3><p class="note">From the <a href="#atlas">head atlas</a> '
-                          f"below (thresholds stated there).</p>{findings}")
-        page.toc.insert(next(i for i, t in enumerate(page.toc) if t[2] == "top-heads"), (3, "Findings at a glance", "findings"))
+        page.parts.insert(
+            findings_at,
+            f'<h3 id="findings">Findings at a glance</h3><p class="note">From the <a href="#atlas">head atlas</a> '
+            f"below (thresholds stated there).</p>{findings}",
+        )
+        page.toc.insert(
+            next(i for i, t in enumerate(page.toc) if t[2] == "top-heads"), (3, "Findings at a glance", "findings")
+        )
 
     heads = view[view["layer"] >= 0]
     if len(series) > 1 and len(heads):
@@ -675,8 +960,15 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
     for probe in _ordered_probes(view["probe"]):
         sub = view[view["probe"] == probe]
         page.section(2, f"Probe: {probe}", anchor("probe", probe))
-        params = sorted({json.dumps({k: v for k, v in p.items() if k != "name"}, default=str) for r in loaded for m in r.metas
-                         for p in (m.get("probes") or []) if isinstance(p, dict) and p.get("name") == probe})
+        params = sorted(
+            {
+                json.dumps({k: v for k, v in p.items() if k != "name"}, default=str)
+                for r in loaded
+                for m in r.metas
+                for p in (m.get("probes") or [])
+                if isinstance(p, dict) and p.get("name") == probe
+            }
+        )
         ds = ", ".join(dict.fromkeys(sub["dataset"]))
         page.p(f"Datasets: {ds}." + (f" Parameters: {'; '.join(params)}." if params and params != ["{}"] else ""))
         for metric in _ordered_metrics(sub.loc[sub["layer"] >= 0, "metric"]):
@@ -694,17 +986,21 @@ def build_report(runs: str | Path | Sequence[str | Path], title: str | None = No
 def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_table: pd.DataFrame) -> None:
     page.section(2, "Comparison", "comparison")
     shapes = ", ".join(f"{s.name}: {s.n_layers} layers x {s.n_heads} heads" for s in series)
-    page.p(f"{shapes}. Relative depth = layer / (n_layers - 1): 0 is each model's first layer, 1 its last. Each probe's section below "
-           "shows the per-model head grids side by side, the depth profiles and a difference view.")
+    page.p(
+        f"{shapes}. Relative depth = layer / (n_layers - 1): 0 is each model's first layer, 1 its last. Each probe's section below "
+        "shows the per-model head grids side by side, the depth profiles and a difference view."
+    )
     heads = view[view["layer"] >= 0].dropna(subset=["value"])
     metrics = [m for m in _ordered_metrics(heads["metric"]) if heads.loc[heads["metric"] == m, "model"].nunique() > 1]
     if not metrics:
         page.p("No metric was measured on more than one model.")
         return
     n_layers = {s.name: s.n_layers for s in series if s.n_layers}
-    page.figure(plots.depth_overview(heads[heads["metric"].isin(metrics)], metrics, n_layers=n_layers),
-                "<b>Depth profiles of every shared metric</b>: one panel per metric, one line per model: the mean over each layer's heads "
-                "against relative depth, so models with different layer counts line up. Details and per-head grids are in each probe's section.")
+    page.figure(
+        plots.depth_overview(heads[heads["metric"].isin(metrics)], metrics, n_layers=n_layers),
+        "<b>Depth profiles of every shared metric</b>: one panel per metric, one line per model: the mean over each layer's heads "
+        "against relative depth, so models with different layer counts line up. Details and per-head grids are in each probe's section.",
+    )
     rows = []
     for metric in metrics:
         mi = kinds.info(metric)
@@ -719,13 +1015,22 @@ def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_tabl
             best = per.loc[key.idxmin() if mi.rank == "low" else key.idxmax()]
             n = s.n_layers or int(per["layer"].max()) + 1
             depth = best.layer / (n - 1) if n > 1 else 0
-            cells.append(f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(fmt(best.value))} <span class="muted">(depth {depth:.2f})</span></td>')
-        rows.append(f"<tr><td>{_metric_link(metric)}</td><td>{esc({'abs': 'largest |value|', 'low': 'lowest'}.get(mi.rank, 'highest'))}</td>{''.join(cells)}</tr>")
-    page.add('<table class="tbl" id="comparison-table"><thead><tr><th>metric</th><th>head shown</th>' + "".join(f"<th>{esc(s.name)}</th>" for s in series)
-             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            cells.append(
+                f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(fmt(best.value))} <span class="muted">(depth {depth:.2f})</span></td>'
+            )
+        rows.append(
+            f"<tr><td>{_metric_link(metric)}</td><td>{esc({'abs': 'largest |value|', 'low': 'lowest'}.get(mi.rank, 'highest'))}</td>{''.join(cells)}</tr>"
+        )
+    page.add(
+        '<table class="tbl" id="comparison-table"><thead><tr><th>metric</th><th>head shown</th>'
+        + "".join(f"<th>{esc(s.name)}</th>" for s in series)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
-def write_report(runs: str | Path | Sequence[str | Path], out: str | Path, title: str | None = None, **options: Any) -> targets.Target:
+def write_report(
+    runs: str | Path | Sequence[str | Path], out: str | Path, title: str | None = None, **options: Any
+) -> targets.Target:
     """Build the report (see :func:`build_report`) and write it atomically; ``runs`` and ``out``
     may be fsspec URLs (:mod:`workbench.files.targets`)."""
     out = targets.as_target(out)

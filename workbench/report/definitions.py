@@ -5,6 +5,7 @@ docstring.
 docs site's metrics page) under the metric's heading, with the intro of the section around it, or
 (when that section is missing) the paragraph of the computing module's docstring that names it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -86,12 +87,20 @@ def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
     index: dict[str, int] = {}
     stack: list[int] = []
     for j, (start, level, title, names) in enumerate(heads):
-        end = next((s for s, lv, _, _ in heads[j + 1:] if lv <= level), len(lines))
+        end = next((s for s, lv, _, _ in heads[j + 1 :] if lv <= level), len(lines))
         first_sub = heads[j + 1][0] if j + 1 < len(heads) and heads[j + 1][1] > level else end
         while stack and sections[stack[-1]].level >= level:
             stack.pop()
-        sections.append(DocSection(title.replace("`", ""), level, tuple(names), clean(start + 1, end), clean(start + 1, first_sub),
-                                   stack[-1] if stack else None))
+        sections.append(
+            DocSection(
+                title.replace("`", ""),
+                level,
+                tuple(names),
+                clean(start + 1, end),
+                clean(start + 1, first_sub),
+                stack[-1] if stack else None,
+            )
+        )
         stack.append(j)
         for name in names:
             if name and (name not in index or sections[index[name]].level < level):
@@ -189,7 +198,12 @@ def definition(metric: str, path: str | Path | None = None) -> Definition | None
                 sec = sections[index[key]]
                 parent = sections[sec.parent] if sec.parent is not None else None
                 name = "docs/metrics.md" if path is None else Path(path).name
-                return Definition(sec.text, f"{name}#{_slug(sec.title)}", parent.title if parent else None, parent.intro if parent else None)
+                return Definition(
+                    sec.text,
+                    f"{name}#{_slug(sec.title)}",
+                    parent.title if parent else None,
+                    parent.intro if parent else None,
+                )
     module = info(metric).module
     text = _docstring_paragraph(module, metric)
     if text:

@@ -6,6 +6,7 @@ patching metrics by prefix (:data:`PATTERNS`), and anything else by looking at i
 (:func:`infer_kind`). A log-kind metric is drawn on a log scale when its finite positive values
 span at least :data:`LOG_SPAN`.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,7 +22,9 @@ LOG_SPAN = 100.0  # a log-kind metric is drawn on a log scale when max / min(pos
 
 # Metrics computed outside probes (interventions); probes declare their own in ``metric_info``.
 CORE_METRICS: dict[str, MetricInfo] = {
-    "answer_changed": MetricInfo("bounded", "share of items whose answer changed under the intervention", module="workbench/interventions.py"),
+    "answer_changed": MetricInfo(
+        "bounded", "share of items whose answer changed under the intervention", module="workbench/interventions.py"
+    ),
 }
 
 
@@ -44,12 +47,18 @@ def known_metrics() -> dict[str, MetricInfo]:
 
 
 # Families named by prefix: patching metrics are activation_<component>, path_logits / path_qkv, attribution_z.
-_PATCHING = ("normalised change of the logit difference when the head is patched: 0 = no effect, -1 = behaviour destroyed",
-             "patching the head raises the logit difference", "patching the head destroys the behaviour (the head matters)")
+_PATCHING = (
+    "normalised change of the logit difference when the head is patched: 0 = no effect, -1 = behaviour destroyed",
+    "patching the head raises the logit difference",
+    "patching the head destroys the behaviour (the head matters)",
+)
 
 
 PATTERNS: list[tuple[re.Pattern, MetricInfo]] = [
-    (re.compile(f"^{family}_"), MetricInfo("signed", *_PATCHING, rank="abs", module="circuits/patching.py", doc=f"{family}-patching"))
+    (
+        re.compile(f"^{family}_"),
+        MetricInfo("signed", *_PATCHING, rank="abs", module="circuits/patching.py", doc=f"{family}-patching"),
+    )
     for family in ("activation", "path", "attribution")
 ]
 

@@ -6,6 +6,7 @@ in document order, then marks ``<body data-rendered-ms>`` (and ``data-first-figu
 tests and benchmarks. The atlas tooltip builds its text with ``textContent``: no user text ever
 becomes HTML. Figures share one plotly template, stored once.
 """
+
 from __future__ import annotations
 
 import html
@@ -42,7 +43,6 @@ def anchor(*parts: str) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_-]+", "-", str(p)).strip("-").lower() for p in parts if str(p))
 
 
-
 class Page:
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -76,8 +76,10 @@ class Page:
         fig_id = f"fig{len(self.figures) + 1}"
         height = int(layout.get("height") or 450)
         self.figures.append({"id": fig_id, "data": round_json(spec.get("data", [])), "layout": round_json(layout)})
-        self.parts.append(f'<figure class="fig"><div id="{fig_id}" class="figure" style="min-height:{height}px"></div>'
-                          f"<figcaption>{caption}</figcaption></figure>")
+        self.parts.append(
+            f'<figure class="fig"><div id="{fig_id}" class="figure" style="min-height:{height}px"></div>'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
 
 
 def _typed_to_list(value: dict) -> list:
@@ -115,7 +117,6 @@ def fmt(v: Any, digits: int = 3) -> str:
     if not math.isfinite(v):
         return "n/a"
     return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-
 
 
 CSS = """
@@ -215,7 +216,9 @@ def _toc(page: Page) -> str:
     items = []
     for text, target, subs in groups:
         sub = " · ".join(f'<a href="#{esc(t)}">{esc(x)}</a>' for x, t in subs)
-        items.append(f'<li><a href="#{esc(target)}">{esc(text)}</a>{f"<span class=sub>: {sub}</span>" if sub else ""}</li>')
+        items.append(
+            f'<li><a href="#{esc(target)}">{esc(text)}</a>{f"<span class=sub>: {sub}</span>" if sub else ""}</li>'
+        )
     return f'<nav class="toc" id="toc"><b>Contents</b><ol>{"".join(items)}</ol></nav>'
 
 
@@ -223,12 +226,14 @@ def render_html(page: Page, title: str) -> str:
     """The whole page. plotly.js (4.6 MB) comes after the text, so the summary, tables and
     atlas paint before the browser has parsed it."""
     body = page.parts[0] + _toc(page) + "\n".join(page.parts[1:])
-    template = f'<script id="wb-template" type="application/json">{safe_json(round_json(page.template))}</script>' if page.template else ""
+    template = (
+        f'<script id="wb-template" type="application/json">{safe_json(round_json(page.template))}</script>'
+        if page.template
+        else ""
+    )
     return (
         f"<!DOCTYPE html><html lang=\"en\"><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}"
         f'<script id="wb-figures" type="application/json">{safe_json(page.figures)}</script>{template}'
         f"<script>{get_plotlyjs()}</script><script>{JS}</script></body></html>"
     )
-
-

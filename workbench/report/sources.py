@@ -6,6 +6,7 @@ Also what a run recorded about itself: when it ran and how long (from ``timing``
 the sweep records them, else the parts' ``created`` stamps, saying what is missing), and how
 many tokens each dataset had.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,11 @@ class Run:
 def _find_circuits(path: targets.Target) -> list[targets.Target]:
     if targets.is_file(path) or not targets.is_dir(path):
         return []
-    found = [*targets.glob(path, "circuit.json"), *targets.glob(path, "*/circuit.json"), *targets.glob(path, "circuits/*/circuit.json")]
+    found = [
+        *targets.glob(path, "circuit.json"),
+        *targets.glob(path, "*/circuit.json"),
+        *targets.glob(path, "circuits/*/circuit.json"),
+    ]
     return sorted(dict.fromkeys(found))  # all paths or all URL strings
 
 
@@ -50,7 +55,9 @@ def load_run(path: str | Path, label: str) -> Run:
         try:
             circ = json.loads(targets.read_bytes(f).decode("utf-8"))
         except (OSError, ValueError) as exc:
-            raise WorkbenchError(f"{f} is not readable JSON: {exc}", "re-run `workbench circuit` into a new folder") from None
+            raise WorkbenchError(
+                f"{f} is not readable JSON: {exc}", "re-run `workbench circuit` into a new folder"
+            ) from None
         if isinstance(circ, dict) and isinstance(circ.get("nodes"), list):
             circ.setdefault("task", _parent_name(f))
             circ["run"], circ["file"] = label, str(f)
@@ -91,7 +98,9 @@ def _stem(path: targets.Target) -> str:
 
 
 def _parent_name(path: targets.Target) -> str:
-    return targets.name(str(path).rstrip("/").rsplit("/", 1)[0]) if targets.is_url(str(path)) else Path(path).parent.name
+    return (
+        targets.name(str(path).rstrip("/").rsplit("/", 1)[0]) if targets.is_url(str(path)) else Path(path).parent.name
+    )
 
 
 @dataclass
@@ -122,7 +131,9 @@ def series_of(runs: Sequence[Run]) -> list[Series]:
     pairs: list[tuple[str, str]] = []
     for r in runs:
         present = list(r.table["model"].astype(str)) + [str(c.get("model", "")) for c in r.circuits]
-        configured = [str(m) for m in ((r.config or {}).get("models") or []) if str(m) in set(present)]  # the sweep's order
+        configured = [
+            str(m) for m in ((r.config or {}).get("models") or []) if str(m) in set(present)
+        ]  # the sweep's order
         pairs += [(r.label, m) for m in dict.fromkeys(configured + present) if m]
     models = [m for _, m in pairs]
     short = {m: _short_model(m) for m in models}
@@ -132,7 +143,14 @@ def series_of(runs: Sequence[Run]) -> list[Series]:
     out = []
     for run_label, m in pairs:
         run = next(r for r in runs if r.label == run_label)
-        info = next((meta.get("model") for meta in run.metas if isinstance(meta.get("model"), dict) and str(meta["model"].get("model")) == m), None)
+        info = next(
+            (
+                meta.get("model")
+                for meta in run.metas
+                if isinstance(meta.get("model"), dict) and str(meta["model"].get("model")) == m
+            ),
+            None,
+        )
         info = dict(info or {})
         sub = run.table[(run.table["model"].astype(str) == m) & (run.table["layer"] >= 0)]
         if "n_layers" not in info and len(sub):
@@ -140,17 +158,22 @@ def series_of(runs: Sequence[Run]) -> list[Series]:
         if "n_heads" not in info and len(sub):
             info["n_heads"] = int(sub["head"].max()) + 1
         if "n_layers" not in info:  # a circuit alone: its logit edges end at layer n_layers
-            ends = [int(e.get("receiver_layer", 0)) for c in run.circuits if str(c.get("model")) == m for e in c.get("edges", [])
-                    if e.get("receiver") == "logits"]
+            ends = [
+                int(e.get("receiver_layer", 0))
+                for c in run.circuits
+                if str(c.get("model")) == m
+                for e in c.get("edges", [])
+                if e.get("receiver") == "logits"
+            ]
             if ends:
                 info["n_layers"] = max(ends)
         out.append(Series(short[m] if one_run_each else f"{run_label} · {short[m]}", run_label, m, info))
     return out
 
 
-
 def when_text(metas: list[dict], config: dict | None) -> str:
     """When and how long, from what the run recorded (degrades to what exists)."""
+
     def parse(s: Any) -> datetime | None:
         try:
             return datetime.fromisoformat(str(s))
@@ -166,7 +189,11 @@ def when_text(metas: list[dict], config: dict | None) -> str:
             timings[t.get("group") or (t.get("started"), t.get("finished"), t.get("seconds"))] = t
     run_t = (config or {}).get("timing") if isinstance((config or {}).get("timing"), dict) else None
     created = sorted(d for d in (parse(m.get("created")) for m in metas) if d is not None)
-    fmt = lambda d: d.strftime("%Y-%m-%d %H:%M UTC") if d.utcoffset() is not None and not d.utcoffset() else d.isoformat(timespec="minutes")  # noqa: E731
+    fmt = lambda d: (
+        d.strftime("%Y-%m-%d %H:%M UTC")
+        if d.utcoffset() is not None and not d.utcoffset()
+        else d.isoformat(timespec="minutes")
+    )  # noqa: E731
     if run_t and run_t.get("started") and run_t.get("finished"):
         a, b = parse(run_t["started"]), parse(run_t["finished"])
         if a and b:
@@ -181,8 +208,10 @@ def when_text(metas: list[dict], config: dict | None) -> str:
         return "When it ran was not recorded."
     if len(created) == 1:
         return f"Results written {fmt(created[0])}; how long it took was not recorded."
-    return (f"Results written between {fmt(created[0])} and {fmt(created[-1])} ({_duration((created[-1] - created[0]).total_seconds())} "
-            "from first to last part); the run's start and per-unit durations were not recorded, so the first unit's time is not included.")
+    return (
+        f"Results written between {fmt(created[0])} and {fmt(created[-1])} ({_duration((created[-1] - created[0]).total_seconds())} "
+        "from first to last part); the run's start and per-unit durations were not recorded, so the first unit's time is not included."
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -199,7 +228,12 @@ def _duration(seconds: float) -> str:
 def tokens_text(run: Run, model: str, dataset: str, meta_ds: dict) -> str:
     if meta_ds.get("n_tokens") is not None:
         return f"{int(meta_ds['n_tokens']):,} tokens"
-    ent = run.table[(run.table["model"] == model) & (run.table["dataset"] == dataset) & (run.table["metric"] == "entropy") & (run.table["layer"] >= 0)]
+    ent = run.table[
+        (run.table["model"] == model)
+        & (run.table["dataset"] == dataset)
+        & (run.table["metric"] == "entropy")
+        & (run.table["layer"] >= 0)
+    ]
     n_prompts = meta_ds.get("n_prompts")
     if len(ent) and n_prompts:
         # entropy averages every query position q >= 1: sum over prompts of (T - 1)
@@ -209,5 +243,3 @@ def tokens_text(run: Run, model: str, dataset: str, meta_ds: dict) -> str:
         lens = opts["context_len"] if isinstance(opts["context_len"], list) else [opts["context_len"]]
         return "contexts of " + "/".join(str(x) for x in lens) + " tokens"
     return "token count not recorded"
-
-

@@ -27,6 +27,7 @@ written or any model loads; a failed re-run leaves the run folder's ``sweep.json
 The run folder it is written into is :mod:`workbench.runs.folder`; :mod:`workbench.runs.sweep` drives a
 sweep.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,14 +107,34 @@ class SweepConfig:
                 for p in self.probes:
                     if spec.probes is not None and p not in spec.probes:
                         continue
-                    ident = {"format": KEY_FORMAT, "model": m, "model_identity": self.model_identity.get(m), "device": self.device_type,
-                             "dtype": self.dtype, **spec.identity(), "prepend_bos": self.prepend_bos, "probe": p,
-                             "probe_version": self.probe_versions.get(p, 1), "probe_params": self.probe_params.get(p, {})}
+                    ident = {
+                        "format": KEY_FORMAT,
+                        "model": m,
+                        "model_identity": self.model_identity.get(m),
+                        "device": self.device_type,
+                        "dtype": self.dtype,
+                        **spec.identity(),
+                        "prepend_bos": self.prepend_bos,
+                        "probe": p,
+                        "probe_version": self.probe_versions.get(p, 1),
+                        "probe_params": self.probe_params.get(p, {}),
+                    }
                     out.append(Unit(m, d, p, json.dumps(ident, sort_keys=True, default=str)))
         return out
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 Name = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]  # not empty, not blank
@@ -125,14 +146,20 @@ class SweepFile(Options):
 
     models: list[Name] = Field(min_length=1, json_schema_extra={"fix": 'e.g. models = ["smollm2-135m"]'})
     probes: list[Name] = Field(min_length=1, json_schema_extra={"fix": 'e.g. probes = ["entropy", "sink"]'})
-    datasets: dict[str, Any] = Field(min_length=1, json_schema_extra={"fix": "e.g. [datasets.prose] with n_prompts = 4"})
-    probe_params: dict[str, dict[str, Any]] = Field({}, json_schema_extra={"fix": "e.g. [probe_params.sink] with epsilon = 0.3"})
+    datasets: dict[str, Any] = Field(
+        min_length=1, json_schema_extra={"fix": "e.g. [datasets.prose] with n_prompts = 4"}
+    )
+    probe_params: dict[str, dict[str, Any]] = Field(
+        {}, json_schema_extra={"fix": "e.g. [probe_params.sink] with epsilon = 0.3"}
+    )
     batch_size: Int | str = "auto"
     device: str = Field("auto", json_schema_extra={"fix": "use cpu, cuda, cuda:N or auto"})
     dtype: str = Field("float32", json_schema_extra={"fix": "use float32, bfloat16 or float16"})
     seed: Int = Field(0, ge=0, json_schema_extra={"fix": "e.g. seed = 0"})
     prepend_bos: StrictBool = Field(False, json_schema_extra={"fix": "e.g. prepend_bos = true"})
-    executor: dict[str, Any] = Field({}, json_schema_extra={"fix": 'e.g. [executor] with cpus = 4, gpus = 1, memory = "16GB"'})
+    executor: dict[str, Any] = Field(
+        {}, json_schema_extra={"fix": 'e.g. [executor] with cpus = 4, gpus = 1, memory = "16GB"'}
+    )
 
 
 class ExecutorTable(Options):
@@ -171,11 +198,17 @@ def _dataset_spec(path: Path, name: str, table: Any, probes: list[str], seed: in
         raise _fail(path, f"[datasets.{name}] must be a table", "e.g. [datasets.prose] with n_prompts = 4")
     only = table.get("probes")
     if only is not None and (not isinstance(only, list) or not only or any(p not in probes for p in only)):
-        raise _fail(path, f"[datasets.{name}] probes must list probes of this sweep", f"probes here: {', '.join(probes)}")
+        raise _fail(
+            path, f"[datasets.{name}] probes must list probes of this sweep", f"probes here: {', '.join(probes)}"
+        )
     if "path" in table:
         extra = sorted(set(table) - {"path", "n_prompts", "probes"})
         if extra:
-            raise _fail(path, f"[datasets.{name}] with a path takes only path, n_prompts, probes; not {', '.join(extra)}", "remove those keys")
+            raise _fail(
+                path,
+                f"[datasets.{name}] with a path takes only path, n_prompts, probes; not {', '.join(extra)}",
+                "remove those keys",
+            )
         if not isinstance(table["path"], str):
             raise _fail(path, f"[datasets.{name}] path must be a string", 'e.g. path = "prompts.jsonl"')
         file = (path.parent / table["path"]).resolve()
@@ -183,19 +216,24 @@ def _dataset_spec(path: Path, name: str, table: Any, probes: list[str], seed: in
             raise _fail(path, f"[datasets.{name}] path {file} does not exist", "paths are relative to the config file")
         n = table.get("n_prompts")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise _fail(path, f"[datasets.{name}] n_prompts must be a whole number >= 1, got {n!r}", "e.g. n_prompts = 16")
+            raise _fail(
+                path, f"[datasets.{name}] n_prompts must be a whole number >= 1, got {n!r}", "e.g. n_prompts = 16"
+            )
         read_prompts(file)  # a malformed file fails now, naming its line, not after the model loaded
-        return DatasetSpec(name, None, {"n_prompts": n}, str(file), hashlib.sha256(file.read_bytes()).hexdigest()[:16], only)
+        return DatasetSpec(
+            name, None, {"n_prompts": n}, str(file), hashlib.sha256(file.read_bytes()).hexdigest()[:16], only
+        )
     generator = table.get("dataset", name)
     if generator not in DATASETS:
-        raise _fail(path, f"unknown dataset {generator!r}" + (f" in [datasets.{name}]" if generator != name else ""),
-                    f"choose from: {', '.join(DATASETS)}, or give a path to a prompts file")
+        raise _fail(
+            path,
+            f"unknown dataset {generator!r}" + (f" in [datasets.{name}]" if generator != name else ""),
+            f"choose from: {', '.join(DATASETS)}, or give a path to a prompts file",
+        )
     opts = {k: v for k, v in table.items() if k not in DATASET_KEYS}
     opts.setdefault("seed", seed)
     valid = validate_options(OPTIONS[generator], opts, f"[datasets.{name}]", noun="option")
     return DatasetSpec(name, generator, valid.model_dump(mode="json"), probes=only)
-
-
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -251,5 +289,19 @@ def load_config(path: str | Path) -> SweepConfig:
             identities[m] = model_identity(m)
         except WorkbenchError as exc:
             raise _fail(path, exc.message, exc.fix or "") from None
-    return SweepConfig(list(dict.fromkeys(models)), probes, specs, params, batch_size, device, dtype, seed, prepend_bos, raw,
-                       identities, device_type, versions, executor)
+    return SweepConfig(
+        list(dict.fromkeys(models)),
+        probes,
+        specs,
+        params,
+        batch_size,
+        device,
+        dtype,
+        seed,
+        prepend_bos,
+        raw,
+        identities,
+        device_type,
+        versions,
+        executor,
+    )

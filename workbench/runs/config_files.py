@@ -6,6 +6,7 @@ and messages as probe parameters and dataset options (:func:`workbench.protocol.
 unknown keys refused, true / false never a number, the first problem named with its key and the
 value given).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -15,6 +15,7 @@ whole), sets aside parts that are unreadable or that no current unit names (an e
 (even SIGKILL) continues with nothing lost or duplicated, a corrupted part is recomputed, and
 ``load_results`` / ``query`` / ``report`` never mix two versions of a unit.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,7 +78,13 @@ class RunFolder:
         self.manifest["parts"].pop(name, None)
         if targets.is_url(str(self.out)):
             self.manifest.setdefault("set_aside", []).append(
-                {"part": name, "to": str(dest), "why": why, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                {
+                    "part": name,
+                    "to": str(dest),
+                    "why": why,
+                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
         return dest
 
     def is_sound(self, path: targets.Target) -> bool:
@@ -114,9 +121,13 @@ class RunFolder:
             if name not in sound:
                 self.manifest["parts"].pop(name)
         if moved["stale"]:
-            log(f"set aside {moved['stale']} part(s) of an earlier config in {targets.join(self.aside_dir(), 'stale')} "
-                "(this run reports its current config only)")
+            log(
+                f"set aside {moved['stale']} part(s) of an earlier config in {targets.join(self.aside_dir(), 'stale')} "
+                "(this run reports its current config only)"
+            )
         if moved["corrupt"]:
-            log(f"set aside {moved['corrupt']} unreadable or damaged part(s) in {targets.join(self.aside_dir(), 'corrupt')}; recomputing them")
+            log(
+                f"set aside {moved['corrupt']} unreadable or damaged part(s) in {targets.join(self.aside_dir(), 'corrupt')}; recomputing them"
+            )
         self.save() if targets.is_dir(self.out) else None
         return sound, moved

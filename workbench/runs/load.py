@@ -1,5 +1,5 @@
-"""Loading results at rest: a results file or every part of a run folder, as one table.
-"""
+"""Loading results at rest: a results file or every part of a run folder, as one table."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +25,9 @@ def part_files(run_dir: str | Path) -> list[targets.Target]:
     folder = parts if targets.is_dir(parts) else run_dir
     files = [targets.join(folder, n) for n in targets.list_names(folder, ".parquet")]
     if not files:
-        raise WorkbenchError(f"{run_dir} holds no results (no parts/*.parquet)", "run `workbench sweep CONFIG --out` into it first")
+        raise WorkbenchError(
+            f"{run_dir} holds no results (no parts/*.parquet)", "run `workbench sweep CONFIG --out` into it first"
+        )
     return files
 
 
@@ -99,8 +101,12 @@ def url_run_table(run: str) -> pa.Table:
         try:
             tables.append(read_table(f).replace_schema_metadata(None))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise WorkbenchError(f"cannot load the results of {run}: {f}: {first_line(exc)}", "re-run the sweep that wrote them") from None
+            raise WorkbenchError(
+                f"cannot load the results of {run}: {f}: {first_line(exc)}", "re-run the sweep that wrote them"
+            ) from None
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as exc:  # one column name with types that do not unite
-        raise WorkbenchError(f"cannot load the results of {run}: {first_line(exc)}", "re-run the sweep that wrote them") from None
+        raise WorkbenchError(
+            f"cannot load the results of {run}: {first_line(exc)}", "re-run the sweep that wrote them"
+        ) from None

@@ -5,6 +5,7 @@ what the caller adds) under the ``workbench`` key of the schema metadata. Writes
 :func:`workbench.files.targets.write_file`, so a path or an fsspec URL is written whole or not at
 all.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,6 +92,8 @@ def read_parquet(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     try:
         table = read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise WorkbenchError(f"{path} is not a readable Parquet file: {exc}", "re-run the probe that wrote it") from None
+        raise WorkbenchError(
+            f"{path} is not a readable Parquet file: {exc}", "re-run the probe that wrote it"
+        ) from None
     raw = (table.schema.metadata or {}).get(META_KEY)
     return table.to_pandas(), (json.loads(raw) if raw else {})

@@ -1,5 +1,5 @@
-"""SQL over run folders and results files (DuckDB), with a read-only mode for SQL from someone else.
-"""
+"""SQL over run folders and results files (DuckDB), with a read-only mode for SQL from someone else."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +29,9 @@ def _results_sql(runs: list[str | Path], con: Any) -> tuple[str, list[str]]:
             selects.append(f"SELECT *, {_sql_string(str(run))} AS run FROM {registered[-1]}")
             continue
         files = ", ".join(_sql_string(str(f)) for f in part_files(run))
-        selects.append(f"SELECT *, {_sql_string(str(Path(run)))} AS run FROM read_parquet([{files}], union_by_name = true)")
+        selects.append(
+            f"SELECT *, {_sql_string(str(Path(run)))} AS run FROM read_parquet([{files}], union_by_name = true)"
+        )
     return " UNION ALL BY NAME ".join(selects), registered
 
 
@@ -62,7 +64,7 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
 
     if not runs:
         raise WorkbenchError("no runs to query", "give one or more run folders with --runs")
-    fix = "write one SQL statement over the table `results`, e.g. \"select probe, metric, layer, head, value from results limit 10\""
+    fix = 'write one SQL statement over the table `results`, e.g. "select probe, metric, layer, head, value from results limit 10"'
     if not sql.strip():
         raise WorkbenchError("no SQL statement given (the query is empty)", fix)
     con = duckdb.connect(config={"python_enable_replacements": False})  # never read Python variables by name
@@ -78,8 +80,10 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
             else:
                 con.execute(f"CREATE VIEW results AS {table}")
         except duckdb.Error as exc:
-            raise WorkbenchError(f"cannot load the results of {', '.join(map(str, runs))}: {first_line(exc)}",
-                                 "re-run the sweep that wrote them") from None
+            raise WorkbenchError(
+                f"cannot load the results of {', '.join(map(str, runs))}: {first_line(exc)}",
+                "re-run the sweep that wrote them",
+            ) from None
         try:
             result = con.execute(sql)
             if result is None:  # only comments
@@ -87,6 +91,8 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
             return result.df()
         except duckdb.Error as exc:
             columns = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE results)").fetchall()]
-            raise WorkbenchError(f"query failed: {first_line(exc)}", "the table is `results` with columns " + ", ".join(columns)) from None
+            raise WorkbenchError(
+                f"query failed: {first_line(exc)}", "the table is `results` with columns " + ", ".join(columns)
+            ) from None
     finally:
         con.close()

@@ -1,6 +1,7 @@
 """Running a sweep: validate the config, reconcile the run folder, hand the missing units to an
 executor (:mod:`workbench.runs.executors`: in this process, or as Ray tasks) and record each part.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
     return list(groups.values())
 
 
-def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
+def prepare(
+    config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print
+) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
     """Validate, reconcile the run folder (a path or an fsspec URL) with the config, record the
     config: what to compute."""
     from workbench.runs.parquet import check_writable
@@ -32,24 +35,38 @@ def prepare(config_path: str | Path, out_dir: str | Path, log: Callable[[str], N
     check_writable(targets.join(folder.parts, "probe.parquet"))
     units = cfg.units()
     sound, moved = folder.reconcile(units, log)
-    targets.write_text(targets.join(folder.out, "sweep.json"),
-                     json.dumps({**cfg.raw, "_units": {u.filename: json.loads(u.identity) for u in units}}, indent=1, default=str))
+    targets.write_text(
+        targets.join(folder.out, "sweep.json"),
+        json.dumps({**cfg.raw, "_units": {u.filename: json.loads(u.identity) for u in units}}, indent=1, default=str),
+    )
     todo = [u for u in units if u.filename not in sound]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
     return cfg, folder, units, todo, moved
 
 
-def run_sweep(config_path: str | Path, out_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print,
-              executor: str = "local", address: str | None = None) -> dict[str, Any]:
+def run_sweep(
+    config_path: str | Path,
+    out_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    executor: str = "local",
+    address: str | None = None,
+) -> dict[str, Any]:
     """Run every unit that has no sound part yet on ``executor`` (:mod:`workbench.runs.executors`:
     ``local``, in this process; ``ray``, as tasks on a cluster at ``address``); returns a summary."""
     from workbench.runs.executors import get_executor
 
     runner = get_executor(executor, address=address)  # a missing package or cluster fails before anything is written
     cfg, folder, units, todo, moved = prepare(config_path, out_dir, log)
-    summary = {"units": len(units), "skipped": len(units) - len(todo), "ran": 0, "parts": str(folder.parts), "executor": executor,
-               **{f"set_aside_{k}": v for k, v in moved.items()}}
+    summary = {
+        "units": len(units),
+        "skipped": len(units) - len(todo),
+        "ran": 0,
+        "parts": str(folder.parts),
+        "executor": executor,
+        **{f"set_aside_{k}": v for k, v in moved.items()},
+    }
     overall = None
     if progress:
         from tqdm.auto import tqdm

@@ -31,6 +31,7 @@ Layout of ``store/`` (:mod:`workbench.store.layout`):
   atomically after every shard. A killed run leaves ``complete: false``, and the same
   ``workbench cache`` command resumes at the first missing shard.
 """
+
 from __future__ import annotations
 
 from workbench.store.layout import HOOKS

@@ -17,6 +17,7 @@ pattern probes refuse that layer. A shard is written to a temporary file, fsynce
 the manifest is updated after each, so a killed run resumes at the first missing shard and a
 shard that fails its checksum is rewritten.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,11 +49,15 @@ def decoder_blocks(base: torch.nn.Module) -> list[torch.nn.Module]:
         mods = getattr(base, name, None)
         if isinstance(mods, torch.nn.ModuleList):
             return list(mods)
-    raise WorkbenchError(f"cannot find the decoder blocks of {type(base).__name__}", "cache q, k, v and z only (--hooks q,k,v,z)")
+    raise WorkbenchError(
+        f"cannot find the decoder blocks of {type(base).__name__}", "cache q, k, v and z only (--hooks q,k,v,z)"
+    )
 
 
 @contextlib.contextmanager
-def residual_hooks(base: torch.nn.Module, layers: Sequence[int], on_resid: Callable[[str, int, torch.Tensor], None]) -> Iterator[None]:
+def residual_hooks(
+    base: torch.nn.Module, layers: Sequence[int], on_resid: Callable[[str, int, torch.Tensor], None]
+) -> Iterator[None]:
     """Call ``on_resid("resid_pre" | "resid_post", layer, [batch, pos, d_model])`` for each block:
     the bridge's ``hook_in`` / ``hook_out`` where the block has them, else the block's own input
     and output."""
@@ -61,15 +66,23 @@ def residual_hooks(base: torch.nn.Module, layers: Sequence[int], on_resid: Calla
     for layer in layers:
         block = blocks[layer]
         if hasattr(block, "hook_in") and hasattr(block, "hook_out"):
-            handles.append(block.hook_in.register_forward_hook(lambda m, a, out, L=layer: on_resid("resid_pre", L, out)))
-            handles.append(block.hook_out.register_forward_hook(lambda m, a, out, L=layer: on_resid("resid_post", L, out)))
+            handles.append(
+                block.hook_in.register_forward_hook(lambda m, a, out, L=layer: on_resid("resid_pre", L, out))
+            )
+            handles.append(
+                block.hook_out.register_forward_hook(lambda m, a, out, L=layer: on_resid("resid_post", L, out))
+            )
         else:
+
             def pre(m, args, kwargs, L=layer):
                 on_resid("resid_pre", L, args[0] if args else kwargs["hidden_states"])
 
             handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(block.register_forward_hook(
-                lambda m, a, out, L=layer: on_resid("resid_post", L, out[0] if isinstance(out, tuple) else out)))
+            handles.append(
+                block.register_forward_hook(
+                    lambda m, a, out, L=layer: on_resid("resid_post", L, out[0] if isinstance(out, tuple) else out)
+                )
+            )
     try:
         yield
     finally:
@@ -106,7 +119,9 @@ class Capture:
             return
         if call.layer not in self.layers:
             return
-        if call.layer not in self.mismatch and not mask_agrees(call, self.lengths, self.geometry["layers"][str(call.layer)]):
+        if call.layer not in self.mismatch and not mask_agrees(
+            call, self.lengths, self.geometry["layers"][str(call.layer)]
+        ):
             self.mismatch[call.layer] = "the mask the model used is not causal / sliding-window over real tokens"
         for hook, t in (("q", call.query), ("k", call.key), ("v", call.value)):
             if hook in self.hooks:
@@ -128,8 +143,12 @@ def _forward(model, ids: list[list[int]]):
     from workbench.inputs.prompts import pad_token_id
 
     batch = collate(ids, pad_token_id(model.tokenizer), model.device)
-    base_network(model.hf_model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.positions.clamp_min(0), use_cache=False)
+    base_network(model.hf_model)(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.positions.clamp_min(0),
+        use_cache=False,
+    )
     return batch
 
 
@@ -143,13 +162,21 @@ def probe_geometry(model, ids: list[int]) -> dict[str, Any]:
     config = model.hf_model.config.get_text_config()
     layers = {str(L): layer_geometry(call, config) for L, call in sorted(cap.calls.items())}
     if not layers:
-        raise WorkbenchError(f"{model.name}: no attention layer reached the workbench hook", "this architecture cannot be cached")
+        raise WorkbenchError(
+            f"{model.name}: no attention layer reached the workbench hook", "this architecture cannot be cached"
+        )
     first = layers[min(layers, key=int)]
     return {
-        "n_layers": model.n_layers, "n_heads": first["n_heads"], "n_kv_heads": first["n_kv_heads"], "head_dim": first["head_dim"],
-        "v_head_dim": first["v_head_dim"], "d_model": d_model[0] if d_model else int(config.hidden_size),
-        "positional": (pos := positional_encoding(model.hf_model)), "keys_post_rotary": pos == "rotary",
-        "padding": "absent: only real positions are stored", "layers": layers,
+        "n_layers": model.n_layers,
+        "n_heads": first["n_heads"],
+        "n_kv_heads": first["n_kv_heads"],
+        "head_dim": first["head_dim"],
+        "v_head_dim": first["v_head_dim"],
+        "d_model": d_model[0] if d_model else int(config.hidden_size),
+        "positional": (pos := positional_encoding(model.hf_model)),
+        "keys_post_rotary": pos == "rotary",
+        "padding": "absent: only real positions are stored",
+        "layers": layers,
     }
 
 
@@ -186,14 +213,25 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     from workbench.files.atomic import atomic_write_named
 
-    atomic_write_named(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": layout.FORMAT}))
+    atomic_write_named(
+        path,
+        lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": layout.FORMAT}),
+    )
 
 
 def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """What differs between the store on disk and the one asked for (None: the same)."""
-    for key, what in (("model_identity", "model"), ("tokenizer", "tokenizer"), ("hooks", "hooks"), ("layers", "layers"),
-                      ("dtype", "dtype"), ("model_dtype", "model dtype"), ("prompts", "prompts"), ("shards", "shard plan"),
-                      ("source", "dataset")):
+    for key, what in (
+        ("model_identity", "model"),
+        ("tokenizer", "tokenizer"),
+        ("hooks", "hooks"),
+        ("layers", "layers"),
+        ("dtype", "dtype"),
+        ("model_dtype", "model dtype"),
+        ("prompts", "prompts"),
+        ("shards", "shard plan"),
+        ("source", "dataset"),
+    ):
         if old.get(key) != new.get(key):
             return what
     return None
@@ -223,19 +261,26 @@ def cache_activations(
     hooks = list(dict.fromkeys(hooks))
     bad = [h for h in hooks if h not in layout.HOOKS]
     if not hooks or bad:
-        raise WorkbenchError(f"unknown hook(s) {', '.join(bad) or '(none given)'}", f"choose from {','.join(layout.HOOKS)}")
+        raise WorkbenchError(
+            f"unknown hook(s) {', '.join(bad) or '(none given)'}", f"choose from {','.join(layout.HOOKS)}"
+        )
     if dtype not in layout.STORE_DTYPES:
         raise WorkbenchError(f"unknown store dtype {dtype!r}", f"use {', '.join(layout.STORE_DTYPES)}")
     layers = sorted(set(range(model.n_layers) if layers is None else layers))
     wrong = [L for L in layers if not 0 <= L < model.n_layers]
     if not layers or wrong:
-        raise WorkbenchError(f"layer(s) {wrong or '(none)'} outside 0-{model.n_layers - 1} of {model.name}", f"e.g. --layers 0-{model.n_layers - 1}")
+        raise WorkbenchError(
+            f"layer(s) {wrong or '(none)'} outside 0-{model.n_layers - 1} of {model.name}",
+            f"e.g. --layers 0-{model.n_layers - 1}",
+        )
     if not prompts:
         raise WorkbenchError("no prompts to cache", "give a non-empty --prompts file or --dataset")
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise WorkbenchError(f"prompt id {dup!r} appears twice; a store reads prompts by id", "give every prompt a unique id")
+        raise WorkbenchError(
+            f"prompt id {dup!r} appears twice; a store reads prompts by id", "give every prompt a unique id"
+        )
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} is a file", "give a folder for the store")
     if out.is_dir() and any(out.iterdir()) and not (out / layout.INDEX).is_file():
@@ -251,18 +296,45 @@ def cache_activations(
         offsets.append(offsets[-1] + n)
     plan_prompts, shards = [], []
     for s, (a, b) in enumerate(ranges):
-        shards.append({"name": layout.shard_name(s), "prompts": [a, b], "n_tokens": offsets[b] - offsets[a],
-                       "bytes": (offsets[b] - offsets[a]) * token_bytes})
+        shards.append(
+            {
+                "name": layout.shard_name(s),
+                "prompts": [a, b],
+                "n_tokens": offsets[b] - offsets[a],
+                "bytes": (offsets[b] - offsets[a]) * token_bytes,
+            }
+        )
         for i in range(a, b):
-            plan_prompts.append({"id": prompts[i].id, "n_tokens": lengths[i], "offset": offsets[i], "shard": s,
-                                 "row": offsets[i] - offsets[a], "meta": prompts[i].meta})
+            plan_prompts.append(
+                {
+                    "id": prompts[i].id,
+                    "n_tokens": lengths[i],
+                    "offset": offsets[i],
+                    "shard": s,
+                    "row": offsets[i] - offsets[a],
+                    "meta": prompts[i].meta,
+                }
+            )
     index = {
-        "format": layout.FORMAT, "version": layout.VERSION, "model": model.name, "model_identity": model_identity(model.name),
-        "model_info": model.describe(), "model_dtype": str(model.dtype).replace("torch.", ""),
-        "tokenizer": layout.tokenizer_identity(model.tokenizer), "dtype": dtype, "hooks": hooks, "layers": layers,
-        "shapes": {h: s for h, s in layout.token_shapes(geometry).items() if h in hooks}, "geometry": geometry,
-        "source": source or {}, "n_prompts": len(prompts), "n_tokens": offsets[-1], "prompts": plan_prompts, "shards": shards,
-        "command": command or "the same `workbench cache` command", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": layout.FORMAT,
+        "version": layout.VERSION,
+        "model": model.name,
+        "model_identity": model_identity(model.name),
+        "model_info": model.describe(),
+        "model_dtype": str(model.dtype).replace("torch.", ""),
+        "tokenizer": layout.tokenizer_identity(model.tokenizer),
+        "dtype": dtype,
+        "hooks": hooks,
+        "layers": layers,
+        "shapes": {h: s for h, s in layout.token_shapes(geometry).items() if h in hooks},
+        "geometry": geometry,
+        "source": source or {},
+        "n_prompts": len(prompts),
+        "n_tokens": offsets[-1],
+        "prompts": plan_prompts,
+        "shards": shards,
+        "command": command or "the same `workbench cache` command",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     index = json.loads(json.dumps(index, default=str))  # as it reads back: resumes compare like with like
     manifest: dict[str, Any] = {"format": layout.FORMAT, "complete": False, "shards": {}, "mask_mismatch": {}}
@@ -270,8 +342,10 @@ def cache_activations(
         old = layout.read_json(out / layout.INDEX, "index")
         differs = _same_plan(old, index)
         if differs:
-            raise WorkbenchError(f"{out} holds a store of a different {differs}; it cannot be resumed with these settings",
-                                 "choose another --out, or delete the folder to rebuild it")
+            raise WorkbenchError(
+                f"{out} holds a store of a different {differs}; it cannot be resumed with these settings",
+                "choose another --out, or delete the folder to rebuild it",
+            )
         index = old
         if (out / layout.MANIFEST).is_file():
             loaded = layout.read_json(out / layout.MANIFEST, "manifest")
@@ -290,7 +364,8 @@ def cache_activations(
     if need > free:
         raise WorkbenchError(
             f"the store needs about {layout.human_bytes(need)} more and {out} has {layout.human_bytes(free)} free",
-            "free some space, choose another --out, or store less: fewer --hooks / --layers, --dtype float16, fewer prompts")
+            "free some space, choose another --out, or store less: fewer --hooks / --layers, --dtype float16, fewer prompts",
+        )
     shard_dir.mkdir(parents=True, exist_ok=True)
     for s in todo:  # a process killed inside _write_shard leaves its temp file: the shard is rewritten whole
         for stale in shard_dir.glob(f".{s['name']}.*.tmp"):
@@ -302,8 +377,10 @@ def cache_activations(
     layout.write_json(out / layout.MANIFEST, manifest)
     if done:
         log(f"resuming {out}: {len(done)} of {len(shards)} shards already written")
-    log(f"caching {len(prompts)} prompts ({offsets[-1]} tokens), {', '.join(hooks)} x {len(layers)} layers as {dtype}: "
-        f"{layout.human_bytes(need)} in {len(todo)} shard(s) -> {out}")
+    log(
+        f"caching {len(prompts)} prompts ({offsets[-1]} tokens), {', '.join(hooks)} x {len(layers)} layers as {dtype}: "
+        f"{layout.human_bytes(need)} in {len(todo)} shard(s) -> {out}"
+    )
 
     cap = Capture(hooks, layers, geometry)
     ctx = RunContext(batch_size=batch_size)
@@ -317,8 +394,11 @@ def cache_activations(
         with hooked_run(model.hf_model, cap), residual_hooks(_base(model), layers, cap.on_resid):
             for s in todo:
                 a, b = s["prompts"]
-                cap.buffers = {layout.tensor_name(h, L): torch.empty((s["n_tokens"], *index["shapes"][h]), dtype=_DTYPES[dtype])
-                               for h in hooks for L in layers}
+                cap.buffers = {
+                    layout.tensor_name(h, L): torch.empty((s["n_tokens"], *index["shapes"][h]), dtype=_DTYPES[dtype])
+                    for h in hooks
+                    for L in layers
+                }
                 rows = [offsets[i] - offsets[a] for i in range(a, b)]
 
                 def run(idx: list[int], a: int = a, rows: list[int] = rows) -> None:
@@ -328,7 +408,10 @@ def cache_activations(
                         bar.update(sum(lengths[a + i] for i in idx))
 
                 def too_big(i: int, a: int = a) -> WorkbenchError:
-                    return WorkbenchError(f"out of memory on a single prompt of {lengths[a + i]} tokens", "use --model-dtype bfloat16 or shorter prompts")
+                    return WorkbenchError(
+                        f"out of memory on a single prompt of {lengths[a + i]} tokens",
+                        "use --model-dtype bfloat16 or shorter prompts",
+                    )
 
                 run_halving_on_oom(ctx.plan(lengths[a:b], model.device), run, model.device, too_big)
                 tensors = dict(cap.buffers)
@@ -336,8 +419,12 @@ def cache_activations(
                 path = shard_dir / s["name"]
                 _write_shard(path, tensors)
                 cap.buffers = {}
-                manifest["shards"][s["name"]] = {"size": path.stat().st_size, "sha256": sha256_file(path),
-                                                  "n_tokens": s["n_tokens"], "prompts": s["prompts"]}
+                manifest["shards"][s["name"]] = {
+                    "size": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                    "n_tokens": s["n_tokens"],
+                    "prompts": s["prompts"],
+                }
                 manifest["mask_mismatch"].update({str(k): v for k, v in cap.mismatch.items()})
                 layout.write_json(out / layout.MANIFEST, manifest)
     finally:

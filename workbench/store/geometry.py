@@ -9,6 +9,7 @@ these facts; while caching, every layer's real mask is compared with it (:func:`
 and a layer whose mask was something else (an ALiBi bias, bidirectional spans) is recorded as
 not replayable rather than replayed wrongly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,8 +51,13 @@ def layer_geometry(call: AttentionCall, config: Any) -> dict[str, Any]:
     }
 
 
-def visible_keys(lengths: Int[Tensor, " batch"], width: int, causal: bool = True, sliding_window: int | None = None,
-                 device: torch.device | str = "cpu") -> Bool[Tensor, "batch 1 query key"]:
+def visible_keys(
+    lengths: Int[Tensor, " batch"],
+    width: int,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Bool[Tensor, "batch 1 query key"]:
     """The mask of a right-padded batch: key k is visible to query q when it is a real token,
     k <= q (causal) and q - k < window (transformers' sliding-window rule)."""
     q = torch.arange(width, device=device)[:, None]
@@ -76,5 +82,7 @@ def mask_agrees(call: AttentionCall, lengths: Int[Tensor, " batch"], geometry: d
             return False  # an additive bias (e.g. ALiBi) beyond masking
     eff = torch.nn.functional.pad(eff, (0, width - eff.shape[-1])) if eff.shape[-1] < width else eff
     want = visible_keys(lengths, width, geometry["causal"], geometry["sliding_window"], call.query.device)
-    real_rows = (torch.arange(width, device=call.query.device)[None, :] < lengths.to(call.query.device)[:, None])[:, None, :, None]
+    real_rows = (torch.arange(width, device=call.query.device)[None, :] < lengths.to(call.query.device)[:, None])[
+        :, None, :, None
+    ]
     return not bool(((eff != want) & real_rows).any())

@@ -5,6 +5,7 @@ finished (size, SHA-256) and whether the store is complete, and is rewritten ato
 each shard. A store whose manifest says ``complete: false`` was interrupted: readers refuse it
 and name the command that resumes it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,9 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    specials = {
+        k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    }
     h.update(json.dumps(specials, sort_keys=True).encode())
     return {"class": type(tokenizer).__name__, "sha256": h.hexdigest()[:16], "vocab_size": len(tokenizer), **specials}
 
@@ -52,11 +55,17 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise WorkbenchError(f"{path.parent} is not an activation store (no {path.name})", "give the --out folder of `workbench cache`") from None
+        raise WorkbenchError(
+            f"{path.parent} is not an activation store (no {path.name})", "give the --out folder of `workbench cache`"
+        ) from None
     except (ValueError, OSError) as exc:
-        raise WorkbenchError(f"{path} ({what}) is unreadable: {exc}", "re-run the `workbench cache` command that wrote it") from None
+        raise WorkbenchError(
+            f"{path} ({what}) is unreadable: {exc}", "re-run the `workbench cache` command that wrote it"
+        ) from None
     if not isinstance(data, dict):
-        raise WorkbenchError(f"{path} ({what}) is not a JSON object", "re-run the `workbench cache` command that wrote it")
+        raise WorkbenchError(
+            f"{path} ({what}) is not a JSON object", "re-run the `workbench cache` command that wrote it"
+        )
     return data
 
 

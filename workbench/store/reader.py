@@ -6,6 +6,7 @@ touches only the rows asked for. :meth:`ActivationStore.dataset` is a ``torch.ut
 of single-token rows for training a linear probe or a sparse autoencoder; it keeps no open file
 when pickled, so ``DataLoader(num_workers=N)`` workers open their own maps.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -26,13 +27,19 @@ class ActivationStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise WorkbenchError(f"activation store {self.path} does not exist", "give the --out folder of `workbench cache`")
+            raise WorkbenchError(
+                f"activation store {self.path} does not exist", "give the --out folder of `workbench cache`"
+            )
         self.index = layout.read_json(self.path / layout.INDEX, "index")
         if self.index.get("format") != layout.FORMAT:
-            raise WorkbenchError(f"{self.path} is not a workbench activation store", "give the --out folder of `workbench cache`")
+            raise WorkbenchError(
+                f"{self.path} is not a workbench activation store", "give the --out folder of `workbench cache`"
+            )
         if int(self.index.get("version", 0)) > layout.VERSION:
-            raise WorkbenchError(f"{self.path} was written by a newer workbench (store version {self.index.get('version')})",
-                                 "upgrade the workbench to read it")
+            raise WorkbenchError(
+                f"{self.path} was written by a newer workbench (store version {self.index.get('version')})",
+                "upgrade the workbench to read it",
+            )
         mpath = self.path / layout.MANIFEST
         self.manifest = layout.read_json(mpath, "manifest") if mpath.is_file() else {"complete": False, "shards": {}}
         self._by_id = {p["id"]: i for i, p in enumerate(self.index["prompts"])}
@@ -42,7 +49,9 @@ class ActivationStore:
     # -- what the store holds ------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete")) and all(s["name"] in self.manifest.get("shards", {}) for s in self.index["shards"])
+        return bool(self.manifest.get("complete")) and all(
+            s["name"] in self.manifest.get("shards", {}) for s in self.index["shards"]
+        )
 
     @property
     def hooks(self) -> list[str]:
@@ -72,15 +81,22 @@ class ActivationStore:
         """Refuse an interrupted store, naming the command that finishes it."""
         if not self.complete:
             done, total = len(self.manifest.get("shards", {})), len(self.index["shards"])
-            raise WorkbenchError(f"activation store {self.path} is incomplete ({done} of {total} shards written; the run that wrote it was interrupted)",
-                                 f"resume it: {self.resume_command}")
+            raise WorkbenchError(
+                f"activation store {self.path} is incomplete ({done} of {total} shards written; the run that wrote it was interrupted)",
+                f"resume it: {self.resume_command}",
+            )
 
     def verify(self) -> list[str]:
         """Names of shards that are missing or fail their recorded size / SHA-256 (reads every byte)."""
         bad = []
         for s in self.index["shards"]:
             rec, path = self.manifest.get("shards", {}).get(s["name"]), self.path / layout.SHARDS / s["name"]
-            if not rec or not path.is_file() or path.stat().st_size != rec.get("size") or sha256_file(path) != rec.get("sha256"):
+            if (
+                not rec
+                or not path.is_file()
+                or path.stat().st_size != rec.get("size")
+                or sha256_file(path) != rec.get("sha256")
+            ):
                 bad.append(s["name"])
         return bad
 
@@ -94,9 +110,14 @@ class ActivationStore:
             path = self.path / layout.SHARDS / name
             rec = self.manifest.get("shards", {}).get(name)
             if rec is None or not path.is_file():
-                raise WorkbenchError(f"shard {name} of {self.path} is not written yet", f"resume the store: {self.resume_command}")
+                raise WorkbenchError(
+                    f"shard {name} of {self.path} is not written yet", f"resume the store: {self.resume_command}"
+                )
             if path.stat().st_size != rec.get("size"):
-                raise WorkbenchError(f"shard {name} of {self.path} has the wrong size (damaged)", f"delete it and resume: {self.resume_command}")
+                raise WorkbenchError(
+                    f"shard {name} of {self.path} has the wrong size (damaged)",
+                    f"delete it and resume: {self.resume_command}",
+                )
             handle = self._handles[name] = safe_open(str(path), framework="pt")
         return handle
 
@@ -104,15 +125,22 @@ class ActivationStore:
         if isinstance(prompt, int) and not isinstance(prompt, bool):
             return self.index["prompts"][prompt]
         if prompt not in self._by_id:
-            raise WorkbenchError(f"prompt {prompt!r} is not in {self.path}", f"its prompts: {', '.join(self.prompt_ids[:5])}, ...")
+            raise WorkbenchError(
+                f"prompt {prompt!r} is not in {self.path}", f"its prompts: {', '.join(self.prompt_ids[:5])}, ..."
+            )
         return self.index["prompts"][self._by_id[prompt]]
 
     def _check(self, hook: str, layer: int) -> None:
         if hook not in self.hooks:
-            raise WorkbenchError(f"{self.path} holds hooks {','.join(self.hooks)}, not {hook}", f"cache it: workbench cache ... --hooks {hook}")
+            raise WorkbenchError(
+                f"{self.path} holds hooks {','.join(self.hooks)}, not {hook}",
+                f"cache it: workbench cache ... --hooks {hook}",
+            )
         if layer not in self.layers:
-            raise WorkbenchError(f"{self.path} holds layers {self.layers[0]}-{self.layers[-1]} ({len(self.layers)}), not {layer}",
-                                 "cache it with --layers")
+            raise WorkbenchError(
+                f"{self.path} holds layers {self.layers[0]}-{self.layers[-1]} ({len(self.layers)}), not {layer}",
+                "cache it with --layers",
+            )
 
     def get(self, hook: str, layer: int, prompt: str | int) -> Tensor:
         """One prompt's activations at one layer, ``[tokens, ...]`` in the store's dtype."""
@@ -147,8 +175,10 @@ class ActivationStore:
         return state
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}: {self.index['model']}, {len(self.prompt_ids)} prompts, {self.n_tokens} tokens, "
-                f"hooks {','.join(self.hooks)}, {len(self.layers)} layers, {self.index['dtype']}{'' if self.complete else ', INCOMPLETE'})")
+        return (
+            f"ActivationStore({str(self.path)!r}: {self.index['model']}, {len(self.prompt_ids)} prompts, {self.n_tokens} tokens, "
+            f"hooks {','.join(self.hooks)}, {len(self.layers)} layers, {self.index['dtype']}{'' if self.complete else ', INCOMPLETE'})"
+        )
 
 
 class TokenActivations(Dataset):

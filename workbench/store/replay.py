@@ -13,6 +13,7 @@ The model is replaced by :class:`StoreModel`, a stand-in with the few facts the 
 (``n_layers``, ``n_heads``, ``device``, a tokenizer that knows its pad id). Token and item probes
 run their own forwards and need the model; they are refused with that reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,8 +55,15 @@ class StoreModel:
 
 def stand_in(store: ActivationStore, device: str | torch.device = "cpu") -> StoreModel:
     g, tok = store.geometry, store.index["tokenizer"]
-    return StoreModel(store.index["model"], int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_heads"]), torch.device(device),
-                      _PadOnly(tok.get("pad_token_id"), tok.get("eos_token_id")), {**store.index.get("model_info", {}), "from_store": str(store.path)})
+    return StoreModel(
+        store.index["model"],
+        int(g["n_layers"]),
+        int(g["n_heads"]),
+        int(g["n_kv_heads"]),
+        torch.device(device),
+        _PadOnly(tok.get("pad_token_id"), tok.get("eos_token_id")),
+        {**store.index.get("model_info", {}), "from_store": str(store.path)},
+    )
 
 
 def check_replayable(store: ActivationStore, probes: Sequence[Any]) -> None:
@@ -63,17 +71,23 @@ def check_replayable(store: ActivationStore, probes: Sequence[Any]) -> None:
     store.require_complete()
     live = [p.name for p in probes if getattr(p, "kind", None) != "pattern"]
     if live:
-        raise WorkbenchError(f"{', '.join(live)} needs the model: it runs its own forwards or reads raw items, and a store holds only activations",
-                             f"run it live: workbench probe {','.join(live)} --model {store.index['model']} ...; from a store run only pattern probes")
+        raise WorkbenchError(
+            f"{', '.join(live)} needs the model: it runs its own forwards or reads raw items, and a store holds only activations",
+            f"run it live: workbench probe {','.join(live)} --model {store.index['model']} ...; from a store run only pattern probes",
+        )
     missing = [h for h in ("q", "k") if h not in store.hooks]
     if missing:
-        raise WorkbenchError(f"{store.path} holds hooks {','.join(store.hooks)}; pattern probes need the post-rotary queries and keys (q, k)",
-                             f"cache them: workbench cache --model {store.index['model']} ... --hooks q,k --out NEW_STORE")
+        raise WorkbenchError(
+            f"{store.path} holds hooks {','.join(store.hooks)}; pattern probes need the post-rotary queries and keys (q, k)",
+            f"cache them: workbench cache --model {store.index['model']} ... --hooks q,k --out NEW_STORE",
+        )
     bad = {int(k): v for k, v in store.manifest.get("mask_mismatch", {}).items()}
     if bad:
         L = sorted(bad)
-        raise WorkbenchError(f"layer(s) {', '.join(map(str, L))} of {store.index['model']} used a mask a store cannot rebuild ({bad[L[0]]})",
-                             f"run the probes on the live model: workbench probe ... --model {store.index['model']}")
+        raise WorkbenchError(
+            f"layer(s) {', '.join(map(str, L))} of {store.index['model']} used a mask a store cannot rebuild ({bad[L[0]]})",
+            f"run the probes on the live model: workbench probe ... --model {store.index['model']}",
+        )
 
 
 def store_calls(store: ActivationStore, batch: BatchInfo, dtype: torch.dtype | None = None) -> Iterator[AttentionCall]:
@@ -95,9 +109,15 @@ def store_calls(store: ActivationStore, batch: BatchInfo, dtype: torch.dtype | N
 
         q, k = padded("q"), padded("k")
         yield AttentionCall(
-            layer=layer, module=None, query=q, key=k, value=padded("v") if has_v else k,
+            layer=layer,
+            module=None,
+            query=q,
+            key=k,
+            value=padded("v") if has_v else k,
             mask=visible_keys(lengths, width, geo["causal"], geo["sliding_window"], device),
-            scaling=float(geo["scaling"]), is_causal=False, softcap=geo["softcap"],
+            scaling=float(geo["scaling"]),
+            is_causal=False,
+            softcap=geo["softcap"],
         )
 
 
@@ -108,9 +128,16 @@ def store_prompts(store: ActivationStore, n_prompts: int | None = None) -> list:
     return [TokenizedPrompt(pid, store.tokens(pid), store.meta(pid)) for pid in ids]
 
 
-def run_probes_from_store(store: ActivationStore | str, probes: Sequence[Any], *, batch_size: int | str = "auto",
-                          device: str | torch.device = "cpu", n_prompts: int | None = None, chunk_elements: int | None = None,
-                          progress: bool | None = False):
+def run_probes_from_store(
+    store: ActivationStore | str,
+    probes: Sequence[Any],
+    *,
+    batch_size: int | str = "auto",
+    device: str | torch.device = "cpu",
+    n_prompts: int | None = None,
+    chunk_elements: int | None = None,
+    progress: bool | None = False,
+):
     """Run pattern ``probes`` on the queries and keys of ``store``; a :class:`~workbench.runner.RunResult`
     whose rows cover the store's layers."""
     import pandas as pd

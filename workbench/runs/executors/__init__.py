@@ -19,6 +19,7 @@ name        module                                     runs groups
 A new executor is one module with a class like these, named in :data:`EXECUTORS` or registered
 by a package under the ``workbench.runs.executors`` entry-point group; nothing else changes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,17 @@ class Executor(Protocol):
 
     name: str
 
-    def run(self, cfg: SweepConfig, groups: list[list[Unit]], parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
-            config_path: str, progress: bool, log: Callable[[str], None]) -> None:
+    def run(
+        self,
+        cfg: SweepConfig,
+        groups: list[list[Unit]],
+        parts_dir: str | Path,
+        record: Callable[[dict[str, Any]], None],
+        *,
+        config_path: str,
+        progress: bool,
+        log: Callable[[str], None],
+    ) -> None:
         """Run every group; call ``record(info)`` in this process for each part written."""
 
 

@@ -1,4 +1,5 @@
 """The local executor: every group in this process, in order, one model load per model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,22 @@ class LocalExecutor:
 
     def __init__(self, address: str | None = None) -> None:
         if address:
-            raise WorkbenchError("--address names a cluster, and the local executor runs in this process", "drop --address, or add --executor ray")
+            raise WorkbenchError(
+                "--address names a cluster, and the local executor runs in this process",
+                "drop --address, or add --executor ray",
+            )
 
-    def run(self, cfg, groups: list, parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
-            config_path: str, progress: bool, log: Callable[[str], None]) -> None:
+    def run(
+        self,
+        cfg,
+        groups: list,
+        parts_dir: str | Path,
+        record: Callable[[dict[str, Any]], None],
+        *,
+        config_path: str,
+        progress: bool,
+        log: Callable[[str], None],
+    ) -> None:
         from workbench.models.loading import load_model
         from workbench.runs.group import run_group
 

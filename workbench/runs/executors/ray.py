@@ -21,6 +21,7 @@ per group with the resources of the config's ``[executor]`` table (``cpus``, ``g
 - **Tokens.** A cluster started with ``RAY_AUTH_MODE=token`` admits a driver only with the same
   ``RAY_AUTH_TOKEN`` (or ``~/.ray/auth_token``); a wrong token is one clear error.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,13 +55,17 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     hp = _host_port(address)
     if hp is None:
         if address != "auto":
-            raise WorkbenchError(f"--address {address!r} is not host:port", "e.g. --address 127.0.0.1:6379 (the head node's GCS address)")
+            raise WorkbenchError(
+                f"--address {address!r} is not host:port", "e.g. --address 127.0.0.1:6379 (the head node's GCS address)"
+            )
         return
     try:
         socket.create_connection(hp, timeout=timeout).close()
     except OSError as exc:
-        raise WorkbenchError(f"no Ray cluster answers at {address} ({exc.strerror or exc})",
-                             "start one (`ray start --head --port PORT`) and pass its address, or drop --address to run on a local Ray instance") from None
+        raise WorkbenchError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc})",
+            "start one (`ray start --head --port PORT`) and pass its address, or drop --address to run on a local Ray instance",
+        ) from None
 
 
 def _check_token(ray: Any, address: str) -> None:
@@ -73,8 +78,10 @@ def _check_token(ray: Any, address: str) -> None:
     try:
         GcsClient(address=address).cluster_id
     except AuthenticationError:
-        raise WorkbenchError(f"the Ray cluster at {address} refused this driver's authentication token",
-                             "set RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token: `ray get-auth-token` on its head node") from None
+        raise WorkbenchError(
+            f"the Ray cluster at {address} refused this driver's authentication token",
+            "set RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the cluster's token: `ray get-auth-token` on its head node",
+        ) from None
     except Exception:
         return
 
@@ -129,30 +136,51 @@ class RayExecutor:
             ray.init(address=self.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WorkbenchError(f"cannot connect to the Ray cluster at {self.address or '(local)'}: {first}",
-                                 "check the address and RAY_AUTH_TOKEN, or drop --address to run on a local Ray instance") from None
-        log(f"ray: connected to {self.address or 'a local Ray instance'} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
+            raise WorkbenchError(
+                f"cannot connect to the Ray cluster at {self.address or '(local)'}: {first}",
+                "check the address and RAY_AUTH_TOKEN, or drop --address to run on a local Ray instance",
+            ) from None
+        log(
+            f"ray: connected to {self.address or 'a local Ray instance'} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+        )
         return True
 
-    def run(self, cfg, groups: list, parts_dir: str | Path, record: Callable[[dict[str, Any]], None], *,
-            config_path: str, progress: bool, log: Callable[[str], None]) -> None:
+    def run(
+        self,
+        cfg,
+        groups: list,
+        parts_dir: str | Path,
+        record: Callable[[dict[str, Any]], None],
+        *,
+        config_path: str,
+        progress: bool,
+        log: Callable[[str], None],
+    ) -> None:
         from workbench.files import targets
 
         ray = self.ray
         if targets.process_local(parts_dir):
-            raise WorkbenchError(f"{parts_dir} lives in this process's memory, and Ray tasks run in other processes",
-                                 "give a run folder every worker sees: a shared path, or a file://, s3:// or gs:// URL")
+            raise WorkbenchError(
+                f"{parts_dir} lives in this process's memory, and Ray tasks run in other processes",
+                "give a run folder every worker sees: a shared path, or a file://, s3:// or gs:// URL",
+            )
         if not groups:
             return
         owned = self._connect(log)
         res = dict(cfg.executor or {})
-        options: dict[str, Any] = {"num_cpus": res.get("cpus", 1), "num_gpus": res.get("gpus", 0), "max_retries": res.get("retries", 3),
-                                   "retry_exceptions": False}
+        options: dict[str, Any] = {
+            "num_cpus": res.get("cpus", 1),
+            "num_gpus": res.get("gpus", 0),
+            "max_retries": res.get("retries", 3),
+            "retry_exceptions": False,
+        }
         if res.get("memory"):
             options["memory"] = int(res["memory"])
         task = ray.remote(run_group_task).options(**options)
         try:
-            shared = str(targets.absolute(parts_dir))  # a relative path or file:// URL means nothing in a worker's folder
+            shared = str(
+                targets.absolute(parts_dir)
+            )  # a relative path or file:// URL means nothing in a worker's folder
             pending = {task.remote(cfg, g, shared, config_path): g for g in groups}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -177,7 +205,12 @@ class RayExecutor:
         what = f"{group[0].model} / {group[0].dataset}"
         name = type(exc).__name__
         if "WorkerCrashed" in name or "NodeDied" in name or "OutOfMemory" in name:
-            return WorkbenchError(f"the Ray worker running {what} died {retries + 1} times ({name})",
-                                  "see the Ray logs (memory?); re-run the sweep to resume: finished parts are kept")
+            return WorkbenchError(
+                f"the Ray worker running {what} died {retries + 1} times ({name})",
+                "see the Ray logs (memory?); re-run the sweep to resume: finished parts are kept",
+            )
         first = str(cause or exc).strip().splitlines()[-1] if str(cause or exc).strip() else name
-        return WorkbenchError(f"the Ray task for {what} failed: {first}", "see the error above; re-run the sweep to resume (finished parts are kept)")
+        return WorkbenchError(
+            f"the Ray task for {what} failed: {first}",
+            "see the error above; re-run the sweep to resume (finished parts are kept)",
+        )
