@@ -31,11 +31,12 @@ demo: $(STAMP)
 	$(BIN)/workbench sweep data/sweeps/demo.toml --out runs/demo
 	$(BIN)/workbench report runs/demo --out runs/demo/report.html
 
+# Both cores: two pytest-xdist workers, each test module on one worker (tests/conftest.py).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not smollm2 and not gemma3"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not smollm2 and not gemma3"
 
 bench: $(STAMP) browser
 	$(BIN)/python benchmarks/bench_extraction.py

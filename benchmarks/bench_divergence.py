@@ -100,14 +100,14 @@ def main() -> None:
 
     from workbench.datasets import make_dataset
     from workbench.engine.divergence import divergence
-    from workbench.inputs.conditions import context_pair
+    from workbench.inputs.conditions import passage_pair
     from workbench.models.loading import load_model
     from workbench.protocol.run_context import RunContext
 
     torch.set_grad_enabled(False)
     model = load_model(args.model, device="cpu")
     items = make_dataset("counterfact", n_prompts=args.n_items, seed=0)
-    pairs = [context_pair(model, it) for it in items]
+    pairs = [passage_pair(model, it) for it in items]
     hf = AutoModelForCausalLM.from_pretrained(model.source, attn_implementation="eager").eval()
     tok = model.tokenizer
     pad, eos = (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id), tok.eos_token_id
@@ -134,7 +134,8 @@ def main() -> None:
     print(f"plain HF loop (batch 1, o_proj hooks):        {n / times['plain']:.2f} items/s ({times['plain']:.1f} s)")
     print(f"TransformerLens run_with_cache loop (batch 1): {n / times['tl']:.2f} items/s ({times['tl']:.1f} s)")
     print(
-        f"workbench (batch {args.batch_size}, two teacher-forced forwards): {n / times['ours']:.2f} items/s ({times['ours']:.1f} s)"
+        f"workbench (batch {args.batch_size}, two teacher-forced forwards): "
+        f"{n / times['ours']:.2f} items/s ({times['ours']:.1f} s)"
     )
     print(
         f"speed-up: {times['plain'] / times['ours']:.2f}x vs plain loop, {times['tl'] / times['ours']:.2f}x vs TL; "

@@ -125,6 +125,99 @@ def child_interleaved(methods: list[str], batch: int, tokens: int, cycles: int) 
     return {"batch": batch, "tokens": tokens, "cycles": cycles, "times": alternating_times(runs, cycles)}
 
 
+def _process_rounds(args: argparse.Namespace, methods: list[str], batch: int, tokens: int) -> dict[str, list[dict]]:
+    """``--rounds`` rounds of one child process per method at one shape: each method's own times
+    and peak memory (a failed process is reported and left out)."""
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for method in methods:
+            repeats = args.repeats if tokens <= 1024 else 1
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    "--batch",
+                    str(batch),
+                    "--tokens",
+                    str(tokens),
+                    "--repeats",
+                    str(repeats),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                why = (
+                    "killed (out of memory?)"
+                    if proc.returncode < 0
+                    else (proc.stderr.strip().splitlines() or ["?"])[-1]
+                )
+                print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}", flush=True)
+                continue
+            runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _same_process_ratios(args: argparse.Namespace, methods: list[str], batch: int, tokens: int) -> dict[str, str]:
+    """Each method's time against hf_sdpa of the same cycle, from one child process alternating
+    the methods (``--cycles``), as "median (min-max)"; empty when skipped or failed."""
+    same: dict[str, str] = {}
+    if args.cycles > 0:
+        # TransformerLens' cache at 4096 tokens (~20 GB) next to two more models: not in one process
+        inter = [m for m in methods if m != "tl_cache" or batch * tokens <= 2048]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                ",".join(inter),
+                "--interleaved",
+                "--batch",
+                str(batch),
+                "--tokens",
+                str(tokens),
+                "--cycles",
+                str(args.cycles),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode == 0:
+            t = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+            for m, ts in t.items():
+                r = [a / b for a, b in zip(ts, t["hf_sdpa"])]
+                same[m] = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+        else:
+            print(
+                f"{batch:>6} x {tokens:<6} same-process cycles failed: "
+                f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+                flush=True,
+            )
+    return same
+
+
+def _print_shape(
+    batch: int, tokens: int, methods: list[str], runs: dict[str, list[dict]], same: dict[str, str]
+) -> None:
+    """One table row per method of one shape: its times and memory, and its ratios to hf_sdpa."""
+    base = runs["hf_sdpa"]
+    for method in methods:
+        rs = runs[method]
+        if not rs or not base:
+            continue
+        t = statistics.median(r["seconds"] for r in rs)
+        mem = max(r["peak_gb"] for r in rs)
+        tr = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rs, base))
+        mr = mem / max(b["peak_gb"] for b in base)
+        print(
+            f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} "
+            f"{tr:16.2f}x {mr:7.2f}x {same.get(method, '-'):>24}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -159,86 +252,19 @@ def main() -> None:
     if methods[0] != "hf_sdpa":
         methods = ["hf_sdpa"] + [m for m in methods if m != "hf_sdpa"]
     print(
-        f"peak memory: {args.rounds} round(s) of one process per method; time: {args.cycles} cycles of the methods alternating in one "
-        "process, each ratio against hf_sdpa of the same cycle (median, min-max); 'process time/(a)': the per-process rounds"
+        f"peak memory: {args.rounds} round(s) of one process per method; "
+        f"time: {args.cycles} cycles of the methods alternating in one "
+        "process, each ratio against hf_sdpa of the same cycle (median, min-max); "
+        "'process time/(a)': the per-process rounds"
     )
     print(
-        f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} {'process time/(a)':>17} {'mem/(a)':>8} {'time/(a), same process':>24}"
+        f"{'batch x tokens':>15} {'method':>10} {'time s':>8} {'peak GB':>8} "
+        f"{'process time/(a)':>17} {'mem/(a)':>8} {'time/(a), same process':>24}"
     )
     for batch, tokens in shapes:
-        runs: dict[str, list[dict]] = {m: [] for m in methods}
-        for _ in range(args.rounds):
-            for method in methods:
-                repeats = args.repeats if tokens <= 1024 else 1
-                proc = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        method,
-                        "--batch",
-                        str(batch),
-                        "--tokens",
-                        str(tokens),
-                        "--repeats",
-                        str(repeats),
-                    ],
-                    capture_output=True,
-                    text=True,
-                )
-                if proc.returncode != 0:
-                    why = (
-                        "killed (out of memory?)"
-                        if proc.returncode < 0
-                        else (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    )
-                    print(f"{batch:>6} x {tokens:<6} {method:>10} failed: {why}", flush=True)
-                    continue
-                runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        same: dict[str, str] = {}
-        if args.cycles > 0:
-            # TransformerLens' cache at 4096 tokens (~20 GB) next to two more models: not in one process
-            inter = [m for m in methods if m != "tl_cache" or batch * tokens <= 2048]
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    ",".join(inter),
-                    "--interleaved",
-                    "--batch",
-                    str(batch),
-                    "--tokens",
-                    str(tokens),
-                    "--cycles",
-                    str(args.cycles),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode == 0:
-                t = json.loads(proc.stdout.strip().splitlines()[-1])["times"]
-                for m, ts in t.items():
-                    r = [a / b for a, b in zip(ts, t["hf_sdpa"])]
-                    same[m] = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
-            else:
-                print(
-                    f"{batch:>6} x {tokens:<6} same-process cycles failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
-                    flush=True,
-                )
-        base = runs["hf_sdpa"]
-        for method in methods:
-            rs = runs[method]
-            if not rs or not base:
-                continue
-            t = statistics.median(r["seconds"] for r in rs)
-            mem = max(r["peak_gb"] for r in rs)
-            tr = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rs, base))
-            mr = mem / max(b["peak_gb"] for b in base)
-            print(
-                f"{batch:>6} x {tokens:<6} {method:>10} {t:8.2f} {mem:8.2f} {tr:16.2f}x {mr:7.2f}x {same.get(method, '-'):>24}",
-                flush=True,
-            )
+        runs = _process_rounds(args, methods, batch, tokens)
+        same = _same_process_ratios(args, methods, batch, tokens)
+        _print_shape(batch, tokens, methods, runs, same)
 
 
 if __name__ == "__main__":

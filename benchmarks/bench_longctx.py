@@ -382,6 +382,113 @@ def _run_child(argv: list[str]) -> tuple[dict | None, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
+def _process_rounds(
+    args: argparse.Namespace,
+    methods: list[str],
+    tokens: int,
+    shape: tuple[int, int],
+    runs: list[dict],
+    notes: list[str],
+) -> None:
+    """``--rounds`` rounds of one child process per method at ``tokens``, appended to ``runs``
+    (tl_cache skipped where its predicted memory is over the limit; skips and failures to ``notes``)."""
+    n_layers, n_heads = shape
+    for rnd in range(args.rounds):
+        for method in methods:
+            if method == "tl_cache":
+                need = tl_projected_gb(n_layers, n_heads, tokens)
+                if need > min(args.tl_max_gb, available_gb() - 2):
+                    note = (
+                        f"tl_cache at T={tokens} skipped: predicted {need:.1f} GB "
+                        "(cached patterns + one layer's eager attention) > "
+                        f"{min(args.tl_max_gb, available_gb() - 2):.1f} GB allowed"
+                    )
+                    if note not in notes:
+                        notes.append(note)
+                        print(note, flush=True)
+                    continue
+            repeats = args.repeats or max(1, 4096 // tokens)
+            r, why = _run_child(
+                [
+                    "--child",
+                    method,
+                    "--model",
+                    args.model,
+                    "--tokens",
+                    str(tokens),
+                    "--repeats",
+                    str(repeats),
+                    "--warmup-max",
+                    str(args.warmup_max),
+                ]
+            )
+            if r is None:
+                print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
+                notes.append(f"{method} at T={tokens} failed: {why}")
+                continue
+            r |= {"round": rnd}
+            runs.append(r)
+            print(
+                f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
+                f"  (run {r['run_gb']:5.2f} GB)",
+                flush=True,
+            )
+
+
+def _interleaved_timing(
+    args: argparse.Namespace, methods: list[str], tokens: int, interleaved: list[dict], notes: list[str]
+) -> None:
+    """One child process alternating every method but tl_cache at ``tokens`` (``--cycles``),
+    appended to ``interleaved`` (a failure to ``notes``)."""
+    timed = [m for m in methods if m != "tl_cache"]
+    if args.cycles and len(timed) > 1:
+        r, why = _run_child(
+            [
+                "--child-interleaved",
+                ",".join(timed),
+                "--model",
+                args.model,
+                "--tokens",
+                str(tokens),
+                "--cycles",
+                str(args.cycles),
+                "--warmup-max",
+                str(args.warmup_max),
+            ]
+        )
+        if r is None:
+            print(f"T={tokens:<6} interleaved failed: {why}", flush=True)
+            notes.append(f"interleaved timing at T={tokens} failed: {why}")
+        else:
+            interleaved.append(r)
+            print(
+                f"T={tokens:<6} interleaved "
+                + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()),
+                flush=True,
+            )
+
+
+def _print_tables(args: argparse.Namespace, runs: list[dict], interleaved: list[dict], out: Path) -> None:
+    """The closing tables: ratios to bare per process, then in one process, and where the results are."""
+    print(f"\n{'T':>6} {'method':>34} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
+    for s in summarize(runs):
+        mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
+        run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
+        print(
+            f"{s['tokens']:>6} {s['method']:>34} "
+            f"{s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}"
+        )
+    if interleaved:
+        print(f"\ntime in one process, methods alternating ({args.cycles} cycles; ratio to bare of the same cycle)")
+        print(f"{'T':>6} {'method':>34} {'median':>8} {'min-max':>14}")
+        for s in summarize_interleaved(interleaved):
+            print(
+                f"{s['tokens']:>6} {s['method']:>34} {s['median_ratio']:7.2f}x "
+                f"{s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x"
+            )
+    print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -438,68 +545,8 @@ def main() -> None:
         f"model {args.model}: {n_layers} layers x {n_heads} heads; rounds {args.rounds}; cpu threads {os.cpu_count()}"
     )
     for tokens in lengths:
-        for rnd in range(args.rounds):
-            for method in methods:
-                if method == "tl_cache":
-                    need = tl_projected_gb(n_layers, n_heads, tokens)
-                    if need > min(args.tl_max_gb, available_gb() - 2):
-                        note = f"tl_cache at T={tokens} skipped: predicted {need:.1f} GB (cached patterns + one layer's eager attention) > {min(args.tl_max_gb, available_gb() - 2):.1f} GB allowed"
-                        if note not in notes:
-                            notes.append(note)
-                            print(note, flush=True)
-                        continue
-                repeats = args.repeats or max(1, 4096 // tokens)
-                r, why = _run_child(
-                    [
-                        "--child",
-                        method,
-                        "--model",
-                        args.model,
-                        "--tokens",
-                        str(tokens),
-                        "--repeats",
-                        str(repeats),
-                        "--warmup-max",
-                        str(args.warmup_max),
-                    ]
-                )
-                if r is None:
-                    print(f"T={tokens:<6} round {rnd} {method:>10} failed: {why}", flush=True)
-                    notes.append(f"{method} at T={tokens} failed: {why}")
-                    continue
-                r |= {"round": rnd}
-                runs.append(r)
-                print(
-                    f"T={tokens:<6} round {rnd} {method:>10} {r['seconds']:9.2f} s  peak {r['peak_gb']:6.2f} GB"
-                    f"  (run {r['run_gb']:5.2f} GB)",
-                    flush=True,
-                )
-        timed = [m for m in methods if m != "tl_cache"]
-        if args.cycles and len(timed) > 1:
-            r, why = _run_child(
-                [
-                    "--child-interleaved",
-                    ",".join(timed),
-                    "--model",
-                    args.model,
-                    "--tokens",
-                    str(tokens),
-                    "--cycles",
-                    str(args.cycles),
-                    "--warmup-max",
-                    str(args.warmup_max),
-                ]
-            )
-            if r is None:
-                print(f"T={tokens:<6} interleaved failed: {why}", flush=True)
-                notes.append(f"interleaved timing at T={tokens} failed: {why}")
-            else:
-                interleaved.append(r)
-                print(
-                    f"T={tokens:<6} interleaved "
-                    + "  ".join(f"{m} {min(ts):.2f}-{max(ts):.2f} s" for m, ts in r["times"].items()),
-                    flush=True,
-                )
+        _process_rounds(args, methods, tokens, (n_layers, n_heads), runs, notes)
+        _interleaved_timing(args, methods, tokens, interleaved, notes)
         summary = summarize(runs)
         inter = summarize_interleaved(interleaved)
         (out / "results.json").write_text(
@@ -521,21 +568,7 @@ def main() -> None:
             out / "scaling.html",
             inter,
         )
-    print(f"\n{'T':>6} {'method':>34} {'time / bare':>14} {'peak / bare':>14} {'run / bare':>14}")
-    for s in summarize(runs):
-        mem = f"{s['mem_ratio'][0]:.2f}-{s['mem_ratio'][1]:.2f}x" if "mem_ratio" in s else ""
-        run_mem = f"{s['run_mem_ratio'][0]:.2f}-{s['run_mem_ratio'][1]:.2f}x" if "run_mem_ratio" in s else ""
-        print(
-            f"{s['tokens']:>6} {s['method']:>34} {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x {mem:>14} {run_mem:>14}"
-        )
-    if interleaved:
-        print(f"\ntime in one process, methods alternating ({args.cycles} cycles; ratio to bare of the same cycle)")
-        print(f"{'T':>6} {'method':>34} {'median':>8} {'min-max':>14}")
-        for s in summarize_interleaved(interleaved):
-            print(
-                f"{s['tokens']:>6} {s['method']:>34} {s['median_ratio']:7.2f}x {s['time_ratio'][0]:6.2f}-{s['time_ratio'][1]:.2f}x"
-            )
-    print(f"\nwrote {out / 'results.json'} and {out / 'scaling.html'}")
+    _print_tables(args, runs, interleaved, out)
 
 
 if __name__ == "__main__":

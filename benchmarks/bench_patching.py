@@ -50,8 +50,8 @@ def arena_path_patching(hf, pairs, senders, pad_id: int) -> dict:
         ids, mask, pos = inputs
         hooks = (
             [
-                layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(l, a[0]))
-                for l, layer in enumerate(layers)
+                block.self_attn.o_proj.register_forward_pre_hook(lambda m, a, layer=layer: pre(layer, a[0]))
+                for layer, block in enumerate(layers)
             ]
             if pre
             else []
@@ -65,15 +65,15 @@ def arena_path_patching(hf, pairs, senders, pad_id: int) -> dict:
         return logits.gather(1, correct[:, None])[:, 0] - logits.gather(1, incorrect[:, None])[:, 0]
 
     z_clean, z_corr = {}, {}
-    run(clean, lambda l, z: z_clean.__setitem__(l, z.clone()))
-    run(corrupted, lambda l, z: z_corr.__setitem__(l, z.clone()))
+    run(clean, lambda layer, z: z_clean.__setitem__(layer, z.clone()))
+    run(corrupted, lambda layer, z: z_corr.__setitem__(layer, z.clone()))
     out = {}
     for sl, sh in senders:
 
-        def freeze(l, z, sl=sl, sh=sh):
-            new = z_clean[l].clone()
-            if l == sl:
-                new[..., sh * d : (sh + 1) * d] = z_corr[l][..., sh * d : (sh + 1) * d]
+        def freeze(layer, z, sl=sl, sh=sh):
+            new = z_clean[layer].clone()
+            if layer == sl:
+                new[..., sh * d : (sh + 1) * d] = z_corr[layer][..., sh * d : (sh + 1) * d]
             return (new,)
 
         out[(sl, sh)] = float(run(clean, freeze).mean())
@@ -109,12 +109,13 @@ def main() -> None:
     model = load_model("smollm2-135m", device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(model.source, attn_implementation="sdpa", dtype=torch.float32).eval()
     pairs = make_task("ioi", model.tokenizer, n=args.n_prompts, seed=0)
-    senders = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    senders = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
     if args.senders != "all":
         step = max(1, len(senders) // int(args.senders))
         senders = senders[::step][: int(args.senders)]
     print(
-        f"{len(senders)} senders -> logits, {len(pairs)} IOI pairs, SmolLM2-135M, CPU float32, {torch.get_num_threads()} threads"
+        f"{len(senders)} senders -> logits, {len(pairs)} IOI pairs, SmolLM2-135M, CPU float32, "
+        f"{torch.get_num_threads()} threads"
     )
     pad = pad_token_id(model.tokenizer)
     for rnd in range(1, args.rounds + 1):
@@ -125,7 +126,10 @@ def main() -> None:
         ours = path_patching(model, pairs, senders=senders, engine="graph")  # includes its own clean / corrupted runs
         t_ours = time.perf_counter() - t0
         diff = max(abs(r.ld - arena[(r.layer, r.head)]) for r in ours.itertuples())
-        line = f"round {rnd}: ARENA loop (sdpa, o_proj hooks, batch of all prompts) {t_arena:.1f} s; ours (read-out positions) {t_ours:.2f} s: {t_arena / t_ours:.1f}x"
+        line = (
+            f"round {rnd}: ARENA loop (sdpa, o_proj hooks, batch of all prompts) {t_arena:.1f} s; "
+            f"ours (read-out positions) {t_ours:.2f} s: {t_arena / t_ours:.1f}x"
+        )
         if not args.no_hooks:
             t0 = time.perf_counter()
             hooked = path_patching(model, pairs, senders=senders, engine="hooks")
@@ -164,9 +168,11 @@ def main() -> None:
                 for k, s in (("EAP", eap), ("EAP-IG", ig))
             }
             print(
-                f"edges round {rnd}: {g.n_edges} edges; EAP {t_eap:.1f} s, EAP-IG (5 steps) {t_ig:.1f} s for all; exact edge patching "
-                f"{per_edge * 1000:.0f} ms per edge ({len(sample)} timed) = {all_exact / 3600:.1f} h for all: EAP {all_exact / t_eap:.0f}x, "
-                f"EAP-IG {all_exact / t_ig:.0f}x faster; Spearman vs exact: EAP {rho['EAP']:.3f}, EAP-IG {rho['EAP-IG']:.3f}"
+                f"edges round {rnd}: {g.n_edges} edges; EAP {t_eap:.1f} s, EAP-IG (5 steps) {t_ig:.1f} s for all; "
+                f"exact edge patching {per_edge * 1000:.0f} ms per edge ({len(sample)} timed) "
+                f"= {all_exact / 3600:.1f} h for all: EAP {all_exact / t_eap:.0f}x, "
+                f"EAP-IG {all_exact / t_ig:.0f}x faster; "
+                f"Spearman vs exact: EAP {rho['EAP']:.3f}, EAP-IG {rho['EAP-IG']:.3f}"
             )
 
 

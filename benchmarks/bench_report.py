@@ -147,8 +147,10 @@ def main() -> None:
         from plotly.offline import get_plotlyjs
 
         base.write_text(
-            f"<html><body><div id='a'></div><script>{get_plotlyjs()}</script><script>Plotly.newPlot('a', [{{z: [[1, 2]], "
-            "type: 'heatmap'}]).then(function(){document.body.setAttribute('data-rendered-ms', String(Math.round(performance.now())))})"
+            f"<html><body><div id='a'></div><script>{get_plotlyjs()}</script>"
+            "<script>Plotly.newPlot('a', [{z: [[1, 2]], "
+            "type: 'heatmap'}]).then(function(){document.body.setAttribute("
+            "'data-rendered-ms', String(Math.round(performance.now())))})"
             "</script></body></html>"
         )
         with open_page(base) as s:
@@ -161,7 +163,8 @@ def main() -> None:
             n = s.page.locator(".js-plotly-plot").count()
             errors = [c for c in s.console if c.startswith("error")] + s.errors
         print(
-            f"chromium: {n} figures; first figure at {int(first) / 1000 if first else float('nan'):.2f} s, all rendered at {ms / 1000:.2f} s "
+            f"chromium: {n} figures; first figure at {int(first) / 1000 if first else float('nan'):.2f} s, "
+            f"all rendered at {ms / 1000:.2f} s "
             f"(target < 3 s); whole headless browser {wall:.1f} s; console errors: {len(errors)}; "
             f"plotly.js alone with one figure: {floor / 1000:.2f} s (os.getloadavg: {os.getloadavg()[0]:.1f})"
         )

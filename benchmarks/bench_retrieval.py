@@ -122,7 +122,8 @@ def main() -> None:
     n = len(prompts)
     kind = "one shared haystack, evenly spaced depths" if args.shared_haystack else "a haystack per prompt"
     print(
-        f"{n} niah prompts x {args.context_len} tokens ({kind}), up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU"
+        f"{n} niah prompts x {args.context_len} tokens ({kind}), "
+        f"up to {args.max_new_tokens} new tokens, SmolLM2-135M, CPU"
     )
     print(f"paper-style loop (batch 1, eager, output_attentions): {n / t_ref:.3f} prompts/s ({t_ref:.1f} s)")
     print(f"workbench (batch {args.batch_size}, SDPA + last-row scores): {n / t_ours:.3f} prompts/s ({t_ours:.1f} s)")

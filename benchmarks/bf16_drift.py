@@ -105,7 +105,8 @@ def main() -> None:
     print(f"{'metric':>14} {'heads':>6} {'max |d|':>9} {'mean |d|':>9} {'max/spread':>10} {'top-10 kept':>11}")
     for r in rows:
         print(
-            f"{r['metric']:>14} {r['heads']:>6} {r['max_abs']:9.4f} {r['mean_abs']:9.5f} {r['max_rel_spread']:10.3f} {r['top10_kept']:>8}/10"
+            f"{r['metric']:>14} {r['heads']:>6} {r['max_abs']:9.4f} {r['mean_abs']:9.5f} "
+            f"{r['max_rel_spread']:10.3f} {r['top10_kept']:>8}/10"
         )
     if ans32:
         same = sum(ans32[k] == ans16.get(k) for k in ans32)

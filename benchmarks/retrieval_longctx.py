@@ -128,7 +128,8 @@ def main() -> None:
         out.write_text(json.dumps(done, separators=(",", ":")))
         acc = sum(p["recall"] > 0.5 for p in r["prompts"]) / len(r["prompts"])
         print(
-            f"L={length}: accuracy {acc:.0%} ({r['n_counted']} counted), {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB; "
+            f"L={length}: accuracy {acc:.0%} ({r['n_counted']} counted), {r['seconds']:.0f} s, "
+            f"peak {r['peak_gb']:.2f} GB; "
             f"answers {[p['response'] for p in r['prompts']]}",
             flush=True,
         )

@@ -86,7 +86,8 @@ def reference_sources(pairs: Sequence[Pair], reference: Sequence[Pair], mode: st
         if not members:
             what = f"template {key[0]!r}, {key[1]} tokens" if key[0] is not None else f"{key[1]} tokens"
             raise WorkbenchError(
-                f"pair {p.id!r}: no {'other ' if mode == 'resample' else ''}reference prompt shares its template ({what})",
+                f"pair {p.id!r}: no {'other ' if mode == 'resample' else ''}reference prompt "
+                f"shares its template ({what})",
                 'give more reference prompts of every template (--reference-prompts), or pairs with a "template" field',
             )
         out.append(members if mode == "mean" else [rng.choice(members)])

@@ -13,7 +13,8 @@ smallest edge circuit reaching a faithfulness target under a named ablation, wit
 faithfulness-vs-size curves, completeness and minimality (:mod:`circuits.faithfulness`).
 
 :func:`faithfulness`: F(C) / F(M) with every head outside the circuit ablated (per-template-
-position mean over the corrupted prompts by default). :func:`overlap`: Jaccard index and recall of one circuit in another.
+position mean over the corrupted prompts by default). :func:`overlap`: Jaccard index and recall
+of one circuit in another.
 Roles: :func:`label_roles` names heads from the graph (direct effect on the logits, writers
 into a logit head's query) and from the pattern scores of the ``induction`` probe.
 """
@@ -21,7 +22,7 @@ into a logit head's query) and from the pattern scores of the ``induction`` prob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
@@ -32,6 +33,10 @@ from circuits.faithfulness import faithfulness as measure_faithfulness
 from circuits.patching import path_patching
 from circuits.tasks import Pair
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from circuits.edges import EdgeScores
+    from circuits.graph import ModelGraph
 
 Head = tuple[int, int]
 
@@ -86,19 +91,19 @@ def discover_circuit(
     for rnd in range(2, max_rounds + 1):
         frontier = sorted(frontier, key=lambda t: -t[2])[:max_receivers]
         new = []
-        for l, h, _ in frontier:
-            if l == 0:
+        for layer, h, _ in frontier:
+            if layer == 0:
                 continue
-            res = path_patching(model, base, receivers=[(l, h, w) for w in ("q", "k", "v")], max_rows=max_rows)
+            res = path_patching(model, base, receivers=[(layer, h, w) for w in ("q", "k", "v")], max_rows=max_rows)
             for r in res.itertuples():
                 if abs(r.value) > inner:
                     edges.append(
                         {
                             "sender_layer": r.layer,
                             "sender_head": r.head,
-                            "receiver_layer": l,
+                            "receiver_layer": layer,
                             "receiver_head": h,
-                            "receiver": f"{l}.{h}",
+                            "receiver": f"{layer}.{h}",
                             "effect": r.value,
                         }
                     )
@@ -160,7 +165,7 @@ def label_roles(
         for e in circuit.edges.itertuples()
         if e.receiver == "logits"
     }
-    logit_heads = {f"{l}.{h}" for l, h in direct}
+    logit_heads = {f"{layer}.{h}" for layer, h in direct}
     feeds = {(int(e.sender_layer), int(e.sender_head)) for e in circuit.edges.itertuples() if e.receiver in logit_heads}
     scores = {}
     if pattern_scores is not None:
@@ -234,7 +239,6 @@ def find_circuit(
     import time
 
     import numpy as np
-    import torch
 
     from circuits.edges import edge_attribution, edge_curve, exact_edge_effects
     from circuits.faithfulness import completeness, head_curve, minimality, prune_heads
@@ -260,13 +264,13 @@ def find_circuit(
     lap("baseline_and_ablation")
     solved = float((base.ld_clean > 0).float().mean())
     log(
-        f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs (correct answer preferred in {solved:.0%}); "
-        f"ablation: {abl.describe()}"
+        f"LD clean {ld_clean:.3f}, corrupted {ld_corr:.3f} over {len(pairs)} pairs "
+        f"(correct answer preferred in {solved:.0%}); ablation: {abl.describe()}"
     )
     if solved < 0.8:
         log(
-            f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; a faithfulness ratio to so small "
-            "a behaviour is not meaningful"
+            f"warning: the model prefers the correct answer in only {solved:.0%} of the pairs; "
+            "a faithfulness ratio to so small a behaviour is not meaningful"
         )
     eap = edge_attribution(g, base, abl, "eap")
     lap("eap")
@@ -276,9 +280,7 @@ def find_circuit(
     ranked = main.ranked()
     rng = np.random.default_rng(seed)
     n_top = min(len(ranked), n_validate // 2)
-    rest = ranked[n_top:]
-    pick = rng.choice(len(rest), size=min(len(rest), n_validate - n_top), replace=False) if rest else []
-    sample = ranked[:n_top] + [rest[i] for i in sorted(pick)]
+    sample = _validation_sample(ranked, n_top, n_validate, rng)
     t0 = time.perf_counter()
     exact = (
         (exact_edge_effects(g, base, abl, sample, max_rows=max_rows).double().mean(1) - base.ld_clean.double().mean())
@@ -305,12 +307,13 @@ def find_circuit(
     log(
         f"{g.n_edges} edges scored; vs exact edge patching on {len(sample)} edges: "
         + ", ".join(f"{k} Spearman {v:.3f}" for k, v in validation["spearman"].items())
-        + f"; EAP {timing['eap']:.1f} s, {ig.method} {timing['eap_ig']:.1f} s for all edges, exact {t_exact:.1f} s for {len(sample)}"
+        + f"; EAP {timing['eap']:.1f} s, {ig.method} {timing['eap_ig']:.1f} s for all edges, "
+        f"exact {t_exact:.1f} s for {len(sample)}"
     )
 
     # head circuits: heads by |first-order effect of ablating them| (sum of their out-edge scores)
     node = main.node_scores()
-    heads_all = [(l, h) for l in range(g.L) for h in range(g.H)]
+    heads_all = [(layer, h) for layer in range(g.L) for h in range(g.H)]
     ranking = sorted(heads_all, key=lambda x: -abs(float(node[g.head_node(*x)])))
     ev = Evaluator(model, base, abl, max_rows)
     hcurve, k = head_curve(ev, ranking, target=target)
@@ -325,8 +328,10 @@ def find_circuit(
     lap("head_prune")
     faith = measure_faithfulness(ev, circuit)
     log(
-        f"head circuit: {len(circuit)} heads (top-{k} by {main.method}, then pruned), F(C)/F(M) = {faith['faithfulness']:.3f} "
-        f"(LD {faith['ld_circuit']:.2f} of {faith['ld_clean']:.2f}; every head ablated {faith['ld_all_heads_ablated']:.2f})"
+        f"head circuit: {len(circuit)} heads (top-{k} by {main.method}, then pruned), "
+        f"F(C)/F(M) = {faith['faithfulness']:.3f} "
+        f"(LD {faith['ld_circuit']:.2f} of {faith['ld_clean']:.2f}; "
+        f"every head ablated {faith['ld_all_heads_ablated']:.2f})"
     )
     comp = completeness(ev, circuit, n_random=completeness_random, greedy_steps=greedy_steps, seed=seed)
     lap("completeness")
@@ -345,18 +350,7 @@ def find_circuit(
 
     ecurve, chosen = edge_curve(g, base, abl, main, target=target, log=log)
     lap("edge_curve")
-    if chosen is not None:
-        keep = chosen.pop("keep")
-        vs, us = torch.nonzero(keep, as_tuple=True)
-        edges = pd.DataFrame(
-            {
-                "upstream": [g.upstream_name(int(u)) for u in us],
-                "downstream": [g.downstream_name(int(v)) for v in vs],
-                "score": main.scores[vs, us].numpy(),
-            }
-        )
-    else:
-        edges = pd.DataFrame(columns=["upstream", "downstream", "score"])
+    edges = _edge_frame(g, main, chosen)
 
     direct = {x: float(main.scores[g.logits_input, g.head_node(*x)]) for x in circuit}
     nodes = pd.DataFrame(
@@ -374,16 +368,7 @@ def find_circuit(
         on=["layer", "head"],
         how="left",
     )
-    feeds = {}
-    for x in circuit:
-        for y in circuit:
-            if y[0] > x[0] and abs(direct[y]) > 0.05 * abs(ld_clean):
-                s = sum(
-                    float(main.scores[v, g.head_node(*x)])
-                    for v in (g.q_input(*y), g.k_input(y[0], y[1] // g.group), g.v_input(y[0], y[1] // g.group))
-                )
-                if abs(s) > 0.025 * abs(ld_clean):
-                    feeds.setdefault(x, []).append(f"{y[0]}.{y[1]}")
+    feeds = _feeds(g, main, circuit, direct, ld_clean)
     nodes["feeds"] = [",".join(feeds.get(x, [])) for x in circuit]
     nodes = nodes.sort_values(["layer", "head"]).reset_index(drop=True)
     info = {
@@ -411,6 +396,47 @@ def find_circuit(
         "timing": {**timing, "total": round(sum(timing.values()), 3), "head_forwards": ev.n_forwards},
     }
     return CircuitReport(info, nodes, edges, hcurve, ecurve, main)
+
+
+def _validation_sample(ranked: list, n_top: int, n_validate: int, rng) -> list:
+    """Edges checked against exact patching: the ``n_top`` best ranked plus random others, up to ``n_validate``."""
+    rest = ranked[n_top:]
+    pick = rng.choice(len(rest), size=min(len(rest), n_validate - n_top), replace=False) if rest else []
+    return ranked[:n_top] + [rest[i] for i in sorted(pick)]
+
+
+def _edge_frame(g: ModelGraph, main: EdgeScores, chosen: dict | None) -> pd.DataFrame:
+    """The chosen edge circuit as upstream / downstream / score rows (pops ``keep``: info stays JSON-ready)."""
+    import torch
+
+    if chosen is None:
+        return pd.DataFrame(columns=["upstream", "downstream", "score"])
+    keep = chosen.pop("keep")
+    vs, us = torch.nonzero(keep, as_tuple=True)
+    return pd.DataFrame(
+        {
+            "upstream": [g.upstream_name(int(u)) for u in us],
+            "downstream": [g.downstream_name(int(v)) for v in vs],
+            "score": main.scores[vs, us].numpy(),
+        }
+    )
+
+
+def _feeds(
+    g: ModelGraph, main: EdgeScores, circuit: list[Head], direct: dict[Head, float], ld_clean: float
+) -> dict[Head, list[str]]:
+    """Per circuit head, the later direct circuit heads whose q / k / v it writes into, for the role tags."""
+    feeds: dict[Head, list[str]] = {}
+    for x in circuit:
+        for y in circuit:
+            if y[0] > x[0] and abs(direct[y]) > 0.05 * abs(ld_clean):
+                s = sum(
+                    float(main.scores[v, g.head_node(*x)])
+                    for v in (g.q_input(*y), g.k_input(y[0], y[1] // g.group), g.v_input(y[0], y[1] // g.group))
+                )
+                if abs(s) > 0.025 * abs(ld_clean):
+                    feeds.setdefault(x, []).append(f"{y[0]}.{y[1]}")
+    return feeds
 
 
 def roles_for(

@@ -23,6 +23,7 @@ no kept edge (they cannot change the result; the size is counted after this).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.ablation import Ablation
+from circuits.baseline import PairBatch
 from circuits.fastpath import graph_records
-from circuits.graph import ModelGraph
+from circuits.graph import ModelGraph, Rows
 from workbench.errors import WorkbenchError
 
 
@@ -164,13 +166,7 @@ def exact_edge_effects(g: ModelGraph, base, abl: Ablation, edges: list[tuple[int
     bi = torch.arange(B, device=pb.last.device)
     rows = g.rows(pb.clean, pb.last)
     out = torch.empty(len(edges), B, dtype=g.dtype, device=g.device)
-    by_layer: dict[int, list[int]] = {}
-    for i, (v, u) in enumerate(edges):
-        if not (0 <= v < g.n_downstream and 0 <= u < g.n_readable(v)):
-            raise WorkbenchError(
-                f"no edge {u} -> {v} in this graph", "edges go from an earlier writer to a later reader"
-            )
-        by_layer.setdefault(g.downstream_layer(v), []).append(i)
+    by_layer = _edges_by_layer(g, edges)
     final = rc["resid_pre"][g.L][bi, pb.last]
     for i in by_layer.pop(g.L, []):
         out[i] = g.unembed_diff(final + D[edges[i][1]][bi, pb.last], pb.correct, pb.incorrect)
@@ -179,44 +175,85 @@ def exact_edge_effects(g: ModelGraph, base, abl: Ablation, edges: list[tuple[int
         h0 = rc["resid_pre"][layer]
         for c in range(0, len(ids), per):
             chunk = ids[c : c + per]
-            m = len(chunk)
-            qkv, mlp_in = [], []
-            for j, i in enumerate(chunk):
-                v, u = edges[i]
-                r = v - g.q_input(layer, 0)
-                if r == g.H + 2 * g.Hkv:
-                    mlp_in.append((j, u))
-                else:
-                    which = "q" if r < g.H else ("k" if r < g.H + g.Hkv else "v")
-                    idx = r if r < g.H else (r - g.H if r < g.H + g.Hkv else r - g.H - g.Hkv)
-                    qkv.append((j, which, idx, u))
-
-            def edit_qkv(lyr, h, q, k, v, layer=layer, qkv=qkv):
-                if lyr != layer or not qkv:
-                    return q, k, v
-                q, k, v = q.clone(), k.clone(), v.clone()
-                for j, which, idx, u in qkv:
-                    normed = g.norm1(layer, h0 + D[u])
-                    sl = slice(j * B, (j + 1) * B)
-                    if which == "q":
-                        q[sl, :, idx] = g.q_of(layer, normed, rows, heads=[idx])[:, :, 0]
-                    else:
-                        {"k": k, "v": v}[which][sl, :, idx] = g.kv_of(layer, normed, rows, which, heads=[idx])[:, :, 0]
-                return q, k, v
-
-            def edit_mlp(lyr, h, layer=layer, mlp_in=mlp_in):
-                if lyr != layer or not mlp_in:
-                    return h
-                h = h.clone()
-                for j, u in mlp_in:
-                    h[j * B : (j + 1) * B] += D[u]
-                return h
-
-            rows_m = rows.repeat(m)
-            h = g.forward(h0.repeat(m, 1, 1), rows_m, start=layer, edit_qkv=edit_qkv, edit_mlp_in=edit_mlp)
-            ld = g.unembed_diff(g.read_out(h, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
-            out[chunk] = ld.view(m, B)
+            out[chunk] = _chunk_edge_ld(g, pb, layer, h0, D, rows, [edges[i] for i in chunk]).view(len(chunk), B)
     return out
+
+
+def _edges_by_layer(g: ModelGraph, edges: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Indices of ``edges`` grouped by the receiver's layer, so each layer's edges share forwards; rejects non-edges."""
+    by_layer: dict[int, list[int]] = {}
+    for i, (v, u) in enumerate(edges):
+        if not (0 <= v < g.n_downstream and 0 <= u < g.n_readable(v)):
+            raise WorkbenchError(
+                f"no edge {u} -> {v} in this graph", "edges go from an earlier writer to a later reader"
+            )
+        by_layer.setdefault(g.downstream_layer(v), []).append(i)
+    return by_layer
+
+
+def _split_edges(
+    g: ModelGraph, layer: int, chunk: list[tuple[int, int]]
+) -> tuple[list[tuple[int, str, int, int]], list[tuple[int, int]]]:
+    """Sort a chunk's edges into ``layer``: (variant, q/k/v, head, writer) and (variant, writer) for the MLP input."""
+    qkv, mlp_in = [], []
+    for j, (v, u) in enumerate(chunk):
+        r = v - g.q_input(layer, 0)
+        if r == g.H + 2 * g.Hkv:
+            mlp_in.append((j, u))
+        else:
+            which = "q" if r < g.H else ("k" if r < g.H + g.Hkv else "v")
+            idx = r if r < g.H else (r - g.H if r < g.H + g.Hkv else r - g.H - g.Hkv)
+            qkv.append((j, which, idx, u))
+    return qkv, mlp_in
+
+
+def _edge_editors(
+    g: ModelGraph,
+    layer: int,
+    h0: Tensor,
+    D: Tensor,
+    rows: Rows,
+    B: int,
+    qkv: list[tuple[int, str, int, int]],
+    mlp_in: list[tuple[int, int]],
+) -> tuple[Callable, Callable]:
+    """The ``edit_qkv`` / ``edit_mlp_in`` callbacks that make each variant's input read u's ablated output."""
+
+    def edit_qkv(lyr, h, q, k, v, layer=layer, qkv=qkv):
+        if lyr != layer or not qkv:
+            return q, k, v
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for j, which, idx, u in qkv:
+            normed = g.norm1(layer, h0 + D[u])
+            sl = slice(j * B, (j + 1) * B)
+            if which == "q":
+                q[sl, :, idx] = g.q_of(layer, normed, rows, heads=[idx])[:, :, 0]
+            else:
+                {"k": k, "v": v}[which][sl, :, idx] = g.kv_of(layer, normed, rows, which, heads=[idx])[:, :, 0]
+        return q, k, v
+
+    def edit_mlp(lyr, h, layer=layer, mlp_in=mlp_in):
+        if lyr != layer or not mlp_in:
+            return h
+        h = h.clone()
+        for j, u in mlp_in:
+            h[j * B : (j + 1) * B] += D[u]
+        return h
+
+    return edit_qkv, edit_mlp
+
+
+def _chunk_edge_ld(
+    g: ModelGraph, pb: PairBatch, layer: int, h0: Tensor, D: Tensor, rows: Rows, chunk: list[tuple[int, int]]
+) -> Tensor:
+    """LD ``[edge * prompt]`` of a chunk of edges into ``layer``, one stacked forward from that layer on."""
+    B = pb.size
+    m = len(chunk)
+    qkv, mlp_in = _split_edges(g, layer, chunk)
+    edit_qkv, edit_mlp = _edge_editors(g, layer, h0, D, rows, B, qkv, mlp_in)
+    rows_m = rows.repeat(m)
+    h = g.forward(h0.repeat(m, 1, 1), rows_m, start=layer, edit_qkv=edit_qkv, edit_mlp_in=edit_mlp)
+    return g.unembed_diff(g.read_out(h, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
 
 
 @torch.no_grad()
@@ -370,7 +407,8 @@ def edge_curve(
             ld, keep = cache[hi]
             chosen = {"k": hi, "keep": keep, "ld": ld, "faithfulness": ld / ld_clean, **circuit_size(g, keep)}
             log(
-                f"edge circuit: {chosen['edges']} edges ({chosen['heads']} heads, {chosen['mlps']} MLPs) reach F = {chosen['faithfulness']:.3f} >= {target}"
+                f"edge circuit: {chosen['edges']} edges ({chosen['heads']} heads, {chosen['mlps']} MLPs) "
+                f"reach F = {chosen['faithfulness']:.3f} >= {target}"
             )
         else:
             log(f"edge circuit: no size reaches F >= {target} (best {max(r['faithfulness'] for r in rows):.3f})")

@@ -41,7 +41,7 @@ class Evaluator:
 
     def __init__(self, model, base: Baseline, abl: Ablation, max_rows: int = 512) -> None:
         self.model, self.base, self.abl, self.max_rows = model, base, abl, max_rows
-        self.all = frozenset((l, h) for l in range(model.n_layers) for h in range(model.n_heads))
+        self.all = frozenset((layer, h) for layer in range(model.n_layers) for h in range(model.n_heads))
         self.cache: dict[frozenset, float] = {frozenset(): float(base.ld_clean.mean())}
         self.per_prompt: dict[frozenset, Tensor] = {frozenset(): base.ld_clean}
         self.n_forwards = 0
@@ -58,7 +58,7 @@ class Evaluator:
             masks = masks_for(chunk, self.model.n_layers, self.model.n_heads, self.model.device)
             # the variants agree below the first layer where their ablated sets differ: run that prefix once
             common = frozenset.intersection(*chunk)
-            fork = min((l for s in chunk for l, _ in s - common), default=self.model.n_layers)
+            fork = min((layer for s in chunk for layer, _ in s - common), default=self.model.n_layers)
             with fork_at(self.model, fork, m, b) as forked:
                 batch = self.base.pb.clean if forked else repeat_rows(self.base.pb.clean, m)
                 ld = logit_diff(self.model, batch, self.base.pb, m, [HeadAblator(self.abl, m, b, masks)])

@@ -22,12 +22,12 @@ implementation and a serial one with plain transformers hooks).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from circuits.graph import ModelGraph
+from circuits.graph import ModelGraph, Rows
 
 Head = tuple[int, int]
 
@@ -116,49 +116,87 @@ def to_receivers(
     first, top = min(r[0] for r in receivers), max(r[0] for r in receivers)
     out = torch.empty(len(senders), B, dtype=g.dtype, device=g.device)
     for chunk in _chunks_by_layer(senders, max(1, max_rows // B)):
-        m, l0 = len(chunk), senders[chunk[0]][0]
-        # run 1: every head frozen but the sender -> positions independent, no attention needed
-        h = rc["resid_pre"][l0].unsqueeze(0).repeat(m, 1, 1, 1)  # [m, B, T, d]
-        got: dict[tuple[int, int, str], Tensor] = {}
-        for layer in range(l0, top + 1):
-            here = [r for r in receivers if r[0] == layer]
-            if here:
-                normed = g.norm1(layer, h)
-                for lr, hr, which in here:
-                    if which == "q":
-                        got[(lr, hr, which)] = g.q_of(layer, normed, rows, heads=[hr])[..., 0, :]
-                    else:
-                        got[(lr, hr, which)] = g.kv_of(layer, normed, rows, which, heads=[hr // g.group])[..., 0, :]
-            if layer == top:
-                break
-            h = h + rc["attn_out"][layer]
-            idx = [j for j, i in enumerate(chunk) if senders[i][0] == layer]
-            if idx:
-                heads = [senders[chunk[j]][1] for j in idx]
-                delta = g.head_out(layer, (rx["z"][layer] - rc["z"][layer])[:, :, heads], heads)  # [B, T, n, d]
-                h[idx] += delta.permute(2, 0, 1, 3)
-            h = h + g.mlp(layer, h)
+        m = len(chunk)
+        got = _run1_receiver_inputs(g, rc, rx, rows, senders, chunk, receivers, top)
         # run 2: the clean run with the receivers' inputs patched, from the first receiver's layer
-        patches: dict[int, list[tuple[str, int, Tensor]]] = {}
-        for (lr, hr, which), val in got.items():
-            patches.setdefault(lr, []).append(
-                (which, hr if which == "q" else hr // g.group, val.reshape(m * B, *val.shape[2:]))
-            )
-
-        def edit(layer, _h, q, k, v):
-            todo = patches.get(layer)
-            if not todo:
-                return q, k, v
-            q, k, v = q.clone(), k.clone(), v.clone()
-            for which, idx, val in todo:
-                {"q": q, "k": k, "v": v}[which][:, :, idx] = val
-            return q, k, v
-
+        edit = _qkv_editor(_receiver_patches(g, got, m, B))
         rows_m = rows.repeat(m)
         hh = g.forward(rc["resid_pre"][first].repeat(m, 1, 1), rows_m, start=first, edit_qkv=edit)
         ld = g.unembed_diff(g.read_out(hh, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
         out[chunk] = ld.view(m, B)
     return out
+
+
+def _receiver_inputs(
+    g: ModelGraph, layer: int, normed: Tensor, rows: Rows, here: Sequence[tuple[int, int, str]]
+) -> dict[tuple[int, int, str], Tensor]:
+    """The q / k / v (a k / v receiver reads its group's KV head) of the receivers in ``layer``, head axis kept."""
+    got: dict[tuple[int, int, str], Tensor] = {}
+    for lr, hr, which in here:
+        if which == "q":
+            got[(lr, hr, which)] = g.q_of(layer, normed, rows, heads=[hr])
+        else:
+            got[(lr, hr, which)] = g.kv_of(layer, normed, rows, which, heads=[hr // g.group])
+    return got
+
+
+def _run1_receiver_inputs(
+    g: ModelGraph,
+    rc: dict,
+    rx: dict,
+    rows: Rows,
+    senders: Sequence[Head],
+    chunk: list[int],
+    receivers: Sequence[tuple[int, int, str]],
+    top: int,
+) -> dict[tuple[int, int, str], Tensor]:
+    """Run 1 for one chunk: the receivers' inputs ``[m, B, T, d_head]`` along each sender's path, every position."""
+    m, l0 = len(chunk), senders[chunk[0]][0]
+    # run 1: every head frozen but the sender -> positions independent, no attention needed
+    h = rc["resid_pre"][l0].unsqueeze(0).repeat(m, 1, 1, 1)  # [m, B, T, d]
+    got: dict[tuple[int, int, str], Tensor] = {}
+    for layer in range(l0, top + 1):
+        here = [r for r in receivers if r[0] == layer]
+        if here:
+            normed = g.norm1(layer, h)
+            got.update({key: t[..., 0, :] for key, t in _receiver_inputs(g, layer, normed, rows, here).items()})
+        if layer == top:
+            break
+        h = h + rc["attn_out"][layer]
+        idx = [j for j, i in enumerate(chunk) if senders[i][0] == layer]
+        if idx:
+            heads = [senders[chunk[j]][1] for j in idx]
+            delta = g.head_out(layer, (rx["z"][layer] - rc["z"][layer])[:, :, heads], heads)  # [B, T, n, d]
+            h[idx] += delta.permute(2, 0, 1, 3)
+        h = h + g.mlp(layer, h)
+    return got
+
+
+def _receiver_patches(
+    g: ModelGraph, got: dict[tuple[int, int, str], Tensor], m: int, B: int
+) -> dict[int, list[tuple[str, int, Tensor]]]:
+    """Run 1's receiver inputs as run 2's patches per layer: (which, q or KV head, value ``[m*B, T, d_head]``)."""
+    patches: dict[int, list[tuple[str, int, Tensor]]] = {}
+    for (lr, hr, which), val in got.items():
+        patches.setdefault(lr, []).append(
+            (which, hr if which == "q" else hr // g.group, val.reshape(m * B, *val.shape[2:]))
+        )
+    return patches
+
+
+def _qkv_editor(patches: dict[int, list[tuple[str, int, Tensor]]]) -> Callable:
+    """The ``edit_qkv`` callback of :meth:`ModelGraph.forward` that writes ``patches`` into q / k / v."""
+
+    def edit(layer, _h, q, k, v):
+        todo = patches.get(layer)
+        if not todo:
+            return q, k, v
+        q, k, v = q.clone(), k.clone(), v.clone()
+        for which, idx, val in todo:
+            {"q": q, "k": k, "v": v}[which][:, :, idx] = val
+        return q, k, v
+
+    return edit
 
 
 @torch.no_grad()
@@ -179,9 +217,29 @@ def _to_receivers_last(
     first, top = min(r[0] for r in receivers), max(r[0] for r in receivers)
     one = lambda t: t[bi, last][:, None]  # noqa: E731  [B, 1, ...] at the read-out position
     cos, sin = one(rows.cos), one(rows.sin)
-    from circuits.graph import Rows
-
     r1 = Rows(cos, sin, rows.mask[bi, :, last][:, :, None], torch.zeros_like(last))
+    got = _last_run1(g, rc, rx, bi, last, r1, senders, receivers, top)
+    # run 2: clean run from the first receiver's layer, the read-out position recomputed alone
+    rm = Rows(
+        cos.repeat(S, 1, 1, 1), sin.repeat(S, 1, 1, 1), rows.mask[bi, :, last][:, :, None].repeat(S, 1, 1, 1), None
+    )
+    x = _last_run2(g, rc, got, rm, bi, last, S, first)
+    return g.unembed_diff(x[:, 0], pb.correct.repeat(S), pb.incorrect.repeat(S)).view(S, B)
+
+
+def _last_run1(
+    g: ModelGraph,
+    rc: dict,
+    rx: dict,
+    bi: Tensor,
+    last: Tensor,
+    r1: Rows,
+    senders: Sequence[Head],
+    receivers: Sequence[tuple[int, int, str]],
+    top: int,
+) -> dict[tuple[int, int, str], Tensor]:
+    """Run 1 at the read-out position: the receivers' inputs ``[S, B, d_head]`` along every sender's path."""
+    S, B = len(senders), len(bi)
     # run 1: every sender's path to the receivers' layer, at the read-out position
     h = rc["resid_pre"][0][bi, last].new_zeros(S, B, g.d)
     started = torch.zeros(S, dtype=torch.bool)
@@ -194,11 +252,7 @@ def _to_receivers_last(
         here = [r for r in receivers if r[0] == layer]
         if here:
             normed = g.norm1(layer, h)[:, :, None]  # [S, B, 1, d]
-            for lr, hr, which in here:
-                if which == "q":
-                    got[(lr, hr, which)] = g.q_of(layer, normed, r1, heads=[hr])[:, :, 0, 0]
-                else:
-                    got[(lr, hr, which)] = g.kv_of(layer, normed, r1, which, heads=[hr // g.group])[:, :, 0, 0]
+            got.update({key: t[:, :, 0, 0] for key, t in _receiver_inputs(g, layer, normed, r1, here).items()})
         if layer == top:
             break
         h[started] += rc["attn_out"][layer][bi, last]
@@ -207,11 +261,22 @@ def _to_receivers_last(
             dz = (rx["z"][layer] - rc["z"][layer])[bi, last][:, heads]
             h[new] += g.head_out(layer, dz[:, None], heads)[:, 0].transpose(0, 1)
         h[started] = h[started] + g.mlp(layer, h[started])
-    # run 2: clean run from the first receiver's layer, the read-out position recomputed alone
+    return got
+
+
+def _last_run2(
+    g: ModelGraph,
+    rc: dict,
+    got: dict[tuple[int, int, str], Tensor],
+    rm: Rows,
+    bi: Tensor,
+    last: Tensor,
+    S: int,
+    first: int,
+) -> Tensor:
+    """Run 2 at the read-out position: its residual ``[S*B, 1, d]`` after the last layer, receivers patched."""
+    B = len(bi)
     x = rc["resid_pre"][first][bi, last].expand(S, B, g.d).reshape(S * B, 1, g.d)
-    rm = Rows(
-        cos.repeat(S, 1, 1, 1), sin.repeat(S, 1, 1, 1), rows.mask[bi, :, last][:, :, None].repeat(S, 1, 1, 1), None
-    )
     rr = torch.arange(S * B, device=x.device)
     lastm = last.repeat(S)
     for layer in range(first, g.L):
@@ -227,4 +292,4 @@ def _to_receivers_last(
         z = g.attend(layer, q, K, V, rm)
         x = x + g.attn_out(layer, z)
         x = x + g.mlp(layer, x)
-    return g.unembed_diff(x[:, 0], pb.correct.repeat(S), pb.incorrect.repeat(S)).view(S, B)
+    return x

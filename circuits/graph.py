@@ -108,7 +108,8 @@ class ModelGraph:
         if mtype not in SUPPORTED_TYPES or getattr(model, "is_multimodal", False):
             raise WorkbenchError(
                 f"edge-level circuits and fast path patching need a Llama-family model; {model.name} is {mtype!r}",
-                f"use a model of type {', '.join(SUPPORTED_TYPES)} (head-level patching and ablation work on any model)",
+                f"use a model of type {', '.join(SUPPORTED_TYPES)} "
+                "(head-level patching and ablation work on any model)",
             )
         base = base_network(hf)
         self.model = model

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from circuits.baseline import Baseline, ZRecorder, baseline, decoder_blocks, for
 from circuits.tasks import Pair
 from workbench.engine.call import AttentionCall
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from circuits.graph import ModelGraph
 
 Head = tuple[int, int]
 
@@ -136,12 +139,12 @@ def activation_patching(
     positions = list(range(T)) if per_position else [-1]
     if component == "z":
         units = [
-            (l, h, p)
-            for l, h in (heads or [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)])
+            (layer, h, p)
+            for layer, h in (heads or [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)])
             for p in positions
         ]
     else:
-        units = [(l, -1, p) for l in range(model.n_layers) for p in positions]
+        units = [(layer, -1, p) for layer in range(model.n_layers) for p in positions]
     per_chunk = max(1, max_rows // b)
     lds = []
     for sl in _chunks(len(units), per_chunk):
@@ -150,8 +153,8 @@ def activation_patching(
         batch = repeat_rows(base.pb.clean, m)
         if component == "z":
             masks: dict[int, Tensor] = {}
-            for i, (l, h, p) in enumerate(chunk):
-                mk = masks.setdefault(l, torch.zeros(m, T, model.n_heads, dtype=torch.bool, device=model.device))
+            for i, (layer, h, p) in enumerate(chunk):
+                mk = masks.setdefault(layer, torch.zeros(m, T, model.n_heads, dtype=torch.bool, device=model.device))
                 if p < 0:
                     mk[i, :, h] = True
                 else:
@@ -187,7 +190,7 @@ def _component_patch(model, base: Baseline, component: str, chunk: list[tuple[in
     m, b = len(chunk), base.pb.size
     handles = []
     for layer in {u[0] for u in chunk}:
-        rows = [(i, p) for i, (l, _, p) in enumerate(chunk) if l == layer]
+        rows = [(i, p) for i, (lyr, _, p) in enumerate(chunk) if lyr == layer]
 
         def swap(t: Tensor, layer=layer, rows=rows) -> Tensor:
             t = t.clone()
@@ -231,7 +234,8 @@ def _hook(model, layer: int, component: str, fn):
 def _record_components(model, base: Baseline, component: str) -> dict[int, Tensor]:
     store: dict[int, Tensor] = {}
     handles = [
-        _hook(model, l, component, lambda t, l=l: store.__setitem__(l, t.detach()) or t) for l in range(model.n_layers)
+        _hook(model, layer, component, lambda t, layer=layer: store.__setitem__(layer, t.detach()) or t)
+        for layer in range(model.n_layers)
     ]
     try:
         logit_diff(model, base.pb.corrupted, base.pb)
@@ -264,39 +268,11 @@ def path_patching(
     (:mod:`circuits.fastpath`, Llama-family models), ``"hooks"`` recomputes full forwards
     through the attention hook (any architecture); ``"auto"`` takes the graph when it can.
     """
-    if engine not in ("auto", "graph", "hooks"):
-        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
-    g = None
-    if engine != "hooks":
-        from circuits.graph import ModelGraph, graph_for
-
-        g = graph_for(model) if engine == "auto" else ModelGraph(model)
-    if isinstance(pairs, Baseline):
-        base = pairs
-    elif g is not None:
-        from circuits.fastpath import graph_baseline
-
-        base = graph_baseline(g, model, pairs)  # the clean / corrupted runs once, on the graph
-    else:
-        base = baseline(model, pairs)
+    g, base = _path_setup(model, pairs, engine)
     recv = list(receivers or [])
-    for l, h, which in recv:
-        if which not in ("q", "k", "v") or not (0 <= l < model.n_layers and 0 <= h < model.n_heads):
-            raise WorkbenchError(
-                f"bad receiver {l}.{h}.{which}", "receivers are LAYER.HEAD with q, k or v, inside the model"
-            )
-    first_recv = min((l for l, _, _ in recv), default=model.n_layers)
-    if senders is None:
-        senders = [(l, h) for l in range(first_recv) for h in range(model.n_heads)]
-    senders = list(senders)
-    if not senders:
-        raise WorkbenchError("no sender heads precede the receivers", "choose receivers in later layers")
-    late = [s for s in senders if s[0] >= first_recv]
-    if late:
-        raise WorkbenchError(
-            f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
-            "receivers must be in later layers than all senders",
-        )
+    _check_receivers(model, recv)
+    first_recv = min((layer for layer, _, _ in recv), default=model.n_layers)
+    senders = _check_senders(model, senders, first_recv)
     if positions not in ("all", "last"):
         raise WorkbenchError(f"unknown receiver positions {positions!r}", "use all or last")
     if g is not None:
@@ -313,42 +289,104 @@ def path_patching(
     order = sorted(range(len(senders)), key=lambda i: senders[i])  # chunks of nearby layers fork late
     senders = [senders[i] for i in order]
     per_chunk = max(1, max_rows // b)
-    lds = []
-    for sl in _chunks(len(senders), per_chunk):
-        chunk = senders[sl]
-        m = len(chunk)
-        masks: dict[int, Tensor] = {}
-        for i, (l, h) in enumerate(chunk):
-            masks.setdefault(l, torch.zeros(m, 1, model.n_heads, dtype=torch.bool, device=model.device))[i, 0, h] = True
-        frozen = _VariantZPatcher(base, m, masks, freeze=True)
-        with fork_at(model, min(l for l, _ in chunk), m, b) as forked:
-            batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
-            if not recv:
-                lds.append(logit_diff(model, batch, base.pb, m, [frozen]))
-                continue
-            rec = ZRecorder(qkv_layers={l for l, _, _ in recv})
-            logit_diff(model, batch, base.pb, m, [rec, frozen])
-        patches: dict[int, list] = {}
-        for l, h, which in recv:
-            q, k, v = rec.qkv[l]
-            idx = h if which == "q" else h // group
-            src = {"q": q, "k": k, "v": v}[which][:, idx]
-            patches.setdefault(l, []).append((which, idx, src))
-        with fork_at(model, first_recv, m, b) as forked:
-            batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
-            lds.append(
-                logit_diff(
-                    model,
-                    batch,
-                    base.pb,
-                    m,
-                    [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)],
-                )
-            )
+    lds = [
+        _path_chunk_ld(model, base, senders[sl], recv, first_recv, positions, group)
+        for sl in _chunks(len(senders), per_chunk)
+    ]
     ld = torch.cat(lds).view(len(senders), b)
     ld[torch.tensor(order)] = ld.clone()  # back to the caller's order
     senders = [senders[order.index(i)] for i in range(len(order))]
     return _path_frame(base, senders, ld, recv, n_boot)
+
+
+def _path_setup(model, pairs: Sequence[Pair] | Baseline, engine: str) -> tuple[ModelGraph | None, Baseline]:
+    """Check ``engine`` and return (graph or None, baseline): the baseline runs on the graph when there is one."""
+    if engine not in ("auto", "graph", "hooks"):
+        raise WorkbenchError(f"unknown engine {engine!r}", "use auto, graph or hooks")
+    g = None
+    if engine != "hooks":
+        from circuits.graph import ModelGraph, graph_for
+
+        g = graph_for(model) if engine == "auto" else ModelGraph(model)
+    if isinstance(pairs, Baseline):
+        base = pairs
+    elif g is not None:
+        from circuits.fastpath import graph_baseline
+
+        base = graph_baseline(g, model, pairs)  # the clean / corrupted runs once, on the graph
+    else:
+        base = baseline(model, pairs)
+    return g, base
+
+
+def _check_receivers(model, recv: list[tuple[int, int, str]]) -> None:
+    """Reject receivers that are not LAYER.HEAD.{q,k,v} inside the model, before any patching run."""
+    for layer, h, which in recv:
+        if which not in ("q", "k", "v") or not (0 <= layer < model.n_layers and 0 <= h < model.n_heads):
+            raise WorkbenchError(
+                f"bad receiver {layer}.{h}.{which}", "receivers are LAYER.HEAD with q, k or v, inside the model"
+            )
+
+
+def _check_senders(model, senders: Sequence[Head] | None, first_recv: int) -> list[Head]:
+    """Sender heads as a list (default: every head before ``first_recv``); all must precede the receivers."""
+    if senders is None:
+        senders = [(layer, h) for layer in range(first_recv) for h in range(model.n_heads)]
+    senders = list(senders)
+    if not senders:
+        raise WorkbenchError("no sender heads precede the receivers", "choose receivers in later layers")
+    late = [s for s in senders if s[0] >= first_recv]
+    if late:
+        raise WorkbenchError(
+            f"sender {late[0][0]}.{late[0][1]} does not precede receiver layer {first_recv}",
+            "receivers must be in later layers than all senders",
+        )
+    return senders
+
+
+def _path_chunk_ld(
+    model,
+    base: Baseline,
+    chunk: list[Head],
+    recv: list[tuple[int, int, str]],
+    first_recv: int,
+    positions: str,
+    group: int,
+) -> Tensor:
+    """Patched LD of one chunk of senders on the hooks engine: the frozen run, then the receivers' run."""
+    b = base.pb.size
+    m = len(chunk)
+    masks: dict[int, Tensor] = {}
+    for i, (layer, h) in enumerate(chunk):
+        masks.setdefault(layer, torch.zeros(m, 1, model.n_heads, dtype=torch.bool, device=model.device))[i, 0, h] = True
+    frozen = _VariantZPatcher(base, m, masks, freeze=True)
+    with fork_at(model, min(layer for layer, _ in chunk), m, b) as forked:
+        batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
+        if not recv:
+            return logit_diff(model, batch, base.pb, m, [frozen])
+        rec = ZRecorder(qkv_layers={layer for layer, _, _ in recv})
+        logit_diff(model, batch, base.pb, m, [rec, frozen])
+    patches = _receiver_patches(rec, recv, group)
+    with fork_at(model, first_recv, m, b) as forked:
+        batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
+        return logit_diff(
+            model,
+            batch,
+            base.pb,
+            m,
+            [_QKVPatcher(patches, base.pb.last.repeat(m) if positions == "last" else None)],
+        )
+
+
+def _receiver_patches(rec: ZRecorder, recv: list[tuple[int, int, str]], group: int) -> dict[int, list]:
+    """The recorded q / k / v of each receiver (its KV head for k / v under grouped-query attention), per layer."""
+    patches: dict[int, list] = {}
+    for layer, h, which in recv:
+        q, k, v = rec.qkv[layer]
+        idx = h if which == "q" else h // group
+        src = {"q": q, "k": k, "v": v}[which][:, idx]
+        patches.setdefault(layer, []).append((which, idx, src))
+    return patches
 
 
 def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_boot: int) -> pd.DataFrame:
@@ -359,7 +397,7 @@ def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_b
             "head": [s[1] for s in senders],
             "value": eff,
             "ld": ld.double().mean(1).cpu().numpy(),
-            "receiver": "logits" if not recv else ",".join(f"{l}.{h}.{w}" for l, h, w in recv),
+            "receiver": "logits" if not recv else ",".join(f"{layer}.{h}.{w}" for layer, h, w in recv),
         }
     )
     if n_boot > 0:

@@ -100,7 +100,8 @@ def _answer_id(tokenizer, text: str, what: str, pid: str) -> int:
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n == 1:
             raise WorkbenchError(
-                f"pair {pid!r}: the {what} answer {text!r} is not in the tokenizer's vocabulary (it becomes the unknown token)",
+                f"pair {pid!r}: the {what} answer {text!r} is not in the tokenizer's vocabulary "
+                "(it becomes the unknown token)",
                 "use answers that are single tokens of this model's vocabulary",
             )
         raise WorkbenchError(
@@ -127,7 +128,8 @@ def check_pair(p: Pair) -> None:
             f" ({texts['correct']!r} and {texts['incorrect']!r})" if "correct" in texts and "incorrect" in texts else ""
         )
         raise WorkbenchError(
-            f"pair {p.id!r}: the correct and incorrect answers{answers} are the same token (id {p.correct}), so the logit difference is always 0",
+            f"pair {p.id!r}: the correct and incorrect answers{answers} are the same token (id {p.correct}), "
+            "so the logit difference is always 0",
             "give two answers that are different tokens for this model",
         )
     if list(p.clean) == list(p.corrupted):
@@ -135,7 +137,8 @@ def check_pair(p: Pair) -> None:
             f" ({texts['clean']!r} and {texts['corrupted']!r})" if "clean" in texts and "corrupted" in texts else ""
         )
         raise WorkbenchError(
-            f"pair {p.id!r}: the clean and corrupted prompts{prompts} are the same tokens, so patching cannot change anything",
+            f"pair {p.id!r}: the clean and corrupted prompts{prompts} are the same tokens, "
+            "so patching cannot change anything",
             "corrupt the prompt with a word the tokenizer knows (a different token)",
         )
 
@@ -190,7 +193,8 @@ def colored_objects(tokenizer, n: int = 32, seed: int = 0) -> list[Pair]:
     things = [t for t in THINGS if _single(tokenizer, " " + t) is not None]
     if len(colors) < 3 or len(things) < 3:
         raise WorkbenchError(
-            f"fewer than 3 colours or objects are single tokens for this tokenizer ({len(colors)} colours, {len(things)} objects)",
+            "fewer than 3 colours or objects are single tokens for this tokenizer "
+            f"({len(colors)} colours, {len(things)} objects)",
             "bring your own pairs (--pairs FILE.jsonl)",
         )
     pairs = []

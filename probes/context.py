@@ -42,7 +42,7 @@ from torch import Tensor
 from probes.base import DivergenceProbe
 from workbench.engine.divergence import Divergence, divergence_rows, final_norm, head_contributions, measure
 from workbench.errors import WorkbenchError
-from workbench.inputs.conditions import ConditionPair, context_pair
+from workbench.inputs.conditions import ConditionPair, passage_pair
 from workbench.inputs.prompts import Prompt
 from workbench.protocol.metrics import MetricInfo
 from workbench.protocol.params import Int, Options
@@ -150,7 +150,7 @@ class ContextProbe(DivergenceProbe):
         return not model.is_multimodal
 
     def pairs(self, model: LoadedModel, items: Sequence[Prompt], root: Any = None) -> list[ConditionPair]:
-        return [context_pair(model, it, self.options.separator) for it in items]
+        return [passage_pair(model, it, self.options.separator) for it in items]
 
     def run(self, model: LoadedModel, items: Sequence[Prompt], ctx: RunContext) -> ProbeResult:
         outcomes = self.outcomes = measure(self, model, items, ctx, keep_z=True, keep_resid=True)  # kept for inspection
@@ -197,10 +197,12 @@ class ContextProbe(DivergenceProbe):
         lines = [f"context: {len(outcomes)} items"]
         if n:
             lines.append(
-                f"context: follows the context on {summary['follows_context']:.0%}, memory on {summary['follows_memory']:.0%} of {n} items"
+                f"context: follows the context on {summary['follows_context']:.0%}, "
+                f"memory on {summary['follows_memory']:.0%} of {n} items"
             )
         if ambiguous:
             lines.append(
-                f"context: {len(ambiguous)} items not scored for direct effects (their two targets start with the same token for this tokenizer)"
+                f"context: {len(ambiguous)} items not scored for direct effects "
+                "(their two targets start with the same token for this tokenizer)"
             )
         return self.finish(pd.concat(frames, ignore_index=True), summary, lines)

@@ -37,7 +37,8 @@ from workbench.protocol.views import BatchInfo, PatternView
 
 
 class Targets(NamedTuple):
-    """What induction reads of a batch's queries, the same in every layer (:meth:`~probes.base.PatternProbe.per_queries`)."""
+    """What induction reads of a batch's queries, the same in every layer
+    (:meth:`~probes.base.PatternProbe.per_queries`)."""
 
     keys: Tensor  # [batch, query, 3]: previous token, earlier copy, the token after it (-1 where none)
     echo_lo: Tensor  # [batch, query]: echo's key range, in same-token order
@@ -50,7 +51,10 @@ class Targets(NamedTuple):
 class InductionProbe(PatternProbe):
     name = "induction"
     metrics = ("prev_token", "duplicate", "induction", "echo")
-    description = "attention to the previous token, the earlier copy (duplicate), the token after it (induction), earlier same tokens (echo)"
+    description = (
+        "attention to the previous token, the earlier copy (duplicate), the token after it (induction), "
+        "earlier same tokens (echo)"
+    )
     metric_info = {
         "prev_token": MetricInfo("bounded", "mean attention to the previous token", "a previous-token head"),
         "duplicate": MetricInfo(

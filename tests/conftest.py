@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (``make test`` runs ``-n 2`` on 2 cores) each worker gets its share of the
+# cores, so two workers do not fight over threads; alone, the run may use two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +50,13 @@ def gemma3_eager(gemma3):
     from tests.reference import eager_model
 
     return eager_model(gemma3.source)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, keep each test module on one worker (its module-scoped fixtures, a Ray
+    cluster or a built wheel, are made once), except the notebook runs, which are independent and
+    the longest tests: those spread over the workers one by one."""
+    for item in items:
+        module = item.module.__name__ if item.module else item.nodeid.split("::")[0]
+        if not module.endswith("test_notebooks"):
+            item.add_marker(pytest.mark.xdist_group(module))

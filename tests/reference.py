@@ -184,30 +184,7 @@ def serial_path_patching(source, pairs, senders, receivers=None, last_only=False
     def run(ids, answers, z_edit=None, record_z=None, qkv_edit=None, record_qkv=None):
         """The logits of the two answer tokens at the last position (the LM head's rows for
         them, and the model's final soft-cap if it has one: only 2 of the vocabulary's rows)."""
-        hooks = []
-        for l, layer in enumerate(layers):
-            attn = layer.self_attn
-
-            def pre(m, args, l=l):
-                z = args[0]
-                if record_z is not None:
-                    record_z[l] = z.detach().clone()
-                if z_edit is not None:
-                    z = z_edit(l, z)
-                return (z,)
-
-            hooks.append(attn.o_proj.register_forward_pre_hook(pre))
-            for which in ("q", "k", "v"):
-                proj = getattr(attn, f"{which}_proj")
-
-                def post(m, a, out, l=l, which=which):
-                    if record_qkv is not None:
-                        record_qkv[(l, which)] = out.detach().clone()
-                    if qkv_edit is not None:
-                        return qkv_edit(l, which, out)
-                    return out
-
-                hooks.append(proj.register_forward_hook(post))
+        hooks = _serial_hooks(layers, z_edit, record_z, qkv_edit, record_qkv)
         try:
             with torch.no_grad():
                 hidden = model.base_model(torch.tensor([ids])).last_hidden_state[0, -1]
@@ -233,32 +210,82 @@ def serial_path_patching(source, pairs, senders, receivers=None, last_only=False
         ld_c.append(float(lc[0] - lc[1]))
         ld_x.append(float(lx[0] - lx[1]))
         for s in senders:
-
-            def freeze(l, z, s=s):
-                z = zc[l].clone()
-                if l == s[0]:
-                    z[..., s[1] * d : (s[1] + 1) * d] = zx[l][..., s[1] * d : (s[1] + 1) * d]
-                return z
-
+            freeze = _freeze_all_but(s, zc, zx, d)
             if not receivers:
                 lp = run(p.clean, ans, z_edit=freeze)
             else:
                 rec = {}
                 run(p.clean, ans, z_edit=freeze, record_qkv=rec)
-
-                def patch(l, which, out):
-                    for rl, rh, rw in receivers:
-                        if rl == l and rw == which:
-                            idx = rh if which == "q" else rh // (H // Hkv)
-                            out = out.clone()
-                            at = slice(-1, None) if last_only else slice(None)  # the read-out position, or all
-                            out[:, at, idx * d : (idx + 1) * d] = rec[(l, which)][:, at, idx * d : (idx + 1) * d]
-                    return out
-
-                lp = run(p.clean, ans, qkv_edit=patch)
+                lp = run(p.clean, ans, qkv_edit=_receiver_patch(receivers, rec, H // Hkv, d, last_only))
             results[s].append(float(lp[0] - lp[1]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {s: mean(v) for s, v in results.items()}, mean(ld_c), mean(ld_x)
+
+
+def _serial_hooks(layers, z_edit, record_z, qkv_edit, record_qkv) -> list:
+    """Per layer, an o_proj pre-hook (z) and q/k/v_proj hooks that record and / or edit; the handles."""
+    hooks = []
+    for layer, block in enumerate(layers):
+        attn = block.self_attn
+        hooks.append(attn.o_proj.register_forward_pre_hook(_z_hook(layer, z_edit, record_z)))
+        for which in ("q", "k", "v"):
+            proj = getattr(attn, f"{which}_proj")
+            hooks.append(proj.register_forward_hook(_qkv_hook(layer, which, qkv_edit, record_qkv)))
+    return hooks
+
+
+def _z_hook(layer, z_edit, record_z):
+    """o_proj pre-hook of one layer: record the heads' z (the o_proj input), then apply ``z_edit``."""
+
+    def pre(m, args):
+        z = args[0]
+        if record_z is not None:
+            record_z[layer] = z.detach().clone()
+        if z_edit is not None:
+            z = z_edit(layer, z)
+        return (z,)
+
+    return pre
+
+
+def _qkv_hook(layer, which, qkv_edit, record_qkv):
+    """q/k/v_proj forward hook of one layer: record the projection's output, then apply ``qkv_edit``."""
+
+    def post(m, a, out):
+        if record_qkv is not None:
+            record_qkv[(layer, which)] = out.detach().clone()
+        if qkv_edit is not None:
+            return qkv_edit(layer, which, out)
+        return out
+
+    return post
+
+
+def _freeze_all_but(s, zc, zx, d):
+    """z edit of the path-patching run: every head at its clean z except sender ``s``, at its corrupted z."""
+
+    def freeze(layer, z):
+        z = zc[layer].clone()
+        if layer == s[0]:
+            z[..., s[1] * d : (s[1] + 1) * d] = zx[layer][..., s[1] * d : (s[1] + 1) * d]
+        return z
+
+    return freeze
+
+
+def _receiver_patch(receivers, rec, group, d, last_only):
+    """q/k/v edit of the second run: each receiver's slice (its KV head for k / v) from the recorded ``rec``."""
+
+    def patch(layer, which, out):
+        for rl, rh, rw in receivers:
+            if rl == layer and rw == which:
+                idx = rh if which == "q" else rh // group
+                out = out.clone()
+                at = slice(-1, None) if last_only else slice(None)  # the read-out position, or all
+                out[:, at, idx * d : (idx + 1) * d] = rec[(layer, which)][:, at, idx * d : (idx + 1) * d]
+        return out
+
+    return patch
 
 
 # -- head-output divergence (VHD / context) ----------------------------------------------------
@@ -345,14 +372,16 @@ def reference_outputs(model, ids: list[int]) -> dict:
     hooks = [
         model.model.embed_tokens.register_forward_hook(lambda m, a, out: emb.__setitem__(0, out[0].detach().clone()))
     ]
-    for l, layer in enumerate(model.model.layers):
+    for layer, block in enumerate(model.model.layers):
         hooks.append(
-            layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda m, a, l=l: z.__setitem__(l, a[0][0].detach().clone())
+            block.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, layer=layer: z.__setitem__(layer, a[0][0].detach().clone())
             )
         )
         hooks.append(
-            layer.mlp.register_forward_hook(lambda m, a, out, l=l: mlp.__setitem__(l, out[0].detach().clone()))
+            block.mlp.register_forward_hook(
+                lambda m, a, out, layer=layer: mlp.__setitem__(layer, out[0].detach().clone())
+            )
         )
     try:
         with torch.no_grad():
@@ -361,11 +390,11 @@ def reference_outputs(model, ids: list[int]) -> dict:
         for h in hooks:
             h.remove()
     outs = {"input": emb[0]}
-    for l, layer in enumerate(model.model.layers):
-        W = layer.self_attn.o_proj.weight
+    for layer, block in enumerate(model.model.layers):
+        W = block.self_attn.o_proj.weight
         for h in range(H):
-            outs[f"a{l}.{h}"] = z[l][:, h * d : (h + 1) * d] @ W[:, h * d : (h + 1) * d].T
-        outs[f"m{l}"] = mlp[l]
+            outs[f"a{layer}.{h}"] = z[layer][:, h * d : (h + 1) * d] @ W[:, h * d : (h + 1) * d].T
+        outs[f"m{layer}"] = mlp[layer]
     return {"z": z, "outputs": outs, "logits": logits}
 
 
@@ -375,16 +404,16 @@ def reference_head_ablation_ld(model, pair, ablate: set, z_replacement: dict) ->
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
 
-    def pre(m, args, l):
+    def pre(m, args, layer):
         z = args[0].clone()
         for al, ah in ablate:
-            if al == l:
-                z[0, :, ah * d : (ah + 1) * d] = z_replacement[l][:, ah * d : (ah + 1) * d]
+            if al == layer:
+                z[0, :, ah * d : (ah + 1) * d] = z_replacement[layer][:, ah * d : (ah + 1) * d]
         return (z,)
 
     hooks = [
-        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(m, a, l))
-        for l, layer in enumerate(model.model.layers)
+        block.self_attn.o_proj.register_forward_pre_hook(lambda m, a, layer=layer: pre(m, a, layer))
+        for layer, block in enumerate(model.model.layers)
     ]
     try:
         with torch.no_grad():
@@ -415,27 +444,27 @@ def reference_edge_circuit_ld(model, pair, keep: set, ablated: dict) -> float:
         def read(reader: str) -> torch.Tensor:
             return sum(out[w] if (reader, w) in keep else ablated[w] for w in writers)
 
-        for l, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            ln = layer.input_layernorm
+        for layer, block in enumerate(model.model.layers):
+            attn = block.self_attn
+            ln = block.input_layernorm
             ks, vs = [], []
             for g in range(Hkv):
-                xk = ln(read(f"a{l}.{g}.k"))
-                xv = ln(read(f"a{l}.{g}.v"))
+                xk = ln(read(f"a{layer}.{g}.k"))
+                xv = ln(read(f"a{layer}.{g}.v"))
                 ks.append(attn.k_proj(xk)[:, g * d : (g + 1) * d])
                 vs.append(attn.v_proj(xv)[:, g * d : (g + 1) * d])
             new = {}
             for h in range(H):
                 g = h // (H // Hkv)
-                q = attn.q_proj(ln(read(f"a{l}.{h}.q")))[:, h * d : (h + 1) * d]
+                q = attn.q_proj(ln(read(f"a{layer}.{h}.q")))[:, h * d : (h + 1) * d]
                 q_rot, k_rot = apply_rotary_pos_emb(q[None, None], ks[g][None, None], cos, sin)
                 scores = (q_rot[0, 0] @ k_rot[0, 0].T) * attn.scaling
                 scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
                 zh = torch.softmax(scores, dim=-1) @ vs[g]
-                new[f"a{l}.{h}"] = zh @ attn.o_proj.weight[:, h * d : (h + 1) * d].T
+                new[f"a{layer}.{h}"] = zh @ attn.o_proj.weight[:, h * d : (h + 1) * d].T
             out.update(new)
-            writers += [f"a{l}.{h}" for h in range(H)]
-            out[f"m{l}"] = layer.mlp(layer.post_attention_layernorm(read(f"m{l}")))
-            writers.append(f"m{l}")
+            writers += [f"a{layer}.{h}" for h in range(H)]
+            out[f"m{layer}"] = block.mlp(block.post_attention_layernorm(read(f"m{layer}")))
+            writers.append(f"m{layer}")
         logits = model.lm_head(model.model.norm(read("logits")))[-1]
     return float(logits[pair.correct] - logits[pair.incorrect])

@@ -61,7 +61,7 @@ def setup(llama):
 def _replacement_z(hf, mode: str, b: int, pair: Pair, ref: list[Pair], sources) -> dict:
     """The hand-written replacement z per layer ([T, H*d]) for pair ``b``."""
     if mode == "zero":
-        return {l: torch.zeros_like(z) for l, z in reference_outputs(hf, pair.clean)["z"].items()}
+        return {layer: torch.zeros_like(z) for layer, z in reference_outputs(hf, pair.clean)["z"].items()}
     if mode == "corrupted":
         return reference_outputs(hf, pair.corrupted)["z"]
     if mode == "resample":
@@ -71,7 +71,7 @@ def _replacement_z(hf, mode: str, b: int, pair: Pair, ref: list[Pair], sources) 
     members = [r for r in ref if r.meta["template"] == pair.meta["template"]]
     assert members and all(len(r.corrupted) == len(pair.clean) for r in members)
     zs = [reference_outputs(hf, r.corrupted)["z"] for r in members]
-    return {l: sum(z[l] for z in zs) / len(zs) for l in zs[0]}
+    return {layer: sum(z[layer] for z in zs) / len(zs) for layer in zs[0]}
 
 
 @pytest.mark.parametrize("mode", ABLATIONS)
@@ -198,7 +198,7 @@ def test_read_out_positions_path_patching_equals_full_recomputation(llama, recei
     pairs = tiny_pairs(llama, n=4, seed=2)  # unequal lengths: the read-out position differs per row
     base = baseline(llama, pairs)
     first = min((r[0] for r in receivers or []), default=llama.n_layers)
-    senders = [(l, h) for l in range(first) for h in range(llama.n_heads)]
+    senders = [(layer, h) for layer in range(first) for h in range(llama.n_heads)]
     fast = path_patching(
         llama, base, senders=senders, receivers=receivers, engine="graph", max_rows=8, positions=positions
     )
@@ -245,8 +245,8 @@ def test_removing_a_heads_out_edges_is_ablating_the_head(llama, edge_setup):
     g, base, abl = edge_setup
     S = [(0, 1), (1, 2), (2, 0)]
     keep = g.edge_mask().clone()
-    for l, h in S:
-        keep[:, g.head_node(l, h)] = False
+    for layer, h in S:
+        keep[:, g.head_node(layer, h)] = False
     ev = Evaluator(llama, base, abl)
     ev.lds([S])
     assert (circuit_ld(g, base, abl, keep) - ev.per_prompt[frozenset(S)]).abs().max() < 1e-5
@@ -299,17 +299,17 @@ def _plain_node_attribution(hf, base, abl, alphas) -> dict:
             emb = (emb0 + a * (clean_out["outputs"]["input"] - emb0)).detach().requires_grad_(True)
             zs, ms = {}, {}
             hooks = []
-            for l, layer in enumerate(hf.model.layers):
+            for layer, block in enumerate(hf.model.layers):
 
-                def pre(m, args, l=l):
+                def pre(m, args, layer=layer):
                     z = args[0]
                     z.retain_grad()
-                    zs[l] = z
+                    zs[layer] = z
 
-                hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
+                hooks.append(block.self_attn.o_proj.register_forward_pre_hook(pre))
                 hooks.append(
-                    layer.mlp.register_forward_hook(
-                        lambda m, a_, out, l=l: (out.retain_grad(), ms.__setitem__(l, out))[1]
+                    block.mlp.register_forward_hook(
+                        lambda m, a_, out, layer=layer: (out.retain_grad(), ms.__setitem__(layer, out))[1]
                     )
                 )
             try:
@@ -319,13 +319,13 @@ def _plain_node_attribution(hf, base, abl, alphas) -> dict:
                 for h in hooks:
                     h.remove()
             contrib = {"input": float(((emb0 - clean_out["outputs"]["input"]) * emb.grad).sum())}
-            for l in zs:
-                dz = abl.z[l][b, :T].reshape(T, H * d) - clean_out["z"][l]
+            for layer in zs:
+                dz = abl.z[layer][b, :T].reshape(T, H * d) - clean_out["z"][layer]
                 for h in range(H):
                     sl = slice(h * d, (h + 1) * d)
-                    contrib[f"a{l}.{h}"] = float((dz[:, sl] * zs[l].grad[0, :, sl]).sum())
-                contrib[f"m{l}"] = float(
-                    ((abl.mlp_out[l][b, :T] - clean_out["outputs"][f"m{l}"]) * ms[l].grad[0]).sum()
+                    contrib[f"a{layer}.{h}"] = float((dz[:, sl] * zs[layer].grad[0, :, sl]).sum())
+                contrib[f"m{layer}"] = float(
+                    ((abl.mlp_out[layer][b, :T] - clean_out["outputs"][f"m{layer}"]) * ms[layer].grad[0]).sum()
                 )
             for k, v in contrib.items():
                 totals[k] = totals.get(k, 0.0) + v / len(alphas) / len(base.pairs)
@@ -494,11 +494,11 @@ def test_smollm2_graph_ablation_and_edge_circuit(smollm2):
     for b, p in enumerate(pairs[:2]):
         members = [r for r in ref if r.meta["template"] == p.meta["template"] and len(r.corrupted) == len(p.clean)]
         zs = [reference_outputs(hf, r.corrupted)["z"] for r in members]
-        z_rep = {l: sum(z[l] for z in zs) / len(zs) for l in zs[0]}
+        z_rep = {layer: sum(z[layer] for z in zs) / len(zs) for layer in zs[0]}
         assert (
             abs(float(ev.per_prompt[frozenset(outside)][b]) - reference_head_ablation_ld(hf, p, outside, z_rep)) < 1e-3
         )
     keep = g.edge_mask().clone()
-    for l, h in outside:
-        keep[:, g.head_node(l, h)] = False
+    for layer, h in outside:
+        keep[:, g.head_node(layer, h)] = False
     assert (circuit_ld(g, base, abl, keep) - ev.per_prompt[frozenset(outside)]).abs().max() < 1e-4

@@ -41,7 +41,9 @@ def test_example_item():
 
 
 def test_seed_and_n_prompts():
-    ids = lambda ps: [p.id for p in ps]
+    def ids(ps):
+        return [p.id for p in ps]
+
     assert ids(make_dataset("counterfact", seed=3)) == ids(make_dataset("counterfact", seed=3))
     assert ids(make_dataset("counterfact", seed=3)) != ids(make_dataset("counterfact", seed=4))
     assert sorted(ids(make_dataset("counterfact", seed=3))) == sorted(ids(make_dataset("counterfact", seed=4)))
@@ -65,7 +67,10 @@ def test_bad_options_fail_clearly():
 @torch.no_grad()
 def test_smollm2_knows_the_facts_without_the_passage(smollm2):
     tok = smollm2.tokenizer
-    first = lambda s: tok(s, add_special_tokens=False)["input_ids"][0]
+
+    def first(s):
+        return tok(s, add_special_tokens=False)["input_ids"][0]
+
     items = make_dataset("counterfact")
     for it in items:
         assert first(it.meta["target_context"]) != first(it.meta["target_memory"]), it.id

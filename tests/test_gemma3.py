@@ -121,7 +121,7 @@ def check_pattern_metrics(model, ref_model, prompts, batch_size, sink, recent, c
         assert all(got[k][1] == n for k in ref), metric
     # the test can fail: on sliding layers the causal normalisation ln(q + 1) gives other numbers
     _, causal_norm, _ = entropy_reference(pats)
-    sliding = [l for l, w in enumerate(windows) if w is not None]
+    sliding = [layer for layer, w in enumerate(windows) if w is not None]
     assert max(abs(causal_norm[k] - ent_norm[k]) for k in ent_norm if k[0] in sliding) > 10 * TOL
     return pats, windows
 
@@ -334,7 +334,7 @@ def test_gemma3_facts(gemma3, gemma3_eager):
     assert (gemma3.n_layers, gemma3.n_heads, gemma3.n_kv_heads, gemma3.n_ctx) == (18, 4, 1, 32768)
     assert (cfg.head_dim, cfg.hidden_size, cfg.vocab_size, gemma3.vocab_size) == (256, 640, 262144, 262144)
     windows = attention_windows(gemma3_eager)
-    assert [l for l, w in enumerate(windows) if w is None] == [5, 11, 17] and set(windows) == {512, None}
+    assert [layer for layer, w in enumerate(windows) if w is None] == [5, 11, 17] and set(windows) == {512, None}
     assert (
         cfg.query_pre_attn_scalar == 256 and cfg.final_logit_softcapping is None and cfg.attn_logit_softcapping is None
     )
@@ -384,7 +384,7 @@ def test_gemma3_retrieval_matches_the_paper_loop(gemma3, gemma3_eager):
     far = tok[1]  # the needle ends more than a window before the question: only global layers see it
     assert len(far) - far.meta["answer_span"][1] > 512
     windows = attention_windows(gemma3_eager)
-    assert all(float(res[1].scores[l].abs().max()) == 0 for l, w in enumerate(windows) if w is not None)
+    assert all(float(res[1].scores[layer].abs().max()) == 0 for layer, w in enumerate(windows) if w is not None)
     assert float(res[1].scores.max()) > 0.5
 
 

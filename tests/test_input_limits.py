@@ -248,7 +248,7 @@ def test_read_prompts_handles_a_50mb_line_and_many_lines(tmp_path):
 def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     from types import SimpleNamespace
 
-    from workbench.inputs.conditions import context_pair
+    from workbench.inputs.conditions import passage_pair
     from workbench.inputs.prompts import Prompt
 
     spy = SpyTokenizer(tiny_tok)
@@ -257,9 +257,9 @@ def test_a_huge_context_item_is_refused_before_tokenizing(tiny_tok):
     with pytest.raises(
         WorkbenchError, match=r"item 'huge' has at least \d+ tokens, longer than the model's context of 256"
     ):
-        context_pair(model, item)
+        passage_pair(model, item)
     assert max(spy.lengths, default=0) < 1_000_000
-    ok = context_pair(model, Prompt("ok", text="what did the king say?", meta={"context": "the king said unto them"}))
+    ok = passage_pair(model, Prompt("ok", text="what did the king say?", meta={"context": "the king said unto them"}))
     assert len(ok.cond) > len(ok.base)
 
 

@@ -112,8 +112,8 @@ CASES = {
             ["sweep", "{files}/good.toml", "--out", "{tmp}/run", "--address", "127.0.0.1:6379"],
             "--address names a cluster",
         ),
-        (["sweep", "{files}/badexec.toml", "--out", "{tmp}/run"], "[executor] cpus must be a number > 0"),
-        (["sweep", "{files}/badmem.toml", "--out", "{tmp}/run"], "[executor] memory must be bytes"),
+        (["sweep", "{files}/badexec.toml", "--out", "{tmp}/run"], "[executor].cpus: must be > 0"),
+        (["sweep", "{files}/badmem.toml", "--out", "{tmp}/run"], "[executor].memory: must be bytes or a size"),
     ],
     "cache": [
         (["cache", *M, "--hooks", "q,nope", "--out", "{tmp}/s"], "unknown hook(s) nope"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -39,28 +40,27 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> 
     return done
 
 
+TOP_LEVEL_SKIP = {".git", ".venv", "build", "dist", "site", "runs", "test-artifacts", ".pytest_cache"}
+
+
+def _not_sources(folder: str, names: list[str]) -> set[str]:
+    """What the copy of the checkout leaves out: local environments and outputs at the top level,
+    caches anywhere (``runs`` only at the top: ``workbench/runs`` is code)."""
+    top = Path(folder) == ROOT
+    return {n for n in names if (top and n in TOP_LEVEL_SKIP) or n == "__pycache__" or n.endswith(".egg-info")}
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """A venv with the wheel installed; returns (its bin folder, an env without the checkout)."""
     tmp = tmp_path_factory.mktemp("install")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["WORKBENCH_HOME"] = str(tmp / "home")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp / "dist"),
-            str(ROOT),
-        ],
-        tmp,
-        env,
-    )
+    # build from a copy: setuptools writes build/ beside the sources, which must not touch the checkout
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=_not_sources)
+    wheel_cmd = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(src)]
+    _run([sys.executable, "-m", *wheel_cmd], tmp, env)
     wheel = next((tmp / "dist").glob("attention_head_workbench-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
@@ -73,7 +73,8 @@ def installed(tmp_path_factory):
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, env)
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
-    # this environment's packages, as a plain path entry (its .pth files, the editable install's among them, are not run)
+    # this environment's packages, as a plain path entry (its .pth files, the editable install's among
+    # them, are not run)
     (purelib / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run(
         [

@@ -21,9 +21,9 @@ def reference_logits(model, ids, mode, means=None):
     d = ref.config.hidden_size // ref.config.num_attention_heads
     group = ref.config.num_attention_heads // ref.config.num_key_value_heads
     handles, values = [], {}
-    for layer in {l for l, _ in HEADS}:
+    for layer in {lyr for lyr, _ in HEADS}:
         attn = ref.model.layers[layer].self_attn
-        heads = [h for l, h in HEADS if l == layer]
+        heads = [h for lyr, h in HEADS if lyr == layer]
         handles.append(attn.v_proj.register_forward_hook(lambda m, i, o, layer=layer: values.__setitem__(layer, o)))
 
         def pre(m, args, layer=layer, heads=heads):
@@ -67,10 +67,10 @@ def test_head_means_equal_a_direct_average(tiny_models):
     ref = eager_model(model.source)
     zs = {}
     hooks = [
-        ref.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
-            lambda m, a, l=l: zs.setdefault(l, []).append(a[0][0])
+        ref.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, layer=layer: zs.setdefault(layer, []).append(a[0][0])
         )
-        for l in range(3)
+        for layer in range(3)
     ]
     with torch.no_grad():
         for p in prompts:

@@ -96,6 +96,18 @@ def imports(known: dict[str, Path]) -> dict[str, dict[str, int]]:
     return graph
 
 
+def _pop_component(root: str, stack: list[str], on: set[str]) -> list[str]:
+    """Tarjan's step at a component's root: pop the stack down to ``root``, the component's modules."""
+    comp = []
+    while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == root:
+            break
+    return comp
+
+
 def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -115,13 +127,7 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
             elif w in on:
                 low[v] = min(low[v], index[w])
         if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
+            comp = _pop_component(v, stack, on)
             if len(comp) > 1:
                 found.append(sorted(comp))
 

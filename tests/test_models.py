@@ -47,13 +47,16 @@ def test_the_bridge_never_edits_our_tokenizer(tiny_dirs, tmp_path, adds_bos):
     cfg.update(add_bos_token=adds_bos, padding_side="left")
     cfg_path.write_text(json.dumps(cfg))
     fresh = AutoTokenizer.from_pretrained(folder)
-    state = lambda t: (
-        t.padding_side,
-        getattr(t, "add_bos_token", None),
-        t.pad_token,
-        len(t),
-        t("the king")["input_ids"],
-    )  # noqa: E731
+
+    def state(t):
+        return (
+            t.padding_side,
+            getattr(t, "add_bos_token", None),
+            t.pad_token,
+            len(t),
+            t("the king")["input_ids"],
+        )
+
     m = load_model(str(folder), device="cpu")
     assert state(m.tokenizer) == state(fresh)
     assert m.bridge.tokenizer is not m.tokenizer
@@ -297,3 +300,27 @@ def test_a_bridge_that_cannot_boot_is_one_clear_error(monkeypatch):
         m.bridge
     assert "probes run without TransformerLens" in err.value.fix
     assert not m.bridge_booted
+
+
+def test_concurrent_embedded_builds_wait_for_one_another(tmp_path):
+    """ensure_embedded's lock: a second process (here a thread with its own open file) that asks
+    while a build holds the lock gets it only after the first let go, so the model is built once."""
+    import threading
+
+    from workbench.models.embedded import build_lock
+
+    lock, order, held = tmp_path / ".m.lock", [], threading.Event()
+
+    def second() -> None:
+        held.wait()
+        with build_lock(lock):
+            order.append("second acquired")
+
+    t = threading.Thread(target=second)
+    t.start()
+    with build_lock(lock):
+        held.set()
+        t.join(timeout=0.3)  # it cannot get in while we hold the lock
+        order.append("first released" if t.is_alive() else "second got in early")
+    t.join(timeout=30)
+    assert order == ["first released", "second acquired"]

@@ -117,7 +117,8 @@ def test_unknown_word_answers_are_rejected(tok):
 def test_prompts_that_tokenize_the_same_are_rejected(tok):
     with pytest.raises(
         WorkbenchError,
-        match=r"pair 'v': the clean and corrupted prompts \('the xyzzy said' and 'the qwerty said'\) are the same tokens",
+        match=r"pair 'v': the clean and corrupted prompts \('the xyzzy said' and 'the qwerty said'\) "
+        r"are the same tokens",
     ):
         make_pair(tok, "v", "the xyzzy said", "the qwerty said", " king", " man")
 

@@ -77,7 +77,7 @@ def test_clean_equals_corrupted_gives_zero_effect(tiny_models):
     model = tiny_models["llama"]
     base = baseline(model, tiny_pairs(model))
     same = dataclasses.replace(base, z_corrupted=base.z_clean)
-    masks = {l: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for l in range(model.n_layers)}
+    masks = {layer: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for layer in range(model.n_layers)}
     ld = logit_diff(model, same.pb.clean, same.pb, 1, [_VariantZPatcher(same, 1, masks, freeze=True)])
     assert (ld - base.ld_clean).abs().max() < 1e-5
     moved = logit_diff(model, base.pb.clean, base.pb, 1, [_VariantZPatcher(base, 1, masks, freeze=True)])
@@ -87,7 +87,7 @@ def test_clean_equals_corrupted_gives_zero_effect(tiny_models):
 def test_patching_all_heads_and_embeddings_reproduces_corrupted(tiny_models):
     model = tiny_models["llama"]
     base = baseline(model, tiny_pairs(model, seed=3))
-    masks = {l: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for l in range(model.n_layers)}
+    masks = {layer: torch.ones(1, 1, model.n_heads, dtype=torch.bool) for layer in range(model.n_layers)}
     corrupted_embeds = model.hf_model.get_input_embeddings()(base.pb.corrupted.input_ids)
     h = model.hf_model.get_input_embeddings().register_forward_hook(lambda mod, a, out: corrupted_embeds)
     try:
@@ -127,6 +127,25 @@ def test_attribution_patching_tracks_exact_patching(tiny_models):
     assert all(p.requires_grad for p in model.hf_model.parameters())
 
 
+def _record_z(zs: dict, layer: int):
+    """o_proj pre-hook that stores the layer's z (detached) in ``zs``: the corrupted run's z."""
+
+    def hook(mod, args):
+        zs[layer] = args[0].detach()
+
+    return hook
+
+
+def _keep_z(leaves: dict, layer: int):
+    """o_proj pre-hook that keeps the layer's z in ``leaves`` with its grad retained, for dLD/dz."""
+
+    def hook(mod, args):  # the total derivative: z stays in the graph, its grad retained
+        args[0].retain_grad()
+        leaves[layer] = args[0]
+
+    return hook
+
+
 def _plain_attribution(source, pairs) -> dict:
     """Attribution patching from its definition, one pair at a time on a plain eager HF model:
     dLD/dz . (z_corrupted - z_clean) summed over positions and the head's dimensions, averaged
@@ -141,28 +160,19 @@ def _plain_attribution(source, pairs) -> dict:
     est, ld_c, ld_x = {}, [], []
     for pair in pairs:
         zs = {}
-
-        def record(l):
-            def hook(mod, args):
-                zs[l] = args[0].detach()
-
-            return hook
-
-        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(record(l)) for l, layer in enumerate(hf.model.layers)]
+        hooks = [
+            block.self_attn.o_proj.register_forward_pre_hook(_record_z(zs, layer))
+            for layer, block in enumerate(hf.model.layers)
+        ]
         with torch.no_grad():
             lx = hf(torch.tensor([pair.corrupted])).logits[0, -1]
         for h in hooks:
             h.remove()
         z_corr, leaves = dict(zs), {}
-
-        def keep(l):
-            def hook(mod, args):  # the total derivative: z stays in the graph, its grad retained
-                args[0].retain_grad()
-                leaves[l] = args[0]
-
-            return hook
-
-        hooks = [layer.self_attn.o_proj.register_forward_pre_hook(keep(l)) for l, layer in enumerate(hf.model.layers)]
+        hooks = [
+            block.self_attn.o_proj.register_forward_pre_hook(_keep_z(leaves, layer))
+            for layer, block in enumerate(hf.model.layers)
+        ]
         hooks.append(hf.get_input_embeddings().register_forward_hook(lambda mod, a, out: out.requires_grad_(True)))
         lc = hf(torch.tensor([pair.clean])).logits[0, -1]
         ld = lc[pair.correct] - lc[pair.incorrect]
@@ -171,10 +181,10 @@ def _plain_attribution(source, pairs) -> dict:
             h.remove()
         ld_c.append(float(ld.detach()))
         ld_x.append(float(lx[pair.correct] - lx[pair.incorrect]))
-        for l, z in leaves.items():
-            g = (z.grad * (z_corr[l] - z.detach()))[0].reshape(-1, H, d).sum((0, 2))
+        for layer, z in leaves.items():
+            g = (z.grad * (z_corr[layer] - z.detach()))[0].reshape(-1, H, d).sum((0, 2))
             for h in range(H):
-                est[(l, h)] = est.get((l, h), 0.0) + float(g[h]) / len(pairs)
+                est[(layer, h)] = est.get((layer, h), 0.0) + float(g[h]) / len(pairs)
     denom = sum(ld_c) / len(ld_c) - sum(ld_x) / len(ld_x)
     return {k: v / denom for k, v in est.items()}
 
@@ -233,7 +243,7 @@ def test_discovery_faithfulness_and_overlap(tiny_models):
     assert strong <= set(circ.heads)
     for e in circ.edges.itertuples():
         assert e.sender_layer < e.receiver_layer
-    everything = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    everything = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)]
     full = faithfulness(model, base, everything)
     assert abs(full["faithfulness"] - 1) < 1e-6, "keeping every head keeps the clean LD"
     part = faithfulness(model, base, circ.heads)

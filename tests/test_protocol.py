@@ -245,7 +245,10 @@ def test_workbench_never_imports_probes():
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "probes" or n.startswith("probes.")]
     assert offenders == []
-    code = "import sys, workbench.cli, workbench.runner, workbench.runs.config, workbench.report; print('probes' in sys.modules)"
+    code = (
+        "import sys, workbench.cli, workbench.runner, workbench.runs.config, workbench.report; "
+        "print('probes' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.stdout.strip() == "False", res.stderr
 

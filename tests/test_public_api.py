@@ -220,3 +220,11 @@ def test_results_written_by_an_earlier_version_still_load():
     assert {"model", "dataset", "probe", "metric", "layer", "head", "value", "n"} <= set(table.columns) and len(
         table
     ) > 100
+
+
+def test_probes_get_probe_is_an_alias_that_warns():
+    import probes
+    from workbench.protocol import registry
+
+    with pytest.warns(DeprecationWarning, match="moved"):
+        assert probes.get_probe is registry.get_probe

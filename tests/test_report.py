@@ -33,8 +33,8 @@ def sweep(root: Path, name: str, models: list[str], extra: str = "") -> Path:
     cfg = root / f"{name}.toml"
     cfg.write_text(
         f'models = {json.dumps([str(m) for m in models])}\nprobes = ["entropy", "sink", "induction", "streaming"]\n'
-        '[datasets.prose]\nn_prompts = 6\n[datasets.repeated-random]\nn_prompts = 2\nperiod = 12\nprobes = ["induction"]\n'
-        + extra
+        "[datasets.prose]\nn_prompts = 6\n"
+        '[datasets.repeated-random]\nn_prompts = 2\nperiod = 12\nprobes = ["induction"]\n' + extra
     )
     assert main(["sweep", str(cfg), "--out", str(root / name), "--no-progress"]) == 0
     return root / name
@@ -200,7 +200,7 @@ def test_findings_count_roles_and_their_overlaps(tmp_path):
         assert re.search(rf"<b>{len(hs)}</b> {role} heads? \({share}\)", text), role
     both = sorted(heads["induction"] & heads["retrieval"])
     assert both, "the synthetic run has induction heads that are retrieval heads"
-    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6])
+    listed = ", ".join(f'<span class="hd">{layer}.{h}</span>' for layer, h in both[:6])
     verb = "is also a retrieval head" if len(both) == 1 else "are also retrieval heads"
     assert f"{len(both)} of the {len(heads['induction'])} induction heads {verb}: {listed}" in text
 
@@ -236,9 +236,9 @@ def test_top_heads_and_atlas_agree_with_the_table(report_run):
 
     roles = workbench.atlas(table, thresholds=parse_thresholds(ROLES))
     assert roles.groupby(["layer", "head"]).size().max() >= 2, "some head has several roles"
-    assert {(int(l), int(h)) for l, h, has in cells if has} == set(zip(roles.layer, roles["head"]))
-    for (l, h), g in roles.groupby(["layer", "head"]):
-        cell = re.search(rf'data-l="{l}" data-h="{h}" class="has">(.*?)</td>', text).group(1)
+    assert {(int(layer), int(h)) for layer, h, has in cells if has} == set(zip(roles.layer, roles["head"]))
+    for (layer, h), g in roles.groupby(["layer", "head"]):
+        cell = re.search(rf'data-l="{layer}" data-h="{h}" class="has">(.*?)</td>', text).group(1)
         assert re.findall(r">(\w+)</span>", cell) == [
             {"sink": "S", "streaming": "W", "echo": "E", "previous-token": "P"}.get(r, "?") for r in g.role
         ]
@@ -279,7 +279,8 @@ def test_definitions_are_copied_from_the_metrics_document(report_run, tmp_path):
     doc = tmp_path / "metrics.md"
     doc.write_text(
         "# Metrics\n\n## Conventions\n\nPadding never counts.\n\n## Probe sink\n\nSource: Gu et al.\n\n"
-        "## `sink_mass`\n\nThe first token's share, see [entropy](#entropy), [conventions](#conventions) and [x](#nowhere). "
+        "## `sink_mass`\n\nThe first token's share, see [entropy](#entropy), [conventions](#conventions) "
+        "and [x](#nowhere). "
         "<b>bold</b>\n\n## entropy\n\nRow entropy in nats.\n"
     )
     text = build_report(report_run / "run", docs=doc)
@@ -353,7 +354,8 @@ def test_compare_two_runs_of_one_model_per_head_and_by_config(depth_runs, tmp_pa
     shutil.copytree(depth_runs["a"], copy)
     cfg = tmp_path / "report.toml"
     cfg.write_text(
-        f'runs = ["{depth_runs["a"]}", "a-again"]\nlabels = ["first", "second"]\ntitle = "two seeds"\nout = "cfg.html"\n[roles]\nsink = 0.9\necho = "off"\n'
+        f'runs = ["{depth_runs["a"]}", "a-again"]\nlabels = ["first", "second"]\ntitle = "two seeds"\n'
+        'out = "cfg.html"\n[roles]\nsink = 0.9\necho = "off"\n'
     )
     assert main(["report", "--config", str(cfg)]) == 0
     text = (tmp_path / "cfg.html").read_text()

@@ -20,8 +20,8 @@ README_QUERY = "select probe, metric, layer, head, value from results order by v
 
 def _per_head(model: str = "m") -> pd.DataFrame:
     rows = [
-        {"probe": "entropy", "metric": "entropy", "layer": l, "head": h, "value": 0.1 * (2 * l + h), "n": 4}
-        for l in range(2)
+        {"probe": "entropy", "metric": "entropy", "layer": layer, "head": h, "value": 0.1 * (2 * layer + h), "n": 4}
+        for layer in range(2)
         for h in range(2)
     ]
     return tidy(pd.DataFrame(rows), model, "prose")

@@ -93,6 +93,36 @@ def keys(cfg):
     return {(u.dataset, u.probe): u.key for u in load_config(cfg).units()}
 
 
+CONFIG_EDITS = {  # the changes made to the config's text
+    "seed": lambda text: "seed = 1\n" + text,
+    "n_prompts": lambda text: text.replace("n_prompts = 2", "n_prompts = 3"),
+    "period": lambda text: text.replace("period = 12", "period = 13"),
+    "dtype": lambda text: 'dtype = "bfloat16"\n' + text,
+    "prepend_bos": lambda text: "prepend_bos = true\n" + text,
+    "probe_param": lambda text: text.replace("epsilon = 0.3", "epsilon = 0.4"),
+}
+
+
+def _make_change(change, cfg, tmp_path, model, monkeypatch):
+    """Make the one change a case names: to the config's text, the prompts file, the model folder or a probe."""
+    text = cfg.read_text()
+    if change in CONFIG_EDITS:
+        cfg.write_text(CONFIG_EDITS[change](text))
+    elif change == "prompts_file":
+        (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto"}\n')
+    elif change == "model_folder":
+        conf = json.loads((model / "config.json").read_text())
+        conf["rms_norm_eps"] = 1e-5
+        (model / "config.json").write_text(json.dumps(conf))
+    elif change == "model_weights":
+        w = next(model.glob("*.safetensors"))
+        os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    elif change == "probe_version":
+        from workbench.protocol.registry import probe_class
+
+        monkeypatch.setattr(probe_class("sink"), "version", 2)
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -115,32 +145,7 @@ def test_every_setting_that_changes_numbers_changes_the_key(tiny_dirs, tmp_path,
     body = BASE + '[datasets.mine]\npath = "p.jsonl"\nprobes = ["entropy"]\n[probe_params.sink]\nepsilon = 0.3\n'
     cfg = write(tmp_path, model, body=body)
     base = keys(cfg)
-    text = cfg.read_text()
-    if change == "seed":
-        cfg.write_text("seed = 1\n" + text)
-    elif change == "n_prompts":
-        cfg.write_text(text.replace("n_prompts = 2", "n_prompts = 3"))
-    elif change == "period":
-        cfg.write_text(text.replace("period = 12", "period = 13"))
-    elif change == "dtype":
-        cfg.write_text('dtype = "bfloat16"\n' + text)
-    elif change == "prepend_bos":
-        cfg.write_text("prepend_bos = true\n" + text)
-    elif change == "probe_param":
-        cfg.write_text(text.replace("epsilon = 0.3", "epsilon = 0.4"))
-    elif change == "prompts_file":
-        (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto"}\n')
-    elif change == "model_folder":
-        conf = json.loads((model / "config.json").read_text())
-        conf["rms_norm_eps"] = 1e-5
-        (model / "config.json").write_text(json.dumps(conf))
-    elif change == "model_weights":
-        w = next(model.glob("*.safetensors"))
-        os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
-    elif change == "probe_version":
-        from workbench.protocol.registry import probe_class
-
-        monkeypatch.setattr(probe_class("sink"), "version", 2)
+    _make_change(change, cfg, tmp_path, model, monkeypatch)
     after = keys(cfg)
     changed = {k for k in base if base[k] != after[k]}
     expect = {

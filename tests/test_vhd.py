@@ -135,8 +135,8 @@ def test_head_scaling_matches_a_hand_made_o_proj_hook(positions, vlms, plain, it
 
     def scale(mod, args, layer):
         x = args[0].clone()
-        for l, h in heads:
-            if l == layer:
+        for lyr, h in heads:
+            if lyr == layer:
                 rows = slice(None) if positions == "all" else slice(-1, None)
                 x[0, rows, h * d : (h + 1) * d] *= alpha
         return (x,)
@@ -205,7 +205,8 @@ def test_vlm_loads_by_hub_id_from_the_hub_cache(vlm_dirs, tmp_path):
         from workbench import get_probe
         from workbench.runner import run_probes
         m = load_model("llava-hf/tiny-llava", device="cpu")
-        df = run_probes(m, [Prompt("a", text="USER: <image> what ASSISTANT:", meta={{"image": {str(img)!r}}})], [get_probe("vhd")]).table
+        prompt = Prompt("a", text="USER: <image> what ASSISTANT:", meta={{"image": {str(img)!r}}})
+        df = run_probes(m, [prompt], [get_probe("vhd")]).table
         print(m.info["kind"], type(m.processor.image_processor).__name__, int((df.metric == "vhd").sum()))
         """
     )

@@ -62,6 +62,20 @@ def _tokens(
     return tokenize_prompts(list(prompts), model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=prepend_bos)  # type: ignore[arg-type]
 
 
+def _probe_names(probes: Sequence[Any], prompts: Sequence[Prompt | TokenizedPrompt]) -> list[str]:
+    """The run's probe names, in order, once a run is known to have probes, prompts and no probe twice."""
+    if not probes:
+        raise WorkbenchError("no probes to run", "name at least one probe")
+    if not prompts:
+        raise WorkbenchError("no prompts to run", "give a non-empty prompt set")
+    names = [p.name for p in probes]
+    if len(set(names)) != len(names):
+        raise WorkbenchError(
+            f"a probe appears twice in one run: {names}", "give each probe once (its parameters apply to the whole run)"
+        )
+    return names
+
+
 def run_probes(
     model: LoadedModel,
     prompts: Sequence[Prompt | TokenizedPrompt],
@@ -94,15 +108,7 @@ def run_probes(
             statistics from the kernel's log-sum-exp, or pattern chunks) or ``"chunks"`` (every
             pattern probe reads full chunks: the exact reference path).
     """
-    if not probes:
-        raise WorkbenchError("no probes to run", "name at least one probe")
-    if not prompts:
-        raise WorkbenchError("no prompts to run", "give a non-empty prompt set")
-    names = [p.name for p in probes]
-    if len(set(names)) != len(names):
-        raise WorkbenchError(
-            f"a probe appears twice in one run: {names}", "give each probe once (its parameters apply to the whole run)"
-        )
+    names = _probe_names(probes, prompts)
     ctx = RunContext(
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,

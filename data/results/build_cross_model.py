@@ -4,11 +4,15 @@
     workbench task ioi --model M --n-prompts 8 --out runs/ioi/M.jsonl                          # per model
     workbench patch path --model M --pairs runs/ioi/M.jsonl --out runs/ioi/M__path.parquet     # per model
     python data/results/build_cross_model.py --bos-prompts runs/bos   # Gemma's BOS experiment (optional):
-    workbench probe sink --model gemma3-270m --prompts runs/bos/bos-prose.jsonl --out runs/bos/gemma3-270m__bos-prose.parquet
-    workbench probe sink --model gemma3-270m --prompts runs/bos/no-bos-prose.jsonl --out runs/bos/gemma3-270m__no-bos-prose.parquet
-    workbench dataset niah --model gemma3-270m --context-len 8000 --depths 0,0.5,1 --n-prompts 3 --out runs/niah-long/niah-8k.jsonl
-    workbench probe retrieval --model gemma3-270m --prompts runs/niah-long/niah-8k.jsonl --param retrieval.max_new_tokens=20 \\
-        --out runs/niah-long/gemma3-270m__niah-8k.parquet          # Gemma beyond the sweep's 4k; at 16k: --context-len 16000 --depths 0.5 --n-prompts 1
+    workbench probe sink --model gemma3-270m --prompts runs/bos/bos-prose.jsonl \\
+        --out runs/bos/gemma3-270m__bos-prose.parquet
+    workbench probe sink --model gemma3-270m --prompts runs/bos/no-bos-prose.jsonl \\
+        --out runs/bos/gemma3-270m__no-bos-prose.parquet
+    workbench dataset niah --model gemma3-270m --context-len 8000 --depths 0,0.5,1 --n-prompts 3 \\
+        --out runs/niah-long/niah-8k.jsonl
+    # Gemma beyond the sweep's 4k (at 16k: --context-len 16000 --depths 0.5 --n-prompts 1):
+    workbench probe retrieval --model gemma3-270m --prompts runs/niah-long/niah-8k.jsonl \\
+        --param retrieval.max_new_tokens=20 --out runs/niah-long/gemma3-270m__niah-8k.parquet
     python data/results/build_cross_model.py runs/cross --ioi runs/ioi --extra runs/bos --extra runs/niah-long
 
 The BOS experiment: the ``prose`` dataset's first 8 passages (seed 0) as Gemma token ids, once as its tokenizer

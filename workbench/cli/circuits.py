@@ -43,6 +43,16 @@ def _receivers(raw: str | None, model) -> list | None:
     return out
 
 
+def _top10(d) -> set:
+    """The 10 heads of largest |value| as ``(layer, head)``: how far attribution agrees with exact patching."""
+    return set(
+        map(
+            tuple,
+            d.reindex(d.value.abs().sort_values(ascending=False).index)[["layer", "head"]].head(10).to_numpy().tolist(),
+        )
+    )
+
+
 def cmd_patch(args: argparse.Namespace) -> int:
     from scipy.stats import spearmanr
 
@@ -82,20 +92,12 @@ def cmd_patch(args: argparse.Namespace) -> int:
         df = attribution_patching(model, base)
         exact = activation_patching(model, base, max_rows=args.max_rows)
         rho = float(spearmanr(exact.value, df.value).statistic)
-        top = lambda d: set(
-            map(
-                tuple,
-                d.reindex(d.value.abs().sort_values(ascending=False).index)[["layer", "head"]]
-                .head(10)
-                .to_numpy()
-                .tolist(),
-            )
-        )  # noqa: E731
-        extra = {"spearman_vs_exact": rho, "top10_overlap_vs_exact": len(top(df) & top(exact)) / 10}
+        extra = {"spearman_vs_exact": rho, "top10_overlap_vs_exact": len(_top10(df) & _top10(exact)) / 10}
         df = df.merge(exact[["layer", "head", "value"]].rename(columns={"value": "exact"}), on=["layer", "head"])
         metric = "attribution_z"
         print(
-            f"attribution vs exact activation patching: Spearman rho = {rho:.3f}; top-10 overlap {extra['top10_overlap_vs_exact']:.0%}"
+            f"attribution vs exact activation patching: Spearman rho = {rho:.3f}; "
+            f"top-10 overlap {extra['top10_overlap_vs_exact']:.0%}"
         )
     df["model"], df["dataset"], df["probe"], df["metric"], df["n"] = (
         args.model,
@@ -127,7 +129,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
         summary=extra,
     )
     print(
-        f"LD clean {float(base.ld_clean.mean()):.3f}, corrupted {float(base.ld_corrupted.mean()):.3f} over {len(pairs)} pairs"
+        f"LD clean {float(base.ld_clean.mean()):.3f}, corrupted {float(base.ld_corrupted.mean()):.3f} "
+        f"over {len(pairs)} pairs"
     )
     cols = [c for c in ("layer", "head", "position", "value", "ci_low", "ci_high") if c in df.columns]
     print(df.reindex(df.value.abs().sort_values(ascending=False).index)[cols].head(args.top).to_string(index=False))
@@ -135,19 +138,24 @@ def cmd_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ci(f: dict) -> str:
+    """`` [95% CI low-high]`` of a faithfulness result, or nothing when it has no interval."""
+    return f" [95% CI {f['ci95'][0]:.2f}-{f['ci95'][1]:.2f}]" if f.get("ci95") else ""
+
+
 def _print_report(task: str, rep) -> None:
     info = rep.info
     hc, ec = info["head_circuit"], info["edge_circuit"]
-    ci = lambda f: f" [95% CI {f['ci95'][0]:.2f}-{f['ci95'][1]:.2f}]" if f.get("ci95") else ""  # noqa: E731
     print(
         f"{task}: head circuit ({hc['ablation']} ablation, target F >= {info['target']}): {len(rep.heads)} heads, "
-        f"F(C)/F(M) = {hc['faithfulness']:.3f}{ci(hc)} (LD {hc['ld_circuit']:.2f} of {hc['ld_clean']:.2f}; every head ablated "
-        f"{hc['ld_all_heads_ablated']:.2f})"
+        f"F(C)/F(M) = {hc['faithfulness']:.3f}{_ci(hc)} (LD {hc['ld_circuit']:.2f} of {hc['ld_clean']:.2f}; "
+        f"every head ablated {hc['ld_all_heads_ablated']:.2f})"
         + ("" if hc["reached_target"] else "  [target NOT reached: best size on the curve]")
     )
     if "heldout" in hc:
         print(
-            f"{task}: on {hc['heldout']['n_pairs']} held-out pairs F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}{ci(hc['heldout'])}"
+            f"{task}: on {hc['heldout']['n_pairs']} held-out pairs "
+            f"F(C)/F(M) = {hc['heldout']['faithfulness']:.3f}{_ci(hc['heldout'])}"
         )
     c = hc["completeness"]
     greedy = "none (empty circuit)" if math.isnan(c["greedy_max_relative"]) else f"{c['greedy_max_relative']:.1%}"
@@ -159,11 +167,13 @@ def _print_report(task: str, rep) -> None:
         print(rep.nodes.to_string(index=False))
     else:
         print(
-            f"{task}: the empty circuit already reaches the target: with every head ablated the model keeps F >= {info['target']} of its behaviour"
+            f"{task}: the empty circuit already reaches the target: "
+            f"with every head ablated the model keeps F >= {info['target']} of its behaviour"
         )
     if ec:
         print(
-            f"{task}: edge circuit: {ec['edges']} edges ({ec['heads']} heads, {ec['mlps']} MLPs), F(C)/F(M) = {ec['faithfulness']:.3f}"
+            f"{task}: edge circuit: {ec['edges']} edges ({ec['heads']} heads, {ec['mlps']} MLPs), "
+            f"F(C)/F(M) = {ec['faithfulness']:.3f}"
         )
     else:
         print(
@@ -177,8 +187,9 @@ def _print_report(task: str, rep) -> None:
     print(
         f"{task}: edge scores vs exact edge patching ({v['n_edges']} edges): "
         + ", ".join(f"{k} Spearman {r:.3f}" for k, r in v["spearman"].items())
-        + f"; time: EAP {v['eap_seconds']:.1f} s, EAP-IG {v['eap_ig_seconds']:.1f} s for all {info['graph']['n_edges']} edges, "
-        f"exact {v['exact_seconds_per_edge']:.3f} s per edge (all edges ~{v['exact_all_edges_seconds_extrapolated'] / 3600:.1f} h)"
+        + f"; time: EAP {v['eap_seconds']:.1f} s, EAP-IG {v['eap_ig_seconds']:.1f} s "
+        f"for all {info['graph']['n_edges']} edges, exact {v['exact_seconds_per_edge']:.3f} s per edge "
+        f"(all edges ~{v['exact_all_edges_seconds_extrapolated'] / 3600:.1f} h)"
     )
     print(f"{task}: discovery took {info['timing']['total']:.1f} s")
 
@@ -203,35 +214,12 @@ def _write_task_dir(out, task: str, files: dict) -> None:
         raise
 
 
-def cmd_circuit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from circuits.ablation import ABLATIONS
-    from circuits.baseline import baseline
-    from circuits.discovery import discover_circuit, faithfulness, find_circuit, label_roles, overlap, roles_for
-    from circuits.graph import ModelGraph
+def _circuit_inputs(args: argparse.Namespace, tasks: list[str], model) -> dict:
+    """``{task: (pairs, reference pairs, held-out pairs)}``, built up front so a bad task fails before the slow part."""
     from circuits.tasks import make_task, read_pairs
-    from workbench.datasets import make_dataset
-    from workbench.files.atomic import atomic_write_text
-    from workbench.inputs.prompts import tokenize_prompts
-    from workbench.models.loading import load_model
-    from workbench.protocol.registry import get_probe
-    from workbench.runner import run_probes
-    from workbench.runs.parquet import run_metadata, write_parquet
 
-    if args.ablation not in ABLATIONS:
-        raise WorkbenchError(f"unknown ablation {args.ablation!r}", f"choose from: {', '.join(ABLATIONS)}")
-    if not 0 < args.target <= 2:
-        raise WorkbenchError(f"--target {args.target} is not a faithfulness", "e.g. --target 0.8")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"output {out} is a file", "give a folder for --out")
-    tasks = [os.path.basename(args.pairs)] if args.pairs else [t.strip() for t in args.task.split(",") if t.strip()]
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.method != "path":
-        ModelGraph(model)  # edge-level discovery needs a supported architecture: fail before the slow part
     inputs = {}
-    for t in tasks:  # validate every task before the slow part
+    for t in tasks:
         if args.pairs:
             pairs = read_pairs(args.pairs, model.tokenizer)[: args.n_prompts or None]
             ref = read_pairs(args.reference_pairs, model.tokenizer) if args.reference_pairs else None
@@ -245,6 +233,133 @@ def cmd_circuit(args: argparse.Namespace) -> int:
             )
             held = make_task(t, model.tokenizer, n=args.heldout, seed=args.seed + 2) if args.heldout else None
         inputs[t] = (pairs, ref, held)
+    return inputs
+
+
+def _path_circuit(args: argparse.Namespace, model, t: str, pairs, ref, patterns, meta: dict, out) -> list:
+    """``--method path``: one task's circuit by thresholded path patching, printed and written; returns its heads."""
+    from circuits.baseline import baseline
+    from circuits.discovery import discover_circuit, faithfulness, label_roles
+    from workbench.runs.parquet import write_parquet
+
+    base = baseline(model, pairs)
+    circ = discover_circuit(
+        model,
+        base,
+        threshold=args.threshold,
+        max_rounds=args.rounds,
+        max_receivers=args.max_receivers,
+        log=print,
+        inner_threshold=args.inner_threshold,
+    )
+    circ.nodes = label_roles(circ, patterns, task=t)
+    circ.info["faithfulness"] = faithfulness(model, base, circ.heads, args.ablation, ref)
+    f = circ.info["faithfulness"]
+    print(
+        f"{t}: {len(circ.heads)} heads; faithfulness {f['faithfulness']:.3f} under {f['ablation_detail']} "
+        f"(LD {f['ld_circuit']:.2f} of {f['ld_clean']:.2f}; all heads ablated {f['ld_all_heads_ablated']:.2f})"
+    )
+    print(circ.nodes.to_string(index=False))
+    doc = {"task": t, "model": args.model, "method": "path", **circ.to_json()}
+    _write_task_dir(
+        out,
+        t,
+        {
+            "circuit.json": lambda p, doc=doc: p.write_text(json.dumps(doc, indent=1, default=str)),
+            "nodes.parquet": lambda p, circ=circ: write_parquet(
+                circ.nodes.assign(model=args.model, dataset=t), p, meta
+            ),
+            "edges.parquet": lambda p, circ=circ: write_parquet(
+                circ.edges.assign(model=args.model, dataset=t), p, meta
+            ),
+        },
+    )
+    return circ.heads
+
+
+def _target_circuit(args: argparse.Namespace, model, t: str, pairs, ref, held, patterns, meta: dict, out) -> list:
+    """One task's smallest circuit reaching ``--target`` (the default), printed and written; returns its heads."""
+    from circuits.discovery import faithfulness, find_circuit, roles_for
+    from workbench.runs.parquet import write_parquet
+
+    rep = find_circuit(
+        model,
+        pairs,
+        ref,
+        ablation=args.ablation,
+        method=args.method,
+        steps=args.ig_steps,
+        target=args.target,
+        n_validate=args.validate_edges,
+        completeness_random=args.completeness_random,
+        greedy_steps=args.greedy_steps,
+        minimality_random=args.minimality_random,
+        prune=not args.no_prune,
+        max_rows=args.max_rows,
+        seed=args.seed,
+        log=print,
+    )
+    rep.nodes["role"] = roles_for(rep.nodes, patterns, t, rep.info["ld_clean"])
+    if held:
+        rep.info["head_circuit"]["heldout"] = {
+            "n_pairs": len(held),
+            **faithfulness(model, held, rep.heads, args.ablation, ref),
+        }
+    _print_report(t, rep)
+    doc = {"task": t, "model": args.model, **rep.info, "nodes": rep.nodes.to_dict("records")}
+    _write_task_dir(
+        out,
+        t,
+        {
+            "circuit.json": lambda p, doc=doc: p.write_text(json.dumps(doc, indent=1, default=str)),
+            "nodes.parquet": lambda p, rep=rep: write_parquet(rep.nodes.assign(model=args.model, dataset=t), p, meta),
+            "edges.parquet": lambda p, rep=rep: write_parquet(rep.edges.assign(model=args.model, dataset=t), p, meta),
+            "edge_scores.parquet": lambda p, rep=rep: write_parquet(
+                rep.scores.frame().assign(model=args.model, dataset=t), p, meta
+            ),
+        },
+    )
+    return rep.heads
+
+
+def _write_overlap(out, tasks: list[str], heads_by_task: dict) -> None:
+    """Two tasks: how much their circuits share, written to ``overlap.json`` and printed."""
+    from circuits.discovery import overlap
+    from workbench.files.atomic import atomic_write_text
+
+    ov = overlap(heads_by_task[tasks[0]], heads_by_task[tasks[1]])
+    atomic_write_text(out / "overlap.json", json.dumps({"a": tasks[0], "b": tasks[1], **ov}, indent=1, default=str))
+    print(
+        f"overlap {tasks[0]} / {tasks[1]}: Jaccard {ov['jaccard']:.2f}; "
+        f"{ov['recall_a_in_b']:.0%} of {tasks[0]}'s heads are in "
+        f"{tasks[1]}'s circuit; shared: {', '.join(f'{layer}.{h}' for layer, h in ov['shared'])}"
+    )
+
+
+def cmd_circuit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from circuits.ablation import ABLATIONS
+    from circuits.graph import ModelGraph
+    from workbench.datasets import make_dataset
+    from workbench.inputs.prompts import tokenize_prompts
+    from workbench.models.loading import load_model
+    from workbench.protocol.registry import get_probe
+    from workbench.runner import run_probes
+    from workbench.runs.parquet import run_metadata
+
+    if args.ablation not in ABLATIONS:
+        raise WorkbenchError(f"unknown ablation {args.ablation!r}", f"choose from: {', '.join(ABLATIONS)}")
+    if not 0 < args.target <= 2:
+        raise WorkbenchError(f"--target {args.target} is not a faithfulness", "e.g. --target 0.8")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"output {out} is a file", "give a folder for --out")
+    tasks = [os.path.basename(args.pairs)] if args.pairs else [t.strip() for t in args.task.split(",") if t.strip()]
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.method != "path":
+        ModelGraph(model)  # edge-level discovery needs a supported architecture: fail before the slow part
+    inputs = _circuit_inputs(args, tasks, model)  # validate every task before the slow part
     out.mkdir(parents=True, exist_ok=True)
     rep = tokenize_prompts(
         make_dataset("repeated-random", n_prompts=8, tokenizer=model.tokenizer, period=min(50, model.n_ctx // 2 - 1)),
@@ -259,89 +374,11 @@ def cmd_circuit(args: argparse.Namespace) -> int:
             model=model.describe(), dataset={"name": t, "n_pairs": len(pairs), "seed": args.seed}, command=sys.argv
         )
         if args.method == "path":
-            base = baseline(model, pairs)
-            circ = discover_circuit(
-                model,
-                base,
-                threshold=args.threshold,
-                max_rounds=args.rounds,
-                max_receivers=args.max_receivers,
-                log=print,
-                inner_threshold=args.inner_threshold,
-            )
-            circ.nodes = label_roles(circ, patterns, task=t)
-            circ.info["faithfulness"] = faithfulness(model, base, circ.heads, args.ablation, ref)
-            heads_by_task[t] = circ.heads
-            f = circ.info["faithfulness"]
-            print(
-                f"{t}: {len(circ.heads)} heads; faithfulness {f['faithfulness']:.3f} under {f['ablation_detail']} "
-                f"(LD {f['ld_circuit']:.2f} of {f['ld_clean']:.2f}; all heads ablated {f['ld_all_heads_ablated']:.2f})"
-            )
-            print(circ.nodes.to_string(index=False))
-            doc = {"task": t, "model": args.model, "method": "path", **circ.to_json()}
-            _write_task_dir(
-                out,
-                t,
-                {
-                    "circuit.json": lambda p, doc=doc: p.write_text(json.dumps(doc, indent=1, default=str)),
-                    "nodes.parquet": lambda p, circ=circ: write_parquet(
-                        circ.nodes.assign(model=args.model, dataset=t), p, meta
-                    ),
-                    "edges.parquet": lambda p, circ=circ: write_parquet(
-                        circ.edges.assign(model=args.model, dataset=t), p, meta
-                    ),
-                },
-            )
-            continue
-        rep = find_circuit(
-            model,
-            pairs,
-            ref,
-            ablation=args.ablation,
-            method=args.method,
-            steps=args.ig_steps,
-            target=args.target,
-            n_validate=args.validate_edges,
-            completeness_random=args.completeness_random,
-            greedy_steps=args.greedy_steps,
-            minimality_random=args.minimality_random,
-            prune=not args.no_prune,
-            max_rows=args.max_rows,
-            seed=args.seed,
-            log=print,
-        )
-        rep.nodes["role"] = roles_for(rep.nodes, patterns, t, rep.info["ld_clean"])
-        if held:
-            rep.info["head_circuit"]["heldout"] = {
-                "n_pairs": len(held),
-                **faithfulness(model, held, rep.heads, args.ablation, ref),
-            }
-        heads_by_task[t] = rep.heads
-        _print_report(t, rep)
-        doc = {"task": t, "model": args.model, **rep.info, "nodes": rep.nodes.to_dict("records")}
-        _write_task_dir(
-            out,
-            t,
-            {
-                "circuit.json": lambda p, doc=doc: p.write_text(json.dumps(doc, indent=1, default=str)),
-                "nodes.parquet": lambda p, rep=rep: write_parquet(
-                    rep.nodes.assign(model=args.model, dataset=t), p, meta
-                ),
-                "edges.parquet": lambda p, rep=rep: write_parquet(
-                    rep.edges.assign(model=args.model, dataset=t), p, meta
-                ),
-                "edge_scores.parquet": lambda p, rep=rep: write_parquet(
-                    rep.scores.frame().assign(model=args.model, dataset=t), p, meta
-                ),
-            },
-        )
+            heads_by_task[t] = _path_circuit(args, model, t, pairs, ref, patterns, meta, out)
+        else:
+            heads_by_task[t] = _target_circuit(args, model, t, pairs, ref, held, patterns, meta, out)
     if len(tasks) == 2:
-        ov = overlap(heads_by_task[tasks[0]], heads_by_task[tasks[1]])
-        atomic_write_text(out / "overlap.json", json.dumps({"a": tasks[0], "b": tasks[1], **ov}, indent=1, default=str))
-        print(
-            f"overlap {tasks[0]} / {tasks[1]}: Jaccard {ov['jaccard']:.2f}; {ov['recall_a_in_b']:.0%} of {tasks[0]}'s heads are in "
-            f"{tasks[1]}'s circuit; shared: {', '.join(f'{l}.{h}' for l, h in ov['shared'])}"
-        )
+        _write_overlap(out, tasks, heads_by_task)
     print(f"-> {out}")
     return 0
 
@@ -377,13 +414,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--receiver-positions",
         default="all",
         choices=["all", "last"],
-        help="path patching: patch the receivers' q/k/v at every position, or at the read-out position only (Wang et al.'s END)",
+        help="path patching: patch the receivers' q/k/v at every position, "
+        "or at the read-out position only (Wang et al.'s END)",
     )
     pa.add_argument(
         "--engine",
         default="auto",
         choices=["auto", "graph", "hooks"],
-        help="path patching: graph = read-out positions only on the explicit graph (Llama family), hooks = full forwards (any model)",
+        help="path patching: graph = read-out positions only on the explicit graph (Llama family), "
+        "hooks = full forwards (any model)",
     )
     pa.add_argument(
         "--component",
@@ -417,7 +456,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "circuit",
         "the smallest circuit reaching a faithfulness target, with completeness and minimality",
-        "workbench circuit --task ioi,colored-objects --n-prompts 16 --reference-prompts 64 --target 0.8 --out runs/circuits\n"
+        "workbench circuit --task ioi,colored-objects --n-prompts 16 --reference-prompts 64 --target 0.8 "
+        "--out runs/circuits\n"
         "workbench circuit --task ioi --ablation resample --method eap --validate-edges 100 --out runs/circuits-eap",
     )
     add_model_args(ci)
@@ -437,7 +477,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reference-prompts",
         type=whole(0),
         default=64,
-        help="extra pairs (another seed) whose corrupted prompts define mean / resample ablation, as Wang et al.'s ABC set; 0 = the pairs' own",
+        help="extra pairs (another seed) whose corrupted prompts define mean / resample ablation, "
+        "as Wang et al.'s ABC set; 0 = the pairs' own",
     )
     ci.add_argument(
         "--heldout",

@@ -115,7 +115,8 @@ def check_store_model(store, name: str) -> None:
         ) from None
     if tok["sha256"] != store.index.get("tokenizer", {}).get("sha256"):
         raise WorkbenchError(
-            f"{store.path} was tokenized by a different tokenizer than {name}'s ({store.index.get('tokenizer', {}).get('class')})",
+            f"{store.path} was tokenized by a different tokenizer than {name}'s "
+            f"({store.index.get('tokenizer', {}).get('class')})",
             f"cache {name} again: workbench cache --model {name} ... --out NEW_STORE",
         )
     if model_identity(name) != store.index.get("model_identity"):
@@ -164,7 +165,10 @@ def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
     dataset = str(store.index.get("source", {}).get("dataset") or "store")
     table = tidy(result.table, model=store.index["model"], dataset=dataset)
     stats = result.stats
-    facts = f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); run {time.perf_counter() - t0:.1f}s"
+    facts = (
+        f"{stats.n_prompts} prompts, {stats.n_tokens} tokens from {store.path} ({store.index['dtype']}); "
+        f"run {time.perf_counter() - t0:.1f}s"
+    )
     finish_probe_run(
         table,
         result,

@@ -94,7 +94,7 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
         config={
             "alpha": args.alpha,
             "positions": args.positions,
-            "heads": [f"{l}.{h}" for l, h in heads],
+            "heads": [f"{layer}.{h}" for layer, h in heads],
             "heads_from": source,
             "max_new_tokens": args.max_new_tokens,
         },

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "retrieval-ablation",
         "needle accuracy with the top-k retrieval heads vs k random heads ablated",
-        "workbench retrieval-ablation --n-prompts 20 --context-len 1000,2000 --k 5,10,20 --draws 3 --out ablation.parquet",
+        "workbench retrieval-ablation --n-prompts 20 --context-len 1000,2000 --k 5,10,20 --draws 3 "
+        "--out ablation.parquet",
     )
     add_model_args(r)
     r.add_argument(

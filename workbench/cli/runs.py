@@ -101,8 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sw.add_argument(
         "--executor",
         default="local",
-        help="who runs the (model, dataset) groups: local (this process) or ray (tasks with the config's [executor] resources; "
-        "pip install 'attention-head-workbench[ray]')",
+        help="who runs the (model, dataset) groups: local (this process) "
+        "or ray (tasks with the config's [executor] resources; pip install 'attention-head-workbench[ray]')",
     )
     sw.add_argument(
         "--address",
@@ -116,7 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "query",
         "SQL over run results with DuckDB (table `results`; runs with your file rights unless --read-only)",
-        'workbench query "select probe, metric, layer, head, value from results order by value desc limit 10" --runs runs/demo',
+        'workbench query "select probe, metric, layer, head, value from results order by value desc limit 10" '
+        "--runs runs/demo",
     )
     q.add_argument("sql")
     q.add_argument(
@@ -128,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--read-only",
         action="store_true",
-        help="for SQL you did not write: rows are loaded into memory, then file, network and extension access are disabled and the configuration locked",
+        help="for SQL you did not write: rows are loaded into memory, "
+        "then file, network and extension access are disabled and the configuration locked",
     )
     q.add_argument("--max-rows", type=whole(1), default=50)
     q.set_defaults(func=cmd_query)
@@ -144,13 +146,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "runs",
         nargs="*",
         metavar="RUN",
-        help="run folders (or results .parquet, or `workbench circuit` folders; paths or fsspec URLs); several = a comparison",
+        help="run folders (or results .parquet, or `workbench circuit` folders; paths or fsspec URLs); "
+        "several = a comparison",
     )
     rp.add_argument("--out", help="the HTML file to write (a path or an fsspec URL)")
     rp.add_argument("--title")
     rp.add_argument(
         "--roles",
-        help="head-atlas thresholds, ROLE=VALUE or METRIC=VALUE pairs (ROLE=off hides a role), e.g. sink=0.6,retrieval=0.2",
+        help="head-atlas thresholds, ROLE=VALUE or METRIC=VALUE pairs (ROLE=off hides a role), "
+        "e.g. sink=0.6,retrieval=0.2",
     )
     rp.add_argument("--labels", help="one name per run, comma-separated (default: the folder names)")
     rp.add_argument(

@@ -52,7 +52,8 @@ def make_dataset(
         if n_prompts > MAX_PROMPTS:
             raise WorkbenchError(
                 f"--n-prompts must be at most {MAX_PROMPTS}, got {n_prompts}",
-                f"ask for at most {MAX_PROMPTS} prompts (n_prompts in a sweep config), or split the work into several runs",
+                f"ask for at most {MAX_PROMPTS} prompts (n_prompts in a sweep config), "
+                "or split the work into several runs",
             )
     opts = validate_options(OPTIONS[name], {"n_prompts": n_prompts, "seed": seed, **options}, name, noun="option")
     kwargs = opts.model_dump(exclude_unset=True)

@@ -56,7 +56,10 @@ WORDS = [
     "meadow",
 ]
 NEEDLE = "\nThe secret passphrase for the {place} is {answer}.\n"
-QUESTION = "\nBased on the content of the book, what is the secret passphrase for the {place}?\nAnswer: The secret passphrase for the {place} is"
+QUESTION = (
+    "\nBased on the content of the book, what is the secret passphrase for the {place}?\n"
+    "Answer: The secret passphrase for the {place} is"
+)
 
 
 Length = Annotated[Int, Field(ge=1, le=MAX_TOKENS)]
@@ -89,7 +92,8 @@ class Options(DatasetOptions):
         total = max(lengths) * (self.n_prompts or len(lengths) * n_depths)
         if total > MAX_TOTAL_TOKENS:
             raise ValueError(
-                f"the prompts would be up to {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts"
+                f"the prompts would be up to {total} tokens in all, more than {MAX_TOTAL_TOKENS}; "
+                "ask for fewer or shorter prompts"
             )
         return self
 
@@ -166,7 +170,8 @@ def make(
         n_hay = L - len(prefix) - len(needle_ids) - len(q_ids)
         if n_hay < 1:
             raise WorkbenchError(
-                f"context length {L} is too short for the needle and question ({len(prefix) + len(needle_ids) + len(q_ids)} tokens)",
+                f"context length {L} is too short for the needle and question "
+                f"({len(prefix) + len(needle_ids) + len(q_ids)} tokens)",
                 "use a longer --context-len",
             )
         if n_ctx is not None and L > n_ctx:

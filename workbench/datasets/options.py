@@ -38,7 +38,8 @@ def check_template(
     missing = [n for n in required if n not in names]
     if missing:
         raise ValueError(
-            f"needs the placeholders {', '.join('{' + n + '}' for n in required)} (missing {', '.join('{' + n + '}' for n in missing)})"
+            f"needs the placeholders {', '.join('{' + n + '}' for n in required)} "
+            f"(missing {', '.join('{' + n + '}' for n in missing)})"
         )
     unknown = [n for n in names if n not in required + allowed]
     if unknown:

@@ -40,7 +40,8 @@ class Options(DatasetOptions):
         total = length * (self.n_prompts or 16)
         if total > MAX_TOTAL_TOKENS:
             raise ValueError(
-                f"the prompts would be {total} tokens in all, more than {MAX_TOTAL_TOKENS}; ask for fewer or shorter prompts"
+                f"the prompts would be {total} tokens in all, more than {MAX_TOTAL_TOKENS}; "
+                "ask for fewer or shorter prompts"
             )
         return self
 

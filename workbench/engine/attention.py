@@ -55,6 +55,24 @@ def _fusable(call: AttentionCall, dropout: float, kwargs: dict[str, Any]) -> boo
     return fusable(call, dropout, kwargs)
 
 
+def _edit_qkv(call: AttentionCall, observers: list[Any]) -> None:
+    """Let observers replace the call's queries / keys / values before the kernel reads them (path patching)."""
+    for obs in observers:
+        edit_qkv = getattr(obs, "edit_qkv", None)
+        if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
+            call.query, call.key, call.value = edit_qkv(call)
+
+
+def _wanted_statistics(call: AttentionCall, observers: list[Any]) -> set[str]:
+    """What the observers ask the kernel to return beside the output (``"lse"``, ``"key_mean"``)."""
+    wants: set[str] = set()
+    for obs in observers:
+        ask = getattr(obs, "wants_statistics", None)
+        if ask is not None:
+            wants.update(ask(call))
+    return wants
+
+
 def workbench_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -86,16 +104,9 @@ def workbench_attention_forward(
         softcap=softcap,
     )
     observers = list(current_observers()) if call.layer >= 0 else []  # only decoder layers are heads we index
-    for obs in observers:
-        edit_qkv = getattr(obs, "edit_qkv", None)
-        if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
-            call.query, call.key, call.value = edit_qkv(call)
+    _edit_qkv(call, observers)
     query, key, value = call.query, call.key, call.value
-    wants: set[str] = set()
-    for obs in observers:
-        ask = getattr(obs, "wants_statistics", None)
-        if ask is not None:
-            wants.update(ask(call))
+    wants = _wanted_statistics(call, observers)
     if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in observers):
         # an observer overwrites every head's output (path patching freezes them all): skip the kernel
         z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])

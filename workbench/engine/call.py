@@ -85,7 +85,7 @@ class StopAfterLayer:
 @contextlib.contextmanager
 def stop_after_layer(layer: int) -> Iterator[None]:
     """A forward run inside the block ends after layer ``layer``'s attention call (its output is
-    then not computed). Enter it inside the run's :func:`workbench.engine.attention.hooked_run`, so the run's observers see
-    that call first."""
+    then not computed). Enter it inside the run's :func:`workbench.engine.attention.hooked_run`,
+    so the run's observers see that call first."""
     with observe(StopAfterLayer(layer)), contextlib.suppress(ForwardStopped):
         yield

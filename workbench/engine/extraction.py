@@ -22,9 +22,9 @@ cheapest sufficient thing:
   soft-capping; entropy under an additive float mask) get the layer's pattern chunks, computed
   once and shared: the exact reference path, which ``attention_path="chunks"`` forces for all.
 
-On CUDA an out-of-memory batch is split in half and retried, the probes' batch accumulators discarded so nothing is double-counted. Use
-:func:`workbench.runner.run_probes` to run probes of any kind; this module is its engine for
-pattern probes.
+On CUDA an out-of-memory batch is split in half and retried, the probes' batch accumulators
+discarded so nothing is double-counted. Use :func:`workbench.runner.run_probes` to run probes of
+any kind; this module is its engine for pattern probes.
 """
 
 from __future__ import annotations
@@ -134,6 +134,39 @@ class RunStats:
     n_oom_splits: int = 0
 
 
+def _replay(calls: Callable[[BatchInfo], Iterable[AttentionCall]], feeder: ChunkFeeder) -> Callable[[BatchInfo], None]:
+    """The forward of a replayed run: a batch's stored attention calls go to the feeder as a live forward's would."""
+
+    def replay(batch: BatchInfo) -> None:
+        for call in calls(batch):
+            feeder.on_attention(call)
+
+    return replay
+
+
+def _progress_bar(ctx: RunContext, n_tokens: int):
+    """A progress bar over the run's tokens when the context shows progress, else None."""
+    if not ctx.show_progress():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_tokens, unit="tok", desc="probes", leave=False)
+
+
+def _probe_batch(batch: BatchInfo, probes: Sequence[PatternProbe], forward: Callable[[BatchInfo], None]) -> None:
+    """One batch through the probes' batch protocol: begin, forward, end, or abort if the forward fails."""
+    for p in probes:
+        p.begin_batch(batch)
+    try:
+        forward(batch)
+    except Exception:  # nothing of a failed batch is counted (it may be retried in halves)
+        for p in probes:
+            p.abort_batch()
+        raise
+    for p in probes:
+        p.end_batch(batch)
+
+
 def run_pattern_probes(
     model,
     prompts: Sequence[TokenizedPrompt],
@@ -174,15 +207,11 @@ def run_pattern_probes(
                 use_cache=False,
             )
 
-    def replay(batch: BatchInfo) -> None:
-        for call in calls(batch):
-            feeder.on_attention(call)
-
     if calls is not None and ctx.interventions:
         raise WorkbenchError(
             "interventions edit a model's forward; replayed attention has none", "run interventions on the live model"
         )
-    forward = forward or (replay if calls is not None else model_forward)
+    forward = forward or (_replay(calls, feeder) if calls is not None else model_forward)
     # attention observers only: the plain HF modules, without the bridge's wrappers around them
     session = (
         contextlib.nullcontext()
@@ -190,11 +219,7 @@ def run_pattern_probes(
         else hooked_run(model.hf_model, feeder, *ctx.interventions, unwrap=True)
     )
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in prompts))
-    bar = None
-    if ctx.show_progress():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stats.n_tokens, unit="tok", desc="probes", leave=False)
+    bar = _progress_bar(ctx, stats.n_tokens)
 
     def run(idx: list[int]) -> None:
         batch = collate(
@@ -205,16 +230,7 @@ def run_pattern_probes(
             metas=[prompts[i].meta for i in idx],
         )
         feeder.batch = batch
-        for p in probes:
-            p.begin_batch(batch)
-        try:
-            forward(batch)
-        except Exception:  # nothing of a failed batch is counted (it may be retried in halves)
-            for p in probes:
-                p.abort_batch()
-            raise
-        for p in probes:
-            p.end_batch(batch)
+        _probe_batch(batch, probes, forward)
         stats.n_batches += 1
         if bar is not None:
             bar.update(int(batch.lengths.sum()))

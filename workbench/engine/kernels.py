@@ -35,9 +35,9 @@ span, with that block's slice of the mask. Every row still sees exactly its own 
 outside a span are masked for the whole block), so the output and lse are the same up to the
 order of the kernel's float32 sums (its key tiles start at the span, not at key 0): 1e-6 relative
 in the tests, which also hold the block sizes down to a few queries. The spans depend on the
-mask only and are kept per mask object, so the layers of a forward that share a mask share them. The CUDA branch is the same code with the CUDA
-kernels; it is tested here only by simulation (which kernel, shapes, dtypes): GPU timings are
-not measured on this project's machines.
+mask only and are kept per mask object, so the layers of a forward that share a mask share them.
+The CUDA branch is the same code with the CUDA kernels; it is tested here only by simulation
+(which kernel, shapes, dtypes): GPU timings are not measured on this project's machines.
 
 The log-sum-exp is float32 whatever the inputs (the kernels accumulate in float32). The
 keys-as-values pass for entropy runs in float32 even for bf16 / fp16 models, since ``E_A[k]``

@@ -4,7 +4,8 @@ A probe never sees a whole ``[batch, head, query, key]`` pattern. For each layer
 engine walks the query positions in chunks sized to a memory budget (``chunk_elements``
 scores at a time), and for each chunk computes the scores from the layer's own queries and keys
 exactly as the model did (:mod:`workbench.engine.masking`: scaling, soft-capping, causal / padding /
-sliding-window mask, grouped KV heads), softmax-normalises them in float32 and hands a :class:`PatternChunk` to every probe.
+sliding-window mask, grouped KV heads), softmax-normalises them in float32 and hands a
+:class:`PatternChunk` to every probe.
 Keys beyond the chunk's last visible key are never computed, which halves the work under a
 causal mask. Peak extra memory is ``O(chunk_elements)``, linear in sequence length.
 

@@ -231,9 +231,9 @@ class _BandPlan:
 class _NarrowKeys(NamedTuple):
     """Ranges of a few keys as named keys (:meth:`LayerStatistics._narrow_mass`)."""
 
-    keys: (
-        Tensor | None
-    )  # [batch, 1, n] when every row's non-empty ranges are the same (then ``full``), else [batch, query, n]; -1 pads; None: every range is empty
+    # [batch, 1, n] when every row's non-empty ranges are the same (then ``full``), else
+    # [batch, query, n]; -1 pads; None: every range is empty
+    keys: Tensor | None
     full: Tensor | None  # [batch, query]: which queries have a range, for [batch, 1, n] keys
 
 
@@ -326,7 +326,8 @@ class LayerStatistics:
             raise ValueError("LayerStatistics needs the kernel's log-sum-exp (call.lse)")
         if call.softcap is not None:
             raise ValueError(
-                "LayerStatistics needs a layer the fused kernel computed exactly: a soft-capped one takes pattern chunks"
+                "LayerStatistics needs a layer the fused kernel computed exactly: "
+                "a soft-capped one takes pattern chunks"
             )
         self.call = call
         self.layer = call.layer
@@ -450,77 +451,87 @@ class LayerStatistics:
         order, rows, n_blocks = plan.order, plan.rows, plan.n_blocks
         self.plans.scratch.claim(self)
         queries, keys = self._augmented
-        if (
-            plan.key_end > keys.shape[2] + BLOCK
-        ):  # the last blocks' widths reach past the zero keys after the last: more of them
-            padded = self._buffer("padded_keys", (b, n_kv, plan.key_end, keys.shape[3]))
-            padded[:, :, : keys.shape[2]] = keys
-            padded[:, :, keys.shape[2] :] = 0.0
-            keys = padded
-        elif plan.key_end > keys.shape[2]:  # into the zero keys :meth:`_augmented` keeps after the last (masked)
-            keys = keys.as_strided(keys.shape[:2] + (plan.key_end, keys.shape[3]), keys.stride(), keys.storage_offset())
-        qb = (
-            queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None
-        )  # in an order: gathered per call
+        keys = self._band_keys(keys, plan.key_end)
+        # in an order: gathered per call
+        qb = queries.view(b, n_kv, n_blocks, rows * (h // n_kv), -1) if order is None else None
         mass = self.lse.new_zeros(b, n_kv, n_blocks, rows * (h // n_kv))
         for c in plan.calls:
-            n_sel, g = c.sel.shape[0], h // n_kv
-            if (
-                c.q_cols is not None
-            ):  # in an order: every block's queries and keys gathered once, contiguous: one product for all
-                q_all = take_positions(
-                    queries, c.q_cols, out=self._buffer("band_queries", (b, n_kv, n_sel * rows) + queries.shape[3:])
-                )
-                k_all = take_positions(
-                    keys, c.k_cols, out=self._buffer("band_keys", (b, n_kv, n_sel * c.width, keys.shape[3]))
-                )
-                scores = self._buffer("band_scores", (b * n_kv * n_sel, rows * g, c.width))
-                torch.bmm(
-                    q_all.view(b * n_kv * n_sel, rows * g, -1),
-                    k_all.view(b * n_kv * n_sel, c.width, -1).transpose(1, 2),
-                    out=scores,
-                )
-                blocks = scores.view(b, n_kv, n_sel, rows * g, c.width).add_(
-                    c.bias
-                )  # bias: [b, kv | 1, block, row x group, key]
-                blocks.clamp_min_(LOG2_MIN).exp2_()
-                mass.index_copy_(2, c.sel, blocks.sum(-1))
-                continue
-            scores = self._buffer("band_scores", (n_sel, rows * g, c.width))
-            gathered = (
-                None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * g, queries.shape[-1]))
-            )
-            for i in range(
-                b
-            ):  # in column order the blocks' queries are a view of a slice, their keys a strided view: per row and KV head
-                for j in range(n_kv):
-                    if c.q_first is not None:
-                        q = qb[i, j, c.q_first : c.q_first + n_sel]
-                    else:
-                        q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
-                    k = keys[i, j]
-                    if c.k_first is not None:
-                        k = k[c.k_first :].as_strided(
-                            (n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1)
-                        )
-                    else:
-                        k = torch.index_select(
-                            k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1]))
-                        )
-                        k = k.view(n_sel, c.width, -1)
-                    bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
-                    torch.baddbmm(bias, q, k.transpose(1, 2), out=scores)
-                    scores.clamp_min_(LOG2_MIN).exp2_()
-                    if c.q_first is not None:
-                        torch.sum(scores, -1, out=mass[i, j, c.q_first : c.q_first + n_sel])  # [block, row x group]
-                    else:
-                        mass[i, j].index_copy_(0, c.sel, scores.sum(-1))
+            if c.q_cols is not None:
+                self._gathered_band_mass(c, queries, keys, rows, mass)
+            else:
+                self._column_band_mass(c, qb, keys, rows, mass)
         g = h // n_kv
         m = min(n_blocks * rows, n_q)
         mass = mass.view(b, n_kv, n_blocks * rows, g).transpose(2, 3).reshape(b, h, n_blocks * rows)[:, :, :m]
         if order is None:
             return mass
         return self.lse.new_zeros(b, h, n_q).scatter_(2, order[:, :m].unsqueeze(1).expand(b, h, m), mass)
+
+    def _band_keys(self, keys: Tensor, key_end: int) -> Tensor:
+        """The :meth:`_augmented` keys reaching to ``key_end``, where the plan's last bands end: a
+        view into the zero keys kept after the last, or a padded copy when the bands reach further."""
+        # the last blocks' widths reach past the zero keys after the last: more of them
+        if key_end > keys.shape[2] + BLOCK:
+            b, n_kv = self.shape[0], self.call.key.shape[1]
+            padded = self._buffer("padded_keys", (b, n_kv, key_end, keys.shape[3]))
+            padded[:, :, : keys.shape[2]] = keys
+            padded[:, :, keys.shape[2] :] = 0.0
+            return padded
+        if key_end > keys.shape[2]:  # into the zero keys :meth:`_augmented` keeps after the last (masked)
+            return keys.as_strided(keys.shape[:2] + (key_end, keys.shape[3]), keys.stride(), keys.storage_offset())
+        return keys
+
+    def _gathered_band_mass(self, c: _BandCall, queries: Tensor, keys: Tensor, rows: int, mass: Tensor) -> None:
+        """:meth:`mass_in`'s products of band call ``c`` in an order: every block's queries and keys
+        gathered once, contiguous, then one product for all of them, summed into ``mass``."""
+        b, h, _ = self.shape
+        n_kv = self.call.key.shape[1]
+        n_sel, g = c.sel.shape[0], h // n_kv
+        q_all = take_positions(
+            queries, c.q_cols, out=self._buffer("band_queries", (b, n_kv, n_sel * rows) + queries.shape[3:])
+        )
+        k_all = take_positions(keys, c.k_cols, out=self._buffer("band_keys", (b, n_kv, n_sel * c.width, keys.shape[3])))
+        scores = self._buffer("band_scores", (b * n_kv * n_sel, rows * g, c.width))
+        torch.bmm(
+            q_all.view(b * n_kv * n_sel, rows * g, -1),
+            k_all.view(b * n_kv * n_sel, c.width, -1).transpose(1, 2),
+            out=scores,
+        )
+        # bias: [b, kv | 1, block, row x group, key]
+        blocks = scores.view(b, n_kv, n_sel, rows * g, c.width).add_(c.bias)
+        blocks.clamp_min_(LOG2_MIN).exp2_()
+        mass.index_copy_(2, c.sel, blocks.sum(-1))
+
+    def _column_band_mass(self, c: _BandCall, qb: Tensor, keys: Tensor, rows: int, mass: Tensor) -> None:
+        """:meth:`mass_in`'s products of band call ``c`` in column order, per batch row and KV head:
+        the blocks' queries are a view of a slice (or gathered), their keys a strided view (or
+        gathered), summed into ``mass``."""
+        b, h, _ = self.shape
+        n_kv = self.call.key.shape[1]
+        n_sel, g = c.sel.shape[0], h // n_kv
+        scores = self._buffer("band_scores", (n_sel, rows * g, c.width))
+        gathered = None if c.q_first is not None else self._buffer("band_queries", (n_sel, rows * g, qb.shape[-1]))
+        for i in range(b):
+            for j in range(n_kv):
+                if c.q_first is not None:
+                    q = qb[i, j, c.q_first : c.q_first + n_sel]
+                else:
+                    q = torch.index_select(qb[i, j].flatten(1), 0, c.sel, out=gathered.flatten(1)).view_as(gathered)
+                k = keys[i, j]
+                if c.k_first is not None:
+                    k = k[c.k_first :].as_strided((n_sel, c.width, k.shape[-1]), (rows * k.stride(0), k.stride(0), 1))
+                else:
+                    k = torch.index_select(
+                        k, 0, c.k_index, out=self._buffer("band_keys", (n_sel * c.width, k.shape[-1]))
+                    )
+                    k = k.view(n_sel, c.width, -1)
+                bias = c.bias[i, j if c.bias.shape[1] > 1 else 0]
+                torch.baddbmm(bias, q, k.transpose(1, 2), out=scores)
+                scores.clamp_min_(LOG2_MIN).exp2_()
+                if c.q_first is not None:
+                    torch.sum(scores, -1, out=mass[i, j, c.q_first : c.q_first + n_sel])  # [block, row x group]
+                else:
+                    mass[i, j].index_copy_(0, c.sel, scores.sum(-1))
 
     @cached_property
     def _augmented(self) -> tuple[Float[Tensor, "batch kv pos group d1"], Float[Tensor, "batch kv pos d1"]]:

@@ -75,7 +75,7 @@ def retrieval_ablation(
                 "condition": condition,
                 "k": k,
                 "draw": draw,
-                "heads": ",".join(f"{l}.{h}" for l, h in heads),
+                "heads": ",".join(f"{layer}.{h}" for layer, h in heads),
                 "value": acc,
                 "n": len(evaluate),
             }

@@ -86,7 +86,10 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise WorkbenchError(f"{url!r} is not a usable URL: {exc}", "check the URL") from None
 
 
-URL_ACCEPTED = "sweep run folders (sweep --out, query --runs, report RUN), report --out and the .parquet --out of probe, patch, reinforce and retrieval-ablation"
+URL_ACCEPTED = (
+    "sweep run folders (sweep --out, query --runs, report RUN), report --out and the .parquet --out of probe, "
+    "patch, reinforce and retrieval-ablation"
+)
 
 
 def refuse_url(path: str | os.PathLike, what: str = "output", why: str = "it is written as local files") -> None:
@@ -95,7 +98,8 @@ def refuse_url(path: str | os.PathLike, what: str = "output", why: str = "it is 
     if is_url(os.fspath(path)):
         raise WorkbenchError(
             f"{what} {os.fspath(path)!r} is a URL, and this output must be a file-system path: {why}",
-            f"give a local or shared file-system path (NFS, Lustre, a mounted bucket); fsspec URLs are accepted by {URL_ACCEPTED}",
+            "give a local or shared file-system path (NFS, Lustre, a mounted bucket); "
+            f"fsspec URLs are accepted by {URL_ACCEPTED}",
         )
 
 
@@ -236,7 +240,8 @@ def _fs_error(what: str, target: Target, exc: BaseException) -> WorkbenchError:
     detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return WorkbenchError(
         f"cannot {what} {target}: {detail}",
-        "check the URL, your credentials (fsspec reads them from the environment and its config) and that the bucket exists",
+        "check the URL, your credentials (fsspec reads them from the environment and its config) "
+        "and that the bucket exists",
     )
 
 

@@ -86,7 +86,8 @@ def load_image(path: str | Path) -> Any:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         size = re.search(r"\((\d+) pixels\)", str(exc))
         raise WorkbenchError(
-            f"image {path} is too large: {size.group(1) + ' pixels' if size else 'its size'}, over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
+            f"image {path} is too large: {size.group(1) + ' pixels' if size else 'its size'}, "
+            f"over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
             "(PIL's guard against decompression bombs)",
             "downscale the image (the model's processor resizes it anyway), e.g. to 1024 x 1024",
         ) from None
@@ -153,7 +154,8 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
     if not model.is_multimodal:
         raise WorkbenchError(
             f"{model.name} is a text model and cannot take images (item {item.id!r})",
-            "use a vision-language model (e.g. llava-hf/llava-1.5-7b-hf, tiny-llava), or context items for a text model",
+            "use a vision-language model (e.g. llava-hf/llava-1.5-7b-hf, tiny-llava), "
+            "or context items for a text model",
         )
     if not item.text:
         raise WorkbenchError(f"item {item.id!r} has no text", "give each item a 'text' with the image placeholder")
@@ -181,7 +183,7 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
 
 
 # -- context ----------------------------------------------------------------------------------
-def context_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPair:
+def passage_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPair:
     """The item's text after its context passage, and the text alone."""
     if not item.text:
         raise WorkbenchError(f"item {item.id!r} has no text", "give each item a 'text' (the question)")
@@ -214,6 +216,7 @@ def check_lengths(pairs: list[ConditionPair], n_ctx: int, extra: int = 0) -> Non
                 raise WorkbenchError(f"item {p.id!r} is empty (0 tokens)", "give it some text")
             if len(c) + extra > n_ctx:
                 raise WorkbenchError(
-                    f"item {p.id!r} has {len(c)} tokens (+{extra} to generate), longer than the model's context of {n_ctx}",
+                    f"item {p.id!r} has {len(c)} tokens (+{extra} to generate), "
+                    f"longer than the model's context of {n_ctx}",
                     "shorten the text or context, or generate fewer tokens",
                 )

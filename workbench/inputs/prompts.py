@@ -182,8 +182,6 @@ def tokenize_prompts(
     length, a text by a cheap lower bound on its token count (:func:`workbench.inputs.token_bounds.min_tokens`),
     with the same context-length error a normal too-long prompt gets.
     """
-    from workbench.inputs.token_bounds import min_tokens
-
     if not prompts:
         raise WorkbenchError("no prompts to run", "give a non-empty --prompts file or --dataset")
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
@@ -191,16 +189,7 @@ def tokenize_prompts(
         raise WorkbenchError("--prepend-bos was given but the tokenizer has no BOS token", "drop --prepend-bos")
     out: list[TokenizedPrompt] = []
     for p in prompts:
-        if p.tokens is not None:
-            if len(p.tokens) > n_ctx:
-                raise _too_long(p.id, len(p.tokens), n_ctx)
-            ids = list(p.tokens)
-        else:
-            # only for texts costly to tokenize; shorter ones get the exact count
-            at_least = min_tokens(tokenizer, p.text, n_ctx) if len(p.text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx) else 0
-            if at_least > n_ctx:
-                raise _too_long(p.id, at_least, n_ctx, lower_bound=True)
-            ids = list(tokenizer(p.text)["input_ids"])
+        ids = _prompt_ids(p, tokenizer, n_ctx)
         if prepend_bos and p.tokens is None and (not ids or ids[0] != bos):  # token ids are used exactly as given
             ids = [bos] + ids
         if not ids:
@@ -217,9 +206,26 @@ def tokenize_prompts(
     return out
 
 
+def _prompt_ids(p: Prompt, tokenizer: Any, n_ctx: int) -> list[int]:
+    """A prompt's token ids as given or as the tokenizer makes them, refusing a far-too-long one
+    before it is copied or tokenized (its length, or a cheap lower bound on a long text's count)."""
+    from workbench.inputs.token_bounds import min_tokens
+
+    if p.tokens is not None:
+        if len(p.tokens) > n_ctx:
+            raise _too_long(p.id, len(p.tokens), n_ctx)
+        return list(p.tokens)
+    # only for texts costly to tokenize; shorter ones get the exact count
+    at_least = min_tokens(tokenizer, p.text, n_ctx) if len(p.text) > max(CHEAP_CHECK_CHARS, 8 * n_ctx) else 0
+    if at_least > n_ctx:
+        raise _too_long(p.id, at_least, n_ctx, lower_bound=True)
+    return list(tokenizer(p.text)["input_ids"])
+
+
 def _too_long(pid: str, n_tokens: int, n_ctx: int, lower_bound: bool = False) -> WorkbenchError:
     """The context-length error, for an exact count or a lower bound on it."""
     return WorkbenchError(
-        f"prompt {pid!r} has {'at least ' if lower_bound else ''}{n_tokens} tokens, longer than the model's context of {n_ctx}",
+        f"prompt {pid!r} has {'at least ' if lower_bound else ''}{n_tokens} tokens, "
+        f"longer than the model's context of {n_ctx}",
         "shorten or split the prompt, or use a model with a longer context",
     )

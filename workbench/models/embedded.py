@@ -29,6 +29,7 @@ rebuilt rather than loaded; ``verify_folder(full=True)`` also checks the hashes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -37,7 +38,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from workbench.errors import WorkbenchError
 from workbench.files.hashing import sha256_file
@@ -240,6 +241,28 @@ def _dequantize(gguf: Path) -> tuple[Any, Any]:
     return tok, model
 
 
+def _write_dequantized(spec: EmbeddedModel, gguf: Path, folder: Path, quiet: bool) -> None:
+    """Dequantize ``gguf`` and write it to ``folder`` as an ordinary HF checkpoint with its manifest
+    (the spec's pinned config fields set over the GGUF's)."""
+    tok, model = _dequantize(gguf)
+    # The dequantized weights are plain float32 tensors; drop the GGUF quantization marker so
+    # save_pretrained writes an ordinary checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config._name_or_path = spec.hf_id
+    changed = _pin_config(model.config, spec.config)
+    if changed and not quiet:
+        print(f"  config fields set over the GGUF's: {', '.join(changed)}", flush=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    extra = {"source": gguf.name, "hf_id": spec.hf_id, "name": spec.name}
+    if spec.config:
+        extra["config_pinned"] = sorted(spec.config)
+        extra["config_from_gguf"] = dict(changed)
+    write_manifest(folder, extra)
+
+
 def build_embedded(target: Path | None = None, quiet: bool = False, name: str = EMBEDDED_NAME) -> Path:
     """Dequantize the model's GGUF into an HF folder at ``target`` (atomically)."""
     spec = get_spec(name)
@@ -255,23 +278,7 @@ def build_embedded(target: Path | None = None, quiet: bool = False, name: str = 
             raise not_installed_error(spec)
         if not quiet:
             print(f"building {spec.name} from {gguf.name} (once; ~{spec.build_seconds} s) ...", flush=True)
-        tok, model = _dequantize(gguf)
-        # The dequantized weights are plain float32 tensors; drop the GGUF quantization marker so
-        # save_pretrained writes an ordinary checkpoint.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.config._name_or_path = spec.hf_id
-        changed = _pin_config(model.config, spec.config)
-        if changed and not quiet:
-            print(f"  config fields set over the GGUF's: {', '.join(changed)}", flush=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        extra = {"source": gguf.name, "hf_id": spec.hf_id, "name": spec.name}
-        if spec.config:
-            extra["config_pinned"] = sorted(spec.config)
-            extra["config_from_gguf"] = dict(changed)
-        write_manifest(tmp, extra)
+        _write_dequantized(spec, gguf, tmp, quiet)
         if target.exists():
             shutil.rmtree(target)
         try:
@@ -288,11 +295,36 @@ def build_embedded(target: Path | None = None, quiet: bool = False, name: str = 
 
 
 def ensure_embedded(name: str = EMBEDDED_NAME, quiet: bool = False) -> Path:
-    """The embedded model's HF folder, built or rebuilt when missing or damaged."""
+    """The embedded model's HF folder, built or rebuilt when missing or damaged.
+
+    Processes on one machine that ask at once (parallel test workers, Ray workers, two notebooks)
+    build it once: the first takes a lock file beside the cache, the others wait for it and then
+    find the folder sound."""
     folder = embedded_folder(name)
-    problem = verify_folder(folder) if folder.exists() else "not built yet"
-    if problem is not None:
-        if folder.exists() and not quiet:
-            print(f"cached {name} is damaged ({problem}); rebuilding", flush=True)
-        build_embedded(folder, quiet=quiet, name=name)
+    if folder.exists() and verify_folder(folder) is None:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(folder.parent / f".{name}.lock"):
+        problem = verify_folder(folder) if folder.exists() else "not built yet"
+        if problem is not None:
+            if folder.exists() and not quiet:
+                print(f"cached {name} is damaged ({problem}); rebuilding", flush=True)
+            build_embedded(folder, quiet=quiet, name=name)
     return folder
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` while a build runs (POSIX ``flock``; elsewhere no lock, and
+    concurrent builds stay safe through the atomic rename in :func:`build_embedded`)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

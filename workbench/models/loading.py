@@ -60,7 +60,9 @@ KNOWN_MODELS: dict[str, str] = {
     **{name: spec.summary for name, spec in embedded.EMBEDDED.items()},
     "tiny-llama": "random tiny Llama with GQA (3 layers, 4 heads, 2 KV heads), for tests",
     "tiny-gpt2": "random tiny GPT-2 (3 layers, 4 heads), for tests",
-    "tiny-gemma3-text": "random tiny Gemma 3 text model (4 layers, sliding window 8 except layer 2, 2 KV heads, BOS), for tests",
+    "tiny-gemma3-text": (
+        "random tiny Gemma 3 text model (4 layers, sliding window 8 except layer 2, 2 KV heads, BOS), for tests"
+    ),
     "tiny-llava": "random tiny LLaVA (CLIP tower + tiny Llama) with a real LlavaProcessor, for tests",
     "tiny-gemma3": "random tiny Gemma 3 multimodal (SigLIP tower) with a real Gemma3Processor, for tests",
 }
@@ -401,7 +403,8 @@ def _boot_bridge(model: LoadedModel) -> Any:
     except Exception as exc:
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkbenchError(
-            f"TransformerLens could not wrap {model.name} ({type(model.hf_model).__name__}): {type(exc).__name__}: {cause}",
+            f"TransformerLens could not wrap {model.name} ({type(model.hf_model).__name__}): "
+            f"{type(exc).__name__}: {cause}",
             "the probes run without TransformerLens; for hook-point work use a model family TransformerLens supports",
         ) from exc
     bridge.eval()

@@ -174,12 +174,9 @@ def _pick(errors: list[dict], values: dict[str, Any]) -> dict:
     return (match or same)[0]
 
 
-def _message(err: dict, schema: type[BaseModel], what: str, noun: str) -> str:
-    kind, ctx, loc = err["type"], err.get("ctx") or {}, tuple(err["loc"])
-    got = _show(err.get("input"))
-    if kind == "extra_forbidden":
-        return f"{what}: unknown {noun} {loc[-1]!r} (known: {', '.join(schema.model_fields) or 'none'})"
-    where = _where(what, loc)
+def _plain_message(kind: str, where: str, ctx: dict, got: str) -> str | None:
+    """The message for a value missing, a bool given for a number, or a number not finite or not
+    whole (the kinds with a fixed wording); None for any other kind."""
     if kind == "missing":
         return f"{where}: missing"
     if kind == "bool_not_number":
@@ -188,6 +185,18 @@ def _message(err: dict, schema: type[BaseModel], what: str, noun: str) -> str:
         return f"{where}: must be a finite number, got {got}"
     if kind == "int_from_float":
         return f"{where}: expected a whole number, got {got}"
+    return None
+
+
+def _message(err: dict, schema: type[BaseModel], what: str, noun: str) -> str:
+    kind, ctx, loc = err["type"], err.get("ctx") or {}, tuple(err["loc"])
+    got = _show(err.get("input"))
+    if kind == "extra_forbidden":
+        return f"{what}: unknown {noun} {loc[-1]!r} (known: {', '.join(schema.model_fields) or 'none'})"
+    where = _where(what, loc)
+    plain = _plain_message(kind, where, ctx, got)
+    if plain is not None:
+        return plain
     bounds = {
         "greater_than_equal": (">=", "ge"),
         "less_than_equal": ("<=", "le"),

@@ -7,8 +7,9 @@ A probe declares its ``name``, the ``metrics`` it reports, a one-line ``descript
 parameters as a typed schema (``Params``, validated on construction: ``Literal`` choices,
 ranges, no NaN) and its ``kind``; optionally what its metrics mean and how to draw them
 (``metric_info``), the head roles they support (``roles``, read by :func:`workbench.report.atlas`)
-and metric pairs worth a scatter in reports (``scatter_pairs``). The runner (:func:`workbench.runner.run_probes`) reads the
-kind and gives each probe what it asked for; every probe ends with one
+and metric pairs worth a scatter in reports (``scatter_pairs``). The runner
+(:func:`workbench.runner.run_probes`) reads the kind and gives each probe what it asked for;
+every probe ends with one
 :class:`~workbench.protocol.table.ProbeResult` (its table with the ``probe`` column, a summary, the
 lines to print).
 

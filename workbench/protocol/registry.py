@@ -42,7 +42,10 @@ def _check(name: str, cls: Any, where: str) -> str | None:
         return f"{where} declares name {getattr(cls, 'name', None)!r}, but is registered as {name!r}"
     kind = getattr(cls, "kind", None)
     if kind not in KINDS:
-        return f"{where} has kind {kind!r}; a probe's kind is one of {', '.join(KINDS)} (subclass a class of probes/base.py)"
+        return (
+            f"{where} has kind {kind!r}; a probe's kind is one of {', '.join(KINDS)} "
+            "(subclass a class of probes/base.py)"
+        )
     metrics = getattr(cls, "metrics", None)
     if not isinstance(metrics, tuple) or not metrics or not all(isinstance(m, str) for m in metrics):
         return f"{where} declares no metrics (a tuple of names)"

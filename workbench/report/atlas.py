@@ -9,9 +9,10 @@ A role holds when the metric passes its threshold on *any* dataset it was measur
 row reports the dataset with the strongest evidence: a previous-token head on repeated random
 tokens is one, whatever it does on prose.
 
-Roles from probe scores (declared by each probe, :func:`probe_roles`; thresholds editable): sink (``sink_mass``), streaming,
-previous-token, duplicate, induction, echo, retrieval (0.1, Wu et al.'s cut), and context /
-memory heads from the sign of ``context_direct_effect`` (PH3's context and memory heads).
+Roles from probe scores (declared by each probe, :func:`probe_roles`; thresholds editable): sink
+(``sink_mass``), streaming, previous-token, duplicate, induction, echo, retrieval (0.1, Wu et
+al.'s cut), and context / memory heads from the sign of ``context_direct_effect`` (PH3's context
+and memory heads).
 Roles from a discovered circuit (``circuits=``, the ``circuit.json`` of ``workbench circuit``):
 name mover, negative name mover, S-inhibition, ... as labelled by
 :func:`circuits.discovery.label_roles`; those are not thresholded here.

@@ -60,7 +60,10 @@ def _scale_sentence(metric: str, scale: str) -> str:
     if scale == "bounded":
         return f"Colour runs from 0 to 1 on every panel; bright = {esc(mi.high)}."
     if scale == "signed":
-        return f"Red = positive ({esc(mi.high)}), blue = negative ({esc(mi.low)}), white = 0; the scale is symmetric around 0."
+        return (
+            f"Red = positive ({esc(mi.high)}), blue = negative ({esc(mi.low)}), white = 0; "
+            "the scale is symmetric around 0."
+        )
     if scale == "log":
         return f"Colour is on a log scale (each tick is 10 times the last); bright = {esc(mi.high)}; blank cells are 0."
     return f"Brighter = higher ({esc(mi.high)}); darker = {esc(mi.low)}."
@@ -82,35 +85,41 @@ DEPTH_HOW = (
 # -- summary ---------------------------------------------------------------------------------------
 
 
-def _run_paragraph(run: Run, series: list[Series]) -> str:
-    t = run.table
-    mine = [s for s in series if s.run == run.label]
-    model_txt = []
-    for s in mine:
-        i = s.info
-        shape = (
-            f"{i['n_layers']} layers x {i['n_heads']} heads = {i['n_layers'] * i['n_heads']} heads"
-            if i.get("n_layers") and i.get("n_heads")
-            else "shape not recorded"
+def _model_text(s: Series) -> str:
+    """One model of a run as the summary names it: its shape, then what its metadata records."""
+    i = s.info
+    shape = (
+        f"{i['n_layers']} layers x {i['n_heads']} heads = {i['n_layers'] * i['n_heads']} heads"
+        if i.get("n_layers") and i.get("n_heads")
+        else "shape not recorded"
+    )
+    extra = ", ".join(
+        x
+        for x in (
+            i.get("architecture"),
+            f"{i['n_kv_heads']} KV heads" if i.get("n_kv_heads") else None,
+            i.get("dtype"),
+            f"on {i['device']}" if i.get("device") else None,
         )
-        extra = ", ".join(
-            x
-            for x in (
-                i.get("architecture"),
-                f"{i['n_kv_heads']} KV heads" if i.get("n_kv_heads") else None,
-                i.get("dtype"),
-                f"on {i['device']}" if i.get("device") else None,
-            )
-            if x
-        )
-        model_txt.append(f"<b>{esc(s.name)}</b> ({esc(shape)}{'; ' + esc(extra) if extra else ''})")
+        if x
+    )
+    return f"<b>{esc(s.name)}</b> ({esc(shape)}{'; ' + esc(extra) if extra else ''})"
+
+
+def _datasets_of(run: Run) -> dict[str, list[tuple[str, dict]]]:
+    """``{dataset: [(model, its dataset metadata), ...]}``, the config's datasets first, one entry per model."""
     by_ds: dict[str, list[tuple[str, dict]]] = {d: [] for d in ((run.config or {}).get("datasets") or {})}
     for m in run.metas:
         ds, mdl = m.get("dataset") or {}, str((m.get("model") or {}).get("model"))
         if ds.get("name") and all(x != mdl for x, _ in by_ds.get(ds["name"], [])):
             by_ds.setdefault(ds["name"], []).append((mdl, ds))
+    return by_ds
+
+
+def _dataset_texts(run: Run, mine: list[Series]) -> list[str]:
+    """Each dataset of a run with its size and token count (per model when the models' counts differ)."""
     ds_txt = []
-    for name, per_model in by_ds.items():
+    for name, per_model in _datasets_of(run).items():
         if not per_model:
             continue
         ds = per_model[0][1]
@@ -127,8 +136,19 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
         else:
             tok_txt = toks[0]
         ds_txt.append(f"{esc(name)} ({esc(count)}, {esc(tok_txt)})")
-    if not ds_txt and len(t):
-        ds_txt = [esc(d) for d in dict.fromkeys(t["dataset"])]
+    if not ds_txt and len(run.table):
+        ds_txt = [esc(d) for d in dict.fromkeys(run.table["dataset"])]
+    return ds_txt
+
+
+def _show_param(v: Any) -> str:
+    """A probe parameter's value as the summary prints it: strings JSON-quoted, so a "\\n" separator stays visible."""
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def _probes_text(run: Run) -> str:
+    """The probes of a run (the config's order first), each with the parameters its metadata records."""
+    t = run.table
     probes = (
         list(
             dict.fromkeys(
@@ -144,19 +164,29 @@ def _run_paragraph(run: Run, series: list[Series]) -> str:
             if isinstance(p, dict) and p.get("name"):
                 extra = {k: v for k, v in p.items() if k != "name"}
                 params.setdefault(p["name"], extra)
-    show = lambda v: json.dumps(v) if isinstance(v, str) else str(v)  # noqa: E731  (a "\n" separator stays visible)
-    probe_txt = ", ".join(
-        esc(p) + (f" ({esc(', '.join(f'{k}={show(v)}' for k, v in params[p].items()))})" if params.get(p) else "")
+    return ", ".join(
+        esc(p)
+        + (f" ({esc(', '.join(f'{k}={_show_param(v)}' for k, v in params[p].items()))})" if params.get(p) else "")
         for p in probes
     )
+
+
+def _run_paragraph(run: Run, series: list[Series]) -> str:
+    t = run.table
+    mine = [s for s in series if s.run == run.label]
+    model_txt = [_model_text(s) for s in mine]
+    ds_txt = _dataset_texts(run, mine)
+    probe_txt = _probes_text(run)
     heads = t[t["layer"] >= 0]
     n_metrics = heads["metric"].nunique()
     circ = f" Circuits: {esc(', '.join(str(c.get('task')) for c in run.circuits))}." if run.circuits else ""
+    datasets = f"{len(ds_txt)} dataset{'s' if len(ds_txt) != 1 else ''}: {', '.join(ds_txt) or 'none'}"
+    item_rows = f", {len(t) - len(heads):,} per-item rows" if len(t) > len(heads) else ""
     return (
         f'<p class="run-summary"><b>Run {esc(run.label)}</b> (<code>{esc(run.path)}</code>): '
-        f"{'; '.join(model_txt) or 'no models'} on {len(ds_txt)} dataset{'s' if len(ds_txt) != 1 else ''}: {', '.join(ds_txt) or 'none'}. "
-        f"Probes: {probe_txt or 'none'}; {n_metrics} per-head metric{'s' if n_metrics != 1 else ''}, {len(heads):,} head scores"
-        f"{', ' + format(len(t) - len(heads), ',') + ' per-item rows' if len(t) > len(heads) else ''}.{circ} {esc(when_text(run.metas, run.config))}</p>"
+        f"{'; '.join(model_txt) or 'no models'} on {datasets}. "
+        f"Probes: {probe_txt or 'none'}; {n_metrics} per-head metric{'s' if n_metrics != 1 else ''}, "
+        f"{len(heads):,} head scores{item_rows}.{circ} {esc(when_text(run.metas, run.config))}</p>"
     )
 
 
@@ -167,6 +197,97 @@ def _layers_text(layers: Sequence[int]) -> str:
     if len(layers) <= 6:
         return "layers " + ", ".join(map(str, layers))
     return f"layers {layers[0]}-{layers[-1]}"
+
+
+def _role_items(at: pd.DataFrame, roles: list, n_layers: int, total: int) -> list[str]:
+    """One line per role a model's heads hold: how many heads, where (median relative depth), the strongest."""
+    items = []
+    for role in list(dict.fromkeys([r.name for r in roles] + list(at["role"]))):
+        g = at[at["role"] == role]
+        if g.empty:
+            continue
+        valued = g.dropna(subset=["value"])
+        depth = float(np.median(g["layer"])) / (n_layers - 1) if n_layers > 1 else 0.0
+        share = f" ({100 * len(g) / total:.0f}% of {total})" if total else ""
+        code, colour = role_style(role)
+        if len(valued):
+            best = valued.loc[valued["value"].abs().idxmax()]
+            strongest = (
+                f'strongest <span class="hd">{int(best.layer)}.{int(best["head"])}</span> '
+                f"({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)})"
+            )
+        else:  # roles with no score of their own (circuit discovery labels)
+            strongest = "labelled by circuit discovery: " + ", ".join(
+                f'<span class="hd">{int(layer)}.{int(h)}</span>' for layer, h in zip(g["layer"], g["head"])
+            )
+        items.append(
+            f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} '
+            f"head{'s' if len(g) != 1 else ''}{esc(share)} in {esc(_layers_text(g['layer']))} "
+            f"(median relative depth {depth:.2f}); {strongest}.</li>"
+        )
+    return items
+
+
+def _overlap_items(at: pd.DataFrame) -> list[str]:
+    """One line per pair of specific roles that share heads: heads doing two jobs at once."""
+    # sink / streaming / echo are too common or, on repeated random tokens, the same score as
+    # duplicate, to say much
+    heads_of = {
+        role: set(zip(g["layer"], g["head"]))
+        for role, g in at.groupby("role")
+        if role not in ("sink", "streaming", "echo")
+    }
+    order = {r.name: i for i, r in enumerate(probe_roles())}
+    names = sorted(heads_of, key=lambda r: (order.get(r, len(order)), r))
+    items = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            both = sorted(heads_of[a] & heads_of[b])
+            if both:
+                listed = ", ".join(f'<span class="hd">{layer}.{h}</span>' for layer, h in both[:6]) + (
+                    " ..." if len(both) > 6 else ""
+                )
+                verb = f"is also a {esc(b)} head" if len(both) == 1 else f"are also {esc(b)} heads"
+                items.append(f"<li>{len(both)} of the {len(heads_of[a])} {esc(a)} heads {verb}: {listed}.</li>")
+    return items
+
+
+def _retrieval_items(scores: pd.DataFrame, s: Series, run: Run) -> list[str]:
+    """Per dataset, how many prompts the retrieval scores count (only those answered correctly)."""
+    items = []
+    ret = scores[(scores["model"] == s.name) & (scores["metric"] == "retrieval")]
+    for ds, g in ret.groupby("dataset"):
+        meta = (
+            next(
+                (
+                    m.get("dataset")
+                    for m in run.metas
+                    if (m.get("dataset") or {}).get("name") == ds
+                    and str((m.get("model") or {}).get("model")) == s.model
+                ),
+                None,
+            )
+            or {}
+        )
+        if meta.get("n_prompts"):
+            items.append(
+                f"<li>Retrieval scores count {int(g['n'].max())} of {int(meta['n_prompts'])} {esc(ds)} prompts "
+                "(those the model answered correctly).</li>"
+            )
+    return items
+
+
+def _per_item_items(view: pd.DataFrame, s: Series) -> list[str]:
+    """The mean of each per-item metric of a model (metrics along generated tokens are left out)."""
+    items = []
+    per_item = view[(view["model"] == s.name) & (view["layer"] < 0)]
+    for metric in _ordered_metrics(per_item["metric"]):
+        v = per_item.loc[per_item["metric"] == metric, "value"].dropna()
+        if len(v) and not (
+            "step" in per_item.columns and per_item.loc[per_item["metric"] == metric, "step"].nunique() > 1
+        ):
+            items.append(f"<li>{_metric_link(metric)}: mean {esc(fmt(v.mean()))} over {len(v)} items.</li>")
+    return items
 
 
 def _findings(
@@ -182,83 +303,20 @@ def _findings(
     scores = view[view["layer"] >= 0].dropna(subset=["value"])
     blocks = []
     for s in series:
-        items = []
         at = atlas_table[atlas_table["model"] == s.name]
         n_layers = s.n_layers or (
             int(scores.loc[scores["model"] == s.name, "layer"].max()) + 1 if (scores["model"] == s.name).any() else 1
         )
         total = (s.n_layers or 0) * (s.n_heads or 0)
-        for role in list(dict.fromkeys([r.name for r in roles] + list(at["role"]))):
-            g = at[at["role"] == role]
-            if g.empty:
-                continue
-            valued = g.dropna(subset=["value"])
-            depth = float(np.median(g["layer"])) / (n_layers - 1) if n_layers > 1 else 0.0
-            share = f" ({100 * len(g) / total:.0f}% of {total})" if total else ""
-            code, colour = role_style(role)
-            if len(valued):
-                best = valued.loc[valued["value"].abs().idxmax()]
-                strongest = (
-                    f'strongest <span class="hd">{int(best.layer)}.{int(best["head"])}</span> '
-                    f"({esc(best.metric)} = {esc(fmt(best.value))} on {esc(best.dataset)})"
-                )
-            else:  # roles with no score of their own (circuit discovery labels)
-                strongest = "labelled by circuit discovery: " + ", ".join(
-                    f'<span class="hd">{int(l)}.{int(h)}</span>' for l, h in zip(g["layer"], g["head"])
-                )
-            items.append(
-                f'<li><span class="chip" style="background:{colour}">{esc(code)}</span> <b>{len(g)}</b> {esc(role)} head{"s" if len(g) != 1 else ""}'
-                f"{esc(share)} in {esc(_layers_text(g['layer']))} (median relative depth {depth:.2f}); {strongest}.</li>"
-            )
-        # heads that hold two specific roles at once (sink / streaming / echo are too common or, on
-        # repeated random tokens, the same score as duplicate, to say much)
-        heads_of = {
-            role: set(zip(g["layer"], g["head"]))
-            for role, g in at.groupby("role")
-            if role not in ("sink", "streaming", "echo")
-        }
-        order = {r.name: i for i, r in enumerate(probe_roles())}
-        names = sorted(heads_of, key=lambda r: (order.get(r, len(order)), r))
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                both = sorted(heads_of[a] & heads_of[b])
-                if both:
-                    listed = ", ".join(f'<span class="hd">{l}.{h}</span>' for l, h in both[:6]) + (
-                        " ..." if len(both) > 6 else ""
-                    )
-                    verb = f"is also a {esc(b)} head" if len(both) == 1 else f"are also {esc(b)} heads"
-                    items.append(f"<li>{len(both)} of the {len(heads_of[a])} {esc(a)} heads {verb}: {listed}.</li>")
+        items = _role_items(at, roles, n_layers, total)
+        items += _overlap_items(at)
         measured = set(scores.loc[scores["model"] == s.name, "metric"])
         absent = [r.name for r in roles if r.metric in measured and not (at["role"] == r.name).any()]
         if absent:
             items.append(f"<li>No {esc(', '.join(absent))} heads at these thresholds.</li>")
         run = next(r for r in runs if r.label == s.run)
-        ret = scores[(scores["model"] == s.name) & (scores["metric"] == "retrieval")]
-        for ds, g in ret.groupby("dataset"):
-            meta = (
-                next(
-                    (
-                        m.get("dataset")
-                        for m in run.metas
-                        if (m.get("dataset") or {}).get("name") == ds
-                        and str((m.get("model") or {}).get("model")) == s.model
-                    ),
-                    None,
-                )
-                or {}
-            )
-            if meta.get("n_prompts"):
-                items.append(
-                    f"<li>Retrieval scores count {int(g['n'].max())} of {int(meta['n_prompts'])} {esc(ds)} prompts "
-                    "(those the model answered correctly).</li>"
-                )
-        per_item = view[(view["model"] == s.name) & (view["layer"] < 0)]
-        for metric in _ordered_metrics(per_item["metric"]):
-            v = per_item.loc[per_item["metric"] == metric, "value"].dropna()
-            if len(v) and not (
-                "step" in per_item.columns and per_item.loc[per_item["metric"] == metric, "step"].nunique() > 1
-            ):
-                items.append(f"<li>{_metric_link(metric)}: mean {esc(fmt(v.mean()))} over {len(v)} items.</li>")
+        items += _retrieval_items(scores, s, run)
+        items += _per_item_items(view, s)
         if items:
             title = f"<p><b>{esc(s.name)}</b></p>" if len(series) > 1 else ""
             blocks.append(f'{title}<ul class="findings">{"".join(items)}</ul>')
@@ -314,20 +372,168 @@ def _top_heads_html(top: pd.DataFrame, show_model: bool) -> str:
     head = (
         "<tr><th>metric</th>"
         + ("<th>model</th>" if show_model else "")
-        + "<th>dataset</th><th>ranked by</th><th>top heads (layer.head: value)</th><th>median over heads</th><th>heads</th></tr>"
+        + "<th>dataset</th><th>ranked by</th><th>top heads (layer.head: value)</th><th>median over heads</th>"
+        + "<th>heads</th></tr>"
     )
     body = []
     for r in top.itertuples():
-        chips = " ".join(f'<span class="hd">{l}.{h}</span>&nbsp;{esc(fmt(v))}' for l, h, v in r[5])
+        chips = " ".join(f'<span class="hd">{layer}.{h}</span>&nbsp;{esc(fmt(v))}' for layer, h, v in r[5])
         body.append(
             f"<tr><td>{_metric_link(r.metric)}</td>"
             + (f"<td>{esc(r.model)}</td>" if show_model else "")
-            + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(fmt(r.median))}</td><td>{r.heads}</td></tr>"
+            + f"<td>{esc(r.dataset)}</td><td>{esc(r[4])}</td><td>{chips}</td><td>{esc(fmt(r.median))}</td>"
+            + f"<td>{r.heads}</td></tr>"
         )
     return f'<table class="tbl" id="top-heads-table"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
 
 # -- atlas -----------------------------------------------------------------------------------------
+
+
+def _atlas_rule_rows(
+    roles: list, table: pd.DataFrame, scores: pd.DataFrame, series: list[Series], measured: set
+) -> list[str]:
+    """Rows of the thresholds table: each measured role (rule, meaning, heads per model), then circuit labels."""
+    rows = []
+    for r in roles:
+        if r.metric not in measured:
+            continue
+        code, colour = r.code, r.color
+        counts = []
+        for s in series:
+            n = int(((table["model"] == s.name) & (table["role"] == r.name)).sum())
+            has = ((scores["model"] == s.name) & (scores["metric"] == r.metric)).any()
+            counts.append(str(n) if has else "not measured")
+        rows.append(
+            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
+            f'<td><a class="metric" href="#{esc(anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td>'
+            f"<td>{esc(r.what)}</td>" + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>"
+        )
+    for role in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"]):
+        code, colour = role_style(role)
+        counts = [str(int(((table["model"] == s.name) & (table["role"] == role)).sum())) for s in series]
+        rows.append(
+            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(role)}</td>'
+            "<td>circuit discovery label</td>"
+            f"<td>from path patching (see Circuits)</td>" + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>"
+        )
+    return rows
+
+
+def _atlas_rules(page: Page, roles: list, table: pd.DataFrame, scores: pd.DataFrame, series: list[Series]) -> None:
+    """The thresholds table, the roles left out for lack of their metric, and how to change the thresholds."""
+    measured = set(scores["metric"])
+    unmeasured = [r for r in roles if r.metric not in measured]
+    rows = _atlas_rule_rows(roles, table, scores, series, measured)
+    off = [r.name for r in probe_roles() if r.name not in {x.name for x in roles}]
+    page.add(
+        '<table class="tbl" id="atlas-thresholds"><thead><tr><th>role</th><th>rule</th><th>meaning</th>'
+        + "".join(f"<th>heads in {esc(s.name)}</th>" for s in series)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    if unmeasured:
+        page.add(
+            '<p class="note">Not measured here, so not in the atlas: '
+            f"{esc(', '.join(f'{r.name} ({r.rule()})' for r in unmeasured))}.</p>"
+        )
+    spec = ",".join(f"{r.name}={r.threshold:g}" for r in roles)
+    page.add(
+        f'<p class="note">Change the thresholds with <code>workbench report RUN --roles {esc(spec)}</code> '
+        f"(<code>ROLE=off</code> hides a role{'; off here: ' + esc(', '.join(off)) if off else ''}), or in Python: "
+        "<code>workbench.report.atlas(table, thresholds={&quot;sink&quot;: 0.6})</code> "
+        "returns this classification as a tidy table.</p>"
+    )
+
+
+def _atlas_values(
+    sc: pd.DataFrame, n_layers: int, n_heads: int
+) -> tuple[list[tuple[str, str]], list[list[list[float | None]]]]:
+    """A model's (metric, dataset) columns and every head's value in each, for the atlas tooltip."""
+    cols = list(dict.fromkeys(zip(sc["metric"], sc["dataset"])))
+    cols.sort(key=lambda md: (_ordered_metrics(sc["metric"]).index(md[0]), md[1]))
+    col_idx = {c: i for i, c in enumerate(cols)}
+    vals: list[list[list[float | None]]] = [[[None] * len(cols) for _ in range(n_heads)] for _ in range(n_layers)]
+    for r in sc.itertuples():
+        if r.layer < n_layers and r.head < n_heads:
+            vals[int(r.layer)][int(r.head)][col_idx[(r.metric, r.dataset)]] = float(f"{r.value:.4g}")
+    return cols, vals
+
+
+def _atlas_cell_roles(at: pd.DataFrame) -> dict[tuple[int, int], list]:
+    """``{(layer, head): [[role, metric, value, threshold, dataset], ...]}``: the evidence the tooltip shows."""
+    cell_roles: dict[tuple[int, int], list] = {}
+    for r in at.itertuples():
+        cell_roles.setdefault((int(r.layer), int(r.head)), []).append(
+            [
+                r.role,
+                r.metric,
+                float(f"{r.value:.4g}"),
+                float(r.threshold) if pd.notna(r.threshold) else None,
+                r.dataset,
+            ]
+        )
+    return cell_roles
+
+
+def _atlas_rows_html(
+    cell_roles: dict[tuple[int, int], list], n_layers: int, n_heads: int, di: int, height: str
+) -> list[str]:
+    """The grid's rows: one per layer, a cell per head with a chip per role (``height``: the row style)."""
+    body = []
+    for layer in range(n_layers):
+        depth = layer / (n_layers - 1) if n_layers > 1 else 0.0
+        cells = []
+        for h in range(n_heads):
+            chips = "".join(
+                f'<span class="chip" style="background:{role_style(x[0])[1]}">{esc(role_style(x[0])[0])}</span>'
+                for x in cell_roles.get((layer, h), [])
+            )
+            has = ' class="has"' if chips else ""
+            cells.append(f'<td tabindex="0" data-s="{di}" data-l="{layer}" data-h="{h}"{has}>{chips}</td>')
+        body.append(f'<tr{height}><th title="relative depth {depth:.2f}">{layer}</th>{"".join(cells)}</tr>')
+    return body
+
+
+def _atlas_grid(
+    s: Series, sc: pd.DataFrame, at: pd.DataFrame, di: int, tallest: int, stretch: bool
+) -> tuple[dict, str]:
+    """One model's grid: the tooltip's data and the table (``stretch``: rows stretched to the tallest grid)."""
+    n_layers = s.n_layers or int(max(sc["layer"].max() if len(sc) else 0, at["layer"].max() if len(at) else 0)) + 1
+    n_heads = s.n_heads or int(max(sc["head"].max() if len(sc) else 0, at["head"].max() if len(at) else 0)) + 1
+    cols, vals = _atlas_values(sc, n_layers, n_heads)
+    cell_roles = _atlas_cell_roles(at)
+    data = {
+        "name": s.name,
+        "n_layers": n_layers,
+        "cols": [[m, d] for m, d in cols],
+        "vals": vals,
+        "roles": {f"{layer}.{h}": v for (layer, h), v in cell_roles.items()},
+    }
+    head_row = "".join(f"<th>{h}</th>" for h in range(n_heads))
+    height = f' style="height:{18 * tallest / n_layers:.1f}px"' if stretch and n_layers < tallest else ""
+    body = _atlas_rows_html(cell_roles, n_layers, n_heads, di, height)
+    n_roles = len({(layer, h) for (layer, h) in cell_roles})
+    grid = (
+        f'<div class="atlas-model"><div class="atlas-title">{esc(s.name)}</div>'
+        f'<div class="atlas-sub">{n_layers} layers x {n_heads} heads; {n_roles} heads with a role</div>'
+        f'<table class="atlas" data-series="{di}"><thead><tr><th>L\\H</th>{head_row}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+    return data, grid
+
+
+def _atlas_legend(roles: list, table: pd.DataFrame) -> str:
+    """A chip per role that some head holds: the probe roles, then the circuit labels."""
+    legend = " ".join(
+        f'<span class="chip" style="background:{r.color}">{esc(r.code)}</span>&nbsp;{esc(r.name)}'
+        for r in roles
+        if (table["role"] == r.name).any()
+    )
+    extra = " ".join(
+        f'<span class="chip" style="background:{role_style(x)[1]}">{esc(role_style(x)[0])}</span>&nbsp;{esc(x)}'
+        for x in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"])
+    )
+    return f"{legend} {extra}"
 
 
 def _atlas_section(
@@ -343,9 +549,10 @@ def _atlas_section(
     scores = head_scores(view.drop(columns=["run"]))
     page.section(2, "Head atlas", "atlas")
     page.add(
-        "<p>One grid per model: each cell is a head (rows = layers, first at the top; columns = heads) and its letters are "
-        "<b>every</b> role its scores support under the thresholds below; a role holds when the metric passes on any dataset it "
-        "was measured on. Hover a cell (or focus it with Tab) to see all of that head's metrics."
+        "<p>One grid per model: each cell is a head (rows = layers, first at the top; columns = heads) and its "
+        "letters are <b>every</b> role its scores support under the thresholds below; a role holds when the metric "
+        "passes on any dataset it was measured on. Hover a cell (or focus it with Tab) to see all of that head's "
+        "metrics."
         + (
             " Grids have the same height, so rows level with each other sit at about the same relative depth."
             if len(series) > 1
@@ -353,118 +560,22 @@ def _atlas_section(
         )
         + "</p>"
     )
-    measured = set(scores["metric"])
-    rows = []
-    unmeasured = [r for r in roles if r.metric not in measured]
-    for r in roles:
-        if r.metric not in measured:
-            continue
-        code, colour = r.code, r.color
-        counts = []
-        for s in series:
-            n = int(((table["model"] == s.name) & (table["role"] == r.name)).sum())
-            has = ((scores["model"] == s.name) & (scores["metric"] == r.metric)).any()
-            counts.append(str(n) if has else "not measured")
-        rows.append(
-            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(r.name)}</td>'
-            f'<td><a class="metric" href="#{esc(anchor("def", r.metric))}"><code>{esc(r.rule())}</code></a></td><td>{esc(r.what)}</td>'
-            + "".join(f"<td>{esc(c)}</td>" for c in counts)
-            + "</tr>"
-        )
-    for role in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"]):
-        code, colour = role_style(role)
-        counts = [str(int(((table["model"] == s.name) & (table["role"] == role)).sum())) for s in series]
-        rows.append(
-            f'<tr><td><span class="chip" style="background:{colour}">{esc(code)}</span> {esc(role)}</td><td>circuit discovery label</td>'
-            f"<td>from path patching (see Circuits)</td>" + "".join(f"<td>{esc(c)}</td>" for c in counts) + "</tr>"
-        )
-    off = [r.name for r in probe_roles() if r.name not in {x.name for x in roles}]
-    page.add(
-        '<table class="tbl" id="atlas-thresholds"><thead><tr><th>role</th><th>rule</th><th>meaning</th>'
-        + "".join(f"<th>heads in {esc(s.name)}</th>" for s in series)
-        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
-    if unmeasured:
-        page.add(
-            f'<p class="note">Not measured here, so not in the atlas: {esc(", ".join(f"{r.name} ({r.rule()})" for r in unmeasured))}.</p>'
-        )
-    spec = ",".join(f"{r.name}={r.threshold:g}" for r in roles)
-    page.add(
-        f'<p class="note">Change the thresholds with <code>workbench report RUN --roles {esc(spec)}</code> '
-        f"(<code>ROLE=off</code> hides a role{'; off here: ' + esc(', '.join(off)) if off else ''}), or in Python: "
-        f"<code>workbench.report.atlas(table, thresholds={{&quot;sink&quot;: 0.6}})</code> returns this classification as a tidy table.</p>"
-    )
+    _atlas_rules(page, roles, table, scores, series)
     grids, data = [], []
     # with several models, rows are stretched so every grid has the same height: rows level with
     # each other sit at about the same relative depth
     depths = [s.n_layers or 0 for s in series]
     tallest = max(depths + [1])
-    for si, s in enumerate(series):
+    for s in series:
         sc = scores[scores["model"] == s.name]
         at = table[table["model"] == s.name]
         if sc.empty and at.empty:
             continue
-        n_layers = s.n_layers or int(max(sc["layer"].max() if len(sc) else 0, at["layer"].max() if len(at) else 0)) + 1
-        n_heads = s.n_heads or int(max(sc["head"].max() if len(sc) else 0, at["head"].max() if len(at) else 0)) + 1
-        cols = list(dict.fromkeys(zip(sc["metric"], sc["dataset"])))
-        cols.sort(key=lambda md: (_ordered_metrics(sc["metric"]).index(md[0]), md[1]))
-        col_idx = {c: i for i, c in enumerate(cols)}
-        vals: list[list[list[float | None]]] = [[[None] * len(cols) for _ in range(n_heads)] for _ in range(n_layers)]
-        for r in sc.itertuples():
-            if r.layer < n_layers and r.head < n_heads:
-                vals[int(r.layer)][int(r.head)][col_idx[(r.metric, r.dataset)]] = float(f"{r.value:.4g}")
-        cell_roles: dict[tuple[int, int], list] = {}
-        for r in at.itertuples():
-            cell_roles.setdefault((int(r.layer), int(r.head)), []).append(
-                [
-                    r.role,
-                    r.metric,
-                    float(f"{r.value:.4g}"),
-                    float(r.threshold) if pd.notna(r.threshold) else None,
-                    r.dataset,
-                ]
-            )
-        data.append(
-            {
-                "name": s.name,
-                "n_layers": n_layers,
-                "cols": [[m, d] for m, d in cols],
-                "vals": vals,
-                "roles": {f"{l}.{h}": v for (l, h), v in cell_roles.items()},
-            }
-        )
-        di = len(data) - 1
-        head_row = "".join(f"<th>{h}</th>" for h in range(n_heads))
-        body = []
-        for l in range(n_layers):
-            depth = l / (n_layers - 1) if n_layers > 1 else 0.0
-            cells = []
-            for h in range(n_heads):
-                chips = "".join(
-                    f'<span class="chip" style="background:{role_style(x[0])[1]}">{esc(role_style(x[0])[0])}</span>'
-                    for x in cell_roles.get((l, h), [])
-                )
-                has = ' class="has"' if chips else ""
-                cells.append(f'<td tabindex="0" data-s="{di}" data-l="{l}" data-h="{h}"{has}>{chips}</td>')
-            style = f' style="height:{18 * tallest / n_layers:.1f}px"' if len(series) > 1 and n_layers < tallest else ""
-            body.append(f'<tr{style}><th title="relative depth {depth:.2f}">{l}</th>{"".join(cells)}</tr>')
-        n_roles = len({(l, h) for (l, h) in cell_roles})
-        grids.append(
-            f'<div class="atlas-model"><div class="atlas-title">{esc(s.name)}</div><div class="atlas-sub">{n_layers} layers x {n_heads} heads; '
-            f'{n_roles} heads with a role</div><table class="atlas" data-series="{di}"><thead><tr><th>L\\H</th>{head_row}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table></div>"
-        )
+        entry, grid = _atlas_grid(s, sc, at, len(data), tallest, stretch=len(series) > 1)
+        data.append(entry)
+        grids.append(grid)
     if grids:
-        legend = " ".join(
-            f'<span class="chip" style="background:{r.color}">{esc(r.code)}</span>&nbsp;{esc(r.name)}'
-            for r in roles
-            if (table["role"] == r.name).any()
-        )
-        extra = " ".join(
-            f'<span class="chip" style="background:{role_style(x)[1]}">{esc(role_style(x)[0])}</span>&nbsp;{esc(x)}'
-            for x in dict.fromkeys(table.loc[~table["role"].isin([r.name for r in probe_roles()]), "role"])
-        )
-        page.add(f'<p class="legend">{legend} {extra}</p><div class="atlas-row">{"".join(grids)}</div>')
+        page.add(f'<p class="legend">{_atlas_legend(roles, table)}</p><div class="atlas-row">{"".join(grids)}</div>')
         page.add(f'<script id="wb-atlas" type="application/json">{safe_json(data)}</script>')
     else:
         page.p("No per-head metrics to classify.")
@@ -521,6 +632,12 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
     }
     single = len(models) == 1 and len(datasets) == 1
     title = f"{metric} per head" + (f" ({models[0]}, {datasets[0]})" if single else "")
+    shared = f"Panels share one colour scale ({panel}). " if len(facets) > 1 or len(models) * len(datasets) > 1 else ""
+    level = (
+        "Each panel spans the same height, so rows level with each other sit at about the same relative depth. "
+        if len(models) > 1
+        else ""
+    )
     if single:
         page.row(True)
     page.figure(
@@ -534,9 +651,7 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
         ),
         _caption(
             metric,
-            f"{GRID_HOW} {'Panels share one colour scale (' + panel + '). ' if len(facets) > 1 or len(models) * len(datasets) > 1 else ''}"
-            f"{'Each panel spans the same height, so rows level with each other sit at about the same relative depth. ' if len(models) > 1 else ''}"
-            f"{_scale_sentence(metric, scale)}",
+            f"{GRID_HOW} {shared}{level}{_scale_sentence(metric, scale)}",
             msub["value"],
         ),
     )
@@ -567,8 +682,8 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
                     plots.compare_runs(dsub[dsub["model"] == a], dsub[dsub["model"] == b], metric, labels=(a, b)),
                     _caption(
                         metric,
-                        f"Difference per head{esc(where)}, {esc(b)} minus {esc(a)} (same shape): red = higher in {esc(b)}, "
-                        f"blue = higher in {esc(a)}, white = equal.",
+                        f"Difference per head{esc(where)}, {esc(b)} minus {esc(a)} (same shape): "
+                        f"red = higher in {esc(b)}, blue = higher in {esc(a)}, white = equal.",
                         msub["value"],
                     ),
                 )
@@ -579,7 +694,8 @@ def _metric_figures(page: Page, view: pd.DataFrame, metric: str, series: list[Se
                     ),
                     _caption(
                         metric,
-                        f"Difference view{esc(where)}: each model's layer mean minus {esc(present[0])}'s at the same relative depth "
+                        f"Difference view{esc(where)}: each model's layer mean minus {esc(present[0])}'s "
+                        "at the same relative depth "
                         "(linear interpolation between layers, since the layer counts differ); above 0 = higher than "
                         f"{esc(present[0])}.",
                         msub["value"],
@@ -624,7 +740,8 @@ def _item_metrics(page: Page, sub: pd.DataFrame) -> None:
                 plots.token_curve(msub, metric),
                 _caption(
                     metric,
-                    f"One line per item along its generated answer; hover shows the token. Low = {esc(kinds.info(metric).low)}.",
+                    "One line per item along its generated answer; hover shows the token. "
+                    f"Low = {esc(kinds.info(metric).low)}.",
                     msub["value"],
                 ),
             )
@@ -636,7 +753,8 @@ def _item_metrics(page: Page, sub: pd.DataFrame) -> None:
             for r in summary.itertuples()
         )
         page.add(
-            f'<p>{_what(metric, msub["value"])} Mean over items:</p><table class="tbl"><thead><tr><th>model</th><th>dataset</th><th>mean</th>'
+            f"<p>{_what(metric, msub['value'])} Mean over items:</p>"
+            '<table class="tbl"><thead><tr><th>model</th><th>dataset</th><th>mean</th>'
             f"<th>rows</th></tr></thead><tbody>{rows}</tbody></table>"
         )
         cols = [
@@ -646,7 +764,8 @@ def _item_metrics(page: Page, sub: pd.DataFrame) -> None:
         ]
         shown = msub[cols].head(MAX_ITEM_ROWS)
         page.add(
-            f"<details><summary>{len(msub)} rows{f' (first {MAX_ITEM_ROWS} shown)' if len(msub) > MAX_ITEM_ROWS else ''}</summary>"
+            f"<details><summary>{len(msub)} rows"
+            f"{f' (first {MAX_ITEM_ROWS} shown)' if len(msub) > MAX_ITEM_ROWS else ''}</summary>"
             + shown.to_html(index=False, escape=True, classes="tbl", na_rep="", float_format=lambda v: f"{v:.4g}")
             + "</details>"
         )
@@ -675,8 +794,10 @@ def _scatters(page: Page, view: pd.DataFrame) -> None:
         page.figure(
             plots.metric_scatter(sub, x, y, color=color),
             f"{_what(x)} {_what(y)} One point per head (colour: {'relative depth' if color == 'depth' else 'layer'}"
-            f"{'; one panel per model' if len(both) > 1 else ''}); a metric measured on several datasets is averaged per head. "
-            f'Definitions: <a href="#{esc(anchor("def", x))}">{esc(x)}</a>, <a href="#{esc(anchor("def", y))}">{esc(y)}</a>.',
+            f"{'; one panel per model' if len(both) > 1 else ''}); "
+            "a metric measured on several datasets is averaged per head. "
+            f'Definitions: <a href="#{esc(anchor("def", x))}">{esc(x)}</a>, '
+            f'<a href="#{esc(anchor("def", y))}">{esc(y)}</a>.',
         )
     if done_pairs:
         page.row(False)
@@ -698,7 +819,8 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
         f = c.get("faithfulness") or {}
         if f:
             page.p(
-                f"{len(nodes)} heads; faithfulness {fmt(f.get('faithfulness'))} (logit difference {fmt(f.get('ld_circuit'))} with only the circuit "
+                f"{len(nodes)} heads; faithfulness {fmt(f.get('faithfulness'))} "
+                f"(logit difference {fmt(f.get('ld_circuit'))} with only the circuit "
                 f"of {fmt(f.get('ld_clean'))} clean; every head ablated: {fmt(f.get('ld_all_heads_ablated'))})."
             )
         if len(nodes) and {"layer", "head"} <= set(nodes.columns):
@@ -715,9 +837,10 @@ def _circuits(page: Page, circuits: list[dict], series: list[Series]) -> None:
             )
             page.figure(
                 plots.circuit_graph(nodes, edges, title=f"{task} circuit ({name})"),
-                f"<b>{esc(task)} circuit</b>: heads found by iterative path patching, placed by layer (top = first) and head; lines are paths "
-                "sender -> receiver (the bottom row is the logits), red = patching the path lowers the logit difference (the path "
-                'carries the behaviour), blue = raises it; width = |effect|. <a href="#atlas">Roles also appear in the atlas</a>.',
+                f"<b>{esc(task)} circuit</b>: heads found by iterative path patching, placed by layer (top = first) "
+                "and head; lines are paths sender -> receiver (the bottom row is the logits), red = patching the path "
+                "lowers the logit difference (the path carries the behaviour), blue = raises it; width = |effect|. "
+                '<a href="#atlas">Roles also appear in the atlas</a>.',
             )
             cols = [x for x in ("layer", "head", "role", "effect", "round") if x in nodes.columns]
             page.add(nodes[cols].to_html(index=False, escape=True, classes="tbl", float_format=lambda v: f"{v:.4g}"))
@@ -733,10 +856,13 @@ def _measured_circuit(page: Page, c: dict, task: str, name: str, nodes: pd.DataF
     comp = hc.get("completeness") or {}
     held = hc.get("heldout") or {}
     text = (
-        f"{len(hc.get('heads', []))} heads reach F(C)/F(M) = {fmt(hc.get('faithfulness'))}{ci_text} against a target of "
+        f"{len(hc.get('heads', []))} heads reach F(C)/F(M) = {fmt(hc.get('faithfulness'))}{ci_text} "
+        "against a target of "
         f"{fmt(c.get('target'))} under {hc.get('ablation', '')} ablation ({hc.get('ablation_detail', '')}) "
-        f"(logit difference {fmt(hc.get('ld_circuit'))} of {fmt(hc.get('ld_clean'))}; every head ablated: {fmt(hc.get('ld_all_heads_ablated'))}"
-        f"; {fmt(c.get('n_pairs'))} pairs, correct answer preferred in {fmt(100 * float(c.get('share_correct', float('nan'))))}%)."
+        f"(logit difference {fmt(hc.get('ld_circuit'))} of {fmt(hc.get('ld_clean'))}; "
+        f"every head ablated: {fmt(hc.get('ld_all_heads_ablated'))}"
+        f"; {fmt(c.get('n_pairs'))} pairs, "
+        f"correct answer preferred in {fmt(100 * float(c.get('share_correct', float('nan'))))}%)."
     )
     if not hc.get("reached_target", True):
         text += " The target was NOT reached: the circuit is the best size on the curve."
@@ -748,7 +874,10 @@ def _measured_circuit(page: Page, c: dict, task: str, name: str, nodes: pd.DataF
             f"{fmt(100 * float(comp.get('max_relative', float('nan'))))}% of F(M)."
         )
     if ec:
-        text += f" Edge circuit: {fmt(ec.get('edges'))} edges ({fmt(ec.get('heads'))} heads, {fmt(ec.get('mlps'))} MLPs), F = {fmt(ec.get('faithfulness'))}."
+        text += (
+            f" Edge circuit: {fmt(ec.get('edges'))} edges ({fmt(ec.get('heads'))} heads, {fmt(ec.get('mlps'))} MLPs), "
+            f"F = {fmt(ec.get('faithfulness'))}."
+        )
     page.p(text)  # p() escapes: plain text only
     curves = {f"{task} {kind}": pd.DataFrame(rows) for kind, rows in (c.get("curves") or {}).items() if rows}
     if curves:
@@ -756,9 +885,10 @@ def _measured_circuit(page: Page, c: dict, task: str, name: str, nodes: pd.DataF
             plots.faithfulness_curve(
                 curves, target=c.get("target"), title=f"{task}: faithfulness vs circuit size ({name})"
             ),
-            f"<b>Faithfulness against size</b>: the top-k heads (or edges) by edge-attribution score kept, every other one "
-            f"ablated ({esc(str(hc.get('ablation_detail', '')))}); F(C)/F(M) = 1 (dotted) is the whole model, the dashed line the "
-            "target. A curve that dips as k grows means the ranking brought in heads that work against the answer.",
+            "<b>Faithfulness against size</b>: the top-k heads (or edges) by edge-attribution score kept, "
+            f"every other one ablated ({esc(str(hc.get('ablation_detail', '')))}); "
+            "F(C)/F(M) = 1 (dotted) is the whole model, the dashed line the target. "
+            "A curve that dips as k grows means the ranking brought in heads that work against the answer.",
         )
     v = c.get("edge_validation") or {}
     if v.get("spearman"):
@@ -805,8 +935,8 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
         page.p(f"Copied from {'docs/metrics.md' if docs is None else src.name} so this page works offline.")
     else:
         page.p(
-            f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, so each definition is the "
-            "paragraph of the computing module's docstring that states it."
+            f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, "
+            "so each definition is the paragraph of the computing module's docstring that states it."
         )
     found = {m: definitions.definition(m, docs) for m in metrics}
     target = {k: anchor("def", m) for m in metrics for k in definitions.doc_keys(m)}
@@ -833,14 +963,16 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
         body = _render_markdown(d.text, target) if d else f"<p>{esc(mi.what)} (no definition found).</p>"
         source = f'<p class="src">Source: {esc(d.source)}. Drawn as: {esc(mi.kind)}.</p>' if d else ""
         page.add(
-            f'<section class="def" id="{esc(anchor("def", metric))}"><h4><code>{esc(metric)}</code></h4>{body}{source}</section>'
+            f'<section class="def" id="{esc(anchor("def", metric))}"><h4><code>{esc(metric)}</code></h4>'
+            f"{body}{source}</section>"
         )
     if extra:
         page.add('<h3 class="def-group">Referenced from the definitions</h3>')
         for i, a in extra.items():
             sec = parsed[0][i]
             page.add(
-                f'<section class="def" id="{esc(a)}"><h4>{esc(sec.title)}</h4>{_render_markdown(sec.text, target, shift=3)}</section>'
+                f'<section class="def" id="{esc(a)}"><h4>{esc(sec.title)}</h4>'
+                f"{_render_markdown(sec.text, target, shift=3)}</section>"
             )
 
 
@@ -862,7 +994,8 @@ def _prompts(page: Page, runs: Sequence[Run]) -> None:
                     f'<span class="tok" title="id {esc(i)}">{esc(t)}</span>' for t, i in zip(pr.get("tokens", []), ids)
                 )
                 blocks.append(
-                    f'<h4>{esc(run.label)} / {esc(ds)} / {esc(pr.get("id"))}</h4><p class="prompt">{esc(pr.get("text", ""))}</p><div>tokens: {toks}</div>'
+                    f"<h4>{esc(run.label)} / {esc(ds)} / {esc(pr.get('id'))}</h4>"
+                    f'<p class="prompt">{esc(pr.get("text", ""))}</p><div>tokens: {toks}</div>'
                 )
     if blocks:
         page.section(2, "Example prompts", "prompts")
@@ -880,7 +1013,8 @@ def _raw(page: Page, runs: Sequence[Run]) -> None:
             "circuits": [{k: v for k, v in c.items() if k not in ("nodes", "edges")} for c in run.circuits],
         }
         page.add(
-            f'<details class="raw"><summary>Run {esc(run.label)}: sweep config and the metadata of its {len(run.metas)} part(s)</summary>'
+            f'<details class="raw"><summary>Run {esc(run.label)}: '
+            f"sweep config and the metadata of its {len(run.metas)} part(s)</summary>"
             f"<pre>{esc(json.dumps(blob, indent=1, default=str))}</pre></details>"
         )
 
@@ -934,8 +1068,9 @@ def build_report(
         page.add(_run_paragraph(run, series))
     if len(series) > 1:
         page.p(
-            f"{len(series)} models side by side: {', '.join(s.name for s in series)}. Figures put them on relative depth "
-            "(layer / (n_layers - 1)) where their layer counts differ, and show differences against the first."
+            f"{len(series)} models side by side: {', '.join(s.name for s in series)}. "
+            "Figures put them on relative depth (layer / (n_layers - 1)) where their layer counts differ, "
+            "and show differences against the first."
         )
     findings_at = len(page.parts)
     page.section(3, "Top heads per metric", "top-heads")
@@ -987,8 +1122,9 @@ def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_tabl
     page.section(2, "Comparison", "comparison")
     shapes = ", ".join(f"{s.name}: {s.n_layers} layers x {s.n_heads} heads" for s in series)
     page.p(
-        f"{shapes}. Relative depth = layer / (n_layers - 1): 0 is each model's first layer, 1 its last. Each probe's section below "
-        "shows the per-model head grids side by side, the depth profiles and a difference view."
+        f"{shapes}. Relative depth = layer / (n_layers - 1): 0 is each model's first layer, 1 its last. "
+        "Each probe's section below shows the per-model head grids side by side, "
+        "the depth profiles and a difference view."
     )
     heads = view[view["layer"] >= 0].dropna(subset=["value"])
     metrics = [m for m in _ordered_metrics(heads["metric"]) if heads.loc[heads["metric"] == m, "model"].nunique() > 1]
@@ -998,8 +1134,9 @@ def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_tabl
     n_layers = {s.name: s.n_layers for s in series if s.n_layers}
     page.figure(
         plots.depth_overview(heads[heads["metric"].isin(metrics)], metrics, n_layers=n_layers),
-        "<b>Depth profiles of every shared metric</b>: one panel per metric, one line per model: the mean over each layer's heads "
-        "against relative depth, so models with different layer counts line up. Details and per-head grids are in each probe's section.",
+        "<b>Depth profiles of every shared metric</b>: one panel per metric, one line per model: "
+        "the mean over each layer's heads against relative depth, so models with different layer counts line up. "
+        "Details and per-head grids are in each probe's section.",
     )
     rows = []
     for metric in metrics:
@@ -1016,10 +1153,12 @@ def _comparison(page: Page, view: pd.DataFrame, series: list[Series], atlas_tabl
             n = s.n_layers or int(per["layer"].max()) + 1
             depth = best.layer / (n - 1) if n > 1 else 0
             cells.append(
-                f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(fmt(best.value))} <span class="muted">(depth {depth:.2f})</span></td>'
+                f'<td><span class="hd">{int(best.layer)}.{int(best["head"])}</span> {esc(fmt(best.value))} '
+                f'<span class="muted">(depth {depth:.2f})</span></td>'
             )
         rows.append(
-            f"<tr><td>{_metric_link(metric)}</td><td>{esc({'abs': 'largest |value|', 'low': 'lowest'}.get(mi.rank, 'highest'))}</td>{''.join(cells)}</tr>"
+            f"<tr><td>{_metric_link(metric)}</td>"
+            f"<td>{esc({'abs': 'largest |value|', 'low': 'lowest'}.get(mi.rank, 'highest'))}</td>{''.join(cells)}</tr>"
         )
     page.add(
         '<table class="tbl" id="comparison-table"><thead><tr><th>metric</th><th>head shown</th>'

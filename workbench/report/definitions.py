@@ -50,15 +50,8 @@ class DocSection:
     parent: int | None
 
 
-def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
-    """The sections of a metrics document and ``{name: section index}``.
-
-    A section is filed under its heading's GitHub anchor, its explicit ``{#id}`` or ``<a id="...">``
-    anchor (also on the line before the heading), and every backquoted name in the heading (so
-    ``### `sink_mass`, `sink_rate` `` files both). When a name occurs at several levels the
-    deepest (most specific) section wins. Headings inside fenced code blocks are not headings.
-    """
-    lines = markdown.splitlines()
+def _doc_headings(lines: list[str]) -> list[tuple[int, int, str, list[str]]]:
+    """The headings outside fenced code blocks as ``(line, level, title, names)``, each with every name it files."""
     heads: list[tuple[int, int, str, list[str]]] = []  # (line, level, title, names)
     pending: list[str] = []
     fenced = False
@@ -82,7 +75,18 @@ def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
             heads.append((i, level, title, names))
         elif anchors and not _ANCHOR.sub("", line).strip():
             pending += anchors  # an anchor on its own line names the next heading
-    clean = lambda a, b: "\n".join(_ANCHOR.sub("", ln) for ln in lines[a:b]).strip()  # noqa: E731
+    return heads
+
+
+def _section_text(lines: list[str], a: int, b: int) -> str:
+    """Lines ``a`` to ``b`` of the document without their ``<a id>`` anchors, stripped."""
+    return "\n".join(_ANCHOR.sub("", ln) for ln in lines[a:b]).strip()
+
+
+def _doc_sections(
+    lines: list[str], heads: list[tuple[int, int, str, list[str]]]
+) -> tuple[list[DocSection], dict[str, int]]:
+    """The section under each heading and ``{name: section index}``, the deepest section winning a name."""
     sections: list[DocSection] = []
     index: dict[str, int] = {}
     stack: list[int] = []
@@ -96,8 +100,8 @@ def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
                 title.replace("`", ""),
                 level,
                 tuple(names),
-                clean(start + 1, end),
-                clean(start + 1, first_sub),
+                _section_text(lines, start + 1, end),
+                _section_text(lines, start + 1, first_sub),
                 stack[-1] if stack else None,
             )
         )
@@ -106,6 +110,18 @@ def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
             if name and (name not in index or sections[index[name]].level < level):
                 index[name] = j
     return sections, index
+
+
+def parse_doc(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
+    """The sections of a metrics document and ``{name: section index}``.
+
+    A section is filed under its heading's GitHub anchor, its explicit ``{#id}`` or ``<a id="...">``
+    anchor (also on the line before the heading), and every backquoted name in the heading (so
+    ``### `sink_mass`, `sink_rate` `` files both). When a name occurs at several levels the
+    deepest (most specific) section wins. Headings inside fenced code blocks are not headings.
+    """
+    lines = markdown.splitlines()
+    return _doc_sections(lines, _doc_headings(lines))
 
 
 def parse_sections(markdown: str) -> dict[str, str]:

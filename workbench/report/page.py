@@ -121,27 +121,33 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 CSS = """
 :root{--fg:#1d1d1f;--muted:#666;--line:#d8d8d8;--bg2:#f6f7f9}
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1.2em;color:var(--fg);line-height:1.45}
-h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid var(--line);padding-bottom:.2em}h3{margin-top:1.6em}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1.2em;
+ color:var(--fg);line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid var(--line);padding-bottom:.2em}
+h3{margin-top:1.6em}
 a{color:#1f5fbf}code{font-size:90%;background:var(--bg2);padding:0 .25em;border-radius:3px}
 nav.toc{background:var(--bg2);border:1px solid var(--line);border-radius:6px;padding:.5em 1em;font-size:92%}
 nav.toc ol{margin:.2em 0;padding-left:1.6em;columns:2;column-gap:2em}nav.toc li{break-inside:avoid;margin:.1em 0}
 nav.toc .sub{font-size:90%;color:var(--muted)}
-.tbl{border-collapse:collapse;font-size:88%;margin:.5em 0}.tbl td,.tbl th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
+.tbl{border-collapse:collapse;font-size:88%;margin:.5em 0}
+.tbl td,.tbl th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
 .tbl th{background:var(--bg2)}.hd{font-family:ui-monospace,monospace;background:#eef3fb;border-radius:3px;padding:0 3px}
 .muted,.note,.src{color:var(--muted)}.note,.src{font-size:88%}
 figure.fig{margin:1em 0 1.6em}figcaption{font-size:90%;color:#333;max-width:60em;margin-top:.3em}
 .figure{width:100%}.pair{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:1.2em;align-items:start}
-.chip{display:inline-block;min-width:1.1em;padding:0 2px;margin:1px;border-radius:3px;color:#fff;font:bold 10px/14px ui-monospace,monospace;text-align:center;text-shadow:0 0 2px rgba(0,0,0,.5)}
+.chip{display:inline-block;min-width:1.1em;padding:0 2px;margin:1px;border-radius:3px;color:#fff;
+ font:bold 10px/14px ui-monospace,monospace;text-align:center;text-shadow:0 0 2px rgba(0,0,0,.5)}
 .legend .chip{font-size:11px}
 .atlas-row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start;overflow-x:auto}
 .atlas-title{font-weight:bold}.atlas-sub{font-size:85%;color:var(--muted);margin-bottom:.3em}
 table.atlas{border-collapse:collapse;font-size:10px}table.atlas th{font-weight:normal;color:var(--muted);padding:0 3px}
-table.atlas td{border:1px solid #e4e4e4;min-width:34px;height:17px;padding:0 1px;background:#fbfbfb;cursor:default;white-space:nowrap}
+table.atlas td{border:1px solid #e4e4e4;min-width:34px;height:17px;padding:0 1px;background:#fbfbfb;cursor:default;
+ white-space:nowrap}
 table.atlas td.has{background:#fff}table.atlas td:hover,table.atlas td:focus{outline:2px solid #222;outline-offset:-1px}
-#atlas-tip{position:absolute;z-index:10;display:none;background:#fff;border:1px solid #999;border-radius:6px;box-shadow:0 4px 14px rgba(0,0,0,.2);
- padding:.5em .7em;font-size:12px;max-width:420px;pointer-events:none}
-#atlas-tip table{border-collapse:collapse}#atlas-tip td{padding:0 .5em 0 0}#atlas-tip .t{font-weight:bold;margin-bottom:.2em}
+#atlas-tip{position:absolute;z-index:10;display:none;background:#fff;border:1px solid #999;border-radius:6px;
+ box-shadow:0 4px 14px rgba(0,0,0,.2);padding:.5em .7em;font-size:12px;max-width:420px;pointer-events:none}
+#atlas-tip table{border-collapse:collapse}#atlas-tip td{padding:0 .5em 0 0}
+#atlas-tip .t{font-weight:bold;margin-bottom:.2em}
 #atlas-tip .r{margin:.1em 0}
 .tok{display:inline-block;border:1px solid #ddd;margin:1px;padding:0 3px;font-family:monospace;white-space:pre}
 .prompt{font-size:92%;color:#333}
@@ -158,7 +164,10 @@ JS = r"""
   var tmpl = tmplNode ? JSON.parse(tmplNode.textContent) : null;
   var i = 0;
   function next(){
-    if (i >= figs.length){ document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now()))); return; }
+    if (i >= figs.length){
+      document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now())));
+      return;
+    }
     var f = figs[i++];
     if (tmpl) f.layout.template = tmpl;
     Plotly.newPlot(f.id, f.data, f.layout, {responsive: true, displaylogo: false}).then(function(){
@@ -171,14 +180,22 @@ JS = r"""
   var node = document.getElementById("wb-atlas");
   if (!node) return;
   var atlas = JSON.parse(node.textContent);
-  var tip = document.createElement("div"); tip.id = "atlas-tip"; tip.setAttribute("role", "tooltip"); document.body.appendChild(tip);
-  function el(tag, cls, text){ var e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
-  function fmt(v){ if (v === null || v === undefined) return "n/a"; var a = Math.abs(v); return (a !== 0 && a < 1e-3) ? v.toExponential(2) : String(+v.toPrecision(4)); }
+  var tip = document.createElement("div"); tip.id = "atlas-tip"; tip.setAttribute("role", "tooltip");
+  document.body.appendChild(tip);
+  function el(tag, cls, text){
+    var e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function fmt(v){
+    if (v === null || v === undefined) return "n/a";
+    var a = Math.abs(v); return (a !== 0 && a < 1e-3) ? v.toExponential(2) : String(+v.toPrecision(4));
+  }
   function show(td){
     var s = atlas[+td.dataset.s], l = +td.dataset.l, h = +td.dataset.h;
     tip.textContent = "";
     var depth = s.n_layers > 1 ? l / (s.n_layers - 1) : 0;
-    tip.appendChild(el("div", "t", s.name + ": layer " + l + ", head " + h + " (relative depth " + depth.toFixed(2) + ")"));
+    tip.appendChild(el("div", "t", s.name + ": layer " + l + ", head " + h
+                                   + " (relative depth " + depth.toFixed(2) + ")"));
     var roles = s.roles[l + "." + h] || [];
     if (!roles.length) tip.appendChild(el("div", "r", "no role at these thresholds"));
     roles.forEach(function(r){
@@ -187,13 +204,15 @@ JS = r"""
     });
     var tbl = el("table"), vals = s.vals[l] ? s.vals[l][h] : [];
     s.cols.forEach(function(c, k){
-      var tr = el("tr"); tr.appendChild(el("td", "", c[0])); tr.appendChild(el("td", "muted", c[1])); tr.appendChild(el("td", "", fmt(vals[k]))); tbl.appendChild(tr);
+      var tr = el("tr"); tr.appendChild(el("td", "", c[0])); tr.appendChild(el("td", "muted", c[1]));
+      tr.appendChild(el("td", "", fmt(vals[k]))); tbl.appendChild(tr);
     });
     tip.appendChild(tbl);
     var r = td.getBoundingClientRect();
     tip.style.display = "block";
     var x = r.right + window.scrollX + 8, w = tip.offsetWidth;
-    if (x + w > window.scrollX + document.documentElement.clientWidth) x = Math.max(window.scrollX, r.left + window.scrollX - w - 8);
+    if (x + w > window.scrollX + document.documentElement.clientWidth)
+      x = Math.max(window.scrollX, r.left + window.scrollX - w - 8);
     tip.style.left = x + "px"; tip.style.top = (r.top + window.scrollY) + "px";
   }
   function hide(){ tip.style.display = "none"; }
@@ -232,7 +251,8 @@ def render_html(page: Page, title: str) -> str:
         else ""
     )
     return (
-        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}"
         f'<script id="wb-figures" type="application/json">{safe_json(page.figures)}</script>{template}'
         f"<script>{get_plotlyjs()}</script><script>{JS}</script></body></html>"

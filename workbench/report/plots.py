@@ -304,7 +304,8 @@ def depth_profile(
                     line={"color": colour, "dash": dash, "width": 2.5 if stat == "mean" else 1.2},
                     marker={"size": 6 if stat == "mean" else 4},
                     customdata=np.stack([g.layer, g.n_layers], axis=1),
-                    hovertemplate=f"{series}<br>layer %{{customdata[0]}} of %{{customdata[1]}} (depth %{{x:.2f}})<br>{label}: %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{series}<br>layer %{{customdata[0]}} of %{{customdata[1]}} (depth %{{x:.2f}})"
+                    f"<br>{label}: %{{y:.4g}}<extra></extra>",
                 )
             )
     fig.update_layout(
@@ -404,7 +405,8 @@ def depth_overview(
                     line={"color": colours[series], "width": 2},
                     marker={"size": 4},
                     customdata=np.stack([g.layer, g.n_layers], axis=1),
-                    hovertemplate=f"{series}<br>{metric}: layer %{{customdata[0]}} of %{{customdata[1]}} (depth %{{x:.2f}})<br>mean %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{series}<br>{metric}: layer %{{customdata[0]}} of %{{customdata[1]}} "
+                    "(depth %{x:.2f})<br>mean %{y:.4g}<extra></extra>",
                 ),
                 row=i // cols + 1,
                 col=i % cols + 1,
@@ -476,7 +478,8 @@ def head_grids(
                 y=list(grid.index),
                 coloraxis="coloraxis",
                 customdata=np.dstack([values, nn.to_numpy(dtype=float), depth]),
-                hovertemplate=f"{name}<br>layer %{{y}}, head %{{x}} (depth %{{customdata[2]:.2f}})<br>{metric} = %{{customdata[0]:.4g}}<br>n = %{{customdata[1]:.0f}}<extra></extra>",
+                hovertemplate=f"{name}<br>layer %{{y}}, head %{{x}} (depth %{{customdata[2]:.2f}})"
+                f"<br>{metric} = %{{customdata[0]:.4g}}<br>n = %{{customdata[1]:.0f}}<extra></extra>",
             ),
             row=i // cols + 1,
             col=i % cols + 1,
@@ -525,7 +528,7 @@ def circuit_graph(nodes: pd.DataFrame, edges: pd.DataFrame, title: str = "circui
                 mode="markers+text",
                 name=str(role),
                 marker={"size": 14},
-                text=[f"{l}.{h}" for l, h in zip(sel.layer, sel["head"])],
+                text=[f"{layer}.{h}" for layer, h in zip(sel.layer, sel["head"])],
                 textposition="top center",
             )
         )

@@ -171,6 +171,13 @@ def series_of(runs: Sequence[Run]) -> list[Series]:
     return out
 
 
+def _time_text(d: datetime) -> str:
+    """A time to the minute as the summary prints it: ``... UTC`` when it is in UTC, else ISO 8601 with its offset."""
+    if d.utcoffset() is not None and not d.utcoffset():
+        return d.strftime("%Y-%m-%d %H:%M UTC")
+    return d.isoformat(timespec="minutes")
+
+
 def when_text(metas: list[dict], config: dict | None) -> str:
     """When and how long, from what the run recorded (degrades to what exists)."""
 
@@ -189,28 +196,28 @@ def when_text(metas: list[dict], config: dict | None) -> str:
             timings[t.get("group") or (t.get("started"), t.get("finished"), t.get("seconds"))] = t
     run_t = (config or {}).get("timing") if isinstance((config or {}).get("timing"), dict) else None
     created = sorted(d for d in (parse(m.get("created")) for m in metas) if d is not None)
-    fmt = lambda d: (
-        d.strftime("%Y-%m-%d %H:%M UTC")
-        if d.utcoffset() is not None and not d.utcoffset()
-        else d.isoformat(timespec="minutes")
-    )  # noqa: E731
     if run_t and run_t.get("started") and run_t.get("finished"):
         a, b = parse(run_t["started"]), parse(run_t["finished"])
         if a and b:
-            return f"Ran {fmt(a)} to {fmt(b)} ({_duration((b - a).total_seconds())})."
+            return f"Ran {_time_text(a)} to {_time_text(b)} ({_duration((b - a).total_seconds())})."
     if timings:
         starts = [parse(t.get("started")) for t in timings.values() if t.get("started")]
         ends = [parse(t.get("finished")) for t in timings.values() if t.get("finished")]
         secs = sum(float(t.get("seconds") or 0) for t in timings.values())
-        span = f" from {fmt(min(starts))} to {fmt(max(ends))}" if starts and ends and all(starts) and all(ends) else ""
+        span = (
+            f" from {_time_text(min(starts))} to {_time_text(max(ends))}"
+            if starts and ends and all(starts) and all(ends)
+            else ""
+        )
         return f"Ran{span}: {_duration(secs)} of computation over {len(timings)} model x dataset group(s)."
     if not created:
         return "When it ran was not recorded."
     if len(created) == 1:
-        return f"Results written {fmt(created[0])}; how long it took was not recorded."
+        return f"Results written {_time_text(created[0])}; how long it took was not recorded."
     return (
-        f"Results written between {fmt(created[0])} and {fmt(created[-1])} ({_duration((created[-1] - created[0]).total_seconds())} "
-        "from first to last part); the run's start and per-unit durations were not recorded, so the first unit's time is not included."
+        f"Results written between {_time_text(created[0])} and {_time_text(created[-1])} "
+        f"({_duration((created[-1] - created[0]).total_seconds())} from first to last part); "
+        "the run's start and per-unit durations were not recorded, so the first unit's time is not included."
     )
 
 

@@ -236,14 +236,46 @@ def _dataset_spec(path: Path, name: str, table: Any, probes: list[str], seed: in
     return DatasetSpec(name, generator, valid.model_dump(mode="json"), probes=only)
 
 
+def _dataset_specs(path: Path, datasets: dict[str, Any], probes: list[str], seed: int) -> dict[str, DatasetSpec]:
+    """Every ``[datasets.X]`` table as a :class:`DatasetSpec`, a problem reported against the config file."""
+    specs = {}
+    for name, table in datasets.items():
+        try:
+            specs[name] = _dataset_spec(path, name, table, probes, seed)
+        except WorkbenchError as exc:
+            if exc.message.startswith(str(path)):
+                raise
+            raise _fail(path, exc.message, exc.fix or "") from None
+    return specs
+
+
+def _probe_settings(
+    path: Path, probes: list[str], probe_params: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Each probe's validated parameters (``[probe_params.X]`` over its defaults) and its version."""
+    from workbench.protocol.params import options_dict
+    from workbench.protocol.registry import get_probe
+
+    if any(p not in probes for p in probe_params):
+        raise _fail(path, "[probe_params.X] tables must name probes of this sweep", f"probes here: {', '.join(probes)}")
+    params, versions = {}, {}
+    for p in probes:
+        try:
+            probe = get_probe(p, **probe_params.get(p, {}))
+        except WorkbenchError as exc:
+            raise _fail(path, f"[probe_params.{p}] {exc.message}", exc.fix or "") from None
+        params[p] = options_dict(probe.options)
+        versions[p] = int(getattr(probe, "version", 1))
+    return params, versions
+
+
 def load_config(path: str | Path) -> SweepConfig:
     """Parse and validate a sweep TOML with the command line's own rules; every problem names
     the key and the fix. Nothing is written and no model is loaded."""
     from workbench.inputs.batching import parse_batch_size
     from workbench.models.device import resolve_device, resolve_dtype
     from workbench.models.loading import model_identity
-    from workbench.protocol.params import options_dict
-    from workbench.protocol.registry import get_probe, probe_class
+    from workbench.protocol.registry import probe_class
 
     path = Path(path)
     raw = read_toml(path, "sweep config", "fix the syntax (see the example in `workbench sweep --help`)")
@@ -263,25 +295,8 @@ def load_config(path: str | Path) -> SweepConfig:
         device_type = resolve_device(device).type
     except WorkbenchError as exc:
         raise _fail(path, exc.message, exc.fix or "") from None
-    specs = {}
-    for name, table in datasets.items():
-        try:
-            specs[name] = _dataset_spec(path, name, table, probes, seed)
-        except WorkbenchError as exc:
-            if exc.message.startswith(str(path)):
-                raise
-            raise _fail(path, exc.message, exc.fix or "") from None
-    probe_params = top.probe_params
-    if any(p not in probes for p in probe_params):
-        raise _fail(path, "[probe_params.X] tables must name probes of this sweep", f"probes here: {', '.join(probes)}")
-    params, versions = {}, {}
-    for p in probes:
-        try:
-            probe = get_probe(p, **probe_params.get(p, {}))
-        except WorkbenchError as exc:
-            raise _fail(path, f"[probe_params.{p}] {exc.message}", exc.fix or "") from None
-        params[p] = options_dict(probe.options)
-        versions[p] = int(getattr(probe, "version", 1))
+    specs = _dataset_specs(path, datasets, probes, seed)
+    params, versions = _probe_settings(path, probes, top.probe_params)
     executor = validate_table(path, ExecutorTable, top.executor, "[executor]").model_dump(exclude_unset=True)
     identities = {}
     for m in dict.fromkeys(models):

@@ -127,7 +127,8 @@ class RunFolder:
             )
         if moved["corrupt"]:
             log(
-                f"set aside {moved['corrupt']} unreadable or damaged part(s) in {targets.join(self.aside_dir(), 'corrupt')}; recomputing them"
+                f"set aside {moved['corrupt']} unreadable or damaged part(s) in "
+                f"{targets.join(self.aside_dir(), 'corrupt')}; recomputing them"
             )
         self.save() if targets.is_dir(self.out) else None
         return sound, moved

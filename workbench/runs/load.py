@@ -84,7 +84,8 @@ def load_results(run_dir: str | Path, with_metadata: bool = False):
         version = meta.get("schema_version")
         if missing or (version is not None and version != SCHEMA_VERSION):
             raise WorkbenchError(
-                f"{f} was written by an incompatible workbench version (schema {version}, missing columns {missing or 'none'})",
+                f"{f} was written by an incompatible workbench version "
+                f"(schema {version}, missing columns {missing or 'none'})",
                 "re-run the sweep into a new folder with this version",
             )
         frames.append(df)

@@ -64,7 +64,10 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
 
     if not runs:
         raise WorkbenchError("no runs to query", "give one or more run folders with --runs")
-    fix = 'write one SQL statement over the table `results`, e.g. "select probe, metric, layer, head, value from results limit 10"'
+    fix = (
+        "write one SQL statement over the table `results`, "
+        'e.g. "select probe, metric, layer, head, value from results limit 10"'
+    )
     if not sql.strip():
         raise WorkbenchError("no SQL statement given (the query is empty)", fix)
     con = duckdb.connect(config={"python_enable_replacements": False})  # never read Python variables by name

@@ -237,27 +237,12 @@ def _same_plan(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
-def cache_activations(
-    model,
-    prompts: Sequence[Any],
-    out: str | Path,
-    *,
-    hooks: Sequence[str] = ("q", "k"),
-    layers: Sequence[int] | None = None,
-    dtype: str = "float32",
-    batch_size: int | str = "auto",
-    shard_bytes: float = DEFAULT_SHARD_BYTES,
-    source: dict[str, Any] | None = None,
-    command: str | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-) -> dict[str, Any]:
-    """Write (or resume) the store at ``out`` for ``prompts`` (:class:`~workbench.inputs.prompts.TokenizedPrompt`);
-    returns the manifest. Nothing is written when the input is bad or the disk too small."""
-    from workbench.models.device import run_halving_on_oom
-    from workbench.models.loading import model_identity
-
-    out = Path(out)
+def _checked_request(
+    model, prompts: Sequence[Any], out: Path, hooks: Sequence[str], layers: Sequence[int] | None, dtype: str
+) -> tuple[list[str], list[int]]:
+    """The hooks (unique, in the order given) and layers (sorted) of a store, once the request is
+    known to be sound: known hooks and dtype, layers of the model, prompts with unique ids, and an
+    ``out`` that is new, empty or a store. Checked before anything runs or is written."""
     hooks = list(dict.fromkeys(hooks))
     bad = [h for h in hooks if h not in layout.HOOKS]
     if not hooks or bad:
@@ -285,11 +270,14 @@ def cache_activations(
         raise WorkbenchError(f"--out {out} is a file", "give a folder for the store")
     if out.is_dir() and any(out.iterdir()) and not (out / layout.INDEX).is_file():
         raise WorkbenchError(f"--out {out} is a non-empty folder that holds no store", "choose a new or empty folder")
+    return hooks, layers
 
-    geometry = probe_geometry(model, prompts[0].ids)
-    itemsize = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
-    token_bytes = layout.bytes_per_token(geometry, hooks, layers, itemsize)
-    lengths = [len(p) for p in prompts]
+
+def _plan_layout(
+    prompts: Sequence[Any], lengths: list[int], token_bytes: int, shard_bytes: float
+) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each prompt's first token in the store (and the total last), and the index's prompt and
+    shard records for the shards :func:`plan_shards` cuts."""
     ranges = plan_shards(lengths, token_bytes, shard_bytes)
     offsets = [0]
     for n in lengths:
@@ -315,6 +303,84 @@ def cache_activations(
                     "meta": prompts[i].meta,
                 }
             )
+    return offsets, plan_prompts, shards
+
+
+def _resumed(out: Path, index: dict[str, Any], manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The index and manifest to go on with: the new ones, or, when ``out`` already holds a store,
+    its own (refused unless it plans the same store as ``index``)."""
+    if (out / layout.INDEX).is_file():
+        old = layout.read_json(out / layout.INDEX, "index")
+        differs = _same_plan(old, index)
+        if differs:
+            raise WorkbenchError(
+                f"{out} holds a store of a different {differs}; it cannot be resumed with these settings",
+                "choose another --out, or delete the folder to rebuild it",
+            )
+        index = old
+        if (out / layout.MANIFEST).is_file():
+            loaded = layout.read_json(out / layout.MANIFEST, "manifest")
+            if isinstance(loaded.get("shards"), dict):
+                manifest = {**manifest, **loaded}
+    return index, manifest
+
+
+def _verified_shards(
+    shards: list[dict[str, Any]], records: dict[str, Any], shard_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """The manifest's records of the planned shards whose files are on disk with the recorded size
+    and checksum: the shards a resumed run need not write again."""
+    done = {}
+    for s in shards:
+        rec, path = records.get(s["name"]), shard_dir / s["name"]
+        if rec and path.is_file() and path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256"):
+            done[s["name"]] = rec
+    return done
+
+
+def _remove_stale(shard_dir: Path, todo: list[dict[str, Any]]) -> None:
+    """Delete the temporary files of the shards still to write, left by a killed run."""
+    for s in todo:  # a process killed inside _write_shard leaves its temp file: the shard is rewritten whole
+        for stale in shard_dir.glob(f".{s['name']}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _progress_bar(todo: list[dict[str, Any]]):
+    """A progress bar over the tokens of the shards still to write."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(s["n_tokens"] for s in todo), unit="tok", desc="cache", file=sys.stderr)
+
+
+def cache_activations(
+    model,
+    prompts: Sequence[Any],
+    out: str | Path,
+    *,
+    hooks: Sequence[str] = ("q", "k"),
+    layers: Sequence[int] | None = None,
+    dtype: str = "float32",
+    batch_size: int | str = "auto",
+    shard_bytes: float = DEFAULT_SHARD_BYTES,
+    source: dict[str, Any] | None = None,
+    command: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """Write (or resume) the store at ``out`` for ``prompts`` (:class:`~workbench.inputs.prompts.TokenizedPrompt`);
+    returns the manifest. Nothing is written when the input is bad or the disk too small."""
+    from workbench.models.device import run_halving_on_oom
+    from workbench.models.loading import model_identity
+
+    out = Path(out)
+    hooks, layers = _checked_request(model, prompts, out, hooks, layers, dtype)
+
+    geometry = probe_geometry(model, prompts[0].ids)
+    itemsize = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+    token_bytes = layout.bytes_per_token(geometry, hooks, layers, itemsize)
+    lengths = [len(p) for p in prompts]
+    offsets, plan_prompts, shards = _plan_layout(prompts, lengths, token_bytes, shard_bytes)
     index = {
         "format": layout.FORMAT,
         "version": layout.VERSION,
@@ -338,25 +404,9 @@ def cache_activations(
     }
     index = json.loads(json.dumps(index, default=str))  # as it reads back: resumes compare like with like
     manifest: dict[str, Any] = {"format": layout.FORMAT, "complete": False, "shards": {}, "mask_mismatch": {}}
-    if (out / layout.INDEX).is_file():
-        old = layout.read_json(out / layout.INDEX, "index")
-        differs = _same_plan(old, index)
-        if differs:
-            raise WorkbenchError(
-                f"{out} holds a store of a different {differs}; it cannot be resumed with these settings",
-                "choose another --out, or delete the folder to rebuild it",
-            )
-        index = old
-        if (out / layout.MANIFEST).is_file():
-            loaded = layout.read_json(out / layout.MANIFEST, "manifest")
-            if isinstance(loaded.get("shards"), dict):
-                manifest = {**manifest, **loaded}
+    index, manifest = _resumed(out, index, manifest)
     shard_dir = out / layout.SHARDS
-    done = {}
-    for s in shards:
-        rec, path = manifest["shards"].get(s["name"]), shard_dir / s["name"]
-        if rec and path.is_file() and path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256"):
-            done[s["name"]] = rec
+    done = _verified_shards(shards, manifest["shards"], shard_dir)
     manifest["shards"] = done
     todo = [s for s in shards if s["name"] not in done]
     need = int(sum(s["bytes"] for s in todo) * MARGIN)
@@ -364,13 +414,11 @@ def cache_activations(
     if need > free:
         raise WorkbenchError(
             f"the store needs about {layout.human_bytes(need)} more and {out} has {layout.human_bytes(free)} free",
-            "free some space, choose another --out, or store less: fewer --hooks / --layers, --dtype float16, fewer prompts",
+            "free some space, choose another --out, or store less: "
+            "fewer --hooks / --layers, --dtype float16, fewer prompts",
         )
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for s in todo:  # a process killed inside _write_shard leaves its temp file: the shard is rewritten whole
-        for stale in shard_dir.glob(f".{s['name']}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+    _remove_stale(shard_dir, todo)
     if not (out / layout.INDEX).is_file():
         layout.write_json(out / layout.INDEX, index)
     manifest["complete"] = not todo
@@ -384,11 +432,7 @@ def cache_activations(
 
     cap = Capture(hooks, layers, geometry)
     ctx = RunContext(batch_size=batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(s["n_tokens"] for s in todo), unit="tok", desc="cache", file=sys.stderr)
+    bar = _progress_bar(todo) if progress else None
     t0 = time.perf_counter()
     try:
         with hooked_run(model.hf_model, cap), residual_hooks(_base(model), layers, cap.on_resid):

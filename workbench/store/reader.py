@@ -82,7 +82,8 @@ class ActivationStore:
         if not self.complete:
             done, total = len(self.manifest.get("shards", {})), len(self.index["shards"])
             raise WorkbenchError(
-                f"activation store {self.path} is incomplete ({done} of {total} shards written; the run that wrote it was interrupted)",
+                f"activation store {self.path} is incomplete ({done} of {total} shards written; "
+                "the run that wrote it was interrupted)",
                 f"resume it: {self.resume_command}",
             )
 
@@ -176,8 +177,9 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         return (
-            f"ActivationStore({str(self.path)!r}: {self.index['model']}, {len(self.prompt_ids)} prompts, {self.n_tokens} tokens, "
-            f"hooks {','.join(self.hooks)}, {len(self.layers)} layers, {self.index['dtype']}{'' if self.complete else ', INCOMPLETE'})"
+            f"ActivationStore({str(self.path)!r}: {self.index['model']}, {len(self.prompt_ids)} prompts, "
+            f"{self.n_tokens} tokens, hooks {','.join(self.hooks)}, {len(self.layers)} layers, "
+            f"{self.index['dtype']}{'' if self.complete else ', INCOMPLETE'})"
         )
 
 

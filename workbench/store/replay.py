@@ -72,20 +72,24 @@ def check_replayable(store: ActivationStore, probes: Sequence[Any]) -> None:
     live = [p.name for p in probes if getattr(p, "kind", None) != "pattern"]
     if live:
         raise WorkbenchError(
-            f"{', '.join(live)} needs the model: it runs its own forwards or reads raw items, and a store holds only activations",
-            f"run it live: workbench probe {','.join(live)} --model {store.index['model']} ...; from a store run only pattern probes",
+            f"{', '.join(live)} needs the model: it runs its own forwards or reads raw items, "
+            "and a store holds only activations",
+            f"run it live: workbench probe {','.join(live)} --model {store.index['model']} ...; "
+            "from a store run only pattern probes",
         )
     missing = [h for h in ("q", "k") if h not in store.hooks]
     if missing:
         raise WorkbenchError(
-            f"{store.path} holds hooks {','.join(store.hooks)}; pattern probes need the post-rotary queries and keys (q, k)",
+            f"{store.path} holds hooks {','.join(store.hooks)}; "
+            "pattern probes need the post-rotary queries and keys (q, k)",
             f"cache them: workbench cache --model {store.index['model']} ... --hooks q,k --out NEW_STORE",
         )
     bad = {int(k): v for k, v in store.manifest.get("mask_mismatch", {}).items()}
     if bad:
         L = sorted(bad)
         raise WorkbenchError(
-            f"layer(s) {', '.join(map(str, L))} of {store.index['model']} used a mask a store cannot rebuild ({bad[L[0]]})",
+            f"layer(s) {', '.join(map(str, L))} of {store.index['model']} used a mask a store cannot rebuild "
+            f"({bad[L[0]]})",
             f"run the probes on the live model: workbench probe ... --model {store.index['model']}",
         )
 

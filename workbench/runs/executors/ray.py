@@ -64,7 +64,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise WorkbenchError(
             f"no Ray cluster answers at {address} ({exc.strerror or exc})",
-            "start one (`ray start --head --port PORT`) and pass its address, or drop --address to run on a local Ray instance",
+            "start one (`ray start --head --port PORT`) and pass its address, "
+            "or drop --address to run on a local Ray instance",
         ) from None
 
 
@@ -141,7 +142,8 @@ class RayExecutor:
                 "check the address and RAY_AUTH_TOKEN, or drop --address to run on a local Ray instance",
             ) from None
         log(
-            f"ray: connected to {self.address or 'a local Ray instance'} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+            f"ray: connected to {self.address or 'a local Ray instance'} "
+            f"({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
         )
         return True
 
