@@ -7,12 +7,19 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 # Under pytest-xdist (``make test`` runs ``-n 2`` on 2 cores) each worker gets its share of the
-# cores, so two workers do not fight over threads; alone, the run may use two.
+# cores, and so does every process it starts (notebook kernels, the CLI, Ray workers): two
+# workers whose OpenMP pools each want both cores spin against each other (a notebook took 5x
+# longer). Set before torch is imported, so this process and its children start with it.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

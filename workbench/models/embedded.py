@@ -298,13 +298,14 @@ def ensure_embedded(name: str = EMBEDDED_NAME, quiet: bool = False) -> Path:
     """The embedded model's HF folder, built or rebuilt when missing or damaged.
 
     Processes on one machine that ask at once (parallel test workers, Ray workers, two notebooks)
-    build it once: the first takes a lock file beside the cache, the others wait for it and then
+    build it once: the first takes a lock file in the cache (``locks/``), the others wait for it and then
     find the folder sound."""
     folder = embedded_folder(name)
     if folder.exists() and verify_folder(folder) is None:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(folder.parent / f".{name}.lock"):
+    locks = cache_root() / "locks"  # beside the models, not among them
+    locks.mkdir(parents=True, exist_ok=True)
+    with build_lock(locks / f"{name}.lock"):
         problem = verify_folder(folder) if folder.exists() else "not built yet"
         if problem is not None:
             if folder.exists() and not quiet:
