@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.models import embedded
 from workbench.models.device import resolve_device, resolve_dtype
 
@@ -75,6 +75,7 @@ _CTX_FIELDS = (
     "seq_length",
     "max_sequence_length",
 )
+HUB_TIMEOUT = 10.0  # seconds for one look-up of a model on the hub
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -262,15 +263,63 @@ def model_identity(name: str) -> dict:
             f"unknown model {name!r}: not a known name, an existing folder or a hub id",
             f"use one of {', '.join(KNOWN_MODELS)} (see `workbench models`), a local folder, or org/name",
         )
-    snapshot = None
+    snapshot = cached_snapshot(name)
+    if snapshot is None:
+        check_on_hub(name)  # a typo fails here, before a sweep moves or writes anything
+    return {"kind": "hub", "id": name, "revision": snapshot or os.environ.get("HF_REVISION", "main")}
+
+
+def cached_snapshot(name: str) -> str | None:
+    """The revision of hub model ``name`` the local hub cache holds, or None."""
     try:
         from huggingface_hub import constants
 
         refs = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
-        snapshot = refs.read_text().strip() if refs.is_file() else None
+        return refs.read_text().strip() if refs.is_file() else None
     except Exception:
-        snapshot = None
-    return {"kind": "hub", "id": name, "revision": snapshot or os.environ.get("HF_REVISION", "main")}
+        return None
+
+
+def check_on_hub(name: str) -> None:
+    """That hub id ``name``, which is not in the local hub cache, names a model the hub has: before
+    a sweep moves or writes anything, a typo is one error, not a folder of set-aside parts. Whose
+    failure it is: an unknown name is the user's; an unreachable hub is the network's; another
+    answer of the hub is the remote service's."""
+    fix = f"check the name (known: {', '.join(KNOWN_MODELS)}; see `workbench models`), a local folder, or org/name"
+    offline = hub_unreachable_reason()
+    if offline:
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a known name or local folder, not in the local hub cache, "
+            f"and the hub cannot be reached to look it up ({offline})",
+            fix + "; or connect to the network (HF_HUB_OFFLINE unset) to download it",
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        raise WorkbenchError(
+            f"model {name!r} on the hub is gated: your token has no access to it",
+            "accept its terms on the hub and set HF_TOKEN",
+        ) from None
+    except RepositoryNotFoundError:
+        raise WorkbenchError(
+            f"unknown model {name!r}: not a known name or local folder, and the hub has no such model "
+            "(or it is private)",
+            fix + "; for a private model set HF_TOKEN",
+        ) from None
+    except HfHubHTTPError as exc:
+        raise WorkbenchError(
+            f"the Hugging Face hub could not look up {name!r} (the hub's answer: {first_line(exc)})",
+            "a problem on the hub's side: try again later, or use a local folder",
+        ) from None
+    except Exception as exc:  # connection refused, timeout, TLS: the network between us and the hub
+        raise WorkbenchError(
+            f"could not reach the Hugging Face hub to look up {name!r} "
+            f"(network: {type(exc).__name__}: {first_line(exc)})",
+            "check your network or proxy (HF_ENDPOINT), or set HF_HUB_OFFLINE=1 and use a cached model",
+        ) from None
 
 
 def hub_unreachable_reason() -> str | None:
