@@ -79,6 +79,29 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_rows(tiny_dirs, t
     pd.testing.assert_frame_equal(sorted_rows(load_results(crashed)), sorted_rows(load_results(clean)))
 
 
+def test_ctrl_c_mid_sweep_says_how_many_units_were_saved_and_resume_uses_them(tiny_dirs, tmp_path):
+    """SIGINT after some parts: not "no results written" (parts were), but how many units are saved
+    and that a re-run resumes; the re-run then computes only the rest."""
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto them"}\n')
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(GRID.format(model=tiny_dirs["llama"]))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "workbench", "sweep", str(cfg), "--out", str(run), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "parts").glob("*.parquet")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    saved = len(list((run / "parts").glob("*.parquet")))
+    assert 0 < saved < 9, f"the interrupt landed after {saved} of 9 parts"
+    assert proc.returncode == 130, err
+    assert f"interrupted: {saved} of 9 units saved in {run}" in err and "re-run the same command to resume" in err, err
+    assert "no results written" not in err and "Traceback" not in err
+    summary = run_sweep(cfg, run, progress=False, log=lambda *_: None)
+    assert summary["skipped"] == saved and summary["ran"] == 9 - saved
+
+
 def test_query_across_runs(tiny_dirs, tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text(MINIMAL.format(model=tiny_dirs["llama"]))

@@ -17,6 +17,15 @@ class WorkbenchError(Exception):
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during work that keeps what it finished: ``message`` says what was saved and
+    ``fix`` how to go on; the CLI prints both instead of "no results written"."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        self.message, self.fix = message, fix
+        super().__init__(message)
+
+
 class WorkbenchWarning(UserWarning):
     """A result that is computed but may mean little (e.g. a normalising denominator near zero).
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs, store
 from workbench.cli.common import Parser, UsageError, check_out
-from workbench.errors import WorkbenchError, WorkbenchWarning
+from workbench.errors import Interrupted, WorkbenchError, WorkbenchWarning
 
 COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
@@ -56,6 +56,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning ({category.__name__}, {os.path.basename(filename)}:{lineno}): {message}", file=sys.stderr)
 
 
+def _print_error(message: str, fix: str | None) -> None:
+    """One ``error:`` line and its ``fix:`` line on stderr."""
+    print(f"error: {message}", file=sys.stderr)
+    if fix:
+        print(f"  fix: {fix}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -72,11 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, "out", None):
                 check_out(args.command, args.out)
             return int(args.func(args) or 0)
-    except WorkbenchError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
+    except (WorkbenchError, Interrupted) as exc:  # bad input; or Ctrl-C in work that keeps what it finished
+        _print_error(exc.message, exc.fix)
+        return 130 if isinstance(exc, Interrupted) else 2
     except KeyboardInterrupt:
         print("interrupted; no results written", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from workbench.errors import Interrupted
 from workbench.files import targets
 from workbench.runs.config import SweepConfig, Unit, load_config
 from workbench.runs.folder import RunFolder
@@ -81,6 +82,15 @@ def run_sweep(
 
     try:
         runner.run(cfg, plan(cfg, todo), folder.parts, record, config_path=str(config_path), progress=progress, log=log)
+    except KeyboardInterrupt:
+        wanted = {u.filename for u in units}
+        saved = sum(
+            name in wanted for name in targets.list_names(folder.parts, ".parquet")
+        )  # parts are whole or absent
+        raise Interrupted(
+            f"interrupted: {saved} of {len(units)} units saved in {folder.out}",
+            "re-run the same command to resume: saved units are not computed again",
+        ) from None
     finally:
         if overall is not None:
             overall.close()
