@@ -125,6 +125,10 @@ CASES = {
         (["cache", *M, "--dataset", "nope", "--out", "{tmp}/s"], "unknown dataset"),
         (["cache", *M, "--n-prompts", "0", "--out", "{tmp}/s"], "--n-prompts: must be >= 1"),
         (["cache", *M, "--out", "{files}/afile"], "is a file"),
+        # a file where a parent folder should be: named, before the model loads (issue 30, bug 7)
+        (["cache", *M, "--out", "{files}/afile/store"], "afile is a file, not a folder"),
+        (["probe", "entropy", *M, "--out", "{files}/afile/x.parquet"], "afile is a file, not a folder"),
+        (["circuit", *M, "--out", "{files}/afile/c"], "afile is a file, not a folder"),
     ],
     "query": [
         (["query", "", "--runs", "{files}/run"], "empty"),

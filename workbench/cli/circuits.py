@@ -342,6 +342,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from circuits.ablation import ABLATIONS
     from circuits.graph import ModelGraph
     from workbench.datasets import make_dataset
+    from workbench.files.atomic import file_in_the_way, make_folder
     from workbench.inputs.prompts import tokenize_prompts
     from workbench.models.loading import load_model
     from workbench.protocol.registry import get_probe
@@ -353,14 +354,15 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     if not 0 < args.target <= 2:
         raise WorkbenchError(f"--target {args.target} is not a faithfulness", "e.g. --target 0.8")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"output {out} is a file", "give a folder for --out")
+    blocker = file_in_the_way(out)  # the folder itself or a parent: before the model loads
+    if blocker is not None:
+        raise WorkbenchError(f"--out {out}: {blocker} is a file, not a folder", "give a folder for --out")
     tasks = [os.path.basename(args.pairs)] if args.pairs else [t.strip() for t in args.task.split(",") if t.strip()]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.method != "path":
         ModelGraph(model)  # edge-level discovery needs a supported architecture: fail before the slow part
     inputs = _circuit_inputs(args, tasks, model)  # validate every task before the slow part
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     rep = tokenize_prompts(
         make_dataset("repeated-random", n_prompts=8, tokenizer=model.tokenizer, period=min(50, model.n_ctx // 2 - 1)),
         model.tokenizer,

@@ -115,3 +115,30 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     """:func:`atomic_write` of one string."""
     data = text.encode(encoding)
     return atomic_write(path, lambda f: f.write(data))
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (or ``folder`` itself) when it is a file, not a
+    folder: what makes ``mkdir`` fail with "File exists" or "Not a directory"."""
+    for p in (Path(folder), *Path(folder).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def make_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """``folder`` and its parents, created as needed; a file in the way or an unwritable place is
+    one :class:`WorkbenchError` naming it (never a bare ``NotADirectoryError``). ``what`` names the
+    option to change in the fix line."""
+    folder = Path(folder)
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        raise WorkbenchError(
+            f"cannot write to {folder}: {blocker} is a file, not a folder",
+            f"choose another {what} (or move {blocker} away)",
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkbenchError(f"cannot write to {folder}: {exc.strerror or exc}", f"choose a writable {what}") from None
+    return folder

@@ -34,6 +34,7 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.files import targets
+from workbench.files.atomic import make_folder
 from workbench.report import definitions, kinds, plots
 from workbench.report.atlas import atlas, head_scores, probe_roles, role_style, roles_with
 from workbench.report.page import Page, anchor, esc, fmt, render_html, safe_json
@@ -1179,8 +1180,5 @@ def write_report(
     if out.exists() and out.is_dir():
         raise WorkbenchError(f"--out {out} is a directory", "give a file name ending in .html")
     text = build_report(runs, title, **options)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WorkbenchError(f"cannot write to {out}: {exc.strerror or exc}", "choose a writable --out path") from None
+    make_folder(out.parent, "--out path")
     return targets.write_text(out, text)

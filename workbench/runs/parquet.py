@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from workbench.errors import WorkbenchError
 from workbench.files import targets
+from workbench.files.atomic import make_folder
 
 META_KEY = b"workbench"
 
@@ -57,9 +58,8 @@ def check_writable(path: str | Path) -> targets.Target:
     path = Path(path)
     if path.exists() and path.is_dir():
         raise WorkbenchError(f"output {path} is a directory", "give a file name ending in .parquet")
-    parent = path.parent
+    parent = make_folder(path.parent, "--out path")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
         os.close(fd)
         os.unlink(probe)

@@ -34,6 +34,7 @@ import torch
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
 from workbench.errors import WorkbenchError
+from workbench.files.atomic import file_in_the_way, make_folder
 from workbench.files.hashing import sha256_file
 from workbench.protocol.run_context import RunContext
 from workbench.store import layout
@@ -268,6 +269,12 @@ def _checked_request(
         )
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} is a file", "give a folder for the store")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise WorkbenchError(
+            f"cannot create the store {out}: {blocker} is a file, not a folder",
+            "give --out a folder whose parent folders are folders",
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / layout.INDEX).is_file():
         raise WorkbenchError(f"--out {out} is a non-empty folder that holds no store", "choose a new or empty folder")
     return hooks, layers
@@ -417,7 +424,7 @@ def cache_activations(
             "free some space, choose another --out, or store less: "
             "fewer --hooks / --layers, --dtype float16, fewer prompts",
         )
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(shard_dir, "--out folder")
     _remove_stale(shard_dir, todo)
     if not (out / layout.INDEX).is_file():
         layout.write_json(out / layout.INDEX, index)
