@@ -429,3 +429,42 @@ def test_resume_removes_the_temp_file_of_a_shard_killed_mid_write(tiny_dirs, tmp
     assert sorted(p.name for p in (crashed / "shards").iterdir()) == sorted(
         p.name for p in (clean / "shards").iterdir()
     )
+
+
+def _cli_store(tiny_dirs, out: Path) -> None:
+    argv = ["cache", "--model", str(tiny_dirs["llama"]), "--dataset", "prose", "--n-prompts", "5", "--hooks", "q,k"]
+    assert main([*argv, "--shard-mb", "0.02", "--no-progress", "--out", str(out)]) == 0
+
+
+def test_a_shard_changed_in_place_is_refused_before_its_numbers_are_used(tiny_dirs, tmp_path, capsys):
+    """Issue 30, bug 3: the manifest's SHA-256 is checked by every reader, not only by verify(): a
+    shard whose bytes changed with its size kept gives no numbers, and the fix names the command
+    that rewrites it with --out where the store is now (it was moved)."""
+    _cli_store(tiny_dirs, tmp_path / "first")
+    moved = tmp_path / "moved"
+    (tmp_path / "first").rename(moved)
+    shard = sorted((moved / "shards").iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[-4:] = b"\x7f\x7f\x7f\x7f"  # the last float of the last tensor: same size, other numbers
+    shard.write_bytes(bytes(data))
+    err = run_cli(capsys, ["probe", "entropy,sink", "--from-store", moved, "--out", tmp_path / "e.parquet"])
+    assert f"shard {shard.name} of {moved} fails its recorded SHA-256" in err
+    assert f"--out {moved}" in err and "first" not in err.split("fix:")[1], err
+    assert not (tmp_path / "e.parquet").exists()
+
+
+def test_a_deleted_shard_is_called_missing_not_interrupted(tiny_dirs, tmp_path, capsys):
+    _cli_store(tiny_dirs, tmp_path / "s")
+    shard = sorted((tmp_path / "s" / "shards").iterdir())[0]
+    shard.unlink()
+    err = run_cli(capsys, ["probe", "entropy", "--from-store", tmp_path / "s", "--out", tmp_path / "e.parquet"])
+    assert "is missing: the manifest records it, but the file is gone" in err and "interrupted" not in err
+
+
+def test_from_store_refuses_a_dtype_other_than_the_stored_one(tiny_dirs, tmp_path, capsys):
+    """Issue 30, bug 8: --dtype bfloat16 on a float32 store was silently ignored."""
+    _cli_store(tiny_dirs, tmp_path / "s")
+    base = ["probe", "entropy", "--from-store", tmp_path / "s", "--out", tmp_path / "e.parquet"]
+    err = run_cli(capsys, [*base, "--dtype", "bfloat16"])
+    assert "holds float32 activations, read as stored" in err and "workbench cache --dtype bfloat16" in err
+    assert main([str(a) for a in base + ["--dtype", "float32"]]) == 0  # the stored dtype itself is fine

@@ -92,7 +92,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
-    group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    group.add_argument("--dtype", default=None, help="float32 (the default), bfloat16 or float16")
 
 
 def add_dataset_options(group: argparse._ArgumentGroup) -> None:

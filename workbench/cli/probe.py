@@ -128,7 +128,7 @@ def check_store_model(store, name: str) -> None:
 
 def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
     """``workbench probe ... --from-store STORE``: pattern probes on stored queries and keys, no model weights."""
-    from workbench.models.device import resolve_device
+    from workbench.models.device import resolve_device, resolve_dtype
     from workbench.protocol.table import tidy
     from workbench.store import open_store
     from workbench.store.replay import check_replayable, run_probes_from_store
@@ -150,6 +150,11 @@ def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
         )
     device = resolve_device(args.device)
     store = open_store(args.from_store)
+    if args.dtype is not None and str(resolve_dtype(args.dtype, device)).removeprefix("torch.") != store.index["dtype"]:
+        raise WorkbenchError(  # the activations are read as stored: a --dtype that differs would be ignored
+            f"--dtype {args.dtype}: the store {store.path} holds {store.index['dtype']} activations, read as stored",
+            f"drop --dtype, or write a {args.dtype} store: workbench cache --dtype {args.dtype} ...",
+        )
     check_replayable(store, probes)
     if args.model:
         check_store_model(store, args.model)

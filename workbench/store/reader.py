@@ -10,6 +10,7 @@ when pickled, so ``DataLoader(num_workers=N)`` workers open their own maps.
 from __future__ import annotations
 
 import bisect
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,18 @@ class ActivationStore:
 
     @property
     def resume_command(self) -> str:
-        return str(self.index.get("command") or "the `workbench cache` command that wrote it")
+        """The ``workbench cache`` command that resumes this store, with ``--out`` naming where the
+        store is now (it may have been moved since it was written)."""
+        command = self.index.get("command")
+        if not command:
+            return "the `workbench cache` command that wrote it"
+        try:
+            words = shlex.split(str(command))
+        except ValueError:
+            return str(command)
+        if "--out" in words[:-1]:
+            words[words.index("--out") + 1] = str(self.path)
+        return shlex.join(words)
 
     def require_complete(self) -> None:
         """Refuse an interrupted store, naming the command that finishes it."""
@@ -101,6 +113,34 @@ class ActivationStore:
                 bad.append(s["name"])
         return bad
 
+    def _check_shard(self, name: str, path: Path) -> None:
+        """A shard is read only when it is the one the manifest recorded: present, of its size and
+        of its SHA-256 (every byte is hashed once per process and shard: a shard changed in place,
+        size unchanged, would otherwise give wrong numbers without a word)."""
+        rec = self.manifest.get("shards", {}).get(name)
+        if rec is None:
+            raise WorkbenchError(
+                f"shard {name} of {self.path} is not written yet (the run that wrote the store was interrupted)",
+                f"resume the store: {self.resume_command}",
+            )
+        if not path.is_file():
+            raise WorkbenchError(
+                f"shard {name} of {self.path} is missing: the manifest records it, but the file is gone",
+                f"resume the store to write it again: {self.resume_command}",
+            )
+        damage = (
+            "has the wrong size"
+            if path.stat().st_size != rec.get("size")
+            else "fails its recorded SHA-256"
+            if sha256_file(path) != rec.get("sha256")
+            else None
+        )
+        if damage:
+            raise WorkbenchError(
+                f"shard {name} of {self.path} {damage}: it changed after it was written",
+                f"delete it and resume the store: {self.resume_command}",
+            )
+
     # -- reads ----------------------------------------------------------------------------------
     def _shard(self, s: int):
         name = self.index["shards"][s]["name"]
@@ -109,16 +149,7 @@ class ActivationStore:
             from safetensors import safe_open
 
             path = self.path / layout.SHARDS / name
-            rec = self.manifest.get("shards", {}).get(name)
-            if rec is None or not path.is_file():
-                raise WorkbenchError(
-                    f"shard {name} of {self.path} is not written yet", f"resume the store: {self.resume_command}"
-                )
-            if path.stat().st_size != rec.get("size"):
-                raise WorkbenchError(
-                    f"shard {name} of {self.path} has the wrong size (damaged)",
-                    f"delete it and resume: {self.resume_command}",
-                )
+            self._check_shard(name, path)
             handle = self._handles[name] = safe_open(str(path), framework="pt")
         return handle
 
