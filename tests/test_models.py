@@ -307,18 +307,18 @@ def test_concurrent_embedded_builds_wait_for_one_another(tmp_path):
     while a build holds the lock gets it only after the first let go, so the model is built once."""
     import threading
 
-    from workbench.models.embedded import build_lock
+    from workbench.files.atomic import file_lock
 
     lock, order, held = tmp_path / ".m.lock", [], threading.Event()
 
     def second() -> None:
         held.wait()
-        with build_lock(lock):
+        with file_lock(lock):
             order.append("second acquired")
 
     t = threading.Thread(target=second)
     t.start()
-    with build_lock(lock):
+    with file_lock(lock):
         held.set()
         t.join(timeout=0.3)  # it cannot get in while we hold the lock
         order.append("first released" if t.is_alive() else "second got in early")

@@ -468,3 +468,18 @@ def test_from_store_refuses_a_dtype_other_than_the_stored_one(tiny_dirs, tmp_pat
     err = run_cli(capsys, [*base, "--dtype", "bfloat16"])
     assert "holds float32 activations, read as stored" in err and "workbench cache --dtype bfloat16" in err
     assert main([str(a) for a in base + ["--dtype", "float32"]]) == 0  # the stored dtype itself is fine
+
+
+def test_one_writer_per_store(tiny_dirs, tmp_path, capsys):
+    """Issue 30: a second `workbench cache` into a store being written stops at once and changes
+    nothing (the first writer stood in for by its lock, held from a second open file)."""
+    from workbench.files.atomic import file_lock
+    from workbench.store.capture import WRITER_LOCK
+
+    _cli_store(tiny_dirs, tmp_path / "s")
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    with file_lock(tmp_path / "s" / WRITER_LOCK):
+        argv = ["cache", "--model", tiny_dirs["llama"], "--dataset", "prose", "--n-prompts", "5", "--hooks", "q,k"]
+        err = run_cli(capsys, [*argv, "--shard-mb", "0.02", "--no-progress", "--out", tmp_path / "s"])
+    assert f"activation store {tmp_path / 's'} is being written by another `workbench cache` right now" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == before

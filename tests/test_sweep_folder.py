@@ -255,3 +255,26 @@ def test_the_same_generator_twice_and_timing_in_the_metadata(tiny_dirs, tmp_path
             and m["dataset"]["n_tokens"] > 0
             and m["dataset"]["generator"] == "repeated-random"
         )
+
+
+def test_one_writer_per_run_folder(tiny_dirs, tmp_path, capsys):
+    """Issue 30, bug 2: a second sweep into a folder another sweep is writing stops at once, with
+    nothing moved or written, whatever its config; once the first is done it resumes as usual.
+    (The other sweep is stood in for by holding its lock from a second open file, which flock
+    treats as another writer, as it does another process.)"""
+    from workbench.files.atomic import file_lock
+    from workbench.runs.sweep import WRITER_LOCK
+
+    cfg = write(tmp_path, tiny_dirs["llama"])
+    run = tmp_path / "run"
+    assert main(["sweep", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    other = write(tmp_path, tiny_dirs["llama"], name="other.toml", body=BASE.replace("n_prompts = 3", "n_prompts = 2"))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with file_lock(run / WRITER_LOCK):
+        for config in (other, cfg):  # another config, or the same one twice
+            assert main(["sweep", str(config), "--out", str(run), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert f"run folder {run} is being written by another sweep right now" in err and "fix:" in err
+            assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(["sweep", str(other), "--out", str(run), "--no-progress"]) == 0  # the lock is gone with its holder

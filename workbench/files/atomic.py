@@ -142,3 +142,28 @@ def make_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
     except OSError as exc:
         raise WorkbenchError(f"cannot write to {folder}: {exc.strerror or exc}", f"choose a writable {what}") from None
     return folder
+
+
+class Locked(Exception):
+    """:func:`file_lock` with ``wait=False`` found the lock held by another process."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if absent) for the block: POSIX ``flock``,
+    released when the block ends or the process dies. ``wait=False`` raises :class:`Locked` at
+    once instead of waiting. Where ``flock`` does not exist (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Locked(str(path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -29,7 +29,6 @@ rebuilt rather than loaded; ``verify_folder(full=True)`` also checks the hashes.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json
@@ -38,9 +37,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from workbench.errors import WorkbenchError
+from workbench.files.atomic import file_lock
 from workbench.files.hashing import sha256_file
 
 _MANIFEST = "manifest.json"
@@ -305,27 +305,10 @@ def ensure_embedded(name: str = EMBEDDED_NAME, quiet: bool = False) -> Path:
         return folder
     locks = cache_root() / "locks"  # beside the models, not among them
     locks.mkdir(parents=True, exist_ok=True)
-    with build_lock(locks / f"{name}.lock"):
+    with file_lock(locks / f"{name}.lock"):
         problem = verify_folder(folder) if folder.exists() else "not built yet"
         if problem is not None:
             if folder.exists() and not quiet:
                 print(f"cached {name} is damaged ({problem}); rebuilding", flush=True)
             build_embedded(folder, quiet=quiet, name=name)
     return folder
-
-
-@contextlib.contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` while a build runs (POSIX ``flock``; elsewhere no lock, and
-    concurrent builds stay safe through the atomic rename in :func:`build_embedded`)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -4,15 +4,19 @@ executor (:mod:`workbench.runs.executors`: in this process, or as Ray tasks) and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from workbench.errors import Interrupted
+from workbench.errors import Interrupted, WorkbenchError
 from workbench.files import targets
+from workbench.files.atomic import Locked, file_lock, make_folder
 from workbench.runs.config import SweepConfig, Unit, load_config
 from workbench.runs.folder import RunFolder
+
+WRITER_LOCK = ".writer.lock"
 
 
 def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
@@ -24,14 +28,12 @@ def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
 
 
 def prepare(
-    config_path: str | Path, out_dir: str | Path, log: Callable[[str], None] = print
-) -> tuple[SweepConfig, RunFolder, list[Unit], list[Unit], dict[str, int]]:
-    """Validate, reconcile the run folder (a path or an fsspec URL) with the config, record the
-    config: what to compute."""
+    cfg: SweepConfig, out_dir: str | Path, log: Callable[[str], None] = print
+) -> tuple[RunFolder, list[Unit], list[Unit], dict[str, int]]:
+    """Reconcile the run folder (a path or an fsspec URL) with the validated config and record the
+    config: what to compute. Called with the folder's writer lock held (:func:`writing`)."""
     from workbench.runs.parquet import check_writable
 
-    targets.check_url(str(out_dir))  # an unknown protocol or a missing package (s3fs): one error, nothing written
-    cfg = load_config(config_path)  # raises before anything is written
     folder = RunFolder(out_dir)
     check_writable(targets.join(folder.parts, "probe.parquet"))
     units = cfg.units()
@@ -43,7 +45,26 @@ def prepare(
     todo = [u for u in units if u.filename not in sound]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
-    return cfg, folder, units, todo, moved
+    return folder, units, todo, moved
+
+
+@contextlib.contextmanager
+def writing(out_dir: str | Path) -> Iterator[None]:
+    """One writer per run folder: the sweep holds ``.writer.lock`` in a local run folder from the
+    first move to the last part; a second sweep into it stops at once, before it moves or writes
+    anything. (An object-store URL has no such lock: one writer there is the user's to ensure.)"""
+    if targets.is_url(str(out_dir)):
+        yield
+        return
+    folder = make_folder(out_dir, "--out folder")
+    try:
+        with file_lock(folder / WRITER_LOCK, wait=False):
+            yield
+    except Locked:
+        raise WorkbenchError(
+            f"run folder {folder} is being written by another sweep right now",
+            "wait for that sweep to finish (then re-run to resume), or choose another --out",
+        ) from None
 
 
 def run_sweep(
@@ -59,7 +80,23 @@ def run_sweep(
     from workbench.runs.executors import get_executor
 
     runner = get_executor(executor, address=address)  # a missing package or cluster fails before anything is written
-    cfg, folder, units, todo, moved = prepare(config_path, out_dir, log)
+    targets.check_url(str(out_dir))  # an unknown protocol or a missing package (s3fs): one error, nothing written
+    cfg = load_config(config_path)  # every problem of the config, every model resolved: before anything is written
+    with writing(out_dir):
+        return _run(cfg, out_dir, runner, executor, config_path, progress, log)
+
+
+def _run(
+    cfg: SweepConfig,
+    out_dir: str | Path,
+    runner: Any,
+    executor: str,
+    config_path: str | Path,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The body of :func:`run_sweep` under the writer lock: reconcile, run what is missing, record."""
+    folder, units, todo, moved = prepare(cfg, out_dir, log)
     summary = {
         "units": len(units),
         "skipped": len(units) - len(todo),
