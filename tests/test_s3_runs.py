@@ -144,3 +144,50 @@ def test_query_report_and_a_probe_file_on_s3(s3, local, tiny_dirs, tmp_path, cap
     )
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+@pytest.fixture()
+def unreachable_s3():
+    """fsspec pointed at an S3 endpoint where nothing listens (as with no network, or a wrong
+    endpoint): the client's own errors, from a real connection attempt."""
+    import socket
+
+    import fsspec
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = dict(fsspec.config.conf.get("s3", {}))
+    fsspec.config.conf["s3"] = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+    }
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        fsspec.config.conf["s3"] = saved
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "select count(*) from results", "--runs", "s3://bucket/runs/a"],
+        ["report", "s3://bucket/runs/a", "--out", "{tmp}/r.html"],
+    ],
+)
+def test_reading_runs_from_an_unreachable_store_is_the_network_not_an_internal_error(
+    unreachable_s3, tmp_path, capsys, argv
+):
+    """Issue 30, bug 11: query and report at an s3:// URL that cannot be reached ended in
+    'internal error: EndpointConnectionError'; a sweep to it already said what happened."""
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert "the storage service or the network to it failed" in err and "fix:" in err, err
+    assert not (tmp_path / "r.html").exists()

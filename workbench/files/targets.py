@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Union
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.files.atomic import atomic_write
 from workbench.files.hashing import sha256_stream
 
@@ -159,22 +159,25 @@ def _fresh(url: str) -> tuple[Any, str]:
 def exists(target: Target) -> bool:
     if not is_url(target):
         return Path(target).exists()
-    fs, path = _fresh(str(target))
-    return bool(fs.exists(path))
+    with remote("read", target):
+        fs, path = _fresh(str(target))
+        return bool(fs.exists(path))
 
 
 def is_file(target: Target) -> bool:
     if not is_url(target):
         return Path(target).is_file()
-    fs, path = _fresh(str(target))
-    return bool(fs.isfile(path))
+    with remote("read", target):
+        fs, path = _fresh(str(target))
+        return bool(fs.isfile(path))
 
 
 def is_dir(target: Target) -> bool:
     if not is_url(target):
         return Path(target).is_dir()
-    fs, path = _fresh(str(target))
-    return bool(fs.isdir(path))
+    with remote("read", target):
+        fs, path = _fresh(str(target))
+        return bool(fs.isdir(path))
 
 
 def list_names(folder: Target, suffix: str) -> list[str]:
@@ -182,27 +185,23 @@ def list_names(folder: Target, suffix: str) -> list[str]:
     if not is_url(folder):
         folder = Path(folder)
         return [p.name for p in sorted(folder.glob(f"*{suffix}"))] if folder.is_dir() else []
-    fs, path = _fresh(str(folder))
-    if not fs.isdir(path):
-        return []
-    return sorted(
-        n
-        for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/*{suffix}"))
-        if n.endswith(suffix)
-    )
+    with remote("list", folder):
+        fs, path = _fresh(str(folder))
+        if not fs.isdir(path):
+            return []
+        found = fs.glob(f"{path.rstrip('/')}/*{suffix}")
+    return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in found) if n.endswith(suffix))
 
 
 def glob(base: Target, pattern: str) -> list[Target]:
     """The files under ``base`` that match ``pattern`` (``*/circuit.json``)."""
     if not is_url(base):
         return sorted(Path(base).glob(pattern))
-    fs, path = _fresh(str(base))
-    root = path.rstrip("/")
-    return [
-        join(base, *p[len(root) + 1 :].split("/"))
-        for p in sorted(fs.glob(f"{root}/{pattern}"))
-        if p.startswith(root + "/")
-    ]
+    with remote("list", base):
+        fs, path = _fresh(str(base))
+        root = path.rstrip("/")
+        found = sorted(fs.glob(f"{root}/{pattern}"))
+    return [join(base, *p[len(root) + 1 :].split("/")) for p in found if p.startswith(root + "/")]
 
 
 @contextlib.contextmanager
@@ -211,23 +210,27 @@ def open_read(target: Target) -> Iterator[BinaryIO]:
         with open(target, "rb") as f:
             yield f
         return
-    fs, path = filesystem(str(target))
-    with fs.open(path, "rb") as f:
+    with remote("read", target):
+        fs, path = filesystem(str(target))
+        f = fs.open(path, "rb")
+    with f:
         yield f
 
 
 def read_bytes(target: Target) -> bytes:
     if not is_url(target):
         return Path(target).read_bytes()
-    fs, path = filesystem(str(target))
-    return bytes(fs.cat_file(path))
+    with remote("read", target):
+        fs, path = filesystem(str(target))
+        return bytes(fs.cat_file(path))
 
 
 def size(target: Target) -> int:
     if not is_url(target):
         return Path(target).stat().st_size
-    fs, path = filesystem(str(target))
-    return int(fs.size(path))
+    with remote("read", target):
+        fs, path = filesystem(str(target))
+        return int(fs.size(path))
 
 
 def sha256(target: Target) -> str:
@@ -237,12 +240,26 @@ def sha256(target: Target) -> str:
 
 
 def _fs_error(what: str, target: Target, exc: BaseException) -> WorkbenchError:
-    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    """A failure of a remote file system, said as what it is: the storage service or the network
+    to it answered with an error (not a bug of the workbench)."""
+    detail = getattr(exc, "strerror", None) or first_line(exc)
     return WorkbenchError(
-        f"cannot {what} {target}: {detail}",
-        "check the URL, your credentials (fsspec reads them from the environment and its config) "
-        "and that the bucket exists",
+        f"cannot {what} {target}: the storage service or the network to it failed ({type(exc).__name__}: {detail})",
+        "check the URL, your credentials (fsspec reads them from the environment and its config), "
+        "that the bucket exists and that its endpoint can be reached",
     )
+
+
+@contextlib.contextmanager
+def remote(what: str, target: Target) -> Iterator[None]:
+    """Every failure of a URL's file system inside the block but a missing file (which callers
+    handle) becomes one :class:`WorkbenchError` naming the storage service or the network."""
+    try:
+        yield
+    except (FileNotFoundError, WorkbenchError):
+        raise
+    except Exception as exc:
+        raise _fs_error(what, target, exc) from None
 
 
 def write_file(target: Target, write: Callable[[IO[bytes]], object]) -> Target:
