@@ -255,3 +255,24 @@ def test_query_cli_takes_repeated_runs_and_a_read_only_flag(tmp_path, capsys):
     rc = main(["query", f"select * from read_csv('{secret}')", "--runs", str(tmp_path / "a"), "--read-only"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "secret-content-q7z" not in err
+
+
+def test_read_only_queries_are_bounded_in_time_and_memory(run, capsys):
+    """Issue 30, bug 9: --read-only is for SQL from someone else, which may not end or may want all
+    the memory there is. A statement that would run for hours stops at the time limit; one that
+    wants more memory than the limit fails; both are one error, and the limits can be changed."""
+    from workbench.cli import main
+    from workbench.runs.query import READ_ONLY_MEMORY, READ_ONLY_TIMEOUT
+
+    assert READ_ONLY_TIMEOUT and READ_ONLY_MEMORY  # the defaults exist (60 s, 1 GB)
+    forever = "select count(*) from range(100000000000) t(i) where i % 7 = 3"
+    assert main(["query", forever, "--runs", str(run), "--read-only", "--timeout", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "query stopped after 0.5 s, its time limit" in err and "--timeout" in err
+    greedy = "select list(i) from range(200000000) t(i)"  # ~1.6 GB of list
+    assert main(["query", greedy, "--runs", str(run), "--read-only", "--memory-limit", "50MB"]) == 2
+    assert "query failed: Out of Memory" in capsys.readouterr().err
+    assert main(["query", "select 1", "--runs", str(run), "--memory-limit", "lots"]) == 2
+    assert "memory limit 'lots'" in capsys.readouterr().err
+    with pytest.raises(WorkbenchError, match="time limit"):
+        query(forever, [run], timeout=0.5)  # bounds apply to any query when given

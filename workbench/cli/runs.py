@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import add_command, check_out, whole
+from workbench.cli.common import add_command, check_out, number, whole
 from workbench.errors import WorkbenchError
 
 
@@ -47,7 +47,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         runs = sorted(str(d) for d in root.iterdir() if (d / "parts").is_dir()) if root.is_dir() else []
         if not runs:
             raise WorkbenchError("no run folders given and none under ./runs", "pass --runs runs/NAME ...")
-    df = query(args.sql, runs, read_only=args.read_only)
+    df = query(args.sql, runs, read_only=args.read_only, timeout=args.timeout, memory_limit=args.memory_limit)
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 200):
         print(df.to_string(index=False) if len(df) <= args.max_rows else df)
     return 0
@@ -131,6 +131,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="for SQL you did not write: rows are loaded into memory, "
         "then file, network and extension access are disabled and the configuration locked",
+    )
+    q.add_argument(
+        "--timeout",
+        type=number(above=0),
+        help="stop the query after SECONDS (default: 60 with --read-only, none otherwise)",
+    )
+    q.add_argument(
+        "--memory-limit",
+        help="DuckDB's memory limit for the query, e.g. 4GB (default: 1GB with --read-only, DuckDB's own otherwise)",
     )
     q.add_argument("--max-rows", type=whole(1), default=50)
     q.set_defaults(func=cmd_query)

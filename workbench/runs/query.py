@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -47,7 +49,18 @@ READ_ONLY_SETTINGS = (
 )
 
 
-def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataFrame:
+# Bounds of a --read-only query (SQL from someone else) unless the caller sets others.
+READ_ONLY_TIMEOUT = 60.0  # seconds
+READ_ONLY_MEMORY = "1GB"  # DuckDB's memory_limit
+
+
+def query(
+    sql: str,
+    runs: list[str | Path],
+    read_only: bool = False,
+    timeout: float | None = None,
+    memory_limit: str | None = None,
+) -> pd.DataFrame:
     """Run SQL over the results of one or more runs with DuckDB.
 
     The table is called ``results``: every part of every run in ``runs`` (folders, results files
@@ -58,7 +71,10 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
     can (``COPY ... TO``, ``read_csv``, ``ATTACH``, extensions). ``read_only=True`` is for SQL
     from someone else: the runs' rows are first copied into an in-memory table, then external
     access is disabled and the configuration locked (:data:`READ_ONLY_SETTINGS`), so the SQL
-    can read only ``results`` and cannot touch files, the network or extensions.
+    can read only ``results`` and cannot touch files, the network or extensions; and it is bounded
+    in time (``timeout`` seconds, default :data:`READ_ONLY_TIMEOUT`) and memory (``memory_limit``,
+    default :data:`READ_ONLY_MEMORY`), so ``select count(*) from range(1e11)`` stops. Either bound
+    can be given for any query.
     """
     import duckdb
 
@@ -70,28 +86,23 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
     )
     if not sql.strip():
         raise WorkbenchError("no SQL statement given (the query is empty)", fix)
+    if read_only:
+        timeout = READ_ONLY_TIMEOUT if timeout is None else timeout
+        memory_limit = memory_limit or READ_ONLY_MEMORY
     con = duckdb.connect(config={"python_enable_replacements": False})  # never read Python variables by name
     try:
-        table, registered = _results_sql(runs, con)
+        _prepare(con, runs, read_only, memory_limit)
         try:
-            if read_only:
-                con.execute(f"CREATE TABLE results AS {table}")
-                for name in registered:  # the SQL sees `results` only
-                    con.unregister(name)
-                for setting in READ_ONLY_SETTINGS:
-                    con.execute(setting)
-            else:
-                con.execute(f"CREATE VIEW results AS {table}")
-        except duckdb.Error as exc:
+            with _deadline(con, timeout):
+                result = con.execute(sql)
+                if result is None:  # only comments
+                    raise WorkbenchError("no SQL statement given (the query holds only comments)", fix)
+                return result.df()
+        except duckdb.InterruptException:
             raise WorkbenchError(
-                f"cannot load the results of {', '.join(map(str, runs))}: {first_line(exc)}",
-                "re-run the sweep that wrote them",
+                f"query stopped after {timeout:g} s, its time limit",
+                "raise the limit (--timeout SECONDS), or ask for less: filter, aggregate, add a limit",
             ) from None
-        try:
-            result = con.execute(sql)
-            if result is None:  # only comments
-                raise WorkbenchError("no SQL statement given (the query holds only comments)", fix)
-            return result.df()
         except duckdb.Error as exc:
             columns = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE results)").fetchall()]
             raise WorkbenchError(
@@ -99,3 +110,50 @@ def query(sql: str, runs: list[str | Path], read_only: bool = False) -> pd.DataF
             ) from None
     finally:
         con.close()
+
+
+def _prepare(con: Any, runs: list[str | Path], read_only: bool, memory_limit: str | None) -> None:
+    """The table ``results`` on ``con`` (a view, or with ``read_only`` an in-memory copy with the
+    sources unregistered), the memory limit, and the read-only settings last (they lock the
+    configuration)."""
+    import duckdb
+
+    table, registered = _results_sql(runs, con)
+    try:
+        if read_only:
+            con.execute(f"CREATE TABLE results AS {table}")
+            for name in registered:  # the SQL sees `results` only
+                con.unregister(name)
+        else:
+            con.execute(f"CREATE VIEW results AS {table}")
+    except duckdb.Error as exc:
+        raise WorkbenchError(
+            f"cannot load the results of {', '.join(map(str, runs))}: {first_line(exc)}",
+            "re-run the sweep that wrote them",
+        ) from None
+    if memory_limit:
+        try:
+            con.execute("SET memory_limit = ?", [memory_limit])
+        except duckdb.Error as exc:
+            raise WorkbenchError(
+                f"memory limit {memory_limit!r}: {first_line(exc)}", "give a size such as 4GB"
+            ) from None
+    if read_only:
+        for setting in READ_ONLY_SETTINGS:
+            con.execute(setting)
+
+
+@contextlib.contextmanager
+def _deadline(con: Any, seconds: float | None) -> Iterator[None]:
+    """Interrupt ``con``'s running statement after ``seconds`` (DuckDB has no statement timeout of
+    its own); None: no limit."""
+    if not seconds:
+        yield
+        return
+    timer = threading.Timer(seconds, con.interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
