@@ -28,6 +28,7 @@ from workbench.engine.extraction import RunStats, run_pattern_probes
 from workbench.errors import WorkbenchError
 from workbench.inputs.batching import BatchSize
 from workbench.inputs.prompts import Prompt, TokenizedPrompt, tokenize_prompts
+from workbench.protocol.plugins import blaming, check_result
 from workbench.protocol.run_context import RunContext
 from workbench.protocol.table import ProbeResult
 
@@ -131,6 +132,26 @@ def run_probes(
             "pass Prompt items (e.g. from read_prompts or make_dataset), not tokenized prompts",
         )
     stats = RunStats(n_prompts=len(prompts), n_tokens=sum(len(p) for p in tokenized) if tokenized else None)
+    with blaming(probes):  # a plugin's own code raised: name it, not "internal error"
+        done, stats = _run_kinds(model, prompts, tokenized, probes, ctx, stats, forward)
+    for p in probes:
+        check_result(p, done[p.name].table, model.n_layers, model.n_heads)
+    ordered = {n: done[n] for n in names}
+    table = pd.concat([r.table for r in ordered.values()], ignore_index=True)
+    return RunResult(table, ordered, stats)
+
+
+def _run_kinds(
+    model: LoadedModel,
+    prompts: Sequence[Any],
+    tokenized: list[TokenizedPrompt],
+    probes: Sequence[Any],
+    ctx: RunContext,
+    stats: RunStats,
+    forward: Callable[[Any], None] | None,
+) -> tuple[dict[str, ProbeResult], RunStats]:
+    """Each probe by its kind: the pattern probes in one shared forward, then the token and item
+    probes, each its own run."""
     done: dict[str, ProbeResult] = {}
     pattern = [p for p in probes if p.kind == "pattern"]
     if pattern:
@@ -142,6 +163,4 @@ def run_probes(
             done[p.name] = p.run(model, tokenized, ctx)
         elif p.kind == "items":
             done[p.name] = p.run(model, list(prompts), ctx)
-    ordered = {n: done[n] for n in names}
-    table = pd.concat([r.table for r in ordered.values()], ignore_index=True)
-    return RunResult(table, ordered, stats)
+    return done, stats

@@ -126,21 +126,23 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return None
 
 
-def make_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+def make_folder(folder: str | os.PathLike, what: str = "--out", file: str | os.PathLike | None = None) -> Path:
     """``folder`` and its parents, created as needed; a file in the way or an unwritable place is
     one :class:`WorkbenchError` naming it (never a bare ``NotADirectoryError``). ``what`` names the
-    option to change in the fix line."""
+    option to change in the fix line; ``file``, the file the folder is made for, is what the error
+    says cannot be written."""
     folder = Path(folder)
+    shown = file if file is not None else folder
     blocker = file_in_the_way(folder)
     if blocker is not None:
         raise WorkbenchError(
-            f"cannot write to {folder}: {blocker} is a file, not a folder",
+            f"cannot write to {shown}: {blocker} is a file, not a folder",
             f"choose another {what} (or move {blocker} away)",
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WorkbenchError(f"cannot write to {folder}: {exc.strerror or exc}", f"choose a writable {what}") from None
+        raise WorkbenchError(f"cannot write to {shown}: {exc.strerror or exc}", f"choose a writable {what}") from None
     return folder
 
 

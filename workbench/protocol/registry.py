@@ -17,12 +17,14 @@ the plugin named, only when that probe is asked for.
 from __future__ import annotations
 
 import importlib.metadata as md
+import warnings
 from functools import lru_cache
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, WorkbenchWarning
 
 GROUP = "workbench.probes"
+BUILTIN_DISTRIBUTION = "attention-head-workbench"  # the built-in probes' package: it wins a name clash
 KINDS = ("pattern", "tokens", "items")
 _REQUIRED = {"pattern": ("on_pattern_chunk", "results"), "tokens": ("run",), "items": ("run",)}
 
@@ -64,11 +66,7 @@ def _load() -> dict[str, Any]:
     for ep in md.entry_points(group=GROUP):
         dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
         where = f"{ep.value} (from {dist})"
-        if ep.name in found:  # the same distribution may be visible twice (e.g. an editable install's metadata)
-            if dists[ep.name] != dist:
-                found[ep.name] = _Broken(
-                    ep.name, where, f"probe {ep.name!r} is registered twice: by {dists[ep.name]} and by {dist}"
-                )
+        if ep.name in found and not _takes_over(found, dists, ep.name, dist, where):
             continue
         try:
             cls = ep.load()
@@ -82,6 +80,27 @@ def _load() -> dict[str, Any]:
     )
 
 
+def _takes_over(found: dict[str, Any], dists: dict[str, str], name: str, dist: str, where: str) -> bool:
+    """A second registration of ``name`` (by ``dist``): whether it replaces the first. The same
+    distribution seen twice (an editable install's metadata) changes nothing; the built-in wins a
+    clash with a plugin, with a warning naming the plugin's distribution; between two plugins
+    neither does, and asking for the probe is an error naming both."""
+    first = dists[name]
+    if first == dist:
+        return False
+    if BUILTIN_DISTRIBUTION in (first, dist):
+        other = dist if first == BUILTIN_DISTRIBUTION else first
+        warnings.warn(
+            f"probe {name!r} is registered by the workbench and also by {other}; the built-in one is used "
+            f"(rename the probe in {other})",
+            WorkbenchWarning,
+            stacklevel=2,
+        )
+        return dist == BUILTIN_DISTRIBUTION
+    found[name] = _Broken(name, where, f"probe {name!r} is registered by both {first} and {dist}")
+    return False
+
+
 # the order `workbench probes` lists the built-ins in (pattern probes first); plugins follow by name
 _BUILTIN_ORDER = {
     n: i for i, n in enumerate(["entropy", "sink", "streaming", "induction", "retrieval", "context", "vhd"])
@@ -91,6 +110,24 @@ _BUILTIN_ORDER = {
 def refresh() -> None:
     """Forget the loaded registry (after installing a plugin into a running interpreter)."""
     _load.cache_clear()
+    _origins.cache_clear()
+
+
+@lru_cache(maxsize=1)
+def _origins() -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for ep in md.entry_points(group=GROUP):
+        dist = getattr(ep, "dist", None)
+        here = (getattr(dist, "name", None) or "?", getattr(dist, "version", None) or "?")
+        if ep.name not in out or here[0] == BUILTIN_DISTRIBUTION:  # the built-in wins a clash
+            out[ep.name] = here
+    return out
+
+
+def origin(name: str) -> tuple[str, str]:
+    """The distribution (name, version) whose registration of probe ``name`` is used; ``("?", "?")``
+    for a probe no installed package registers (a class defined in a notebook or a script)."""
+    return _origins().get(name, ("?", "?"))
 
 
 def probe_classes() -> dict[str, type]:

@@ -1180,5 +1180,5 @@ def write_report(
     if out.exists() and out.is_dir():
         raise WorkbenchError(f"--out {out} is a directory", "give a file name ending in .html")
     text = build_report(runs, title, **options)
-    make_folder(out.parent, "--out path")
+    make_folder(out.parent, "--out path", file=out)
     return targets.write_text(out, text)

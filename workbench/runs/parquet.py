@@ -58,7 +58,7 @@ def check_writable(path: str | Path) -> targets.Target:
     path = Path(path)
     if path.exists() and path.is_dir():
         raise WorkbenchError(f"output {path} is a directory", "give a file name ending in .parquet")
-    parent = make_folder(path.parent, "--out path")
+    parent = make_folder(path.parent, "--out path", file=path)
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
         os.close(fd)

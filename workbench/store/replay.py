@@ -147,6 +147,7 @@ def run_probes_from_store(
     import pandas as pd
 
     from workbench.engine.extraction import run_pattern_probes
+    from workbench.protocol.plugins import blaming, check_result
     from workbench.protocol.run_context import RunContext
     from workbench.runner import RunResult
 
@@ -158,11 +159,13 @@ def run_probes_from_store(
     model = stand_in(store, device)
     prompts = store_prompts(store, n_prompts)
     ctx = RunContext(batch_size=batch_size, chunk_elements=chunk_elements, progress=progress)
-    stats = run_pattern_probes(model, prompts, probes, ctx, calls=lambda batch: store_calls(store, batch))
+    with blaming(probes):  # a plugin's own code raised: name it
+        stats = run_pattern_probes(model, prompts, probes, ctx, calls=lambda batch: store_calls(store, batch))
     results = {}
     layers = set(store.layers)
     for p in probes:
         r = p.result()
+        check_result(p, r.table, model.n_layers, model.n_heads)
         if len(layers) < model.n_layers:
             r.table = r.table[r.table.layer.isin(layers)].reset_index(drop=True)
         results[p.name] = r
