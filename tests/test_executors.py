@@ -129,6 +129,41 @@ def test_an_unreachable_ray_address_is_one_error(sweep_config, tmp_path, capsys)
     assert "is not host:port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_a_port_that_is_not_ray_is_one_error_not_a_hang(sweep_config, tmp_path, capsys, reply):
+    """Issue 30, bug 4: --address at a port that accepts TCP but is not Ray (a silent server, or
+    an HTTP/1 one) hung for minutes in ray.init and ignored SIGTERM; now the gRPC handshake that
+    Ray's GCS answers at once is checked first, and nothing is written."""
+    pytest.importorskip("ray")
+    cfg, _ = sweep_config
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(reply)
+            held.append(conn)  # keep it open, saying nothing more
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        argv = ["sweep", str(cfg), "--out", str(tmp_path / "run"), "--executor", "ray", "--address", address]
+        assert main(argv) == 2
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    err = capsys.readouterr().err
+    assert f"something listens at {address}, but it is not a Ray cluster" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 # -- a real cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_endpoint():

@@ -60,13 +60,41 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             )
         return
     try:
-        socket.create_connection(hp, timeout=timeout).close()
+        conn = socket.create_connection(hp, timeout=timeout)
     except OSError as exc:
         raise WorkbenchError(
             f"no Ray cluster answers at {address} ({exc.strerror or exc})",
             "start one (`ray start --head --port PORT`) and pass its address, "
             "or drop --address to run on a local Ray instance",
         ) from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "", "false") and not _speaks_grpc(conn, timeout):
+            raise WorkbenchError(
+                f"something listens at {address}, but it is not a Ray cluster (no gRPC answer within {timeout:g} s)",
+                "pass the head node's GCS address (`ray start --head` prints it; default port 6379)",
+            )
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: what a gRPC client sends first.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _speaks_grpc(conn: socket.socket, timeout: float) -> bool:
+    """Whether the server on ``conn`` answers the HTTP/2 preface with a SETTINGS frame, as Ray's
+    GCS (a gRPC server) does at once. A port that accepts connections but is something else says
+    nothing or something else; without this, ``ray.init`` waits on it for minutes."""
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:  # timeout, reset
+        return False
+    return head[3] == 0x04  # the frame type: SETTINGS
 
 
 def _check_token(ray: Any, address: str) -> None:
