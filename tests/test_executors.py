@@ -164,6 +164,28 @@ def test_a_port_that_is_not_ray_is_one_error_not_a_hang(sweep_config, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_local_ray_that_does_not_start_says_so_and_leaves_no_folder(sweep_config, tmp_path, capsys, monkeypatch):
+    """Issue 30, bug 4: on a loaded machine a local Ray start can time out (Ray waits 30 s for its
+    raylet and raises a bare Exception); that was "internal error" and left run.json and
+    sweep.json. Simulated here by Ray's own exception from ray.init."""
+    ray = pytest.importorskip("ray")
+
+    def timed_out(*args, **kwargs):
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the raylet "
+            "failed to startup or the GCS has become overloaded."
+        )
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg, _ = sweep_config
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "run"), "--executor", "ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "a local Ray instance did not start: The current node timed out during startup" in err
+    assert "ray start --head" in err and "internal error" not in err
+    assert not (tmp_path / "run").exists()
+
+
 # -- a real cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_endpoint():

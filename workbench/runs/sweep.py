@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,8 +83,21 @@ def run_sweep(
     runner = get_executor(executor, address=address)  # a missing package or cluster fails before anything is written
     targets.check_url(str(out_dir))  # an unknown protocol or a missing package (s3fs): one error, nothing written
     cfg = load_config(config_path)  # every problem of the config, every model resolved: before anything is written
-    with writing(out_dir):
-        return _run(cfg, out_dir, runner, executor, config_path, progress, log)
+    new = not targets.is_url(str(out_dir)) and not Path(out_dir).exists()
+    try:
+        with writing(out_dir):
+            return _run(cfg, out_dir, runner, executor, config_path, progress, log)
+    except BaseException:
+        if new:
+            _remove_if_empty(Path(out_dir))
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A run folder this sweep created and that holds no part (the executor could not start, the
+    first group failed at once) is removed whole: a failure leaves no folder behind."""
+    if folder.is_dir() and not any((folder / "parts").glob("*.parquet")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(

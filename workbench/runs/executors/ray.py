@@ -163,10 +163,16 @@ class RayExecutor:
             kwargs["include_dashboard"] = False
         try:
             ray.init(address=self.address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # Ray raises plain Exception, RuntimeError, ConnectionError ... for these
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not self.address:  # a local instance that did not come up (Ray waits 30 s for its raylet)
+                raise WorkbenchError(
+                    f"a local Ray instance did not start: {first}",
+                    "on a loaded machine start one yourself, which waits as long as it needs "
+                    "(`ray start --head`), and pass --address 127.0.0.1:6379; or use --executor local",
+                ) from None
             raise WorkbenchError(
-                f"cannot connect to the Ray cluster at {self.address or '(local)'}: {first}",
+                f"cannot connect to the Ray cluster at {self.address}: {first}",
                 "check the address and RAY_AUTH_TOKEN, or drop --address to run on a local Ray instance",
             ) from None
         log(
