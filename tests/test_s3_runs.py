@@ -8,6 +8,7 @@ Skipped when moto or s3fs is not installed (both are in the ``dev`` extra)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pandas as pd
@@ -31,23 +32,32 @@ def s3():
     """The loopback S3 server (tests/loopback_s3.py) with fsspec configured to reach it (as a
     user's ``FSSPEC_S3_ENDPOINT_URL`` would), and an s3fs file system on it."""
     import fsspec
+
+    with loopback_s3.loopback_s3() as server, s3_config(server.endpoint):
+        server.fs = fsspec.filesystem("s3")
+        yield server
+
+
+@contextlib.contextmanager
+def s3_config(endpoint: str, **extra):
+    """fsspec's s3 settings pointed at ``endpoint`` for the block (test credentials), then restored."""
+    import fsspec
     import s3fs
 
     saved = dict(fsspec.config.conf.get("s3", {}))
-    with loopback_s3.loopback_s3() as server:
-        fsspec.config.conf["s3"] = {
-            "endpoint_url": server.endpoint,
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
+    fsspec.config.conf["s3"] = {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        **extra,
+    }
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        fsspec.config.conf["s3"] = saved
         s3fs.S3FileSystem.clear_instance_cache()
-        server.fs = fsspec.filesystem("s3")
-        try:
-            yield server
-        finally:
-            fsspec.config.conf["s3"] = saved
-            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
@@ -152,26 +162,11 @@ def unreachable_s3():
     endpoint): the client's own errors, from a real connection attempt."""
     import socket
 
-    import fsspec
-    import s3fs
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    saved = dict(fsspec.config.conf.get("s3", {}))
-    fsspec.config.conf["s3"] = {
-        "endpoint_url": f"http://127.0.0.1:{port}",
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
-    }
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
+    with s3_config(f"http://127.0.0.1:{port}", config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2}):
         yield
-    finally:
-        fsspec.config.conf["s3"] = saved
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.parametrize(
