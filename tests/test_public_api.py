@@ -228,3 +228,27 @@ def test_probes_get_probe_is_an_alias_that_warns():
 
     with pytest.warns(DeprecationWarning, match="moved"):
         assert probes.get_probe is registry.get_probe
+
+
+def test_a_run_folder_written_by_the_previous_version_loads_reports_and_resumes(tmp_path, capsys):
+    """tests/data/run-0.1 was written by 0.1 (before the layout changed: `workbench sweep
+    tests/data/run-0.1.toml` at commit 000c1ef). It loads, queries and reports, and a re-run of
+    its config with this version finds every unit done: the unit keys did not change."""
+    import shutil
+    from pathlib import Path
+
+    from workbench.cli import main
+    from workbench.runs.load import load_results
+    from workbench.runs.query import query
+
+    data = Path(__file__).resolve().parent / "data"
+    run = tmp_path / "run"
+    shutil.copytree(data / "run-0.1", run)
+    shutil.copy(data / "run-0.1.toml", tmp_path / "s.toml")
+    table = load_results(run)
+    assert set(table.probe) == {"entropy", "sink"} and len(table) == 2 * 2 * 3 * 4  # 2 metrics each, 3 layers x 4 heads
+    assert int(query("select count(*) as n from results", [run]).n[0]) == len(table)
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0 and (tmp_path / "r.html").is_file()
+    capsys.readouterr()
+    assert main(["sweep", str(tmp_path / "s.toml"), "--out", str(run), "--no-progress"]) == 0
+    assert "0 run now, 2 already done" in capsys.readouterr().out
