@@ -473,8 +473,7 @@ def test_from_store_refuses_a_dtype_other_than_the_stored_one(tiny_dirs, tmp_pat
 def test_one_writer_per_store(tiny_dirs, tmp_path, capsys):
     """Issue 30: a second `workbench cache` into a store being written stops at once and changes
     nothing (the first writer stood in for by its lock, held from a second open file)."""
-    from workbench.files.atomic import file_lock
-    from workbench.store.capture import WRITER_LOCK
+    from workbench.files.atomic import WRITER_LOCK, file_lock
 
     _cli_store(tiny_dirs, tmp_path / "s")
     before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}

@@ -262,8 +262,7 @@ def test_one_writer_per_run_folder(tiny_dirs, tmp_path, capsys):
     nothing moved or written, whatever its config; once the first is done it resumes as usual.
     (The other sweep is stood in for by holding its lock from a second open file, which flock
     treats as another writer, as it does another process.)"""
-    from workbench.files.atomic import file_lock
-    from workbench.runs.sweep import WRITER_LOCK
+    from workbench.files.atomic import WRITER_LOCK, file_lock
 
     cfg = write(tmp_path, tiny_dirs["llama"])
     run = tmp_path / "run"

@@ -342,7 +342,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from circuits.ablation import ABLATIONS
     from circuits.graph import ModelGraph
     from workbench.datasets import make_dataset
-    from workbench.files.atomic import file_in_the_way, make_folder
+    from workbench.files.atomic import check_folder, make_folder
     from workbench.inputs.prompts import tokenize_prompts
     from workbench.models.loading import load_model
     from workbench.protocol.registry import get_probe
@@ -354,9 +354,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     if not 0 < args.target <= 2:
         raise WorkbenchError(f"--target {args.target} is not a faithfulness", "e.g. --target 0.8")
     out = Path(args.out)
-    blocker = file_in_the_way(out)  # the folder itself or a parent: before the model loads
-    if blocker is not None:
-        raise WorkbenchError(f"--out {out}: {blocker} is a file, not a folder", "give a folder for --out")
+    check_folder(out, "--out folder")  # the folder itself or a parent: before the model loads
     tasks = [os.path.basename(args.pairs)] if args.pairs else [t.strip() for t in args.task.split(",") if t.strip()]
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.method != "path":

@@ -49,7 +49,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from workbench.files.atomic import file_in_the_way
+    from workbench.files.atomic import check_folder
     from workbench.inputs.batching import parse_batch_size
     from workbench.inputs.prompts import tokenize_prompts
     from workbench.models.device import resolve_device, resolve_dtype
@@ -68,9 +68,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     layers = int_ranges(args.layers, "--layers") if args.layers else None
     batch_size = parse_batch_size(args.batch_size)
     resolve_dtype(args.model_dtype, resolve_device(args.device))
-    blocker = file_in_the_way(args.out)  # before the model loads, not after
-    if blocker is not None:
-        raise WorkbenchError(f"--out {args.out}: {blocker} is a file, not a folder", "give a folder for the store")
+    check_folder(args.out, "--out folder")  # before the model loads, not after
     prompts, dataset, _ = load_inputs(args)
     model = load_model(args.model, device=args.device, dtype=args.model_dtype)
     if prompts is None:

@@ -126,19 +126,25 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return None
 
 
-def make_folder(folder: str | os.PathLike, what: str = "--out", file: str | os.PathLike | None = None) -> Path:
-    """``folder`` and its parents, created as needed; a file in the way or an unwritable place is
-    one :class:`WorkbenchError` naming it (never a bare ``NotADirectoryError``). ``what`` names the
-    option to change in the fix line; ``file``, the file the folder is made for, is what the error
-    says cannot be written."""
+def check_folder(folder: str | os.PathLike, what: str = "--out", file: str | os.PathLike | None = None) -> Path:
+    """``folder``, refused with one :class:`WorkbenchError` when it or a folder above it is a file
+    (commands call it before their model loads). ``what`` names the option to change in the fix
+    line; ``file``, the file the folder is for, is what the error says cannot be written."""
     folder = Path(folder)
-    shown = file if file is not None else folder
     blocker = file_in_the_way(folder)
     if blocker is not None:
         raise WorkbenchError(
-            f"cannot write to {shown}: {blocker} is a file, not a folder",
+            f"cannot write to {file if file is not None else folder}: {blocker} is a file, not a folder",
             f"choose another {what} (or move {blocker} away)",
         )
+    return folder
+
+
+def make_folder(folder: str | os.PathLike, what: str = "--out", file: str | os.PathLike | None = None) -> Path:
+    """``folder`` and its parents, created as needed (:func:`check_folder` first); an unwritable
+    place is one :class:`WorkbenchError` naming it (never a bare ``NotADirectoryError``)."""
+    folder = check_folder(folder, what, file)
+    shown = file if file is not None else folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -169,3 +175,18 @@ def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+WRITER_LOCK = ".writer.lock"  # in a run folder or a store while it is written
+
+
+@contextlib.contextmanager
+def one_writer(folder: str | os.PathLike, busy: str, fix: str) -> Iterator[None]:
+    """The block as ``folder``'s only writer (its :data:`WRITER_LOCK`, released when the block ends
+    or the process dies); when another writer holds it, one :class:`WorkbenchError` (``busy``,
+    ``fix``) at once, before anything is moved or written."""
+    try:
+        with file_lock(Path(folder) / WRITER_LOCK, wait=False):
+            yield
+    except Locked:
+        raise WorkbenchError(busy, fix) from None

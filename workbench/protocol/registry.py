@@ -60,32 +60,41 @@ def _check(name: str, cls: Any, where: str) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _load() -> dict[str, Any]:
+def _registry() -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """Every registered probe by name (its class, or why it cannot be loaded), and the
+    distribution (name, version) whose registration is used: one walk over the entry points."""
     found: dict[str, Any] = {}
-    dists: dict[str, str] = {}
+    dists: dict[str, tuple[str, str]] = {}
     for ep in md.entry_points(group=GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
-        where = f"{ep.value} (from {dist})"
-        if ep.name in found and not _takes_over(found, dists, ep.name, dist, where):
+        d = getattr(ep, "dist", None)
+        dist = (getattr(d, "name", None) or "?", getattr(d, "version", None) or "?")
+        where = f"{ep.value} (from {dist[0]})"
+        if ep.name in found and not _takes_over(found, dists, ep.name, dist[0], where):
             continue
+        dists[ep.name] = dist
         try:
             cls = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down
-            found[ep.name], dists[ep.name] = _Broken(ep.name, where, f"{type(exc).__name__}: {exc}"), dist
+            found[ep.name] = _Broken(ep.name, where, f"{type(exc).__name__}: {exc}")
             continue
         problem = _check(ep.name, cls, where)
-        found[ep.name], dists[ep.name] = (_Broken(ep.name, where, problem) if problem else cls), dist
-    return dict(
+        found[ep.name] = _Broken(ep.name, where, problem) if problem else cls
+    ordered = dict(
         sorted(found.items(), key=lambda kv: (kv[0] not in _BUILTIN_ORDER, _BUILTIN_ORDER.get(kv[0], 0), kv[0]))
     )
+    return ordered, dists
 
 
-def _takes_over(found: dict[str, Any], dists: dict[str, str], name: str, dist: str, where: str) -> bool:
+def _load() -> dict[str, Any]:
+    return _registry()[0]
+
+
+def _takes_over(found: dict[str, Any], dists: dict[str, tuple[str, str]], name: str, dist: str, where: str) -> bool:
     """A second registration of ``name`` (by ``dist``): whether it replaces the first. The same
     distribution seen twice (an editable install's metadata) changes nothing; the built-in wins a
     clash with a plugin, with a warning naming the plugin's distribution; between two plugins
     neither does, and asking for the probe is an error naming both."""
-    first = dists[name]
+    first = dists[name][0]
     if first == dist:
         return False
     if BUILTIN_DISTRIBUTION in (first, dist):
@@ -109,25 +118,13 @@ _BUILTIN_ORDER = {
 
 def refresh() -> None:
     """Forget the loaded registry (after installing a plugin into a running interpreter)."""
-    _load.cache_clear()
-    _origins.cache_clear()
-
-
-@lru_cache(maxsize=1)
-def _origins() -> dict[str, tuple[str, str]]:
-    out: dict[str, tuple[str, str]] = {}
-    for ep in md.entry_points(group=GROUP):
-        dist = getattr(ep, "dist", None)
-        here = (getattr(dist, "name", None) or "?", getattr(dist, "version", None) or "?")
-        if ep.name not in out or here[0] == BUILTIN_DISTRIBUTION:  # the built-in wins a clash
-            out[ep.name] = here
-    return out
+    _registry.cache_clear()
 
 
 def origin(name: str) -> tuple[str, str]:
     """The distribution (name, version) whose registration of probe ``name`` is used; ``("?", "?")``
     for a probe no installed package registers (a class defined in a notebook or a script)."""
-    return _origins().get(name, ("?", "?"))
+    return _registry()[1].get(name, ("?", "?"))
 
 
 def probe_classes() -> dict[str, type]:

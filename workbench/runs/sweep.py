@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from workbench.errors import Interrupted, WorkbenchError
+from workbench.errors import Interrupted
 from workbench.files import targets
-from workbench.files.atomic import Locked, file_lock, make_folder
+from workbench.files.atomic import make_folder, one_writer
 from workbench.runs.config import SweepConfig, Unit, load_config
 from workbench.runs.folder import RunFolder
-
-WRITER_LOCK = ".writer.lock"
 
 
 def plan(cfg: SweepConfig, todo: list[Unit]) -> list[list[Unit]]:
@@ -58,14 +56,12 @@ def writing(out_dir: str | Path) -> Iterator[None]:
         yield
         return
     folder = make_folder(out_dir, "--out folder")
-    try:
-        with file_lock(folder / WRITER_LOCK, wait=False):
-            yield
-    except Locked:
-        raise WorkbenchError(
-            f"run folder {folder} is being written by another sweep right now",
-            "wait for that sweep to finish (then re-run to resume), or choose another --out",
-        ) from None
+    with one_writer(
+        folder,
+        f"run folder {folder} is being written by another sweep right now",
+        "wait for that sweep to finish (then re-run to resume), or choose another --out",
+    ):
+        yield
 
 
 def run_sweep(

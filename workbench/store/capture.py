@@ -34,13 +34,12 @@ import torch
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
 from workbench.errors import WorkbenchError
-from workbench.files.atomic import Locked, file_in_the_way, file_lock, make_folder
+from workbench.files.atomic import WRITER_LOCK, check_folder, make_folder, one_writer
 from workbench.files.hashing import sha256_file
 from workbench.protocol.run_context import RunContext
 from workbench.store import layout
 from workbench.store.geometry import layer_geometry, mask_agrees, positional_encoding
 
-WRITER_LOCK = ".writer.lock"  # held while a store is written: one writer at a time
 DEFAULT_SHARD_BYTES = 256_000_000
 MARGIN = 1.02  # safetensors headers, the index and manifest: well under 2 %
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -268,14 +267,6 @@ def _checked_request(
         raise WorkbenchError(
             f"prompt id {dup!r} appears twice; a store reads prompts by id", "give every prompt a unique id"
         )
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out {out} is a file", "give a folder for the store")
-    blocker = file_in_the_way(out)
-    if blocker is not None:
-        raise WorkbenchError(
-            f"cannot create the store {out}: {blocker} is a file, not a folder",
-            "give --out a folder whose parent folders are folders",
-        )
     if out.is_dir() and any(p.name != WRITER_LOCK for p in out.iterdir()) and not (out / layout.INDEX).is_file():
         raise WorkbenchError(f"--out {out} is a non-empty folder that holds no store", "choose a new or empty folder")
     return hooks, layers
@@ -369,20 +360,16 @@ def cache_activations(model, prompts: Sequence[Any], out: str | Path, **options:
     (``"float32"``), ``batch_size`` (``"auto"``), ``shard_bytes``, ``source``, ``command`` (the command
     that resumes it), ``progress``, ``log``. One writer per store: a second ``workbench cache`` into a
     store being written stops at once (``.writer.lock``, released when the writer ends or dies)."""
-    out = Path(out)
-    blocker = file_in_the_way(out)
-    if blocker is not None or out.is_file():
-        return _write_store(model, prompts, out, **options)  # its checks name the problem
+    out = check_folder(out, "--out folder")
     created = not out.exists()
     make_folder(out, "--out folder")
     try:
-        with file_lock(out / WRITER_LOCK, wait=False):
-            return _write_store(model, prompts, out, **options)
-    except Locked:
-        raise WorkbenchError(
+        with one_writer(
+            out,
             f"activation store {out} is being written by another `workbench cache` right now",
             "wait for it to finish (then re-run to resume), or choose another --out",
-        ) from None
+        ):
+            return _write_store(model, prompts, out, **options)
     except BaseException:
         if created and {p.name for p in out.iterdir()} <= {WRITER_LOCK}:  # bad input: leave no folder behind
             shutil.rmtree(out, ignore_errors=True)
