@@ -22,26 +22,26 @@ from workbench.protocol.registry import BUILTIN_DISTRIBUTION, origin
 REQUIRED_COLUMNS = ("probe", "metric", "layer", "head", "value", "n")
 
 
-def _who(probe: Any) -> tuple[str, bool]:
-    """``probe 'name' (distribution version)`` and whether it is a plugin (not built in)."""
+def _blame(probe: Any) -> tuple[str, str]:
+    """Who ``probe`` is (``probe 'name' (distribution version)``) and the fix line: its authors'
+    for a plugin or a class defined outside an installed package, ours for a built-in."""
     dist, version = origin(probe.name)
+    if dist == BUILTIN_DISTRIBUTION:
+        return (
+            f"probe {probe.name!r} ({dist} {version})",
+            "a defect of the workbench: please report it (WORKBENCH_DEBUG=1 shows the traceback)",
+        )
     if dist == "?":
-        return f"probe {probe.name!r} (defined in {type(probe).__module__}, not an installed package)", True
-    return f"probe {probe.name!r} ({dist} {version})", dist != BUILTIN_DISTRIBUTION
-
-
-def _fix(probe: Any, plugin: bool) -> str:
-    dist, _ = origin(probe.name)
-    if not plugin:
-        return "a defect of the workbench: please report it (WORKBENCH_DEBUG=1 shows the traceback)"
-    owner = f"the authors of {dist}" if dist != "?" else f"whoever wrote {type(probe).__module__}"
-    return f"a defect of the probe's code: report it to {owner}; run without {probe.name!r} meanwhile"
+        who = f"probe {probe.name!r} (defined in {type(probe).__module__}, not an installed package)"
+        owner = f"whoever wrote {type(probe).__module__}"
+    else:
+        who, owner = f"probe {probe.name!r} ({dist} {version})", f"the authors of {dist}"
+    return who, f"a defect of the probe's code: report it to {owner}; run without {probe.name!r} meanwhile"
 
 
 def check_result(probe: Any, table: pd.DataFrame, n_layers: int, n_heads: int) -> None:
     """Refuse ``table`` (a probe's result rows) unless it has the protocol's columns, only the
     metrics the probe declares, and layers / heads of the model (``-1`` for per-item rows)."""
-    who, plugin = _who(probe)
     problem = None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
@@ -57,7 +57,8 @@ def check_result(probe: Any, table: pd.DataFrame, n_layers: int, n_heads: int) -
                 f"{int(heads.max())}, but the model has {n_layers} layers of {n_heads} heads"
             )
     if problem:
-        raise WorkbenchError(f"{who} returned {problem}", _fix(probe, plugin))
+        who, fix = _blame(probe)
+        raise WorkbenchError(f"{who} returned {problem}", fix)
 
 
 def plugin_at_fault(exc: BaseException, probes: Sequence[Any]) -> Any | None:
@@ -79,8 +80,8 @@ def plugin_at_fault(exc: BaseException, probes: Sequence[Any]) -> Any | None:
 
 def plugin_error(exc: BaseException, probe: Any) -> WorkbenchError:
     """``exc`` raised by the plugin ``probe``, as one error naming it."""
-    who, plugin = _who(probe)
-    return WorkbenchError(f"{who} failed: {type(exc).__name__}: {first_line(exc)}", _fix(probe, plugin))
+    who, fix = _blame(probe)
+    return WorkbenchError(f"{who} failed: {type(exc).__name__}: {first_line(exc)}", fix)
 
 
 @contextlib.contextmanager
