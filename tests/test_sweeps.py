@@ -79,20 +79,38 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_rows(tiny_dirs, t
     pd.testing.assert_frame_equal(sorted_rows(load_results(crashed)), sorted_rows(load_results(clean)))
 
 
+_SIGINT_AFTER_FIRST_PART = """
+import os, signal, sys
+from workbench.cli import main
+from workbench.runs.folder import RunFolder
+
+record = RunFolder.record
+
+
+def record_then_ctrl_c(self, info):  # a real SIGINT to this process, right after the first part is recorded
+    record(self, info)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+RunFolder.record = record_then_ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_mid_sweep_says_how_many_units_were_saved_and_resume_uses_them(tiny_dirs, tmp_path):
     """SIGINT after some parts: not "no results written" (parts were), but how many units are saved
-    and that a re-run resumes; the re-run then computes only the rest."""
+    and that a re-run resumes; the re-run then computes only the rest. The signal is sent by the
+    sweep process to itself once its first part is recorded, so it lands mid-sweep however fast
+    the machine is (polling for the first part from outside raced the sweep on a loaded machine)."""
     (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "the king said unto them"}\n')
     cfg = tmp_path / "grid.toml"
     cfg.write_text(GRID.format(model=tiny_dirs["llama"]))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "workbench", "sweep", str(cfg), "--out", str(run), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((run / "parts").glob("*.parquet")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    argv = ["sweep", str(cfg), "--out", str(run), "--no-progress"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGINT_AFTER_FIRST_PART, *argv], capture_output=True, text=True, timeout=300
+    )
+    err = proc.stderr
     saved = len(list((run / "parts").glob("*.parquet")))
     assert 0 < saved < 9, f"the interrupt landed after {saved} of 9 parts"
     assert proc.returncode == 130, err
