@@ -124,3 +124,25 @@ def test_a_refused_connection_is_the_network(tmp_path):
         port = s.getsockname()[1]
     got = _identity("some-org/model", f"http://127.0.0.1:{port}", tmp_path)
     assert got.startswith("error could not reach the Hugging Face hub") and "network" in got
+
+
+def test_a_local_folder_rewritten_with_the_same_sizes_and_times_is_a_new_model(tiny_dirs, tmp_path):
+    """Sweeps reuse parts by model identity: it is judged by content, never by size and time."""
+    import shutil
+
+    from workbench.models.loading import model_identity
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    before = model_identity(str(folder))
+    weights = max((p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")), key=lambda p: p.stat().st_size)
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the weights, same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert model_identity(str(folder))["sha256"] != before["sha256"]
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert model_identity(str(folder)) == before, "the same content must be the same model"

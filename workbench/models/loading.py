@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from workbench.errors import WorkbenchError, first_line
+from workbench.files.hashing import sha256_file
 from workbench.models import embedded
 from workbench.models.device import resolve_device, resolve_dtype
 
@@ -231,9 +232,10 @@ def resolve_source(name: str) -> tuple[str, str]:
 
 def model_identity(name: str) -> dict:
     """What decides a model's numbers, found without loading it (sweeps key their parts on it):
-    a known name with its build format, a local folder's config and weight files (content hash
-    of the config and tokenizer, size and modification time of the weights), or a hub id with the
-    snapshot the local cache holds. Unknown names fail here, before any work."""
+    a known name with its build format, a local folder's files (a content hash of every file in
+    it, weights included: a folder rewritten in place with the same sizes and times is a new
+    model), or a hub id with the snapshot the local cache holds. Unknown names fail here, before
+    any work. Hashing reads the weights once per call (about a second per GB)."""
     import hashlib
     import os
 
@@ -249,14 +251,8 @@ def model_identity(name: str) -> dict:
                 "point the model at a folder written by save_pretrained",
             )
         h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if not f.is_file():
-                continue
-            if f.suffix in (".json", ".model", ".txt", ".jinja"):
-                h.update(f.name.encode() + b"\0" + f.read_bytes())
-            else:
-                st = f.stat()
-                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode())
         return {"kind": "local", "path": str(path.resolve()), "sha256": h.hexdigest()[:16]}
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise WorkbenchError(
