@@ -186,3 +186,49 @@ def test_reading_runs_from_an_unreachable_store_is_the_network_not_an_internal_e
     assert "internal error" not in err and "Traceback" not in err, err
     assert "the storage service or the network to it failed" in err and "fix:" in err, err
     assert not (tmp_path / "r.html").exists()
+
+
+def _lease(renewed_ago: float) -> bytes:
+    import json
+    import time
+
+    return json.dumps({"owner": "other", "host": "elsewhere", "pid": 4242, "renewed": time.time() - renewed_ago}).encode()
+
+
+def test_one_writer_per_s3_run_folder_by_a_conditional_put(s3, local, capsys):
+    """Issue 30, 'one writer per run folder', on an object store: a second sweep into a folder
+    whose lease is live stops before it moves or writes anything, naming the holder; a lease its
+    writer stopped renewing long ago (a killed sweep) is taken over; a finished sweep leaves none."""
+    from workbench.files import lease
+
+    cfg, ref = local
+    run = f"{s3.bucket()}/run"
+    key = f"{run.removeprefix('s3://')}/{lease.LEASE}"
+    assert main(["sweep", str(cfg), "--out", run, "--no-progress"]) == 0
+    assert lease.LEASE not in objects(s3.fs, run), "a finished sweep leaves its lease behind"
+    s3.fs.pipe_file(key, _lease(renewed_ago=5))
+    before = objects(s3.fs, run)
+    changed = cfg.parent / "changed.toml"
+    changed.write_text(cfg.read_text().replace("n_prompts = 3", "n_prompts = 2"))
+    assert changed.read_text() != cfg.read_text()
+    capsys.readouterr()
+    assert main(["sweep", str(changed), "--out", run, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "being written by another sweep" in err and "pid 4242 on elsewhere" in err and "Traceback" not in err
+    assert objects(s3.fs, run) == before, "a refused sweep moved or wrote something"
+    s3.fs.pipe_file(key, _lease(renewed_ago=lease.STALE_S + 1))
+    assert main(["sweep", str(cfg), "--out", run, "--no-progress"]) == 0
+    assert lease.LEASE not in objects(s3.fs, run)
+
+
+def test_of_two_writers_taking_one_s3_lease_exactly_one_gets_it(s3):
+    from workbench.errors import WorkbenchError
+    from workbench.files.lease import url_writer
+
+    run = f"{s3.bucket()}/leased"
+    with url_writer(run, "busy", "wait"):
+        with pytest.raises(WorkbenchError, match="busy"):
+            with url_writer(run, "busy", "wait"):
+                pass
+    with url_writer(run, "busy", "wait"):  # released: free again
+        pass

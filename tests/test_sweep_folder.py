@@ -115,8 +115,11 @@ def _make_change(change, cfg, tmp_path, model, monkeypatch):
         conf["rms_norm_eps"] = 1e-5
         (model / "config.json").write_text(json.dumps(conf))
     elif change == "model_weights":
-        w = next(model.glob("*.safetensors"))
-        os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+        w = next(model.glob("*.safetensors"))  # one byte of the weights: same size, same time
+        st, data = w.stat(), bytearray(w.read_bytes())
+        data[-1] ^= 0x01
+        w.write_bytes(bytes(data))
+        os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
     elif change == "probe_version":
         from workbench.protocol.registry import probe_class
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 from workbench.errors import Interrupted
 from workbench.files import targets
 from workbench.files.atomic import make_folder, one_writer
+from workbench.files.lease import url_writer
 from workbench.runs.config import SweepConfig, Unit, load_config
 from workbench.runs.folder import RunFolder
 
@@ -50,17 +51,19 @@ def prepare(
 @contextlib.contextmanager
 def writing(out_dir: str | Path) -> Iterator[None]:
     """One writer per run folder: the sweep holds ``.writer.lock`` in a local run folder from the
-    first move to the last part; a second sweep into it stops at once, before it moves or writes
-    anything. (An object-store URL has no such lock: one writer there is the user's to ensure.)"""
+    first move to the last part (a run folder at a URL, a lease object:
+    :func:`workbench.files.lease.url_writer`); a second sweep into it stops at once, before it
+    moves or writes anything."""
+    busy, fix = (
+        "is being written by another sweep right now",
+        "wait for that sweep to finish (then re-run to resume), or choose another --out",
+    )
     if targets.is_url(str(out_dir)):
-        yield
+        with url_writer(str(out_dir), f"run folder {out_dir} {busy}", fix):
+            yield
         return
     folder = make_folder(out_dir, "--out folder")
-    with one_writer(
-        folder,
-        f"run folder {folder} is being written by another sweep right now",
-        "wait for that sweep to finish (then re-run to resume), or choose another --out",
-    ):
+    with one_writer(folder, f"run folder {folder} {busy}", fix):
         yield
 
 
