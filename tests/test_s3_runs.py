@@ -192,7 +192,9 @@ def _lease(renewed_ago: float) -> bytes:
     import json
     import time
 
-    return json.dumps({"owner": "other", "host": "elsewhere", "pid": 4242, "renewed": time.time() - renewed_ago}).encode()
+    return json.dumps(
+        {"owner": "other", "host": "elsewhere", "pid": 4242, "renewed": time.time() - renewed_ago}
+    ).encode()
 
 
 def test_one_writer_per_s3_run_folder_by_a_conditional_put(s3, local, capsys):

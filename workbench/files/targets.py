@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import uuid
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterator, Union
 
@@ -189,18 +190,19 @@ def list_names(folder: Target, suffix: str) -> list[str]:
         fs, path = _fresh(str(folder))
         if not fs.isdir(path):
             return []
-        found = fs.glob(f"{path.rstrip('/')}/*{suffix}")
+        found = fs.ls(path, detail=False)  # not a glob: a folder named r[1] is read literally
     return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in found) if n.endswith(suffix))
 
 
 def glob(base: Target, pattern: str) -> list[Target]:
-    """The files under ``base`` that match ``pattern`` (``*/circuit.json``)."""
+    """The files under ``base`` that match ``pattern`` (``*/circuit.json``); ``base`` is read
+    literally (a folder named ``r[1]`` or ``r*`` is that folder), only ``pattern`` is a pattern."""
     if not is_url(base):
         return sorted(Path(base).glob(pattern))
     with remote("list", base):
         fs, path = _fresh(str(base))
         root = path.rstrip("/")
-        found = sorted(fs.glob(f"{root}/{pattern}"))
+        found = sorted(fs.glob(f"{glob_escape(root)}/{pattern}"))
     return [join(base, *p[len(root) + 1 :].split("/")) for p in found if p.startswith(root + "/")]
 
 

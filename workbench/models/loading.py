@@ -214,7 +214,7 @@ def resolve_source(name: str) -> tuple[str, str]:
         return str(embedded.ensure_embedded(name)), "embedded"
     if name in TINY_NAMES:
         return str(_tiny_folder(name)), "tiny"
-    path = Path(name).expanduser()
+    path = local_path(name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise WorkbenchError(
@@ -230,6 +230,16 @@ def resolve_source(name: str) -> tuple[str, str]:
     return name, "hub"
 
 
+def local_path(name: str) -> Path:
+    """The folder ``name`` names, read literally: ``~/x`` is under the home folder only when no
+    folder is literally called so, and ``~user`` is never looked up (a folder may be named
+    ``~r``)."""
+    path = Path(name)
+    if not path.exists() and (name == "~" or name.startswith("~/")):
+        return Path.home() / name[2:]
+    return path
+
+
 def model_identity(name: str) -> dict:
     """What decides a model's numbers, found without loading it (sweeps key their parts on it):
     a known name with its build format, a local folder's files (a content hash of every file in
@@ -243,7 +253,7 @@ def model_identity(name: str) -> dict:
         raise WorkbenchError("empty model name", f"use one of {', '.join(KNOWN_MODELS)}, a folder or a hub id")
     if name in KNOWN_MODELS:
         return {"kind": "known", "name": name, "format": getattr(embedded, "_FORMAT", 1)}
-    path = Path(name).expanduser()
+    path = local_path(name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise WorkbenchError(

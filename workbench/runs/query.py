@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,9 @@ def _results_sql(runs: list[str | Path], con: Any) -> tuple[str, list[str]]:
             con.register(registered[-1], url_run_table(str(run)))
             selects.append(f"SELECT *, {_sql_string(str(run))} AS run FROM {registered[-1]}")
             continue
-        files = ", ".join(_sql_string(str(f)) for f in part_files(run))
+        # DuckDB globs every path it is given and expands a leading ~: an absolute path with
+        # *, ? and [ escaped is read literally (a run folder named r* is not every r... folder)
+        files = ", ".join(_sql_string(glob_escape(str(Path(f).absolute()))) for f in part_files(run))
         selects.append(
             f"SELECT *, {_sql_string(str(Path(run)))} AS run FROM read_parquet([{files}], union_by_name = true)"
         )
