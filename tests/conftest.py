@@ -1,10 +1,13 @@
 """Shared fixtures: tiny models built from configs (fast), and the real SmolLM2 and Gemma-3-270M
-(marked ``smollm2`` / ``gemma3``)."""
+(marked ``smollm2`` / ``gemma3``).
+
+The tiny models (``tiny_model_dir``, ``tiny_dirs``, ``tiny_models``) come from
+:mod:`workbench.testing.fixtures`, the fixtures plugin authors' test suites load the same way.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -21,20 +24,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(_THREADS)
 
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    from workbench.models.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(root / arch, arch, seed=1) for arch in ("llama", "gpt2")}
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tiny_dirs):
-    from workbench.models.loading import load_model
-
-    return {arch: load_model(str(path), device="cpu") for arch, path in tiny_dirs.items()}
+# after the thread settings above: the plugin is imported once this module has run
+pytest_plugins = ["workbench.testing.fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +45,7 @@ def gemma3():
 @pytest.fixture(scope="session")
 def gemma3_eager(gemma3):
     """A separate plain transformers copy of Gemma-3-270M (eager attention), for the slow references."""
-    from tests.reference import eager_model
+    from workbench.testing import eager_model
 
     return eager_model(gemma3.source)
 

@@ -3,6 +3,10 @@
 One prompt at a time, unpadded, through a *separate* plain transformers model loaded with
 ``attn_implementation="eager"`` and ``output_attentions=True``; metrics computed with Python
 loops over positions from the returned ``[head, query, key]`` patterns, in float64.
+
+The generic parts (the eager model, one prompt's patterns, sliding windows, visible keys) live in
+:mod:`workbench.testing`, where plugin authors get them too; they are re-exported here under the
+names the tests use (``patterns`` is :func:`workbench.testing.eager_patterns`).
 """
 
 from __future__ import annotations
@@ -10,47 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from workbench.engine.decoding import _cache_kwarg
 
-
-def eager_model(source: str):
-    return AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32).eval()
-
-
-def patterns(model, ids: list[int]) -> list[torch.Tensor]:
-    """Per layer, the ``[head, query, key]`` attention of one unpadded prompt (float64)."""
-    with torch.no_grad():  # the base network: the LM head's logits are not needed here
-        out = model.base_model(torch.tensor([ids]), output_attentions=True, use_cache=False)
-    return [a[0].double() for a in out.attentions]
-
-
-def attention_windows(model) -> list[int | None]:
-    """Per layer, how many of the most recent keys a query may see: the config's
-    ``sliding_window`` on layers whose ``layer_types`` entry is ``sliding_attention``, None (every
-    earlier key) on the others. Read from the plain HF model's config, i.e. the architecture's
-    definition, not from the workbench's masking code."""
-    cfg = model.config.get_text_config()
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    return [cfg.sliding_window if t == "sliding_attention" else None for t in types]
-
-
-def visible_keys(q: int, window: int | None) -> slice:
-    """Keys query q may attend to: k <= q, and q - k < window on a sliding-window layer."""
-    return slice(0 if window is None else max(0, q - window + 1), q + 1)
-
-
-def check_visibility(all_patterns: list[list[torch.Tensor]], windows: list[int | None]) -> None:
-    """The eager patterns put exactly zero weight outside :func:`visible_keys` (the windows are
-    what the model does), and each row sums to 1."""
-    for pats in all_patterns:
-        for layer, A in enumerate(pats):
-            for q in range(A.shape[-1]):
-                keys = visible_keys(q, windows[layer])
-                outside = float(A[:, q, : keys.start].abs().sum() + A[:, q, keys.stop :].abs().sum())
-                assert outside == 0.0, (layer, q)
-                assert torch.allclose(A[:, q, keys].sum(-1), torch.ones((), dtype=A.dtype), atol=1e-6)
+# re-exported: the tests import these from here
+from workbench.testing import attention_windows, check_visibility, eager_model, visible_keys  # noqa: F401
+from workbench.testing import eager_patterns as patterns  # noqa: F401
 
 
 def entropy_reference(
