@@ -154,6 +154,14 @@ CASES = {
         (["retrieval-ablation", *M, "--n-prompts", "0", *OUT], "--n-prompts"),
         (["retrieval-ablation", *M, "--context-len", "x", *OUT], "--context-len takes"),
     ],
+    "new-probe": [
+        (["new-probe", "Bad-Name", "--out", "{tmp}/p"], "not a lowercase Python identifier"),
+        (["new-probe", "entropy", "--out", "{tmp}/p"], "the name of a built-in probe"),
+        (["new-probe", "prev_token", "--out", "{tmp}/p"], "a metric of the built-in probe 'induction'"),
+        (["new-probe", "mine", "--out", "{files}/run"], "exists and is not empty"),
+        (["new-probe", "mine", "--out", "{files}/afile"], "afile is a file, not a folder"),
+        (["new-probe", "mine", "--out", "{files}/afile/p"], "afile is a file, not a folder"),
+    ],
 }
 PARAMS = [(cmd, i, argv, msg) for cmd, cases in CASES.items() for i, (argv, msg) in enumerate(cases)]
 
