@@ -90,6 +90,19 @@ def test_a_sweep_into_a_url_equals_the_local_one_and_resumes_without_recomputing
     check_sweep_equals_local_and_resumes(cfg, ref, f"{mem}/run", files)
 
 
+def test_a_sweep_into_a_new_file_url_folder_equals_the_local_one(local, tmp_path):
+    """A file:// URL names a local folder: the sweep makes it (its writer lock lives in it; the
+    lock once looked for the folder before it existed), writes through fsspec, and resumes."""
+    cfg, ref = local
+    folder = tmp_path / "new" / "run"
+
+    def read(url: str) -> dict[str, bytes]:
+        return {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()
+                and f.name != ".writer.lock"}
+
+    check_sweep_equals_local_and_resumes(cfg, ref, folder.as_uri(), read)
+
+
 def test_a_damaged_part_under_a_url_is_set_aside_and_recomputed(local, mem):
     cfg, ref = local
     run = f"{mem}/run"

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 from workbench.errors import WorkbenchError
@@ -84,6 +85,7 @@ def url_writer(folder: str, busy: str, fix: str) -> Iterator[None]:
     ``file://`` URL is a local folder and takes the local lock instead."""
     fs, root = filesystem(folder)
     if "file" in fs.protocol or "local" in fs.protocol:
+        Path(root).mkdir(parents=True, exist_ok=True)  # the lock file lives in it (a new run folder)
         with one_writer(root, busy, fix):
             yield
         return
