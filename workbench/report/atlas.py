@@ -173,7 +173,7 @@ def atlas(
         if hit.empty:
             continue
         best = hit.sort_values("value", ascending=role.sign < 0).drop_duplicates(keys)  # strongest dataset per head
-        frames.append(best.assign(role=role.name, threshold=role.threshold * role.sign))
+        frames.append(best.assign(role=role.name, threshold=role.bound))
     for circ in circuits or []:
         frames.append(_circuit_rows(circ, "run" in keys))
     cols = (["run"] if "run" in keys else []) + COLUMNS

@@ -51,9 +51,7 @@ def _metric_link(metric: str) -> str:
 
 
 def _what(metric: str, values: Iterable[float] | None = None) -> str:
-    mi = kinds.info(metric, values)
-    unit = f" ({mi.unit})" if mi.unit else ""
-    return f"<b>{esc(metric)}</b>: {esc(mi.what)}{esc(unit)}."
+    return f"<b>{esc(metric)}</b>: {esc(definitions.described(kinds.info(metric, values)))}."
 
 
 def _scale_sentence(metric: str, scale: str) -> str:
@@ -461,7 +459,9 @@ def _atlas_values(
 
 
 def _atlas_cell_roles(at: pd.DataFrame) -> dict[tuple[int, int], list]:
-    """``{(layer, head): [[role, metric, value, threshold, dataset], ...]}``: the evidence the tooltip shows."""
+    """``{(layer, head): [[role, metric, value, threshold, dataset, op], ...]}``: the evidence the tooltip
+    shows (``op``: the role's comparison, ``>=``, ``>``, ``<=`` or ``<``; None for a circuit label)."""
+    ops = {r.name: r.op for r in probe_roles()}
     cell_roles: dict[tuple[int, int], list] = {}
     for r in at.itertuples():
         cell_roles.setdefault((int(r.layer), int(r.head)), []).append(
@@ -471,6 +471,7 @@ def _atlas_cell_roles(at: pd.DataFrame) -> dict[tuple[int, int], list]:
                 float(f"{r.value:.4g}"),
                 float(r.threshold) if pd.notna(r.threshold) else None,
                 r.dataset,
+                ops.get(r.role),
             ]
         )
     return cell_roles
@@ -926,11 +927,8 @@ def _render_markdown(text: str, target: Mapping[str, str], shift: int = 3) -> st
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> None:
-    """Every metric shown, defined as docs/metrics.md defines it (grouped under its probe's
-    section with that section's sources), plus the document's sections those definitions link
-    to (conventions, known discrepancies), so every link works offline."""
-    page.section(2, "Metric definitions", "definitions")
+def _definitions_intro(page: Page, docs: str | Path | None, found: Mapping[str, Any]) -> None:
+    """Where the definitions below come from: the metrics document, and the packages of plugin probes."""
     src = Path(docs) if docs is not None else definitions.METRICS_DOC
     if src.is_file():
         page.p(f"Copied from {'docs/metrics.md' if docs is None else src.name} so this page works offline.")
@@ -939,7 +937,19 @@ def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> Non
             f"{'docs/metrics.md' if docs is None else src.name} was not found when this page was built, "
             "so each definition is the paragraph of the computing module's docstring that states it."
         )
+    shipped = sorted({d.shipped_by for d in found.values() if d is not None and d.shipped_by})
+    if shipped:
+        page.p(f"Metrics of probes from other packages are defined as those packages ship them: {', '.join(shipped)}.")
+
+
+def _definitions(page: Page, metrics: list[str], docs: str | Path | None) -> None:
+    """Every metric shown, defined as docs/metrics.md defines it, or as the package of the probe
+    that reports it ships it (a plugin's ``definitions`` or ``metrics.md``), grouped under its
+    probe's section with that section's sources, plus the document's sections those definitions
+    link to (conventions, known discrepancies), so every link works offline."""
+    page.section(2, "Metric definitions", "definitions")
     found = {m: definitions.definition(m, docs) for m in metrics}
+    _definitions_intro(page, docs, found)
     target = {k: anchor("def", m) for m in metrics for k in definitions.doc_keys(m)}
     parsed = definitions.load_doc(docs)
     extra: dict[int, str] = {}  # linked document sections that are not metrics on this page

@@ -1,21 +1,37 @@
-"""A metric's definition for the page: its section of the metric definitions, or its module's
-docstring.
+"""A metric's definition for the page and for ``workbench probes``: what the probe that reports it
+ships, its section of the metric definitions, or its module's docstring.
 
-:func:`definition` gives the section of ``metrics.md`` (package data beside this module, also the
-docs site's metrics page) under the metric's heading, with the intro of the section around it, or
-(when that section is missing) the paragraph of the computing module's docstring that names it.
+:func:`definition` looks, in this order, at
+
+1. a metrics document given explicitly (``workbench report --docs FILE``);
+2. what the probe reporting the metric ships with it, so a plugin package is whole: its
+   ``definitions`` attribute (``{metric: markdown}``), else a ``metrics.md`` in the probe module's
+   package (or its top-level package), read through :mod:`importlib.resources` and sectioned like
+   the project's document (a heading per metric);
+3. ``metrics.md`` (package data beside this module, also the docs site's metrics page; it defines
+   the built-in probes' metrics), under the metric's heading, with the intro of the section around it;
+4. the paragraph of the computing module's docstring that names the metric (found through the
+   import system, so it works from any install).
+
+:func:`summary` is the one line ``workbench probes`` prints per metric, :func:`described` a metric's
+``what`` with its unit said once.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.resources
 import importlib.util
+import inspect
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from workbench.report.kinds import info
+from workbench.protocol.metrics import MetricInfo
+from workbench.report.kinds import info, known_metrics
 
 METRICS_DOC = Path(__file__).with_name("metrics.md")  # package data (in the checkout, a link to docs/metrics.md)
 
@@ -135,6 +151,11 @@ def _load_doc(path: str, mtime: float) -> tuple[list[DocSection], dict[str, int]
     return parse_doc(Path(path).read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=16)
+def _parse_text(markdown: str) -> tuple[list[DocSection], dict[str, int]]:
+    return parse_doc(markdown)
+
+
 def load_doc(path: str | Path | None = None) -> tuple[list[DocSection], dict[str, int]] | None:
     """The parsed ``docs/metrics.md`` (or ``path``); None when the file is missing."""
     doc = Path(path) if path is not None else METRICS_DOC
@@ -155,14 +176,27 @@ def module_file(module: str) -> Path | None:
     return origin if origin is not None and origin.is_file() else None
 
 
+def _module_docstring(module: str) -> str | None:
+    """``module``'s docstring: read from its source without running it, else (a module installed
+    without its source) from the imported module, as :func:`inspect.getdoc` gives it."""
+    file = module_file(module)
+    if file is not None:
+        try:
+            return ast.get_docstring(ast.parse(file.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError):
+            return None
+    name = module.removesuffix(".py").replace("/", ".").strip(".")
+    try:
+        loaded = sys.modules.get(name) or importlib.import_module(name)
+    except Exception:  # not importable: there is no docstring to read
+        return None
+    return inspect.getdoc(loaded)
+
+
 def _docstring_paragraph(module: str, metric: str) -> str | None:
     """The paragraph or bullet of ``module``'s docstring that names ``metric`` (else its first paragraph)."""
-    file = module_file(module)
-    if file is None:
-        return None
-    try:
-        doc = ast.get_docstring(ast.parse(file.read_text(encoding="utf-8"))) or ""
-    except (SyntaxError, UnicodeDecodeError):
+    doc = _module_docstring(module)
+    if not doc:
         return None
     paras = [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
     for para in paras:
@@ -185,12 +219,14 @@ def _docstring_paragraph(module: str, metric: str) -> str | None:
 class Definition:
     """A metric's definition for the page: ``text`` (markdown) and where it came from; ``group`` /
     ``group_intro``: the enclosing section's title and its own text (a probe's sources and shared
-    notation), when the definition comes from the metrics document."""
+    notation), when the definition comes from a metrics document or a probe's ``definitions``;
+    ``shipped_by``: ``"distribution version"`` when the probe's own package shipped it."""
 
     text: str
     source: str
     group: str | None = None
     group_intro: str | None = None
+    shipped_by: str | None = None
 
 
 def doc_keys(metric: str) -> list[str]:
@@ -203,25 +239,167 @@ def doc_keys(metric: str) -> list[str]:
     return keys
 
 
+def _from_doc(parsed: tuple[list[DocSection], dict[str, int]], metric: str, name: str) -> Definition | None:
+    """``metric``'s section of a parsed metrics document named ``name`` (for the source line)."""
+    sections, index = parsed
+    for key in doc_keys(metric):
+        if key in index and sections[index[key]].text:
+            sec = sections[index[key]]
+            parent = sections[sec.parent] if sec.parent is not None else None
+            return Definition(
+                sec.text,
+                f"{name}#{_slug(sec.title)}",
+                parent.title if parent else None,
+                parent.intro if parent else None,
+            )
+    return None
+
+
+def metric_owner(metric: str) -> type | None:
+    """The registered probe class that reports ``metric`` (it lists it in ``metrics``,
+    ``metric_info`` or ``definitions``); None for metrics no probe reports (interventions, patching)."""
+    from workbench.protocol.registry import probe_classes
+
+    try:
+        classes = probe_classes().values()
+    except Exception:  # no probes installed
+        return None
+    for cls in classes:
+        declared = (
+            tuple(getattr(cls, "metrics", ()) or ())
+            + tuple(getattr(cls, "metric_info", {}) or {})
+            + tuple(getattr(cls, "definitions", {}) or {})
+        )
+        if metric in declared:
+            return cls
+    return None
+
+
+def _origin_text(cls: type) -> str:
+    """``distribution version`` of the package whose registration of ``cls`` is used ('' if none)."""
+    from workbench.protocol.registry import origin
+
+    dist, version = origin(getattr(cls, "name", ""))
+    return "" if dist == "?" else f"{dist} {version}"
+
+
+def _packages(module: str) -> list[str]:
+    """The package ``module`` sits in, then its top-level package (a top-level module has none)."""
+    mod = sys.modules.get(module)
+    package = getattr(mod, "__package__", None) or module.rpartition(".")[0]
+    if mod is not None and hasattr(mod, "__path__"):
+        package = module  # a package's __init__ ships beside itself
+    if not package:
+        return []
+    return list(dict.fromkeys([package, package.split(".")[0]]))
+
+
+def probe_doc(cls: type) -> tuple[tuple[list[DocSection], dict[str, int]], str] | None:
+    """The ``metrics.md`` a probe's package ships (beside the probe's module, else at the top of its
+    package), parsed, with its name for source lines (``my_package/metrics.md``); None if there is none."""
+    for package in _packages(getattr(cls, "__module__", "") or ""):
+        try:
+            file = importlib.resources.files(package).joinpath("metrics.md")
+            if not file.is_file():
+                continue
+            text = file.read_text(encoding="utf-8")
+        except (ImportError, OSError, TypeError, ValueError, UnicodeDecodeError):
+            continue
+        return _parse_text(text), f"{package.replace('.', '/')}/metrics.md"
+    return None
+
+
+def own_definition(cls: type, metric: str) -> Definition | None:
+    """What probe class ``cls`` ships as ``metric``'s definition: its ``definitions`` entry, else
+    its package's ``metrics.md`` section; the source names the distribution and its version."""
+    where = _origin_text(cls)
+    prefix = f"{where}: " if where else ""
+    declared = (getattr(cls, "definitions", None) or {}).get(metric)
+    if isinstance(declared, str) and declared.strip():
+        intro = (getattr(cls, "description", "") or "").strip()
+        if where:
+            intro = f"{intro} (from {where})." if intro else f"From {where}."
+        return Definition(
+            inspect.cleandoc(declared),
+            f"{prefix}{cls.__module__}.{cls.__qualname__}.definitions",
+            f"Probe {cls.name}",
+            intro or None,
+            where or None,
+        )
+    shipped = probe_doc(cls)
+    if shipped is not None:
+        found = _from_doc(shipped[0], metric, shipped[1])
+        if found is not None:
+            return Definition(found.text, prefix + found.source, found.group, found.group_intro, where or None)
+    return None
+
+
 def definition(metric: str, path: str | Path | None = None) -> Definition | None:
-    """``metric``'s section of ``docs/metrics.md`` (or ``path``) with its enclosing section's
-    intro, else the paragraph of its module's docstring that names it; None when neither exists."""
-    parsed = load_doc(path)
-    if parsed is not None:
-        sections, index = parsed
-        for key in doc_keys(metric):
-            if key in index and sections[index[key]].text:
-                sec = sections[index[key]]
-                parent = sections[sec.parent] if sec.parent is not None else None
-                name = "docs/metrics.md" if path is None else Path(path).name
-                return Definition(
-                    sec.text,
-                    f"{name}#{_slug(sec.title)}",
-                    parent.title if parent else None,
-                    parent.intro if parent else None,
-                )
+    """``metric``'s definition: from ``path`` when given, else what its probe ships (``definitions``,
+    its package's ``metrics.md``), else its section of ``docs/metrics.md`` with its enclosing
+    section's intro; else the paragraph of its module's docstring that names it. None when none exists."""
+    if path is not None:
+        parsed = load_doc(path)
+        found = _from_doc(parsed, metric, Path(path).name) if parsed is not None else None
+        if found is not None:
+            return found
+    owner = metric_owner(metric)
+    found = own_definition(owner, metric) if owner is not None else None
+    if found is not None:
+        return found
+    if path is None:
+        parsed = load_doc()
+        found = _from_doc(parsed, metric, "docs/metrics.md") if parsed is not None else None
+        if found is not None:
+            return found
     module = info(metric).module
     text = _docstring_paragraph(module, metric)
     if text:
         return Definition(text.replace("``", "`"), f"{module} (docstring)")
     return None
+
+
+def described(mi: MetricInfo) -> str:
+    """A metric's ``what`` with its unit said once: ``"entropy divided by ln(keys) (nats)"``, but not
+    ``"mean entropy, in nats (nats)"`` when the line already names the unit."""
+    what = mi.what.strip()
+    unit = (mi.unit or "").strip()
+    if not unit or re.search(rf"(?<!\w){re.escape(unit)}(?!\w)", what):
+        return what
+    return f"{what} ({unit})"
+
+
+_NOT_PROSE = ("```", "~~~", "$$", "|", "#", "<", "\\[")
+
+
+def summary_line(markdown: str, limit: int = 160) -> str:
+    """The first sentence of a definition's first prose paragraph (code, formulas, tables and
+    headings skipped), as plain text of at most ``limit`` characters."""
+    for para in re.split(r"\n\s*\n", markdown):
+        para = para.strip()
+        if not para or para.startswith(_NOT_PROSE):
+            continue
+        text = re.sub(r"^[-*+]\s+", "", para)
+        text = " ".join(text.replace("`", "").replace("**", "").split())
+        m = re.search(r"(?<=[.!?])\s+(?=[A-Z(])", text)
+        if m:
+            text = text[: m.start()]
+        return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+    return ""
+
+
+def summary(metric: str) -> tuple[str, str | None]:
+    """The line ``workbench probes`` prints for ``metric`` and where its full definition is: the
+    first sentence of the definition its probe ships (``definitions`` or its ``metrics.md``), else
+    the probe's declared ``metric_info`` line (its unit once), else the definition's first sentence.
+    ``("no definition found", None)`` when there is none."""
+    owner = metric_owner(metric)
+    own = own_definition(owner, metric) if owner is not None else None
+    found = own or definition(metric)
+    line = summary_line(own.text) if own is not None else ""
+    mi = known_metrics().get(metric)
+    if not line and mi is not None and mi.what and mi.what != metric:
+        line = described(mi)
+    if not line and found is not None:
+        line = summary_line(found.text)
+    return line or "no definition found", found.source if found is not None else None

@@ -199,7 +199,7 @@ JS = r"""
     var roles = s.roles[l + "." + h] || [];
     if (!roles.length) tip.appendChild(el("div", "r", "no role at these thresholds"));
     roles.forEach(function(r){
-      var rule = r[3] === null ? "" : (r[3] < 0 ? " <= " : " >= ") + fmt(r[3]);
+      var rule = r[3] === null ? "" : " " + (r[5] || (r[3] < 0 ? "<=" : ">=")) + " " + fmt(r[3]);
       tip.appendChild(el("div", "r", "role " + r[0] + ": " + r[1] + " = " + fmt(r[2]) + rule + " (" + r[4] + ")"));
     });
     var tbl = el("table"), vals = s.vals[l] ? s.vals[l][h] : [];
