@@ -44,6 +44,9 @@ class FirstKeyProbe(PatternProbe):
     description = "attention on the prompt's first token, pooled over queries (plugin test)"
     metric_info = {"plugin_first": MetricInfo("bounded", "pooled attention on the first token", "a first-token head")}
     roles = (Role("first-key", "F1", "plugin_first", 0.2, "#000000", "reads the first token"),)
+    definitions = {"plugin_first": """
+        The mean attention weight on the prompt's first token, over every real query. Times `scale`.
+    """}
 
     class Params(Options):
         scale: float = Field(1.0, gt=0, description="multiplies the value")
@@ -212,7 +215,25 @@ def test_plugin_probes_through_the_cli_a_sweep_and_a_report(plugin, tiny_dirs, t
     assert lengths.to_dict() == {"a": 13.0, "bb": 11.0}
     res = cli("report", str(tmp_path / "run"), "--out", str(tmp_path / "report.html"))
     assert res.returncode == 0, res.stderr
-    assert "plugin_first" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "plugin_first" in page
+    # the definition the plugin ships, named with its distribution (not looked up in the checkout)
+    assert "The mean attention weight on the prompt&#x27;s first token" in page or (
+        "The mean attention weight on the prompt's first token" in page
+    )
+    assert "wb-plugin-demo 0.1" in page
+
+
+def test_workbench_probes_shows_each_metrics_definition_and_each_parameters_description(plugin):
+    res = cli("probes")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "plugin-first (pattern) from wb-plugin-demo 0.1:" in out
+    assert "plugin_first  The mean attention weight on the prompt's first token, over every real query." in out
+    assert "scale=1.0  multiplies the value" in out
+    assert "epsilon=0.3  sink_rate counts prompts with alpha_0 > epsilon" in out, "built-in parameters too"
+    assert "entropy       mean entropy of a query's attention row, in nats" in out
+    assert "plugin-broken (cannot be loaded)" in out
 
 
 def test_runner_runs_every_kind_in_one_call(tiny_models):
@@ -285,3 +306,32 @@ def test_no_probe_module_is_dispatched_on_by_name():
             assert bad not in text, f"{path.name} mentions {bad}"
         assert not (_code_strings(path) & names), f"{path.name} names probes or kinds: {_code_strings(path) & names}"
         assert not re.search(r"\.kind\s*[=!]=", text), f"{path.name} dispatches on a probe's kind"
+
+
+def _keys(cfg_path):
+    from workbench.runs.config import load_config
+
+    registry.refresh()
+    return {u.probe: u.key for u in load_config(cfg_path).units()}
+
+
+def test_a_plugins_unit_key_names_its_distribution_version_and_parameter_schema(plugin, tiny_dirs, tmp_path):
+    """Bumping a plugin's version, or changing its parameter schema (here: a bound),
+    gives its units new keys, so a sweep recomputes them (the parameter values alone
+    would not see a changed bound); the built-in probes' keys do not move."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["plugin-first", "sink"]\n[datasets.prose]\nn_prompts = 2\n')
+    before = _keys(cfg)
+    assert _keys(cfg) == before, "the key is a function of the config and the installed code"
+
+    info = plugin / "wb_plugin_demo-0.1.dist-info"
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wb-plugin-demo\nVersion: 0.2\n")
+    bumped = _keys(cfg)
+    assert bumped["plugin-first"] != before["plugin-first"] and bumped["sink"] == before["sink"]
+
+    source = plugin / "wb_plugin_demo.py"
+    source.write_text(source.read_text().replace("Field(1.0, gt=0", "Field(1.0, ge=0"))  # same values, new bound
+    sys.modules.pop("wb_plugin_demo", None)
+    schema = _keys(cfg)
+    assert schema["plugin-first"] not in (before["plugin-first"], bumped["plugin-first"])
+    assert schema["sink"] == before["sink"]

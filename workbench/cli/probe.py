@@ -201,16 +201,29 @@ def probe_from_store(args: argparse.Namespace, probes: list, batch_size) -> int:
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
-    from workbench.protocol.registry import broken_probes, probe_classes
+    """Every registered probe: its kind and description, each metric with the first sentence of
+    its definition (as the probe's package ships it), each parameter with its default and
+    description, and the distribution a plugin's probe comes from."""
+    from workbench.protocol.registry import BUILTIN_DISTRIBUTION, broken_probes, origin, probe_classes
+    from workbench.report.definitions import summary
 
     for name, cls in probe_classes().items():
-        print(f"{name:12s} ({cls.kind}) metrics: {', '.join(cls.metrics)}")
-        print(f"{'':12s} {cls.description}")
-        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
-        if params:
-            print(f"{'':12s} params: {params}")
+        dist, version = origin(name)
+        by = "" if dist in (BUILTIN_DISTRIBUTION, "?") else f" from {dist} {version}"
+        print(f"{name} ({cls.kind}){by}: {cls.description}")
+        width = max(len(m) for m in cls.metrics)
+        print("  metrics:")
+        for metric in cls.metrics:
+            print(f"    {metric:{width}s}  {summary(metric)[0]}")
+        fields = cls.Params.model_fields
+        if fields:
+            shown = {k: f"{k}={f.default!r}" for k, f in fields.items()}
+            pad = max(len(v) for v in shown.values())
+            print("  params:")
+            for k, f in fields.items():
+                print(f"    {shown[k]:{pad}s}  {f.description or ''}".rstrip())
     for name, why in broken_probes().items():
-        print(f"{name:12s} (cannot be loaded) {why}")
+        print(f"{name} (cannot be loaded) {why}")
     return 0
 
 
