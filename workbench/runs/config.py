@@ -99,6 +99,9 @@ class SweepConfig:
     device_type: str = "cpu"
     probe_versions: dict[str, int] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=dict)  # [executor]: cpus, gpus, memory (bytes), retries
+    # probes from other packages: {probe: {"distribution", "version", "params_schema"}} (built-ins: absent,
+    # so their unit keys are those of earlier versions and their saved parts stay reusable)
+    probe_origins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def units(self) -> list[Unit]:
         out = []
@@ -119,6 +122,8 @@ class SweepConfig:
                         "probe_version": self.probe_versions.get(p, 1),
                         "probe_params": self.probe_params.get(p, {}),
                     }
+                    if p in self.probe_origins:
+                        ident["probe_origin"] = self.probe_origins[p]
                     out.append(Unit(m, d, p, json.dumps(ident, sort_keys=True, default=str)))
         return out
 
@@ -249,16 +254,39 @@ def _dataset_specs(path: Path, datasets: dict[str, Any], probes: list[str], seed
     return specs
 
 
+def probe_origin(name: str, probe: Any) -> dict[str, str] | None:
+    """What a saved result of plugin probe ``name`` depends on beyond its parameters: the
+    distribution that registers it, that distribution's version and a hash of its parameter schema
+    (``Params``: names, types, defaults, bounds). Editing a plugin and bumping its version, or
+    changing its parameters, never reuses stale parts. None for the built-in probes, whose code is
+    the workbench's own (their ``version`` attribute marks a change of numbers)."""
+    from workbench.protocol.registry import BUILTIN_DISTRIBUTION, origin
+
+    dist, version = origin(name)
+    if dist == BUILTIN_DISTRIBUTION:
+        return None
+    schema_of = getattr(getattr(probe, "Params", None), "model_json_schema", None)
+    schema = json.dumps(schema_of() if schema_of is not None else None, sort_keys=True, default=str)
+    cls = type(probe)
+    return {
+        "distribution": dist,
+        "version": version,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "params_schema": hashlib.sha256(schema.encode()).hexdigest()[:16],
+    }
+
+
 def _probe_settings(
     path: Path, probes: list[str], probe_params: dict[str, dict[str, Any]]
-) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Each probe's validated parameters (``[probe_params.X]`` over its defaults) and its version."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, int], dict[str, dict[str, str]]]:
+    """Each probe's validated parameters (``[probe_params.X]`` over its defaults), its version and,
+    for a plugin's probe, its origin (:func:`probe_origin`)."""
     from workbench.protocol.params import options_dict
     from workbench.protocol.registry import get_probe
 
     if any(p not in probes for p in probe_params):
         raise _fail(path, "[probe_params.X] tables must name probes of this sweep", f"probes here: {', '.join(probes)}")
-    params, versions = {}, {}
+    params, versions, origins = {}, {}, {}
     for p in probes:
         try:
             probe = get_probe(p, **probe_params.get(p, {}))
@@ -266,7 +294,10 @@ def _probe_settings(
             raise _fail(path, f"[probe_params.{p}] {exc.message}", exc.fix or "") from None
         params[p] = options_dict(probe.options)
         versions[p] = int(getattr(probe, "version", 1))
-    return params, versions
+        found = probe_origin(p, probe)
+        if found is not None:
+            origins[p] = found
+    return params, versions, origins
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -296,7 +327,7 @@ def load_config(path: str | Path) -> SweepConfig:
     except WorkbenchError as exc:
         raise _fail(path, exc.message, exc.fix or "") from None
     specs = _dataset_specs(path, datasets, probes, seed)
-    params, versions = _probe_settings(path, probes, top.probe_params)
+    params, versions, origins = _probe_settings(path, probes, top.probe_params)
     executor = validate_table(path, ExecutorTable, top.executor, "[executor]").model_dump(exclude_unset=True)
     identities = {}
     for m in dict.fromkeys(models):
@@ -319,4 +350,5 @@ def load_config(path: str | Path) -> SweepConfig:
         device_type,
         versions,
         executor,
+        origins,
     )
