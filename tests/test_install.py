@@ -143,3 +143,50 @@ def test_probe_sweep_report_and_query_from_another_folder(installed):
     listing = _run([workbench, "probes"], work, env)
     assert "entropy" in listing.stdout and "retrieval" in listing.stdout
     assert json.loads((work / "run" / "run.json").read_text())
+
+
+PLUGIN_SWEEP = """models = ["tiny-llama"]
+probes = ["prev_offset", "entropy"]
+[datasets.prose]
+n_prompts = 4
+[probe_params.prev_offset]
+offset = 2
+"""
+
+
+def test_a_scaffolded_plugin_installs_and_runs_through_probe_sweep_report_and_query(installed):
+    """`workbench new-probe` from the installed wheel (its templates are package data), the
+    package installed without the network (no index, no dependencies, no build isolation), then
+    the plugin's probe through the CLI, a sweep, a report and a query, like a built-in one."""
+    import pandas as pd
+
+    bin_dir, env, tmp = installed
+    work = tmp / "plugin-author"
+    work.mkdir()
+    workbench = str(bin_dir / "workbench")
+    _run([workbench, "new-probe", "prev_offset", "--out", "plugin"], work, env)
+    assert (work / "plugin" / "workbench_probe_prev_offset" / "probe.py").is_file()
+    pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install"]
+    _run([*pip, "--no-deps", "--no-index", "--no-build-isolation", "-q", str(work / "plugin")], work, env)
+    where = _run([str(bin_dir / "python"), "-c", "import workbench_probe_prev_offset as m; print(m.__file__)"], work, env)
+    assert str(tmp / "venv") in where.stdout, "the plugin is imported from the venv, not its folder"
+
+    listing = _run([workbench, "probes"], work, env)
+    assert "prev_offset" in listing.stdout and "offset" in listing.stdout, listing.stdout
+    probe_cmd = [workbench, "probe", "prev_offset,sink", "--model", "tiny-llama", "--dataset", "prose"]
+    _run([*probe_cmd, "--n-prompts", "4", "--param", "prev_offset.offset=2", "--out", "p.parquet"], work, env)
+    table = pd.read_parquet(work / "p.parquet")
+    mine = table[table.probe == "prev_offset"]
+    assert set(mine.metric) == {"prev_offset"} and len(mine) == 3 * 4, "tiny-llama: 3 layers x 4 heads"
+    assert mine.value.between(0, 1).all() and (mine.n > 0).all()
+
+    (work / "s.toml").write_text(PLUGIN_SWEEP)
+    _run([workbench, "sweep", "s.toml", "--out", "run", "--no-progress"], work, env)
+    assert len(list((work / "run" / "parts").glob("*.parquet"))) == 2
+    _run([workbench, "report", "run", "--out", "report.html"], work, env)
+    page = (work / "report.html").read_text(encoding="utf-8")
+    assert "prev_offset" in page
+    sql = "select metric, count(*) as heads, min(value) >= 0 and max(value) <= 1 as bounded from results "
+    q = _run([workbench, "query", sql + "where probe = 'prev_offset' group by metric", "--runs", "run"], work, env)
+    row = q.stdout.strip().splitlines()[-1].split()
+    assert row[-3:] == ["prev_offset", "12", "True"], q.stdout
