@@ -37,6 +37,7 @@ from torch import Tensor
 
 from circuits.tasks import Pair
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import Sites, ZEdit
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import pad_token_id
@@ -159,17 +160,22 @@ def make_ablation(
     return abl
 
 
-class HeadAblator:
+class HeadAblator(ZEdit):
     """Attention-hook observer: ``m`` variants of the ``b`` clean rows stacked along the batch;
     ``masks[layer]`` is ``[m, head]``, True where that variant ablates that head (its z becomes
     the ablation's value at every position). Layers run on the ``b`` un-repeated rows (before
     the variants fork, see :func:`circuits.baseline.fork_at`) must ablate the same heads in
     every variant; the first variant's mask is used there."""
 
+    label = "circuit ablation"
+
     def __init__(self, abl: Ablation, m: int, b: int, masks: dict[int, Bool[Tensor, "m head"]]) -> None:
         self.abl, self.m, self.b, self.masks = abl, m, b, masks
 
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+    def sites(self) -> Sites:
+        return {layer: frozenset(mask.any(0).nonzero().flatten().tolist()) for layer, mask in self.masks.items()}
+
+    def edit(self, call: AttentionCall, z: Tensor) -> Tensor:
         mask = self.masks.get(call.layer)
         if mask is None or not bool(mask.any()):
             return z

@@ -22,6 +22,7 @@ from torch import Tensor
 from circuits.tasks import Pair, check_pair
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import QKV, QKVReader, Sites, ZReader
 from workbench.engine.extraction import base_network
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError, WorkbenchWarning
@@ -97,22 +98,28 @@ def logit_diff(
         )
 
 
-class ZRecorder:
-    """Observer that keeps every layer's z (and, optionally, q / k / v)."""
+class ZRecorder(ZReader):
+    """A ``Z`` reader that keeps every layer's z (as the model went on with it)."""
 
-    def __init__(self, qkv_layers: set[int] = frozenset()) -> None:
+    def __init__(self) -> None:
         self.z: dict[int, Tensor] = {}
-        self.qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self.qkv_layers = set(qkv_layers)
 
-    def edit_qkv(self, call: AttentionCall):
-        if call.layer in self.qkv_layers:
-            self.qkv[call.layer] = (call.query.detach(), call.key.detach(), call.value.detach())
-        return call.query, call.key, call.value
-
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+    def read(self, call: AttentionCall, z: Tensor) -> None:
         self.z[call.layer] = z.detach()
-        return z
+
+
+class QKVRecorder(QKVReader):
+    """A ``QKV`` reader that keeps the queries, keys and values of ``layers``."""
+
+    def __init__(self, layers: set[int]) -> None:
+        self.layers = set(layers)
+        self.qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def sites(self) -> Sites:
+        return {layer: None for layer in self.layers}
+
+    def read(self, call: AttentionCall, x: QKV) -> None:
+        self.qkv[call.layer] = (x.query.detach(), x.key.detach(), x.value.detach())
 
 
 @dataclass

@@ -34,9 +34,18 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuits.baseline import Baseline, ZRecorder, baseline, decoder_blocks, fork_at, logit_diff, repeat_rows
+from circuits.baseline import (
+    Baseline,
+    QKVRecorder,
+    baseline,
+    decoder_blocks,
+    fork_at,
+    logit_diff,
+    repeat_rows,
+)
 from circuits.tasks import Pair
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import EVERY, QKV, QKVEdit, Sites, ZEdit, ZReader
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -48,19 +57,25 @@ Head = tuple[int, int]
 COMPONENTS = ("z", "resid_pre", "attn_out", "mlp_out")
 
 
-class _VariantZPatcher:
+class _VariantZPatcher(ZEdit):
     """z edits for m stacked variants: mask[layer] is [m, T or 1, H]; True = take corrupted z.
+    With ``freeze`` every other head's z is the clean run's (path patching's frozen run).
 
     Before the variants fork (layers run on the un-repeated batch, see :func:`fork_at`) the
     run is the clean run, so z passes through unchanged."""
 
+    label = "activation patching"
+
     def __init__(self, base: Baseline, m: int, masks: dict[int, Tensor], freeze: bool) -> None:
         self.base, self.m, self.masks, self.freeze = base, m, masks, freeze
 
-    def replaces_z(self, call: AttentionCall) -> bool:
+    def sites(self) -> Sites:
+        return EVERY if self.freeze else {layer: None for layer in self.masks}
+
+    def replaces(self, call: AttentionCall) -> bool:
         return self.freeze and call.query.shape[0] == self.m * self.base.pb.size
 
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+    def edit(self, call: AttentionCall, z: Tensor) -> Tensor:
         mask = self.masks.get(call.layer)
         b = self.base.pb.size
         if (mask is None and not self.freeze) or z.shape[0] != self.m * b:
@@ -73,18 +88,23 @@ class _VariantZPatcher:
         return src.reshape(z.shape)
 
 
-class _QKVPatcher:
+class _QKVPatcher(QKVEdit):
     """q / k / v edits for stacked variants: values[layer] = (which, head, tensor [m*b, T, d]);
     with ``last`` (``[m*b]``) only each row's read-out position is patched."""
+
+    label = "path patching (receivers)"
 
     def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]], last: Tensor | None = None) -> None:
         self.patches, self.last = patches, last
 
-    def edit_qkv(self, call: AttentionCall):
-        q, k, v = call.query, call.key, call.value
+    def sites(self) -> Sites:
+        return {layer: None for layer in self.patches}
+
+    def edit(self, call: AttentionCall, x: QKV) -> QKV:
+        q, k, v = x
         todo = self.patches.get(call.layer)
         if not todo:
-            return q, k, v
+            return x
         q, k, v = q.clone(), k.clone(), v.clone()
         for which, idx, value in todo:
             t = {"q": q, "k": k, "v": v}[which]
@@ -93,7 +113,7 @@ class _QKVPatcher:
             else:
                 r = torch.arange(t.shape[0], device=t.device)
                 t[r, idx, self.last] = value[r, self.last]
-        return q, k, v
+        return QKV(q, k, v)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -364,7 +384,7 @@ def _path_chunk_ld(
         batch = base.pb.clean if forked else repeat_rows(base.pb.clean, m)
         if not recv:
             return logit_diff(model, batch, base.pb, m, [frozen])
-        rec = ZRecorder(qkv_layers={layer for layer, _, _ in recv})
+        rec = QKVRecorder({layer for layer, _, _ in recv})
         logit_diff(model, batch, base.pb, m, [rec, frozen])
     patches = _receiver_patches(rec, recv, group)
     with fork_at(model, first_recv, m, b) as forked:
@@ -378,7 +398,7 @@ def _path_chunk_ld(
         )
 
 
-def _receiver_patches(rec: ZRecorder, recv: list[tuple[int, int, str]], group: int) -> dict[int, list]:
+def _receiver_patches(rec: QKVRecorder, recv: list[tuple[int, int, str]], group: int) -> dict[int, list]:
     """The recorded q / k / v of each receiver (its KV head for k / v under grouped-query attention), per layer."""
     patches: dict[int, list] = {}
     for layer, h, which in recv:
@@ -405,14 +425,15 @@ def _path_frame(base: Baseline, senders: list[Head], ld: Tensor, recv: list, n_b
     return out
 
 
-class _GradZ:
+class _GradZ(ZReader):
+    """Keeps every layer's z with its gradient retained (attribution patching)."""
+
     def __init__(self) -> None:
         self.z: dict[int, Tensor] = {}
 
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+    def read(self, call: AttentionCall, z: Tensor) -> None:
         z.retain_grad()
         self.z[call.layer] = z
-        return z
 
 
 def attribution_patching(model, pairs: Sequence[Pair] | Baseline) -> pd.DataFrame:

@@ -85,6 +85,7 @@ def run_probes(
     batch_size: BatchSize = "auto",
     prepend_bos: bool = False,
     interventions: Sequence[Any] = (),
+    order: str | None = None,
     root: str | Path | None = None,
     progress: bool | None = None,
     chunk_elements: int | None = None,
@@ -103,6 +104,9 @@ def run_probes(
         batch_size: items per forward, or ``"auto"`` (a padded-token budget, ``max_batch_tokens``).
         prepend_bos: add BOS to text prompts (never twice).
         interventions: observers active in every forward (``HeadAblation``, ``HeadScaling``).
+        order: where an intervening probe's own edits and ``interventions`` edit the same point of
+            the same heads: ``"given,probe"`` or ``"probe,given"``; None refuses the overlap
+            (:meth:`~workbench.protocol.run_context.RunContext.with_edits`).
         root: folder that relative paths in items (images) start from.
         forward: replaces the pattern engine's model call (tests simulate out-of-memory with it).
         attention_path: ``"auto"`` (each pattern probe reads the cheapest sufficient view: layer
@@ -116,6 +120,7 @@ def run_probes(
         chunk_elements=chunk_elements,
         attention_path=attention_path,  # type: ignore[arg-type]
         interventions=tuple(interventions),
+        order=order,  # type: ignore[arg-type]
         progress=progress,
         root=Path(root) if root is not None else None,
     )

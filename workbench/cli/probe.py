@@ -55,6 +55,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         batch_size=batch_size,
         prepend_bos=args.prepend_bos,
         interventions=interventions,
+        order={"ablate,probe": "given,probe", "probe,ablate": "probe,given"}.get(args.order or ""),
         root=root,
         progress=None if args.progress else False,
         attention_path=args.attention_path,
@@ -93,6 +94,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             "dtype": str(model.dtype).replace("torch.", ""),
             "ablate": args.ablate,
             "ablation": args.ablation if args.ablate else None,
+            "order": args.order,
             "attention_path": args.attention_path,
         },
     )
@@ -278,6 +280,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_batch_size(run)
     run.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token to text prompts")
     run.add_argument("--ablate", help="heads to ablate during the run, LAYER.HEAD comma list, e.g. 12.3,14.0")
+    run.add_argument(
+        "--order",
+        choices=["ablate,probe", "probe,ablate"],
+        help="when --ablate and an intervening probe (zerotuning, ...) edit the same point of the same heads: "
+        "which edit applies first (without it such a run is refused)",
+    )
     run.add_argument(
         "--ablation",
         default="zero",

@@ -33,9 +33,11 @@ import sys
 from typing import Any, Iterator
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.engine.call import AttentionCall, current_observers, observe
+from workbench.engine.edits import QKV, Point, at_point, check_conflicts, edited_attention, flatten
 from workbench.engine.kernels import attention_with_statistics, fusable
 from workbench.engine.masking import attention_probs
 
@@ -55,12 +57,14 @@ def _fusable(call: AttentionCall, dropout: float, kwargs: dict[str, Any]) -> boo
     return fusable(call, dropout, kwargs)
 
 
-def _edit_qkv(call: AttentionCall, observers: list[Any]) -> None:
-    """Let observers replace the call's queries / keys / values before the kernel reads them (path patching)."""
-    for obs in observers:
-        edit_qkv = getattr(obs, "edit_qkv", None)
-        if edit_qkv is not None:  # path patching: receivers read patched queries / keys / values
-            call.query, call.key, call.value = edit_qkv(call)
+def _qkv_point(call: AttentionCall, observers: list[Any]) -> None:
+    """The ``QKV`` point: interventions replace the queries / keys / values the kernel reads (in
+    order), then readers see them."""
+    edits, reads = at_point(observers, Point.QKV, call.layer)
+    for iv in edits:
+        call.query, call.key, call.value = iv.edit(call, QKV(call.query, call.key, call.value))
+    for reader in reads:
+        reader.read(call, QKV(call.query, call.key, call.value))
 
 
 def _wanted_statistics(call: AttentionCall, observers: list[Any]) -> set[str]:
@@ -84,9 +88,8 @@ def workbench_attention_forward(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers attention interface: SDPA output, plus the observers' view of the heads."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """transformers attention interface: SDPA output, plus the observers' view of the heads and
+    the interventions' edits (:mod:`workbench.engine.edits`), point by point."""
     scaling = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     softcap = kwargs.pop("softcap", None)
@@ -103,29 +106,47 @@ def workbench_attention_forward(
         is_causal=causal and attention_mask is None and query.shape[2] > 1,
         softcap=softcap,
     )
-    observers = list(current_observers()) if call.layer >= 0 else []  # only decoder layers are heads we index
-    _edit_qkv(call, observers)
-    query, key, value = call.query, call.key, call.value
-    wants = _wanted_statistics(call, observers)
-    if any(getattr(obs, "replaces_z", lambda c: False)(call) for obs in observers):
-        # an observer overwrites every head's output (path patching freezes them all): skip the kernel
-        z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-    elif softcap is not None:
-        z = _eager_output(call)
-    elif wants and _fusable(call, dropout, kwargs):
-        z, call.lse, call.key_mean = attention_with_statistics(call, key_mean="key_mean" in wants)
-    else:
-        z, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
+    observers = flatten(current_observers()) if call.layer >= 0 else []  # only decoder layers are heads we index
+    _qkv_point(call, observers)
+    z = _output(call, observers, dropout, kwargs, is_causal)
+    z_edits, z_reads = at_point(observers, Point.Z, call.layer)
+    for iv in z_edits:
+        z = iv.edit(call, z)
+    for reader in z_reads:
+        reader.read(call, z)
     for obs in observers:
-        hook = getattr(obs, "on_attention", None)
+        hook = getattr(obs, "on_attention", None)  # pattern observers (probes) read the call
         if hook is not None:
             hook(call)
-        edit = getattr(obs, "edit_z", None)
-        if edit is not None:
-            z = edit(call, z)
     return z, None
+
+
+def _output(
+    call: AttentionCall, observers: list[Any], dropout: float, kwargs: dict[str, Any], is_causal: bool | None
+) -> Float[Tensor, "batch query head d_head"]:
+    """The kernel: skipped when a ``Z`` edit replaces every head's output, eager over blocks of
+    rows when the layer has ``SCORES``/``WEIGHTS`` edits, SDPA (or the fused kernel with
+    statistics an observer asked for) otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = call.query, call.key, call.value
+    if any(iv.replaces(call) for iv in at_point(observers, Point.Z, call.layer)[0]):
+        # path patching freezes every head's output: the kernel's result would be overwritten
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+    scores = at_point(observers, Point.SCORES, call.layer)[0]
+    weights = at_point(observers, Point.WEIGHTS, call.layer)[0]
+    if scores or weights:
+        return edited_attention(call, scores, weights)
+    if call.softcap is not None:
+        return _eager_output(call)
+    wants = _wanted_statistics(call, observers)
+    if wants and _fusable(call, dropout, kwargs):
+        z, call.lse, call.key_mean = attention_with_statistics(call, key_mean="key_mean" in wants)
+        return z
+    z, _ = sdpa_attention_forward(
+        call.module, query, key, value, call.mask, dropout=dropout, scaling=call.scaling, is_causal=is_causal, **kwargs
+    )
+    return z
 
 
 def register() -> None:
@@ -244,11 +265,56 @@ def native_attention(hf_model: torch.nn.Module, unwrap: bool = False) -> Iterato
             setattr(parent, cname, child)
 
 
+def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's decoder layers, in order (the modules whose attention carries a
+    ``layer_idx``; a VLM's vision tower is not among them)."""
+    for mod in hf_model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod):
+            first = getattr(mod[0], "original_component", None) or mod[0]
+            attn = getattr(first, "self_attn", None) or getattr(first, "attn", None)
+            attn = getattr(attn, "original_component", None) or attn
+            if getattr(attn, "layer_idx", None) is not None:
+                return list(mod)
+    return []
+
+
+@contextlib.contextmanager
+def resid_edits(hf_model: torch.nn.Module) -> Iterator[None]:
+    """The ``RESID`` point: a forward pre-hook on each decoder layer hands the residual stream
+    entering it to the ``RESID`` interventions (in order), then readers, of the current run."""
+
+    def pre(module, args, kwargs, layer: int):
+        edits, reads = at_point(flatten(current_observers()), Point.RESID, layer)
+        if not edits and not reads:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        for iv in edits:
+            x = iv.edit(layer, x)
+        for reader in reads:
+            reader.read(layer, x)
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, k, layer=i: pre(m, a, k, layer), with_kwargs=True)
+        for i, block in enumerate(decoder_layers(hf_model))
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def hooked_run(
     hf_model: torch.nn.Module, *observers: Any, grad: bool = False, unwrap: bool = False
 ) -> Iterator[torch.nn.Module]:
     """The one way a run is set up: grad mode, native attention (``unwrap``: the plain HF
-    modules throughout, :func:`native_attention`), then the observers."""
+    modules throughout, :func:`native_attention`), then the observers and interventions, whose
+    conflicts are refused before anything runs (:func:`workbench.engine.edits.check_conflicts`)."""
     with torch.enable_grad() if grad else torch.no_grad(), native_attention(hf_model, unwrap), observe(*observers):
-        yield hf_model
+        check_conflicts(current_observers())
+        stack = flatten(current_observers())
+        needs_resid = any(getattr(o, "point", None) is Point.RESID for o in stack)
+        with resid_edits(hf_model) if needs_resid else contextlib.nullcontext():
+            yield hf_model

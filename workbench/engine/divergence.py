@@ -29,6 +29,7 @@ from torch import Tensor
 
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import ZReader
 from workbench.engine.masking import attention_probs
 from workbench.errors import WorkbenchError
 from workbench.inputs.conditions import TOKEN_ALIGNED, Condition, check_lengths
@@ -93,7 +94,7 @@ def _uses_own_positions(hf_model: Any) -> bool:
     return any(hasattr(m, "get_rope_index") for m in (hf_model, getattr(hf_model, "model", None)) if m is not None)
 
 
-class _CaptureSteps:
+class _CaptureSteps(ZReader):
     """Observer: every head's z at the last ``n_steps`` columns, and its attention mass on the
     condition's tokens there (the attention rows of those queries only)."""
 
@@ -104,13 +105,12 @@ class _CaptureSteps:
         self.attn: list[Tensor | None] = [None] * n_layers
         self.modules: list[Any] = [None] * n_layers
 
-    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+    def read(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> None:
         self.z[call.layer] = z[:, -self.n_steps :].detach().float()
         self.modules[call.layer] = call.module
         probs = attention_probs(call, self.n_steps)
         keys = self.condition_keys[:, : probs.shape[-1]].float()
         self.attn[call.layer] = torch.einsum("bhtk,bk->bth", probs, keys)
-        return z
 
 
 def head_outputs(

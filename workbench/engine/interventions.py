@@ -1,8 +1,8 @@
 """Head interventions: ablate chosen heads during any probe run or generation.
 
-An intervention is an observer of the ``"workbench"`` attention hook (see
-:mod:`workbench.engine.attention`) that edits the per-head output z (before ``W_O``) of chosen
-``(layer, head)`` pairs, at every query position:
+Each is a ``Z`` edit of the declared intervention protocol (:mod:`workbench.engine.edits`): it
+edits the per-head output z (before ``W_O``) of chosen ``(layer, head)`` pairs, at every query
+position:
 
 - ``zero``: z = 0 (the head's contribution removed; W_O has no bias in most models).
 - ``mean``: z = the head's mean output over a reference set of prompts (mean ablation keeps the
@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import Sites, ZEdit, ZReader, sites_of
 from workbench.engine.masking import first_visible_key
 from workbench.errors import WorkbenchError
 
@@ -51,8 +52,8 @@ def parse_heads(spec: str | Iterable, n_layers: int, n_heads: int) -> list[tuple
     return list(dict.fromkeys(heads))
 
 
-class HeadAblation:
-    """Edit the output z of chosen heads; an observer for :func:`workbench.engine.call.observe`."""
+class HeadAblation(ZEdit):
+    """Replace the output z of chosen heads (``zero``, ``mean`` or ``first``): a ``Z`` edit."""
 
     def __init__(self, heads: Sequence[tuple[int, int]], mode: str = "zero", means: Tensor | None = None) -> None:
         if mode not in MODES:
@@ -61,11 +62,15 @@ class HeadAblation:
             raise WorkbenchError("mean ablation needs head means", "compute them with head_means(model, prompts)")
         self.mode = mode
         self.means = means
+        self.label = f"{mode} ablation"
         self.by_layer: dict[int, list[int]] = {}
         for layer, head in heads:
             self.by_layer.setdefault(int(layer), []).append(int(head))
 
-    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+    def sites(self) -> Sites:
+        return sites_of((layer, h) for layer, hs in self.by_layer.items() for h in hs)
+
+    def edit(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
         heads = self.by_layer.get(call.layer)
         if not heads:
             return z
@@ -83,18 +88,17 @@ class HeadAblation:
         return z
 
 
-class _MeanRecorder:
+class _MeanRecorder(ZReader):
     def __init__(self, n_layers: int, n_heads: int, d_head: int, device) -> None:
         self.sum = torch.zeros(n_layers, n_heads, d_head, dtype=torch.float64, device=device)
         self.count = 0
         self.valid: Tensor | None = None
 
-    def edit_z(self, call: AttentionCall, z: Tensor) -> Tensor:
+    def read(self, call: AttentionCall, z: Tensor) -> None:
         v = self.valid[:, -z.shape[1] :].to(z.dtype).view(z.shape[0], z.shape[1], 1, 1)
         self.sum[call.layer] += (z * v).sum((0, 1)).double()
         if call.layer == 0:
             self.count += int(v.sum())
-        return z
 
 
 def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head d_head"]:
@@ -121,7 +125,7 @@ def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head
     return (rec.sum / max(rec.count, 1)).float()
 
 
-class HeadScaling:
+class HeadScaling(ZEdit):
     """Scale the output z of chosen heads by ``alpha`` (VHR-style head reinforcement).
 
     ``positions="first"`` (VHR, He et al. 2025: "at the first generated token"): only the query
@@ -136,11 +140,15 @@ class HeadScaling:
         self.alpha = float(alpha)
         self.positions = positions
         self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.label = f"head scaling x{self.alpha:g}"
         self.by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             self.by_layer.setdefault(layer, []).append(head)
 
-    def edit_z(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
+    def sites(self) -> Sites:
+        return sites_of(self.heads)
+
+    def edit(self, call: AttentionCall, z: Float[Tensor, "batch query head d_head"]) -> Tensor:
         heads = self.by_layer.get(call.layer)
         if not heads:
             return z

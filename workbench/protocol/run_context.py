@@ -28,6 +28,22 @@ class RunContext:
     interventions: Sequence[Any] = field(default_factory=tuple)  # observers active in every forward
     progress: bool | None = None  # None: a bar when stderr is a terminal
     root: Path | None = None  # where relative paths in items (images) start
+    # where a probe's own edits and ``interventions`` edit the same point of the same heads: None
+    # (refused, the order would be arbitrary), "given,probe" or "probe,given" (--order)
+    order: Literal["given,probe", "probe,given"] | None = None
+
+    def with_edits(self, *own: Any) -> list[Any]:
+        """The observers of a forward in which an intervening probe applies its ``own`` edits
+        beside the run's ``interventions`` (``--ablate``), composed as :attr:`order` says: without
+        an order, edits of the same point of the same head are refused when the run starts
+        (:func:`workbench.engine.edits.check_conflicts`); with one, they apply in that order."""
+        from workbench.engine.edits import ordered
+
+        given = list(self.interventions)
+        if self.order is None or not given or not own:
+            return [*given, *own]
+        first, second = (given, list(own)) if self.order == "given,probe" else (list(own), given)
+        return [ordered(*first, *second)]
 
     def plan(self, lengths: Sequence[int], device: torch.device | str) -> list[list[int]]:
         """Batches of item indices for items of these lengths (padded tokens each will take)."""

@@ -7,7 +7,7 @@ as the pattern engine does) and keeps only the real positions of each prompt:
 
 - ``q``, ``k``, ``v``: from the ``"workbench"`` attention hook (:mod:`workbench.engine.attention`),
   the tensors the kernel used, post-rotary where the model rotates;
-- ``z``: the per-head output the same hook hands to ``edit_z`` (returned unchanged);
+- ``z``: the per-head output the same hook hands to ``Z`` readers (:mod:`workbench.engine.edits`);
 - ``resid_pre`` / ``resid_post``: the bridge's ``hook_in`` / ``hook_out`` of each block (the
   block's input and output), or forward hooks on a plain HF block.
 
@@ -33,6 +33,7 @@ import torch
 
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
+from workbench.engine.edits import ZReader
 from workbench.errors import WorkbenchError
 from workbench.files.atomic import WRITER_LOCK, check_folder, make_folder, one_writer
 from workbench.files.hashing import sha256_file
@@ -91,7 +92,7 @@ def residual_hooks(
             h.remove()
 
 
-class Capture:
+class Capture(ZReader):
     """The observer that copies each prompt's real positions into the shard's buffers."""
 
     def __init__(self, hooks: Sequence[str], layers: Sequence[int], geometry: dict[str, Any] | None = None) -> None:
@@ -128,10 +129,9 @@ class Capture:
             if hook in self.hooks:
                 self._put(hook, call.layer, t.detach().transpose(1, 2))  # [batch, pos, head, d]
 
-    def edit_z(self, call: AttentionCall, z: torch.Tensor) -> torch.Tensor:
+    def read(self, call: AttentionCall, z: torch.Tensor) -> None:
         if self.geometry is not None and "z" in self.hooks and call.layer in self.layers:
             self._put("z", call.layer, z.detach())
-        return z
 
     def on_resid(self, hook: str, layer: int, t: torch.Tensor) -> None:
         if hook in self.hooks:
