@@ -168,7 +168,8 @@ def test_a_scaffolded_plugin_installs_and_runs_through_probe_sweep_report_and_qu
     assert (work / "plugin" / "workbench_probe_prev_offset" / "probe.py").is_file()
     pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install"]
     _run([*pip, "--no-deps", "--no-index", "--no-build-isolation", "-q", str(work / "plugin")], work, env)
-    where = _run([str(bin_dir / "python"), "-c", "import workbench_probe_prev_offset as m; print(m.__file__)"], work, env)
+    show = "import workbench_probe_prev_offset as m; print(m.__file__)"
+    where = _run([str(bin_dir / "python"), "-c", show], work, env)
     assert str(tmp / "venv") in where.stdout, "the plugin is imported from the venv, not its folder"
 
     listing = _run([workbench, "probes"], work, env)

@@ -320,7 +320,8 @@ def test_a_plugins_unit_key_names_its_distribution_version_and_parameter_schema(
     gives its units new keys, so a sweep recomputes them (the parameter values alone
     would not see a changed bound); the built-in probes' keys do not move."""
     cfg = tmp_path / "s.toml"
-    cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["plugin-first", "sink"]\n[datasets.prose]\nn_prompts = 2\n')
+    cfg.write_text(f'models = ["{tiny_dirs["llama"]}"]\nprobes = ["plugin-first", "sink"]\n'
+                   "[datasets.prose]\nn_prompts = 2\n")
     before = _keys(cfg)
     assert _keys(cfg) == before, "the key is a function of the config and the installed code"
 
