@@ -54,6 +54,7 @@ from torch import Tensor
 from workbench.engine.call import AttentionCall
 from workbench.engine.masking import attention_scores, first_visible_key
 from workbench.errors import WorkbenchError
+from workbench.protocol.ordering import Ordered, ordered
 
 
 class Point(str, Enum):
@@ -210,17 +211,7 @@ def sites_of(heads: Iterable[tuple[int, int]]) -> dict[int, frozenset[int]]:
     return {layer: frozenset(h) for layer, h in out.items()}
 
 
-class Ordered:
-    """Interventions whose overlap the user intends, applied in the order given
-    (:func:`ordered`). Registered like any observer; the engine runs its members in place."""
-
-    def __init__(self, members: Sequence[Intervention]) -> None:
-        self.members = list(members)
-
-
-def ordered(*interventions: Intervention) -> Ordered:
-    """Declare that ``interventions`` may edit the same point of the same heads, in this order."""
-    return Ordered(interventions)
+__all__ = ["Ordered", "ordered"]  # declared in workbench.protocol.ordering (the run context composes with them)
 
 
 def flatten(observers: Iterable[Any]) -> list[Any]:

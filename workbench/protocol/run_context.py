@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from workbench.inputs.batching import BatchSize, batch_token_budget, plan_batches
+from workbench.protocol.ordering import ordered
 
 
 @dataclass
@@ -37,8 +38,6 @@ class RunContext:
         beside the run's ``interventions`` (``--ablate``), composed as :attr:`order` says: without
         an order, edits of the same point of the same head are refused when the run starts
         (:func:`workbench.engine.edits.check_conflicts`); with one, they apply in that order."""
-        from workbench.engine.edits import ordered
-
         given = list(self.interventions)
         if self.order is None or not given or not own:
             return [*given, *own]
