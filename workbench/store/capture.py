@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from workbench.engine.attention import hooked_run
+from workbench.engine.attention import decoder_layers, hooked_run
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import ZReader
 from workbench.errors import WorkbenchError
@@ -47,13 +47,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def decoder_blocks(base: torch.nn.Module) -> list[torch.nn.Module]:
-    for name in ("layers", "h", "blocks"):
-        mods = getattr(base, name, None)
-        if isinstance(mods, torch.nn.ModuleList):
-            return list(mods)
-    raise WorkbenchError(
-        f"cannot find the decoder blocks of {type(base).__name__}", "cache q, k, v and z only (--hooks q,k,v,z)"
-    )
+    """The decoder blocks of ``base`` (:func:`workbench.engine.attention.decoder_layers`), or one
+    error naming what the store can capture without them."""
+    blocks = decoder_layers(base)
+    if not blocks:
+        raise WorkbenchError(
+            f"cannot find the decoder blocks of {type(base).__name__}", "cache q, k, v and z only (--hooks q,k,v,z)"
+        )
+    return blocks
 
 
 @contextlib.contextmanager
