@@ -108,8 +108,8 @@ def workbench_attention_forward(
     )
     observers = flatten(current_observers()) if call.layer >= 0 else []  # only decoder layers are heads we index
     _qkv_point(call, observers)
-    z = _output(call, observers, dropout, kwargs, is_causal)
     z_edits, z_reads = at_point(observers, Point.Z, call.layer)
+    z = _output(call, observers, z_edits, dropout, kwargs, is_causal)
     for iv in z_edits:
         z = iv.edit(call, z)
     for reader in z_reads:
@@ -122,15 +122,20 @@ def workbench_attention_forward(
 
 
 def _output(
-    call: AttentionCall, observers: list[Any], dropout: float, kwargs: dict[str, Any], is_causal: bool | None
+    call: AttentionCall,
+    observers: list[Any],
+    z_edits: list[Any],
+    dropout: float,
+    kwargs: dict[str, Any],
+    is_causal: bool | None,
 ) -> Float[Tensor, "batch query head d_head"]:
-    """The kernel: skipped when a ``Z`` edit replaces every head's output, eager over blocks of
-    rows when the layer has ``SCORES``/``WEIGHTS`` edits, SDPA (or the fused kernel with
-    statistics an observer asked for) otherwise."""
+    """The kernel: skipped when one of the layer's ``Z`` edits (``z_edits``) replaces every
+    head's output, eager over blocks of rows when the layer has ``SCORES``/``WEIGHTS`` edits,
+    SDPA (or the fused kernel with statistics an observer asked for) otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     query, key, value = call.query, call.key, call.value
-    if any(iv.replaces(call) for iv in at_point(observers, Point.Z, call.layer)[0]):
+    if any(iv.replaces(call) for iv in z_edits):
         # path patching freezes every head's output: the kernel's result would be overwritten
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
     scores = at_point(observers, Point.SCORES, call.layer)[0]
