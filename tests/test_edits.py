@@ -46,40 +46,32 @@ LENGTHS = [11, 4, 17, 8]
 SITES = [(0, 1), (1, 2), (2, 0)]  # tiny-llama: 3 layers x 4 query heads, 2 KV heads
 
 
-class FirstKeyLogit(ScoresEdit):
-    """ZeroTuning in logit form: ln(gamma) added to the first token's score."""
+class OnHeads:
+    """The heads an edit declares, given as ``[(layer, head), ...]``, and its gamma."""
 
-    def __init__(self, heads, gamma):
+    def __init__(self, heads, gamma=1.0):
         self.where, self.gamma = sites_of(heads), gamma
 
     def sites(self):
         return self.where
+
+
+class FirstKeyLogit(OnHeads, ScoresEdit):
+    """ZeroTuning in logit form: ln(gamma) added to the first token's score."""
 
     def edit(self, call, x: Rows):
         return x.values + math.log(self.gamma) * x.first_key  # every head: the protocol restricts it
 
 
-class FirstKeyWeight(WeightsEdit):
+class FirstKeyWeight(OnHeads, WeightsEdit):
     """ZeroTuning as its paper states it: the first token's weight times gamma, rows renormalised."""
-
-    def __init__(self, heads, gamma):
-        self.where, self.gamma = sites_of(heads), gamma
-
-    def sites(self):
-        return self.where
 
     def edit(self, call, x: Rows):
         return torch.where(x.first_key, x.values * self.gamma, x.values)
 
 
-class Flatten(WeightsEdit):
+class Flatten(OnHeads, WeightsEdit):
     """AttentionInfluence's edit: uniform attention over the visible prefix."""
-
-    def __init__(self, heads):
-        self.where = sites_of(heads)
-
-    def sites(self):
-        return self.where
 
     def edit(self, call, x: Rows):
         return x.visible.float()  # renormalised by the protocol
@@ -97,13 +89,7 @@ class HalveKeys(QKVEdit):
         return QKV(x.query * 1.5, key, x.value)
 
 
-class ZeroZ(ZEdit):
-    def __init__(self, heads):
-        self.where = sites_of(heads)
-
-    def sites(self):
-        return self.where
-
+class ZeroZ(OnHeads, ZEdit):
     def edit(self, call, z):
         z = z.clone()
         for h in self.where.get(call.layer, ()):
