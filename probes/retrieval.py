@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -71,44 +71,71 @@ def newline_token_ids(tokenizer: Any) -> set[int]:
     return out
 
 
-class CopyScorer:
-    """Observer and step callback: each head's top-1 key of its last query, per layer, in
-    in-prompt positions; after each step, a head scores 1/len(span) when that key lies in the
-    span and holds the token just emitted."""
+class LastQueryReader:
+    """Observer: per layer, a per-head reduction of each prompt's last query row (the query whose
+    logits give the next token), kept by batch row across the prompt-by-prompt prefill and the
+    batched decoding steps. Subclasses say what to keep (:meth:`reduce`) and score it after each
+    step (``on_step``)."""
 
     def __init__(self, n_layers: int, n_heads: int, state: DecodeState, span_key: str) -> None:
         self.state, self.span_key = state, span_key
         self.n_layers, self.n_heads = n_layers, n_heads
-        self.top: list[Int[Tensor, "batch head"] | None] = [None] * n_layers
+        self.kept: list[Tensor | None] = [None] * n_layers  # per layer: [batch, head]
         self.scores: Float[Tensor, "batch layer head"] | None = None
+
+    def reduce(self, call: AttentionCall, scores: Float[Tensor, "rows head key"]) -> Tensor:
+        """What to keep of the last query's masked scores (``-inf`` = not visible), ``[rows, head]``."""
+        raise NotImplementedError
+
+    def on_step(self, state: DecodeState, y: Int[Tensor, " batch"], active: Bool[Tensor, " batch"]) -> None:
+        """Add each row's scores for the token ``y`` just emitted (rows not ``active`` finished)."""
+        raise NotImplementedError
 
     def on_attention(self, call: AttentionCall) -> None:
         n_q = call.query.shape[2]
-        s, _ = attention_scores(call, n_q - 1, n_q)  # [rows, head, 1, key]; softcap is monotone
-        top = s[:, :, 0].argmax(-1) - self.state.key_offset.view(-1, 1)  # in-prompt positions
+        s, _ = attention_scores(call, n_q - 1, n_q)  # [rows, head, 1, key]
+        kept = self.reduce(call, s[:, :, 0])
         st = self.state
         if st.rows is None:
-            self.top[call.layer] = top
+            self.kept[call.layer] = kept
         else:
-            if self.top[call.layer] is None or self.top[call.layer].shape[0] != st.size:
-                self.top[call.layer] = torch.zeros(st.size, top.shape[1], dtype=torch.long, device=top.device)
-            self.top[call.layer][st.rows] = top
+            if self.kept[call.layer] is None or self.kept[call.layer].shape[0] != st.size:
+                self.kept[call.layer] = torch.zeros(st.size, kept.shape[1], dtype=kept.dtype, device=kept.device)
+            self.kept[call.layer][st.rows] = kept
+
+    def step_scores(self, state: DecodeState, device: torch.device) -> Float[Tensor, "batch layer head"]:
+        """The running per-prompt scores, zeroed at a batch's first step."""
+        if state.step == 0 or self.scores is None or self.scores.shape[0] != state.size:
+            self.scores = torch.zeros(state.size, self.n_layers, self.n_heads, dtype=torch.float64, device=device)
+        return self.scores
+
+    def spans_and_ids(self, state: DecodeState, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per batch row: span start, span end, and the prompt's ids padded with -1 on the right
+        (in-prompt coordinates)."""
+        lo = torch.tensor([p.meta[self.span_key][0] for p in state.prompts], device=device)
+        hi = torch.tensor([p.meta[self.span_key][1] for p in state.prompts], device=device)
+        width = max(len(p) for p in state.prompts)
+        ids = torch.tensor([p.ids + [-1] * (width - len(p)) for p in state.prompts], device=device)
+        return lo, hi, ids
+
+
+class CopyScorer(LastQueryReader):
+    """Each head's top-1 key of its last query, per layer, in in-prompt positions; after each
+    step, a head scores 1/len(span) when that key lies in the span and holds the token just
+    emitted."""
+
+    def reduce(self, call: AttentionCall, scores: Float[Tensor, "rows head key"]) -> Tensor:
+        return scores.argmax(-1) - self.state.key_offset.view(-1, 1)  # softcap is monotone
 
     def on_step(self, state: DecodeState, y: Int[Tensor, " batch"], active: Bool[Tensor, " batch"]) -> None:
-        dev = y.device
-        if state.step == 0 or self.scores is None or self.scores.shape[0] != state.size:
-            self.scores = torch.zeros(state.size, self.n_layers, self.n_heads, dtype=torch.float64, device=dev)
-        lo = torch.tensor([p.meta[self.span_key][0] for p in state.prompts], device=dev)
-        hi = torch.tensor([p.meta[self.span_key][1] for p in state.prompts], device=dev)
-        width = max(len(p) for p in state.prompts)
-        ids = torch.tensor(
-            [p.ids + [-1] * (width - len(p)) for p in state.prompts], device=dev
-        )  # in-prompt coordinates
+        scores = self.step_scores(state, y.device)
+        lo, hi, ids = self.spans_and_ids(state, y.device)
+        width = ids.shape[1]
         for layer in range(self.n_layers):
-            top = self.top[layer]  # [b, h]
+            top = self.kept[layer]  # [b, h]
             tok_at = ids.gather(1, top.clamp(0, width - 1))
             hit = (top >= lo[:, None]) & (top < hi[:, None]) & (tok_at == y[:, None]) & active[:, None]
-            self.scores[:, layer] += hit.double() / (hi - lo).double()[:, None]
+            scores[:, layer] += hit.double() / (hi - lo).double()[:, None]
 
 
 @dataclass
@@ -144,8 +171,11 @@ def generate_and_score(
     require_correct: bool = True,
     prefill: Prefill = "auto",
     ctx: RunContext | None = None,
+    scorer: Callable[[int, int, DecodeState, str], LastQueryReader] = CopyScorer,
 ) -> list[RetrievalOutcome]:
-    """Greedy-decode every prompt (batched, KV cache) and score each head's copying."""
+    """Greedy-decode every prompt (batched, KV cache) and score each head: its copying by
+    default, or what another ``scorer(n_layers, n_heads, state, span_key)`` scores after each
+    step (the semantic retrieval probe's span mass)."""
     key = SPANS.get(span)
     if key is None:
         raise WorkbenchError(f"unknown span {span!r}", "use span=answer (the paper's default) or span=needle")
@@ -155,16 +185,16 @@ def generate_and_score(
     if tok.eos_token_id is not None:
         stops.add(int(tok.eos_token_id))
     state = DecodeState()
-    scorer = CopyScorer(model.n_layers, model.n_heads, state, key)
+    reader = scorer(model.n_layers, model.n_heads, state, key)
     per_prompt: dict[int, Tensor] = {}  # by prompt object: ids need not be unique here
 
     def on_step(st: DecodeState, y: Tensor, active: Tensor) -> None:
-        scorer.on_step(st, y, active)
+        reader.on_step(st, y, active)
         for r, p in enumerate(st.prompts):
-            per_prompt[id(p)] = scorer.scores[r].cpu()
+            per_prompt[id(p)] = reader.scores[r].cpu()
 
     tokens = greedy_decode(
-        model, prompts, max_new_tokens, stops, ctx, observers=[scorer], on_step=on_step, state=state, prefill=prefill
+        model, prompts, max_new_tokens, stops, ctx, observers=[reader], on_step=on_step, state=state, prefill=prefill
     )
     results = []
     for p, toks in zip(prompts, tokens):
@@ -217,20 +247,24 @@ class RetrievalProbe(TokenProbe):
 
     def run(self, model: LoadedModel, prompts: Sequence[TokenizedPrompt], ctx: RunContext) -> ProbeResult:
         self.outcomes = generate_and_score(model, prompts, ctx=ctx, **self.params)
+        return self.summarise(model, "retrieval", threshold=0.1)
+
+    def summarise(self, model: LoadedModel, metric: str, threshold: float | None) -> ProbeResult:
+        """The mean per-head score over counted prompts (``n`` = counted prompts), the summary
+        and the printed line; ``threshold``: report the share of heads above it."""
         counted = [o.scores for o in self.outcomes if o.counted]
         n = len(counted)
         nan = torch.full((model.n_layers, model.n_heads), math.nan, dtype=torch.float64)
-        table = self.rows("retrieval", torch.stack(counted).mean(0) if n else nan, n)
-        share = float((table.value > 0.1).mean()) if n else 0.0
-        summary = {
+        table = self.rows(metric, torch.stack(counted).mean(0) if n else nan, n)
+        summary: dict[str, Any] = {
             "n_prompts": len(self.outcomes),
             "n_counted": n,
             "accuracy": sum(o.recall > 0.5 for o in self.outcomes) / max(1, len(self.outcomes)),
-            "share_above_0.1": share,
             "responses": {o.prompt_id: o.response for o in self.outcomes},
         }
-        lines = [
-            f"retrieval: {n}/{len(self.outcomes)} prompts counted (answered correctly: {summary['accuracy']:.0%}); "
-            f"{share:.1%} of heads score above 0.1"
-        ]
-        return self.finish(table, summary, lines)
+        line = f"{metric}: {n}/{len(self.outcomes)} prompts counted (answered correctly: {summary['accuracy']:.0%})"
+        if threshold is not None:
+            share = float((table.value > threshold).mean()) if n else 0.0
+            summary[f"share_above_{threshold}"] = share
+            line += f"; {share:.1%} of heads score above {threshold}"
+        return self.finish(table, summary, [line])
