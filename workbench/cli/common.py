@@ -242,8 +242,8 @@ def load_inputs(args: argparse.Namespace, model=None):
 
 
 def make_interventions(args: argparse.Namespace, model) -> list:
-    """``--ablate L.H,... --ablation zero|mean|first`` as head-ablation observers."""
-    from workbench.engine.interventions import HeadAblation, head_means, parse_heads
+    """``--ablate L.H,... --ablation zero|mean|first|flat`` as head-ablation observers."""
+    from workbench.engine.interventions import head_ablation, head_means, parse_heads
 
     if not getattr(args, "ablate", None):
         return []
@@ -257,7 +257,7 @@ def make_interventions(args: argparse.Namespace, model) -> list:
             make_dataset("prose", n_prompts=16, seed=12345), model.tokenizer, model.n_ctx, model.vocab_size
         )
         means = head_means(model, ref)
-    return [HeadAblation(heads, args.ablation, means)]
+    return [head_ablation(heads, args.ablation, means)]
 
 
 def write_table(table: Any, out: str, **meta: Any) -> Any:

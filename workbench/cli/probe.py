@@ -39,8 +39,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     args.model = args.model or "smollm2-135m"
     if args.n_prompts is not None and args.n_prompts < 1:
         raise WorkbenchError(f"--n-prompts must be at least 1, got {args.n_prompts}", "ask for 1 or more prompts")
-    if args.ablation not in ("zero", "mean", "first"):
-        raise WorkbenchError(f"unknown ablation {args.ablation!r}", "use --ablation zero, mean or first")
+    if args.ablation not in ("zero", "mean", "first", "flat"):
+        raise WorkbenchError(f"unknown ablation {args.ablation!r}", "use --ablation zero, mean, first or flat")
     prompts, dataset, root = load_inputs(args)  # files and text datasets are checked before loading
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -289,7 +289,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--ablation",
         default="zero",
-        help="how to ablate: zero, mean (over prose) or first (attention to the first token)",
+        help="how to ablate: zero, mean (over prose), first (attention to the first token) "
+        "or flat (uniform attention over the visible prefix, AttentionInfluence)",
     )
     run.add_argument(
         "--param",

@@ -11,9 +11,17 @@ position:
   of the head's KV group (the active-dormant test of Guo et al.: a dormant head already puts
   nearly all its attention there, so the change measures what the head does when active).
 
+and one ``WEIGHTS`` edit, :class:`HeadFlattening` (``flat``): the chosen heads' attention weights
+set uniform, 1 / (number of keys the row can see), keys counted from the prompt's first real
+token (padding never gets weight). This is AttentionInfluence's mask (Hua et al. 2025,
+arXiv 2505.07293, App. C): the paper sets the weights to 1/L, "uniform over the sequence"; for a
+causal row we read L as the row's visible prefix (on a sliding-window layer, its window), since a
+query cannot attend to later keys. The head still reads its values, but no longer chooses among
+them. Definitions: docs/metrics.md#influence.
+
 Use from Python with ``run_probes(..., interventions=[HeadAblation(...)])`` or any generation
-under :func:`workbench.engine.call.observe`; from the CLI with ``--ablate 12.3,14.0
---ablation zero``.
+under :func:`workbench.engine.call.observe` (:func:`head_ablation` builds either class by mode);
+from the CLI with ``--ablate 12.3,14.0 --ablation zero`` (or ``flat``).
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from workbench.engine.call import AttentionCall
-from workbench.engine.edits import Sites, ZEdit, ZReader, sites_of
+from workbench.engine.edits import Rows, Sites, WeightsEdit, ZEdit, ZReader, sites_of
 from workbench.engine.masking import first_visible_key
 from workbench.errors import WorkbenchError
 
-MODES = ("zero", "mean", "first")
+MODES = ("zero", "mean", "first")  # Z edits (HeadAblation)
+ABLATIONS = (*MODES, "flat")  # every ablation by name: + the WEIGHTS edit (HeadFlattening)
 
 
 def parse_heads(spec: str | Iterable, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -86,6 +95,34 @@ class HeadAblation(ZEdit):
             v = call.value[torch.arange(z.shape[0], device=z.device), :, first]  # [batch, kv_head, d]
             z[:, :, idx] = v[:, idx // group].unsqueeze(1).to(z.dtype)
         return z
+
+
+class HeadFlattening(WeightsEdit):
+    """Uniform attention on chosen heads (AttentionInfluence's mask): each row's weights become
+    1 / (number of keys it can see), over its visible prefix only (never padding, never later
+    keys; a sliding-window layer's window). A ``WEIGHTS`` edit, declared on ``heads``."""
+
+    def __init__(self, heads: Sequence[tuple[int, int]]) -> None:
+        self.heads_edited = [(int(layer), int(head)) for layer, head in heads]
+        self.label = "flat attention"
+
+    def sites(self) -> Sites:
+        return sites_of(self.heads_edited)
+
+    def edit(self, call: AttentionCall, x: Rows) -> Float[Tensor, "batch head block key"]:
+        visible = x.visible.to(x.values.dtype)
+        return visible / visible.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def head_ablation(
+    heads: Sequence[tuple[int, int]], mode: str = "zero", means: Tensor | None = None
+) -> HeadAblation | HeadFlattening:
+    """The intervention named by ``mode`` (one of :data:`ABLATIONS`) on ``heads``."""
+    if mode == "flat":
+        return HeadFlattening(heads)
+    if mode not in MODES:
+        raise WorkbenchError(f"unknown ablation {mode!r}", f"choose from: {', '.join(ABLATIONS)}")
+    return HeadAblation(heads, mode, means)
 
 
 class _MeanRecorder(ZReader):
