@@ -15,7 +15,7 @@ from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import Prompt
 from workbench.protocol.params import validate_options
 
-from . import arithmetic, counterfact, niah, prose, repeated, shapes
+from . import arithmetic, code, counterfact, niah, prose, repeated, sentiment, shapes
 from .options import MAX_PROMPTS
 
 DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
@@ -24,6 +24,8 @@ DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
     "niah": (niah.make, niah.DESCRIPTION),
     "shapes": (shapes.make, shapes.DESCRIPTION),
     "counterfact": (counterfact.make, counterfact.DESCRIPTION),
+    "code": (code.make, code.DESCRIPTION),
+    "sentiment": (sentiment.make, sentiment.DESCRIPTION),
     "arithmetic": (arithmetic.make, arithmetic.DESCRIPTION),
 }
 NEEDS_TOKENIZER = {"repeated-random", "niah"}
@@ -34,6 +36,8 @@ OPTIONS: dict[str, type[BaseModel]] = {
     "niah": niah.Options,
     "shapes": shapes.Options,
     "counterfact": counterfact.Options,
+    "code": code.Options,
+    "sentiment": sentiment.Options,
     "arithmetic": arithmetic.Options,
 }
 
