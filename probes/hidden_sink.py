@@ -1,6 +1,7 @@
-"""Hidden attention sinks and their calibration (ACT: Yu et al., "Unveiling and Harnessing
-Hidden Attention Sinks", ICML 2024; GATECH-EIC/ACT, ``models/llama_modelling_aug.py``).
-Definitions: docs/metrics.md#hidden_sink and docs/metrics.md#act.
+"""Hidden attention sinks and their calibration (ACT: Yu et al., "Unveiling and Harnessing Hidden
+Attention Sinks: Enhancing Large Language Models without Training through Attention Calibration",
+ICML 2024; GATECH-EIC/ACT, ``models/llama_modelling_aug.py``). Definitions:
+docs/metrics.md#hidden-sink-rate and docs/metrics.md#act-dloss.
 
 In one head and one prompt of T tokens, the mean attention key s receives is
 alpha_s = sum_t A[t,s] / (number of query rows that see s), i.e. ``(A / arange(T, 0, -1)).sum(-2)``

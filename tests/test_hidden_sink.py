@@ -128,7 +128,9 @@ _EAGER: dict = {}
 
 def ref_losses(model, prompts, heads, monkeypatch) -> list[torch.Tensor]:
     """Per prompt, next-token cross-entropy of the eager model with ``heads`` calibrated."""
-    ref = _EAGER.setdefault(model.source, eager_model(model.source))
+    if model.source not in _EAGER:
+        _EAGER[model.source] = eager_model(model.source)
+    ref = _EAGER[model.source]
     out = []
     with monkeypatch.context() as m:
         m.setattr(modeling_llama, "eager_attention_forward", act_attention(heads))
