@@ -94,11 +94,12 @@ def reference_outcome(ref, prompts, token_ids, heads, gamma):
 
 
 def reference_units(mode, n_layers, n_heads):
+    """Each unit's label (as the probe's summary names it) and heads."""
     if mode == "index":
-        return {(h,): [(layer, h) for layer in range(n_layers)] for h in range(n_heads)}
+        return {f"head {h}": [(layer, h) for layer in range(n_layers)] for h in range(n_heads)}
     if mode == "layer":
-        return {(layer,): [(layer, h) for h in range(n_heads)] for layer in range(n_layers)}
-    return {(layer, h): [(layer, h)] for layer in range(n_layers) for h in range(n_heads)}
+        return {f"layer {layer}": [(layer, h) for h in range(n_heads)] for layer in range(n_layers)}
+    return {f"{layer}.{h}": [(layer, h)] for layer in range(n_layers) for h in range(n_heads)}
 
 
 def reference_profile(model, prompts, mode, gamma):
@@ -106,13 +107,14 @@ def reference_profile(model, prompts, mode, gamma):
     ref = eager_model(model.source)
     token_ids = [model.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in CHOICES]
     base_acc, base_lp = reference_outcome(ref, prompts, token_ids, [], 1.0)
-    acc_gain, lp_gain = {}, {}
-    for heads in reference_units(mode, model.n_layers, model.n_heads).values():
+    acc_gain, lp_gain, unit_acc = {}, {}, {}
+    for label, heads in reference_units(mode, model.n_layers, model.n_heads).items():
         acc, lp = reference_outcome(ref, prompts, token_ids, heads, gamma)
+        unit_acc[label] = acc
         for cell in heads:
             acc_gain[cell] = acc - base_acc
             lp_gain[cell] = sum(a - b for a, b in zip(lp, base_lp)) / len(prompts)
-    return base_acc, acc_gain, lp_gain
+    return base_acc, acc_gain, lp_gain, unit_acc
 
 
 def cells(table, metric):
@@ -162,7 +164,7 @@ def test_profiling_equals_the_reference_loop(tiny_models, mode):
     model = tiny_models["llama"]
     prompts = labelled_prompts(model.vocab_size, LENGTHS, seed=4)
     result = ZeroTuningProbe(mode=mode, gamma=GAMMA).run(model, prompts, RunContext(batch_size=4))
-    base, acc_gain, lp_gain = reference_profile(model, prompts, mode, GAMMA)
+    base, acc_gain, lp_gain, unit_acc = reference_profile(model, prompts, mode, GAMMA)
     got_acc, got_lp = cells(result.table, "zt_accuracy_gain"), cells(result.table, "zt_logprob_gain")
     assert set(got_acc) == set(acc_gain) == {(a, b) for a in range(model.n_layers) for b in range(model.n_heads)}
     for cell in acc_gain:
@@ -173,10 +175,9 @@ def test_profiling_equals_the_reference_loop(tiny_models, mode):
     # the scaling moved something, so the comparison could fail
     assert max(abs(v) for v in lp_gain.values()) > 1e-3
     assert any(v != 0 for v in acc_gain.values()), "pick prompts/gamma where some unit flips a prediction"
-    up = {lab for lab in result.summary["up_effective"]}
-    down = {lab for lab in result.summary["down_effective"]}
-    assert len(up) == len({k for k, v in result.summary["unit_accuracy"].items() if v > base})
-    assert len(down) == len({k for k, v in result.summary["unit_accuracy"].items() if v < base})
+    assert result.summary["unit_accuracy"] == pytest.approx(unit_acc)  # each unit scales the heads its label names
+    assert result.summary["up_effective"] == [u for u, a in unit_acc.items() if a > base]  # gamma > 1
+    assert result.summary["down_effective"] == [u for u, a in unit_acc.items() if a < base]
 
 
 def test_labels_must_be_there_and_distinct(tiny_models):
