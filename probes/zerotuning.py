@@ -250,6 +250,7 @@ class Tuned:
     test_tuned: float
     n_val: int
     n_test: int
+    test_outcomes: tuple[Outcome, Outcome] | None = None  # per test prompt: baseline, tuned
 
 
 def dominant(prof: Profile) -> tuple[Literal["up", "down", "none"], Heads]:
@@ -288,9 +289,9 @@ def tune(
             acc[float(g)] = classify(model, val, labels, ctx, [FirstKeyScaling(heads, g)]).accuracy
     best = max(acc, key=lambda g: (acc[g], -abs(math.log(g))))
     test_labels = labels_of(model.tokenizer, test)
-    base = classify(model, test, test_labels, ctx).accuracy
-    tuned = base if best == 1.0 else classify(model, test, test_labels, ctx, [FirstKeyScaling(heads, best)]).accuracy
-    return Tuned(prof, kind, heads, acc, best, base, tuned, len(val), len(test))
+    base = classify(model, test, test_labels, ctx)
+    tuned = base if best == 1.0 else classify(model, test, test_labels, ctx, [FirstKeyScaling(heads, best)])
+    return Tuned(prof, kind, heads, acc, best, base.accuracy, tuned.accuracy, len(val), len(test), (base, tuned))
 
 
 class ZeroTuningProbe(TokenProbe):
