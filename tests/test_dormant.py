@@ -11,6 +11,7 @@ a neighbouring head, prompt-weighted losses, query 0 counted in the attention) m
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pandas as pd
 import pytest
@@ -282,7 +283,7 @@ def test_code_dataset_is_shipped_source_reproducible_by_seed():
     assert [p.text for p in make_dataset("code", 6, seed=4)] != [p.text for p in a]
     for p in a:
         assert 1 <= len(p.text.splitlines()) <= 12 and p.meta["source"].startswith("stdlib/")
-        assert not p.text[0].isspace()  # dedented
+        assert textwrap.dedent(p.text) == p.text  # no common indentation left
     docs = dormant_corpus()
     assert all(d["license"].startswith("PSF-2.0") for d in docs) and len(docs) >= 20
     with pytest.raises(WorkbenchError, match="min_lines"):

@@ -8,7 +8,8 @@ every document records it. Nothing is downloaded at run time.
 
 ``make`` cuts each passage from a random module, starting at a random ``def`` / ``class`` line
 (so a passage opens on a definition, as a code file's chunk often does) and taking
-``min_lines``..``max_lines`` whole lines, dedented, (lengths vary on purpose, as for ``prose``: runs exercise
+``min_lines``..``max_lines`` whole lines, common indentation removed (a passage opening on an indented method
+followed by top-level code keeps its indentation; lengths vary on purpose, as for ``prose``: runs exercise
 padded batches); reproducible by seed. Metadata: ``source`` (the module) and ``line`` (the first
 line, counted from 1). Why: Guo et al. (arXiv 2410.13835) find heads that are attention sinks on
 one input domain (e.g. Wikipedia) and active on another (GitHub code); prose, code and repeated
