@@ -240,3 +240,79 @@ def test_flat_is_an_ablation_by_name():
     with pytest.raises(WorkbenchError, match="flat"):
         head_ablation([(0, 1)], "uniform")
     assert math.isnan(AttentionInfluenceProbe(heads="0.1").summarize([], [])[0]["mean"])
+
+
+# --- the causal check's pieces: answer accuracy and the flat mode of retrieval_ablation --------------
+
+
+def greedy_reference(source, ids, steps, heads=()):
+    """Plain eager greedy decoding of one unpadded prompt, no cache (heads flattened by hand)."""
+    ref = _MODELS.setdefault(str(source), eager_model(source) if str(source) not in _MODELS else None)
+    chosen: dict[int, list[int]] = {}
+    for layer, head in heads:
+        chosen.setdefault(layer, []).append(head)
+    original = modeling_llama.eager_attention_forward
+    modeling_llama.eager_attention_forward = flat_attention(chosen)
+    try:
+        ids = list(ids)
+        for _ in range(steps):
+            with torch.no_grad():
+                ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+    finally:
+        modeling_llama.eager_attention_forward = original
+    return ids[-steps:]
+
+
+@pytest.mark.parametrize("heads", [(), HEADS])
+def test_answer_accuracy_is_greedy_exact_match_on_padded_batches(model, prompts, monkeypatch, heads):
+    """Gold answers = the reference's greedy tokens (the third one standing for the line end):
+    every prompt is right; one wrong token or a token that does not end the line makes it wrong."""
+    from workbench.experiments import retrieval_heads as rh
+
+    usable = [p for p in prompts if len(p) >= 2]
+    greedy = {p.id: greedy_reference(model.source, p.ids, 3, heads) for p in usable}
+    ends = torch.zeros(model.vocab_size, dtype=torch.bool)
+    ends[[g[-1] for g in greedy.values()]] = True
+    monkeypatch.setitem(rh._LINE_ENDS, id(model.tokenizer), ends)
+    tails = {p.id: greedy[p.id] for p in usable}
+    monkeypatch.setattr(rh, "_answer_rows", lambda m, ps: [(list(p.ids) + tails[p.id], len(p)) for p in ps])
+    assert rh.answer_accuracy(model, usable, heads, "flat", batch_size=3) == 1.0
+    first = usable[0].id
+    tails[first] = [tails[first][0], (tails[first][1] + 1) % model.vocab_size, tails[first][2]]
+    assert rh.answer_accuracy(model, usable, heads, "flat", batch_size=3) == pytest.approx(1 - 1 / len(usable))
+    alone = [p.id for p in usable[1:] if [g[-1] for g in greedy.values()].count(greedy[p.id][-1]) == 1]
+    if alone:  # a prompt whose line-end token no other shares: no longer a line end, so it is wrong too
+        ends[greedy[alone[0]][-1]] = False
+        assert rh.answer_accuracy(model, usable, heads, "flat", batch_size=3) == pytest.approx(1 - 2 / len(usable))
+
+
+def test_retrieval_ablation_with_given_scores_flat_mode_and_an_answer_task(model, prompts, monkeypatch):
+    from tests.test_retrieval import copy_prompts
+    from workbench.experiments import retrieval_heads as rh
+
+    seen = []
+    monkeypatch.setattr(rh, "answer_accuracy", lambda m, ps, hs, mode: seen.append((list(hs), mode)) or 0.5)
+    scores = pd.DataFrame(
+        [(layer, head, 0.9 if (layer, head) in HEADS else 0.0) for layer in range(3) for head in range(4)],
+        columns=["layer", "head", "value"],
+    )
+    _, table = rh.retrieval_ablation(
+        model,
+        [],
+        copy_prompts(model, [12, 9], seed=2),
+        ks=[3],
+        draws=2,
+        mode="flat",
+        max_new_tokens=2,
+        log=lambda *_: None,
+        scores=scores,
+        tasks={"sums": prompts},
+    )
+    assert list(zip(table.condition, table.metric)) == [
+        (c, m) for c in ("none", "top", "random", "random") for m in ("needle_accuracy", "sums_accuracy")
+    ]
+    top = table[table.condition == "top"].heads.iloc[0]
+    assert sorted(top.split(",")) == ["0.1", "1.3", "2.0"]
+    assert all(not set(h.split(",")) & set(top.split(",")) for h in table[table.condition == "random"].heads)
+    assert [mode for _, mode in seen] == ["flat"] * 4 and sorted(seen[1][0]) == HEADS
+    assert (table[table.metric == "sums_accuracy"].n == len(prompts)).all()

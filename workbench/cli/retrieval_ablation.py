@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--depths")
     r.add_argument("--k", default="5,10,20", help="numbers of heads to ablate")
     r.add_argument("--draws", type=whole(1), default=3, help="random draws per k")
-    r.add_argument("--ablation", default="zero", choices=["zero", "first"])
+    r.add_argument("--ablation", default="zero", choices=["zero", "first", "flat"])
     r.add_argument("--seed", type=whole(0), default=0)
     r.add_argument("--batch-size", default="4")
     r.add_argument("--out", required=True)
