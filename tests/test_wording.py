@@ -33,3 +33,13 @@ def test_the_summary_line_is_the_first_sentence_of_prose():
     text = "```text\nx = y\n```\n\nThe mean weight on the first token. Pooled over prompts.\n\nMore."
     assert summary_line(text) == "The mean weight on the first token."
     assert summary_line("| a | b |\n|---|---|\n\n- `m`: a bullet. Then more.") == "m: a bullet."
+
+
+def test_workbench_probes_shows_a_default_made_by_a_factory_as_its_value(capsys):
+    """A parameter whose default comes from a factory (a list) printed ``layers=PydanticUndefined``."""
+    from workbench.cli import main
+
+    assert main(["probes"]) == 0
+    out = capsys.readouterr().out
+    assert "PydanticUndefined" not in out
+    assert "layers=[]" in out  # carve's layers

@@ -219,7 +219,7 @@ def cmd_probes(args: argparse.Namespace) -> int:
             print(f"    {metric:{width}s}  {summary(metric)[0]}")
         fields = cls.Params.model_fields
         if fields:
-            shown = {k: f"{k}={f.default!r}" for k, f in fields.items()}
+            shown = {k: f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in fields.items()}
             pad = max(len(v) for v in shown.values())
             print("  params:")
             for k, f in fields.items():
