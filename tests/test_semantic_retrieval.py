@@ -17,16 +17,17 @@ from workbench.protocol.run_context import RunContext
 from workbench.runner import run_probes
 
 
-def semantic_reference(model, ids, span, stops, max_new_tokens, count="occurrences"):
+def semantic_reference(model, ids, span, stops, max_new_tokens):
     """CompressKV's loop, one prompt, no padding, plain eager attention: prefill all but the last
     token, feed tokens one at a time with output_attentions; when the emitted token is in the
-    span, every head adds its attention mass on the span, once per span position holding it.
-    Returns (scores[layer][head], output ids)."""
+    span, every head adds its attention mass on the span, once per span position holding it
+    ("occurrences", the authors' loop) or once ("once"). Returns ({count: scores[layer, head]},
+    output ids)."""
     from transformers import DynamicCache
 
     s, e = span
     cfg = model.config
-    scores = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    scores = {c: torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64) for c in COUNTS}
     KV = _cache_kwarg(model)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids[:-1]]), **{KV: DynamicCache()}, use_cache=True)
@@ -35,23 +36,35 @@ def semantic_reference(model, ids, span, stops, max_new_tokens, count="occurrenc
             out = model(input_ids=inp.view(1, 1), **{KV: cache}, use_cache=True, output_attentions=True)
             cache, inp = out[KV], out.logits[0, -1].argmax()
             output.append(int(inp))
+            hits = 0
             for i in range(s, e):
                 if ids[i] == int(inp):
+                    hits += 1
                     for layer, att in enumerate(out.attentions):
-                        scores[layer] += att[0, :, -1, s:e].double().sum(-1)
-                    if count == "once":
-                        break
+                        scores["occurrences"][layer] += att[0, :, -1, s:e].double().sum(-1)
+                        if hits == 1:
+                            scores["once"][layer] += att[0, :, -1, s:e].double().sum(-1)
             if int(inp) in stops:
                 break
     return scores, output
 
 
+COUNTS = ("occurrences", "once")
+_REFERENCES: dict = {}  # the reference decodes, shared by the checks of both counting rules
+_EAGER: dict = {}  # plain eager models by folder
+
+
 def check_against_reference(model, prompts, res, max_new_tokens, count, span_key="answer_span", stops=None):
-    ref_model = eager_model(model.source)
     stops = stop_ids(model.tokenizer) if stops is None else stops
     totals = []
     for p, r in zip(prompts, res):
-        ref, out = semantic_reference(ref_model, p.ids, p.meta[span_key], stops, max_new_tokens, count)
+        key = (str(model.source), tuple(p.ids), tuple(p.meta[span_key]), frozenset(stops), max_new_tokens)
+        if key not in _REFERENCES:
+            if model.source not in _EAGER:
+                _EAGER[model.source] = eager_model(model.source)
+            _REFERENCES[key] = semantic_reference(_EAGER[model.source], p.ids, p.meta[span_key], stops, max_new_tokens)
+        refs, out = _REFERENCES[key]
+        ref = refs[count]
         assert r.n_steps == len(out)
         assert r.response == model.tokenizer.decode(out, skip_special_tokens=True).strip()
         assert torch.allclose(r.scores, ref, atol=1e-5), (r.scores - ref).abs().max()
@@ -63,16 +76,12 @@ def check_against_reference(model, prompts, res, max_new_tokens, count, span_key
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_scores_equal_the_authors_loop(tiny_models, arch, prefill):
     """Padded batches of unequal lengths (4 prompts, batches of 3), both counting rules."""
-    from functools import partial
-
-    from probes.semantic_retrieval import SpanMassScorer
-
     model = tiny_models[arch]
     prompts = copy_prompts(
         model, [25, 9, 17, 30], seed={"llama": 6, "gpt2": 1}[arch]
     )  # seeds emitting repeated span tokens
     by_count = {}
-    for count in ("occurrences", "once"):
+    for count in COUNTS:
         res = generate_and_score(
             model,
             prompts,
