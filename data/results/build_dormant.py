@@ -1,7 +1,8 @@
 """Active-dormant heads on SmolLM2-135M and Gemma-3-270M across three domains (issue 31, item 4).
 
     python data/results/build_dormant.py                         # both models, every head (slow)
-    python data/results/build_dormant.py --n-prompts 8 --tokens 64 --select 9   # what the shipped files hold
+    python data/results/build_dormant.py --n-prompts 8 --tokens 64 --select 9   # what the shipped files hold,
+    python data/results/build_dormant.py --n-prompts 8 --tokens 64 --models smollm2-135m --control 6  # then this
 
 On a shared 2-core machine one redirected forward of 8 x 64 tokens took ~20 s (SmolLM2) to ~30 s
 (Gemma: its 262k-token vocabulary), so every head on every domain (810 forwards for SmolLM2) did not
@@ -102,6 +103,35 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     return pd.concat(tables, ignore_index=True), info
 
 
+def run_control(name: str, args: argparse.Namespace, old: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``--control K``: K heads drawn at random (seed 0) among those of ``name`` not yet redirected in
+    ``old``, redirected on every domain; their ``dormancy_dloss`` rows are added to the model's rows
+    (the first-token attention rows are already there). A check on what the screen left out."""
+    import random
+
+    model = load_model(name)
+    done = old[(old.model == name) & (old.metric == DLOSS)]
+    seen = set(zip(done.layer, done["head"]))
+    every = [(layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)]
+    pool = [h for h in every if h not in seen]
+    heads = sorted(random.Random(0).sample(pool, args.control))
+    spec = ",".join(f"{layer}.{head}" for layer, head in heads)
+    print(f"{name}: control heads {spec}", flush=True)
+    tables, info = [], {"heads": spec, "domains": {}}
+    for domain in DOMAINS:
+        ps = domain_prompts(model, domain, args.n_prompts, args.tokens)
+        start = time.time()
+        probe = DormantProbe(heads=spec, dormant_below=args.dormant_below)
+        result = run_probes(model, ps, [probe], batch_size=len(ps), progress=False)
+        summary = result.results["dormant"].summary
+        info["domains"][domain] = {"loss_base": summary["loss_base"], "dormant_heads": summary["dormant_heads"],
+                                   "seconds": round(time.time() - start, 1)}
+        print(f"{name} {domain}: {result.lines()[0]}", flush=True)
+        table = tidy(result.table, name, domain)
+        tables.append(table[table.metric == DLOSS])
+    return pd.concat(tables, ignore_index=True), info
+
+
 def top_effects(table: pd.DataFrame, k: int = 5) -> dict:
     """Per model and domain, the ``k`` redirected heads of largest |dloss|, with their attention."""
     out: dict = {}
@@ -130,6 +160,8 @@ def main() -> None:
                     "differs most between domains (0: every head, or --layers)")
     ap.add_argument("--dormant-below", type=float, default=0.005)
     ap.add_argument("--active-above", type=float, default=0.02)
+    ap.add_argument("--control", type=int, default=0, help="add K randomly drawn heads not yet redirected to the "
+                    "models already in the parquet (same prompts)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -141,11 +173,17 @@ def main() -> None:
     tables = [] if old is None else [old[~old.model.isin(names)]]
     for name in names:
         start = time.time()
-        table, info = run_model(name, args)
-        info["seconds"] = round(time.time() - start, 1)
-        info["settings"] = {k: getattr(args, k) for k in ("n_prompts", "tokens", "layers", "select", "dormant_below")}
-        summary["models"][name] = info
-        tables.append(table)
+        if args.control:
+            table, info = run_control(name, args, old)
+            summary["models"][name]["control"] = {**info, "seconds": round(time.time() - start, 1)}
+            tables.append(pd.concat([old[old.model == name], table], ignore_index=True))
+        else:
+            table, info = run_model(name, args)
+            info["seconds"] = round(time.time() - start, 1)
+            keys = ("n_prompts", "tokens", "layers", "select", "dormant_below")
+            info["settings"] = {k: getattr(args, k) for k in keys}
+            summary["models"][name] = info
+            tables.append(table)
         both = pd.concat(tables, ignore_index=True)
         both.to_parquet(out_parquet, index=False)
         found = active_dormant(both, args.dormant_below, args.active_above)
@@ -153,7 +191,7 @@ def main() -> None:
         summary["active_dormant"] = found.round(5).to_dict(orient="records")
         summary["top_effects"] = top_effects(both)
         out_json.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        print(f"{name}: {info['seconds']:.0f} s; active-dormant rows so far:\n{found.to_string()}", flush=True)
+        print(f"{name}: {time.time() - start:.0f} s; active-dormant rows so far:\n{found.to_string()}", flush=True)
 
 
 if __name__ == "__main__":
