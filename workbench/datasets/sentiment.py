@@ -15,10 +15,10 @@ The answer is the next token after ``Sentiment:``: one of the label words ``" ne
 ``meta["label_index"]``). A review is one to three clauses "the <aspect> was <adjective>"; with
 probability ``negation`` a clause says "was not <adjective>" with the opposite polarity; the
 review's label is the majority polarity of its clauses (always odd: 1 or 3 clauses, or 2 clauses
-that agree). Negations and mixed clauses keep a small model below ceiling (SmolLM2-135M-Instruct
-scores clearly above chance but well below 100% at the defaults: tests/test_zerotuning.py has the
-numbers in its notes, data/results/build_zerotuning.py measures them), so an intervention can
-move its accuracy either way. Labels are balanced within a prompt set (alternating, then
+that agree). Negations and mixed clauses keep small models below ceiling, so an intervention can
+move accuracy either way: at the defaults SmolLM2-135M-Instruct scores 78% (96 prompts, seed 0),
+75% / 72% (48 / 64 prompts, seeds 101 / 202), Gemma-3-270M 88% / 88% (32 / 48 prompts, seeds 101 /
+202; data/results/build_zerotuning.py). Labels are balanced within a prompt set (alternating, then
 shuffled); the shots are balanced too. Everything follows from ``seed``.
 """
 
