@@ -74,3 +74,14 @@ def test_padded_batches_equal_one_prompt_at_a_time(model, edit):
     if edit:  # the edit changed something (else the test could not fail)
         plain = token_losses(model, PROMPTS, ctx)
         assert max((a - b).abs().max() for a, b in zip(plain, losses)) > 1e-3
+
+
+def test_last_logits_are_the_same_whether_the_model_projects_only_the_last_position_or_every_one(model, monkeypatch):
+    from workbench.engine import scoring
+
+    ctx = RunContext(batch_size=3)
+    projected = last_logits(model, PROMPTS, ctx, [FirstKeyOnly()])
+    monkeypatch.setattr(scoring, "_keeps_logits", lambda hf: False)
+    gathered = last_logits(model, PROMPTS, ctx, [FirstKeyOnly()])
+    torch.testing.assert_close(projected, gathered, atol=1e-5, rtol=0)
+    assert scoring._keeps_logits.__name__ == "<lambda>"  # the second path really ran
