@@ -2,7 +2,7 @@
 "Attention Illuminates LLM Reasoning", arXiv 2510.13554). Definitions: docs/metrics.md#span.
 
 - ``span`` (per head): the mean distance a head looks back, over response rows R,
-  d(l,h) = (1/|R|) sum_{t in R} sum_{s <= t} A[t,s] (t - s), pooled over every response row of
+  d(l,h) = (1/|R|) sum_{t in R} sum_{s <= t} A[t,s] * (t - s), pooled over every response row of
   every prompt. The heads with the lowest d (``local_share``, 30%) are *local*, the highest
   (``global_share``, 30%) *global*; the head counts are ``round(share x heads)``, ties broken by
   (layer, head).
@@ -70,7 +70,7 @@ def response_rows(chunk: PatternView, default: int) -> Bool[Tensor, "batch chunk
 
 
 class SpanPass(PatternProbe):
-    """First pass: the summed distance sum_s A[t,s](t - s) over response rows, per head."""
+    """First pass: the summed distance sum_s A[t,s] * (t - s) over response rows, per head."""
 
     name = "span_pass"
     metrics = ("span",)
