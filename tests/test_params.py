@@ -305,3 +305,30 @@ def _as_text(v):
     if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
         return [str(x) for x in v]
     return v
+
+
+class Lists(Options):
+    layers: list[Int] | None = Field(None)
+    names: list[str] = Field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    "name, raw, value",
+    [
+        ("layers", "1,2", [1, 2]),  # as the shell makes it easy; was "expected a list, got '1,2'"
+        ("layers", "3", [3]),
+        ("layers", "[4, 5]", [4, 5]),
+        ("layers", "null", None),
+        ("names", "a,b", ["a", "b"]),
+    ],
+)
+def test_a_list_option_reads_a_comma_list(name, raw, value):
+    parsed = parse_cli_value(raw, Lists, name)
+    assert parsed == value
+    assert getattr(validate_options(Lists, {name: parsed}, "x"), name) == value
+
+
+def test_a_default_made_by_a_factory_is_described_by_its_value():
+    from workbench.protocol.params import describe_options
+
+    assert describe_options(Lists) == "layers (default null), names (default [])"

@@ -108,9 +108,24 @@ def parse_cli_value(raw: str, schema: type[BaseModel] | None = None, name: str |
     if field is not None and _text_only(field.annotation):
         return raw
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):
-        return raw
+        value = raw
+    if field is not None and _list_only(field.annotation) and not isinstance(value, list) and value is not None:
+        # a list option written as the shell makes it easy: layers=1,2 or layers=3 (JSON [1, 2] works too)
+        return [parse_cli_value(part.strip()) for part in str(raw).split(",") if part.strip()]
+    return value
+
+
+def _list_only(tp: Any) -> bool:
+    """Whether an option's type is a list (or a list or None)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return True
+    if origin is Annotated:
+        return _list_only(typing.get_args(tp)[0])
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return origin in (typing.Union, types.UnionType) and len(args) == 1 and _list_only(args[0])
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -224,7 +239,8 @@ def describe_options(schema: type[BaseModel]) -> str:
     """``name (default value)`` for every option, for fix lines and listings."""
     parts = []
     for name, field in schema.model_fields.items():
-        default = "required" if field.is_required() else f"default {_show(field.default)}"
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = "required" if field.is_required() else f"default {_show(value)}"
         parts.append(f"{name} ({default})")
     return ", ".join(parts) or "none"
 
