@@ -40,6 +40,7 @@ from workbench.engine.call import AttentionCall, current_observers, observe
 from workbench.engine.edits import QKV, Point, at_point, check_conflicts, edited_attention, flatten
 from workbench.engine.kernels import attention_with_statistics, fusable
 from workbench.engine.masking import attention_probs
+from workbench.errors import WorkbenchError
 
 ATTN_IMPL = "workbench"
 
@@ -310,6 +311,48 @@ def resid_edits(hf_model: torch.nn.Module) -> Iterator[None]:
             h.remove()
 
 
+MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")  # the norm an MLP reads through
+
+
+def mlp_norms(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each decoder layer's norm in front of its MLP (Gemma: ``pre_feedforward_layernorm``;
+    Llama: ``post_attention_layernorm``; GPT-2: ``ln_2``): its input is what the MLP block reads."""
+    out = []
+    for i, block in enumerate(decoder_layers(hf_model)):
+        block = getattr(block, "original_component", None) or block
+        norm = next((getattr(block, n) for n in MLP_NORMS if hasattr(block, n)), None)
+        if norm is None:
+            raise WorkbenchError(
+                f"cannot find the norm in front of layer {i}'s MLP ({type(block).__name__})",
+                "MLP_IN edits work on Llama-, Gemma- and GPT-2-like layers; edit RESID instead",
+            )
+        out.append(norm)
+    return out
+
+
+@contextlib.contextmanager
+def mlp_in_edits(hf_model: torch.nn.Module) -> Iterator[None]:
+    """The ``MLP_IN`` point: a forward pre-hook on each layer's MLP norm hands its input (the
+    residual after attention) to the ``MLP_IN`` interventions; the residual itself is not touched."""
+
+    def pre(module, args, layer: int):
+        edits, _ = at_point(flatten(current_observers()), Point.MLP_IN, layer)
+        if not edits:
+            return None
+        x = args[0]
+        for iv in edits:
+            x = iv.edit(layer, x)
+        return (x, *args[1:])
+
+    norms = mlp_norms(hf_model)
+    handles = [norm.register_forward_pre_hook(lambda m, a, layer=i: pre(m, a, layer)) for i, norm in enumerate(norms)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def hooked_run(
     hf_model: torch.nn.Module, *observers: Any, grad: bool = False, unwrap: bool = False
@@ -320,6 +363,9 @@ def hooked_run(
     with torch.enable_grad() if grad else torch.no_grad(), native_attention(hf_model, unwrap), observe(*observers):
         check_conflicts(current_observers())
         stack = flatten(current_observers())
-        needs_resid = any(getattr(o, "point", None) is Point.RESID for o in stack)
-        with resid_edits(hf_model) if needs_resid else contextlib.nullcontext():
+        points = {getattr(o, "point", None) for o in stack}
+        with (
+            resid_edits(hf_model) if Point.RESID in points else contextlib.nullcontext(),
+            mlp_in_edits(hf_model) if Point.MLP_IN in points else contextlib.nullcontext(),
+        ):
             yield hf_model

@@ -1,7 +1,7 @@
 """Interventions as a declared protocol: named edit points, typed edits, a declared order.
 
 Everything that changes a forward pass (ablation, patching, head scaling, the intervening probes)
-is an :class:`Intervention` at one of five **edit points**, in the order a layer computes them:
+is an :class:`Intervention` at one of six **edit points**, in the order a layer computes them:
 
 =================  ============================================  ========================================
 point              what the edit receives (and returns)           shape
@@ -14,6 +14,9 @@ point              what the edit receives (and returns)           shape
 ``Point.WEIGHTS``  attention weights after softmax; each row is    the same
                    renormalised over its visible keys after
 ``Point.Z``        each head's output before ``W_O``               ``[batch, query, head, d_head]``
+``Point.MLP_IN``   what the layer's MLP block reads (the residual  ``[batch, pos, d_model]``
+                   after attention, before the MLP's norm); the
+                   residual stream itself goes on unchanged
 =================  ============================================  ========================================
 
 An intervention declares its ``point`` and its ``sites`` (which ``(layer, head)`` it edits;
@@ -37,7 +40,10 @@ same layer, and every edit of earlier layers.
 
 The engine side: :func:`workbench.engine.attention.workbench_attention_forward` dispatches on
 ``point`` (never on method names); ``RESID`` edits run in a forward pre-hook of each decoder
-layer, installed by :func:`workbench.engine.attention.hooked_run` when a run has one.
+layer, ``MLP_IN`` edits in one on the norm before each MLP, installed by
+:func:`workbench.engine.attention.hooked_run` when a run has them. The edge-level circuit engine
+(:class:`circuits.graph.ModelGraph`, an explicit forward for edge patching) applies the same
+``QKV``, ``Z`` and ``MLP_IN`` interventions, and refuses the others.
 """
 
 from __future__ import annotations
@@ -65,9 +71,10 @@ class Point(str, Enum):
     SCORES = "scores"
     WEIGHTS = "weights"
     Z = "z"
+    MLP_IN = "mlp_in"
 
 
-ORDER: tuple[Point, ...] = (Point.RESID, Point.QKV, Point.SCORES, Point.WEIGHTS, Point.Z)
+ORDER: tuple[Point, ...] = (Point.RESID, Point.QKV, Point.SCORES, Point.WEIGHTS, Point.Z, Point.MLP_IN)
 
 Sites = Mapping[int, "frozenset[int] | None"]  # layer -> heads edited there (None: every head)
 EVERY: Sites = {}  # the marker "every head of every layer" (compared by identity)
@@ -189,6 +196,18 @@ class ZEdit(Intervention):
     def edit(
         self, call: AttentionCall, x: Float[Tensor, "batch query head d_head"]
     ) -> Float[Tensor, "batch query head d_head"]: ...
+
+
+class MLPInEdit(Intervention):
+    """Give a layer's MLP block another input (``call`` is the layer index): the residual stream
+    after the layer's attention, as the MLP's norm reads it. Only the MLP sees the edit; the
+    residual stream goes on unchanged (edge-level circuits let one MLP read an ablated upstream
+    node this way, :mod:`circuits.edges`)."""
+
+    point = Point.MLP_IN
+
+    @abstractmethod
+    def edit(self, call: int, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]: ...
 
 
 class ResidReader(Reader):
