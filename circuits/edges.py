@@ -23,7 +23,6 @@ no kept edge (they cannot change the result; the size is counted after this).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -35,6 +34,8 @@ from circuits.ablation import Ablation
 from circuits.baseline import PairBatch
 from circuits.fastpath import graph_records
 from circuits.graph import ModelGraph, Rows
+from workbench.engine.call import AttentionCall
+from workbench.engine.edits import QKV, MLPInEdit, QKVEdit, Sites
 from workbench.errors import WorkbenchError
 
 
@@ -207,6 +208,49 @@ def _split_edges(
     return qkv, mlp_in
 
 
+class _EdgeQKV(QKVEdit):
+    """Each variant ``j`` of the stacked batch reads upstream node ``u``'s ablated output in one
+    q / k / v input of layer ``layer``: the head's input is recomputed from ``h0 + D[u]``."""
+
+    label = "edge q/k/v inputs"
+
+    def __init__(self, g: ModelGraph, layer: int, h0: Tensor, D: Tensor, rows: Rows, B: int, qkv) -> None:
+        self.g, self.layer, self.h0, self.D, self.rows, self.B, self.qkv = g, layer, h0, D, rows, B, qkv
+
+    def sites(self) -> Sites:
+        return {self.layer: None}
+
+    def edit(self, call: AttentionCall, x: QKV) -> QKV:
+        g, layer, B = self.g, self.layer, self.B
+        q, k, v = x.query.clone(), x.key.clone(), x.value.clone()  # [rows, head, pos, d_head]
+        for j, which, idx, u in self.qkv:
+            normed = g.norm1(layer, self.h0 + self.D[u])
+            sl = slice(j * B, (j + 1) * B)
+            if which == "q":
+                q[sl, idx] = g.q_of(layer, normed, self.rows, heads=[idx])[:, :, 0]
+            else:
+                {"k": k, "v": v}[which][sl, idx] = g.kv_of(layer, normed, self.rows, which, heads=[idx])[:, :, 0]
+        return QKV(q, k, v)
+
+
+class _EdgeMLPIn(MLPInEdit):
+    """Variant ``j``'s MLP of layer ``layer`` reads upstream node ``u``'s ablated output (``+ D[u]``)."""
+
+    label = "edge MLP inputs"
+
+    def __init__(self, layer: int, D: Tensor, B: int, mlp_in: list[tuple[int, int]]) -> None:
+        self.layer, self.D, self.B, self.mlp_in = layer, D, B, mlp_in
+
+    def sites(self) -> Sites:
+        return {self.layer: None}
+
+    def edit(self, call: int, x: Tensor) -> Tensor:
+        x = x.clone()
+        for j, u in self.mlp_in:
+            x[j * self.B : (j + 1) * self.B] += self.D[u]
+        return x
+
+
 def _edge_editors(
     g: ModelGraph,
     layer: int,
@@ -216,31 +260,10 @@ def _edge_editors(
     B: int,
     qkv: list[tuple[int, str, int, int]],
     mlp_in: list[tuple[int, int]],
-) -> tuple[Callable, Callable]:
-    """The ``edit_qkv`` / ``edit_mlp_in`` callbacks that make each variant's input read u's ablated output."""
-
-    def edit_qkv(lyr, h, q, k, v, layer=layer, qkv=qkv):
-        if lyr != layer or not qkv:
-            return q, k, v
-        q, k, v = q.clone(), k.clone(), v.clone()
-        for j, which, idx, u in qkv:
-            normed = g.norm1(layer, h0 + D[u])
-            sl = slice(j * B, (j + 1) * B)
-            if which == "q":
-                q[sl, :, idx] = g.q_of(layer, normed, rows, heads=[idx])[:, :, 0]
-            else:
-                {"k": k, "v": v}[which][sl, :, idx] = g.kv_of(layer, normed, rows, which, heads=[idx])[:, :, 0]
-        return q, k, v
-
-    def edit_mlp(lyr, h, layer=layer, mlp_in=mlp_in):
-        if lyr != layer or not mlp_in:
-            return h
-        h = h.clone()
-        for j, u in mlp_in:
-            h[j * B : (j + 1) * B] += D[u]
-        return h
-
-    return edit_qkv, edit_mlp
+) -> list[QKVEdit | MLPInEdit]:
+    """The interventions that make each variant's input read u's ablated output."""
+    edits: list[QKVEdit | MLPInEdit] = [_EdgeQKV(g, layer, h0, D, rows, B, qkv)] if qkv else []
+    return edits + ([_EdgeMLPIn(layer, D, B, mlp_in)] if mlp_in else [])
 
 
 def _chunk_edge_ld(
@@ -250,9 +273,9 @@ def _chunk_edge_ld(
     B = pb.size
     m = len(chunk)
     qkv, mlp_in = _split_edges(g, layer, chunk)
-    edit_qkv, edit_mlp = _edge_editors(g, layer, h0, D, rows, B, qkv, mlp_in)
+    edits = _edge_editors(g, layer, h0, D, rows, B, qkv, mlp_in)
     rows_m = rows.repeat(m)
-    h = g.forward(h0.repeat(m, 1, 1), rows_m, start=layer, edit_qkv=edit_qkv, edit_mlp_in=edit_mlp)
+    h = g.forward(h0.repeat(m, 1, 1), rows_m, start=layer, edits=edits)
     return g.unembed_diff(g.read_out(h, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
 
 

@@ -22,12 +22,14 @@ implementation and a serial one with plain transformers hooks).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from circuits.graph import ModelGraph, Rows
+from workbench.engine.call import AttentionCall
+from workbench.engine.edits import QKV, QKVEdit, Sites
 
 Head = tuple[int, int]
 
@@ -119,9 +121,9 @@ def to_receivers(
         m = len(chunk)
         got = _run1_receiver_inputs(g, rc, rx, rows, senders, chunk, receivers, top)
         # run 2: the clean run with the receivers' inputs patched, from the first receiver's layer
-        edit = _qkv_editor(_receiver_patches(g, got, m, B))
+        edit = ReceiverPatch(_receiver_patches(g, got, m, B))
         rows_m = rows.repeat(m)
-        hh = g.forward(rc["resid_pre"][first].repeat(m, 1, 1), rows_m, start=first, edit_qkv=edit)
+        hh = g.forward(rc["resid_pre"][first].repeat(m, 1, 1), rows_m, start=first, edits=[edit])
         ld = g.unembed_diff(g.read_out(hh, rows_m), pb.correct.repeat(m), pb.incorrect.repeat(m))
         out[chunk] = ld.view(m, B)
     return out
@@ -184,19 +186,26 @@ def _receiver_patches(
     return patches
 
 
-def _qkv_editor(patches: dict[int, list[tuple[str, int, Tensor]]]) -> Callable:
-    """The ``edit_qkv`` callback of :meth:`ModelGraph.forward` that writes ``patches`` into q / k / v."""
+class ReceiverPatch(QKVEdit):
+    """Write ``patches`` (per layer: ``(which, head or KV head, value [rows, pos, d_head])``) into
+    the receivers' queries / keys / values."""
 
-    def edit(layer, _h, q, k, v):
-        todo = patches.get(layer)
+    label = "receiver q/k/v patch"
+
+    def __init__(self, patches: dict[int, list[tuple[str, int, Tensor]]]) -> None:
+        self.patches = patches
+
+    def sites(self) -> Sites:
+        return {layer: None for layer in self.patches}
+
+    def edit(self, call: AttentionCall, x: QKV) -> QKV:
+        todo = self.patches.get(call.layer)
         if not todo:
-            return q, k, v
-        q, k, v = q.clone(), k.clone(), v.clone()
+            return x
+        q, k, v = x.query.clone(), x.key.clone(), x.value.clone()  # [rows, head, pos, d_head]
         for which, idx, val in todo:
-            {"q": q, "k": k, "v": v}[which][:, :, idx] = val
-        return q, k, v
-
-    return edit
+            {"q": q, "k": k, "v": v}[which][:, idx] = val
+        return QKV(q, k, v)
 
 
 @torch.no_grad()

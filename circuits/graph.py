@@ -25,13 +25,15 @@ output projection, a gated MLP): Llama, SmolLM, Mistral, Qwen2. Others raise a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from workbench.engine.call import AttentionCall
+from workbench.engine.edits import QKV, Point, at_point, check_conflicts, flatten
 from workbench.engine.extraction import base_network
 from workbench.errors import WorkbenchError
 from workbench.protocol.views import BatchInfo
@@ -334,19 +336,21 @@ class ModelGraph:
         start: int = 0,
         stop: int | None = None,
         *,
-        edit_qkv: Callable | None = None,
-        edit_z: Callable | None = None,
-        edit_mlp_in: Callable | None = None,
+        edits: Sequence[Any] = (),
         record: dict | None = None,
     ) -> Tensor:
         """Run layers ``[start, stop)`` on the residual ``h`` ``[rows, pos, d]``; returns the residual.
 
-        ``edit_qkv(layer, h, q, k, v) -> (q, k, v)`` and ``edit_z(layer, z) -> z`` edit a layer's
-        attention; ``edit_mlp_in(layer, h_mid) -> x`` gives the MLP another input (the residual
-        stream itself is unchanged); ``record`` (a dict) collects ``resid_pre``, ``resid_mid``,
-        ``k``, ``v`` (rotated keys and values as attention used them), ``z``, ``attn_out`` and
-        ``mlp_out`` per layer (and ``resid_pre[L]``, the final residual).
+        ``edits`` are interventions of the declared protocol (:mod:`workbench.engine.edits`) at the
+        points this forward has: ``QKV`` (queries / keys / values as attention reads them, in the
+        protocol's ``[rows, head, pos, d_head]`` layout), ``Z`` (each head's output) and ``MLP_IN``
+        (what the MLP reads; the residual goes on unchanged), applied as the attention-hook engine
+        applies them (points in layer order, edits at a point in order, conflicts refused); readers
+        at ``QKV`` and ``Z`` see the values after the edits. ``record`` (a dict) collects
+        ``resid_pre``, ``resid_mid``, ``k``, ``v`` (rotated keys and values as attention used
+        them), ``z``, ``attn_out`` and ``mlp_out`` per layer (and ``resid_pre[L]``, the final residual).
         """
+        edits = self._checked(edits)
         stop = self.L if stop is None else stop
         for layer in range(start, stop):
             if record is not None:
@@ -357,14 +361,20 @@ class ModelGraph:
                 self.kv_of(layer, normed, rows, "k"),
                 self.kv_of(layer, normed, rows, "v"),
             )
-            if edit_qkv is not None:
-                q, k, v = edit_qkv(layer, h, q, k, v)
+            call = self.call(layer, q, k, v, rows)
+            q, k, v = self._qkv_point(call, edits)
             z = self.attend(layer, q, k, v, rows)
-            if edit_z is not None:
-                z = edit_z(layer, z)
+            z_edits, z_reads = at_point(edits, Point.Z, layer)
+            for iv in z_edits:
+                z = iv.edit(call, z)
+            for reader in z_reads:
+                reader.read(call, z)
             a = self.attn_out(layer, z)
             h = h + a
-            m = self.mlp(layer, h if edit_mlp_in is None else edit_mlp_in(layer, h))
+            mlp_in = h
+            for iv in at_point(edits, Point.MLP_IN, layer)[0]:
+                mlp_in = iv.edit(layer, mlp_in)
+            m = self.mlp(layer, mlp_in)
             if record is not None:
                 record.setdefault("k", {})[layer] = k
                 record.setdefault("v", {})[layer] = v
@@ -376,6 +386,45 @@ class ModelGraph:
         if record is not None and stop == self.L:
             record.setdefault("resid_pre", {})[self.L] = h
         return h
+
+    @staticmethod
+    def _checked(edits: Sequence[Any]) -> list[Any]:
+        """The edits, flattened, after the protocol's conflict check; points this forward does not
+        have (``RESID``, ``SCORES``, ``WEIGHTS``) are refused rather than ignored."""
+        check_conflicts(edits)
+        flat = flatten(edits)
+        missing = sorted({o.point.value for o in flat if getattr(o, "point", None) not in GRAPH_POINTS})
+        if missing:
+            raise WorkbenchError(
+                f"the edge-level graph forward has no {', '.join(missing)} point",
+                "edit q/k/v, z or the MLP input here, or run the intervention through the attention-hook engine "
+                "(workbench.engine.attention.hooked_run)",
+            )
+        return flat
+
+    def call(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rows: Rows) -> AttentionCall:
+        """Layer ``layer``'s attention as an :class:`~workbench.engine.call.AttentionCall` (the
+        protocol's layout, ``[rows, head, pos, d_head]``), what edits at ``QKV`` and ``Z`` receive."""
+        return AttentionCall(
+            layer=layer,
+            module=None,  # type: ignore[arg-type]  # an explicit forward: no HF module
+            query=q.transpose(1, 2),
+            key=k.transpose(1, 2),
+            value=v.transpose(1, 2),
+            mask=rows.mask,
+            scaling=self.layers[layer].scaling,
+            is_causal=False,
+        )
+
+    @staticmethod
+    def _qkv_point(call: AttentionCall, edits: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``QKV`` point: edits in order, then readers; back in this forward's ``[rows, pos, head, d]``."""
+        qkv_edits, reads = at_point(edits, Point.QKV, call.layer)
+        for iv in qkv_edits:
+            call.query, call.key, call.value = iv.edit(call, QKV(call.query, call.key, call.value))
+        for reader in reads:
+            reader.read(call, QKV(call.query, call.key, call.value))
+        return call.query.transpose(1, 2), call.key.transpose(1, 2), call.value.transpose(1, 2)
 
     def read_out(self, h: Tensor, rows: Rows) -> Tensor:
         return h[torch.arange(h.shape[0], device=h.device), rows.last]
@@ -389,15 +438,18 @@ class ModelGraph:
         *,
         record: dict | None = None,
         embeds: Tensor | None = None,
-        **edits,
+        edits: Sequence[Any] = (),
     ) -> Tensor:
         """LD at each row's read-out position from a full explicit forward."""
         rows = self.rows(batch, last)
         h = self.embed(batch.input_ids) if embeds is None else embeds
         if record is not None:
             record["embed"] = h
-        h = self.forward(h, rows, record=record, **edits)
+        h = self.forward(h, rows, record=record, edits=edits)
         return self.unembed_diff(self.read_out(h, rows), correct, incorrect)
+
+
+GRAPH_POINTS = (Point.QKV, Point.Z, Point.MLP_IN)  # the edit points ModelGraph.forward has
 
 
 def graph_for(model) -> ModelGraph | None:

@@ -304,18 +304,16 @@ def test_every_point_is_declared_and_nothing_dispatches_on_method_names():
     """The engine dispatches on ``point``; no observer declares an edit by a method name the
     engine would have to look for (the protocol before this one: ``edit_z``, ``edit_qkv``,
     ``replaces_z``). The explicit graph of :mod:`circuits.graph` (edge-level patching) takes its
-    edits as arguments of its own forward, not as observers, and is not part of this check."""
+    edits as interventions too (``edits=``), not as callbacks."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    assert [p.value for p in edits.ORDER] == ["resid", "qkv", "scores", "weights", "z"]
-    graph_engine = {"graph.py", "fastpath.py", "edges.py"}
+    assert [p.value for p in edits.ORDER] == ["resid", "qkv", "scores", "weights", "z", "mlp_in"]
     files = [f for d in ("workbench", "probes", "circuits") for f in (root / d).rglob("*.py")]
+    old_names = ("def edit_z(", "def edit_qkv(", "def replaces_z(", "def edit_scores(", '"edit_z"', '"edit_qkv"')
     for file in files:
-        if file.parent.name == "circuits" and file.name in graph_engine:
-            continue
         text = file.read_text(encoding="utf-8")
-        for old in ("def edit_z(", "def edit_qkv(", "def replaces_z(", "def edit_scores(", '"edit_z"', '"edit_qkv"'):
+        for old in (*old_names, "edit_qkv=", "edit_z=", "edit_mlp_in="):
             assert old not in text, f"{file.relative_to(root)} still uses the duck-typed {old}"
     assert EVERY is edits.EVERY
 
@@ -338,3 +336,75 @@ def test_a_probes_own_edits_compose_with_the_runs_interventions_as_the_order_say
     assert _max_diff(probe_first, workbench_logits(model, ids, ordered(scale, ablate))) < 1e-6
     assert _max_diff(given_first, probe_first) > 1e-3, "scaling an ablated head differs from ablating a scaled one"
     assert _max_diff(probe_first, workbench_logits(model, ids, ablate)) < 1e-6, "ablating after scaling: ablation"
+
+
+class MLPPush(edits.MLPInEdit):
+    """A fixed direction added to what layer 1's MLP reads (not to the residual stream)."""
+
+    def __init__(self, direction):
+        self.direction = direction
+
+    def sites(self):
+        return {1: None}
+
+    def edit(self, layer, x):
+        return x + self.direction
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_the_mlp_input_point_equals_the_edit_made_by_hand(tiny_models, padding_side):
+    """MLP_IN: only the MLP of layer 1 reads x + direction; the residual stream is not edited."""
+    model = tiny_models["llama"]
+    ids = [p.ids for p in random_prompts(model.vocab_size, LENGTHS, seed=3)]
+    direction = torch.randn(model.hf_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    got = workbench_logits(model, ids, MLPPush(direction), padding_side=padding_side)
+    ref = eager_model(model.source)
+    layer = ref.model.layers[1]
+    calls = []
+
+    def mlp_reads_pushed(module, args):  # by hand: the MLP's norm reads x + direction, nothing else does
+        calls.append(1)
+        return (args[0] + direction,)
+
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(mlp_reads_pushed)
+    try:
+        with torch.no_grad():
+            want = [ref(input_ids=torch.tensor([x])).logits[0] for x in ids]
+    finally:
+        handle.remove()
+    assert calls
+    assert _max_diff(got, want) < 1e-4
+    plain = workbench_logits(model, ids)
+    assert _max_diff(got, plain) > 1e-3  # the edit changed something
+    resid = workbench_logits(model, ids, Push(direction))
+    assert _max_diff(got, resid) > 1e-3  # and it is not a residual-stream edit
+
+
+def test_the_graph_forward_applies_the_same_interventions_as_the_hooked_model(tiny_models):
+    """circuits.graph.ModelGraph (the edge-level engine) takes the protocol's QKV, Z and MLP_IN
+    interventions and gives the logits the attention-hook engine gives with the same edits; the
+    points it does not have are refused."""
+    from circuits.graph import graph_for
+
+    model = tiny_models["llama"]
+    g = graph_for(model)
+    assert g is not None
+    ids = [p.ids for p in random_prompts(model.vocab_size, LENGTHS, seed=3)]
+    direction = torch.randn(model.hf_model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    batch = collate(ids, 0)
+    for point in ("qkv", "z", "mlp_in"):
+        iv = MLPPush(direction) if point == "mlp_in" else _edit_for(point, direction)
+        want = workbench_logits(model, ids, iv)
+        rows = g.rows(batch, batch.lengths - 1)
+        with torch.no_grad():
+            h = g.forward(g.embed(batch.input_ids), rows, edits=[iv])
+        # the graph reads out logit differences: compare them at each prompt's last token
+        top = torch.stack([w[-1] for w in want]).argmax(-1)
+        other = (top + 1) % model.vocab_size
+        got_ld = g.unembed_diff(g.read_out(h, rows), top, other)
+        want_ld = torch.stack([w[-1][t] - w[-1][o] for w, t, o in zip(want, top, other)])
+        plain = torch.stack([w[-1][t] - w[-1][o] for w, t, o in zip(workbench_logits(model, ids), top, other)])
+        assert float((got_ld.float() - want_ld.float()).abs().max()) < 1e-3, point
+        assert float((want_ld - plain).abs().max()) > 1e-3, point  # the edit changed the read-out
+    with pytest.raises(WorkbenchError, match="no scores point"):
+        g.forward(g.embed(batch.input_ids), g.rows(batch, batch.lengths - 1), edits=[_edit_for("scores", direction)])
