@@ -18,24 +18,20 @@ random tokens are the workbench's three domains (docs/metrics.md#dormant).
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 import textwrap
-from functools import lru_cache
-from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
+from workbench.inputs import corpus
 from workbench.inputs.prompts import Prompt
 from workbench.protocol.params import Int
 
 from .options import DatasetOptions
 
 DESCRIPTION = "passages of Python source code (CPython 3.11 standard library, PSF licence)"
-CORPUS = Path(__file__).resolve().parents[1] / "inputs" / "code.jsonl.gz"
 _DEF = re.compile(r"\s*(async\s+def|def|class)\s")
 
 
@@ -50,16 +46,9 @@ class Options(DatasetOptions):
         return self
 
 
-@lru_cache(maxsize=1)
 def load_documents() -> list[dict]:
     """Every module of the shipped code corpus, in file order."""
-    if not CORPUS.is_file():
-        raise WorkbenchError(
-            f"the code corpus is missing ({CORPUS})",
-            "reinstall the package: pip install --force-reinstall attention-head-workbench",
-        )
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return corpus.load_documents("code")
 
 
 def make(n_prompts: int | None = None, seed: int = 0, min_lines: int = 10, max_lines: int = 40) -> list[Prompt]:
@@ -70,8 +59,9 @@ def make(n_prompts: int | None = None, seed: int = 0, min_lines: int = 10, max_l
             f"need 1 <= min_lines <= max_lines, got {min_lines}, {max_lines}", "fix the dataset options"
         )
     rng = random.Random(seed)
-    docs = [d["text"].splitlines() for d in load_documents()]
-    names = [d["id"] for d in load_documents()]
+    documents = load_documents()
+    docs = [d["text"].splitlines() for d in documents]
+    names = [d["id"] for d in documents]
     prompts = []
     for i in range(n_prompts):
         k = rng.randrange(len(docs))

@@ -1,10 +1,11 @@
-"""The shipped English prose corpus: public-domain documents, package data beside this module.
+"""The shipped corpora, package data beside this module: English prose (public domain) and code.
 
 ``prose.jsonl.gz`` holds one JSON document a line (``id``, ``source``, ``text``) from the King
 James Bible and The Devil's Dictionary, as packaged by Debian; ``data/prose/build.py`` rebuilds
 it. The ``prose`` dataset cuts passages from it, needle-in-a-haystack prompts use it as filler,
 and tiny test models train their word-level tokenizer on it. It ships inside the wheel, so a
-normal (non-editable) install has it.
+normal (non-editable) install has it. ``code.jsonl.gz`` (the same layout; ``data/code/build.py``)
+holds Python standard-library modules for the ``code`` dataset.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from workbench.errors import WorkbenchError
 CORPUS = Path(__file__).with_name("prose.jsonl.gz")
 
 
-@lru_cache(maxsize=1)
-def load_documents() -> list[dict]:
-    """Every document of the corpus, in file order."""
-    if not CORPUS.is_file():
+@lru_cache(maxsize=None)
+def load_documents(name: str = "prose") -> list[dict]:
+    """Every document of the corpus ``name`` (``prose`` or ``code``), in file order."""
+    path = CORPUS.with_name(f"{name}.jsonl.gz")
+    if not path.is_file():
         raise WorkbenchError(
-            f"the prose corpus is missing ({CORPUS})",
+            f"the {name} corpus is missing ({path})",
             "reinstall the package: pip install --force-reinstall attention-head-workbench",
         )
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
