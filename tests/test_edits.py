@@ -97,8 +97,8 @@ class ZeroZ(OnHeads, ZEdit):
         return z
 
 
-class Push(ResidEdit):
-    """A fixed direction added to the residual stream entering layer 1."""
+class _Pushes:
+    """A fixed direction added at layer 1 (the point is the subclass's)."""
 
     def __init__(self, direction):
         self.direction = direction
@@ -108,6 +108,10 @@ class Push(ResidEdit):
 
     def edit(self, layer, x):
         return x + self.direction
+
+
+class Push(_Pushes, ResidEdit):
+    """A fixed direction added to the residual stream entering layer 1."""
 
 
 # --- the reference: the definitions, with the edit where its point says -----------------------
@@ -338,17 +342,8 @@ def test_a_probes_own_edits_compose_with_the_runs_interventions_as_the_order_say
     assert _max_diff(probe_first, workbench_logits(model, ids, ablate)) < 1e-6, "ablating after scaling: ablation"
 
 
-class MLPPush(edits.MLPInEdit):
+class MLPPush(_Pushes, edits.MLPInEdit):
     """A fixed direction added to what layer 1's MLP reads (not to the residual stream)."""
-
-    def __init__(self, direction):
-        self.direction = direction
-
-    def sites(self):
-        return {1: None}
-
-    def edit(self, layer, x):
-        return x + self.direction
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
