@@ -1,0 +1,1 @@
+"""Head-aware KV-cache policies (issue 32)."""
