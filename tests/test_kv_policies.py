@@ -17,6 +17,7 @@ import torch
 
 from workbench.engine.attention import hooked_run
 from workbench.engine.patterns import collate
+from workbench.errors import WorkbenchError
 from workbench.kv.evicted import continue_forward, prefill
 from workbench.kv.masked import PolicyMask
 from workbench.kv.policy import Budget, CachePolicy, Compensated, Full, Window, geometry
@@ -116,9 +117,15 @@ def test_masked_equals_evicted_sliding(tmp_path):
     contexts, conts = _prompts(500, [30, 44, 23], [5, 8, 3], seed=1, bos=2)
     store = _check(model, _mixed_policy(model), contexts, conts)
     assert all(h.slots <= 6 for row in store.rows for h in row[0])  # the window's keys only
+    g = geometry(model)
     squeezed = _mixed_policy(model)
-    squeezed.compress_sliding = True
-    _check(model, squeezed, contexts, conts)
+    heads = {**squeezed.heads, (0, 0): Window(sink=0, recent=3), (0, 1): Window(sink=0, recent=4)}
+    squeeze = CachePolicy(g, heads, compress_sliding=True)
+    _check(model, squeeze, contexts, conts)
+    short = prefill(model, contexts).compress(squeeze)
+    assert [h.pos.tolist() for h in short.rows[0][0]] == [[27, 28, 29], [26, 27, 28, 29]]  # the shorter windows
+    with pytest.raises(WorkbenchError, match="sliding window"):
+        CachePolicy(g, squeezed.heads, compress_sliding=True)
 
 
 def _slow_snap(keys, queries, scaling, w, kernel, pooling, cap):
@@ -170,3 +177,27 @@ def test_window_and_compensated_selection():
     assert comp.kept_tokens() == [8]
     short = select_row([Compensated(sink=4, capacity=30)], keys, None, 1.0)
     assert bool(short.keep.all()) and not bool(short.merge.any())
+
+
+def test_budget_counts_what_the_store_holds(tiny_llama, tmp_path):
+    """kv_tokens / kv_bytes of the accounting equal the slots and bytes the evicted store really
+    holds after compression (GQA model; Gemma-3 with its sliding layer as a fixed cost)."""
+    import dataclasses
+
+    import workbench
+    from tests.tiny_gemma import gemma_config, save_tiny
+    from workbench.kv.budget import cost
+
+    gemma = workbench.load_model(str(save_tiny(tmp_path / "g3", gemma_config("gemma3"))))
+    for model, bos in ((tiny_llama, None), (gemma, 2)):
+        policy = _mixed_policy(model)
+        policy = dataclasses.replace(policy, geometry=dataclasses.replace(policy.geometry, dtype_bytes=4))
+        contexts, _ = _prompts(500, [40, 57, 9], [1, 1, 1], seed=2, bos=bos)
+        store = prefill(model, contexts, window_queries=8).compress(policy)
+        for r, ctx in enumerate(contexts):
+            c = cost(policy, len(ctx))
+            assert c.kv_tokens == store.slots(r)
+            assert c.kv_bytes == store.nbytes(r)
+        full = cost(CachePolicy(policy.geometry), 57)
+        assert full.kv_fraction == 1.0 and full.head_sparsity == 0.0
+        assert cost(policy, 57).kv_fraction < 1.0 and cost(policy, 5).kv_fraction == 1.0

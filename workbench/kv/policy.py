@@ -161,6 +161,10 @@ class Geometry:
         return [layer for layer in range(self.n_layers) if layer not in self.sliding]
 
 
+def _shorter_window(p: HeadPolicy) -> bool:
+    return isinstance(p, Window) and p.sink == 0
+
+
 def geometry(model: Any, dtype_bytes: int = 2) -> Geometry:
     """The :class:`Geometry` of a loaded model (``LoadedModel`` or an HF model), sliding layers
     read from ``config.layer_types`` (``"sliding_attention"``) and ``config.sliding_window``."""
@@ -199,6 +203,13 @@ class CachePolicy:
                     f"policy for layer {layer}, KV head {kv}: the model has "
                     f"{g.n_layers} layers x {g.n_kv_heads} KV heads",
                     "give layers and KV heads inside the model",
+                )
+        for (layer, kv), p in self.heads.items():
+            if self.compress_sliding and layer in g.sliding and not (isinstance(p, Full) or _shorter_window(p)):
+                raise WorkbenchError(
+                    f"layer {layer} has a {g.sliding[layer]}-token sliding window: compressing it means a shorter "
+                    f"window, but KV head {kv} was given {p}",
+                    "give sliding layers Window(sink=0, recent=r) policies, or leave them as the model has them",
                 )
 
     def head(self, layer: int, kv_head: int) -> HeadPolicy:

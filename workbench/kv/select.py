@@ -96,14 +96,20 @@ def select_row(
     window_queries: Float[Tensor, "head window d_head"] | None,
     scaling: float,
     softcap: float | None = None,
+    positions: Tensor | None = None,
 ) -> Keep:
     """The keys each KV head of one layer keeps of one prompt's ``c = keys.shape[1]`` context
     keys (``keys`` in position order; ``window_queries``: the last context queries, as many as
-    :func:`window_size` asks for, for :class:`~workbench.kv.policy.Budget` heads)."""
-    n_kv, c = keys.shape[0], keys.shape[1]
-    keep = torch.ones(n_kv, c, dtype=torch.bool, device=keys.device)
-    merge = torch.zeros(n_kv, c, dtype=torch.bool, device=keys.device)
-    pos = torch.arange(c, device=keys.device)
+    :func:`window_size` asks for, for :class:`~workbench.kv.policy.Budget` heads).
+
+    ``positions``: the keys' positions when they are not ``0 .. c-1``: a sliding-window layer's
+    cache holds only its window; there only :class:`~workbench.kv.policy.Window` policies apply
+    (:class:`~workbench.kv.policy.CachePolicy` refuses others), by position."""
+    n_kv, n = keys.shape[0], keys.shape[1]
+    keep = torch.ones(n_kv, n, dtype=torch.bool, device=keys.device)
+    merge = torch.zeros(n_kv, n, dtype=torch.bool, device=keys.device)
+    pos = torch.arange(n, device=keys.device) if positions is None else positions
+    c = int(pos[-1]) + 1 if n else 0
     for kv, p in enumerate(policies):
         if isinstance(p, Full) or p.kept(c) >= c:
             continue
