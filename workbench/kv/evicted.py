@@ -238,6 +238,8 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], window_queries: int = 
                 HeadCache(k[h], v[h], pos, torch.zeros_like(pos, dtype=torch.bool)) for h in range(k.shape[0])
             ]
         store.rows.append(row)
+        for layer in row:  # a sliding layer keeps its window whatever the HF cache held
+            store._slide(len(store.rows) - 1, layer, torch.tensor([n - 1], device=dev))
         store.queries.append(dict(reader.queries) if window_queries else {})
         store.scaling.update(reader.scaling)
         store.softcap.update(reader.softcap)
