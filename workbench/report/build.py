@@ -6,8 +6,9 @@ layer x head grid per model, every role each head's scores support, thresholds s
 hovering a cell shows all of that head's metrics); with several models or runs, a comparison on
 relative depth; one section per probe with figures whose scales fit the metric
 (:mod:`workbench.protocol.metrics`) and captions saying how to read them; metric-vs-metric
-scatters; circuits; the definitions of every metric shown (copied from ``docs/metrics.md``, so
-the page works offline); example prompts; and the raw configuration and metadata, collapsed.
+scatters; KV-cache policy grids (:mod:`workbench.report.kv`); circuits; the definitions of
+every metric shown (copied from ``docs/metrics.md``, so the page works offline); example
+prompts; and the raw configuration and metadata, collapsed.
 
 One file: plotly.js is inlined once, the figures' data is one JSON block with ``<``, ``>`` and
 ``&`` escaped (no user string can close a script tag), and every piece of user text in the
@@ -35,7 +36,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.files import targets
 from workbench.files.atomic import make_folder
-from workbench.report import definitions, kinds, plots
+from workbench.report import definitions, kinds, kv, plots
 from workbench.report.atlas import atlas, head_scores, probe_roles, role_style, roles_with
 from workbench.report.page import Page, anchor, esc, fmt, render_html, safe_json
 from workbench.report.sources import Run, Series, load_run, run_labels, series_of, tokens_text, when_text
@@ -1068,6 +1069,7 @@ def build_report(
         )
     )
     view = view.iloc[np.argsort([order.index(str(d)) for d in view["dataset"]], kind="stable")].reset_index(drop=True)
+    kv_rows, view = kv.split_kv(view)  # KV-cache grid rows get their own section, not a probe's
     circuits = [c for r in loaded for c in r.circuits]
 
     page = Page()
@@ -1121,6 +1123,7 @@ def build_report(
             _metric_figures(page, view, metric, series)
         _item_metrics(page, sub)
     _scatters(page, view)
+    kv.section(page, kv_rows)
     _circuits(page, circuits, series)
     role_metrics = {r.metric for r in roles_with(thresholds)} & set(view["metric"])
     _definitions(page, _ordered_metrics(set(view["metric"]) | role_metrics), docs)
