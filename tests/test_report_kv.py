@@ -402,3 +402,19 @@ def test_the_section_renders_in_chromium_without_errors(kv_report):
         assert s.page.locator("#kv ~ figure .js-plotly-plot").count() >= 6
         assert not [c for c in s.console if re.match(r"(error|warning)", c)] and not s.errors
         assert not [u for u in s.requests if not u.startswith(("file:", "data:", "blob:", "about:"))]
+
+
+def test_a_run_of_kv_rows_alone_with_one_task_and_protocol_and_no_random_or_full_rows(frame, tmp_path):
+    part = frame[
+        (frame["task"] == "niah")
+        & (frame["protocol"] == "question-aware")
+        & ~frame["selector"].isin(["random", "full"])
+        & (frame["model"] == "smol")
+    ]
+    write_parquet(results_rows(part), tmp_path / "run" / "parts" / "kv.parquet", run_metadata())
+    text = build_report(tmp_path / "run")
+    body = text.split("<body>")[1]
+    assert 'id="kv-smol"' in body and "no full-cache rows" in body and "over lengths" in text
+    figs = [f for f in figures(text) if "smol" in json.dumps(f["layout"].get("title"))]
+    assert len(figs) == 3, "curves, Pareto fronts and the heatmap; no loss figures without loss rows"
+    assert not [t for f in figs for t in f["data"] if t.get("fill") == "toself"], "no band without random rows"
