@@ -157,27 +157,45 @@ def test_items_version_is_checked(tmp_path):
         read_items(path)
 
 
-def test_niah_items_cut_the_prompt_at_the_question(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    from benchmarks.bench_kv import niah_items, question_span
+def test_grid_items_are_the_grid_s_own_with_answer_ids(tiny_model_dir):
+    from benchmarks.bench_kv import grid_items
     from workbench.datasets import niah
+    from workbench.kv import grid
+    from workbench.models.loading import load_model
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = niah.make(tokenizer=tok, context_len=[120, 160], depths=[0.0, 0.5], answer_digits=5)
-    items = niah_items(tok, [120, 160], [0.0, 0.5])
-    assert len(items) == len(prompts) == 4
-    for p, it in zip(prompts, items):
-        assert it.context + it.question == list(p.tokens)
-        s, e = question_span(p, tok)
-        q = tok(p.meta["question"], add_special_tokens=False)["input_ids"]
-        assert (s, e) == (len(p.tokens) - len(q), len(p.tokens)) and len(it.question) == len(q)
-        assert p.meta["needle_span"][1] <= s  # the needle stays in the compressed context
-        p.meta["question_span"] = [s + 1, e]  # the dataset's own span wins once it has one
-        assert question_span(p, tok) == (s + 1, e)
-        a0, a1 = p.meta["answer_span"]
-        assert it.answer_ids == list(p.tokens[a0:a1]) and it.answer == p.meta["answer"]
-        assert (it.length, it.depth) == (p.meta["context_len"], p.meta["depth"])
+    model = load_model(str(tiny_model_dir), device="cpu")
+    spec = grid.GridSpec(lengths=[120, 160], depths=[0.0, 0.5], loss_length=80, loss_tail=16, loss_segments=2)
+    items, segs = grid_items(model, spec)
+    assert [it.length for it in items] == [120, 120, 160, 160]
+    for length in spec.lengths:
+        prompts = niah.make(tokenizer=model.tokenizer, context_len=[length], depths=spec.depths, n_ctx=model.n_ctx)
+        ours = [it for it in items if it.length == length]
+        for it, g, p in zip(ours, grid.niah_items(model, spec, length), prompts):
+            assert (it.id, it.context, it.question, it.answer) == (g.id, g.context, g.question, g.answer)
+            a0, a1 = p.meta["answer_span"]
+            assert it.answer_ids == list(p.tokens[a0:a1]) and p.meta["needle_span"][1] <= len(it.context)
+    assert [s.tokens for s in segs] == grid.loss_segments(model, spec)
+    assert [(s.id, s.tail) for s in segs] == [("segment-0", 16), ("segment-1", 16)]
+
+
+def test_peer_points_are_the_presses_as_policies():
+    from benchmarks.bench_kv import peer_points, press_specs
+    from workbench.kv.policy import Budget, Full, Geometry, Window
+
+    geom = Geometry(n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, sliding={0: 512})
+    scores = [[(3 * layer + kv) / 90 for kv in range(3)] for layer in range(30)]  # lowest: layer 0 first
+    points = peer_points(geom, press_specs([0.5, 0.9], scores, sink=64, recent=256))
+    kept_share = [(p.selector, p.budget) for p in points][:3]  # budget: the share kept, 1 - compression ratio
+    assert kept_share == [("full", 1.0), ("streaming_llm", 0.5), ("streaming_llm", 1 - 0.9)]
+    stream, snap, duo = points[1].policy_for(2000), points[4].policy_for(2000), points[5].policy_for(2000)
+    # int(2000 * (1 - 0.9)) = 199 kept; the sliding layer 0 stays as the model has it (kvpress compresses it)
+    assert stream.head(1, 0) == Window(4, 996) and points[2].policy_for(2000).head(29, 2) == Window(4, 195)
+    assert isinstance(stream.head(0, 0), Full) and not stream.compresses(0)
+    assert snap.head(1, 1) == Budget(capacity=199 - 64, window=64, kernel=5, pooling="avg")
+    assert snap.name == "kvpress-snapkv@0.9" and abs(snap.budget - 0.1) < 1e-12
+    # Duo at 0.5: the 45 lowest-scored KV heads (layers 0-14) stream with sink 64 + recent 256
+    assert duo.head(14, 2) == Window(64, 256) and isinstance(duo.head(15, 0), Full)
+    assert sum(duo.head(layer, kv) == Window(64, 256) for layer in range(1, 30) for kv in range(3)) == 42
 
 
 def test_peer_rows_are_scored_and_summarised():

@@ -117,6 +117,7 @@ class Items:
     presses: list[dict[str, Any]] = field(default_factory=list)
     protocols: list[str] = field(default_factory=lambda: ["question-agnostic"])
     max_new_tokens: int = 8
+    score_answers: bool = False  # also the answer's teacher-forced NLL on niah rows (extra work)
     version: int = ITEMS_VERSION
 
 
@@ -152,6 +153,7 @@ def read_items(path: str | Path) -> Items:
         presses=raw["presses"],
         protocols=raw["protocols"],
         max_new_tokens=raw["max_new_tokens"],
+        score_answers=raw.get("score_answers", False),
         version=raw["version"],
     )
     _check(items)

@@ -15,10 +15,12 @@ What it does is kvpress' own pipeline (NVIDIA/kvpress, ``kvpress/pipeline.py``,
   compressed context): prefill context + question under the press; the first answer token comes
   from that prefill's last logits (the pipeline would need a non-empty question suffix instead);
 * loss: prefill ``tokens[:N - T]`` under the press, teacher-force ``tokens[N - T:]`` against the
-  compressed cache; mean NLL of the ``T`` last tokens, the first one predicted by the prefill's last
-  logits (computed before the cache is compressed, as in every press: the hook runs after attention).
+  compressed cache; mean NLL of the ``T - 1`` predictions of ``tokens[N - T + 1:]`` (the workbench
+  grid's convention, ``workbench/kv/tasks.py``: every scored prediction reads the compressed cache).
 
-For niah items the answer's NLL (teacher-forced after the question) is written too.
+With ``"score_answers": true`` in the items file, niah rows also get the answer's NLL (teacher-forced
+after the question on the same compressed cache); off by default, so the timed loop does what the
+workbench grid does and no more.
 
 DuoAttentionPress with our own head scores: kvpress fetches DuoAttention patterns from GitHub for
 six checkpoints only (``PATTERNS_DICT``); ``load_attention_pattern`` is memoised in the module-level
@@ -113,24 +115,26 @@ def _kept(cache) -> list[int]:
     return _cache_lengths(cache)
 
 
-def run_niah(model, item: dict, press, protocol: str, max_new: int, eos: set[int]) -> dict:
-    """Compress, then (a) the answer's teacher-forced NLL, (b) greedy decoding, on one cache."""
+def run_niah(model, item: dict, press, protocol: str, max_new: int, eos: set[int], score: bool = False) -> dict:
+    """Compress, then greedy decoding (and with ``score`` the answer's teacher-forced NLL) on one cache."""
     ctx, q, ans = item["context"], item["question"], item["answer_ids"]
     cache = DynamicCache()  # as the pipeline does (no config: every layer a full DynamicLayer)
+    nll: list[float] = []
     if protocol == "question-agnostic":
         with _ctx(press, model):
             model.model(input_ids=torch.tensor([ctx]), past_key_values=cache)
         kept = _kept(cache)
         c = len(ctx)
-        # one forward of question + answer[:-1]: its logit at the question's end is the first answer
-        # token (greedy) and the answer's NLL comes from the same pass
-        feed = q + ans[:-1]
+        # with ``score``, one forward of question + answer[:-1]: its logit at the question's end gives
+        # the first answer token (greedy) and the answer's NLL comes from the same pass
+        feed = q + ans[:-1] if score else q
         logits = model(
             input_ids=torch.tensor([feed]), past_key_values=cache, position_ids=_positions(c, len(feed))
         ).logits[0]
         first = int(logits[len(q) - 1].argmax())
-        nll = _nll(logits[len(q) - 1 :], ans)
-        _truncate(cache, [n + len(q) for n in kept])
+        if score:
+            nll = _nll(logits[len(q) - 1 :], ans)
+            _truncate(cache, [n + len(q) for n in kept])
         start = c + len(q)
     else:
         with _ctx(press, model):
@@ -138,30 +142,31 @@ def run_niah(model, item: dict, press, protocol: str, max_new: int, eos: set[int
         kept = _kept(cache)
         first = int(logits0[-1].argmax())
         start = len(ctx) + len(q)
-        nll = _nll(logits0[-1:], ans[:1])
-        if len(ans) > 1:
-            logits = model(
-                input_ids=torch.tensor([ans[:-1]]), past_key_values=cache, position_ids=_positions(start, len(ans) - 1)
-            ).logits[0]
-            nll += _nll(logits, ans[1:])
-        _truncate(cache, kept)
+        if score:
+            nll = _nll(logits0[-1:], ans[:1])
+            if len(ans) > 1:
+                feed, pos = torch.tensor([ans[:-1]]), _positions(start, len(ans) - 1)
+                logits = model(input_ids=feed, past_key_values=cache, position_ids=pos).logits[0]
+                nll += _nll(logits, ans[1:])
+            _truncate(cache, kept)
     gen = _greedy(model, cache, first, start, max_new, eos)
-    return {"generated": gen, "loss": sum(nll) / len(nll), "kv_kept": kept, "press_compression_ratio": _reported(press)}
+    out = {"generated": gen, "kv_kept": kept, "press_compression_ratio": _reported(press)}
+    if nll:
+        out["loss"] = sum(nll) / len(nll)
+    return out
 
 
 def run_loss(model, item: dict, press) -> dict:
+    """Prefill ``tokens[:N - T]`` under the press, feed the last ``T`` against the compressed cache;
+    mean NLL of their ``T - 1`` next-token predictions (each one made from the compressed cache)."""
     tokens, t = item["tokens"], int(item["tail"])
     c = len(tokens) - t
-    cache = DynamicCache()  # as the pipeline does (no config: every layer a full DynamicLayer)
+    cache = DynamicCache()  # as the pipeline does
     with _ctx(press, model):
-        logits0 = model(input_ids=torch.tensor([tokens[:c]]), past_key_values=cache, logits_to_keep=1).logits[0]
+        model.model(input_ids=torch.tensor([tokens[:c]]), past_key_values=cache)
     kept = _kept(cache)
-    nll = _nll(logits0[-1:], tokens[c : c + 1])
-    if t > 1:
-        logits = model(
-            input_ids=torch.tensor([tokens[c:-1]]), past_key_values=cache, position_ids=_positions(c, t - 1)
-        ).logits[0]
-        nll += _nll(logits, tokens[c + 1 :])
+    logits = model(input_ids=torch.tensor([tokens[c:]]), past_key_values=cache, position_ids=_positions(c, t)).logits[0]
+    nll = _nll(logits[:-1], tokens[c + 1 :])
     return {"loss": sum(nll) / len(nll), "kv_kept": kept, "press_compression_ratio": _reported(press)}
 
 
@@ -180,13 +185,13 @@ def _jobs(spec_all: dict) -> list[tuple[dict, float]]:
     return jobs
 
 
-def _one(model, spec, ratio, task, item, protocol, max_new, eos) -> dict:
+def _one(model, spec, ratio, task, item, protocol, max_new, eos, score=False) -> dict:
     row = {"item": item["id"], "task": task, "press": spec["name"], "ratio": ratio, "protocol": protocol}
     press = make_press(spec, ratio, model)
     try:
         with torch.inference_mode():
             if task == "niah":
-                out = run_niah(model, item, press, protocol, max_new, eos)
+                out = run_niah(model, item, press, protocol, max_new, eos, score)
             else:
                 out = run_loss(model, item, press)
         row.update(out)
@@ -202,11 +207,12 @@ def run(spec_all: dict, model) -> list[dict]:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     max_new = int(spec_all.get("max_new_tokens", 8))
+    score = bool(spec_all.get("score_answers", False))
     rows = []
     for spec, ratio in _jobs(spec_all):
         for protocol in spec_all.get("protocols", ["question-agnostic"]):
             for item in spec_all.get("niah", []):
-                rows.append(_one(model, spec, ratio, "niah", item, protocol, max_new, eos))
+                rows.append(_one(model, spec, ratio, "niah", item, protocol, max_new, eos, score))
         for item in spec_all.get("loss", []):
             rows.append(_one(model, spec, ratio, "loss", item, "question-agnostic", max_new, eos))
     return rows
