@@ -9,6 +9,7 @@ module                      commands
 ``cli.store``               ``cache``
 ``cli.reinforce``           ``reinforce``
 ``cli.retrieval_ablation``  ``retrieval-ablation``
+``cli.kv``                  ``kv``
 ``cli.scaffold``            ``new-probe``
 ==========================  ==================================================================
 
@@ -27,11 +28,11 @@ import sys
 import warnings
 from typing import Sequence
 
-from workbench.cli import circuits, probe, reinforce, retrieval_ablation, runs, scaffold, store
+from workbench.cli import circuits, kv, probe, reinforce, retrieval_ablation, runs, scaffold, store
 from workbench.cli.common import Parser, UsageError, check_out
 from workbench.errors import Interrupted, WorkbenchError, WorkbenchWarning
 
-COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation, scaffold)
+COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation, kv, scaffold)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
 
 

@@ -150,9 +150,11 @@ class EvictedCache(ZEdit):
             h.take(((h.pos > newest - window + 1) | h.always).nonzero()[:, 0]) for h in self.rows[r][layer]
         ]
 
-    def compress(self, policy: CachePolicy) -> "EvictedCache":
-        """Apply ``policy`` at the end of what each prompt's store holds (in place; returns self)."""
-        for r, row in enumerate(self.rows):
+    def compress(self, policy: CachePolicy | Sequence[CachePolicy]) -> "EvictedCache":
+        """Apply ``policy`` (or one per prompt) at the end of what each prompt's store holds (in
+        place; returns self)."""
+        per_row = [policy] * len(self.rows) if isinstance(policy, CachePolicy) else list(policy)
+        for r, (row, policy) in enumerate(zip(self.rows, per_row)):
             for layer, heads in row.items():
                 if not policy.compresses(layer):
                     continue

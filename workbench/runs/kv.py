@@ -1,0 +1,136 @@
+"""``workbench kv``'s run folder: one part per (model, task, length, protocol), resumable.
+
+A KV-policy grid is the same kind of run as a sweep: its parts sit in ``OUT/parts/`` with their
+checksums in ``OUT/run.json`` (:class:`workbench.runs.folder.RunFolder`), each unit's key hashes
+everything its numbers depend on (the model's identity, the grid's parameters, the scores the
+selectors read), so a re-run computes only what is missing, sets aside parts of an earlier
+config, and a killed run loses at most the unit it was computing. Rows carry the results
+columns every run has (``probe = "kv"``, ``dataset`` = ``niah`` or ``prose``, ``layer = head =
+-1``) beside the grid's own (:data:`workbench.kv.grid.COLUMNS`), so ``query`` and ``report``
+read them with everything else.
+
+Everything that can be wrong with the input (unknown selector, budget outside (0, 1], fewer
+kept tokens than sink + recent, lengths beyond the model's context, scores missing for some
+heads) fails in :func:`plan_kv` before the run folder is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from workbench.errors import WorkbenchError
+from workbench.files import targets
+from workbench.kv.grid import COLUMNS, GridSpec, Point, check_points, grid_points, run_unit
+from workbench.kv.policy import geometry
+from workbench.runs.config import Unit
+from workbench.runs.folder import RunFolder
+
+
+@dataclass
+class KVPlan:
+    """A validated grid on one model: its points and units."""
+
+    model_name: str
+    model: Any
+    spec: GridSpec
+    points: list[Point]
+    units: list[tuple[Unit, str, int, str]]  # (unit, task, length, protocol)
+
+
+def _frame_digest(frame: pd.DataFrame | None) -> str | None:
+    if frame is None:
+        return None
+    cols = [c for c in ("model", "probe", "metric", "layer", "head", "value") if c in frame.columns]
+    return hashlib.sha256(pd.util.hash_pandas_object(frame[cols], index=False).values.tobytes()).hexdigest()[:16]
+
+
+def plan_kv(
+    model_name: str, spec: GridSpec, scores: dict[str, pd.DataFrame | None], model: Any = None, **load: Any
+) -> KVPlan:
+    """Load the model, build every grid point and check every input; nothing is written."""
+    from workbench.models.loading import load_model, model_identity
+    from workbench.runs.parquet import SCHEMA_VERSION
+
+    if model is None:
+        model = load_model(model_name, **load)
+    can = getattr(model.hf_model, "can_generate", None)
+    if can is None or not can():
+        raise WorkbenchError(
+            f"{model_name} has no KV cache to compress (it is not a causal language model)",
+            "run workbench kv on a decoder model, e.g. smollm2-135m or gemma3-270m",
+        )
+    geom = geometry(model)
+    points = grid_points(spec, geom, scores)
+    lengths = spec.lengths if "niah" in spec.tasks else []
+    for n in lengths:
+        if n > model.n_ctx:
+            raise WorkbenchError(
+                f"context length {n} exceeds {model_name}'s context of {model.n_ctx} tokens",
+                f"use --lengths up to {model.n_ctx}",
+            )
+        check_points(points, n // 2)  # a context is at least half its niah length (needle and question are short)
+    if "loss" in spec.tasks:
+        if spec.loss_length > model.n_ctx or spec.loss_tail >= spec.loss_length:
+            raise WorkbenchError(
+                f"loss segments of {spec.loss_length} tokens with a {spec.loss_tail}-token tail do not fit "
+                f"{model_name} (context {model.n_ctx})",
+                f"use --loss-length up to {model.n_ctx} and a tail shorter than the segment",
+            )
+        check_points(points, spec.loss_length - spec.loss_tail)
+    base = {
+        "model": model_identity(model_name) if model_name else {},
+        "spec": spec.model_dump(),
+        "scores": {k: _frame_digest(v) for k, v in sorted(scores.items())},
+        "schema": SCHEMA_VERSION,
+    }
+    units = []
+    todo = [("niah", n, p) for n in lengths for p in spec.protocols]
+    todo += [("loss", spec.loss_length, "question-agnostic")] if "loss" in spec.tasks else []
+    for task, n, protocol in todo:
+        identity = json.dumps({**base, "task": task, "length": n, "protocol": protocol}, sort_keys=True, default=str)
+        unit = Unit(model_name, "niah" if task == "niah" else "prose", f"kv-{task}-{n}-{protocol}", identity)
+        units.append((unit, task, n, protocol))
+    return KVPlan(model_name, model, spec, points, units)
+
+
+def tidy_kv(frame: pd.DataFrame, model_name: str, task: str) -> pd.DataFrame:
+    """A unit's rows with the results columns every run has."""
+    out = frame.assign(model=model_name, dataset="niah" if task == "niah" else "prose", probe="kv", layer=-1, head=-1)
+    extra = [c for c in ("item", "response") if c in out.columns]
+    return out[["dataset", "probe", "layer", "head", *COLUMNS, *extra]]
+
+
+def run_kv(plan: KVPlan, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compute every unit of ``plan`` that has no sound part in ``out`` yet (one writer at a
+    time); returns a summary."""
+    from workbench.runs.parquet import check_writable, run_metadata, write_parquet
+    from workbench.runs.sweep import writing
+
+    check_writable(targets.join(targets.join(targets.as_target(out), "parts"), "probe.parquet"))
+    with writing(out):
+        folder = RunFolder(out)
+        sound, _ = folder.reconcile([u for u, *_ in plan.units], log)
+        todo = [x for x in plan.units if x[0].filename not in sound]
+        if len(todo) < len(plan.units):
+            log(f"resuming: {len(plan.units) - len(todo)} of {len(plan.units)} units already done")
+        for unit, task, n, protocol in todo:
+            t0 = time.perf_counter()
+            rows = tidy_kv(run_unit(plan.model, plan.spec, plan.points, task, n, protocol), plan.model_name, task)
+            meta = run_metadata(
+                model=plan.model.describe(),
+                config={"kv": plan.spec.model_dump(), "task": task, "length": n, "protocol": protocol},
+                unit=json.loads(unit.identity),
+                timing={"seconds": round(time.perf_counter() - t0, 3)},
+            )
+            path = targets.join(folder.parts, unit.filename)
+            write_parquet(rows, path, meta)
+            folder.record({"filename": unit.filename, "size": targets.size(path), "sha256": targets.sha256(path)})
+            log(f"{task} {n} {protocol}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
+    return {"units": len(plan.units), "ran": len(todo), "out": str(out)}
