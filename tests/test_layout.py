@@ -39,6 +39,7 @@ LAYERS = {
     "runner": 6,
     "probes": 6,
     "circuits": 6,
+    "kv": 6,
     "testing": 6,
     "store": 7,
     "experiments": 7,

@@ -18,7 +18,7 @@ the padded prefill of 8 x 1000-token prompts takes 1.09x the time; benchmarks/be
 A prompt that shares a prefix with one already prefilled (niah prompts on one haystack, the
 paper's grid, share everything before the earlier needle) reuses that prefix's KV cache.
 Prompts longer than ``PREFILL_CHUNK`` tokens are prefilled in pieces through the cache, so no
-``[T, T]`` mask is ever built (32k-token prompts fit in a few GB; see :func:`_forward`).
+``[T, T]`` mask is ever built (32k-token prompts fit in a few GB; see :func:`forward_with_cache`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 Prefill = Literal["auto", "batched", "separate"]
 MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth copying a cache for
-PREFILL_CHUNK = 4096  # tokens per prefill forward: masks stay [chunk, keys] (see _forward)
+PREFILL_CHUNK = 4096  # tokens per prefill forward: masks stay [chunk, keys] (see forward_with_cache)
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _cache_kwarg(hf_model: Any) -> str:
         return "past_key_values"
 
 
-def _forward(model: LoadedModel, cache: Any, **inputs: Any) -> tuple[Any, Tensor]:
+def forward_with_cache(model: LoadedModel, cache: Any, **inputs: Any) -> tuple[Any, Tensor]:
     """One forward with a KV cache; returns (the updated cache, last-position logits).
 
     A long input (a prefill) runs in pieces of at most :data:`PREFILL_CHUNK` tokens through the
@@ -149,7 +149,7 @@ def _separate_prefill(model: LoadedModel, batch: BatchInfo, state: DecodeState) 
                     cache.update(kv.keys[..., :shared, :], kv.values[..., :shared, :], layer)
             state.rows = torch.tensor([r], device=dev)
             state.key_offset = torch.zeros(1, dtype=torch.long, device=dev)
-            caches[r], logits[r] = _forward(
+            caches[r], logits[r] = forward_with_cache(
                 model,
                 cache,
                 input_ids=torch.tensor([ids[shared:]], device=dev),
@@ -209,7 +209,7 @@ def _decode_batch(
         if step == 0 and separate and b > 1:
             cache, last = _separate_prefill(model, batch, state)
         else:
-            cache, last = _forward(model, cache, input_ids=inp, attention_mask=mask, position_ids=pos)
+            cache, last = forward_with_cache(model, cache, input_ids=inp, attention_mask=mask, position_ids=pos)
         y = last.argmax(-1)  # [b]
         if on_step is not None:
             on_step(state, y, active)

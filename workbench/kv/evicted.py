@@ -222,7 +222,7 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], window_queries: int = 
     from transformers import DynamicCache
 
     from workbench.engine.attention import hooked_run
-    from workbench.engine.decoding import _forward
+    from workbench.engine.decoding import forward_with_cache
     from workbench.kv.policy import geometry
 
     store = EvictedCache(geometry(model), window_queries)
@@ -230,7 +230,7 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], window_queries: int = 
     for ids in prompts:
         reader = _LastQueries(max(1, window_queries))
         with hooked_run(model.hf_model, reader):
-            cache, _ = _forward(model, DynamicCache(), input_ids=torch.tensor([list(ids)], device=dev))
+            cache, _ = forward_with_cache(model, DynamicCache(), input_ids=torch.tensor([list(ids)], device=dev))
         n = len(ids)
         row: dict[int, list[HeadCache]] = {}
         for layer, kv in enumerate(cache.layers):
