@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 import traceback
 from importlib.metadata import version
 
-import kvpress
 import torch
 import torch.nn.functional as F
 from kvpress import DuoAttentionPress, SnapKVPress, StreamingLLMPress
@@ -257,5 +255,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    assert kvpress and math
     sys.exit(main())
