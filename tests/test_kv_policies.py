@@ -59,17 +59,21 @@ def masked_logits(model, policy, contexts, continuations, padding_side):
     ids = [c + t for c, t in zip(contexts, continuations)]
     batch = collate(ids, 0, model.device, padding_side=padding_side)
     mask = PolicyMask(policy, [len(c) for c in contexts])
+    # left padding puts every continuation at the end: only those positions go through the LM head
+    keep = max(len(t) for t in continuations) if padding_side == "left" else 0
     with hooked_run(model.hf_model, mask):
         logits = model.hf_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.positions.clamp_min(0),
             use_cache=False,
+            logits_to_keep=keep,
         ).logits
+    width = batch.input_ids.shape[1]
     out = []
     for r, (c, t) in enumerate(zip(contexts, continuations)):
-        first = int(batch.first_index[r])
-        out.append(logits[r, first + len(c) : first + len(c) + len(t)])
+        start = int(batch.first_index[r]) + len(c) - (width - logits.shape[1])
+        out.append(logits[r, start : start + len(t)])
     return out
 
 
@@ -79,10 +83,10 @@ def evicted_logits(model, policy, contexts, continuations, window=8):
     return [logits[r, : len(t)] for r, t in enumerate(continuations)], store
 
 
-def _check(model, policy, contexts, continuations):
+def _check(model, policy, contexts, continuations, sides=("right", "left")):
     ref, store = evicted_logits(model, policy, contexts, continuations)
     full, _ = evicted_logits(model, CachePolicy(policy.geometry), contexts, continuations)
-    for side in ("right", "left"):
+    for side in sides:
         got = masked_logits(model, policy, contexts, continuations, side)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -201,3 +205,30 @@ def test_budget_counts_what_the_store_holds(tiny_llama, tmp_path):
         full = cost(CachePolicy(policy.geometry), 57)
         assert full.kv_fraction == 1.0 and full.head_sparsity == 0.0
         assert cost(policy, 57).kv_fraction < 1.0 and cost(policy, 5).kv_fraction == 1.0
+
+
+def _real_check(name, lengths, conts, bos):
+    """On a float64 copy of a real model: the two forms are the same arithmetic, so they agree
+    to 1e-5 once float32 rounding (which 30 layers grow to ~7e-5 on the logits) is out of the way."""
+    import workbench
+
+    model = workbench.load_model(name, device="cpu")
+    model.hf_model.to(torch.float64)
+    contexts, continuations = _prompts(model.vocab_size, lengths, conts, seed=5, bos=bos)
+    return model, _check(model, _mixed_policy(model, scale=8), contexts, continuations, sides=("left",))
+
+
+@pytest.mark.smollm2
+def test_masked_equals_evicted_smollm2():
+    """SmolLM2-135M (9 query heads on 3 KV heads per layer): every kind of head policy."""
+    model, _ = _real_check("smollm2-135m", [240, 301, 197], [5, 8, 3], None)
+    assert geometry(model).n_kv_heads == 3 and geometry(model).group == 3
+
+
+@pytest.mark.gemma3
+def test_masked_equals_evicted_gemma3():
+    """Gemma-3-270M: contexts past the 512-token window, so the sliding layers evict as they go."""
+    model, store = _real_check("gemma3-270m", [560, 530, 600], [4, 7, 3], 2)
+    g = geometry(model)
+    assert set(g.sliding.values()) == {512} and g.global_layers == [5, 11, 17]
+    assert all(h.slots == 511 for h in store.rows[2][0])  # the window's keys only, after the continuation

@@ -58,7 +58,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.engine.call import AttentionCall
-from workbench.engine.masking import attention_scores, first_visible_key
+from workbench.engine.masking import attention_scores, first_visible_key, wide
 from workbench.errors import WorkbenchError
 from workbench.protocol.ordering import Ordered, ordered
 
@@ -320,7 +320,7 @@ def edited_attention(
     group = h // v.shape[1]
     key_pos, offset = _positions(call)
     out = v.new_zeros(b, n_q, h, v.shape[-1])
-    vg = v.float().repeat_interleave(group, dim=1)
+    vg = wide(v).repeat_interleave(group, dim=1)
     for q0 in range(0, n_q, block_rows):
         q1 = min(n_q, q0 + block_rows)
         s, vis = attention_scores(call, q0, q1)
@@ -336,7 +336,7 @@ def edited_attention(
         for iv in weights:
             rows.values = _on_heads(iv, call.layer, p, iv.edit(call, rows))
             rows.values = p = _renormalise(rows.values, visible)
-        out[:, q0:q1] = (p @ vg[:, :, :k_end]).transpose(1, 2).to(out.dtype)
+        out[:, q0:q1] = (p.to(vg.dtype) @ vg[:, :, :k_end]).transpose(1, 2).to(out.dtype)
     return out
 
 

@@ -44,6 +44,12 @@ from workbench.engine.call import AttentionCall
 NEG = -1e30  # a finite "minus infinity": exp() gives exactly 0 and 0 * NEG stays finite
 
 
+def wide(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it already is (a model run in float64 for a reference
+    test keeps its precision; half-precision inputs are widened)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class KeyVisibility:
     """Which keys the queries ``[q0, q1)`` of a layer call may attend to."""
@@ -137,10 +143,10 @@ def attention_scores(
     g = h // n_kv
     c = vis.q1 - vis.q0
     # scale the queries, not the scores: d multiplications per row instead of k_end
-    qs = (q[:, :, vis.q0 : vis.q1].float() * call.scaling).reshape(b, n_kv, g, c, d)
-    kt = k[:, :, : vis.k_end].float().transpose(-1, -2).unsqueeze(2)  # [b, kv, 1, d, key]
+    qs = (wide(q[:, :, vis.q0 : vis.q1]) * call.scaling).reshape(b, n_kv, g, c, d)
+    kt = wide(k[:, :, : vis.k_end]).transpose(-1, -2).unsqueeze(2)  # [b, kv, 1, d, key]
     s = torch.matmul(qs, kt).view(b, h, c, vis.k_end)
-    biased(call, s, None if vis.additive is None else vis.additive.float().clamp_min(NEG))
+    biased(call, s, None if vis.additive is None else vis.additive.to(s.dtype).clamp_min(NEG))
     if vis.allowed is not None:
         s.masked_fill_(~vis.allowed, fill)
     elif vis.causal:

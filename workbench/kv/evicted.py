@@ -32,6 +32,7 @@ from torch import Tensor
 
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import QKV, QKVReader, ZEdit
+from workbench.engine.masking import wide
 from workbench.kv.policy import CachePolicy, Geometry
 from workbench.kv.select import select_row, window_size
 
@@ -129,7 +130,7 @@ class EvictedCache(ZEdit):
         window = self.geometry.window(layer)
         outs = []
         for kv, h in enumerate(heads):
-            s = (q[kv * g : (kv + 1) * g].float() * call.scaling) @ h.key.float().T  # [g, new, slots]
+            s = (wide(q[kv * g : (kv + 1) * g]) * call.scaling) @ wide(h.key).T  # [g, new, slots]
             if call.softcap is not None:
                 s = call.softcap * torch.tanh(s / call.softcap)
             vis = h.pos[None, :] <= qpos[:, None]
@@ -137,7 +138,7 @@ class EvictedCache(ZEdit):
                 vis &= h.pos[None, :] > qpos[:, None] - window
             vis |= h.always[None, :]
             p = torch.softmax(s.masked_fill(~vis[None], float("-inf")), dim=-1)
-            outs.append(p @ h.value.float())  # [g, new, d]
+            outs.append(p @ wide(h.value))  # [g, new, d]
         return torch.cat(outs).transpose(0, 1)
 
     def _slide(self, r: int, layer: int, qpos: Tensor) -> None:

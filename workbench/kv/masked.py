@@ -25,6 +25,7 @@ from torch import Tensor
 
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import Rows, ScoresEdit, Sites
+from workbench.engine.masking import wide
 from workbench.kv.policy import CachePolicy
 from workbench.kv.select import Keep, select_row, window_size
 
@@ -89,15 +90,15 @@ class PolicyMask(ScoresEdit):
     ) -> None:
         """Give each merged key the compensation key's score minus log(number merged)."""
         g = call.query.shape[1] // call.key.shape[1]
-        q = call.query[r, :, x.q0 : x.q1].float() * call.scaling  # [head, block, d]
-        k = call.key[r, :, first : first + keep.keep.shape[1]].float()  # [kv, c, d]
+        q = wide(call.query[r, :, x.q0 : x.q1]) * call.scaling  # [head, block, d]
+        k = wide(call.key[r, :, first : first + keep.keep.shape[1]])  # [kv, c, d]
         for kv in range(keep.merge.shape[0]):
             m = keep.merge[kv]
             n = int(m.sum())
             if n == 0:
                 continue
             heads = slice(kv * g, (kv + 1) * g)
-            sc = q[heads] @ k[kv, m].mean(dim=0)  # [g, block]
+            sc = (q[heads] @ k[kv, m].mean(dim=0)).to(block.dtype)  # [g, block]
             if call.softcap is not None:
                 sc = call.softcap * torch.tanh(sc / call.softcap)
             val = (sc - math.log(n))[:, :, None].expand(-1, -1, n)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from workbench.engine.masking import wide
 from workbench.kv.policy import Budget, Compensated, Full, HeadPolicy, Window
 
 
@@ -53,10 +54,10 @@ def snap_scores(
 ) -> Float[Tensor, "kv_head prefix"]:
     """Mean attention of the last ``window`` queries on each key before them, per KV head."""
     c = keys.shape[1]
-    q = window_queries[:, -window:].float()
+    q = wide(window_queries[:, -window:])
     h, w = q.shape[0], q.shape[1]
     group = h // keys.shape[0]
-    k = keys.float().repeat_interleave(group, dim=0)
+    k = wide(keys).repeat_interleave(group, dim=0)
     s = (q * scaling) @ k.transpose(-1, -2)  # [h, w, c]
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
