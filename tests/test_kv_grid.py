@@ -242,3 +242,14 @@ def test_run_unit_rows(tiny):
     assert set(frame.selector) == {"full", "streaming"}
     s = frame[frame.selector == "streaming"].iloc[0]
     assert 0.45 < s.kv_fraction < 0.55 and s.kv_bytes == 2 * 2 * geometry(tiny).d_head * s.kv_tokens
+
+
+def test_python_api(tiny, tmp_path):
+    from workbench.runs.kv import kv_grid
+
+    rows = kv_grid(tiny, tmp_path / "kv", selectors=["full", "streaming"], budgets=[0.5], lengths=[160],
+                   depths=[0.5], tasks=["niah"], sink=2, log=lambda m: None)  # fmt: skip
+    assert set(rows.selector) == {"full", "streaming"} and set(rows.probe) == {"kv"}
+    with pytest.raises(WorkbenchError, match="budgets"):
+        kv_grid(tiny, tmp_path / "kv2", budgets=[2.0], log=lambda m: None)
+    assert not (tmp_path / "kv2").exists()

@@ -134,3 +134,31 @@ def run_kv(plan: KVPlan, out: str | Path, log: Callable[[str], None] = print) ->
             folder.record({"filename": unit.filename, "size": targets.size(path), "sha256": targets.sha256(path)})
             log(f"{task} {n} {protocol}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
     return {"units": len(plan.units), "ran": len(todo), "out": str(out)}
+
+
+def kv_grid(
+    model: str | Any,
+    out: str | Path,
+    scores: dict[str, pd.DataFrame | None] | None = None,
+    log: Callable[[str], None] = print,
+    **spec: Any,
+) -> pd.DataFrame:
+    """The Python door to ``workbench kv``: run the grid ``spec`` (:class:`GridSpec` fields) on
+    ``model`` (a name or a loaded model) into the run folder ``out`` (resumable), and return its
+    rows. ``scores``: selector -> its scores table (tidy rows of the probe it reads)."""
+    from workbench.runs.load import load_results
+
+    from pydantic import ValidationError
+
+    loaded = None if isinstance(model, str) else model
+    name = model if isinstance(model, str) else model.name
+    try:
+        grid = GridSpec(**spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise WorkbenchError(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}",
+            "see workbench.kv.grid.GridSpec for the fields and their ranges",
+        ) from None
+    run_kv(plan_kv(name, grid, scores or {}, model=loaded), out, log)
+    return load_results(out)
