@@ -146,9 +146,9 @@ def kv_grid(
     """The Python door to ``workbench kv``: run the grid ``spec`` (:class:`GridSpec` fields) on
     ``model`` (a name or a loaded model) into the run folder ``out`` (resumable), and return its
     rows. ``scores``: selector -> its scores table (tidy rows of the probe it reads)."""
-    from workbench.runs.load import load_results
-
     from pydantic import ValidationError
+
+    from workbench.runs.load import load_results
 
     loaded = None if isinstance(model, str) else model
     name = model if isinstance(model, str) else model.name
