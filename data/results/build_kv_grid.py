@@ -88,6 +88,10 @@ def duo_vs_retrieval(model_name: str) -> dict | None:
 
 def main(folders: list[str]) -> None:
     table = pd.concat([load_results(f) for f in folders], ignore_index=True)
+    # the same grid point on the same item in two runs (the full cache in every run, the question-aware
+    # run's question-agnostic half) is the same computation: count it once
+    key = ["model", "policy", "protocol", "task", "length", "depth", "item", "metric", "seed"]
+    table = table.drop_duplicates(subset=key, keep="first").reset_index(drop=True)
     keep = [c for c in table.columns if c not in ("dataset", "probe", "layer", "head")]
     table[keep].to_parquet(HERE / "kv_grid.parquet", index=False)
     niah = table[table.task == "niah"]
