@@ -154,6 +154,18 @@ CASES = {
         (["retrieval-ablation", *M, "--n-prompts", "0", *OUT], "--n-prompts"),
         (["retrieval-ablation", *M, "--context-len", "x", *OUT], "--context-len takes"),
     ],
+    "kv": [
+        (["kv", *M, "--budgets", "abc", "--out", "{tmp}/kv"], "--budgets takes"),
+        (["kv", *M, "--budgets", "1.5", "--out", "{tmp}/kv"], "outside (0, 1]"),
+        (["kv", *M, "--budgets", "0.001", "--lengths", "200", "--out", "{tmp}/kv"], "fewer than"),
+        (["kv", *M, "--seeds", "0", "--out", "{tmp}/kv"], "--seeds: must be >= 1"),
+        (["kv", *M, "--lengths", "x", "--out", "{tmp}/kv"], "--lengths takes"),
+        (["kv", *M, "--lengths", "100000", "--out", "{tmp}/kv"], "exceeds"),
+        (["kv", *M, "--depths", "2", "--out", "{tmp}/kv"], "depths"),
+        (["kv", *M, "--selectors", "nope", "--out", "{tmp}/kv"], "unknown selector"),
+        (["kv", *M, "--selectors", "razor", "--out", "{tmp}/kv"], "needs razor scores"),
+        (["kv", *M, "--selectors", "full", "--lengths", "200", "--tasks", "niah", "--out", "{files}/afile/kv"], "cannot"),
+    ],
     "new-probe": [
         (["new-probe", "Bad-Name", "--out", "{tmp}/p"], "not a lowercase Python identifier"),
         (["new-probe", "entropy", "--out", "{tmp}/p"], "the name of a built-in probe"),

@@ -93,10 +93,8 @@ def spec_from_args(args: argparse.Namespace):
 
 def cmd_kv(args: argparse.Namespace) -> int:
     from workbench.runs.kv import plan_kv, run_kv
-    from workbench.runs.parquet import check_writable
 
     spec = spec_from_args(args)
-    check_writable(f"{args.out}/parts/probe.parquet")
     scores = {s: _scores(s, args) for s in spec.selectors if s in SCORE_FLAGS}
     plan = plan_kv(args.model, spec, scores, device=args.device, dtype=args.dtype)
     summary = run_kv(plan, args.out)
@@ -124,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(r)
     r.add_argument(
         "--selectors",
-        default="full,streaming,snapkv,headkv,retrieval,random",
+        default="full,streaming,snapkv,random",
         help="full, streaming, snapkv, headkv, retrieval, streaming-heads, razor, duo, random",
     )
     r.add_argument("--budgets", default="0.05,0.1,0.25,0.5", help="cache shares in (0, 1]")

@@ -47,7 +47,11 @@ class GridSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    selectors: list[str] = Field(["full", "streaming", "snapkv", "headkv", "retrieval", "random"], min_length=1)
+    selectors: list[str] = Field(
+        ["full", "streaming", "snapkv", "random"],
+        min_length=1,
+        description="the scored ones (headkv, retrieval, streaming-heads, razor, duo) need their scores",
+    )
     budgets: list[float] = Field([0.05, 0.1, 0.25, 0.5], min_length=1, description="cache shares in (0, 1]")
     seeds: int = Field(5, ge=1, description="random-head draws per budget")
     tasks: list[Literal["niah", "loss"]] = Field(["niah", "loss"], min_length=1)

@@ -110,9 +110,22 @@ def tidy_kv(frame: pd.DataFrame, model_name: str, task: str) -> pd.DataFrame:
 def run_kv(plan: KVPlan, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compute every unit of ``plan`` that has no sound part in ``out`` yet (one writer at a
     time); returns a summary."""
+    from workbench.runs.sweep import _remove_if_empty
+
+    new = not targets.is_url(str(out)) and not Path(out).exists()
+    try:
+        return _run_kv(plan, out, log)
+    except BaseException:
+        if new:  # a failure leaves no folder behind (as a sweep's)
+            _remove_if_empty(Path(out))
+        raise
+
+
+def _run_kv(plan: KVPlan, out: str | Path, log: Callable[[str], None]) -> dict[str, Any]:
     from workbench.runs.parquet import check_writable, run_metadata, write_parquet
     from workbench.runs.sweep import writing
 
+    targets.check_url(str(out))
     check_writable(targets.join(targets.join(targets.as_target(out), "parts"), "probe.parquet"))
     with writing(out):
         folder = RunFolder(out)
