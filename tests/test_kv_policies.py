@@ -83,15 +83,15 @@ def evicted_logits(model, policy, contexts, continuations, window=8):
     return [logits[r, : len(t)] for r, t in enumerate(continuations)], store
 
 
-def _check(model, policy, contexts, continuations, sides=("right", "left")):
+def _check(model, policy, contexts, continuations, sides=("right", "left"), against_full=True):
     ref, store = evicted_logits(model, policy, contexts, continuations)
-    full, _ = evicted_logits(model, CachePolicy(policy.geometry), contexts, continuations)
     for side in sides:
         got = masked_logits(model, policy, contexts, continuations, side)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # the policy changed the model's predictions: the comparison could have failed
-    assert max(float((a - b).abs().max()) for a, b in zip(ref, full)) > 1e-3
+    if against_full:  # the policy changed the model's predictions: the comparison could have failed
+        full, _ = evicted_logits(model, CachePolicy(policy.geometry), contexts, continuations)
+        assert max(float((a - b).abs().max()) for a, b in zip(ref, full)) > 1e-3
     return store
 
 
@@ -215,7 +215,12 @@ def _real_check(name, lengths, conts, bos):
     model = workbench.load_model(name, device="cpu")
     model.hf_model.to(torch.float64)
     contexts, continuations = _prompts(model.vocab_size, lengths, conts, seed=5, bos=bos)
-    return model, _check(model, _mixed_policy(model, scale=8), contexts, continuations, sides=("left",))
+    store = _check(model, _mixed_policy(model, scale=8), contexts, continuations, ("left",), against_full=False)
+    g = geometry(model)
+    for r, ctx in enumerate(contexts):  # the evictions the tiny-model tests show change the logits happened
+        small = [h.slots < len(ctx) for layer in g.global_layers for h in store.rows[r][layer]]
+        assert sum(small) >= len(small) // 2
+    return model, store
 
 
 @pytest.mark.smollm2
