@@ -164,7 +164,7 @@ CASES = {
         (["kv", *M, "--depths", "2", "--out", "{tmp}/kv"], "depths"),
         (["kv", *M, "--selectors", "nope", "--out", "{tmp}/kv"], "unknown selector"),
         (["kv", *M, "--selectors", "razor", "--out", "{tmp}/kv"], "needs razor scores"),
-        (["kv", *M, "--selectors", "full", "--lengths", "200", "--tasks", "niah", "--out", "{files}/afile/k"], "cannot"),
+        (["kv", *M, "--budgets", "0.5", "--lengths", "200", "--tasks", "niah", "--out", "{files}/afile/k"], "cannot"),
     ],
     "new-probe": [
         (["new-probe", "Bad-Name", "--out", "{tmp}/p"], "not a lowercase Python identifier"),
