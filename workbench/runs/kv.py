@@ -110,14 +110,14 @@ def tidy_kv(frame: pd.DataFrame, model_name: str, task: str) -> pd.DataFrame:
 def run_kv(plan: KVPlan, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Compute every unit of ``plan`` that has no sound part in ``out`` yet (one writer at a
     time); returns a summary."""
-    from workbench.runs.sweep import _remove_if_empty
+    from workbench.runs.sweep import remove_if_empty
 
     new = not targets.is_url(str(out)) and not Path(out).exists()
     try:
         return _run_kv(plan, out, log)
     except BaseException:
         if new:  # a failure leaves no folder behind (as a sweep's)
-            _remove_if_empty(Path(out))
+            remove_if_empty(Path(out))
         raise
 
 

@@ -88,11 +88,11 @@ def run_sweep(
             return _run(cfg, out_dir, runner, executor, config_path, progress, log)
     except BaseException:
         if new:
-            _remove_if_empty(Path(out_dir))
+            remove_if_empty(Path(out_dir))
         raise
 
 
-def _remove_if_empty(folder: Path) -> None:
+def remove_if_empty(folder: Path) -> None:
     """A run folder this sweep created and that holds no part (the executor could not start, the
     first group failed at once) is removed whole: a failure leaves no folder behind."""
     if folder.is_dir() and not any((folder / "parts").glob("*.parquet")):
