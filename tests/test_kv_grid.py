@@ -253,3 +253,21 @@ def test_python_api(tiny, tmp_path):
     with pytest.raises(WorkbenchError, match="budgets"):
         kv_grid(tiny, tmp_path / "kv2", budgets=[2.0], log=lambda m: None)
     assert not (tmp_path / "kv2").exists()
+
+
+def test_delta_loss_is_against_the_full_cache_whatever_the_order(tiny):
+    from workbench.kv import tasks
+    from workbench.kv.grid import loss_segments
+
+    spec = GridSpec(loss_length=96, loss_tail=16, loss_segments=2)
+    segs = loss_segments(tiny, spec)
+    g = geometry(tiny)
+    rows = pd.DataFrame(
+        tasks.loss_rows(tiny, segs, [lambda n: sel.streaming(g, 0.2, n, sink=2), lambda n: sel.full(g)], 16)
+    )
+    loss = rows[rows.metric == "loss"].set_index(["selector", "item"]).value
+    delta = rows[rows.metric == "delta_loss"].set_index(["selector", "item"]).value
+    for item in ("segment-0", "segment-1"):
+        assert delta["full", item] == 0.0
+        assert math.isclose(delta["streaming", item], loss["streaming", item] - loss["full", item], abs_tol=1e-12)
+    assert (delta.loc["streaming"] != 0).all()

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from workbench.kv.budget import cost
+from workbench.kv.budget import cost, is_full
 from workbench.kv.evicted import EvictedCache, continue_forward, prefill
 from workbench.kv.policy import CachePolicy
 
@@ -129,23 +129,30 @@ def niah_rows(
     return rows
 
 
+def _tail_nll(model: Any, store: EvictedCache, tails: list[list[int]], starts: list[int]) -> Tensor:
+    """Mean NLL of each tail's tokens 2.. given the store and the tail before them."""
+    logits = continue_forward(model, store, tails, starts)
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    target = torch.tensor(tails, device=logits.device)[:, 1:, None]
+    return -logp.gather(-1, target)[..., 0].mean(-1).cpu()
+
+
 def loss_rows(
     model: Any, segments: Sequence[Sequence[int]], policies: Sequence[PolicyFor], tail: int = 256, length: int = 0
 ) -> list[dict[str, Any]]:
     """Mean next-token NLL of each segment's last ``tail`` tokens against its compressed first
-    ``len - tail`` (one row per policy and segment: ``loss`` and ``delta_loss`` vs the full cache;
-    the first policy given must be the full cache)."""
+    ``len - tail`` (one row per policy and segment: ``loss``, and ``delta_loss`` against the full
+    cache on the same segment, computed once whatever the policies given)."""
     contexts = [list(s[:-tail]) for s in segments]
     tails = [list(s[-tail:]) for s in segments]
+    starts = [len(c) for c in contexts]
     base = prefill(model, contexts, window_queries=64)
-    rows, full = [], None
+    full = _tail_nll(model, base.copy(), tails, starts)
+    rows = []
     for policy_for in policies:
         per_row = [policy_for(len(c)) for c in contexts]
-        logits = continue_forward(model, base.copy().compress(per_row), tails, [len(c) for c in contexts])
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-        target = torch.tensor(tails, device=logits.device)[:, 1:, None]
-        nll = -logp.gather(-1, target)[..., 0].mean(-1).cpu()
-        full = nll if full is None else full
+        whole = all(is_full(p) for p in per_row)
+        nll = full if whole else _tail_nll(model, base.copy().compress(per_row), tails, starts)
         for r, c in enumerate(contexts):
             common = {**_point(per_row[r], len(c)), "task": "loss", "protocol": "question-agnostic"}
             common.update(length=length or len(segments[r]), depth=float("nan"), item=f"segment-{r}", response="")
