@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.inputs.corpus import load_documents
+from workbench.inputs.corpus import corpus_ids
 from workbench.inputs.prompts import Prompt, special_prefix
 from workbench.protocol.params import Float, Int
 
@@ -98,17 +98,6 @@ class Options(DatasetOptions):
         return self
 
 
-def _haystack_ids(tokenizer: Any, n: int, rng: random.Random) -> list[int]:
-    docs = load_documents()
-    ids: list[int] = []
-    start = rng.randrange(len(docs))
-    i = start
-    while len(ids) < n:
-        ids += tokenizer(docs[i % len(docs)]["text"] + "\n", add_special_tokens=False)["input_ids"]
-        i += 1
-    return ids[:n]
-
-
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -178,7 +167,7 @@ def make(
             raise WorkbenchError(
                 f"context length {L} exceeds the model's context of {n_ctx}", "use a shorter --context-len"
             )
-        hay = _haystack_ids(tokenizer, n_hay, random.Random(hay_seed) if shared_haystack else rng)
+        hay = corpus_ids(tokenizer, n_hay, random.Random(hay_seed) if shared_haystack else rng)
         cut = int(round(n_hay * depth))
         if 0 < cut < n_hay:  # back up to a sentence end, as the paper's code does
             j = cut

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from workbench.errors import WorkbenchError
 
@@ -31,3 +33,16 @@ def load_documents(name: str = "prose") -> list[dict]:
         )
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def corpus_ids(tokenizer: Any, n: int, rng: random.Random, name: str = "prose") -> list[int]:
+    """``n`` token ids of the corpus ``name``: its documents joined (each ended by a newline, no
+    special tokens) from one drawn at random with ``rng``, wrapping round at the end. The filler
+    of needle-in-a-haystack prompts, DuoAttention's passkey books and the KV grid's loss text."""
+    docs = load_documents(name)
+    i = rng.randrange(len(docs))
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer(docs[i % len(docs)]["text"] + "\n", add_special_tokens=False)["input_ids"]
+        i += 1
+    return ids[:n]

@@ -53,7 +53,7 @@ from workbench.engine.edits import ZEdit
 from workbench.engine.masking import NEG, first_visible_key, named_key_mask
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
-from workbench.inputs.corpus import load_documents
+from workbench.inputs.corpus import corpus_ids
 from workbench.inputs.prompts import pad_token_id, special_prefix
 
 # --- synthetic multi-passkey data (duo_attn/data.py, MultiplePasskeyRetrievalDataset) ---------------
@@ -90,16 +90,6 @@ class PasskeySample:
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _haystack(tokenizer: Any, n: int, rng: random.Random) -> list[int]:
-    docs = load_documents()
-    i = rng.randrange(len(docs))
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += _encode(tokenizer, docs[i % len(docs)]["text"] + "\n")
-        i += 1
-    return ids[:n]
 
 
 def passkey_samples(
@@ -146,7 +136,7 @@ def passkey_samples(
                 f"({fixed} tokens without any haystack)",
                 "use longer lengths, fewer passkeys (n_passkeys) or shorter ones (passkey_words)",
             )
-        hay = _haystack(tokenizer, n_hay, rng)
+        hay = corpus_ids(tokenizer, n_hay, rng)
         context, last = [], 0
         for depth, ids in zip(depths, needles):
             cut = int(n_hay * depth)

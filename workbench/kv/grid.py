@@ -234,7 +234,7 @@ def loss_segments(model: Any, spec: GridSpec) -> list[list[int]]:
     each stretch from its own seeded document onwards)."""
     import random
 
-    from workbench.inputs.corpus import load_documents
+    from workbench.inputs.corpus import corpus_ids
     from workbench.inputs.prompts import special_prefix
 
     if spec.loss_length > model.n_ctx:
@@ -244,17 +244,10 @@ def loss_segments(model: Any, spec: GridSpec) -> list[list[int]]:
         )
     if spec.loss_tail >= spec.loss_length:
         raise WorkbenchError("the loss tail must be shorter than the segment", "lower --loss-tail")
-    docs = load_documents()
     rng = random.Random(f"kv-loss-{spec.seed}")
     prefix = special_prefix(model.tokenizer)  # Gemma's BOS, nothing for SmolLM2
-    out = []
-    for _ in range(spec.loss_segments):
-        i, ids = rng.randrange(len(docs)), list(prefix)
-        while len(ids) < spec.loss_length:
-            ids += model.tokenizer(docs[i % len(docs)]["text"] + "\n", add_special_tokens=False)["input_ids"]
-            i += 1
-        out.append(ids[: spec.loss_length])
-    return out
+    n = spec.loss_length - len(prefix)
+    return [prefix + corpus_ids(model.tokenizer, n, rng) for _ in range(spec.loss_segments)]
 
 
 def run_unit(model: Any, spec: GridSpec, points: list[Point], task: str, length: int, protocol: str) -> pd.DataFrame:
