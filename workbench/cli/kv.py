@@ -59,9 +59,8 @@ def _scores(selector: str, args: argparse.Namespace):
 
 
 def spec_from_args(args: argparse.Namespace):
-    from pydantic import ValidationError
-
     from workbench.kv.grid import GridSpec
+    from workbench.protocol.params import validate_options
 
     fields = {
         "selectors": _names(args.selectors),
@@ -80,15 +79,7 @@ def spec_from_args(args: argparse.Namespace):
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
     }
-    try:
-        return GridSpec(**fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise WorkbenchError(
-            f"--{where.split('.')[0].replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}",
-            "see `workbench kv --help`",
-        ) from None
+    return validate_options(GridSpec, fields, "kv", "see `workbench kv --help`")
 
 
 def cmd_kv(args: argparse.Namespace) -> int:

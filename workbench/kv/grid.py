@@ -208,16 +208,33 @@ def check_points(points: list[Point], n: int) -> None:
         p.policy_for(n)
 
 
+def check_lengths(model: Any, lengths: list[int]) -> None:
+    """Every niah length fits the model's context; one error naming the fix otherwise."""
+    for length in lengths:
+        if length > model.n_ctx:
+            raise WorkbenchError(
+                f"context length {length} exceeds the model's context of {model.n_ctx} tokens",
+                f"use --lengths up to {model.n_ctx}",
+            )
+
+
+def check_loss(model: Any, spec: GridSpec) -> None:
+    """The loss segments fit the model's context and their tail fits the segment."""
+    if spec.loss_length > model.n_ctx:
+        raise WorkbenchError(
+            f"loss segments of {spec.loss_length} tokens exceed the model's context of {model.n_ctx}",
+            f"use --loss-length up to {model.n_ctx}",
+        )
+    if spec.loss_tail >= spec.loss_length:
+        raise WorkbenchError("the loss tail must be shorter than the segment", "lower --loss-tail")
+
+
 def niah_items(model: Any, spec: GridSpec, length: int) -> list[Any]:
     """The niah prompts of one length (every depth), split where the question starts."""
     from workbench.datasets.niah import make
     from workbench.kv.tasks import NiahItem
 
-    if length > model.n_ctx:
-        raise WorkbenchError(
-            f"context length {length} exceeds the model's context of {model.n_ctx} tokens",
-            f"use --lengths up to {model.n_ctx}",
-        )
+    check_lengths(model, [length])
     prompts = make(
         tokenizer=model.tokenizer, context_len=[length], depths=spec.depths, seed=spec.seed, n_ctx=model.n_ctx
     )
@@ -237,13 +254,7 @@ def loss_segments(model: Any, spec: GridSpec) -> list[list[int]]:
     from workbench.inputs.corpus import corpus_ids
     from workbench.inputs.prompts import special_prefix
 
-    if spec.loss_length > model.n_ctx:
-        raise WorkbenchError(
-            f"loss segments of {spec.loss_length} tokens exceed the model's context of {model.n_ctx}",
-            f"use --loss-length up to {model.n_ctx}",
-        )
-    if spec.loss_tail >= spec.loss_length:
-        raise WorkbenchError("the loss tail must be shorter than the segment", "lower --loss-tail")
+    check_loss(model, spec)
     rng = random.Random(f"kv-loss-{spec.seed}")
     prefix = special_prefix(model.tokenizer)  # Gemma's BOS, nothing for SmolLM2
     n = spec.loss_length - len(prefix)

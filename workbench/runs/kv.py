@@ -27,7 +27,7 @@ import pandas as pd
 
 from workbench.errors import WorkbenchError
 from workbench.files import targets
-from workbench.kv.grid import COLUMNS, GridSpec, Point, check_points, grid_points, run_unit
+from workbench.kv.grid import COLUMNS, GridSpec, Point, check_lengths, check_loss, check_points, grid_points, run_unit
 from workbench.kv.policy import geometry
 from workbench.runs.config import Unit
 from workbench.runs.folder import RunFolder
@@ -69,20 +69,11 @@ def plan_kv(
     geom = geometry(model)
     points = grid_points(spec, geom, scores)
     lengths = spec.lengths if "niah" in spec.tasks else []
+    check_lengths(model, lengths)
     for n in lengths:
-        if n > model.n_ctx:
-            raise WorkbenchError(
-                f"context length {n} exceeds {model_name}'s context of {model.n_ctx} tokens",
-                f"use --lengths up to {model.n_ctx}",
-            )
         check_points(points, n // 2)  # a context is at least half its niah length (needle and question are short)
     if "loss" in spec.tasks:
-        if spec.loss_length > model.n_ctx or spec.loss_tail >= spec.loss_length:
-            raise WorkbenchError(
-                f"loss segments of {spec.loss_length} tokens with a {spec.loss_tail}-token tail do not fit "
-                f"{model_name} (context {model.n_ctx})",
-                f"use --loss-length up to {model.n_ctx} and a tail shorter than the segment",
-            )
+        check_loss(model, spec)
         check_points(points, spec.loss_length - spec.loss_tail)
     base = {
         "model": model_identity(model_name) if model_name else {},
@@ -159,19 +150,11 @@ def kv_grid(
     """The Python door to ``workbench kv``: run the grid ``spec`` (:class:`GridSpec` fields) on
     ``model`` (a name or a loaded model) into the run folder ``out`` (resumable), and return its
     rows. ``scores``: selector -> its scores table (tidy rows of the probe it reads)."""
-    from pydantic import ValidationError
-
+    from workbench.protocol.params import validate_options
     from workbench.runs.load import load_results
 
     loaded = None if isinstance(model, str) else model
     name = model if isinstance(model, str) else model.name
-    try:
-        grid = GridSpec(**spec)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise WorkbenchError(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}",
-            "see workbench.kv.grid.GridSpec for the fields and their ranges",
-        ) from None
+    grid = validate_options(GridSpec, spec, "kv", "see workbench.kv.grid.GridSpec for the fields and their ranges")
     run_kv(plan_kv(name, grid, scores or {}, model=loaded), out, log)
     return load_results(out)
