@@ -106,9 +106,7 @@ class EvictedCache(ZEdit):
             heads = self._append(r, layer, call.key[r][:, idx], call.value[r][:, idx], qpos)
             q = call.query[r][:, idx]
             if self.window_queries:
-                prev = self.queries[r].get(layer)
-                both = q if prev is None else torch.cat([prev, q], dim=1)
-                self.queries[r][layer] = both[:, -self.window_queries :]
+                self.queries[r][layer] = _last_queries(self.queries[r].get(layer), q, self.window_queries)
             out[r, idx] = self._attend(layer, q, heads, qpos, call).to(out.dtype)
             self._slide(r, layer, qpos)
         return out
@@ -198,6 +196,12 @@ def _compressed(h: HeadCache, keep: Tensor, merge: Tensor) -> HeadCache:
     return out
 
 
+def _last_queries(prev: Tensor | None, new: Float[Tensor, "head new d"], n: int) -> Tensor:
+    """The last ``n`` queries of ``prev`` followed by ``new`` (a prompt read in several forwards)."""
+    both = new if prev is None else torch.cat([prev, new], dim=1)
+    return both[:, -n:]
+
+
 class _LastQueries(QKVReader):
     """Keeps each layer's last ``n`` queries of the running prompt (for a SnapKV selection)."""
 
@@ -208,10 +212,7 @@ class _LastQueries(QKVReader):
         self.softcap: dict[int, float | None] = {}
 
     def read(self, call: AttentionCall, x: QKV) -> None:
-        q = x.query[0]
-        prev = self.queries.get(call.layer)
-        both = q if prev is None else torch.cat([prev, q], dim=1)
-        self.queries[call.layer] = both[:, -self.n :]
+        self.queries[call.layer] = _last_queries(self.queries.get(call.layer), x.query[0], self.n)
         self.scaling[call.layer], self.softcap[call.layer] = call.scaling, call.softcap
 
 

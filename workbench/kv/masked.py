@@ -102,11 +102,5 @@ class PolicyMask(ScoresEdit):
             if call.softcap is not None:
                 sc = call.softcap * torch.tanh(sc / call.softcap)
             val = (sc - math.log(n))[:, :, None].expand(-1, -1, n)
-            sub = block[heads][:, :, m]
-            block[heads] = _put(block[heads], m, torch.where(after[None, :, None], val, sub))
-
-
-def _put(block: Tensor, cols: Tensor, values: Tensor) -> Tensor:
-    out = block.clone()
-    out[:, :, cols] = values
-    return out
+            rows = block[heads]  # a view of the scores: the masked write below lands in them
+            rows[:, :, m] = torch.where(after[None, :, None], val, rows[:, :, m])

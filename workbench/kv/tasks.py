@@ -66,8 +66,15 @@ def _decode(
     return out
 
 
-def _last(logits: Tensor, lengths: Sequence[int]) -> Tensor:
-    return torch.stack([logits[r, n - 1] for r, n in enumerate(lengths)])
+def compression_point(item: NiahItem, protocol: str) -> int:
+    """Where the cache is compressed: after the context, or after context + question."""
+    return len(item.context) + (len(item.question) if protocol == "question-aware" else 0)
+
+
+def _read_questions(model: Any, store: EvictedCache, items: Sequence[NiahItem]) -> Tensor:
+    """Read each item's question into ``store``; the greedy first answer token of each."""
+    logits = continue_forward(model, store, [it.question for it in items], [len(it.context) for it in items])
+    return torch.stack([logits[r, len(it.question) - 1] for r, it in enumerate(items)]).argmax(-1)
 
 
 def niah_answers(
@@ -82,18 +89,16 @@ def niah_answers(
     policy is made for its own compression point."""
     stops = {int(t) for t in [getattr(model.tokenizer, "eos_token_id", None)] if t is not None}
     base = prefill(model, [it.context for it in items], window_queries)
-    starts = [len(it.context) for it in items]
-    if protocol == "question-aware":
-        logits = continue_forward(model, base, [it.question for it in items], starts)
-        first = _last(logits, [len(it.question) for it in items]).argmax(-1)
-    ends = [s + (len(it.question) if protocol == "question-aware" else 0) for s, it in zip(starts, items)]
+    aware = protocol == "question-aware"
+    if aware:  # the question is read with the full cache, then compressed with the context
+        first = _read_questions(model, base, items)
+    ends = [compression_point(it, protocol) for it in items]
+    after = [len(it.context) + len(it.question) for it in items]
     out = []
     for policy_for in policies:
         store = base.copy().compress([policy_for(n) for n in ends])
-        if protocol == "question-agnostic":
-            logits = continue_forward(model, store, [it.question for it in items], starts)
-            first = _last(logits, [len(it.question) for it in items]).argmax(-1)
-        after = [s + len(it.question) for s, it in zip(starts, items)]
+        if not aware:
+            first = _read_questions(model, store, items)
         out.append(_decode(model, store, first, after, max_new_tokens, stops))
     return out
 
@@ -112,7 +117,7 @@ def niah_rows(
     for policy_for, per_item in zip(policies, answers):
         for it, toks in zip(items, per_item):
             text = model.tokenizer.decode(toks, skip_special_tokens=True)
-            n = len(it.context) + (len(it.question) if protocol == "question-aware" else 0)
+            n = compression_point(it, protocol)
             rows.append(
                 {
                     **_point(policy_for(n), n),
