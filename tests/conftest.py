@@ -36,6 +36,18 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    """The tiny Gemma-3 of tests/tiny_gemma.py (layer 0 slides over 6 tokens, layer 1 global; GQA
+    4:2), built once per session."""
+    from tests.tiny_gemma import gemma_config, save_tiny
+    from workbench.models.loading import load_model
+
+    return load_model(
+        str(save_tiny(tmp_path_factory.mktemp("tiny-gemma3") / "g", gemma_config("gemma3"))), device="cpu"
+    )
+
+
+@pytest.fixture(scope="session")
 def gemma3():
     from workbench.models.loading import load_model
 

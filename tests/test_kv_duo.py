@@ -20,7 +20,6 @@ from transformers.models.llama import modeling_llama
 
 from tests.reference import eager_model
 from tests.test_metrics import random_prompts
-from tests.tiny_gemma import gemma_config, save_tiny
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import pad_token_id
@@ -32,9 +31,9 @@ SINK, RECENT = 2, 3
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
+def gemma(tiny_gemma3):
     """Tiny Gemma-3: layer 0 sliding (window 6), layer 1 global; GQA 4:2."""
-    return load_model(str(save_tiny(tmp_path_factory.mktemp("duo-gemma") / "g", gemma_config("gemma3"))), device="cpu")
+    return tiny_gemma3
 
 
 @pytest.fixture(scope="module")

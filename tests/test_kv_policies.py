@@ -110,13 +110,10 @@ def test_masked_equals_evicted_gqa(tiny_llama):
     _check(tiny_llama, policy, contexts, conts)
 
 
-def test_masked_equals_evicted_sliding(tmp_path):
+def test_masked_equals_evicted_sliding(tiny_gemma3):
     """Tiny Gemma-3 (layer 0 slides over 6 tokens): the sliding layer keeps its window, alone
     and when the policy compresses it too."""
-    import workbench
-    from tests.tiny_gemma import gemma_config, save_tiny
-
-    model = workbench.load_model(str(save_tiny(tmp_path / "g3", gemma_config("gemma3"))))
+    model = tiny_gemma3
     assert geometry(model).sliding == {0: 6}
     contexts, conts = _prompts(500, [30, 44, 23], [5, 8, 3], seed=1, bos=2)
     store = _check(model, _mixed_policy(model), contexts, conts)
@@ -183,17 +180,14 @@ def test_window_and_compensated_selection():
     assert bool(short.keep.all()) and not bool(short.merge.any())
 
 
-def test_budget_counts_what_the_store_holds(tiny_llama, tmp_path):
+def test_budget_counts_what_the_store_holds(tiny_llama, tiny_gemma3):
     """kv_tokens / kv_bytes of the accounting equal the slots and bytes the evicted store really
     holds after compression (GQA model; Gemma-3 with its sliding layer as a fixed cost)."""
     import dataclasses
 
-    import workbench
-    from tests.tiny_gemma import gemma_config, save_tiny
     from workbench.kv.budget import cost
 
-    gemma = workbench.load_model(str(save_tiny(tmp_path / "g3", gemma_config("gemma3"))))
-    for model, bos in ((tiny_llama, None), (gemma, 2)):
+    for model, bos in ((tiny_llama, None), (tiny_gemma3, 2)):
         policy = _mixed_policy(model)
         policy = dataclasses.replace(policy, geometry=dataclasses.replace(policy.geometry, dtype_bytes=4))
         contexts, _ = _prompts(500, [40, 57, 9], [1, 1, 1], seed=2, bos=bos)

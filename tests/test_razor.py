@@ -18,17 +18,10 @@ import pytest
 import torch
 
 from probes.razor import RazorProbe, kv_head_table, to_kv_heads
-from tests.tiny_gemma import gemma_config, save_tiny
 from workbench.datasets import make_dataset
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import TokenizedPrompt, tokenize_prompts
-from workbench.models.loading import load_model
 from workbench.testing import ReferenceInputs, assert_probe_matches, attention_windows, check_visibility
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma3(tmp_path_factory):
-    return load_model(str(save_tiny(tmp_path_factory.mktemp("razor") / "gemma3", gemma_config("gemma3"))), device="cpu")
 
 
 @pytest.fixture(scope="module")
