@@ -54,12 +54,11 @@ from typing import Literal, NamedTuple
 
 import pandas as pd
 import torch
-from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
 from probes.base import PatternProbe
-from workbench.errors import WorkbenchError
+from workbench.kv.selectors import to_kv_heads  # the one GQA aggregation (max / mean / sum)
 from workbench.protocol.metrics import MetricInfo
 from workbench.protocol.params import Options
 from workbench.protocol.views import BatchInfo, PatternView
@@ -170,27 +169,6 @@ class RazorProbe(PatternProbe):
 
 
 Razor = RazorProbe  # the name issue 32's brief gives the entry point
-
-
-def to_kv_heads(
-    scores: Float[Tensor, "layer head"], n_kv_heads: int, rule: Literal["max", "mean"] = "max"
-) -> Float[Tensor, "layer kv_head"]:
-    """Query-head scores to one score per KV head: query head h reads KV head ``h // g``,
-    ``g = heads / n_kv_heads`` (HF ``repeat_kv``; golden-stick's ``_max_every_group`` groups the
-    same consecutive heads). ``rule="max"``: RazorAttention's (a KV head is kept if any of its
-    query heads needs it); ``"mean"``: kvpress's."""
-    scores = torch.as_tensor(scores)
-    n_layers, n_heads = scores.shape
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise WorkbenchError(
-            f"{n_heads} query heads do not split into {n_kv_heads} KV heads", "pass the model's n_kv_heads"
-        )
-    grouped = scores.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads)
-    if rule == "max":
-        return grouped.amax(-1)
-    if rule == "mean":
-        return grouped.mean(-1)
-    raise WorkbenchError(f"unknown rule {rule!r}", "use 'max' or 'mean'")
 
 
 def kv_head_table(table: pd.DataFrame, n_kv_heads: int, rule: Literal["max", "mean"] = "max") -> pd.DataFrame:

@@ -167,13 +167,16 @@ def random_heads(geom: Geometry, budget: float, n: int, rest: HeadPolicy, seed: 
 
 
 def to_kv_heads(scores: Float[Tensor, "layer head"], n_kv_heads: int, rule: Aggregate = "max") -> Tensor:
-    """Query-head scores as KV-head scores: ``max`` over the group (RazorAttention; a KV head is
-    needed if any of its query heads is), ``mean`` (kvpress), or ``sum`` (HeadKV's adaptation:
-    the group's share of a normalised total)."""
+    """Query-head scores as KV-head scores (query head ``h`` reads KV head ``h // g``, HF's
+    ``repeat_kv`` grouping; golden-stick's ``_max_every_group`` groups the same consecutive heads):
+    ``max`` over the group (RazorAttention; a KV head is needed if any of its query heads is),
+    ``mean`` (kvpress), or ``sum`` (HeadKV's adaptation: the group's share of a normalised total).
+    The scores' dtype is kept."""
+    scores = torch.as_tensor(scores)
     layers, h = scores.shape
-    if h % n_kv_heads:
-        raise WorkbenchError(f"{h} query heads do not split into {n_kv_heads} KV heads", "check the model's config")
-    grouped = scores.double().view(layers, n_kv_heads, h // n_kv_heads)
+    if n_kv_heads < 1 or h % n_kv_heads:
+        raise WorkbenchError(f"{h} query heads do not split into {n_kv_heads} KV heads", "pass the model's n_kv_heads")
+    grouped = scores.reshape(layers, n_kv_heads, h // n_kv_heads)
     if rule == "max":
         return grouped.amax(-1)
     if rule == "mean":
