@@ -1,0 +1,126 @@
+"""Causal checks of gate roles: close heads by role and read the task loss; compare with patching.
+
+Closing a head is its zero ablation (:class:`workbench.engine.interventions.HeadAblation`,
+``zero``), which is exactly a gate at 0 on the same edit point. :func:`closing_check` reads the
+task's target NLL with nothing closed, with every ``irrelevant`` head closed, with every
+``facilitating`` (and ``interfering``) head closed, and with as many random heads as there are
+facilitating ones, over ``n_random`` seeds (uniform over all heads): if the roles are causal,
+closing the irrelevant heads leaves the loss near the baseline and closing the facilitating ones
+raises it far more than the random draws.
+
+:func:`patching_agreement` sets the roles beside path patching's direct effects (each head's
+effect on the logit difference through paths that avoid every other head,
+:func:`circuits.patching.path_patching` to the logits) on the same IOI prompts: the overlap of the
+``top_k`` heads by |direct effect| with the ``top_k`` heads by G- (the gate that stays open under
+removal pressure), their Spearman rank correlation over all heads, and how many of the top heads
+by |direct effect| the gates call facilitating.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from circuits.gating.objective import target_logp
+from circuits.gating.tasks import GateExample
+from workbench.engine.interventions import HeadAblation
+
+CHECK_COLUMNS = ["closed", "n_closed", "seed", "metric", "value"]
+
+
+def task_nll(
+    model: Any, examples: Sequence[GateExample], closed: Sequence[tuple[int, int]] = (), batch_size: int = 16
+) -> float:
+    """Mean target NLL over ``examples`` (each example's mean over its target tokens) with the
+    heads ``closed`` zero-ablated."""
+    edits = [HeadAblation(list(closed), "zero")] if closed else []
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        total += float(-target_logp(model, chunk, edits=edits).sum())
+    return total / len(examples)
+
+
+def heads_with(roles: np.ndarray, role: str) -> list[tuple[int, int]]:
+    """The ``(layer, head)`` pairs whose role (``[layer, head]`` array) is ``role``."""
+    return [(int(layer), int(head)) for layer, head in zip(*np.nonzero(roles == role))]
+
+
+def closing_check(
+    model: Any,
+    examples: Sequence[GateExample],
+    roles: np.ndarray,
+    n_random: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Rows ``closed, n_closed, seed, metric, value``: ``metric`` ``nll`` (the task's mean target
+    NLL) and ``delta_nll`` (minus the baseline with nothing closed); ``closed`` in ``none``,
+    ``irrelevant``, ``facilitating``, ``interfering``, ``random`` (``seed`` 0..n_random-1, as
+    many heads as facilitating ones; -1 elsewhere). ``roles``: consensus roles ``[layer, head]``."""
+    n_layers, n_heads = roles.shape
+    base = task_nll(model, examples, (), batch_size)
+    rows = [("none", 0, -1, base)]
+    for role in ("irrelevant", "facilitating", "interfering"):
+        heads = heads_with(roles, role)
+        if heads:
+            rows.append((role, len(heads), -1, task_nll(model, examples, heads, batch_size)))
+    k = len(heads_with(roles, "facilitating"))
+    everything = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    for s in range(n_random if k else 0):
+        pick = random.Random(f"gate-random-{seed}-{s}").sample(everything, k)
+        rows.append(("random", k, s, task_nll(model, examples, pick, batch_size)))
+    out = []
+    for closed, n, s, nll in rows:
+        out.append((closed, n, s, "nll", nll))
+        out.append((closed, n, s, "delta_nll", nll - base))
+    return pd.DataFrame(out, columns=CHECK_COLUMNS)
+
+
+def patching_agreement(
+    direct: pd.DataFrame, g_neg: np.ndarray, roles: np.ndarray, top_k: int = 10
+) -> dict[str, Any]:
+    """Agreement of gates with path patching's direct effects. ``direct``: path patching to the
+    logits (``layer``, ``head``, ``value``); ``g_neg``: G- per head ``[layer, head]`` (mean over
+    initialisations); ``roles``: consensus roles ``[layer, head]``."""
+    effect = np.zeros_like(g_neg, dtype=float)
+    for row in direct.itertuples():
+        effect[int(row.layer), int(row.head)] = float(row.value)
+    mag = np.abs(effect).ravel()
+    gate = np.asarray(g_neg, dtype=float).ravel()
+    top_patch = set(np.argsort(-mag, kind="stable")[:top_k].tolist())
+    top_gate = set(np.argsort(-gate, kind="stable")[:top_k].tolist())
+    rho, p = spearmanr(gate, mag)
+    n_heads = g_neg.shape[1]
+    fac = roles.ravel() == "facilitating"
+    return {
+        "top_k": top_k,
+        "overlap": len(top_patch & top_gate),
+        "spearman": float(rho),
+        "spearman_p": float(p),
+        "top_patch_facilitating": int(sum(fac[i] for i in top_patch)),
+        "n_facilitating": int(fac.sum()),
+        "top_patch_heads": [f"{i // n_heads}.{i % n_heads}" for i in sorted(top_patch, key=lambda i: -mag[i])],
+        "top_gate_heads": [f"{i // n_heads}.{i % n_heads}" for i in sorted(top_gate, key=lambda i: -gate[i])],
+    }
+
+
+def direct_effects(model: Any, pairs: Sequence[Any]) -> pd.DataFrame:
+    """Path patching from every head to the logits on ``pairs`` (IOI): ``layer, head, value``."""
+    from circuits.patching import path_patching
+
+    frame = path_patching(model, pairs)
+    return frame[["layer", "head", "value"]]
+
+
+def as_tensor(frame: pd.DataFrame, metric: str, stage: str, n_layers: int, n_heads: int) -> torch.Tensor:
+    """A gate table's ``metric`` (``gate_mean``) of ``stage`` as ``[layer, head]``."""
+    sub = frame[(frame.metric == metric) & (frame.stage == stage)]
+    out = torch.full((n_layers, n_heads), float("nan"))
+    out[torch.tensor(sub.layer.values), torch.tensor(sub["head"].values)] = torch.tensor(sub.value.values).float()
+    return out
