@@ -36,7 +36,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.files import targets
 from workbench.files.atomic import make_folder
-from workbench.report import definitions, kinds, kv, plots
+from workbench.report import definitions, gate, kinds, kv, plots
 from workbench.report.atlas import atlas, head_scores, probe_roles, role_style, roles_with
 from workbench.report.page import Page, anchor, esc, fmt, render_html, safe_json
 from workbench.report.sources import Run, Series, load_run, run_labels, series_of, tokens_text, when_text
@@ -1070,6 +1070,7 @@ def build_report(
     )
     view = view.iloc[np.argsort([order.index(str(d)) for d in view["dataset"]], kind="stable")].reset_index(drop=True)
     kv_rows, view = kv.split_kv(view)  # KV-cache grid rows get their own section, not a probe's
+    gate_rows, view = gate.split_gate(view)  # head-gate rows get their own section, not a probe's
     circuits = [c for r in loaded for c in r.circuits]
 
     page = Page()
@@ -1100,6 +1101,7 @@ def build_report(
         page.toc.insert(
             next(i for i, t in enumerate(page.toc) if t[2] == "top-heads"), (3, "Findings at a glance", "findings")
         )
+    gate.section(page, gate_rows)  # beside the head atlas: the roles the gates give each head
 
     heads = view[view["layer"] >= 0]
     if len(series) > 1 and len(heads):
