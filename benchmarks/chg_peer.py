@@ -112,7 +112,9 @@ def package_fit(
         for stage in ("none", "positive", "negative"):
             steps = spec.updates if stage == "none" else spec.reg_updates
             for _, metrics in trainer.fit_stage(stage, steps, show_progress=False):
-                history.append({"stage": stage, "update": metrics["num_update"], "nll": metrics["nll"], "l1": metrics["L1"]})
+                history.append(
+                    {"stage": stage, "update": metrics["num_update"], "nll": metrics["nll"], "l1": metrics["L1"]}
+                )
             if stage == "none":
                 with torch.no_grad():
                     trainer.mask_logits_pos.copy_(trainer.mask_logits)

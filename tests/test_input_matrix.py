@@ -39,8 +39,22 @@ def files(tmp_path_factory):
         'models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\nmemory = "lots"\n[datasets.prose]\nn_prompts = 2\n'
     )
     (root / "afile").write_text("x")
+    (root / "emptytarget.jsonl").write_text('{"text": "the cat sat on the", "target": ""}\n')
+    (root / "longtarget.jsonl").write_text(json.dumps({"text": "a b", "target": " a" * 5000}) + "\n")
+    _tiny_bloom(root / "bloom")
     (root / "run" / "parts").mkdir(parents=True)
     return root
+
+
+def _tiny_bloom(folder):
+    """A tiny Bloom (its attention bypasses transformers' attention interface: no head edit point),
+    with the tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    from workbench.models.loading import resolve_source
+
+    BloomForCausalLM(BloomConfig(vocab_size=600, hidden_size=32, n_layer=2, n_head=4)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_source("tiny-llama")[0]).save_pretrained(folder)
 
 
 M = ["--model", "tiny-llama"]
@@ -153,6 +167,33 @@ CASES = {
         (["retrieval-ablation", *M, "--draws", "0", *OUT], "--draws: must be >= 1"),
         (["retrieval-ablation", *M, "--n-prompts", "0", *OUT], "--n-prompts"),
         (["retrieval-ablation", *M, "--context-len", "x", *OUT], "--context-len takes"),
+    ],
+    "gate": [
+        (["gate", *M, "--task", "{files}/emptytarget.jsonl", "--out", "{tmp}/g"], "nothing to predict"),
+        (["gate", *M, "--task", "{files}/longtarget.jsonl", "--out", "{tmp}/g"], "longer than the model's context"),
+        (["gate", "--model", "{files}/bloom", "--task", "aba", "--out", "{tmp}/g"], "no known head edit point"),
+        (["gate", *M, "--task", "aba", "--updates", "0", "--out", "{tmp}/g"], "gate.updates: must be >= 1"),
+        (["gate", *M, "--task", "aba", "--stages", "none,sideways", "--out", "{tmp}/g"], "unknown stage(s) sideways"),
+        (["gate", *M, "--task", "nope", "--out", "{tmp}/g"], "unknown gating task"),
+        (["gate", *M, "--task", "{files}/missing.jsonl", "--out", "{tmp}/g"], "No such file"),
+        (["gate", *M, "--task", "aba", "--inits", "0", "--out", "{tmp}/g"], "gate.n_inits"),
+        (
+            [
+                "gate",
+                *M,
+                "--task",
+                "aba",
+                "--n",
+                "4",
+                "--updates",
+                "1",
+                "--reg-updates",
+                "1",
+                "--out",
+                "{files}/afile/g",
+            ],
+            "cannot",
+        ),
     ],
     "kv": [
         (["kv", *M, "--budgets", "abc", "--out", "{tmp}/kv"], "--budgets takes"),

@@ -82,9 +82,7 @@ def closing_check(
     return pd.DataFrame(out, columns=CHECK_COLUMNS)
 
 
-def patching_agreement(
-    direct: pd.DataFrame, g_neg: np.ndarray, roles: np.ndarray, top_k: int = 10
-) -> dict[str, Any]:
+def patching_agreement(direct: pd.DataFrame, g_neg: np.ndarray, roles: np.ndarray, top_k: int = 10) -> dict[str, Any]:
     """Agreement of gates with path patching's direct effects. ``direct``: path patching to the
     logits (``layer``, ``head``, ``value``); ``g_neg``: G- per head ``[layer, head]`` (mean over
     initialisations); ``roles``: consensus roles ``[layer, head]``."""

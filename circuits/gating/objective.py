@@ -72,7 +72,9 @@ def target_logp(
         logits = final_softcap(model.hf_model, model.hf_model.get_output_embeddings()(h))
         dt = torch.promote_types(logits.dtype, torch.float32)
         logp = torch.log_softmax(logits.to(dt), dim=-1).gather(1, torch.tensor(tgt, device=dev)[:, None])[:, 0]
-        per_row = torch.zeros(len(examples) * k, dtype=dt, device=dev).index_add(0, torch.tensor(rows, device=dev), logp)
+        per_row = torch.zeros(len(examples) * k, dtype=dt, device=dev).index_add(
+            0, torch.tensor(rows, device=dev), logp
+        )
         counts = torch.tensor([ex.n_target for ex in examples], dtype=dt, device=dev).repeat_interleave(k)
         return (per_row / counts).view(len(examples), k)
 

@@ -95,7 +95,9 @@ def gate_frame(fit: Any, model_name: str, task: str) -> pd.DataFrame:
             rows.append((int(layer), int(head), "gate_mean", float(mean[layer, head]), stage, -1, -1, role))
     if has_roles:
         for layer, head in zip(layer_idx.ravel(), head_idx.ravel()):
-            rows.append((int(layer), int(head), "role_agreement", float(share[layer, head]), "", -1, -1, agreed[layer, head]))
+            rows.append(
+                (int(layer), int(head), "role_agreement", float(share[layer, head]), "", -1, -1, agreed[layer, head])
+            )
     for rec in fit.history:
         for metric in ("nll", "l1", "loss"):
             rows.append((-1, -1, metric, float(rec[metric]), rec["stage"], -1, int(rec["update"]), ""))

@@ -134,9 +134,13 @@ def read_task(path: str | Path, tokenizer: Any) -> list[GateExample]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise WorkbenchError(f"{path}:{lineno}: not JSON ({exc.msg})", 'write one {"text", "target"} per line') from None
+            raise WorkbenchError(
+                f"{path}:{lineno}: not JSON ({exc.msg})", 'write one {"text", "target"} per line'
+            ) from None
         if not isinstance(obj, dict):
-            raise WorkbenchError(f"{path}:{lineno}: expected an object, got {json_kind(obj)}", 'e.g. {"text": "...", "target": " x"}')
+            raise WorkbenchError(
+                f"{path}:{lineno}: expected an object, got {json_kind(obj)}", 'e.g. {"text": "...", "target": " x"}'
+            )
         for key in ("text", "target"):
             if not isinstance(obj.get(key), str):
                 raise WorkbenchError(

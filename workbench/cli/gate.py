@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "workbench gate --task my_task.jsonl --updates 200 --reg-updates 200 --out runs/gate-mine",
     )
     add_model_args(r)
-    r.add_argument("--task", default="ioi", help="ioi, niah, aba, or a JSONL file of {\"text\", \"target\"}")
+    r.add_argument("--task", default="ioi", help='ioi, niah, aba, or a JSONL file of {"text", "target"}')
     r.add_argument("--n", type=int, default=64, help="examples of a built-in task")
     r.add_argument("--task-seed", type=int, default=0)
     r.add_argument("--context-len", type=int, default=256, help="niah context length (tokens)")

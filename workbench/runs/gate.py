@@ -88,7 +88,9 @@ def plan_gate(model_name: str, spec: GateRunSpec, model: Any = None, **load: Any
         units.append((Unit(model_name, task, "gate-check", json.dumps(ident, sort_keys=True, default=str)), "check"))
     if spec.patching and spec.task == "ioi" and has_roles:
         ident = {**fit_id, "patching": {"top_k": spec.top_k}}
-        units.append((Unit(model_name, task, "gate-patching", json.dumps(ident, sort_keys=True, default=str)), "patching"))
+        units.append(
+            (Unit(model_name, task, "gate-patching", json.dumps(ident, sort_keys=True, default=str)), "patching")
+        )
     return GatePlan(model_name, model, spec, examples, units)
 
 
@@ -126,7 +128,15 @@ def _tidy(rows: pd.DataFrame, plan: GatePlan) -> pd.DataFrame:
     from circuits.gating.roles import COLUMNS
 
     out = rows.assign(model=plan.model_name, dataset=_task_name(plan.spec), probe="gate", n=len(plan.examples))
-    for col, default in (("stage", ""), ("init", -1), ("update", -1), ("role", ""), ("closed", ""), ("n_closed", -1), ("seed", -1)):
+    for col, default in (
+        ("stage", ""),
+        ("init", -1),
+        ("update", -1),
+        ("role", ""),
+        ("closed", ""),
+        ("n_closed", -1),
+        ("seed", -1),
+    ):
         out[col] = out[col].fillna(default) if col in out.columns else default
     return out[[*COLUMNS, "closed", "n_closed", "seed"]]
 
