@@ -7,7 +7,9 @@ can be compared update by update:
 
 - the data: our examples as ``CHGDataset.from_tokens`` (right padded; the package forwards without
   an attention mask, which right padding makes harmless for a causal model);
-- the initial gates: ``trainer.mask_logits`` overwritten with our initial logits;
+- the initial gates: ``trainer.mask_logits`` replaced by our initial logits (in float64 when the
+  model is float64: the package creates float32 masks whatever the model's precision, and with
+  Adam's normalised steps at lr 1.0 float32 gates drift from float64 ones by ~1e-3 in a few updates);
 - the data order: ``trainer.iterator`` replaced by our batches, collated by the package's own
   ``collate_fn`` (its right-padding truncation).
 
@@ -99,8 +101,11 @@ def package_fit(
         lr_reg_end=spec.lr_reg_end,
         grad_norm=spec.grad_norm,
     )
-    with torch.no_grad():
-        trainer.mask_logits.copy_(init.to(trainer.mask_logits))
+    # the same start, in the model's precision when it is wider than the package's float32 masks
+    dtype = torch.promote_types(next(hf_model.parameters()).dtype, torch.float32)
+    trainer.mask_logits = torch.nn.Parameter(init.detach().clone().to(dtype))
+    trainer.mask_logits_pos = torch.nn.Parameter(torch.zeros_like(trainer.mask_logits))
+    trainer.mask_logits_neg = torch.nn.Parameter(torch.zeros_like(trainer.mask_logits))
     trainer.iterator = iter([data.collate_fn([data[i] for i in batch]) for batch in order])
     for p in hf_model.parameters():
         p.requires_grad_(False)
