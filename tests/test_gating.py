@@ -35,7 +35,15 @@ def _examples(model) -> list[tasks.GateExample]:
 
 
 def _o_projs(hf):
+    """The attention output projections (Llama/Gemma ``o_proj``, GPT-2 ``c_proj``)."""
+    if hasattr(hf, "transformer"):
+        return [block.attn.c_proj for block in hf.transformer.h]
     return [layer.self_attn.o_proj for layer in hf.model.layers]
+
+
+def _width(module) -> int:
+    """The input width of an output projection (GPT-2's Conv1D keeps its weight as [in, out])."""
+    return getattr(module, "in_features", None) or module.weight.shape[0]
 
 
 def reference_logp(hf, examples, logits: torch.Tensor) -> torch.Tensor:
@@ -47,7 +55,7 @@ def reference_logp(hf, examples, logits: torch.Tensor) -> torch.Tensor:
 
         def pre(module, args, layer):
             x = args[0]
-            d = module.in_features // n_heads
+            d = _width(module) // n_heads
             x = x.view(*x.shape[:-1], n_heads, d) * g[layer].to(x.dtype)[:, None]
             return (x.reshape(*x.shape[:-2], n_heads * d),)
 
@@ -76,6 +84,11 @@ def llama(tiny_models):
 
 
 @pytest.fixture(scope="module")
+def gpt2(tiny_models):
+    return tiny_models["gpt2"]
+
+
+@pytest.fixture(scope="module")
 def wide_gemma(tmp_path_factory):
     """A tiny Gemma-3 whose head_dim (24) is not hidden / heads (64 / 4 = 16)."""
     from tests.tiny_gemma import gemma_config, save_tiny
@@ -87,7 +100,7 @@ def wide_gemma(tmp_path_factory):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("which", ["llama", "wide_gemma"])
+@pytest.mark.parametrize("which", ["llama", "wide_gemma", "gpt2"])
 def test_gated_target_logp_equals_the_reference(request, which, side):
     model = request.getfixturevalue(which)
     hf = eager_model(model.source)
@@ -120,7 +133,7 @@ def test_gradient_equals_the_reference(llama):
 
             def pre(mod, a, i=i):
                 x = a[0]
-                d = mod.in_features // n_heads
+                d = _width(mod) // n_heads
                 return ((x.view(*x.shape[:-1], n_heads, d) * g[i].to(x.dtype)[:, None]).reshape(x.shape),)
 
             handles.append(m.register_forward_pre_hook(pre))
