@@ -269,6 +269,23 @@ def test_closing_check_reads_the_roles(llama):
     assert nll[("irrelevant", -1)] == pytest.approx(checks.task_nll(llama, ex, irr))
 
 
+def test_graded_check_closes_the_strongest_facilitating_heads(llama):
+    ex = _examples(llama)
+    r = np.full((llama.n_layers, llama.n_heads), "facilitating", dtype=object)
+    r[0, :] = "irrelevant"
+    strength = np.arange(llama.n_layers * llama.n_heads, dtype=float).reshape(llama.n_layers, llama.n_heads) / 100
+    strength[1, 0] = 0.99  # the strongest
+    assert checks.top_facilitating(r, strength, 2) == [(1, 0), (2, 3)]
+    frame = checks.closing_check(llama, ex, r, n_random=2, strength=strength, ks=[2, 100])
+    nll = frame[frame.metric == "nll"]
+    top = nll[nll.closed == "facilitating_top"].set_index("n_closed").value
+    n_fac = int((r == "facilitating").sum())
+    assert list(top.index) == [2, n_fac]  # k capped at the number of facilitating heads
+    assert top[2] == pytest.approx(checks.task_nll(llama, ex, [(1, 0), (2, 3)]))
+    rand = nll[nll.closed == "random_top"]
+    assert sorted(set(rand.n_closed)) == [2, n_fac] and len(rand) == 4
+
+
 def test_patching_agreement_counts():
     import pandas as pd
 

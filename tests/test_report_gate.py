@@ -189,6 +189,11 @@ def test_the_closing_check_shows_each_role_and_random_heads_as_mean_and_std_over
         assert len(n) == 1
         std = statistics.stdev(vals) if closed == "random" else 0.0
         want[f"{closed} ({n.pop()})"] = (statistics.fmean(vals), std)
+    for k in sorted({int(r["n_closed"]) for r in checks if r["closed"] == "facilitating_top"}):
+        for closed in ("facilitating_top", "random_top"):  # the graded check, each k's pair side by side
+            vals = [r["value"] for r in checks if r["closed"] == closed and int(r["n_closed"]) == k]
+            std = statistics.stdev(vals) if closed == "random_top" else 0.0
+            want[f"{closed} ({k})"] = (statistics.fmean(vals), std)
     assert len([r for r in checks if r["closed"] == "random"]) == 5
     assert bars["x"] == list(want)
     assert array(bars["y"]) == pytest.approx([m for m, _ in want.values()], rel=1e-4, abs=1e-9)

@@ -6,7 +6,8 @@ task's target NLL with nothing closed, with every ``irrelevant`` head closed, wi
 ``facilitating`` (and ``interfering``) head closed, and with as many random heads as there are
 facilitating ones, over ``n_random`` seeds (uniform over all heads): if the roles are causal,
 closing the irrelevant heads leaves the loss near the baseline and closing the facilitating ones
-raises it far more than the random draws.
+raises it far more than the random draws. When facilitating heads are many, a graded version
+closes the ``k`` strongest (highest G-) against ``k`` random heads.
 
 :func:`patching_agreement` sets the roles beside path patching's direct effects (each head's
 effect on the logit difference through paths that avoid every other head,
@@ -51,6 +52,13 @@ def heads_with(roles: np.ndarray, role: str) -> list[tuple[int, int]]:
     return [(int(layer), int(head)) for layer, head in zip(*np.nonzero(roles == role))]
 
 
+def top_facilitating(roles: np.ndarray, strength: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The ``k`` facilitating heads with the highest ``strength`` (G-: the gate that stays open
+    under removal pressure), ties broken by (layer, head)."""
+    heads = heads_with(roles, "facilitating")
+    return sorted(heads, key=lambda lh: (-float(strength[lh]), lh))[:k]
+
+
 def closing_check(
     model: Any,
     examples: Sequence[GateExample],
@@ -58,11 +66,18 @@ def closing_check(
     n_random: int = 5,
     seed: int = 0,
     batch_size: int = 16,
+    strength: np.ndarray | None = None,
+    ks: Sequence[int] = (),
 ) -> pd.DataFrame:
     """Rows ``closed, n_closed, seed, metric, value``: ``metric`` ``nll`` (the task's mean target
     NLL) and ``delta_nll`` (minus the baseline with nothing closed); ``closed`` in ``none``,
     ``irrelevant``, ``facilitating``, ``interfering``, ``random`` (``seed`` 0..n_random-1, as
-    many heads as facilitating ones; -1 elsewhere). ``roles``: consensus roles ``[layer, head]``."""
+    many heads as facilitating ones; -1 elsewhere). ``roles``: consensus roles ``[layer, head]``.
+
+    When most heads are facilitating, closing all of them breaks the model as surely as closing as
+    many random heads; the graded check separates them: for each ``k`` in ``ks``, the ``k``
+    facilitating heads with the highest ``strength`` (G- mean, ``[layer, head]``) closed
+    (``closed = "facilitating_top"``) against ``k`` random heads (``"random_top"``, same seeds)."""
     n_layers, n_heads = roles.shape
     base = task_nll(model, examples, (), batch_size)
     rows = [("none", 0, -1, base)]
@@ -70,11 +85,18 @@ def closing_check(
         heads = heads_with(roles, role)
         if heads:
             rows.append((role, len(heads), -1, task_nll(model, examples, heads, batch_size)))
-    k = len(heads_with(roles, "facilitating"))
     everything = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    for s in range(n_random if k else 0):
-        pick = random.Random(f"gate-random-{seed}-{s}").sample(everything, k)
-        rows.append(("random", k, s, task_nll(model, examples, pick, batch_size)))
+    n_fac = len(heads_with(roles, "facilitating"))
+    sizes = [("random", n_fac)] if n_fac else []
+    if strength is not None:
+        for k in sorted({min(int(k), n_fac) for k in ks if k > 0 and n_fac}):
+            top = top_facilitating(roles, strength, k)
+            rows.append(("facilitating_top", k, -1, task_nll(model, examples, top, batch_size)))
+            sizes.append(("random_top", k))
+    for name, k in sizes:
+        for s in range(n_random):
+            pick = random.Random(f"gate-random-{seed}-{s}-{k}" if name == "random_top" else f"gate-random-{seed}-{s}")
+            rows.append((name, k, s, task_nll(model, examples, pick.sample(everything, k), batch_size)))
     out = []
     for closed, n, s, nll in rows:
         out.append((closed, n, s, "nll", nll))

@@ -36,6 +36,9 @@ def spec_from_args(args: argparse.Namespace):
         "n_random": args.random,
         "patching": not args.no_patching,
         "top_k": args.top_k,
+        "check_ks": [int(x) for x in _names(args.check_ks)]
+        if args.check_ks.replace(",", "").isdigit()
+        else args.check_ks,
     }
     return validate_options(GateRunSpec, fields, "gate", "see `workbench gate --help`")
 
@@ -56,7 +59,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"final nll, stage {r.stage}: {r.value:.4f}")
     checks = table[table.metric == "check_delta_nll"]
     if len(checks):
-        print(checks.groupby("closed").value.agg(["mean", "std", "count"]).to_string())
+        print(checks.groupby(["closed", "n_closed"]).value.agg(["mean", "std", "count"]).to_string())
     print(f"-> {summary['out']} ({summary['ran']} of {summary['units']} units computed)")
     return 0
 
@@ -88,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--threshold", type=float, default=0.5, help="a gate at or above it is open")
     r.add_argument("--random", type=int, default=5, help="random-head draws of the closing check")
     r.add_argument("--top-k", type=int, default=10, help="heads compared with path patching (IOI)")
+    r.add_argument("--check-ks", default="5,10,20", help="graded check: the k strongest facilitating heads vs k random")
     r.add_argument("--no-check", action="store_true", help="skip closing heads by role")
     r.add_argument("--no-patching", action="store_true", help="IOI: skip the path-patching comparison")
     r.add_argument("--out", required=True, help="run folder (resumable)")

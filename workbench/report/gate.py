@@ -40,7 +40,7 @@ ROLES = ("facilitating", "irrelevant", "interfering", "ambiguous")  # as circuit
 ROLE_COLOURS = {"facilitating": "#2ca02c", "irrelevant": "#b8b8b8", "interfering": "#d62728", "ambiguous": "#ff9f1c"}
 ROLE_CODES = {"facilitating": "F", "irrelevant": "I", "interfering": "X", "ambiguous": "A"}
 STAGES = ("none", "positive", "negative")  # the fit's order; G+ = positive, G- = negative
-CLOSED = ("none", "irrelevant", "facilitating", "interfering", "random")
+CLOSED = ("none", "irrelevant", "facilitating", "interfering", "random", "facilitating_top", "random_top")
 STAGE_COLOURS = {"none": "#444444", "positive": "#1f77b4", "negative": "#d62728"}
 GATE_COLUMNS = ("stage", "init", "update", "role", "closed", "n_closed", "seed")
 NUMERIC = ("layer", "head", "value", "n", "init", "update", "n_closed", "seed")
@@ -129,14 +129,22 @@ def loss_curves(rows: pd.DataFrame, metric: str = "nll") -> pd.DataFrame:
 
 
 def closing_table(rows: pd.DataFrame, metric: str = "check_delta_nll") -> pd.DataFrame:
-    """Per ``closed`` (none, irrelevant, facilitating, interfering, random, in that order):
+    """Per ``closed`` (none, irrelevant, facilitating, interfering, random, in that order; then
+    the graded check, ``facilitating_top`` and ``random_top`` for each k):
     ``value`` (random: the mean over seeds), ``std`` (random: sample std over seeds, ddof = 1,
     NaN with one seed; 0 elsewhere), ``seeds`` (random draws; 0 elsewhere) and ``n_closed``."""
     sub = _metric(rows, metric)
     cols = ["closed", "value", "std", "seeds", "n_closed"]
     out = []
-    for closed in [c for c in CLOSED if c in set(sub["closed"])] + sorted(set(sub["closed"]) - set(CLOSED)):
-        g = sub[sub["closed"] == closed]
+    order = [c for c in CLOSED if c in set(sub["closed"])] + sorted(set(sub["closed"]) - set(CLOSED))
+    if {"facilitating_top", "random_top"} <= set(order):  # the graded check: each k's pair side by side
+        order = [c for c in order if c not in ("facilitating_top", "random_top")] + ["facilitating_top", "random_top"]
+    keys = [(c, k) for k in sorted(set(sub["n_closed"])) for c in order if c.endswith("_top")]
+    keys = [(c, None) for c in order if not c.endswith("_top")] + keys
+    for closed, k in keys:
+        g = sub[(sub["closed"] == closed) & ((sub["n_closed"] == k) if k is not None else True)]
+        if g.empty:
+            continue
         seeds = int(g.loc[g["seed"] >= 0, "seed"].nunique())
         std = float(g["value"].std(ddof=1)) if seeds else 0.0
         out.append((closed, float(g["value"].mean()), std, seeds, float(g["n_closed"].max())))

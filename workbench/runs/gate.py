@@ -6,7 +6,8 @@ Three units, each one part in ``OUT/parts/`` (:class:`workbench.runs.folder.RunF
    (:func:`circuits.gating.roles.gate_frame`: gates per stage and initialisation, roles, the loss
    per update);
 2. ``gate-check`` (``check=True``, needs the three stages): closing heads by consensus role
-   against random heads (:func:`circuits.gating.checks.closing_check`), metrics ``check_nll`` and
+   against random heads, and the ``check_ks`` strongest facilitating heads (by G-) against as
+   many random ones (:func:`circuits.gating.checks.closing_check`), metrics ``check_nll`` and
    ``check_delta_nll`` with columns ``closed``, ``n_closed``, ``seed``;
 3. ``gate-patching`` (IOI only, ``patching=True``): path patching's direct effect of every head
    (``direct_effect`` rows per head) and the agreement (``agree_overlap``, ``agree_spearman``,
@@ -49,6 +50,7 @@ class GateRunSpec(GateSpec):
     n_random: int = Field(5, ge=1, description="random-head draws of the closing check")
     patching: bool = Field(True, description="IOI: compare with path patching's direct effects")
     top_k: int = Field(10, ge=1, description="heads compared with path patching")
+    check_ks: list[int] = Field([5, 10, 20], description="graded check: the k strongest facilitating heads vs k random")
 
     def fit_spec(self) -> GateSpec:
         return GateSpec(**{k: getattr(self, k) for k in GateSpec.model_fields})
@@ -84,7 +86,7 @@ def plan_gate(model_name: str, spec: GateRunSpec, model: Any = None, **load: Any
     units = [(Unit(model_name, task, "gate-fit", json.dumps(fit_id, sort_keys=True, default=str)), "fit")]
     has_roles = {"positive", "negative"} <= set(spec.stages)
     if spec.check and has_roles:
-        ident = {**fit_id, "check": {"n_random": spec.n_random}}
+        ident = {**fit_id, "check": {"n_random": spec.n_random, "ks": spec.check_ks}}
         units.append((Unit(model_name, task, "gate-check", json.dumps(ident, sort_keys=True, default=str)), "check"))
     if spec.patching and spec.task == "ioi" and has_roles:
         ident = {**fit_id, "patching": {"top_k": spec.top_k}}
@@ -95,11 +97,15 @@ def plan_gate(model_name: str, spec: GateRunSpec, model: Any = None, **load: Any
 
 
 def _check_rows(plan: GatePlan, fit_rows: pd.DataFrame) -> pd.DataFrame:
-    from circuits.gating.checks import closing_check
+    from circuits.gating.checks import as_tensor, closing_check
     from circuits.gating.roles import consensus_grid
 
-    roles = consensus_grid(fit_rows, plan.model.n_layers, plan.model.n_heads)
-    frame = closing_check(plan.model, plan.examples, roles, plan.spec.n_random, plan.spec.seed)
+    m = plan.model
+    roles = consensus_grid(fit_rows, m.n_layers, m.n_heads)
+    g_neg = as_tensor(fit_rows, "gate_mean", "negative", m.n_layers, m.n_heads).numpy()
+    frame = closing_check(
+        m, plan.examples, roles, plan.spec.n_random, plan.spec.seed, strength=g_neg, ks=plan.spec.check_ks
+    )
     return frame.assign(metric="check_" + frame.metric, layer=-1, head=-1)
 
 
