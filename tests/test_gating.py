@@ -373,3 +373,17 @@ def test_fit_equals_the_reference_package_on_smollm2():
         diff = (ours.gates[stage] - theirs["gates"][stage]).abs().max()
         assert diff < 1e-6, (stage, float(diff))
     assert (ours.gates["negative"] - torch.sigmoid(init)).abs().max() > 0.5
+
+
+@pytest.mark.gemma3
+def test_gates_on_gemma3_270m_use_the_configured_head_size(gemma3, gemma3_eager):
+    """Gemma-3-270M: 4 query heads of 256 (its config's head_dim; hidden / heads would be 160). The
+    gated objective on IOI prompts (padded, left) equals the o_proj pre-hook reference."""
+    assert gemma3.d_head == 256 and gemma3.text_config.hidden_size // gemma3.n_heads == 160
+    ex = tasks.ioi_task(gemma3.tokenizer, n=3, seed=1)
+    ex = [ex[0], tasks.GateExample("short", ex[1].ids[-6:], 1), ex[2]]
+    logits = _random_logits(gemma3, k=2, seed=4)
+    got = objective.target_logp(gemma3, ex, gates.HeadGates(logits), "left").double()
+    want = reference_logp(gemma3_eager, ex, logits)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    assert (got[:, 0] - got[:, 1]).abs().max() > 1e-2
