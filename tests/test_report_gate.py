@@ -208,7 +208,13 @@ def test_g_minus_against_direct_effects_and_the_agreement_table(gate_run, tmp_pa
     base = rows[rows["metric"] == "role_agreement"]
     patch = base.assign(metric="direct_effect", role="", value=[(-1) ** i * 0.1 * i for i in range(len(base))])
     agree = pd.DataFrame(
-        {"metric": list(gate.AGREEMENT), "value": [2.0, 0.25, 3.0], "n_closed": 4, "layer": -1, "head": -1}
+        {
+            "metric": list(gate.AGREEMENT),
+            "value": [2.0, 0.25, 3.0, 0.5, 2.0, 1.0],
+            "n_closed": [4, 4, 4, 4, 3, 1],
+            "layer": -1,
+            "head": -1,
+        }
     )
     extra = pd.concat([patch, agree.assign(**{c: rows[c].iloc[0] for c in ("model", "dataset", "probe", "n")})])
     write_parquet(
@@ -231,7 +237,14 @@ def test_g_minus_against_direct_effects_and_the_agreement_table(gate_run, tmp_pa
     assert seen == 12
     table = re.search(r'<table class="tbl gate-agree">(.*?)</table>', text, re.S).group(1)
     cells = re.findall(r"<tr><td><code>(\w+)</code></td><td>[^<]*</td><td>([^<]*)</td><td>([^<]*)</td></tr>", table)
-    assert cells == [("agree_overlap", "2", "4"), ("agree_spearman", "0.25", "4"), ("agree_top_facilitating", "3", "4")]
+    assert cells == [
+        ("agree_overlap", "2", "4"),
+        ("agree_spearman", "0.25", "4"),
+        ("agree_top_facilitating", "3", "4"),
+        ("agree_spearman_signed", "0.5", "4"),
+        ("agree_supporting_facilitating", "2", "3"),
+        ("agree_opposing_interfering", "1", "1"),
+    ]
 
 
 def test_a_gate_only_report_is_offline_and_gates_are_no_probe(gate_run):

@@ -14,7 +14,12 @@ effect on the logit difference through paths that avoid every other head,
 :func:`circuits.patching.path_patching` to the logits) on the same IOI prompts: the overlap of the
 ``top_k`` heads by |direct effect| with the ``top_k`` heads by G- (the gate that stays open under
 removal pressure), their Spearman rank correlation over all heads, and how many of the top heads
-by |direct effect| the gates call facilitating.
+by |direct effect| the gates call facilitating. Signed: path patching's effect is normalised so that
+a head supporting the answer has a negative effect (patching it in from the corrupted prompt lowers
+the logit difference) and a head writing against it a positive one; the gates should keep the first
+(facilitating) and close the second (interfering): the Spearman correlation of G- with the negated
+effect, and among the top heads, how many supporting ones are facilitating and how many opposing
+ones interfering.
 """
 
 from __future__ import annotations
@@ -116,13 +121,22 @@ def patching_agreement(direct: pd.DataFrame, g_neg: np.ndarray, roles: np.ndarra
     top_patch = set(np.argsort(-mag, kind="stable")[:top_k].tolist())
     top_gate = set(np.argsort(-gate, kind="stable")[:top_k].tolist())
     rho, p = spearmanr(gate, mag)
+    signed, _ = spearmanr(gate, -effect.ravel())
     n_heads = g_neg.shape[1]
-    fac = roles.ravel() == "facilitating"
+    flat_roles = roles.ravel()
+    fac = flat_roles == "facilitating"
+    supporting = [i for i in top_patch if effect.ravel()[i] < 0]  # patching them lowers the logit difference
+    opposing = [i for i in top_patch if effect.ravel()[i] > 0]  # they write against the answer
     return {
         "top_k": top_k,
         "overlap": len(top_patch & top_gate),
         "spearman": float(rho),
         "spearman_p": float(p),
+        "spearman_signed": float(signed),
+        "top_supporting": len(supporting),
+        "top_supporting_facilitating": int(sum(fac[i] for i in supporting)),
+        "top_opposing": len(opposing),
+        "top_opposing_interfering": int(sum(flat_roles[i] == "interfering" for i in opposing)),
         "top_patch_facilitating": int(sum(fac[i] for i in top_patch)),
         "n_facilitating": int(fac.sum()),
         "top_patch_heads": [f"{i // n_heads}.{i % n_heads}" for i in sorted(top_patch, key=lambda i: -mag[i])],

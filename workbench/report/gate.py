@@ -49,6 +49,9 @@ AGREEMENT = {
     "agree_overlap": "overlap of the top-k heads by |direct effect| and by G-",
     "agree_spearman": "Spearman rank correlation of |direct effect| and G- over all heads",
     "agree_top_facilitating": "top-k heads by |direct effect| that the gates call facilitating",
+    "agree_spearman_signed": "Spearman rank correlation of G- and the negated direct effect over all heads",
+    "agree_supporting_facilitating": "top-k heads supporting the answer (effect < 0; of n) called facilitating",
+    "agree_opposing_interfering": "top-k heads writing against the answer (effect > 0; of n) called interfering",
 }
 
 
@@ -329,7 +332,7 @@ def _agreement_table(agree: pd.DataFrame) -> str:
         for r in agree.itertuples()
     )
     return (
-        '<table class="tbl gate-agree"><thead><tr><th>metric</th><th>what</th><th>value</th><th>top-k</th></tr>'
+        '<table class="tbl gate-agree"><thead><tr><th>metric</th><th>what</th><th>value</th><th>k / of</th></tr>'
         f"</thead><tbody>{rows}</tbody></table>"
     )
 

@@ -11,7 +11,8 @@ Three units, each one part in ``OUT/parts/`` (:class:`workbench.runs.folder.RunF
    ``check_delta_nll`` with columns ``closed``, ``n_closed``, ``seed``;
 3. ``gate-patching`` (IOI only, ``patching=True``): path patching's direct effect of every head
    (``direct_effect`` rows per head) and the agreement (``agree_overlap``, ``agree_spearman``,
-   ``agree_top_facilitating``).
+   ``agree_top_facilitating``; signed: ``agree_spearman_signed``, ``agree_supporting_facilitating``
+   and ``agree_opposing_interfering``, whose ``n_closed`` is how many top heads support / oppose).
 
 A unit's key hashes the model's identity and every setting its numbers depend on, so a re-run
 computes only what is missing. Everything that can be wrong with the input (unknown task or
@@ -89,7 +90,7 @@ def plan_gate(model_name: str, spec: GateRunSpec, model: Any = None, **load: Any
         ident = {**fit_id, "check": {"n_random": spec.n_random, "ks": spec.check_ks}}
         units.append((Unit(model_name, task, "gate-check", json.dumps(ident, sort_keys=True, default=str)), "check"))
     if spec.patching and spec.task == "ioi" and has_roles:
-        ident = {**fit_id, "patching": {"top_k": spec.top_k}}
+        ident = {**fit_id, "patching": {"top_k": spec.top_k, "signed": True}}
         units.append(
             (Unit(model_name, task, "gate-patching", json.dumps(ident, sort_keys=True, default=str)), "patching")
         )
@@ -124,9 +125,25 @@ def _patching_rows(plan: GatePlan, fit_rows: pd.DataFrame) -> pd.DataFrame:
         {"layer": int(r.layer), "head": int(r.head), "metric": "direct_effect", "value": float(r.value)}
         for r in direct.itertuples()
     ]
-    for key in ("overlap", "spearman", "top_patch_facilitating"):
-        name = {"overlap": "agree_overlap", "spearman": "agree_spearman"}.get(key, "agree_top_facilitating")
-        rows.append({"layer": -1, "head": -1, "metric": name, "value": float(agree[key]), "n_closed": plan.spec.top_k})
+    names = {
+        "overlap": "agree_overlap",
+        "spearman": "agree_spearman",
+        "top_patch_facilitating": "agree_top_facilitating",
+        "spearman_signed": "agree_spearman_signed",
+        "top_supporting_facilitating": "agree_supporting_facilitating",
+        "top_opposing_interfering": "agree_opposing_interfering",
+    }
+    of = {"agree_supporting_facilitating": agree["top_supporting"], "agree_opposing_interfering": agree["top_opposing"]}
+    for key, name in names.items():
+        rows.append(
+            {
+                "layer": -1,
+                "head": -1,
+                "metric": name,
+                "value": float(agree[key]),
+                "n_closed": of.get(name, plan.spec.top_k),
+            }
+        )
     return pd.DataFrame(rows)
 
 
