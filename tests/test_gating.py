@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 
 from circuits.gating import checks, fit, gates, objective, roles, tasks
 from workbench.errors import WorkbenchError
@@ -295,6 +296,10 @@ def test_patching_agreement_counts():
     got = checks.patching_agreement(direct, g_neg, r, top_k=2)
     assert got["overlap"] == 2 and got["top_patch_facilitating"] == 2
     assert got["top_patch_heads"] == ["0.1", "1.0"] and got["spearman"] == pytest.approx(1.0)
+    # signed: 0.1 supports the answer (effect < 0) and is facilitating; 1.0 writes against it (> 0), facilitating too
+    assert (got["top_supporting"], got["top_supporting_facilitating"]) == (1, 1)
+    assert (got["top_opposing"], got["top_opposing_interfering"]) == (1, 0)
+    assert got["spearman_signed"] == pytest.approx(spearmanr([0.2, 0.9, 0.8, 0.1], [-0.1, 2.0, -0.5, 0.0])[0])
 
 
 def test_tasks_targets(llama):
