@@ -268,6 +268,8 @@ def test_closing_check_reads_the_roles(llama):
     assert len(frame[(frame.closed == "random") & (frame.metric == "nll")]) == 3
     irr = [(a, b) for a in range(llama.n_layers) for b in range(llama.n_heads) if r[a, b] == "irrelevant"]
     assert nll[("irrelevant", -1)] == pytest.approx(checks.task_nll(llama, ex, irr))
+    same = frame[(frame.closed == "random_irrelevant") & (frame.metric == "nll")]
+    assert len(same) == 3 and set(same.n_closed) == {len(irr)}
 
 
 def test_graded_check_closes_the_strongest_facilitating_heads(llama):

@@ -181,13 +181,13 @@ def test_the_closing_check_shows_each_role_and_random_heads_as_mean_and_std_over
     bars = trace(text, "closing heads by role")
     checks = [r for r in rows.to_dict("records") if r["metric"] == "check_delta_nll"]
     want = {}
-    for closed in ("none", "irrelevant", "facilitating", "interfering", "random"):
+    for closed in ("none", "irrelevant", "random_irrelevant", "facilitating", "interfering", "random"):
         vals = [r["value"] for r in checks if r["closed"] == closed]
         if not vals:
             continue
         n = {int(r["n_closed"]) for r in checks if r["closed"] == closed}
         assert len(n) == 1
-        std = statistics.stdev(vals) if closed == "random" else 0.0
+        std = statistics.stdev(vals) if closed.startswith("random") else 0.0
         want[f"{closed} ({n.pop()})"] = (statistics.fmean(vals), std)
     for k in sorted({int(r["n_closed"]) for r in checks if r["closed"] == "facilitating_top"}):
         for closed in ("facilitating_top", "random_top"):  # the graded check, each k's pair side by side

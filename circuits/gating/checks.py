@@ -77,7 +77,9 @@ def closing_check(
     """Rows ``closed, n_closed, seed, metric, value``: ``metric`` ``nll`` (the task's mean target
     NLL) and ``delta_nll`` (minus the baseline with nothing closed); ``closed`` in ``none``,
     ``irrelevant``, ``facilitating``, ``interfering``, ``random`` (``seed`` 0..n_random-1, as
-    many heads as facilitating ones; -1 elsewhere). ``roles``: consensus roles ``[layer, head]``.
+    many heads as facilitating ones; -1 elsewhere), ``random_irrelevant`` (as many random heads as
+    irrelevant ones: what closing that many heads costs when they are not chosen by the gates).
+    ``roles``: consensus roles ``[layer, head]``.
 
     When most heads are facilitating, closing all of them breaks the model as surely as closing as
     many random heads; the graded check separates them: for each ``k`` in ``ks``, the ``k``
@@ -91,8 +93,9 @@ def closing_check(
         if heads:
             rows.append((role, len(heads), -1, task_nll(model, examples, heads, batch_size)))
     everything = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    n_fac = len(heads_with(roles, "facilitating"))
+    n_fac, n_irr = len(heads_with(roles, "facilitating")), len(heads_with(roles, "irrelevant"))
     sizes = [("random", n_fac)] if n_fac else []
+    sizes += [("random_irrelevant", n_irr)] if n_irr else []
     if strength is not None:
         for k in sorted({min(int(k), n_fac) for k in ks if k > 0 and n_fac}):
             top = top_facilitating(roles, strength, k)
@@ -100,7 +103,7 @@ def closing_check(
             sizes.append(("random_top", k))
     for name, k in sizes:
         for s in range(n_random):
-            pick = random.Random(f"gate-random-{seed}-{s}-{k}" if name == "random_top" else f"gate-random-{seed}-{s}")
+            pick = random.Random(f"gate-random-{seed}-{s}" if name == "random" else f"gate-{name}-{seed}-{s}-{k}")
             rows.append((name, k, s, task_nll(model, examples, pick.sample(everything, k), batch_size)))
     out = []
     for closed, n, s, nll in rows:

@@ -40,7 +40,9 @@ ROLES = ("facilitating", "irrelevant", "interfering", "ambiguous")  # as circuit
 ROLE_COLOURS = {"facilitating": "#2ca02c", "irrelevant": "#b8b8b8", "interfering": "#d62728", "ambiguous": "#ff9f1c"}
 ROLE_CODES = {"facilitating": "F", "irrelevant": "I", "interfering": "X", "ambiguous": "A"}
 STAGES = ("none", "positive", "negative")  # the fit's order; G+ = positive, G- = negative
-CLOSED = ("none", "irrelevant", "facilitating", "interfering", "random", "facilitating_top", "random_top")
+CLOSED = (
+    "none", "irrelevant", "random_irrelevant", "facilitating", "interfering", "random", "facilitating_top", "random_top"
+)  # fmt: skip
 STAGE_COLOURS = {"none": "#444444", "positive": "#1f77b4", "negative": "#d62728"}
 GATE_COLUMNS = ("stage", "init", "update", "role", "closed", "n_closed", "seed")
 NUMERIC = ("layer", "head", "value", "n", "init", "update", "n_closed", "seed")

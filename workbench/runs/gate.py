@@ -87,7 +87,7 @@ def plan_gate(model_name: str, spec: GateRunSpec, model: Any = None, **load: Any
     units = [(Unit(model_name, task, "gate-fit", json.dumps(fit_id, sort_keys=True, default=str)), "fit")]
     has_roles = {"positive", "negative"} <= set(spec.stages)
     if spec.check and has_roles:
-        ident = {**fit_id, "check": {"n_random": spec.n_random, "ks": spec.check_ks}}
+        ident = {**fit_id, "check": {"n_random": spec.n_random, "ks": spec.check_ks, "random_irrelevant": True}}
         units.append((Unit(model_name, task, "gate-check", json.dumps(ident, sort_keys=True, default=str)), "check"))
     if spec.patching and spec.task == "ioi" and has_roles:
         ident = {**fit_id, "patching": {"top_k": spec.top_k, "signed": True}}
