@@ -36,10 +36,11 @@ def _closing(t: pd.DataFrame) -> dict:
     c = t[t.metric == "check_delta_nll"]
     base = t[(t.metric == "check_nll") & (t.closed == "none")].value
     out = {"baseline_nll": float(base.iloc[0]) if len(base) else None}
-    for closed, g in c.groupby("closed"):
+    for (closed, k), g in c.groupby(["closed", "n_closed"]):
         if closed == "none":
             continue
-        out[closed] = {
+        key = f"{closed}_{int(k)}" if closed.endswith("_top") else closed
+        out[key] = {
             "n_closed": int(g.n_closed.iloc[0]),
             "delta_nll": float(g.value.mean()),
             "std": float(g.value.std(ddof=1)) if len(g) > 1 else None,
