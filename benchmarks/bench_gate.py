@@ -79,7 +79,7 @@ def first_gradients(model, hf, task, init, batch, spec) -> dict:
     g1, g2 = mine.grad.double(), tr.mask_logits.grad.double()
     flips = torch.sign(g1) != torch.sign(g2)
     return {
-        "loss_diff": abs(float(loss) - float(ploss)),
+        "loss_diff": abs(loss.item() - ploss.item()),
         "grad_rel_diff": float((g1 - g2).norm() / g2.norm()),
         "grad_max_abs": float(g2.abs().max()),
         "opposite_first_steps": int(flips.sum()),

@@ -149,7 +149,7 @@ def test_gradient_equals_the_reference(llama):
             h.remove()
     ref_loss = -total / (2 * len(ex)) - (-0.1) * ref.clamp(-4, 4).mean()
     ref_loss.backward()
-    torch.testing.assert_close(float(loss), float(ref_loss), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss.item(), ref_loss.item(), atol=1e-5, rtol=0)
     torch.testing.assert_close(mine.grad.double(), ref.grad, atol=1e-6, rtol=1e-4)
 
 
