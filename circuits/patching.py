@@ -46,6 +46,7 @@ from circuits.baseline import (
 from circuits.tasks import Pair
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import EVERY, QKV, QKVEdit, Sites, ZEdit, ZReader
+from workbench.engine.frozen import frozen
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -439,19 +440,15 @@ class _GradZ(ZReader):
 def attribution_patching(model, pairs: Sequence[Pair] | Baseline) -> pd.DataFrame:
     """First-order estimate of every head's activation-patching effect: one forward, one backward."""
     base = pairs if isinstance(pairs, Baseline) else baseline(model, pairs)
-    params = [p for p in model.hf_model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
     emb = model.hf_model.get_input_embeddings()
     handle = emb.register_forward_hook(lambda mod, a, out: out.requires_grad_(True))
     rec = _GradZ()
     try:
-        ld = logit_diff(model, base.pb.clean, base.pb, observers=[rec], grad=True)
-        ld.mean().backward()
+        with frozen(model.hf_model):
+            ld = logit_diff(model, base.pb.clean, base.pb, observers=[rec], grad=True)
+            ld.mean().backward()
     finally:
         handle.remove()
-        for p in params:
-            p.requires_grad_(True)
     rows = []
     for layer in range(model.n_layers):
         z = rec.z[layer]

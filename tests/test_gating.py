@@ -243,7 +243,12 @@ def test_roles_follow_the_paper():
 
 def test_gate_frame_is_tidy_and_complete(llama):
     ex = _examples(llama)
+    before = [p.requires_grad for p in llama.hf_model.parameters()]
+    for p in llama.hf_model.parameters():
+        p.grad = None  # other tests' backward passes through this shared model may have left some
     f = fit.fit_head_gates(llama, ex, _spec(updates=2, reg_updates=2))
+    assert [p.requires_grad for p in llama.hf_model.parameters()] == before  # the weights' state is restored
+    assert all(p.grad is None for p in llama.hf_model.parameters())  # and they never collected a gradient
     frame = roles.gate_frame(f, "tiny", "mine")
     g = frame[frame.metric == "gate"]
     assert len(g) == 3 * 2 * llama.n_layers * llama.n_heads

@@ -29,6 +29,7 @@ from torch import Tensor
 from circuits.gating.gates import HeadGates, check_gateable, init_logits
 from circuits.gating.objective import gating_loss
 from circuits.gating.tasks import GateExample, check_task
+from workbench.engine.frozen import frozen
 from workbench.errors import WorkbenchError
 
 STAGES = ("none", "positive", "negative")
@@ -177,15 +178,9 @@ def fit_head_gates(
     if init is None:
         init = init_logits(spec.n_inits, model.n_layers, model.n_heads, (spec.init_low, spec.init_high), spec.seed)
     init = init.to(model.device, torch.promote_types(model.dtype, torch.float32))
-    params = list(model.hf_model.parameters())
-    was = [p.requires_grad for p in params]
-    was_training = model.hf_model.training
-    model.hf_model.eval()
     gates: dict[str, Tensor] = {}
     history: list[dict[str, Any]] = []
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen(model.hf_model):
         check_edit_point(model, examples, init, spec)
         start, used = init, 0
         for stage in spec.stages:
@@ -196,9 +191,5 @@ def fit_head_gates(
             if stage == "none":
                 start = logits
             gates[stage] = torch.sigmoid(logits).float().cpu()
-    finally:
-        for p, r in zip(params, was):
-            p.requires_grad_(r)
-        model.hf_model.train(was_training)
     return GateFit(gates=gates, init=init.float().cpu(), history=history, spec=spec, order=[list(b) for b in order],
                    n_examples=len(examples))  # fmt: skip

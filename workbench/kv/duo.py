@@ -50,6 +50,7 @@ from torch import Tensor
 from workbench.engine.attention import hooked_run
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import ZEdit
+from workbench.engine.frozen import frozen
 from workbench.engine.masking import NEG, first_visible_key, named_key_mask
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
@@ -390,18 +391,12 @@ def fit_gates(
         )
     layers = gated_layers(model, gate_sliding)
     gates = torch.nn.Parameter(torch.ones(model.n_layers, model.n_kv_heads, device=model.device))
-    params = list(model.hf_model.parameters())
-    was = [p.requires_grad for p in params]
-    was_training = model.hf_model.training
-    model.hf_model.eval()
-    teacher = [final_hidden(model, _batch(model, [s])[0])[0, torch.tensor(s.labels)].float() for s in samples]
     opt = torch.optim.AdamW([gates], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lr_lambda(steps))
     order = _order(len(samples), steps * batch_size, seed)
     hist: dict[str, list[float]] = {"loss": [], "distill": [], "reg": []}
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen(model.hf_model):
+        teacher = [final_hidden(model, _batch(model, [s])[0])[0, torch.tensor(s.labels)].float() for s in samples]
         for step in range(steps):
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
@@ -424,10 +419,6 @@ def fit_gates(
                 hist[key].append(val.item())
             if on_step is not None:
                 on_step(step, hist["loss"][-1], hist["distill"][-1], hist["reg"][-1])
-    finally:
-        for p, r in zip(params, was):
-            p.requires_grad_(r)
-        model.hf_model.train(was_training)
     out = gates.detach().clamp(0.0, 1.0).float().cpu()
     out[[i for i in range(model.n_layers) if i not in layers]] = math.nan
     settings = dict(
