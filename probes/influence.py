@@ -42,6 +42,7 @@ from workbench.engine.scoring import token_losses
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import TokenizedPrompt
 from workbench.protocol import params as opt
+from workbench.protocol.ranking import rank_heads
 from workbench.protocol.run_context import RunContext
 from workbench.protocol.table import ProbeResult
 
@@ -96,8 +97,7 @@ def top_heads(scores: pd.Series, share: float, n_layers: int, n_heads: int) -> l
     k = max(1, math.ceil(share * n_layers * n_heads - 1e-9))
     every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
     value = {(int(a), int(b)): float(v) for (a, b), v in scores.items()}
-    ranked = sorted(every, key=lambda lh: (-value.get(lh, -math.inf), lh))
-    return ranked[:k]
+    return rank_heads(every, value.get)[:k]
 
 
 def influence(base: Sequence[torch.Tensor], masked: Sequence[torch.Tensor]) -> list[float]:

@@ -35,6 +35,7 @@ from scipy.stats import spearmanr
 from circuits.gating.objective import target_logp
 from circuits.gating.tasks import GateExample
 from workbench.engine.interventions import HeadAblation
+from workbench.protocol.ranking import rank_heads
 
 CHECK_COLUMNS = ["closed", "n_closed", "seed", "metric", "value"]
 
@@ -60,8 +61,7 @@ def heads_with(roles: np.ndarray, role: str) -> list[tuple[int, int]]:
 def top_facilitating(roles: np.ndarray, strength: np.ndarray, k: int) -> list[tuple[int, int]]:
     """The ``k`` facilitating heads with the highest ``strength`` (G-: the gate that stays open
     under removal pressure), ties broken by (layer, head)."""
-    heads = heads_with(roles, "facilitating")
-    return sorted(heads, key=lambda lh: (-float(strength[lh]), lh))[:k]
+    return rank_heads(heads_with(roles, "facilitating"), lambda lh: float(strength[lh]))[:k]
 
 
 def closing_check(

@@ -34,6 +34,7 @@ from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError
 from workbench.inputs.batching import BatchSize
 from workbench.inputs.prompts import TokenizedPrompt, pad_token_id
+from workbench.protocol.ranking import rank_heads
 from workbench.protocol.registry import get_probe
 from workbench.protocol.run_context import RunContext
 from workbench.runner import run_probes
@@ -151,9 +152,9 @@ def retrieval_ablation(
         scores = detection.table
         found = detection.results["retrieval"].summary["n_counted"]
         log(f"detection: {found}/{len(detect)} prompts answered")
-    ranked = scores.fillna({"value": -1.0}).sort_values(["value", "layer", "head"], ascending=[False, True, True])
-    order = [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
-    value = {(int(r.layer), int(r.head)): float(r.value) for r in ranked.itertuples()}
+    filled = scores.fillna({"value": -1.0})  # unscored heads: below every score, and in the random pool
+    value = {(int(r.layer), int(r.head)): float(r.value) for r in filled.itertuples()}
+    order = rank_heads(value, value.get)
     rng = random.Random(seed)
     rows = []
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from workbench.errors import WorkbenchError
 from workbench.kv.policy import FULL, Budget, CachePolicy, Geometry, HeadPolicy, Window
+from workbench.protocol.ranking import rank_heads
 
 Aggregate = Literal["max", "mean", "sum"]
 
@@ -127,8 +128,7 @@ def headkv(
 
 def top_heads(scores: Float[Tensor, "layer kv_head"], eligible: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
     """The ``k`` eligible KV heads with the highest scores, ties to the lower (layer, head)."""
-    order = sorted(eligible, key=lambda h: (-float(scores[h]), h))
-    return order[:k]
+    return rank_heads(eligible, lambda h: float(scores[h]))[:k]
 
 
 def n_full(geom: Geometry, budget: float) -> int:
