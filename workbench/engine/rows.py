@@ -101,8 +101,15 @@ class RowsReader:
     After the forward, ``rows[b][(layer, head)]`` is a float32 ``[query, key]`` tensor on the CPU.
     """
 
-    def __init__(self, heads: dict[int, list[int]], queries: list[list[int]], lengths: list[int]) -> None:
+    def __init__(
+        self,
+        heads: dict[int, list[int]],
+        queries: list[list[int]],
+        lengths: list[int],
+        chunk_elements: int = CHUNK_ELEMENTS,
+    ) -> None:
         self.heads = heads
+        self.chunk_elements = chunk_elements
         self.queries = queries
         self.lengths = lengths
         self.rows: list[dict[Head, Tensor]] = [{} for _ in queries]
@@ -114,7 +121,7 @@ class RowsReader:
             return
         self.seen.add(call.layer)
         for b, (qs, n) in enumerate(zip(self.queries, self.lengths)):
-            w = call_rows(head_call(call, b, hs), qs)[..., :n].cpu()
+            w = call_rows(head_call(call, b, hs), qs, self.chunk_elements)[..., :n].cpu()
             for i, h in enumerate(hs):
                 self.rows[b][(call.layer, h)] = w[i]
 
@@ -176,11 +183,13 @@ def batch_attention_rows(
     prompts: Sequence[Sequence[int]],
     heads: Sequence[Head],
     queries: Sequence[Sequence[int] | None] | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> list[dict[Head, Float[Tensor, "query key"]]]:
     """Per prompt, ``{(layer, head): weights}``: float32 ``[query, key]`` attention of each
     requested head at the prompt's query rows (``queries[i]``: positions, negative from the end;
     None: every row) over the prompt's keys. Prompts of unequal lengths run as one right-padded
-    batch; ``model`` is a :class:`workbench.models.LoadedModel`."""
+    batch; ``model`` is a :class:`workbench.models.LoadedModel`; ``chunk_elements``: scores per block.
+    Each dict lists the heads in the order asked."""
     from workbench.engine.attention import hooked_run
     from workbench.engine.call import stop_after_layer
     from workbench.engine.extraction import base_network
@@ -195,7 +204,7 @@ def batch_attention_rows(
     if len(qs_in) != len(ids):
         raise WorkbenchError(f"{len(qs_in)} query lists for {len(ids)} prompts", "give one query list per prompt")
     qs = [_check_queries(q, len(p), f"prompt {i}") for i, (q, p) in enumerate(zip(qs_in, ids))]
-    reader = RowsReader(by_layer, qs, [len(p) for p in ids])
+    reader = RowsReader(by_layer, qs, [len(p) for p in ids], chunk_elements)
     batch = collate(ids, pad_token_id(model.tokenizer), model.device)
     with hooked_run(model.hf_model, reader, unwrap=True), stop_after_layer(max(by_layer)):
         base_network(model.hf_model)(
@@ -210,17 +219,22 @@ def batch_attention_rows(
             f"layers {missing} ran no attention call the workbench could observe",
             "this architecture's attention does not go through transformers' attention interface",
         )
-    return reader.rows
+    order = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))  # as asked, once each
+    return [{h: rows[h] for h in order} for rows in reader.rows]
 
 
 def attention_rows(
-    model: Any, prompt_ids: Sequence[int], heads: Sequence[Head], queries: Sequence[int] | None = None
+    model: Any,
+    prompt_ids: Sequence[int],
+    heads: Sequence[Head],
+    queries: Sequence[int] | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> dict[Head, Float[Tensor, "query key"]]:
     """``{(layer, head): weights}`` for one prompt (token ids): float32 ``[query, key]`` attention
     of each requested head at ``queries`` (positions in that order, negative from the end; None:
     every row, the ``T x T`` square) over all ``T`` keys. Errors (:class:`WorkbenchError`): an empty
     prompt, a head out of range, a query row beyond the prompt."""
-    return batch_attention_rows(model, [prompt_ids], heads, None if queries is None else [queries])[0]
+    return batch_attention_rows(model, [prompt_ids], heads, None if queries is None else [queries], chunk_elements)[0]
 
 
 __all__ = ["CHUNK_ELEMENTS", "RowsReader", "attention_rows", "batch_attention_rows", "call_rows", "head_call"]

@@ -1,0 +1,171 @@
+"""Attention-pattern views (issue 34): the rows kept for a few heads equal the eager model's own
+attention weights (tiny Llama with grouped KV heads, tiny Gemma-3 with a sliding window, padded
+batches of unequal lengths), bad input gets one clear error each, and the figures carry the
+tokens, hover text, values and log / linear switch they claim."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.engine.rows import attention_rows, batch_attention_rows
+from workbench.errors import WorkbenchError
+from workbench.report.patterns import attention_pattern, pattern_figure, token_labels, token_strip_figure
+from workbench.testing import eager_model, eager_patterns
+
+TOL = 1e-5
+
+
+def _ids(model, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, min(model.vocab_size, 200)) for _ in range(n)]
+
+
+def _every_head(model) -> list[tuple[int, int]]:
+    return [(layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)]
+
+
+def _assert_rows(got: dict, ref: list[torch.Tensor], queries: list[int]) -> None:
+    """Each kept head's rows equal the eager pattern's rows at ``queries`` over every key."""
+    for (layer, head), w in got.items():
+        want = ref[layer][head][queries]
+        assert w.dtype == torch.float32 and tuple(w.shape) == tuple(want.shape), (layer, head)
+        assert float((w.double() - want).abs().max()) <= TOL, (layer, head)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tiny_gemma3):
+    """(workbench model, its eager reference) by name: Llama has 4 query heads on 2 KV heads,
+    Gemma-3 slides layer 0 over 6 tokens (GQA 4:2)."""
+    llama = tiny_models["llama"]
+    return {
+        "llama": (llama, eager_model(llama.source)),
+        "gemma3": (tiny_gemma3, eager_model(tiny_gemma3.source)),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_square_equals_eager_attention(models, name):
+    """Every head's T x T square (queries=None) on a prompt longer than Gemma's window."""
+    model, ref_model = models[name]
+    assert model.n_kv_heads < model.n_heads  # grouped KV heads: query head h reads KV head h // 2
+    ids = _ids(model, 15, seed=3)
+    got = attention_rows(model, ids, _every_head(model))
+    assert set(got) == set(_every_head(model))
+    ref = eager_patterns(ref_model, ids)
+    _assert_rows(got, ref, list(range(len(ids))))
+    if name == "gemma3":  # the window is in force: query 14 of the sliding layer sees keys 9..14 only
+        assert float(got[(0, 1)][14, :9].abs().max()) == 0.0
+        assert float(got[(1, 1)][14, :9].abs().max()) > 0.0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_padded_batch_rows_equal_eager_attention(models, name):
+    """Two prompts of unequal lengths in one right-padded batch, chosen query rows (negative from
+    the end, unsorted, repeated) of a few heads: each equals its prompt run alone, eagerly."""
+    model, ref_model = models[name]
+    prompts = [_ids(model, 13, seed=5), _ids(model, 7, seed=6)]
+    queries = [[12, 0, 7, -1, 9], [-2, 3, 6]]
+    heads = [(1, 3), (0, 2), (1, 0)]
+    got = batch_attention_rows(model, prompts, heads, queries)
+    assert len(got) == 2
+    for ids, qs, rows in zip(prompts, queries, got):
+        assert set(rows) == set(heads)  # only the requested heads are kept
+        assert all(w.shape[-1] == len(ids) for w in rows.values())  # keys cut to the prompt, no padding
+        _assert_rows(rows, eager_patterns(ref_model, ids), [q % len(ids) for q in qs])
+
+
+def test_chunked_blocks_equal_one_block(models):
+    """Blocks of a few query rows (a tiny chunk budget) give the rows one block gives."""
+    model, ref_model = models["gemma3"]
+    ids = _ids(model, 12, seed=8)
+    # 30 scores per block: 2 heads x 12 keys fit once, so one query row at a time
+    got = attention_rows(model, ids, [(0, 3), (1, 2)], [11, 2, 3, 4, 10], chunk_elements=30)
+    _assert_rows(got, eager_patterns(ref_model, ids), [11, 2, 3, 4, 10])
+
+
+@pytest.mark.parametrize(
+    "prompt, heads, queries, says",
+    [
+        ([], [(0, 0)], None, "empty"),
+        ([5, 6, 7], [(3, 0)], None, "out of range"),
+        ([5, 6, 7], [(0, 4)], None, "out of range"),
+        ([5, 6, 7], [(-1, 0)], None, "out of range"),
+        ([5, 6, 7], [], None, "no heads"),
+        ([5, 6, 7], [(0, 0)], [3], "beyond"),
+        ([5, 6, 7], [(0, 0)], [-4], "beyond"),
+        ([5, 6, 7], [(0, 0)], [], "no query rows"),
+        ([5, 10**7], [(0, 0)], None, "vocabulary"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(models, prompt, heads, queries, says):
+    model = models["llama"][0]
+    with pytest.raises(WorkbenchError, match=says):
+        attention_rows(model, prompt, heads, queries)
+
+
+def test_bad_input_of_the_view(models):
+    model = models["llama"][0]
+    with pytest.raises(WorkbenchError, match="empty"):
+        attention_pattern(model, "", [(0, 0)])
+    with pytest.raises(WorkbenchError, match="beyond"):
+        attention_pattern(model, [5, 6, 7], [(0, 0)], queries=[7])
+    with pytest.raises(WorkbenchError, match="unknown view"):
+        attention_pattern(model, [5, 6, 7], [(0, 0)], view="cube")
+
+
+def test_square_figure_shows_the_rows(models):
+    """Token labels (with positions, so repeats stay apart) on both axes, one panel per head whose
+    values are the rows, hover naming both tokens and the weight, and a log / linear switch."""
+    model = models["llama"][0]
+    ids = _ids(model, 6, seed=1) * 2  # repeated tokens: their labels must not merge
+    fig = attention_pattern(model, ids, [(2, 1), (0, 3)])
+    rows = attention_rows(model, ids, [(2, 1), (0, 3)])
+    labels = token_labels(model.tokenizer, ids)
+    assert len(set(labels)) == len(ids) and labels[0].startswith("0 ") and labels[6].startswith("6 ")
+    assert [t.name for t in fig.data] == ["L2.H1", "L0.H3"]
+    for trace, head in zip(fig.data, [(2, 1), (0, 3)]):
+        assert list(trace.x) == labels and list(trace.y) == labels
+        np.testing.assert_allclose(np.asarray(trace.z), rows[head].numpy(), atol=1e-5)
+        for word in ("query %{y}", "key %{x}", "weight %{z"):
+            assert word in trace.hovertemplate
+    (menu,) = fig.layout.updatemenus
+    lin, log = menu.buttons
+    assert (lin.label, log.label) == ("linear", "log")
+    w = rows[(2, 1)].double().numpy()
+    z_log = np.asarray(log.args[0]["z"][0], dtype=float)
+    np.testing.assert_allclose(z_log[w > 1e-4], np.log10(w[w > 1e-4]), atol=1e-3)
+    assert np.isnan(z_log[w == 0]).all() and (w == 0).sum() == 11 * 12 // 2  # masked future keys: blank
+    assert "log10 weight" in log.args[0]["hovertemplate"]
+    np.testing.assert_allclose(np.asarray(lin.args[0]["z"][1]), rows[(0, 3)].numpy(), atol=1e-5)
+
+
+def test_long_prompts_get_the_token_strip(models):
+    """Past ``max_square`` tokens the view is one line per (head, query row) over every key,
+    the token text in its cells; by default the last row."""
+    model = models["gemma3"][0]
+    ids = _ids(model, 20, seed=2)
+    labels = token_labels(model.tokenizer, ids)
+    fig = attention_pattern(model, ids, [(0, 1), (1, 2)], max_square=8)
+    (trace,) = fig.data
+    assert list(trace.y) == [f"L0.H1 q={labels[19]}", f"L1.H2 q={labels[19]}"]
+    assert list(trace.x) == labels and list(trace.text[0]) == [lab.split(" ", 1)[1] for lab in labels]
+    rows = attention_rows(model, ids, [(0, 1), (1, 2)], [19])
+    np.testing.assert_allclose(np.asarray(trace.z), torch.cat([rows[(0, 1)], rows[(1, 2)]]).numpy(), atol=1e-5)
+    fig2 = attention_pattern(model, ids, [(1, 2)], queries=[4, -3], max_square=8)
+    assert list(fig2.data[0].y) == [f"L1.H2 q={labels[4]}", f"L1.H2 q={labels[17]}"]
+    assert len(fig2.layout.updatemenus[0].buttons) == 2
+    assert len(attention_pattern(model, ids, [(1, 2)], max_square=20).data[0].y) == 20  # short enough: the square
+
+
+def test_figures_refuse_mismatched_input():
+    rows = {(0, 0): np.eye(3)}
+    with pytest.raises(WorkbenchError, match="labels"):
+        pattern_figure(rows, ["a", "b"])
+    with pytest.raises(WorkbenchError, match="query positions"):
+        token_strip_figure(rows, ["a", "b", "c"], [0])
+    with pytest.raises(WorkbenchError, match="no heads"):
+        pattern_figure({}, ["a"])
