@@ -169,3 +169,112 @@ def test_figures_refuse_mismatched_input():
         token_strip_figure(rows, ["a", "b", "c"], [0])
     with pytest.raises(WorkbenchError, match="no heads"):
         pattern_figure({}, ["a"])
+
+
+# ---- `workbench show`: one offline HTML file; every bad input one error line, exit 2, no file
+
+
+def _show(capsys, *argv):
+    from workbench.cli import main
+
+    rc = main(["show", "--model", "tiny-llama", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _figures(html: str) -> list[dict]:
+    """The page's figures, typed arrays (plotly's base64 ``bdata``) decoded to lists."""
+    import json
+    import re
+
+    from workbench.report.page import _typed_to_list
+
+    def decode(obj):
+        if isinstance(obj, dict):
+            return _typed_to_list(obj) if "bdata" in obj else {k: decode(v) for k, v in obj.items()}
+        return [decode(v) for v in obj] if isinstance(obj, list) else obj
+
+    block = re.search(r'<script id="wb-figures" type="application/json">(.*?)</script>', html, re.S).group(1)
+    return decode(json.loads(block))
+
+
+def test_show_writes_one_offline_page(tmp_path, capsys):
+    """The page inlines plotly.js (no script loaded from anywhere) and holds the figure the
+    Python call draws: the same token labels and weights."""
+    from workbench.models.loading import load_model
+
+    model = load_model("tiny-llama", device="cpu")  # the model the command loads
+    ids = _ids(model, 9, seed=4)
+    out = tmp_path / "head.html"
+    rc, text, err = _show(capsys, "--heads", "1.3,2.0", "--tokens", ",".join(map(str, ids)), "--out", str(out))
+    assert rc == 0, err
+    assert "wrote" in text and out.exists()
+    html = out.read_text()
+    assert "<script src" not in html.replace(" ", "") and "Plotly.newPlot" in html
+    (fig,) = _figures(html)
+    assert [t["name"] for t in fig["data"]] == ["L1.H3", "L2.H0"]
+    assert fig["data"][0]["x"] == token_labels(model.tokenizer, ids)
+    rows = attention_rows(model, ids, [(1, 3)])
+    np.testing.assert_allclose(np.asarray(fig["data"][0]["z"], dtype=float), rows[(1, 3)].numpy(), atol=1e-4)
+    labels = [b["label"] for b in fig["layout"]["updatemenus"][0]["buttons"]]
+    assert labels == ["linear", "log"]
+    # a long prompt (past --max-square): the strip of the asked rows
+    out2 = tmp_path / "strip.html"
+    rc, _, err = _show(capsys, "--heads", "0.1", "--tokens", ",".join(map(str, ids)), "--max-square", "4",
+                       "--queries=-1,2", "--out", str(out2))  # fmt: skip
+    assert rc == 0, err
+    (fig2,) = _figures(out2.read_text())
+    assert len(fig2["data"][0]["y"]) == 2 and fig2["data"][0]["y"][0].startswith("L0.H1 q=8 ")
+
+
+def test_show_page_escapes_token_text(tmp_path):
+    """A token that spells a closing script tag stays data: the page has only its own script tags."""
+    from workbench.cli.show import html_page
+
+    labels = ["0 </script><b>x", "1 a&b"]
+    html = html_page(pattern_figure({(0, 0): np.array([[1.0, 0.0], [0.5, 0.5]])}, labels), "t", "c")
+    assert html.count("</script>") == 4  # figures, template, plotly.js, the renderer
+    assert _figures(html)[0]["data"][0]["x"] == labels
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--heads", "1.3"], "one prompt source"),
+        (["--heads", "1.3", "--text", "a b", "--tokens", "5,6"], "one prompt source"),
+        (["--heads", "1-3", "--text", "the cat"], "LAYER.HEAD"),
+        (["--heads", "1.3,", "--text", "the cat"], "LAYER.HEAD"),
+        (["--heads", "9.0", "--text", "the cat"], "out of range"),
+        (["--heads", "0.4", "--text", "the cat"], "out of range"),
+        (["--heads", "1.3", "--text", "the cat", "--queries", "a"], "whole numbers"),
+        (["--heads", "1.3", "--text", "the cat", "--queries=50"], "beyond"),
+        (["--heads", "1.3", "--text", ""], "empty"),
+        (["--heads", "1.3", "--tokens", "a,b"], "token ids"),
+        (["--heads", "1.3", "--tokens", "5,99999999"], "vocabulary"),
+        (["--heads", "1.3", "--prompts", "MISSING.jsonl"], "does not exist"),
+        (["--heads", "1.3", "--dataset", "prose", "--prompt-id", "nope"], "nope"),
+        (["--heads", "1.3", "--dataset", "no-such-set"], "unknown dataset"),
+        (["--heads", "1.3", "--text", "the cat", "--view", "cube"], "invalid choice"),
+        (["--heads", "1.3", "--text", "the cat", "--max-square", "0"], "must be"),
+    ],
+)
+def test_show_bad_input_is_one_error_and_no_file(tmp_path, capsys, argv, says):
+    out = tmp_path / "o.html"
+    argv = [a.replace("MISSING", str(tmp_path / "missing")) for a in argv]
+    rc, _, err = _show(capsys, *argv, "--out", str(out))
+    assert rc == 2 and err.startswith("error:") and "Traceback" not in err and "internal" not in err, err
+    assert says in err.splitlines()[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "out, says", [("o.txt", "not an .html"), ("afile/o.html", "is a file"), ("s3://bucket/o.html", "URL")]
+)
+def test_show_bad_out_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, out, says):
+    import workbench.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "afile").write_text("x")
+    target = out if "://" in out else str(tmp_path / out)
+    rc, _, err = _show(capsys, "--heads", "1.3", "--text", "the cat", "--out", target)
+    assert rc == 2 and says in err, err

@@ -113,7 +113,7 @@ def pattern_figure(
     for i, (h, z) in enumerate(zip(heads, linear)):
         fig.add_trace(
             go.Heatmap(
-                z=np.round(z, 5),
+                z=np.round(z, 5).astype(np.float32),  # float32: half the page's bytes
                 x=list(tokens),
                 y=ylabels,
                 name=head_name(h),
@@ -161,7 +161,7 @@ def token_strip_figure(
     text = [cells] * len(ylabels) if z.size <= TEXT_CELLS else None
     fig = go.Figure(
         go.Heatmap(
-            z=np.round(z, 5),
+            z=np.round(z, 5).astype(np.float32),  # float32: half the page's bytes
             x=list(tokens),
             y=ylabels,
             name="rows",
