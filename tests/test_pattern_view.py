@@ -278,3 +278,25 @@ def test_show_bad_out_is_refused_before_the_model_loads(tmp_path, capsys, monkey
     target = out if "://" in out else str(tmp_path / out)
     rc, _, err = _show(capsys, "--heads", "1.3", "--text", "the cat", "--out", target)
     assert rc == 2 and says in err, err
+
+
+def test_show_page_renders_offline_and_switches_to_log(tmp_path, capsys):
+    """In headless chromium: the page asks for nothing but itself, logs no error, and the "log"
+    button restyles every panel to log10 weights (range 1e-4..1, masked keys blank)."""
+    from tests.browser import chromium, open_page, playwright_available
+
+    if not (chromium() and playwright_available()):
+        pytest.skip("needs chromium and playwright")
+    out = tmp_path / "head.html"
+    rc, _, err = _show(capsys, "--heads", "1.3,0.0", "--tokens", "5,9,11,5,9,11,7", "--out", str(out))
+    assert rc == 0, err
+    with open_page(out) as s:
+        assert s.requests == [out.resolve().as_uri()] and not s.errors
+        assert not [c for c in s.console if c.startswith("error")], s.console
+        s.page.get_by_text("log", exact=True).click()
+        got = s.page.evaluate(
+            "() => document.getElementById('fig1').data.map(t => [t.zmin, t.zmax, t.hovertemplate, t.z[0][1]])"
+        )
+    assert len(got) == 2
+    for zmin, zmax, hover, masked in got:
+        assert (zmin, zmax, masked) == (-4, 0, None) and "log10 weight" in hover
