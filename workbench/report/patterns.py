@@ -34,6 +34,7 @@ COLORSCALE = "Viridis"
 LOG_FLOOR = 1e-4  # the log scale's lowest colour; smaller nonzero weights take it
 MAX_SQUARE = 64  # prompts up to this many tokens get the T x T square by default
 TEXT_CELLS = 4000  # token text is drawn inside strip cells only up to this many cells
+TEXT_KEYS = 100  # and only up to this many keys a line (past it the cells are too narrow to read)
 Head = tuple[int, int]
 
 
@@ -62,7 +63,9 @@ def _log_z(w: np.ndarray) -> np.ndarray:
         return np.where(w > 0, np.log10(np.maximum(w, LOG_FLOOR)), np.nan)
 
 
-def _switch(linear: list[np.ndarray], log: list[np.ndarray], hover_lin: str, hover_log: str) -> list[dict]:
+def _switch(
+    linear: list[np.ndarray], log: list[np.ndarray], hover_lin: str, hover_log: str, x: float = 1.0, pad: int = 28
+) -> list[dict]:
     """The log / linear colour buttons, restyling every heatmap trace's z, range, colour bar and hover."""
     ticks = np.arange(np.log10(LOG_FLOOR), 1)
     lin = {"z": [np.round(z, 5) for z in linear], "zmin": 0.0, "zmax": 1.0, "hovertemplate": hover_lin}
@@ -73,7 +76,8 @@ def _switch(linear: list[np.ndarray], log: list[np.ndarray], hover_lin: str, hov
         {"label": "linear", "method": "restyle", "args": [lin]},
         {"label": "log", "method": "restyle", "args": [lg]},
     ]
-    place = {"x": 1.0, "y": 1.1, "xanchor": "right", "yanchor": "bottom"}
+    # above the plot area and the panel titles; at its left (x=0) or right (x=1) end
+    place = {"x": x, "y": 1.0, "xanchor": "left" if x < 0.5 else "right", "yanchor": "bottom", "pad": {"b": pad}}
     return [{"type": "buttons", "direction": "right", **place, "buttons": buttons}]
 
 
@@ -151,14 +155,14 @@ def token_strip_figure(
 ) -> go.Figure:
     """CircuitsVis' "tokens" view: one line per (head, query row) of ``rows``, every key token
     coloured by that row's weight on it (token text drawn in the cells while there are at most
-    :data:`TEXT_CELLS` of them; hover names both tokens and the weight). For long prompts, where
-    a ``T x T`` square would not fit."""
+    :data:`TEXT_CELLS` of them and :data:`TEXT_KEYS` keys; hover names both tokens and the
+    weight). For long prompts, where a ``T x T`` square would not fit."""
     qs = _check_rows(rows, tokens, queries)
     heads = list(rows)
     z = np.concatenate([_as_array(rows[h]) for h in heads], axis=0)
     ylabels = [f"{head_name(h)} q={tokens[q]}" for h in heads for q in qs]
     cells = [t.split(" ", 1)[-1] for t in tokens]  # the token without its position
-    text = [cells] * len(ylabels) if z.size <= TEXT_CELLS else None
+    text = [cells] * len(ylabels) if z.size <= TEXT_CELLS and len(tokens) <= TEXT_KEYS else None
     fig = go.Figure(
         go.Heatmap(
             z=np.round(z, 5).astype(np.float32),  # float32: half the page's bytes
@@ -179,8 +183,8 @@ def token_strip_figure(
     fig.update_xaxes(type="category", title_text="key", showticklabels=len(tokens) <= 200, tickangle=-60)
     fig.update_layout(
         title=title or "attention over the prompt",
-        updatemenus=_switch([z], [_log_z(z)], HOVER_LIN, HOVER_LOG),
-        width=min(1800, max(700, 40 * len(tokens))),
+        # at the left end: the strip may be wider than the screen
+        updatemenus=_switch([z], [_log_z(z)], HOVER_LIN, HOVER_LOG, x=0.0, pad=4),
         height=min(1400, 200 + 28 * len(ylabels)),
         margin={"t": 110, "l": 160},
     )
