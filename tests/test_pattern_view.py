@@ -87,6 +87,37 @@ def test_chunked_blocks_equal_one_block(models):
     _assert_rows(got, eager_patterns(ref_model, ids), [11, 2, 3, 4, 10])
 
 
+def test_only_the_requested_heads_and_rows_are_computed(models, monkeypatch):
+    """Scores are formed for the asked heads of the asked layers at the asked rows only, and the
+    forward ends after the last asked layer: no other layer's or head's pattern exists."""
+    from workbench.engine import rows as rows_mod
+
+    seen = []
+    real = rows_mod.attention_scores
+
+    def spy(call, q0=0, q1=None, **kw):
+        s, vis = real(call, q0, q1, **kw)
+        seen.append((call.layer, tuple(s.shape)))
+        return s, vis
+
+    monkeypatch.setattr(rows_mod, "attention_scores", spy)
+    model = models["llama"][0]
+    layers_run = []
+    monkeypatch.setattr(rows_mod.RowsReader, "on_attention", _recording(rows_mod.RowsReader.on_attention, layers_run))
+    attention_rows(model, _ids(model, 14, seed=9), [(1, 2), (0, 1), (1, 0)], [13, 4, 5])
+    assert layers_run == [0, 1]  # layer 2 of 3 never ran
+    # layer 0: head 1; layer 1: heads 0 and 2; rows 4..5 then 13, keys up to the last visible one
+    assert seen == [(0, (1, 1, 2, 6)), (0, (1, 1, 1, 14)), (1, (1, 2, 2, 6)), (1, (1, 2, 1, 14))]
+
+
+def _recording(method, log):
+    def on_attention(self, call):
+        log.append(call.layer)
+        return method(self, call)
+
+    return on_attention
+
+
 @pytest.mark.parametrize(
     "prompt, heads, queries, says",
     [
