@@ -209,7 +209,9 @@ def batch_attention_rows(
     with hooked_run(model.hf_model, reader, unwrap=True), stop_after_layer(max(by_layer)):
         base_network(model.hf_model)(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            # no padding: no mask, so transformers builds none ([T, T] booleans, 64 MB at 8k tokens)
+            # and SDPA runs causal, as the bare forward does
+            attention_mask=batch.attention_mask if len({len(p) for p in ids}) > 1 else None,
             position_ids=batch.positions.clamp_min(0),
             use_cache=False,
         )
