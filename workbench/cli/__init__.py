@@ -11,6 +11,7 @@ module                      commands
 ``cli.retrieval_ablation``  ``retrieval-ablation``
 ``cli.kv``                  ``kv``
 ``cli.gate``                ``gate``
+``cli.show``                ``show``
 ``cli.scaffold``            ``new-probe``
 ==========================  ==================================================================
 
@@ -29,11 +30,11 @@ import sys
 import warnings
 from typing import Sequence
 
-from workbench.cli import circuits, gate, kv, probe, reinforce, retrieval_ablation, runs, scaffold, store
+from workbench.cli import circuits, gate, kv, probe, reinforce, retrieval_ablation, runs, scaffold, show, store
 from workbench.cli.common import Parser, UsageError, check_out
 from workbench.errors import Interrupted, WorkbenchError, WorkbenchWarning
 
-COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation, kv, gate, scaffold)
+COMMAND_GROUPS = (probe, circuits, runs, store, reinforce, retrieval_ablation, kv, gate, show, scaffold)
 COMMANDS: dict[str, argparse.ArgumentParser] = {}
 
 

@@ -581,3 +581,8 @@ def faithfulness_curve(
         title=title, xaxis_title="circuit size (heads or edges, log)", yaxis_title="F(C) / F(M)", xaxis_type="log"
     )
     return fig
+
+
+# attention-pattern views of a few heads on one prompt (issue 34); imported last: that module draws
+# from the rows the engine keeps and does not import this one
+from workbench.report.patterns import attention_pattern, pattern_figure, token_strip_figure  # noqa: E402, F401
