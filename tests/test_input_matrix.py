@@ -195,6 +195,13 @@ CASES = {
             "cannot",
         ),
     ],
+    "show": [
+        (["show", *M, "--heads", "99.0", "--text", "abc", "--out", "{tmp}/s.html"], "is out of range"),
+        (["show", *M, "--heads", "x", "--text", "abc", "--out", "{tmp}/s.html"], "is not LAYER.HEAD"),
+        (["show", *M, "--heads", "0.0", "--text", "", "--out", "{tmp}/s.html"], "is empty"),
+        (["show", *M, "--heads", "0.0", "--text", "abc", "--queries=50", "--out", "{tmp}/s.html"], "is beyond prompt"),
+        (["show", *M, "--heads", "0.0", "--text", "abc", "--out", "{files}/afile/s.html"], "afile"),
+    ],
     "kv": [
         (["kv", *M, "--budgets", "abc", "--out", "{tmp}/kv"], "--budgets takes"),
         (["kv", *M, "--budgets", "1.5", "--out", "{tmp}/kv"], "outside (0, 1]"),
