@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from workbench.errors import WorkbenchError
 from workbench.report.page import Page, anchor, esc, fmt
+from workbench.report.split import plain_types, split_rows
 
 MARKER = "gate"  # ``probe`` of a gate row
 ROLES = ("facilitating", "irrelevant", "interfering", "ambiguous")  # as circuits.gating.roles.ROLES
@@ -69,29 +69,14 @@ def gate_mask(table: pd.DataFrame) -> pd.Series:
 
 def split_gate(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(gate rows, every other row)``; gate rows that lack a gate column are a WorkbenchError."""
-    mask = gate_mask(table)
-    rows, rest = table[mask], table[~mask].reset_index(drop=True)
-    if rows.empty:
-        return tidy(pd.DataFrame(columns=[*TEXT, *NUMERIC])), rest
-    missing = [c for c in GATE_COLUMNS if c not in rows.columns]
-    if missing:
-        raise WorkbenchError(
-            f"gate rows (probe 'gate') lack the column(s) {', '.join(missing)}",
-            "re-run `workbench gate` with this version into a new folder",
-        )
-    return tidy(rows), rest
+    return split_rows(
+        table, gate_mask(table), GATE_COLUMNS, NUMERIC, TEXT, "gate rows (probe 'gate')", "workbench gate"
+    )
 
 
 def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     """Plain types: floats (NaN where missing) and strings ("" where missing)."""
-    out = frame.reset_index(drop=True).copy()
-    for c in NUMERIC:
-        if c in out.columns:
-            out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
-    for c in TEXT:
-        if c in out.columns:
-            out[c] = out[c].astype("string").fillna("").astype(str)
-    return out
+    return plain_types(frame, NUMERIC, TEXT)
 
 
 def _metric(rows: pd.DataFrame, metric: str, stage: str | None = None) -> pd.DataFrame:

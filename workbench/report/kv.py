@@ -38,8 +38,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from workbench.errors import WorkbenchError
 from workbench.report.page import Page, anchor, esc, fmt
+from workbench.report.split import plain_types, split_rows
 
 MARKER = "kv"  # ``probe`` (or ``kind``) of a KV grid row
 GRID_COLUMNS = (
@@ -84,29 +84,14 @@ def kv_mask(table: pd.DataFrame) -> pd.Series:
 
 def split_kv(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(kv rows, every other row)``; kv rows that lack a grid column are a WorkbenchError."""
-    mask = kv_mask(table)
-    kv, rest = table[mask], table[~mask].reset_index(drop=True)
-    if kv.empty:
-        return tidy(pd.DataFrame(columns=list(GRID_COLUMNS))), rest
-    missing = [c for c in GRID_COLUMNS if c not in kv.columns]
-    if missing:
-        raise WorkbenchError(
-            f"KV grid rows (probe or kind 'kv') lack the column(s) {', '.join(missing)}",
-            "re-run `workbench kv` with this version into a new folder",
-        )
-    return tidy(kv), rest
+    return split_rows(
+        table, kv_mask(table), GRID_COLUMNS, NUMERIC, TEXT, "KV grid rows (probe or kind 'kv')", "workbench kv"
+    )
 
 
 def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     """The grid columns with plain types: floats (NaN where missing) and strings."""
-    out = frame.reset_index(drop=True).copy()
-    for c in NUMERIC:
-        if c in out.columns:
-            out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
-    for c in TEXT:
-        if c in out.columns:
-            out[c] = out[c].astype("string").fillna("").astype(str)
-    return out
+    return plain_types(frame, NUMERIC, TEXT)
 
 
 def human_bytes(n: Any) -> str:
