@@ -67,6 +67,12 @@ def installed(tmp_path_factory):
         assert "workbench/inputs/prose.jsonl.gz" in names and "workbench/report/metrics.md" in names, (
             "package data left out of the wheel"
         )
+        sources = {
+            p.relative_to(ROOT).as_posix()
+            for pkg in ("workbench", "probes", "circuits")
+            for p in (ROOT / pkg).rglob("*.py")
+        }
+        assert not sources - set(names), f"modules left out of the wheel: {sorted(sources - set(names))[:5]}"
         # in the checkout metrics.md is a link to docs/metrics.md; the wheel holds the text itself
         assert zf.read("workbench/report/metrics.md") == (ROOT / "docs" / "metrics.md").read_bytes()
     assert not any(n.startswith(("tests/", "docs/", "benchmarks/")) for n in names)
