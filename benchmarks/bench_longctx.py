@@ -91,7 +91,7 @@ def _extra_pass(wb, ids):
     import torch
 
     from workbench.engine.attention import hooked_run
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
     from workbench.engine.kernels import attend
 
     calls = []
@@ -118,8 +118,7 @@ def _our_forward(wb, ids):
     import torch
 
     from workbench.engine.attention import hooked_run
-    from workbench.engine.call import stop_after_layer
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network, stop_after_layer
 
     x = torch.tensor([ids])
 

@@ -21,9 +21,8 @@ from torch import Tensor
 
 from circuits.tasks import Pair, check_pair
 from workbench.engine.attention import hooked_run
-from workbench.engine.call import AttentionCall
+from workbench.engine.call import AttentionCall, base_network
 from workbench.engine.edits import QKV, QKVReader, Sites, ZReader
-from workbench.engine.extraction import base_network
 from workbench.engine.patterns import collate
 from workbench.errors import WorkbenchError, WorkbenchWarning
 from workbench.inputs.prompts import pad_token_id

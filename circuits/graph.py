@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from workbench.engine.call import AttentionCall
+from workbench.engine.call import AttentionCall, base_network
 from workbench.engine.edits import QKV, Point, at_point, check_conflicts, flatten
-from workbench.engine.extraction import base_network
 from workbench.errors import WorkbenchError
 from workbench.protocol.views import BatchInfo
 

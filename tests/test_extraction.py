@@ -145,7 +145,7 @@ def test_unwrapped_forward_is_the_bridged_one(tiny_models, arch, tmp_path):
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
     from workbench.engine.attention import native_attention
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
     from workbench.models.loading import load_model
     from workbench.models.tiny import make_tiny_model
 
@@ -201,7 +201,7 @@ def test_the_forward_ends_after_the_last_layers_attention(tiny_models, arch):
     attention has been observed, so that layer's MLP and the final norm never run; every layer
     is still seen, and a forward after the run computes everything again."""
     from workbench.engine.attention import native_attention
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
 
     model = tiny_models[arch]
     spy = ChunkSpy()

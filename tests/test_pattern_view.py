@@ -110,6 +110,27 @@ def test_only_the_requested_heads_and_rows_are_computed(models, monkeypatch):
     assert seen == [(0, (1, 1, 2, 6)), (0, (1, 1, 1, 14)), (1, (1, 2, 2, 6)), (1, (1, 2, 1, 14))]
 
 
+def test_a_pattern_view_imports_no_table_machinery():
+    """The view's forward needs the network and the attention hook only: computing rows must not
+    import the probe runner and pandas/pyarrow with it (about 45 MB resident, which put the view
+    4% over the bare forward's peak at 8k tokens; benchmarks/bench_pattern_memory.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from workbench.models import load_model\n"
+        "from workbench.engine.rows import attention_rows\n"
+        "m = load_model('tiny-llama')\n"
+        "w = attention_rows(m, [5, 6, 7, 8], [(1, 0)], [3])\n"
+        "assert w[(1, 0)].shape == (1, 4), w\n"
+        "print(sorted(k for k in ('pandas', 'pyarrow', 'plotly', 'transformer_lens') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _recording(method, log):
     def on_attention(self, call):
         log.append(call.layer)

@@ -28,7 +28,7 @@ from circuits.baseline import final_softcap
 from circuits.gating.gates import HeadGates
 from circuits.gating.tasks import GateExample
 from workbench.engine.attention import hooked_run
-from workbench.engine.extraction import base_network
+from workbench.engine.call import base_network
 from workbench.engine.patterns import collate
 from workbench.inputs.prompts import pad_token_id
 

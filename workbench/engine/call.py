@@ -3,7 +3,8 @@
 :class:`AttentionCall` is everything a layer's attention computed with (queries, keys, values, the
 mask, scaling, soft-cap) as the kernel saw it. Observers registered with :func:`observe` see every
 call of the ``"workbench"`` attention function (:mod:`workbench.engine.attention`) inside the
-block, in order; :func:`stop_after_layer` ends a forward once a layer's call has been seen.
+block, in order; :func:`stop_after_layer` ends a forward once a layer's call has been seen, and
+:func:`base_network` is what such a forward runs (the model without its language-model head).
 This module is what the masking, kernels and statistics code agree on: it imports none of them.
 """
 
@@ -89,3 +90,13 @@ def stop_after_layer(layer: int) -> Iterator[None]:
     so the run's observers see that call first."""
     with observe(StopAfterLayer(layer)), contextlib.suppress(ForwardStopped):
         yield
+
+
+def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its language-model head (``LlamaModel`` inside ``LlamaForCausalLM``).
+
+    Here rather than in :mod:`workbench.engine.extraction`, so a run that needs only the network
+    (a pattern view, :mod:`workbench.engine.rows`) does not import the probe runner and, with it,
+    pandas (about 45 MB resident)."""
+    base = getattr(hf_model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else hf_model

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from workbench.engine.attention import hooked_run
-from workbench.engine.call import AttentionCall, stop_after_layer
+from workbench.engine.call import AttentionCall, base_network, stop_after_layer
 from workbench.engine.masking import visible_counts
 from workbench.engine.patterns import collate, iter_pattern_chunks
 from workbench.engine.statistics import LayerPlans, LayerStatistics, statistics_threads
@@ -118,12 +118,6 @@ class ChunkFeeder:
                 for chunk in iter_pattern_chunks(call, self._batch, self.chunk_elements):
                     for probe in rows:
                         probe.on_pattern_chunk(chunk)
-
-
-def base_network(hf_model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its language-model head (``LlamaModel`` inside ``LlamaForCausalLM``)."""
-    base = getattr(hf_model, "base_model", None)
-    return base if isinstance(base, torch.nn.Module) else hf_model
 
 
 @dataclass

@@ -141,7 +141,7 @@ class _MeanRecorder(ZReader):
 def head_means(model, prompts, batch_size: int = 8) -> Float[Tensor, "layer head d_head"]:
     """Each head's mean output z over every real token of ``prompts`` (for mean ablation)."""
     from workbench.engine.attention import hooked_run
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
     from workbench.engine.patterns import collate
     from workbench.inputs.prompts import pad_token_id
 

@@ -191,8 +191,7 @@ def batch_attention_rows(
     batch; ``model`` is a :class:`workbench.models.LoadedModel`; ``chunk_elements``: scores per block.
     Each dict lists the heads in the order asked."""
     from workbench.engine.attention import hooked_run
-    from workbench.engine.call import stop_after_layer
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network, stop_after_layer
     from workbench.engine.patterns import collate
     from workbench.inputs.prompts import pad_token_id
 

@@ -140,7 +140,7 @@ class Capture(ZReader):
 
 
 def _forward(model, ids: list[list[int]]):
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
     from workbench.engine.patterns import collate
     from workbench.inputs.prompts import pad_token_id
 
@@ -183,7 +183,7 @@ def probe_geometry(model, ids: list[int]) -> dict[str, Any]:
 
 
 def _base(model) -> torch.nn.Module:
-    from workbench.engine.extraction import base_network
+    from workbench.engine.call import base_network
 
     return base_network(model.hf_model)
 
