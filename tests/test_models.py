@@ -324,3 +324,18 @@ def test_concurrent_embedded_builds_wait_for_one_another(tmp_path):
         order.append("first released" if t.is_alive() else "second got in early")
     t.join(timeout=30)
     assert order == ["first released", "second acquired"]
+
+
+def test_is_causal_reads_the_attention_modules():
+    """True for a decoder, False as soon as one attention module is bidirectional (the KV and
+    gating commands then refuse it), None when no module says (the commands decide)."""
+    model = load_model("tiny-llama")
+    assert model.is_causal is True
+    attn = [m for m in model.hf_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    assert len(attn) == model.n_layers
+    attn[1].is_causal = False
+    assert model.is_causal is False
+    for m in attn:
+        del m.is_causal
+        m.is_causal = None  # not a bool: says nothing
+    assert model.is_causal is None

@@ -93,8 +93,7 @@ def check_gateable(model: Any, what: str = "head gates") -> None:
             f"{model.name} ({name}) has no language-model head: {what} are fit on a next-token task",
             "use a causal language model, e.g. smollm2-135m or gemma3-270m",
         )
-    causal = [m.is_causal for m in hf.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    if causal and not all(causal):
+    if model.is_causal is False:
         raise WorkbenchError(
             f"{model.name} ({name}) is not a causal language model: {what} are fit on a next-token task",
             "use a causal language model, e.g. smollm2-135m or gemma3-270m",

@@ -129,6 +129,11 @@ def add_batch_size(parser: argparse.ArgumentParser, default: str = "auto") -> No
     )
 
 
+def comma_list(raw: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: a comma-separated option's non-empty names."""
+    return [x.strip() for x in raw.split(",") if x.strip()]
+
+
 def float_list(raw: str | None, flag: str) -> list[float] | None:
     if raw is None:
         return None

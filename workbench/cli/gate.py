@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import add_command, add_model_args
-
-
-def _names(raw: str) -> list[str]:
-    return [x.strip() for x in raw.split(",") if x.strip()]
+from workbench.cli.common import add_command, add_model_args, comma_list
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -20,7 +16,7 @@ def spec_from_args(args: argparse.Namespace):
         "n": args.n,
         "task_seed": args.task_seed,
         "context_len": args.context_len,
-        "stages": _names(args.stages),
+        "stages": comma_list(args.stages),
         "updates": args.updates,
         "reg_updates": args.reg_updates,
         "n_inits": args.inits,
@@ -36,7 +32,7 @@ def spec_from_args(args: argparse.Namespace):
         "n_random": args.random,
         "patching": not args.no_patching,
         "top_k": args.top_k,
-        "check_ks": [int(x) for x in _names(args.check_ks)]
+        "check_ks": [int(x) for x in comma_list(args.check_ks)]
         if args.check_ks.replace(",", "").isdigit()
         else args.check_ks,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import add_command, add_model_args, float_list, whole
+from workbench.cli.common import add_command, add_model_args, comma_list, float_list, whole
 from workbench.errors import WorkbenchError
 
 SCORE_FLAGS = {  # selector -> the flag giving its scores table
@@ -16,13 +16,9 @@ SCORE_FLAGS = {  # selector -> the flag giving its scores table
 }
 
 
-def _names(raw: str) -> list[str]:
-    return [x.strip() for x in raw.split(",") if x.strip()]
-
-
 def _ints(raw: str, flag: str) -> list[int]:
     try:
-        return [int(x) for x in _names(raw)]
+        return [int(x) for x in comma_list(raw)]
     except ValueError:
         raise WorkbenchError(
             f"{flag} takes comma-separated whole numbers, got {raw!r}", f"e.g. {flag} 1024,2048"
@@ -63,11 +59,11 @@ def spec_from_args(args: argparse.Namespace):
     from workbench.protocol.params import validate_options
 
     fields = {
-        "selectors": _names(args.selectors),
+        "selectors": comma_list(args.selectors),
         "budgets": float_list(args.budgets, "--budgets"),
         "seeds": args.seeds,
-        "tasks": _names(args.tasks),
-        "protocols": _names(args.protocols),
+        "tasks": comma_list(args.tasks),
+        "protocols": comma_list(args.protocols),
         "lengths": _ints(args.lengths, "--lengths"),
         "depths": float_list(args.depths, "--depths"),
         "loss_length": args.loss_length,

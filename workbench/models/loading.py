@@ -149,6 +149,14 @@ class LoadedModel:
         return self.processor is not None
 
     @property
+    def is_causal(self) -> bool | None:
+        """Whether every attention module declares causal attention (True), one declares
+        bidirectional attention (False: an encoder), or none declares either (None). What the
+        KV-cache and head-gating commands check before they accept a model."""
+        flags = [m.is_causal for m in self.hf_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        return all(flags) if flags else None
+
+    @property
     def text_config(self) -> Any:
         """The language model's transformers config (a VLM's ``text_config``)."""
         return self.hf_model.config.get_text_config()

@@ -60,8 +60,7 @@ def plan_kv(
 
     if model is None:
         model = load_model(model_name, **load)
-    causal = [m.is_causal for m in model.hf_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    if not causal or not all(causal):
+    if model.is_causal is not True:
         raise WorkbenchError(
             f"{model_name} has no KV cache to compress (it is not a causal language model)",
             "run workbench kv on a decoder model, e.g. smollm2-135m or gemma3-270m",
