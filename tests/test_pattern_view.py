@@ -273,10 +273,27 @@ def test_show_writes_one_offline_page(tmp_path, capsys):
     # a long prompt (past --max-square): the strip of the asked rows
     out2 = tmp_path / "strip.html"
     rc, _, err = _show(capsys, "--heads", "0.1", "--tokens", ",".join(map(str, ids)), "--max-square", "4",
-                       "--queries=-1,2", "--out", str(out2))  # fmt: skip
+                       "--queries", "-1,2", "--out", str(out2))  # fmt: skip
     assert rc == 0, err
     (fig2,) = _figures(out2.read_text())
     assert len(fig2["data"][0]["y"]) == 2 and fig2["data"][0]["y"][0].startswith("L0.H1 q=8 ")
+
+
+@pytest.mark.parametrize(
+    "argv, joined",
+    [
+        (["show", "--queries", "-1,40", "--out", "x.html"], ["show", "--queries=-1,40", "--out", "x.html"]),
+        (["show", "--queries", "-1", "--heads", "1.2"], ["show", "--queries=-1", "--heads", "1.2"]),
+        (["show", "--queries=-1,4"], ["show", "--queries=-1,4"]),
+        (["show", "--queries", "3,-1"], ["show", "--queries", "3,-1"]),
+        (["show", "-x", "-1,2"], ["show", "-x", "-1,2"]),  # short options are left to argparse
+        (["show", "--queries", "-a"], ["show", "--queries", "-a"]),
+    ],
+)
+def test_rows_counted_from_the_end_need_no_equals_sign(argv, joined):
+    from workbench.cli import join_negative_values
+
+    assert join_negative_values(argv) == joined
 
 
 def test_show_page_escapes_token_text(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from typing import Sequence
@@ -67,10 +68,27 @@ def _print_error(message: str, fix: str | None) -> None:
         print(f"  fix: {fix}", file=sys.stderr)
 
 
+NEGATIVE_LIST = re.compile(r"^-\d+(,\s*-?\d+)*$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--queries -1,40`` -> ``--queries=-1,40``: argparse takes a value starting with ``-``
+    for an option unless it is one plain negative number, so a list of rows counted from the end
+    would fail with "expected one argument". No option of ours looks like ``-1,40``."""
+    out: list[str] = []
+    for arg in argv:
+        prev = out[-1] if out else ""
+        if NEGATIVE_LIST.match(arg) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(join_negative_values(list(argv if argv is not None else sys.argv[1:])))
     except UsageError as exc:
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
         print(f"error: {exc}", file=sys.stderr)

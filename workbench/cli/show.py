@@ -165,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", required=True, help="heads as layer.head, comma-separated, e.g. 18.6,3.1")
     p.add_argument(
         "--queries",
-        help="query rows, comma-separated, negative from the end: --queries=-1,40 (default: all / the last)",
+        help="query rows, comma-separated, negative from the end: --queries -1,40 (default: all / the last)",
     )
     p.add_argument("--view", choices=["auto", "square", "strip"], default="auto", help="square (T x T) or token strip")
     p.add_argument("--max-square", type=whole(1), default=64, help="auto: the square up to this many tokens")
