@@ -18,47 +18,43 @@ from __future__ import annotations
 
 from typing import Any
 
+import plotly.io as pio
+from plotly.io import to_html
+from plotly.io.base_renderers import NotebookRenderer
+
 RENDERER = "workbench_offline"
 DEFAULT = f"plotly_mimetype+{RENDERER}"
 
 
-def _renderer_class() -> type:
-    from plotly.io import to_html
-    from plotly.io.base_renderers import NotebookRenderer
+class OfflineHtmlRenderer(NotebookRenderer):
+    """Plotly's ``notebook`` renderer (plotly.js inlined once, when it is first used) without its
+    per-figure MathJax script from a CDN."""
 
-    class OfflineHtmlRenderer(NotebookRenderer):
-        """Plotly's ``notebook`` renderer (plotly.js inlined once, at activation) without its
-        per-figure MathJax script from a CDN."""
-
-        def to_mimebundle(self, fig_dict: dict) -> dict[str, Any]:
-            html = to_html(
-                fig_dict,
-                config=self.config,
-                auto_play=self.auto_play,
-                include_plotlyjs=False,  # the activation output inlined it once
-                include_mathjax=False,
-                post_script=self.post_script,
-                full_html=False,
-                animation_opts=self.animation_opts,
-                default_width="100%",
-                default_height=525,
-                validate=False,
-            )
-            return {"text/html": html}
-
-    return OfflineHtmlRenderer
+    def to_mimebundle(self, fig_dict: dict) -> dict[str, Any]:
+        html = to_html(
+            fig_dict,
+            config=self.config,
+            auto_play=self.auto_play,
+            include_plotlyjs=False,  # the activation output inlined it once
+            include_mathjax=False,
+            post_script=self.post_script,
+            full_html=False,
+            animation_opts=self.animation_opts,
+            default_width="100%",
+            default_height=525,
+            validate=False,
+        )
+        return {"text/html": html}
 
 
 def offline_notebook() -> str:
     """Make every plotly figure shown from now on render with no network: its JSON for
     JupyterLab's plotly extension and self-contained HTML for everything else (see the module's
     docstring). Call it once, before the first figure; returns the default renderer's name."""
-    import plotly.io as pio
-
     if RENDERER not in pio.renderers:
-        pio.renderers[RENDERER] = _renderer_class()()
+        pio.renderers[RENDERER] = OfflineHtmlRenderer()
     pio.renderers.default = DEFAULT
     return DEFAULT
 
 
-__all__ = ["offline_notebook"]
+__all__ = ["OfflineHtmlRenderer", "offline_notebook"]
