@@ -42,6 +42,8 @@ PUBLIC = {
         "circuit_graph",
         "token_curve",
         "faithfulness_curve",
+        "attention_pattern",
+        "offline_notebook",
     ],
     "workbench.models": ["load_model", "LoadedModel", "list_models", "resolve_source", "model_identity"],
     "workbench.datasets": ["make_dataset", "DATASETS"],

@@ -23,6 +23,7 @@ from plotly.subplots import make_subplots
 
 from workbench.errors import WorkbenchError
 from workbench.report import kinds
+from workbench.report.notebook import offline_notebook  # noqa: F401  (workbench.plots.offline_notebook)
 
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"  # red = positive, blue = negative, white = 0
