@@ -219,6 +219,10 @@ def test_figures_refuse_mismatched_input():
         pattern_figure(rows, ["a", "b"])
     with pytest.raises(WorkbenchError, match="query positions"):
         token_strip_figure(rows, ["a", "b", "c"], [0])
+    with pytest.raises(WorkbenchError, match="beyond the 3 token labels"):  # was an IndexError
+        token_strip_figure(rows, ["a", "b", "c"], [0, 5, 1])
+    with pytest.raises(WorkbenchError, match="beyond the 3 token labels"):
+        pattern_figure(rows, ["a", "b", "c"], [0, 1, -1])
     with pytest.raises(WorkbenchError, match="no heads"):
         pattern_figure({}, ["a"])
 

@@ -93,6 +93,12 @@ def _check_rows(rows: Mapping[Head, Any], tokens: Sequence[str], queries: Sequen
     qs = list(range(n_q)) if queries is None else [int(q) for q in queries]
     if len(qs) != n_q:
         raise WorkbenchError(f"{len(qs)} query positions for {n_q} rows", "give the query positions the rows hold")
+    beyond = [q for q in qs if not 0 <= q < len(tokens)]
+    if beyond:
+        raise WorkbenchError(
+            f"query position {beyond[0]} is beyond the {len(tokens)} token labels",
+            "give query positions inside the prompt (0 .. number of tokens - 1)",
+        )
     return qs
 
 
