@@ -114,12 +114,13 @@ def caption(frame: pd.DataFrame, role: Role | None) -> str:
     )
 
 
-def collect(runs: Sequence[Any], rename: Mapping[tuple[str, str], str]) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Every run's stored views (models renamed as the report's series), the sweep folders that
-    have none, and notes on unreadable ones. ``runs``: :class:`workbench.report.sources.Run`."""
+def collect(runs: Sequence[Any], rename: Mapping[tuple[str, str], str]) -> tuple[pd.DataFrame, list[str]]:
+    """Every run's stored views (models renamed as the report's series) and notes on the runs
+    without any: a sweep folder with no ``views.parquet``, one whose roles no head holds, an
+    unreadable file. ``runs``: :class:`workbench.report.sources.Run`."""
     from workbench.runs.views import read_views
 
-    frames, missing, notes = [], [], []
+    frames, notes, missing = [], [], []
     for run in runs:
         try:
             found = read_views(run.path)
@@ -130,28 +131,30 @@ def collect(runs: Sequence[Any], rename: Mapping[tuple[str, str], str]) -> tuple
             if run.config is not None:  # a sweep folder: it could have views
                 missing.append(run.label)
             continue
+        if found.empty:
+            notes.append(f"{run.label}: no head passes a role's threshold, so there is no head to look at.")
+            continue
         models = found["model"].astype(str)
         frames.append(found.assign(model=[rename.get((run.label, m), m) for m in models]))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return table, missing, notes
+    if missing:
+        notes.append(
+            f"No pattern views stored in {', '.join(missing)} (a run folder from before views, or a sweep with "
+            "views = false): re-run its sweep with the same config and --out (views on, the default) to compute "
+            "them; the saved units are not computed again."
+        )
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
 def section(page: Page, runs: Sequence[Any], rename: Mapping[tuple[str, str], str], roles: Sequence[Role]) -> None:
     """The section (nothing when no input is a sweep folder): per model, one figure per role
     with a stored view that the report's ``roles`` (thresholds applied) still hold."""
-    table, missing, notes = collect(runs, rename)
-    if table.empty and not missing and not notes:
+    table, notes = collect(runs, rename)
+    if table.empty and not notes:
         return
     page.section(2, "Looking at the heads", "views")
     page.p(INTRO)
     for note in notes:
         page.p(note)
-    if missing:
-        page.p(
-            f"No pattern views stored in {', '.join(missing)} (a run folder from before views, or a sweep with "
-            "views = false): re-run its sweep with the same config and --out (views on, the default) to compute "
-            "them; the saved units are not computed again."
-        )
     if table.empty:
         return
     by_name = {r.name: r for r in roles}
