@@ -10,12 +10,11 @@ depends on the dataset, so the dataset says it: a dataset module may define
 view is :func:`square_rows`: query rows ``0 .. min(T, MAX_SQUARE) - 1``, the square of the
 prompt's first tokens (for a causal model the same weights as on the whole prompt, since later
 keys are masked). ``niah`` declares the decoding rows over the needle instead. A new dataset
-touches only its own module.
+touches only its own module; :func:`workbench.datasets.pattern_rows` finds the hook.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,15 +40,4 @@ def square_rows(ids: list[int], meta: dict[str, Any]) -> PatternRows:
     return PatternRows(list(ids), list(range(min(len(ids), MAX_SQUARE))), "square")
 
 
-def view_rows(generator: str | None, ids: list[int], meta: dict[str, Any]) -> PatternRows:
-    """The rows dataset ``generator`` declares for one of its prompts (its module's
-    ``view_rows``), else :func:`square_rows`; a prompts file (``generator`` None) gets the square."""
-    from workbench.datasets import DATASETS
-
-    hook = None
-    if generator in DATASETS:
-        hook = getattr(inspect.getmodule(DATASETS[generator][0]), "view_rows", None)
-    return (hook or square_rows)(list(ids), dict(meta))
-
-
-__all__ = ["MAX_SQUARE", "PatternRows", "square_rows", "view_rows"]
+__all__ = ["MAX_SQUARE", "PatternRows", "square_rows"]

@@ -8,7 +8,7 @@ the sweep, after its units finish, in the driver process whatever the executor:
    atlas' top head of the role). A role no head holds gets no view.
 2. **Which rows.** Item 0 of that dataset, built and tokenized as the sweep built it for the
    probes (same options, seed and ``prepend_bos``), and the query rows the dataset declares
-   (:func:`workbench.datasets.view.view_rows`: by default the square of the first
+   (:func:`workbench.datasets.pattern_rows`: by default the square of the first
    :data:`~workbench.datasets.view.MAX_SQUARE` rows; ``niah``: the decoding rows over the needle).
    Weights come from :func:`workbench.engine.rows.attention_rows` (only those heads and rows; the
    forward stops after the last layer needed). On a causal model keys stop at the last kept
@@ -125,12 +125,12 @@ def _tidy(chosen: Any, item: str, rows: Any, w: np.ndarray, tokens: list[str]) -
 def dataset_views(cfg: SweepConfig, model: Any, dataset: str, chosen: pd.DataFrame) -> list[pd.DataFrame]:
     """The views of the heads ``chosen`` (rows of :func:`strongest_heads` on ``dataset``) on
     item 0 of ``dataset``: one forward for all of them."""
-    from workbench.datasets.view import view_rows
+    from workbench.datasets import pattern_rows
     from workbench.engine.rows import attention_rows
 
     spec = cfg.datasets[dataset]
     prompt = item_zero(cfg, spec, model)
-    rows = view_rows(spec.generator, prompt.ids, prompt.meta)
+    rows = pattern_rows(spec.generator, prompt.ids, prompt.meta)
     heads = list(dict.fromkeys((int(r.layer), int(r.head)) for r in chosen.itertuples(index=False)))
     weights = attention_rows(model, rows.ids, heads, rows.queries)
     n_keys = max(rows.queries) + 1 if is_causal(model) else len(rows.ids)
