@@ -247,6 +247,23 @@ def test_dataset_view_rows_default_and_niah():
     assert got.ids == ids + [40, 41] and got.queries == [99, 100, 101] and got.mark == (35, 45)
 
 
+def test_counterfact_views_the_context_probes_input(tiny_models):
+    """The counterfact item as the context probe runs it with its passage (passage_pair, the
+    probe's own construction), the passage marked."""
+    from workbench.datasets import make_dataset, pattern_rows
+    from workbench.inputs.conditions import passage_pair
+
+    model = tiny_models["llama"]
+    item = make_dataset("counterfact", n_prompts=1)[0]
+    ids = list(model.tokenizer(item.text)["input_ids"])
+    got = pattern_rows("counterfact", ids, item.meta, item.text, model.tokenizer)
+    pair = passage_pair(model, item)
+    assert got.ids == pair.cond.input_ids and got.queries == list(range(min(64, len(got.ids))))
+    assert got.mark_label == "passage" and got.mark[0] == 0
+    assert all(pair.cond.condition_mask[1 : got.mark[1]]) and not any(pair.cond.condition_mask[got.mark[1] :])
+    assert pattern_rows("counterfact", ids, item.meta).ids == ids, "without the text: the question alone"
+
+
 # -- when they are computed ------------------------------------------------------------------------
 
 

@@ -70,10 +70,13 @@ def make_dataset(
     return DATASETS[name][0](**kwargs)
 
 
-def pattern_rows(name: str | None, ids: list[int], meta: dict[str, Any]) -> PatternRows:
+def pattern_rows(
+    name: str | None, ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None
+) -> PatternRows:
     """The rows a pattern view of one of dataset ``name``'s prompts shows (``ids``: its tokens as
-    the probes saw them, ``meta``: its metadata): what the dataset's module declares in its
-    ``view_rows(ids, meta)`` (:mod:`workbench.datasets.view`), else the square of the first rows
+    the probes saw them, ``meta``: its metadata, ``text``: its text if it has one): what the
+    dataset's module declares in its ``view_rows(ids, meta, text, tokenizer)``
+    (:mod:`workbench.datasets.view`), else the square of the first rows
     (:func:`workbench.datasets.view.square_rows`); a prompts file (``name`` None) gets the square."""
     hook = getattr(inspect.getmodule(DATASETS[name][0]), "view_rows", None) if name in DATASETS else None
-    return (hook or square_rows)(list(ids), dict(meta))
+    return (hook or square_rows)(list(ids), dict(meta), text, tokenizer)

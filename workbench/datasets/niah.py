@@ -192,7 +192,7 @@ def make(
     return prompts
 
 
-def view_rows(ids: list[int], meta: dict[str, Any]) -> PatternRows:
+def view_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
     """A niah prompt's pattern view: the decoding rows that emit the answer, over every key, the
     needle marked. The retrieval score (``probes/retrieval.py``) reads, at each greedy step, the
     query whose logits give the next token: the prompt's last position for the first answer

@@ -4,12 +4,14 @@ A sweep stores, for the strongest head of each role, its attention on item 0 of 
 role was measured on (:mod:`workbench.runs.views`). What part of that prompt is worth drawing
 depends on the dataset, so the dataset says it: a dataset module may define
 
-    def view_rows(ids: list[int], meta: dict) -> PatternRows
+    def view_rows(ids: list[int], meta: dict, text: str | None, tokenizer) -> PatternRows
 
-(``ids``: the prompt's token ids as the probes saw them, ``meta``: its metadata). Without one, a
+(``ids``: the prompt's token ids as the probes saw them, ``meta``: its metadata, ``text``: its
+text when it was given as text, ``tokenizer``: the model's). Without one, a
 view is :func:`square_rows`: query rows ``0 .. min(T, MAX_SQUARE) - 1``, the square of the
 prompt's first tokens (for a causal model the same weights as on the whole prompt, since later
-keys are masked). ``niah`` declares the decoding rows over the needle instead. A new dataset
+keys are masked). ``niah`` declares the decoding rows over the needle instead, ``counterfact``
+the passage and question the context probe reads (the passage marked). A new dataset
 touches only its own module; :func:`workbench.datasets.pattern_rows` finds the hook.
 """
 
@@ -35,7 +37,7 @@ class PatternRows:
     mark_label: str = ""
 
 
-def square_rows(ids: list[int], meta: dict[str, Any]) -> PatternRows:
+def square_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
     """The default: the first ``min(T, MAX_SQUARE)`` query rows of the prompt as a square."""
     return PatternRows(list(ids), list(range(min(len(ids), MAX_SQUARE))), "square")
 

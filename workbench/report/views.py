@@ -6,7 +6,8 @@ role was measured on: ``OUT/views.parquet`` (:mod:`workbench.runs.views`; the ro
 declares, :mod:`workbench.datasets.view`). This section only draws those stored rows: per model,
 one figure per role, the query x key square (:func:`workbench.report.patterns.pattern_figure`) or,
 for a long prompt's decoding rows, the token strip
-(:func:`workbench.report.patterns.token_strip_figure`, the needle marked), titled with the role,
+(:func:`workbench.report.patterns.token_strip_figure`), the span the dataset marks outlined (a
+needle, a passage), titled with the role,
 the head, its value and dataset, and captioned with what to look for.
 
 A run folder written before views existed, or with ``views = false``, has no file: the section
@@ -48,8 +49,10 @@ LOOK_FOR = {
     "hidden_sink": "bright columns on tokens past the first that many queries park their weight on",
     "retrieval": "the decoding rows lighting up on the needle (marked): while the model writes the answer, "
     "the head reads it from the needle",
-    "context": "where a head whose direct effect favours the answer in the context reads from",
-    "memory": "where a head whose direct effect favours the model's memorised answer reads from",
+    "context": "the last row (the answer position, where the direct effect is measured): a head that pushes "
+    "the passage's answer reads the passage (marked), often its false answer",
+    "memory": "the last row (the answer position, where the direct effect is measured): a head that pushes "
+    "the remembered answer reads the question, not the passage (marked)",
 }
 
 
@@ -70,20 +73,20 @@ def view_figure(frame: pd.DataFrame, model: str) -> go.Figure:
     w[[qi[int(q)] for q in frame["query"]], frame["key"].to_numpy(dtype=int)] = frame["weight"].to_numpy()
     labels = _labels(frame)
     title = (
-        f"{first['role']}: {model} {head_name(head)}, {first['metric']} = {fmt(first['value'])} on {first['dataset']}"
+        f"{first['role']}: {model} {head_name(head)}<br>{first['metric']} = {fmt(first['value'])} on {first['dataset']}"
     )
     if first["view"] == "strip":
         fig = token_strip_figure({head: w}, labels, queries, title=title)
-        _mark(fig, frame)
-        return fig
-    fig = pattern_figure({head: w}, labels, queries, title=title)
-    side = min(SQUARE_PX, max(260, 9 * n_k))
-    fig.update_layout(width=side + 220, height=side + 200)
+    else:
+        fig = pattern_figure({head: w}, labels, queries, title=title)
+        side = min(SQUARE_PX, max(260, 9 * n_k))
+        fig.update_layout(width=max(side + 220, 700), height=side + 200)  # wide enough for the title and buttons
+    _mark(fig, frame)
     return fig
 
 
 def _mark(fig: go.Figure, frame: pd.DataFrame) -> None:
-    """Outline the keys the dataset marks (the needle) on a strip, with its label."""
+    """Outline the keys the dataset marks (a niah needle, a counterfact passage), with its label."""
     marked = frame.loc[frame["mark"].astype(str) != "", ["key", "mark"]].drop_duplicates("key")
     if marked.empty:
         return

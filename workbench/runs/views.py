@@ -52,7 +52,7 @@ COLUMNS = [
     "weight",  # float32 attention weight of ``query`` on ``key``
     "query_token",  # the tokens' text
     "key_token",
-    "mark",  # a label for keys in a span the dataset marks (niah: "needle"), else ""
+    "mark",  # a label for keys in a span the dataset marks (niah: "needle", counterfact: "passage"), else ""
 ]
 
 
@@ -82,14 +82,16 @@ def is_causal(model: Any) -> bool:
     return bool(flags) and all(flags)
 
 
-def item_zero(cfg: SweepConfig, spec: DatasetSpec, model: Any) -> Any:
-    """Item 0 of a dataset table as the probes saw it: built as the sweep builds it and tokenized
-    with the sweep's ``prepend_bos`` (a :class:`workbench.inputs.prompts.TokenizedPrompt`)."""
+def item_zero(cfg: SweepConfig, spec: DatasetSpec, model: Any) -> tuple[Any, Any]:
+    """Item 0 of a dataset table as built (a :class:`workbench.inputs.prompts.Prompt`) and as the
+    probes saw it: built as the sweep builds it and tokenized with the sweep's ``prepend_bos``
+    (a :class:`workbench.inputs.prompts.TokenizedPrompt`)."""
     from workbench.inputs.prompts import tokenize_prompts
     from workbench.runs.group import group_prompts
 
     first = group_prompts(cfg, spec, model)[:1]
-    return tokenize_prompts(first, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=cfg.prepend_bos)[0]
+    tokenized = tokenize_prompts(first, model.tokenizer, model.n_ctx, model.vocab_size, prepend_bos=cfg.prepend_bos)
+    return first[0], tokenized[0]
 
 
 def _tidy(chosen: Any, item: str, rows: Any, w: np.ndarray, tokens: list[str]) -> pd.DataFrame:
@@ -129,8 +131,8 @@ def dataset_views(cfg: SweepConfig, model: Any, dataset: str, chosen: pd.DataFra
     from workbench.engine.rows import attention_rows
 
     spec = cfg.datasets[dataset]
-    prompt = item_zero(cfg, spec, model)
-    rows = pattern_rows(spec.generator, prompt.ids, prompt.meta)
+    raw, prompt = item_zero(cfg, spec, model)
+    rows = pattern_rows(spec.generator, prompt.ids, prompt.meta, raw.text, model.tokenizer)
     heads = list(dict.fromkeys((int(r.layer), int(r.head)) for r in chosen.itertuples(index=False)))
     weights = attention_rows(model, rows.ids, heads, rows.queries)
     n_keys = max(rows.queries) + 1 if is_causal(model) else len(rows.ids)
