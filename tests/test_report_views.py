@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.browser import chromium, open_page, playwright_available
 from workbench.errors import Interrupted
 from workbench.protocol.evidence import probe_roles, strongest_heads
 from workbench.protocol.roles import Role
@@ -373,6 +375,29 @@ def test_report_of_a_run_without_views_builds_and_says_how_to_get_them(swept, co
     assert 'class="figure"' not in section
     one_file = next((copy / "parts").glob("*.parquet"))
     assert 'id="views"' not in build_report(one_file), "a results file is no sweep folder: no section"
+
+
+@pytest.mark.skipif(
+    (chromium() is None or not playwright_available()) and not os.environ.get("CI"),
+    reason="chromium or playwright not installed (make test installs both)",
+)
+def test_views_render_in_headless_chromium(swept, tmp_path):
+    from workbench.report.build import write_report
+
+    out = write_report(swept["run"], tmp_path / "r.html")
+    with open_page(out) as s:
+        drawn = s.page.evaluate(
+            """() => { const out = []; let el = document.getElementById('views').nextElementSibling;
+                while (el && el.tagName !== 'H2') {
+                    const fig = el.tagName === 'FIGURE' ? el.querySelector('div.figure') : null;
+                    if (fig) out.push(fig.classList.contains('js-plotly-plot')
+                                      && !!fig.querySelector('g.heatmaplayer'));
+                    el = el.nextElementSibling; }
+                return out; }"""
+        )
+        assert drawn == [True] * len(ROLES), "every view became a plotly heatmap"
+        errors = [c for c in s.console if re.match(r"(error|warning)", c)] + s.errors
+        assert not errors, errors
 
 
 def test_views_add_a_bounded_size_per_figure(swept, copy):
