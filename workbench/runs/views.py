@@ -76,12 +76,6 @@ def is_fresh(folder: RunFolder, digest: str) -> bool:
     return targets.size(path) == entry.get("size") and targets.sha256(path) == entry.get("sha256")
 
 
-def is_causal(model: Any) -> bool:
-    """Every attention module of ``model`` is causal (as :func:`workbench.runs.kv.plan_kv` tells)."""
-    flags = [m.is_causal for m in model.hf_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
-
-
 def item_zero(cfg: SweepConfig, spec: DatasetSpec, model: Any) -> tuple[Any, Any]:
     """Item 0 of a dataset table as built (a :class:`workbench.inputs.prompts.Prompt`) and as the
     probes saw it: built as the sweep builds it and tokenized with the sweep's ``prepend_bos``
@@ -135,7 +129,7 @@ def dataset_views(cfg: SweepConfig, model: Any, dataset: str, chosen: pd.DataFra
     rows = pattern_rows(spec.generator, prompt.ids, prompt.meta, raw.text, model.tokenizer)
     heads = list(dict.fromkeys((int(r.layer), int(r.head)) for r in chosen.itertuples(index=False)))
     weights = attention_rows(model, rows.ids, heads, rows.queries)
-    n_keys = max(rows.queries) + 1 if is_causal(model) else len(rows.ids)
+    n_keys = max(rows.queries) + 1 if model.is_causal else len(rows.ids)  # later keys are masked: weight 0
     tokens = [model.tokenizer.decode([int(t)]) for t in rows.ids[:n_keys]]
     return [
         _tidy(r, prompt.id, rows, weights[(int(r.layer), int(r.head))][:, :n_keys].numpy(), tokens)
