@@ -1102,8 +1102,8 @@ def build_report(
         page.toc.insert(
             next(i for i, t in enumerate(page.toc) if t[2] == "top-heads"), (3, "Findings at a glance", "findings")
         )
-    views.section(page, loaded, rename, roles_with(thresholds))  # the atlas' strongest head of each role, drawn
     gate.section(page, gate_rows)  # beside the head atlas: the roles the gates give each head
+    views.section(page, loaded, rename, roles_with(thresholds))  # the atlas' strongest head of each role, drawn
 
     heads = view[view["layer"] >= 0]
     if len(series) > 1 and len(heads):

@@ -204,15 +204,13 @@ def update_views(
 
         load = lambda name: load_model(name, device=cfg.device, dtype=cfg.dtype)  # noqa: E731  as the local executor
     chosen = choose(cfg, load_results(folder.out))
+    log(f"views: the attention of the strongest head of {len(chosen)} role(s) on {chosen['model'].nunique()} model(s)")
     frame = compute_views(cfg, chosen, load)
     path = targets.join(folder.out, FILE)
     write_parquet(frame, path, run_metadata(views={"format": FORMAT, "built_from": digest}))
     folder.manifest["views"] = {"built_from": digest, "size": targets.size(path), "sha256": targets.sha256(path)}
     folder.save()
-    log(
-        f"views: the strongest head of {len(chosen)} role(s) on {chosen['model'].nunique()} model(s) "
-        f"-> {path} ({targets.size(path) / 1e3:.0f} KB)"
-    )
+    log(f"views -> {path} ({targets.size(path) / 1e3:.0f} KB)")
     return "built"
 
 
