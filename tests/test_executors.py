@@ -29,6 +29,7 @@ from workbench.errors import WorkbenchError
 from workbench.runs.config import load_config
 from workbench.runs.load import load_results
 from workbench.runs.sweep import run_sweep
+from workbench.runs.views import read_views
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """models = ["{model}"]
@@ -303,9 +304,13 @@ def test_a_ray_sweep_equals_the_local_one_row_for_row(sweep_config, ray_cluster,
     assert "6 units: 6 run now, 0 already done" in done.stdout
     assert sorted(p.name for p in (out / "parts").iterdir()) == sorted(p.name for p in (local / "parts").iterdir())
     pd.testing.assert_frame_equal(sorted_rows(load_results(out)), sorted_rows(load_results(local)))
-    # resumes the same way: nothing left to run
+    # the driver computes the pattern views, as the local executor does
+    pd.testing.assert_frame_equal(read_views(out), read_views(local))
+    views = (out / "views.parquet").read_bytes()
+    # resumes the same way: nothing left to run, the views fresh
     again = driver(ray_cluster, cfg, "--out", out)
     assert again.returncode == 0 and "0 run now, 6 already done" in again.stdout, again.stderr[-3000:]
+    assert (out / "views.parquet").read_bytes() == views
 
 
 def test_a_ray_sweep_into_a_file_url_equals_the_local_one(sweep_config, ray_cluster, tmp_path):
@@ -339,7 +344,8 @@ def test_a_ray_sweep_into_s3_equals_the_local_one(sweep_config, ray_cluster, s3_
     assert f"6 units: 6 run now, 0 already done -> {url}/parts" in done.stdout
     keys = sorted(o["Key"] for o in s3_endpoint.client.list_objects_v2(Bucket=bucket)["Contents"])
     parts = sorted(f"runs/ray/parts/{p.name}" for p in (local / "parts").iterdir())
-    assert keys == sorted([*parts, "runs/ray/run.json", "runs/ray/sweep.json"]), "no temporary object left"
+    stored = sorted([*parts, "runs/ray/run.json", "runs/ray/sweep.json", "runs/ray/views.parquet"])
+    assert keys == stored, "no temporary object left; the driver wrote the pattern views"
     for k, v in s3_endpoint.env.items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()

@@ -38,6 +38,9 @@ def files(tmp_path_factory):
     (root / "badmem.toml").write_text(
         'models = ["tiny-llama"]\nprobes = ["entropy"]\n[executor]\nmemory = "lots"\n[datasets.prose]\nn_prompts = 2\n'
     )
+    (root / "badviews.toml").write_text(
+        'models = ["tiny-llama"]\nprobes = ["entropy"]\nviews = "no"\n[datasets.prose]\nn_prompts = 2\n'
+    )
     (root / "afile").write_text("x")
     (root / "emptytarget.jsonl").write_text('{"text": "the cat sat on the", "target": ""}\n')
     (root / "longtarget.jsonl").write_text(json.dumps({"text": "a b", "target": " a" * 5000}) + "\n")
@@ -128,6 +131,7 @@ CASES = {
         ),
         (["sweep", "{files}/badexec.toml", "--out", "{tmp}/run"], "[executor].cpus: must be > 0"),
         (["sweep", "{files}/badmem.toml", "--out", "{tmp}/run"], "[executor].memory: must be bytes or a size"),
+        (["sweep", "{files}/badviews.toml", "--out", "{tmp}/run"], "top level.views: expected true or false, got 'no'"),
     ],
     "cache": [
         (["cache", *M, "--hooks", "q,nope", "--out", "{tmp}/s"], "unknown hook(s) nope"),

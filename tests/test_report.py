@@ -120,8 +120,13 @@ def test_summary_first_then_atlas_then_figures_and_raw_metadata_last(report_run,
 
     text = (report_run / "report.html").read_text()
     body = text.split("<body>")[1]
-    pos = section_positions(body, ["summary", "findings", "top-heads", "atlas", "probe-entropy", "definitions", "raw"])
+    pos = section_positions(
+        body, ["summary", "findings", "top-heads", "atlas", "views", "probe-entropy", "definitions", "raw"]
+    )
     assert pos == sorted(pos)
+    # the sweep stored pattern views (views.parquet); no tiny head passes a default threshold, and the section says so
+    assert (report_run / "run" / "views.parquet").is_file()
+    assert "no head passes a role&#x27;s threshold" in body[pos[4] : pos[5]]
     assert body.index('id="toc"') < pos[0] and body.index('class="figure"') > pos[3]
     assert "<pre" not in body[: pos[-2]], "no raw JSON before the collapsed section (definitions may show formulas)"
     raw = body[pos[-1] :]

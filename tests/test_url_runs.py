@@ -26,6 +26,7 @@ from workbench.files import targets
 from workbench.runs.load import load_results
 from workbench.runs.query import query
 from workbench.runs.sweep import run_sweep
+from workbench.runs.views import read_views
 
 KEYS = ["model", "dataset", "probe", "metric", "layer", "head"]
 MEM = fsspec.filesystem("memory")
@@ -64,8 +65,9 @@ def files(url: str) -> dict[str, bytes]:
 
 
 def check_sweep_equals_local_and_resumes(cfg, ref, run: str, read: Callable[[str], dict[str, bytes]]) -> None:
-    """The sweep ``cfg`` into the URL ``run``: exactly the local run ``ref``'s parts plus run.json
-    and sweep.json, a manifest with each part's size and SHA-256, the same rows; a second sweep
+    """The sweep ``cfg`` into the URL ``run``: exactly the local run ``ref``'s parts plus run.json,
+    sweep.json and views.parquet, a manifest with each part's and the views' size and SHA-256, the
+    same rows and views; a second sweep
     resumes with nothing recomputed or rewritten. ``read(url)``: every object under ``url`` by
     its path below it, read afresh from the store (tests/test_s3_runs.py reads an S3 bucket)."""
     summary = run_sweep(cfg, run, progress=False, log=quiet)
@@ -73,12 +75,17 @@ def check_sweep_equals_local_and_resumes(cfg, ref, run: str, read: Callable[[str
     stored = read(run)
     parts = sorted(k for k in stored if k.startswith("parts/"))
     assert parts == sorted(f"parts/{p.name}" for p in (ref / "parts").iterdir())
-    assert set(stored) == {*parts, "run.json", "sweep.json"}, "no temporary or probe object left"
+    assert (ref / "views.parquet").is_file()
+    assert set(stored) == {*parts, "run.json", "sweep.json", "views.parquet"}, "no temporary or probe object left"
     manifest = json.loads(stored["run.json"])
     for p in parts:
         entry = manifest["parts"][p.removeprefix("parts/")]
         assert entry["size"] == len(stored[p]) and entry["sha256"] == hashlib.sha256(stored[p]).hexdigest()
+    views = manifest["views"]
+    assert views["size"] == len(stored["views.parquet"])
+    assert views["sha256"] == hashlib.sha256(stored["views.parquet"]).hexdigest()
     pd.testing.assert_frame_equal(rows(run), rows(ref))
+    pd.testing.assert_frame_equal(read_views(run), read_views(ref))
     said: list[str] = []
     again = run_sweep(cfg, run, progress=False, log=said.append)
     assert again["ran"] == 0 and again["skipped"] == 3 and "resuming: 3 of 3 units already done" in said

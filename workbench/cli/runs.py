@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sw.add_argument(
         "--out",
         required=True,
-        help="run folder (parts/*.parquet): a path or an fsspec URL (s3://, gs://, file://); re-running resumes",
+        help="run folder (parts/*.parquet, views.parquet): a path or an fsspec URL (s3://, gs://, file://); "
+        "re-running resumes",
     )
     sw.add_argument(
         "--executor",

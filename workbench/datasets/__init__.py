@@ -7,6 +7,7 @@ JSONL file and read back with ``--prompts``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from workbench.protocol.params import validate_options
 
 from . import arithmetic, code, counterfact, niah, prose, repeated, sentiment, shapes
 from .options import MAX_PROMPTS
+from .view import PatternRows, square_rows
 
 DATASETS: dict[str, tuple[Callable[..., list[Prompt]], str]] = {
     "prose": (prose.make, prose.DESCRIPTION),
@@ -66,3 +68,15 @@ def make_dataset(
     if name in NEEDS_TOKENIZER:
         kwargs["tokenizer"] = tokenizer
     return DATASETS[name][0](**kwargs)
+
+
+def pattern_rows(
+    name: str | None, ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None
+) -> PatternRows:
+    """The rows a pattern view of one of dataset ``name``'s prompts shows (``ids``: its tokens as
+    the probes saw them, ``meta``: its metadata, ``text``: its text if it has one): what the
+    dataset's module declares in its ``view_rows(ids, meta, text, tokenizer)``
+    (:mod:`workbench.datasets.view`), else the square of the first rows
+    (:func:`workbench.datasets.view.square_rows`); a prompts file (``name`` None) gets the square."""
+    hook = getattr(inspect.getmodule(DATASETS[name][0]), "view_rows", None) if name in DATASETS else None
+    return (hook or square_rows)(list(ids), dict(meta), text, tokenizer)

@@ -16,6 +16,9 @@ without the passage: it often continues with " the" or " fact"). Other tokenizer
 two first tokens (a word-level tokenizer maps unknown names to the same ``[UNK]``): drop those
 items before running the probe (notebooks/05_context_divergence.ipynb does).
 
+Pattern views (:mod:`workbench.datasets.view`): :func:`view_rows` declares the item as the
+context probe reads it, passage first.
+
 Fields (in ``meta``): ``context``, ``target_context``, ``target_memory`` (with the leading
 space), ``relation``, ``subject``. Item ids name the fact, so they do not depend on the seed.
 """
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Annotated, Literal
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -32,6 +36,7 @@ from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import Prompt
 
 from .options import DatasetOptions, check_template
+from .view import PatternRows, square_rows
 
 DESCRIPTION = "knowledge conflicts: a fact question after a passage asserting a false answer (for the context probe)"
 
@@ -165,3 +170,18 @@ def make(
         }
         prompts.append(Prompt(id=f"counterfact-{relation}-{_slug(subject)}", text=text, meta=meta))
     return prompts
+
+
+def view_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
+    """An item's pattern view: the passage, a line break and the question, tokenized as the
+    context probe builds its run with the context (:func:`workbench.inputs.conditions.passage_pair`
+    with its default separator), as a square of the first rows, the passage marked. Without a
+    passage or text: the question alone (:func:`square_rows`). A probe that reads the question
+    alone (a sink measured on counterfact) is then shown on more than it saw; the context probe is
+    what this dataset is for."""
+    passage = meta.get("context")
+    if not isinstance(passage, str) or not passage.strip() or text is None or tokenizer is None:
+        return square_rows(ids, meta)
+    full = list(tokenizer(passage + "\n" + text)["input_ids"])
+    n_prefix = len(tokenizer(passage + "\n")["input_ids"])
+    return replace(square_rows(full, meta), mark=(0, n_prefix), mark_label="passage")

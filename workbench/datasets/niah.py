@@ -9,6 +9,9 @@ matches 90% token-set overlap). Fields (in ``meta``): ``needle_span`` and ``answ
 ([start, end) token indices), ``answer`` (the text the model must produce: the paper's
 ``real_needle``), ``question``, ``depth``, ``context_len``.
 
+Pattern views (:mod:`workbench.datasets.view`): :func:`view_rows` declares the decoding rows
+over the needle, the rows the retrieval score reads.
+
 The default needle follows the paper's structure with a random answer:
 "The secret passphrase for the {place} is {number}." (a 5-digit number; ``answer_digits=0``
 gives "{word} {word} {number}" instead, which SmolLM2-135M recalls only partly).
@@ -27,6 +30,7 @@ from workbench.inputs.prompts import Prompt, special_prefix
 from workbench.protocol.params import Float, Int
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions, check_template
+from .view import PatternRows
 
 DESCRIPTION = "needle-in-a-haystack over the prose corpus: grid of context length x depth, for the retrieval score"
 PLACES = [
@@ -186,3 +190,23 @@ def make(
         }
         prompts.append(Prompt(id=f"niah-{seed}-{i:04d}-L{L}-d{depth:g}", tokens=tokens, meta=meta))
     return prompts
+
+
+def view_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
+    """A niah prompt's pattern view: the decoding rows that emit the answer, over every key, the
+    needle marked. The retrieval score (``probes/retrieval.py``) reads, at each greedy step, the
+    query whose logits give the next token: the prompt's last position for the first answer
+    token, then each emitted token's. Here the answer is fed as the model emits it when it
+    retrieves the needle (the counted prompts): the prompt followed by the answer's tokens but the
+    last, and the rows are ``T - 1 .. T + len(answer) - 2``, each predicting one answer token."""
+    s, e = (int(x) for x in meta["answer_span"])
+    answer = list(ids[s:e])
+    n = len(ids)
+    needle = meta.get("needle_span")
+    return PatternRows(
+        list(ids) + answer[:-1],
+        [n - 1 + k for k in range(len(answer))],
+        "strip",
+        (int(needle[0]), int(needle[1])) if needle else None,
+        "needle",
+    )

@@ -9,7 +9,8 @@ A role holds when the metric passes its threshold on *any* dataset it was measur
 row reports the dataset with the strongest evidence: a previous-token head on repeated random
 tokens is one, whatever it does on prose.
 
-Roles from probe scores (declared by each probe, :func:`probe_roles`; thresholds editable): sink
+Roles from probe scores (declared by each probe,
+:func:`workbench.protocol.evidence.probe_roles`; thresholds editable): sink
 (``sink_mass``), streaming, previous-token, duplicate, induction, echo, retrieval (0.1, Wu et
 al.'s cut), and context / memory heads from the sign of ``context_direct_effect`` (PH3's context
 and memory heads).
@@ -32,27 +33,10 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from workbench.errors import WorkbenchError
+from workbench.protocol.evidence import head_keys, head_scores, probe_roles, role_evidence
 from workbench.protocol.roles import Role
 
 COLUMNS = ["model", "layer", "head", "role", "metric", "value", "threshold", "dataset"]
-
-
-def probe_roles() -> tuple[Role, ...]:
-    """The roles registered probes declare (``roles`` on the probe class), in registry order.
-
-    The built-in defaults: 0.5 = "most of its attention" (sink); 0.95 streaming keeps
-    DuoAttention's near-complete sink + window mass; 0.4 / 0.3 for single-position pattern scores
-    (a head spreading evenly over 50 keys scores 0.02); retrieval > 0.1 as in the paper; 0.2
-    logits for context / memory direct effects (SmolLM2-135M on counterfact: 8 of 270 heads
-    beyond +-0.2, the strongest -1.0). A plugin probe declares its own roles the same way.
-    """
-    from workbench.protocol.registry import probe_classes
-
-    try:
-        classes = probe_classes().values()
-    except WorkbenchError:
-        return ()
-    return tuple(r for cls in classes for r in (getattr(cls, "roles", ()) or ()))
 
 
 # Circuit roles (from circuits.discovery.label_roles): code and colour for the grid.
@@ -127,27 +111,6 @@ def parse_thresholds(spec: str | None) -> dict[str, float | None]:
     return out
 
 
-def _keys(table: pd.DataFrame) -> list[str]:
-    return (["run"] if "run" in table.columns else []) + ["model", "layer", "head"]
-
-
-def head_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-head values of every (metric, dataset): long, one row per (head, metric, dataset)
-    with the n-weighted mean over any repeated rows; per-item rows (layer -1) left out."""
-    heads = table[(table["layer"] >= 0)].dropna(subset=["value"])
-    keys = _keys(table) + ["metric", "dataset"]
-    if heads.empty:
-        return pd.DataFrame(columns=keys + ["value", "n"])
-    w = heads["n"].clip(lower=1).astype(float)
-    agg = (
-        heads.assign(_wv=heads["value"] * w, _w=w)
-        .groupby(keys, as_index=False, sort=True)
-        .agg(_wv=("_wv", "sum"), _w=("_w", "sum"), n=("n", "sum"))
-    )
-    agg["value"] = agg["_wv"] / agg["_w"]
-    return agg.drop(columns=["_wv", "_w"])
-
-
 def atlas(
     table: pd.DataFrame,
     thresholds: Mapping[str, float | None] | None = None,
@@ -163,17 +126,12 @@ def atlas(
     """
     roles = roles_with(thresholds)
     scores = head_scores(table)
-    keys = _keys(table)
+    keys = head_keys(table)
     frames = []
     for role in roles:
-        sub = scores[scores["metric"] == role.metric]
-        if sub.empty:
-            continue
-        hit = sub[[role.holds(v) for v in sub["value"]]]
-        if hit.empty:
-            continue
-        best = hit.sort_values("value", ascending=role.sign < 0).drop_duplicates(keys)  # strongest dataset per head
-        frames.append(best.assign(role=role.name, threshold=role.bound))
+        best = role_evidence(scores, role)  # strongest dataset per head, as the sweep's pattern views pick
+        if len(best):
+            frames.append(best.assign(role=role.name, threshold=role.bound))
     for circ in circuits or []:
         frames.append(_circuit_rows(circ, "run" in keys))
     cols = (["run"] if "run" in keys else []) + COLUMNS

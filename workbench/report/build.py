@@ -3,7 +3,8 @@
 Order of the page: a one-paragraph summary of each run (models, datasets, prompt and token
 counts, probes, when and how long) and a table of the top heads per metric; the head atlas (one
 layer x head grid per model, every role each head's scores support, thresholds stated;
-hovering a cell shows all of that head's metrics); with several models or runs, a comparison on
+hovering a cell shows all of that head's metrics); the attention pattern of each role's strongest
+head (:mod:`workbench.report.views`); with several models or runs, a comparison on
 relative depth; one section per probe with figures whose scales fit the metric
 (:mod:`workbench.protocol.metrics`) and captions saying how to read them; metric-vs-metric
 scatters; KV-cache policy grids (:mod:`workbench.report.kv`); circuits; the definitions of
@@ -36,7 +37,7 @@ import pandas as pd
 from workbench.errors import WorkbenchError
 from workbench.files import targets
 from workbench.files.atomic import make_folder
-from workbench.report import definitions, gate, kinds, kv, plots
+from workbench.report import definitions, gate, kinds, kv, plots, views
 from workbench.report.atlas import atlas, head_scores, probe_roles, role_style, roles_with
 from workbench.report.page import Page, anchor, esc, fmt, render_html, safe_json
 from workbench.report.sources import Run, Series, load_run, run_labels, series_of, tokens_text, when_text
@@ -1102,6 +1103,7 @@ def build_report(
             next(i for i, t in enumerate(page.toc) if t[2] == "top-heads"), (3, "Findings at a glance", "findings")
         )
     gate.section(page, gate_rows)  # beside the head atlas: the roles the gates give each head
+    views.section(page, loaded, rename, roles_with(thresholds))  # the atlas' strongest head of each role, drawn
 
     heads = view[view["layer"] >= 0]
     if len(series) > 1 and len(heads):

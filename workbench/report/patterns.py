@@ -28,11 +28,11 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from workbench.datasets.view import MAX_SQUARE  # prompts up to this many tokens get the T x T square by default
 from workbench.errors import WorkbenchError
 
 COLORSCALE = "Viridis"
 LOG_FLOOR = 1e-4  # the log scale's lowest colour; smaller nonzero weights take it
-MAX_SQUARE = 64  # prompts up to this many tokens get the T x T square by default
 TEXT_CELLS = 4000  # token text is drawn inside strip cells only up to this many cells
 TEXT_KEYS = 100  # and only up to this many keys a line (past it the cells are too narrow to read)
 Head = tuple[int, int]

@@ -5,6 +5,7 @@ Config (``workbench sweep CONFIG.toml --out runs/NAME``)::
     models = ["smollm2-135m"]
     probes = ["entropy", "sink"]
     batch_size = "auto"        # optional; also device, dtype, seed, prepend_bos
+    views = true               # optional: pattern views of each role's strongest head (views.parquet)
     [datasets.prose]
     n_prompts = 4
     [datasets.niah]            # any dataset option: context_len, depths, period, ...
@@ -102,6 +103,7 @@ class SweepConfig:
     # probes from other packages: {probe: {"distribution", "version", "params_schema"}} (built-ins: absent,
     # so their unit keys are those of earlier versions and their saved parts stay reusable)
     probe_origins: dict[str, dict[str, str]] = field(default_factory=dict)
+    views: bool = True  # store the strongest head of each role's pattern (OUT/views.parquet); not in any key
 
     def units(self) -> list[Unit]:
         out = []
@@ -162,6 +164,7 @@ class SweepFile(Options):
     dtype: str = Field("float32", json_schema_extra={"fix": "use float32, bfloat16 or float16"})
     seed: Int = Field(0, ge=0, json_schema_extra={"fix": "e.g. seed = 0"})
     prepend_bos: StrictBool = Field(False, json_schema_extra={"fix": "e.g. prepend_bos = true"})
+    views: StrictBool = Field(True, json_schema_extra={"fix": "views = true or views = false"})
     executor: dict[str, Any] = Field(
         {}, json_schema_extra={"fix": 'e.g. [executor] with cpus = 4, gpus = 1, memory = "16GB"'}
     )
@@ -351,4 +354,5 @@ def load_config(path: str | Path) -> SweepConfig:
         versions,
         executor,
         origins,
+        views=top.views,
     )

@@ -1,5 +1,6 @@
 """Running a sweep: validate the config, reconcile the run folder, hand the missing units to an
-executor (:mod:`workbench.runs.executors`: in this process, or as Ray tasks) and record each part.
+executor (:mod:`workbench.runs.executors`: in this process, or as Ray tasks), record each part,
+then store the pattern views of each role's strongest head (:mod:`workbench.runs.views`).
 """
 
 from __future__ import annotations
@@ -144,4 +145,19 @@ def _run(
     finally:
         if overall is not None:
             overall.close()
+    summary["views"] = _views(cfg, folder, len(units), log)
     return summary
+
+
+def _views(cfg: SweepConfig, folder: RunFolder, n_units: int, log: Callable[[str], None]) -> str:
+    """The run folder's pattern views (:func:`workbench.runs.views.update_views`), after every unit
+    is saved; an interrupt here leaves the parts and no half-written ``views.parquet``."""
+    from workbench.runs.views import update_views
+
+    try:
+        return update_views(cfg, folder, log)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted while computing the pattern views: all {n_units} units are saved in {folder.out}",
+            "re-run the same command: it computes only the views",
+        ) from None
