@@ -191,8 +191,12 @@ def _item_zero(dataset: str, model) -> tuple[list[int], dict]:
 
 
 def _expected_rows(dataset: str, ids: list[int], meta: dict) -> tuple[list[int], list[int]]:
-    """(tokens to run, query rows): the first 64 rows of the prompt; on niah the rows whose next
-    token is the answer, the answer fed after the prompt."""
+    """(tokens to run, query rows): the first 64 rows of the prompt; a repeated prompt of up to 128
+    tokens whole, a longer one from its second copy on; on niah the rows whose next token is the
+    answer, the answer fed after the prompt."""
+    if dataset == "repeated-random":
+        second = [p for p in range(len(ids)) if p >= meta["offset"] + meta["period"]]
+        return ids, list(range(len(ids))) if len(ids) <= 128 else second[:64]
     if dataset != "niah":
         return ids, list(range(min(len(ids), 64)))
     s, e = meta["answer_span"]
@@ -240,13 +244,25 @@ def test_dataset_view_rows_default_and_niah():
     from workbench.datasets.niah import view_rows
 
     ids = list(range(100))
-    for generator in ("prose", "repeated-random", None):
+    for generator in ("prose", None):
         got = pattern_rows(generator, ids, {})
         assert got.view == "square" and got.queries == list(range(64)) and got.ids == ids
     meta = {"answer_span": [40, 43], "needle_span": [35, 45]}
     got = pattern_rows("niah", ids, meta)
     assert got == view_rows(ids, meta)
     assert got.ids == ids + [40, 41] and got.queries == [99, 100, 101] and got.mark == (35, 45)
+
+
+def test_repeated_views_show_the_second_copy():
+    """The first 64 rows of a prompt with period >= 64 hold no repeat: the view starts at the
+    second copy (rows 71..134 with a BOS and period 70) and keeps every key before them; a prompt
+    of at most 128 tokens is shown whole."""
+    from workbench.datasets import pattern_rows
+
+    got = pattern_rows("repeated-random", list(range(141)), {"period": 70, "offset": 1})
+    assert got.view == "square" and got.queries == list(range(71, 135)) and len(got.ids) == 141
+    got = pattern_rows("repeated-random", list(range(100)), {"period": 50, "offset": 0})
+    assert got.queries == list(range(100))
 
 
 def test_counterfact_views_the_context_probes_input(tiny_models):

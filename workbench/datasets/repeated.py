@@ -6,6 +6,10 @@ occurrence of a token is its copy one period back). Metadata: ``period`` and ``o
 of the first random token). Like every prompt built in token space, a prompt starts with what
 the tokenizer's own defaults put before text (BOS for Gemma, nothing for SmolLM2 / GPT-2):
 ``prepend_bos`` unset; ``true`` forces a BOS, ``false`` forces none.
+
+A pattern view (:func:`view_rows`) shows the first copy and the start of the second, where the
+induction stripe (``period - 1`` keys left of the diagonal), the duplicate stripe (``period``
+keys left) and the previous-token sub-diagonal all are.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from workbench.inputs.prompts import Prompt, special_prefix
 from workbench.protocol.params import Int
 
 from .options import MAX_TOKENS, MAX_TOTAL_TOKENS, DatasetOptions
+from .view import MAX_SQUARE, PatternRows
 
 DESCRIPTION = (
     "random token sequences repeated (period n, default 2 copies): induction / duplicate / previous-token / echo heads"
@@ -88,3 +93,18 @@ def make(
             )
         )
     return prompts
+
+
+
+def view_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
+    """A repeated prompt's pattern view: the second copy's first ``MAX_SQUARE`` query rows (its
+    first tokens, where a repeat is first seen) over every key before them, i.e. the first copy
+    and the start of the second. The default square of the prompt's first ``MAX_SQUARE`` tokens
+    would show no repeat at all once ``period`` reaches ``MAX_SQUARE``. A prompt of at most
+    ``2 x MAX_SQUARE`` tokens is shown whole."""
+    n = len(ids)
+    if n <= 2 * MAX_SQUARE:
+        return PatternRows(list(ids), list(range(n)), "square")
+    start = int(meta.get("offset", 0)) + int(meta.get("period", 0))
+    start = min(max(0, start), n - 1)
+    return PatternRows(list(ids), list(range(start, min(n, start + MAX_SQUARE))), "square")
