@@ -123,6 +123,8 @@ class ContextProbe(DivergenceProbe):
             0.2,
             "#b15928",
             "pushes the answer towards the passage (direct effect)",
+            look_for="the last row (the answer position, where the direct effect is measured): a head that pushes "
+            "the passage's answer reads the passage (marked), often its false answer",
         ),
         Role(
             "memory",
@@ -132,6 +134,8 @@ class ContextProbe(DivergenceProbe):
             "#6a51a3",
             "pushes the answer towards what the model remembers",
             sign=-1,
+            look_for="the last row (the answer position, where the direct effect is measured): a head that pushes "
+            "the remembered answer reads the question, not the passage (marked)",
         ),
     )
     scatter_pairs = (("context_attention", "context_direct_effect"),)

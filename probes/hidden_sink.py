@@ -97,7 +97,17 @@ class HiddenSinkProbe(PatternProbe):
         ),
         "hidden_sink_count": MetricInfo("positive", "number of hidden sinks per prompt", "many hidden sinks"),
     }
-    roles = (Role("hidden_sink", "H", "hidden_sink_mass", 0.3, "#6a51a3", "parks attention on tokens past the first"),)
+    roles = (
+        Role(
+            "hidden_sink",
+            "H",
+            "hidden_sink_mass",
+            0.3,
+            "#6a51a3",
+            "parks attention on tokens past the first",
+            look_for="bright columns on tokens past the first that many queries park their weight on",
+        ),
+    )
     Params = SinkOptions
 
     def on_pattern_chunk(self, chunk: PatternView) -> None:

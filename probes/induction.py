@@ -72,10 +72,44 @@ class InductionProbe(PatternProbe):
         ),
     }
     roles = (
-        Role("previous-token", "P", "prev_token", 0.4, "#1f78b4", "attends to the previous token"),
-        Role("duplicate", "D", "duplicate", 0.3, "#33a02c", "attends to the earlier copy of the current token"),
-        Role("induction", "I", "induction", 0.3, "#e31a1c", "attends to the token after the earlier copy (induction)"),
-        Role("echo", "E", "echo", 0.3, "#b2df8a", "attends to earlier occurrences of the current token"),
+        Role(
+            "previous-token",
+            "P",
+            "prev_token",
+            0.4,
+            "#1f78b4",
+            "attends to the previous token",
+            look_for="the sub-diagonal: each query attends to the token just before it (key = query - 1)",
+        ),
+        Role(
+            "duplicate",
+            "D",
+            "duplicate",
+            0.3,
+            "#33a02c",
+            "attends to the earlier copy of the current token",
+            look_for="the stripe in the second copy on the earlier copy's diagonal: each query attends to the "
+            "earlier occurrence of its own token (key = query - period)",
+        ),
+        Role(
+            "induction",
+            "I",
+            "induction",
+            0.3,
+            "#e31a1c",
+            "attends to the token after the earlier copy (induction)",
+            look_for="the stripe in the second copy one key to the right of the earlier copy's diagonal: each query "
+            "attends to the token that followed its token's earlier occurrence (key = query - period + 1)",
+        ),
+        Role(
+            "echo",
+            "E",
+            "echo",
+            0.3,
+            "#b2df8a",
+            "attends to earlier occurrences of the current token",
+            look_for="weight on earlier occurrences of the query's own token",
+        ),
     )
     scatter_pairs = (("prev_token", "induction"),)
     needs = ("key_weights",)

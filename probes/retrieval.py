@@ -221,7 +221,15 @@ class RetrievalProbe(TokenProbe):
     }
     roles = (
         Role(
-            "retrieval", "R", "retrieval", 0.1, "#ff7f00", "copies needle tokens while the model answers", strict=True
+            "retrieval",
+            "R",
+            "retrieval",
+            0.1,
+            "#ff7f00",
+            "copies needle tokens while the model answers",
+            strict=True,
+            look_for="the decoding rows lighting up on the needle (marked): while the model writes the answer, the "
+            "head reads it from the needle",
         ),
     )
     scatter_pairs = (("induction", "retrieval"), ("streaming", "retrieval"))

@@ -36,7 +36,17 @@ class SinkProbe(PatternProbe):
             "bounded", "share of prompts whose first-token attention alpha_0 exceeds epsilon", "a sink on most prompts"
         ),
     }
-    roles = (Role("sink", "S", "sink_mass", 0.5, "#9e9ac8", "puts most of its attention on the first token"),)
+    roles = (
+        Role(
+            "sink",
+            "S",
+            "sink_mass",
+            0.5,
+            "#9e9ac8",
+            "puts most of its attention on the first token",
+            look_for="the first-token column: most queries put most of their weight on key 0",
+        ),
+    )
     scatter_pairs = (("entropy", "sink_mass"),)
 
     class Params(Options):

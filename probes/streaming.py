@@ -51,6 +51,7 @@ class StreamingProbe(PatternProbe):
             0.95,
             "#bdbdbd",
             "attends almost only to the first tokens and a recent window",
+            look_for="the first-token column and a band along the diagonal: the first keys and the most recent ones",
         ),
     )
 

@@ -426,3 +426,23 @@ def test_views_add_a_bounded_size_per_figure(swept, copy):
     without = len(build_report(copy).encode())
     per_figure = (with_views - without) / len(ROLES)
     assert 0 < per_figure < 100_000, per_figure
+
+
+def test_caption_says_what_the_role_declares_to_look_for():
+    """The caption's "look for" comes from the probe's own Role declaration (no list of role
+    names in the report), falling back to the role's one-line description; the rows named are
+    the stored ones (a repeated prompt's view starts at its second copy)."""
+    from workbench.protocol.evidence import probe_roles
+    from workbench.protocol.roles import Role
+    from workbench.report.views import caption
+
+    frame = pd.DataFrame(
+        {"role": "induction", "layer": 2, "head": 1, "metric": "induction", "value": 0.9, "dataset": "rr",
+         "item": "rep-0", "view": "square", "query": [71, 71, 72], "key": [0, 1, 72]}
+    )  # fmt: skip
+    declared = {r.name: r for r in probe_roles()}
+    text = caption(frame, declared["induction"])
+    assert "one key to the right of the earlier copy" in text and "query rows 71..72 over keys 0..72" in text
+    plain = Role("induction", "I", "induction", 0.3, "#000", "a one-line description")
+    assert "Look for a one-line description." in caption(frame, plain)
+    assert all(r.look_for for r in declared.values()), "every built-in role says what its pattern looks like"

@@ -18,7 +18,9 @@ class Role:
     For a low role ``threshold`` is the distance below 0, so ``threshold=0.05`` and
     ``threshold=-0.05`` both declare ``value <= -0.05`` (the threshold is kept as its magnitude,
     the number a user overrides it with: ``--roles memory=0.05``). :attr:`bound` is the signed
-    number the value is compared with, :attr:`op` the comparison and :meth:`rule` both as text."""
+    number the value is compared with, :attr:`op` the comparison and :meth:`rule` both as text.
+    ``look_for`` says what the role looks like in the head's attention pattern on the role's
+    natural prompt (the report's "Looking at the heads" captions)."""
 
     name: str
     code: str  # short label in the atlas grid
@@ -28,6 +30,7 @@ class Role:
     what: str
     sign: int = 1
     strict: bool = False  # ">" instead of ">=" (retrieval: the paper's "score > 0.1")
+    look_for: str = ""  # what the role looks like in a pattern view (the report's caption; default: ``what``)
 
     def __post_init__(self) -> None:
         if self.sign not in (1, -1):

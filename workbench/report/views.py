@@ -37,23 +37,6 @@ INTRO = (
     "a-haystack item shows the decoding rows that write the answer, over every key. Buttons switch the colour "
     "scale between linear and log (weights span orders of magnitude)."
 )
-LOOK_FOR = {
-    "induction": "the stripe in the second copy one key to the right of the earlier copy's diagonal: each query "
-    "attends to the token that followed its token's earlier occurrence (key = query - period + 1)",
-    "duplicate": "the stripe in the second copy on the earlier copy's diagonal: each query attends to the "
-    "earlier occurrence of its own token (key = query - period)",
-    "previous-token": "the sub-diagonal: each query attends to the token just before it (key = query - 1)",
-    "echo": "weight on earlier occurrences of the query's own token",
-    "sink": "the first-token column: most queries put most of their weight on key 0",
-    "streaming": "the first-token column and a band along the diagonal: the first keys and the most recent ones",
-    "hidden_sink": "bright columns on tokens past the first that many queries park their weight on",
-    "retrieval": "the decoding rows lighting up on the needle (marked): while the model writes the answer, "
-    "the head reads it from the needle",
-    "context": "the last row (the answer position, where the direct effect is measured): a head that pushes "
-    "the passage's answer reads the passage (marked), often its false answer",
-    "memory": "the last row (the answer position, where the direct effect is measured): a head that pushes "
-    "the remembered answer reads the question, not the passage (marked)",
-}
 
 
 def _labels(frame: pd.DataFrame) -> list[str]:
@@ -103,12 +86,12 @@ def _mark(fig: go.Figure, frame: pd.DataFrame) -> None:
 def caption(frame: pd.DataFrame, role: Role | None) -> str:
     """What the figure shows and what to look for (HTML from escaped parts)."""
     first = frame.iloc[0]
-    look = LOOK_FOR.get(str(first["role"])) or (role.what if role is not None else "")
+    look = (role.look_for or role.what) if role is not None else ""
     rows = frame["query"].nunique()
     where = (
         f"{rows} decoding row(s) over all {frame['key'].nunique()} keys"
         if first["view"] == "strip"
-        else f"query rows 0..{rows - 1} over keys 0..{frame['key'].nunique() - 1}"
+        else f"query rows {frame['query'].min()}..{frame['query'].max()} over keys 0..{frame['key'].max()}"
     )
     return (
         f"<b>{esc(first['role'])}</b>: head {esc(head_name((int(first['layer']), int(first['head']))))}, "
@@ -175,4 +158,4 @@ def section(page: Page, runs: Sequence[Any], rename: Mapping[tuple[str, str], st
             page.figure(view_figure(frame, model), caption(frame, by_name[role]))
 
 
-__all__ = ["LOOK_FOR", "caption", "collect", "section", "view_figure"]
+__all__ = ["caption", "collect", "section", "view_figure"]
