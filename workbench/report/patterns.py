@@ -189,8 +189,9 @@ def token_strip_figure(
     fig.update_xaxes(type="category", title_text="key", showticklabels=len(tokens) <= 200, tickangle=-60)
     fig.update_layout(
         title=title or "attention over the prompt",
-        # at the left end: the strip may be wider than the screen
-        updatemenus=_switch([z], [_log_z(z)], HOVER_LIN, HOVER_LOG, x=0.0, pad=4),
+        # at the right end, as on the square: at the left they sat on the title's second line (the
+        # strip has no fixed width, so the plot and its buttons follow the page's width)
+        updatemenus=_switch([z], [_log_z(z)], HOVER_LIN, HOVER_LOG, x=1.0, pad=4),
         height=min(1400, 200 + 28 * len(ylabels)),
         margin={"t": 110, "l": 160},
     )
