@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from workbench.errors import WorkbenchError
+from workbench.inputs.conditions import passage_ids
 from workbench.inputs.prompts import Prompt
 
 from .options import DatasetOptions, check_template
@@ -174,14 +175,13 @@ def make(
 
 def view_rows(ids: list[int], meta: dict[str, Any], text: str | None = None, tokenizer: Any = None) -> PatternRows:
     """An item's pattern view: the passage, a line break and the question, tokenized as the
-    context probe builds its run with the context (:func:`workbench.inputs.conditions.passage_pair`
-    with its default separator), as a square of the first rows, the passage marked. Without a
-    passage or text: the question alone (:func:`square_rows`). A probe that reads the question
-    alone (a sink measured on counterfact) is then shown on more than it saw; the context probe is
-    what this dataset is for."""
+    context probe builds its run with the context (:func:`workbench.inputs.conditions.passage_ids`,
+    as :func:`~workbench.inputs.conditions.passage_pair` does, with its default separator), as a
+    square of the first rows, the passage marked. Without a passage or text: the question alone
+    (:func:`square_rows`). A probe that reads the question alone (a sink measured on
+    counterfact) is then shown on more than it saw; the context probe is what this dataset is for."""
     passage = meta.get("context")
     if not isinstance(passage, str) or not passage.strip() or text is None or tokenizer is None:
         return square_rows(ids, meta)
-    full = list(tokenizer(passage + "\n" + text)["input_ids"])
-    n_prefix = len(tokenizer(passage + "\n")["input_ids"])
+    full, n_prefix = passage_ids(tokenizer, passage, text)
     return replace(square_rows(full, meta), mark=(0, n_prefix), mark_label="passage")

@@ -183,6 +183,14 @@ def image_pair(model: Any, item: Prompt, root: Path | None = None) -> ConditionP
 
 
 # -- context ----------------------------------------------------------------------------------
+def passage_ids(tokenizer: Any, passage: str, text: str, separator: str = "\n") -> tuple[list[int], int]:
+    """The tokens of ``passage + separator + text`` and how many of them the passage and separator
+    take (exact when the tokenizer splits at the separator): the context probe's run with the
+    context, and what a counterfact pattern view draws (:func:`workbench.datasets.counterfact.view_rows`)."""
+    prefix = passage + separator
+    return list(tokenizer(prefix + text)["input_ids"]), len(tokenizer(prefix)["input_ids"])
+
+
 def passage_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPair:
     """The item's text after its context passage, and the text alone."""
     if not item.text:
@@ -191,11 +199,9 @@ def passage_pair(model: Any, item: Prompt, separator: str = "\n") -> ConditionPa
     if not isinstance(context, str) or not context.strip():
         raise WorkbenchError(f"item {item.id!r} has no 'context' passage", 'add "context": "..." to each line')
     tok = model.tokenizer
-    prefix = context + separator
-    _refuse_far_too_long(tok, item.id, prefix + item.text, model.n_ctx)
-    cond_ids = list(tok(prefix + item.text)["input_ids"])
+    _refuse_far_too_long(tok, item.id, context + separator + item.text, model.n_ctx)
+    cond_ids, n_prefix = passage_ids(tok, context, item.text, separator)
     base_ids = list(tok(item.text)["input_ids"])
-    n_prefix = len(tok(prefix)["input_ids"])
     # the context span: tokens before the text (exact when the tokenizer splits at the separator).
     # Position 0 is left out: it is where attention sinks put their weight whatever the token
     # (a BOS, or, in models that prepend none such as SmolLM2, the passage's first word), so
