@@ -364,8 +364,8 @@ def test_a_family_without_head_edit_point_is_refused(tmp_path):
 def test_fit_equals_the_reference_package_on_smollm2():
     """SmolLM2-135M (9 query heads x 30 layers) in float64, the aba task, same start and order:
     the package's gates (its masks made float64 like the model's) and ours agree to 1e-6 after
-    two updates per stage at lr 1.0 (the second reads gates the first moved; benchmarks/bench_gate.py: the float32 comparison, and
-    where its differences come from)."""
+    two updates per stage at lr 1.0 (the second reads gates the first moved; benchmarks/bench_gate.py:
+    the float32 comparison, and where its differences come from)."""
     pytest.importorskip("causal_head_gating")
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,7 @@
-"""The local executor: every group in this process, in order, one model load per model."""
+"""The local executor: every group in this process, in order, one model load per model.
+
+The last model it loaded stays in :attr:`LocalExecutor.loaded` for the sweep's pattern views
+(:mod:`workbench.runs.views`), which would otherwise load it again right after the units."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ class LocalExecutor:
                 "--address names a cluster, and the local executor runs in this process",
                 "drop --address, or add --executor ray",
             )
+        self.loaded: tuple[str, Any] | None = None  # (model name, LoadedModel) of the last group run
 
     def run(
         self,
@@ -36,5 +40,6 @@ class LocalExecutor:
         for group in groups:
             if group[0].model != current:
                 model, current = load_model(group[0].model, device=cfg.device, dtype=cfg.dtype), group[0].model
+            self.loaded = (current, model)
             for info in run_group(cfg, group, parts_dir, model=model, progress=progress, config_path=config_path):
                 record(info)
