@@ -22,8 +22,9 @@ their columns by ``beta`` (0.4) and gives the freed mass (1 - beta) sum_{s sink}
 row's other visible keys in proportion to their attention, so every row still sums to 1 (a row
 with no weight outside the sinks is left as it was). Probe ``act`` scores each scanned head by
 the change in mean next-token loss when that head alone is calibrated (``act_dloss``; one
-forward per head, as ACT's search), and on labelled prompts (``meta["choices"]``,
-``meta["label_index"]``, e.g. dataset ``sentiment``) the change in accuracy (``act_dacc``).
+forward per head, as ACT's search), and on labelled prompts (``meta["choices"]`` and the gold
+``label`` or ``label_index``, e.g. dataset ``sentiment``; scored by
+:func:`workbench.engine.scoring.classify`, as ZeroTuning is) the change in accuracy (``act_dacc``).
 ACT keeps a head when calibrating it raises accuracy on a calibration set; its script scans
 heads 0-3 of layers 2-30 (``layers`` / ``heads`` parameters; default every head).
 
@@ -47,7 +48,7 @@ from probes.base import PatternProbe, TokenProbe
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import Rows, WeightsEdit, sites_of
 from workbench.engine.masking import attention_scores, first_visible_key, key_visibility
-from workbench.engine.scoring import last_logits, token_losses
+from workbench.engine.scoring import Choices, classify, is_labelled, read_choices, token_losses
 from workbench.inputs.prompts import TokenizedPrompt
 from workbench.protocol.metrics import MetricInfo
 from workbench.protocol.params import Float as FloatOpt
@@ -220,10 +221,6 @@ def _mean_losses(losses: Sequence[Tensor]) -> Float[Tensor, " prompt"]:
     return torch.stack([x.mean() if x.numel() else torch.tensor(math.nan, dtype=torch.float64) for x in losses])
 
 
-def _labelled(prompts: Sequence[TokenizedPrompt]) -> bool:
-    return all(p.meta and "choices" in p.meta and "label_index" in p.meta for p in prompts)
-
-
 class ActProbe(TokenProbe):
     name = "act"
     metrics = ("act_dloss", "act_dacc", "act_sinks")
@@ -262,7 +259,8 @@ class ActProbe(TokenProbe):
         o = self.options
         base = _mean_losses(token_losses(model, prompts, ctx))
         scored = ~torch.isnan(base)
-        correct = _correct(model, prompts, ctx, ()) if _labelled(prompts) else None
+        choices = read_choices(model.tokenizer, prompts, "act's accuracy") if is_labelled(prompts) else None
+        correct = _correct(model, prompts, choices, ctx, ()) if choices is not None else None
         shape = (model.n_layers, model.n_heads)
         dloss, dacc, sinks = (torch.full(shape, math.nan, dtype=torch.float64) for _ in range(3))
         for layer, head in self.scan(model):
@@ -273,7 +271,7 @@ class ActProbe(TokenProbe):
             edit.detach()
             if correct is not None:
                 again = SinkCalibration([(layer, head)], o.threshold, o.beta, o.min_rows)
-                dacc[layer, head] = (_correct(model, prompts, ctx, [again]) - correct).mean()
+                dacc[layer, head] = (_correct(model, prompts, choices, ctx, [again]) - correct).mean()
                 again.detach()
         parts = [self.rows("act_dloss", dloss, int(scored.sum())), self.rows("act_sinks", sinks, len(prompts))]
         if correct is not None:
@@ -288,13 +286,8 @@ class ActProbe(TokenProbe):
         return self.finish(table, summary, lines)
 
 
-def _correct(model: LoadedModel, prompts: Sequence[TokenizedPrompt], ctx: RunContext, edits: Sequence) -> Tensor:
-    """1.0 where the prompt's label word (first token of each choice) gets the highest logit."""
-    tok = model.tokenizer
-    firsts = [[tok(c, add_special_tokens=False)["input_ids"][0] for c in p.meta["choices"]] for p in prompts]
-    vocab = sorted({i for f in firsts for i in f})
-    where = {i: k for k, i in enumerate(vocab)}
-    cols = torch.tensor(vocab)
-    logits = last_logits(model, prompts, ctx, edits, select=lambda x: x[:, cols.to(x.device)])
-    picks = [int(torch.stack([logits[r, where[i]] for i in f]).argmax()) for r, f in enumerate(firsts)]
-    return torch.tensor([float(k == p.meta["label_index"]) for k, p in zip(picks, prompts)], dtype=torch.float64)
+def _correct(
+    model: LoadedModel, prompts: Sequence[TokenizedPrompt], choices: Choices, ctx: RunContext, edits: Sequence
+) -> Tensor:
+    """1.0 where the prompt's gold choice is the best-scored one (:func:`workbench.engine.scoring.classify`)."""
+    return classify(model, prompts, choices, ctx, edits).correct.double()

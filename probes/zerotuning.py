@@ -14,10 +14,11 @@ tokenizer puts BOS there; SmolLM2's adds no BOS, so on SmolLM2 the operator scal
 the prompt's first content token (here "Review"), which is a sink all the same but not the
 token the paper means. Give ``--prepend-bos`` to put one there.
 
-**Scoring.** Each prompt's ``meta`` holds ``choices`` (label strings, e.g. " negative", " positive")
-and the gold ``label``; a choice is scored by the next-token logit of its first token at the last
-prompt position (:func:`workbench.engine.scoring.last_logits` with ``select``), the prediction
-is the argmax. The gold label's log-probability is normalised over the choices' first tokens
+**Scoring** (:func:`workbench.engine.scoring.classify`, shared with ACT's accuracy). Each
+prompt's ``meta`` holds ``choices`` (label strings, e.g. " negative", " positive"; per prompt)
+and the gold ``label`` (or its ``label_index``); a choice is scored by the next-token
+log-probability of its first token at the last prompt position, the prediction is the argmax.
+The gold label's log-probability is normalised over the prompt's choices' first tokens
 (``logprob_over="choices"``, default) or over the whole vocabulary (``"vocab"``).
 
 **Profiling loop** (the code's head search): for each unit (``mode``: ``"index"`` = head index
@@ -46,17 +47,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
 from probes.base import TokenProbe
 from workbench.engine.call import AttentionCall
 from workbench.engine.edits import Rows, ScoresEdit, WeightsEdit, sites_of
-from workbench.engine.scoring import last_logits
+from workbench.engine.scoring import Outcome, classify, read_choices
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import TokenizedPrompt
 from workbench.protocol import params as opt
@@ -123,72 +124,6 @@ def units(mode: Mode, n_layers: int, n_heads: int) -> list[tuple[str, Heads]]:
 
 
 @dataclass
-class Labels:
-    """The task's label words, their first tokens and each prompt's gold choice."""
-
-    choices: list[str]
-    token_ids: list[int]
-    gold: Tensor  # [prompt] index into choices
-
-
-def labels_of(tokenizer: Any, prompts: Sequence[TokenizedPrompt]) -> Labels:
-    """Read ``choices`` and ``label`` from the prompts' meta (one choice list for all)."""
-    if not prompts:
-        raise WorkbenchError("no prompts to classify", "give a non-empty labelled prompt set")
-    first = prompts[0].meta.get("choices")
-    for p in prompts:
-        if "choices" not in p.meta or "label" not in p.meta:
-            raise WorkbenchError(
-                f"prompt {p.id!r} has no choices/label in its meta: zerotuning needs labelled classification prompts",
-                "use --dataset sentiment, or give each prompt 'choices' (label strings) and the gold 'label'",
-            )
-        if p.meta["choices"] != first:
-            raise WorkbenchError(f"prompt {p.id!r} has other choices than {first}", "one label set per run")
-        if p.meta["label"] not in first:
-            raise WorkbenchError(f"prompt {p.id!r}: label {p.meta['label']!r} is not a choice", "fix the labels")
-    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in first]
-    if any(not i for i in ids) or len({i[0] for i in ids}) < len(ids):
-        raise WorkbenchError(
-            f"the choices {first} do not start with distinct tokens", "use label words whose first tokens differ"
-        )
-    gold = torch.tensor([first.index(p.meta["label"]) for p in prompts])
-    return Labels(list(first), [i[0] for i in ids], gold)
-
-
-@dataclass
-class Outcome:
-    """Per prompt: right or wrong, and the gold label's log-probability."""
-
-    correct: Bool[Tensor, " prompt"]
-    gold_logprob: Float[Tensor, " prompt"]
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.double().mean())
-
-
-def classify(
-    model: LoadedModel,
-    prompts: Sequence[TokenizedPrompt],
-    labels: Labels,
-    ctx: RunContext | None = None,
-    edits: Sequence[Any] = (),
-    logprob_over: Literal["choices", "vocab"] = "choices",
-) -> Outcome:
-    """Score every prompt's choices by their first token's next-token log-probability."""
-    ids = torch.tensor(labels.token_ids)
-
-    def select(logits: Tensor) -> Tensor:
-        return torch.log_softmax(logits.float(), dim=-1)[:, ids.to(logits.device)]
-
-    lp = last_logits(model, prompts, ctx, edits, select=select).double()  # [prompt, choice], over the vocab
-    if logprob_over == "choices":
-        lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-    gold = labels.gold[:, None]
-    return Outcome(lp.argmax(-1) == labels.gold, lp.gather(1, gold)[:, 0])
-
-
-@dataclass
 class Profile:
     """The profiling loop's outcome: the baseline and each unit scaled by gamma."""
 
@@ -219,7 +154,7 @@ def profile(
     logprob_over: Literal["choices", "vocab"] = "choices",
 ) -> Profile:
     """The head-profiling loop: the baseline, then every unit of ``mode`` scaled by ``gamma``."""
-    labels = labels_of(model.tokenizer, prompts)
+    labels = read_choices(model.tokenizer, prompts, "zerotuning")
     out = Profile(
         gamma, classify(model, prompts, labels, ctx, (), logprob_over), units(mode, model.n_layers, model.n_heads)
     )
@@ -282,13 +217,13 @@ def tune(
         raise WorkbenchError("the validation and test splits share prompts", "tune and report on disjoint prompts")
     prof = profile(model, val, ctx, mode, gamma)
     kind, heads = dominant(prof)
-    labels = labels_of(model.tokenizer, val)
+    labels = read_choices(model.tokenizer, val, "zerotuning")
     acc = {1.0: prof.base.accuracy}
     for g in grid:
         if heads and g != 1.0:
             acc[float(g)] = classify(model, val, labels, ctx, [FirstKeyScaling(heads, g)]).accuracy
     best = max(acc, key=lambda g: (acc[g], -abs(math.log(g))))
-    test_labels = labels_of(model.tokenizer, test)
+    test_labels = read_choices(model.tokenizer, test, "zerotuning")
     base = classify(model, test, test_labels, ctx)
     tuned = base if best == 1.0 else classify(model, test, test_labels, ctx, [FirstKeyScaling(heads, best)])
     return Tuned(prof, kind, heads, acc, best, base.accuracy, tuned.accuracy, len(val), len(test), (base, tuned))

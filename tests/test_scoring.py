@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from workbench.engine.edits import WeightsEdit, sites_of
-from workbench.engine.scoring import last_logits, token_losses
+from workbench.engine.scoring import classify, is_labelled, last_logits, read_choices, token_losses
+from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import TokenizedPrompt
 from workbench.models.loading import load_model
 from workbench.protocol.run_context import RunContext
@@ -85,3 +86,52 @@ def test_last_logits_are_the_same_whether_the_model_projects_only_the_last_posit
     gathered = last_logits(model, PROMPTS, ctx, [FirstKeyOnly()])
     torch.testing.assert_close(projected, gathered, atol=1e-5, rtol=0)
     assert scoring._keeps_logits.__name__ == "<lambda>"  # the second path really ran
+
+
+def _first(model, word):
+    return model.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+
+def test_classify_scores_each_prompts_own_choices_against_the_plain_model(model):
+    """Per-prompt choices (two or three), gold given as ``label`` or ``label_index``, a padded
+    batch: predictions and gold log-probabilities equal a plain forward of each prompt alone."""
+    words = ["with", "they", "the", "of"]
+    metas = [
+        {"choices": words[:2], "label": "they"},
+        {"choices": words[1:4], "label_index": 2},
+        {"choices": [words[3], words[0]], "label": words[0], "label_index": 1},
+    ]
+    prompts = [TokenizedPrompt(p.id, p.ids, m) for p, m in zip(PROMPTS, metas)]
+    assert is_labelled(prompts) and not is_labelled(PROMPTS)
+    choices = read_choices(model.tokenizer, prompts)
+    assert choices.gold.tolist() == [1, 2, 1]
+    for over in ("choices", "vocab"):
+        got = classify(model, prompts, choices, RunContext(batch_size=3), over=over)
+        for r, p in enumerate(prompts):
+            _, last = _reference(model, p.ids, edit=False)
+            lp = torch.log_softmax(last, -1)[[_first(model, w) for w in p.meta["choices"]]]
+            if over == "choices":
+                lp = lp - torch.logsumexp(lp, -1)
+            gold = int(choices.gold[r])
+            assert bool(got.correct[r]) == (int(lp.argmax()) == gold)
+            assert float(got.gold_logprob[r]) == pytest.approx(float(lp[gold]), abs=1e-5)
+    edited = classify(model, prompts, choices, edits=[FirstKeyOnly()], over="vocab")
+    assert not torch.allclose(edited.gold_logprob, got.gold_logprob), "edits reach the scores"
+
+
+@pytest.mark.parametrize(
+    "meta, says",
+    [
+        ({"choices": ["with", "they"]}, "no choices/label"),
+        ({"label": "with"}, "no choices/label"),
+        ({"choices": ["with"], "label": "with"}, "no choices/label"),
+        ({"choices": ["with", "they"], "label": "of"}, "not one of its choices"),
+        ({"choices": ["with", "they"], "label_index": 2}, "does not index"),
+        ({"choices": ["with", "they"], "label_index": True}, "does not index"),
+        ({"choices": ["with", "they"], "label": "with", "label_index": 1}, "disagree"),
+        ({"choices": ["with", "with"], "label": "with"}, "distinct"),
+    ],
+)
+def test_bad_labels_get_one_clear_error(model, meta, says):
+    with pytest.raises(WorkbenchError, match=says):
+        read_choices(model.tokenizer, [TokenizedPrompt("x", [5, 6, 7], meta)], "zerotuning")

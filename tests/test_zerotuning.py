@@ -21,13 +21,13 @@ from probes.zerotuning import (
     FirstKeyScaling,
     FirstKeyWeightScaling,
     ZeroTuningProbe,
-    labels_of,
     tune,
 )
 from tests.reference import eager_model
 from tests.test_edits import workbench_logits
 from workbench.datasets import make_dataset, sentiment
 from workbench.engine import edits
+from workbench.engine.scoring import read_choices
 from workbench.errors import WorkbenchError
 from workbench.inputs.prompts import TokenizedPrompt
 from workbench.protocol.run_context import RunContext
@@ -184,10 +184,10 @@ def test_labels_must_be_there_and_distinct(tiny_models):
     model = tiny_models["llama"]
     bad = [TokenizedPrompt("x", [5, 6, 7], {"choices": CHOICES})]
     with pytest.raises(WorkbenchError, match="choices/label"):
-        labels_of(model.tokenizer, bad)
+        read_choices(model.tokenizer, bad, "zerotuning")
     same = [TokenizedPrompt("x", [5, 6, 7], {"choices": [" b", " x"], "label": " b"})]  # both [UNK]
     with pytest.raises(WorkbenchError, match="distinct"):
-        labels_of(model.tokenizer, same)
+        read_choices(model.tokenizer, same, "zerotuning")
 
 
 def test_tuning_picks_gamma_on_validation_and_reports_on_test(tiny_models):

@@ -8,7 +8,13 @@ without, and this module is that forward, written once:
 - :func:`token_losses`: each prompt's next-token cross-entropy at every real position
   (``loss[t]`` predicts token ``t + 1``), float64 on the CPU;
 - :func:`last_logits`: each prompt's logits at its last real token (the next-token
-  distribution a classification prompt is scored by).
+  distribution a classification prompt is scored by);
+- :func:`read_choices` / :func:`classify`: a labelled classification task scored from those
+  logits, one convention for every probe that asks for accuracy (ZeroTuning, ACT). A prompt's
+  ``meta`` holds ``choices`` (label strings, per prompt) and the gold one as ``label`` (the
+  string) or ``label_index`` (its index; both given: they must agree). A choice is scored by the
+  next-token log-probability of its first token at the last real token; the prediction is the
+  best-scored choice.
 
 Batches are right-padded with explicit positions (a prompt's numbers do not depend on its batch);
 ``edits`` are :mod:`workbench.engine.edits` interventions, composed with the run's own
@@ -20,10 +26,11 @@ before anything runs.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from workbench.engine.attention import hooked_run
@@ -113,3 +120,116 @@ def last_logits(
         for row, i in enumerate(idx):
             rows[i] = last[row].float().cpu()
     return torch.stack(rows)  # type: ignore[arg-type]
+
+
+@dataclass
+class Choices:
+    """A labelled classification task: per prompt, its choices' first token ids and the gold index."""
+
+    token_ids: list[list[int]]
+    gold: Int[Tensor, " prompt"]
+
+
+def is_labelled(prompts: Sequence[TokenizedPrompt]) -> bool:
+    """Whether every prompt carries ``choices`` and a gold ``label`` or ``label_index``."""
+    return bool(prompts) and all(
+        p.meta and "choices" in p.meta and ("label" in p.meta or "label_index" in p.meta) for p in prompts
+    )
+
+
+def _gold(p: TokenizedPrompt, choices: list[str], who: str) -> int:
+    label, index = p.meta.get("label"), p.meta.get("label_index")
+    if label is not None and label not in choices:
+        raise WorkbenchError(f"prompt {p.id!r}: label {label!r} is not one of its choices {choices}", "fix the labels")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(choices)):
+        raise WorkbenchError(
+            f"prompt {p.id!r}: label_index {index!r} does not index its {len(choices)} choices", "fix the labels"
+        )
+    if label is not None and index is not None and choices[index] != label:
+        raise WorkbenchError(
+            f"prompt {p.id!r}: label {label!r} and label_index {index} ({choices[index]!r}) disagree",
+            "give one of them, or make them agree",
+        )
+    if label is None and index is None:
+        raise WorkbenchError(
+            f"prompt {p.id!r} has no choices/label in its meta: {who} needs labelled classification prompts",
+            "use --dataset sentiment, or give each prompt 'choices' (label strings) and the gold 'label'",
+        )
+    return choices.index(label) if label is not None else int(index)
+
+
+def read_choices(tokenizer: Any, prompts: Sequence[TokenizedPrompt], who: str = "this probe") -> Choices:
+    """Each prompt's choices (first tokens) and gold index, checked: every prompt labelled, the
+    gold among its choices, its choices' first tokens distinct (``who`` names the asker in errors)."""
+    if not prompts:
+        raise WorkbenchError("no prompts to classify", "give a non-empty labelled prompt set")
+    token_ids, gold = [], []
+    for p in prompts:
+        choices = p.meta.get("choices") if p.meta else None
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise WorkbenchError(
+                f"prompt {p.id!r} has no choices/label in its meta: {who} needs labelled classification prompts",
+                "use --dataset sentiment, or give each prompt 'choices' (2 or more label strings) and the gold 'label'",
+            )
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+        if any(not i for i in ids) or len({i[0] for i in ids}) < len(ids):
+            raise WorkbenchError(
+                f"prompt {p.id!r}: the choices {choices} do not start with distinct tokens",
+                "use label words whose first tokens differ",
+            )
+        token_ids.append([i[0] for i in ids])
+        gold.append(_gold(p, choices, who))
+    return Choices(token_ids, torch.tensor(gold, dtype=torch.long))
+
+
+def choice_logprobs(
+    model: LoadedModel,
+    prompts: Sequence[TokenizedPrompt],
+    choices: Choices,
+    ctx: RunContext | None = None,
+    edits: Sequence[Any] = (),
+    over: Literal["choices", "vocab"] = "choices",
+) -> Float[Tensor, "prompt choice"]:
+    """Float64 log-probability of each prompt's choices (their first tokens) as the next token,
+    normalised over the vocabulary (``over="vocab"``) or over the prompt's own choices; a prompt
+    with fewer choices than the most has ``-inf`` in the columns past its own."""
+    vocab = sorted({t for ids in choices.token_ids for t in ids})
+    col = {t: k for k, t in enumerate(vocab)}
+    keep = torch.tensor(vocab)
+
+    def select(logits: Tensor) -> Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)[:, keep.to(logits.device)]
+
+    lp = last_logits(model, prompts, ctx, edits, select=select).double()  # [prompt, vocab of the choices]
+    width = max(len(ids) for ids in choices.token_ids)
+    out = torch.full((len(prompts), width), float("-inf"), dtype=torch.float64)
+    for r, ids in enumerate(choices.token_ids):
+        out[r, : len(ids)] = lp[r, [col[t] for t in ids]]
+    if over == "choices":
+        out = out - torch.logsumexp(out, dim=-1, keepdim=True)
+    return out
+
+
+@dataclass
+class Outcome:
+    """Per prompt: right or wrong, and the gold choice's log-probability."""
+
+    correct: Bool[Tensor, " prompt"]
+    gold_logprob: Float[Tensor, " prompt"]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.double().mean())
+
+
+def classify(
+    model: LoadedModel,
+    prompts: Sequence[TokenizedPrompt],
+    choices: Choices,
+    ctx: RunContext | None = None,
+    edits: Sequence[Any] = (),
+    over: Literal["choices", "vocab"] = "choices",
+) -> Outcome:
+    """Each prompt's prediction (its best-scored choice) against its gold choice, under ``edits``."""
+    lp = choice_logprobs(model, prompts, choices, ctx, edits, over)
+    return Outcome(lp.argmax(-1) == choices.gold, lp.gather(1, choices.gold[:, None])[:, 0])
