@@ -133,7 +133,12 @@ def test_the_square_is_the_models_own_attention(executed):
     rep = make_dataset("repeated-random", n_prompts=4, seed=0, period=12, tokenizer=model.tokenizer)
     ids = tokenize_prompts(rep, model.tokenizer, model.n_ctx, model.vocab_size)[0].ids
     ref = eager_patterns(eager_model(model.source), ids)
-    printed = next(o["text"] for o in outputs(nb) if "strongest induction head" in o.get("text", ""))
+    # a cell's printed text may arrive as several stream outputs (the kernel flushes on a timer)
+    printed = next(
+        "".join(o.get("text", "") for o in c.outputs)
+        for c in nb.cells
+        if c.cell_type == "code" and any("strongest induction head" in o.get("text", "") for o in c.outputs)
+    )
     heads = [(int(a), int(b)) for a, b in re.findall(r"\((\d+), (\d+)\)", printed)]
     assert [t["name"] for t in square["data"]] == [f"L{layer}.H{head}" for layer, head in heads]
     for (layer, head), trace in zip(heads, square["data"]):
