@@ -41,15 +41,22 @@ MODES = ("zero", "mean", "first")  # Z edits (HeadAblation)
 ABLATIONS = (*MODES, "flat")  # every ablation by name: + the WEIGHTS edit (HeadFlattening)
 
 
-def parse_heads(spec: str | Iterable, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """``"12.3,14.0"`` (or pairs) -> ``[(12, 3), (14, 0)]``, checked against the model's shape."""
+def parse_heads(
+    spec: str | Iterable,
+    n_layers: int,
+    n_heads: int,
+    purpose: str = "to ablate",
+    example: str = "--ablate 12.3,14.0",
+) -> list[tuple[int, int]]:
+    """``"12.3,14.0"`` (or pairs) -> ``[(12, 3), (14, 0)]``, checked against the model's shape,
+    once each in the order given; ``purpose`` and ``example`` word the errors for the caller."""
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     heads: list[tuple[int, int]] = []
     for item in items:
         try:
             layer, head = (int(x) for x in (item.split(".") if isinstance(item, str) else item))
         except (ValueError, TypeError):
-            raise WorkbenchError(f"bad head {item!r}", "write heads as LAYER.HEAD, e.g. --ablate 12.3,14.0") from None
+            raise WorkbenchError(f"bad head {item!r}", f"write heads as LAYER.HEAD, e.g. {example}") from None
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise WorkbenchError(
                 f"head {layer}.{head} is out of range: the model has layers 0-{n_layers - 1} and heads 0-{n_heads - 1}",
@@ -57,7 +64,7 @@ def parse_heads(spec: str | Iterable, n_layers: int, n_heads: int) -> list[tuple
             )
         heads.append((layer, head))
     if not heads:
-        raise WorkbenchError("no heads to ablate", "give LAYER.HEAD pairs, e.g. --ablate 12.3")
+        raise WorkbenchError(f"no heads {purpose}", f"give LAYER.HEAD pairs, e.g. {example}")
     return list(dict.fromkeys(heads))
 
 

@@ -126,25 +126,11 @@ class RowsReader:
                 self.rows[b][(call.layer, h)] = w[i]
 
 
-def _check_heads(model: Any, heads: Sequence[Head]) -> dict[int, list[int]]:
-    """``heads`` as layer -> sorted heads, refusing an empty list or a head out of range."""
-    if not heads:
-        raise WorkbenchError("no heads given", "name at least one head as (layer, head), e.g. [(1, 0)]")
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """Checked ``(layer, head)`` pairs as layer -> sorted heads."""
     by_layer: dict[int, list[int]] = {}
-    for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise WorkbenchError(f"head {item!r} is not a (layer, head) pair", "give heads as [(layer, head), ...]")
-        if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-            raise WorkbenchError(
-                f"head ({layer}, {head}) is out of range: {model.name if hasattr(model, 'name') else 'the model'} "
-                f"has layers 0..{model.n_layers - 1} and heads 0..{model.n_heads - 1}",
-                "pick a layer and head inside those ranges",
-            )
-        by_layer.setdefault(layer, [])
-        if head not in by_layer[layer]:
-            by_layer[layer].append(head)
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
     return {layer: sorted(hs) for layer, hs in sorted(by_layer.items())}
 
 
@@ -192,13 +178,15 @@ def batch_attention_rows(
     Each dict lists the heads in the order asked."""
     from workbench.engine.attention import hooked_run
     from workbench.engine.call import base_network, stop_after_layer
+    from workbench.engine.interventions import parse_heads
     from workbench.engine.patterns import collate
     from workbench.inputs.prompts import pad_token_id
 
     if not prompts:
         raise WorkbenchError("no prompts given", "give at least one prompt (a list of token ids)")
     ids = [_check_ids(model, p, f"prompt {i}") for i, p in enumerate(prompts)]
-    by_layer = _check_heads(model, heads)
+    asked = parse_heads(heads, model.n_layers, model.n_heads, "to draw", "heads=[(18, 6)] or '18.6'")  # once each
+    by_layer = _by_layer(asked)
     qs_in = list(queries) if queries is not None else [None] * len(ids)
     if len(qs_in) != len(ids):
         raise WorkbenchError(f"{len(qs_in)} query lists for {len(ids)} prompts", "give one query list per prompt")
@@ -220,8 +208,7 @@ def batch_attention_rows(
             f"layers {missing} ran no attention call the workbench could observe",
             "this architecture's attention does not go through transformers' attention interface",
         )
-    order = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))  # as asked, once each
-    return [{h: rows[h] for h in order} for rows in reader.rows]
+    return [{h: rows[h] for h in asked} for rows in reader.rows]
 
 
 def attention_rows(
