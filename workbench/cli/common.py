@@ -134,6 +134,17 @@ def comma_list(raw: str) -> list[str]:
     return [x.strip() for x in raw.split(",") if x.strip()]
 
 
+def int_list(raw: str, flag: str, example: str) -> list[int]:
+    """``"5,-1"`` -> ``[5, -1]``: a comma-separated option's whole numbers (``example``: its value
+    in the error's fix, e.g. ``"0,12,-1"``)."""
+    try:
+        return [int(x) for x in comma_list(raw)]
+    except ValueError:
+        raise WorkbenchError(
+            f"{flag} takes comma-separated whole numbers, got {raw!r}", f"e.g. {flag} {example}"
+        ) from None
+
+
 def float_list(raw: str | None, flag: str) -> list[float] | None:
     if raw is None:
         return None

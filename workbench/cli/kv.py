@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import add_command, add_model_args, comma_list, float_list, whole
-from workbench.errors import WorkbenchError
+from workbench.cli.common import add_command, add_model_args, comma_list, float_list, int_list, whole
 
 SCORE_FLAGS = {  # selector -> the flag giving its scores table
     "headkv": "scores",
@@ -14,15 +13,6 @@ SCORE_FLAGS = {  # selector -> the flag giving its scores table
     "razor": "razor_scores",
     "duo": "duo_gates",
 }
-
-
-def _ints(raw: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in comma_list(raw)]
-    except ValueError:
-        raise WorkbenchError(
-            f"{flag} takes comma-separated whole numbers, got {raw!r}", f"e.g. {flag} 1024,2048"
-        ) from None
 
 
 def _table(path: str | None, model: str, flag: str):
@@ -64,7 +54,7 @@ def spec_from_args(args: argparse.Namespace):
         "seeds": args.seeds,
         "tasks": comma_list(args.tasks),
         "protocols": comma_list(args.protocols),
-        "lengths": _ints(args.lengths, "--lengths"),
+        "lengths": int_list(args.lengths, "--lengths", "1024,2048"),
         "depths": float_list(args.depths, "--depths"),
         "loss_length": args.loss_length,
         "loss_segments": args.loss_segments,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.cli.common import add_command, add_dataset_options, add_model_args, dataset_options, whole
+from workbench.cli.common import add_command, add_dataset_options, add_model_args, dataset_options, int_list, whole
 from workbench.errors import WorkbenchError
 
 HTML_SUFFIXES = (".html", ".htm")
@@ -41,12 +41,7 @@ def parse_queries(raw: str | None) -> list[int] | None:
     """``"5,-1"`` -> ``[5, -1]`` (negative: from the end); None when not given."""
     if raw is None:
         return None
-    try:
-        out = [int(p) for p in raw.split(",") if p.strip()]
-    except ValueError:
-        raise WorkbenchError(
-            f"--queries: {raw!r} is not a list of whole numbers", "give query rows as e.g. --queries 0,12,-1"
-        ) from None
+    out = int_list(raw, "--queries", "0,12,-1")
     if not out:
         raise WorkbenchError("--queries is empty", "give at least one query row, or leave --queries out")
     return out
