@@ -44,9 +44,14 @@ def token_label(text: str) -> str:
     return text if len(text) <= 12 else text[:11] + "…"
 
 
+def position_labels(texts: Sequence[str]) -> list[str]:
+    """Unique labels of a prompt's token texts, ``"position token"`` (``"3 ␣cat"``)."""
+    return [f"{i} {token_label(str(t))}" for i, t in enumerate(texts)]
+
+
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Unique labels of a prompt's tokens, ``"position token"`` (``"3 ␣cat"``)."""
-    return [f"{i} {token_label(tokenizer.decode([int(t)]))}" for i, t in enumerate(ids)]
+    """:func:`position_labels` of a prompt's token ids, decoded one by one."""
+    return position_labels([tokenizer.decode([int(t)]) for t in ids])
 
 
 def head_name(head: Head) -> str:
@@ -240,4 +245,4 @@ def attention_pattern(
     return token_strip_figure(rows, labels, qs, title=title or name)
 
 
-__all__ = ["attention_pattern", "pattern_figure", "token_labels", "token_strip_figure"]
+__all__ = ["attention_pattern", "pattern_figure", "position_labels", "token_labels", "token_strip_figure"]

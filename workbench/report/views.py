@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 from workbench.errors import WorkbenchError
 from workbench.protocol.roles import Role
 from workbench.report.page import Page, anchor, esc, fmt
-from workbench.report.patterns import head_name, pattern_figure, token_label, token_strip_figure
+from workbench.report.patterns import head_name, pattern_figure, position_labels, token_strip_figure
 
 SQUARE_PX = 560  # a square view's plot side at most: small figures, a page a reader scrolls through
 INTRO = (
@@ -40,9 +40,8 @@ INTRO = (
 
 
 def _labels(frame: pd.DataFrame) -> list[str]:
-    """``"position token"`` labels of a view's keys, in key order."""
-    keys = frame.drop_duplicates("key").sort_values("key")
-    return [f"{int(k)} {token_label(str(t))}" for k, t in zip(keys["key"], keys["key_token"])]
+    """``"position token"`` labels of a view's keys (stored for keys 0, 1, ...), in key order."""
+    return position_labels(frame.drop_duplicates("key").sort_values("key")["key_token"])
 
 
 def view_figure(frame: pd.DataFrame, model: str) -> go.Figure:
