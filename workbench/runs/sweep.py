@@ -155,16 +155,10 @@ def _views(
     """The run folder's pattern views (:func:`workbench.runs.views.update_views`), after every unit
     is saved; an interrupt here leaves the parts and no half-written ``views.parquet``. ``loaded``:
     the (name, model) an in-process executor ran last, used instead of loading it again."""
-    from workbench.models.loading import load_model
     from workbench.runs.views import update_views
 
-    def load(name: str) -> Any:
-        if loaded is not None and loaded[0] == name:
-            return loaded[1]
-        return load_model(name, device=cfg.device, dtype=cfg.dtype)
-
     try:
-        return update_views(cfg, folder, log, load=load)
+        return update_views(cfg, folder, log, loaded)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted while computing the pattern views: all {n_units} units are saved in {folder.out}",

@@ -184,10 +184,12 @@ def update_views(
     cfg: SweepConfig,
     folder: RunFolder,
     log: Callable[[str], None] = print,
-    load: Callable[[str], Any] | None = None,
+    loaded: tuple[str, Any] | None = None,
 ) -> str:
     """Build ``OUT/views.parquet`` unless it is fresh; returns what happened: ``"built"``,
-    ``"fresh"`` (nothing loaded), ``"off"`` (``views = false``) or ``"none"`` (no parts)."""
+    ``"fresh"`` (nothing loaded), ``"off"`` (``views = false``) or ``"none"`` (no parts).
+    ``loaded``: the ``(name, model)`` an in-process executor ran last, used instead of loading
+    that model again; others load as the local executor loads them."""
     from workbench.runs.load import load_results
     from workbench.runs.parquet import run_metadata, write_parquet
 
@@ -199,10 +201,14 @@ def update_views(
     digest = source_digest(folder)
     if is_fresh(folder, digest):
         return "fresh"
-    if load is None:
+
+    def load(name: str) -> Any:
+        if loaded is not None and loaded[0] == name:
+            return loaded[1]
         from workbench.models.loading import load_model
 
-        load = lambda name: load_model(name, device=cfg.device, dtype=cfg.dtype)  # noqa: E731  as the local executor
+        return load_model(name, device=cfg.device, dtype=cfg.dtype)
+
     chosen = choose(cfg, load_results(folder.out))
     log(f"views: the attention of the strongest head of {len(chosen)} role(s) on {chosen['model'].nunique()} model(s)")
     frame = compute_views(cfg, chosen, load)
